@@ -1,0 +1,102 @@
+"""The `cogft` command: tiny | prepare | train | sample | export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "PIL", "filelock", "torch.distributed", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, YAML-typed, e.g. train.max_steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogft", description="Fine-tune CogVideoX text-to-video models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("tiny", help="build the tiny random CogVideoX pipeline (diffusers layout)")
+    tiny.add_argument("--out", help="folder to write (default: where tiny://FAMILY resolves)")
+    tiny.add_argument("--family", choices=["2b", "5b"], default="2b")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    _config_args(sub.add_parser("prepare", help="fill the latent/prompt cache for a config"))
+    _config_args(sub.add_parser("train", help="train (same as python train.py / accelerate launch train.py)"))
+
+    sample = sub.add_parser("sample", help="write an mp4 from a run's weights or a checkpoint")
+    sample.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--out", required=True, help="output .mp4 path")
+    sample.add_argument("--steps", type=int, help="inference steps (default: validation.num_inference_steps)")
+    sample.add_argument("--seed", type=int)
+    sample.add_argument("--guidance-scale", type=float)
+    sample.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+
+    export = sub.add_parser("export", help="write diffusers-format weights of a run or checkpoint")
+    export.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--merge", action="store_true", help="write a whole pipeline with the weights fused in")
+    return parser
+
+
+def run_train(config_path: str, overrides: list[str]) -> Path:
+    """Shared by `cogft train` and train.py."""
+    from .config import load_config
+    from .training.loop import train
+
+    _setup_logging()
+    return train(load_config(config_path, overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.sources import DatasetLayoutError
+    from .training.checkpointing import ResumeError
+
+    user_errors = (ConfigError, DatasetLayoutError, ResumeError, FileNotFoundError, FileExistsError)
+    try:
+        if args.command == "train":
+            run_train(args.config, args.overrides)
+            return 0
+        _setup_logging()
+        if args.command == "tiny":
+            from .models.tiny import build_tiny_pipeline, tiny_dir
+
+            print(build_tiny_pipeline(args.out or tiny_dir(args.family), args.family, args.seed))
+        elif args.command == "prepare":
+            import torch
+
+            from .config import load_config
+            from .data.cache import prepare
+            from .models.loading import family_for
+
+            config = load_config(args.config, args.overrides)
+            family = family_for(config.model.path, config.model.dtype, config.model.revision)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            prepared = prepare(config, family, device)
+            print(f"{len(prepared.entries)} clips ready, {sum(r['status'] == 'skipped' for r in prepared.report)} skipped")
+        elif args.command == "sample":
+            from .sampling import sample
+
+            print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device))
+        elif args.command == "export":
+            from .export import export
+
+            print(export(args.source, args.out, args.merge))
+    except user_errors as error:
+        print(f"cogft {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The typed run configuration: YAML file + `section.key=value` overrides, validated by pydantic.
+
+Every mistake is reported before any model is loaded, naming the file, the key, the bad value and
+what is allowed, so a typo costs a second instead of a queued GPU job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="diffusers pipeline folder, hub id (THUDM/CogVideoX-2b) or tiny://2b | tiny://5b")
+    revision: str | None = None
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+
+
+class DataConfig(_Section):
+    path: str = Field(description="folder with prompts.txt + videos.txt, or a .csv / .jsonl metadata file")
+    video_column: str = "video"
+    caption_column: str = "caption"
+    num_frames: int = Field(49, ge=1)
+    height: int = Field(480, ge=8)
+    width: int = Field(720, ge=8)
+    fps: float | None = Field(8.0, gt=0, description="resample clips to this rate; null keeps every frame")
+    cache_dir: str | None = None
+    vae_tiling: bool = False
+    dataloader_workers: int = Field(0, ge=0)
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_4k_plus_1(cls, value: int) -> int:
+        if (value - 1) % 4:
+            lower = value - (value - 1) % 4
+            raise ValueError(f"must be 4k+1 (the VAE compresses time by 4 after the first frame); try {lower} or {lower + 4}")
+        return value
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        if value % 16:
+            raise ValueError(f"must be a multiple of 16 (VAE ×8, patch 2); try {value - value % 16}")
+        return value
+
+
+class TrainConfig(_Section):
+    mode: Literal["lora", "sft"] = "lora"
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    lr_warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    checkpoint_every: int = Field(500, ge=1)
+    checkpoints_keep: int = Field(3, ge=1)
+    resume: str | None = "latest"
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+
+
+class LoraConfig(_Section):
+    rank: int = Field(128, ge=1)
+    alpha: float = Field(64, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class ValidationConfig(_Section):
+    prompts: list[str] = []
+    every: int = Field(250, ge=1)
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(6.0, ge=1)
+    seed: int = 0
+    fps: int = Field(8, ge=1)
+    at_end: bool = True
+
+
+class TrackingConfig(_Section):
+    report_to: Literal["wandb", "none"] = "wandb"
+    project: str = "cogft"
+    run_name: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    log_every: int = Field(1, ge=1)
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+    validation: ValidationConfig = ValidationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: str
+
+    @model_validator(mode="after")
+    def _validation_can_run(self) -> "Config":
+        if self.validation.prompts and self.validation.every > self.train.max_steps and not self.validation.at_end:
+            raise ValueError(
+                f"validation.every={self.validation.every} > train.max_steps={self.train.max_steps} with "
+                "validation.at_end=false: no validation would ever run"
+            )
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings → a nested dict; values are YAML-typed (3 → int, [a, b] → list)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=100")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            section = Config
+            for part in item["loc"][:-1]:
+                field = section.model_fields.get(str(part))
+                section = field.annotation if field else section
+            allowed = ", ".join(sorted(getattr(section, "model_fields", {})))
+            lines.append(f"  {key}: unknown key; allowed here: {allowed}")
+        elif item["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, validate. Relative data/model/output paths stay as written."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return build_config(raw, source=str(path))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

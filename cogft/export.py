@@ -1,0 +1,43 @@
+"""`cogft export`: the diffusers-format weights of a run or checkpoint, optionally merged into a pipeline."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .models.loading import family_for
+from .runs import resolve_trained
+from .sampling import pipeline_with_weights
+from .training.adapters import LORA_WEIGHTS, TRANSFORMER_DIR
+
+logger = logging.getLogger(__name__)
+
+
+def export(source: str, out: str, merge: bool = False) -> Path:
+    """Copy the LoRA file / transformer folder to `out`; with `merge`, write a whole pipeline instead.
+
+    A merged LoRA is fused at its trained scale and the adapter layers removed, so a stock
+    `CogVideoXPipeline.from_pretrained(out)` samples like base + LoRA with no peft at load time.
+    """
+    trained = resolve_trained(source)
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"--out {target} exists and is not empty; choose a new folder")
+    target.mkdir(parents=True, exist_ok=True)
+    if merge:
+        config = trained.config
+        family = family_for(config.model.path, config.model.dtype, config.model.revision)
+        pipe, _ = pipeline_with_weights(trained, torch.device("cpu"), dtype=family.dtype)
+        if trained.mode == "lora":
+            pipe.fuse_lora(lora_scale=1.0)
+            pipe.unload_lora_weights()
+        pipe.save_pretrained(target)
+    elif trained.mode == "lora":
+        shutil.copy2(trained.weights_dir / LORA_WEIGHTS, target / LORA_WEIGHTS)
+    else:
+        shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)
+    logger.info("exported %s weights of %s to %s%s", trained.mode, trained.weights_dir, target, " (merged)" if merge else "")
+    return target

@@ -1,0 +1,51 @@
+"""Load CogVideoX components from a local pipeline folder, a hub id or `tiny://FAMILY`.
+
+Every route ends in diffusers/transformers `from_pretrained`, so the tiny test model and the real
+checkpoints share one code path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .family import ModelFamily, load_family
+from .tiny import resolve_tiny
+
+
+def resolve_model_path(path: str) -> str:
+    return resolve_tiny(path)
+
+
+def family_for(path: str, dtype: str = "auto", revision: str | None = None) -> ModelFamily:
+    return load_family(resolve_model_path(path), dtype, revision)
+
+
+def load_transformer(path: str, dtype: torch.dtype, revision: str | None = None):
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel.from_pretrained(
+        resolve_model_path(path), subfolder="transformer", torch_dtype=dtype, revision=revision
+    )
+
+
+def load_vae(path: str, dtype: torch.dtype, revision: str | None = None):
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX.from_pretrained(
+        resolve_model_path(path), subfolder="vae", torch_dtype=dtype, revision=revision
+    )
+
+
+def load_scheduler(path: str, revision: str | None = None):
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler.from_pretrained(resolve_model_path(path), subfolder="scheduler", revision=revision)
+
+
+def load_pipeline(path: str, dtype: torch.dtype, revision: str | None = None, **components):
+    """The stock pipeline; pass `transformer=None` / `vae=None` to skip loading what is not needed."""
+    from diffusers import CogVideoXPipeline
+
+    return CogVideoXPipeline.from_pretrained(
+        resolve_model_path(path), torch_dtype=dtype, revision=revision, **components
+    )

@@ -1,0 +1,134 @@
+"""Videos from the model: the validation hook during training and `cogft sample` afterwards.
+
+Both go through the stock `CogVideoXPipeline`. Validation reuses the transformer being trained (no
+reload) and the prompt embeddings cached by prepare, so it needs only the VAE decoder beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import Config
+from .data.cache import encode_dtype
+from .models.family import ModelFamily
+from .models.loading import family_for, load_pipeline, load_scheduler, load_vae
+from .runs import TrainedWeights, resolve_trained
+from .training.adapters import TRANSFORMER_DIR
+
+logger = logging.getLogger(__name__)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def render(pipe, family: ModelFamily, device: torch.device, *, num_frames: int, height: int, width: int,
+           steps: int, guidance_scale: float, seed: int, prompt: str | None = None,
+           prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None):
+    """Denoise under the family's autocast, then decode outside it; returns float frames [F, H, W, 3]."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad(), _autocast(device, family.dtype):
+        latents = pipe(
+            prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+            guidance_scale=guidance_scale, generator=generator, output_type="latent",
+            max_sequence_length=family.max_text_seq_length,
+        ).frames
+    with torch.no_grad():
+        video = pipe.decode_latents(latents.to(pipe.vae.dtype))
+    return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+
+
+def write_mp4(frames, path: Path, fps: int) -> Path:
+    from diffusers.utils import export_to_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_to_video(list(frames), str(path), fps=fps)
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+
+
+class ValidationHook:
+    """Samples the configured prompts with the in-memory transformer every `validation.every` steps."""
+
+    def __init__(self, config: Config, family: ModelFamily, device: torch.device,
+                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path):
+        self.config, self.family, self.device, self.run_dir = config, family, device, run_dir
+        self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
+        self.negative = load_file(negative_file)["prompt_embeds"]
+        self._vae = None
+
+    def _pipeline(self, transformer):
+        from diffusers import CogVideoXPipeline
+
+        if self._vae is None:
+            self._vae = load_vae(self.config.model.path, encode_dtype(self.family.dtype, self.device),
+                                 self.config.model.revision).to(self.device).eval()
+        scheduler = load_scheduler(self.config.model.path, self.config.model.revision)
+        return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=self._vae, transformer=transformer, scheduler=scheduler)
+
+    def __call__(self, transformer, step: int) -> list[tuple[str, str]]:
+        cfg, data = self.config.validation, self.config.data
+        was_training = transformer.training
+        transformer.eval()
+        pipe = self._pipeline(transformer)
+        pipe.set_progress_bar_config(disable=True)
+        written = []
+        for i, (text, embeds) in enumerate(self.prompts):
+            frames = render(
+                pipe, self.family, self.device, num_frames=data.num_frames, height=data.height, width=data.width,
+                steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + i,
+                prompt_embeds=embeds[None].to(self.device), negative_prompt_embeds=self.negative[None].to(self.device),
+            )
+            path = write_mp4(frames, self.run_dir / "samples" / f"step-{step:06d}-{i:02d}-{_slug(text)}.mp4", cfg.fps)
+            written.append((text, str(path)))
+        transformer.train(was_training)
+        logger.info("validation at step %d: %d videos in %s", step, len(written), self.run_dir / "samples")
+        return written
+
+
+def pipeline_with_weights(trained: TrainedWeights, device: torch.device, dtype: torch.dtype | None = None):
+    """A stock pipeline with the trained weights applied: LoRA via load_lora_weights, SFT via a new transformer.
+
+    `dtype` defaults to the family's on accelerators and fp32 on CPUs.
+    """
+    config = trained.config
+    family = family_for(config.model.path, config.model.dtype, config.model.revision)
+    dtype = dtype or encode_dtype(family.dtype, device)
+    if trained.mode == "lora":
+        pipe = load_pipeline(config.model.path, dtype, config.model.revision)
+        pipe.load_lora_weights(str(trained.weights_dir))
+    else:
+        from diffusers import CogVideoXTransformer3DModel
+
+        transformer = CogVideoXTransformer3DModel.from_pretrained(str(trained.weights_dir / TRANSFORMER_DIR), torch_dtype=dtype)
+        pipe = load_pipeline(config.model.path, dtype, config.model.revision, transformer=transformer)
+    return pipe.to(device), family
+
+
+def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: int | None = None,
+           guidance_scale: float | None = None, device: str | None = None) -> Path:
+    """`cogft sample`: one video from a run's final weights or any of its checkpoints."""
+    trained = resolve_trained(source)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe, family = pipeline_with_weights(trained, target)
+    cfg, data = trained.config.validation, trained.config.data
+    logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
+    frames = render(
+        pipe, family, target, num_frames=data.num_frames, height=data.height, width=data.width,
+        steps=steps or cfg.num_inference_steps, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+        seed=cfg.seed if seed is None else seed, prompt=prompt,
+    )
+    return write_mp4(frames, Path(out), cfg.fps)
+

@@ -1,0 +1,98 @@
+"""What is trained: a PEFT LoRA on the frozen transformer, or the whole transformer (SFT).
+
+Trainable weights are kept in fp32 (master weights) and the frozen base in the family's dtype;
+autocast runs the arithmetic in fp16/bf16. LoRA weights are read and written in the diffusers LoRA
+format together with their adapter config, so `lora_alpha != rank` survives a stock
+`CogVideoXPipeline.load_lora_weights`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRANSFORMER_DIR = "transformer"
+
+
+def lora_config(config: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora.rank,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        init_lora_weights=True,
+        target_modules=list(config.lora.target_modules),
+    )
+
+
+def setup_trainable(transformer: torch.nn.Module, config: Config) -> list[torch.nn.Parameter]:
+    """Freeze/unfreeze, add the adapter, move trainable weights to fp32; returns the trainable params."""
+    if config.train.mode == "lora":
+        transformer.requires_grad_(False)
+        try:
+            transformer.add_adapter(lora_config(config))
+        except ValueError as error:
+            raise ValueError(f"lora.target_modules={config.lora.target_modules}: {error}") from None
+    else:
+        transformer.requires_grad_(True)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    if config.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return params
+
+
+def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path) -> Path:
+    """Write the adapter in the diffusers LoRA format, with its config as metadata."""
+    from diffusers import CogVideoXPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+    CogVideoXPipeline.save_lora_weights(
+        out_dir,
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=lora_config(config).to_dict(),
+        weight_name=LORA_WEIGHTS,
+    )
+    return Path(out_dir) / LORA_WEIGHTS
+
+
+def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path) -> None:
+    """Restore adapter weights saved by `save_lora` into a transformer that already has the adapter."""
+    from diffusers import CogVideoXPipeline
+    from peft.utils import set_peft_model_state_dict
+
+    state = CogVideoXPipeline.lora_state_dict(str(in_dir), weight_name=LORA_WEIGHTS)
+    if isinstance(state, tuple):  # (state_dict, metadata) when metadata is requested/present
+        state = state[0]
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(transformer, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{in_dir}: LoRA weights do not match this model: unexpected {result.unexpected_keys[:4]}")
+
+
+def save_transformer(transformer: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A diffusers-format transformer folder; `dtype` casts a copy (fp32 master weights → fp16 release)."""
+    target = Path(out_dir) / TRANSFORMER_DIR
+    if dtype is not None and next(transformer.parameters()).dtype != dtype:
+        import copy
+
+        transformer = copy.deepcopy(transformer).to(dtype)
+    transformer.save_pretrained(target)
+    return target
+
+
+def load_transformer_state(transformer: torch.nn.Module, in_dir: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    folder = Path(in_dir) / TRANSFORMER_DIR
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    transformer.load_state_dict(state, strict=True)

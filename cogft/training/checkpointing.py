@@ -1,0 +1,147 @@
+"""Checkpoints that are complete or absent, and resume from the latest complete one.
+
+accelerate's `save_state` writes the optimizer, lr scheduler, loss scaler, RNG states, data sampler
+and our progress counter; the hooks below replace its model file with the diffusers-format weights
+(LoRA file or transformer folder), so any checkpoint can be sampled or exported directly. A
+checkpoint is written under a temporary name, marked complete, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
+
+logger = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+COMPLETE_MARKER = "cogft_complete.json"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class ResumeError(ValueError):
+    """`train.resume` points at something that cannot be resumed from."""
+
+
+class TrainingProgress:
+    """The counters that must survive a restart; saved by accelerate as a custom object."""
+
+    def __init__(self) -> None:
+        self.global_step = 0
+        self.skipped_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first; half-written ones never have the marker."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """`latest` → newest complete checkpoint (None on a fresh run); a path must be a complete checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not is_checkpoint(path):
+        raise ResumeError(
+            f"train.resume={resume!r}: not a complete cogft checkpoint (no {COMPLETE_MARKER}); "
+            f"use 'latest', null, or a folder like {step_dir(run_dir, 500)}"
+        )
+    return path
+
+
+def register_weight_hooks(accelerator, config: Config) -> None:
+    """Make accelerate save/load the diffusers-format weights instead of its own model file."""
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                if config.train.mode == "lora":
+                    save_lora(model, config, output_dir)
+                else:
+                    save_transformer(model, output_dir)
+            if weights:
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            if config.train.mode == "lora":
+                load_lora_state(model, input_dir)
+            else:
+                load_transformer_state(model, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """Write checkpoints/step-N atomically and prune older ones beyond `keep`."""
+    started = time.perf_counter()
+    final = step_dir(run_dir, step)
+    staging = final.with_name(f".{final.name}.partial")
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging))
+    except OSError as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(
+            f"writing checkpoint {final} failed ({error}); the previous checkpoint is intact. Free disk space or "
+            "change output_dir, then rerun with train.resume=latest"
+        ) from error
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        staging.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s written in %.2f s", final, time.perf_counter() - started)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> None:
+    started = time.perf_counter()
+    accelerator.load_state(str(path))
+    logger.info("resumed from %s in %.2f s", path, time.perf_counter() - started)
+
+
+def step_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Noise/timestep RNG that depends only on where we are, so resuming draws the same numbers."""
+    mixed = (seed * 1_000_003 + step) * 1_000_033 + micro_step * 1_009 + rank
+    generator = torch.Generator(device=device)
+    generator.manual_seed(mixed % (2**63 - 1))
+    return generator

@@ -1,0 +1,274 @@
+"""The training run: prepare what is missing, train under accelerate, validate, checkpoint, export.
+
+Precision policy (per family, see models/family.py): trainable weights in fp32, frozen weights and
+autocast in fp16 (2B, with a loss scaler) or bf16 (5B). Autocast and the scaler are ours rather than
+accelerate's because accelerate turns fp16 off on CPUs, and the CPU tests must run the GPU path.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import Config, save_config
+from ..data.cache import prepare
+from ..data.dataset import LatentDataset, collate
+from ..models.family import ModelFamily
+from ..models.loading import family_for, load_scheduler, load_transformer
+from ..sampling import ValidationHook
+from ..tracking import init_trackers, log_videos, trackers_for
+from .adapters import save_lora, save_transformer, setup_trainable
+from .checkpointing import (
+    TrainingProgress,
+    load_checkpoint,
+    register_weight_hooks,
+    resolve_resume,
+    save_checkpoint,
+    step_generator,
+)
+from .objective import diffusion_loss, draw_inputs, rotary_embedding
+
+logger = logging.getLogger(__name__)
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+def make_accelerator(config: Config, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with=trackers_for(config, run_dir),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
+        step_scheduler_with_optimizer=False,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def _gather_prepared(accelerator, config: Config, family: ModelFamily, run_dir: Path):
+    """Each rank encodes its share of the clips; everyone then trains on all of them."""
+    import json
+
+    from accelerate.utils import gather_object
+
+    mine = prepare(config, family, accelerator.device, accelerator.process_index, accelerator.num_processes,
+                   show_progress=accelerator.is_local_main_process)
+    entries, report = mine.entries, mine.report
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        entries, report = gather_object(entries), gather_object(report)
+    if accelerator.is_main_process:
+        with (run_dir / "prepare_report.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in report)
+    mine.entries = sorted(entries, key=lambda e: e.latents)
+    return mine
+
+
+def _lr_scheduler(config: Config, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        config.train.lr_scheduler, optimizer,
+        num_warmup_steps=config.train.lr_warmup_steps, num_training_steps=config.train.max_steps,
+    )
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        logger.warning("signal %d: writing a checkpoint, then stopping (send again to stop at once)", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config: Config) -> Path:
+    """Run (or resume) the training described by `config`; returns the run directory."""
+    from accelerate.utils import set_seed
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(config, run_dir)
+    device = accelerator.device
+    logger.info(
+        "world_size=%d process=%d local_process=%d device=%s mode=%s",
+        accelerator.num_processes, accelerator.process_index, accelerator.local_process_index, device, config.train.mode,
+    )
+    if config.train.allow_tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if accelerator.is_main_process:
+        save_config(config, run_dir / "config.yaml")
+
+    family = family_for(config.model.path, config.model.dtype, config.model.revision)
+    prepared = _gather_prepared(accelerator, config, family, run_dir)
+    set_seed(config.train.seed)
+
+    transformer = load_transformer(config.model.path, family.dtype, config.model.revision)
+    params = setup_trainable(transformer, config)
+    n_train = sum(p.numel() for p in params)
+    logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{n_train:,}")
+    optimizer = torch.optim.AdamW(
+        params, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
+        weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon,
+    )
+    loader = DataLoader(
+        LatentDataset(prepared.entries), batch_size=config.train.batch_size, shuffle=True, collate_fn=collate,
+        num_workers=config.data.dataloader_workers,
+    )
+    lr_scheduler = _lr_scheduler(config, optimizer)
+    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    scaler = torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(scaler, progress)
+    register_weight_hooks(accelerator, config)
+
+    resume_from = resolve_resume(config.train.resume, run_dir)
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)
+
+    noise_scheduler = load_scheduler(config.model.path, config.model.revision)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    unwrapped = accelerator.unwrap_model(transformer)
+    rotary = None
+    if family.use_rotary:
+        rotary = rotary_embedding(unwrapped.config, family.vae_scale_spatial, config.data.height, config.data.width,
+                                  family.latent_frames(config.data.num_frames), device)
+    validation = None
+    if config.validation.prompts and accelerator.is_main_process:
+        validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt, run_dir)
+
+    init_trackers(accelerator, config, run_dir)
+    accum = config.train.gradient_accumulation_steps
+    micro_per_epoch = len(loader)
+    autocast_enabled = family.dtype != torch.float32
+
+    def run_validation(step: int) -> None:
+        if validation is not None:
+            log_videos(accelerator, validation(unwrapped, step), step)
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=config.train.max_steps, initial=progress.global_step, desc="train", unit="step",
+               disable=not accelerator.is_local_main_process)
+    consecutive_nonfinite = 0
+    stopped_early = False
+    transformer.train()
+    with _StopRequest() as stop:
+        while progress.global_step < config.train.max_steps and not stopped_early:
+            epoch, skip = divmod(progress.global_step * accum, micro_per_epoch)
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            micro = 0
+            step_started = time.perf_counter()
+            for batch in batches:
+                step = progress.global_step
+                with accelerator.accumulate(transformer):
+                    generator = step_generator(config.train.seed, step, micro % accum, accelerator.process_index, device)
+                    micro += 1
+                    inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], family.scaling_factor,
+                                         num_train_timesteps, generator)
+                    prompt_embeds = batch["prompt_embeds"]
+
+                    def predict_velocity(x_t, t):
+                        with torch.autocast(device.type, dtype=family.dtype, enabled=autocast_enabled):
+                            return transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds, timestep=t,
+                                               image_rotary_emb=rotary, return_dict=False)[0]
+
+                    loss = diffusion_loss(predict_velocity, noise_scheduler, inputs)
+                    accelerator.backward(scaler.scale(loss))
+                    if not accelerator.sync_gradients:
+                        continue
+                    scaler.unscale_(optimizer)
+                    grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+                    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+                    scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+                    if finite or scaler.is_enabled():  # the scaler skips non-finite steps itself
+                        scaler.step(optimizer)
+                    scaler.update()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                progress.global_step += 1
+                if not finite:
+                    progress.skipped_steps += 1
+                    consecutive_nonfinite += 1
+                    logger.warning("step %d: non-finite loss/gradient (loss=%s); update skipped (samples %s)",
+                                   progress.global_step, float(loss), batch["index"].tolist())
+                    if consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+                        raise FloatingPointError(
+                            f"{consecutive_nonfinite} non-finite steps in a row at step {progress.global_step}: "
+                            "lower train.learning_rate, raise train.lr_warmup_steps, or use model.dtype=bf16/fp32"
+                        )
+                else:
+                    consecutive_nonfinite = 0
+                step_time = time.perf_counter() - step_started
+                gstep = progress.global_step
+                if gstep % config.tracking.log_every == 0 or gstep == config.train.max_steps:
+                    metrics = {
+                        "loss": accelerator.reduce(loss.detach(), reduction="mean").item(),
+                        "lr": lr_scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "loss_scale": float(scale_before),
+                        "skipped_steps": progress.skipped_steps,
+                        "step_time": step_time,
+                        "samples_per_s": config.train.batch_size * accum * accelerator.num_processes / step_time,
+                        "epoch": epoch,
+                    }
+                    accelerator.log(metrics, step=gstep)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                bar.update(1)
+                last = gstep >= config.train.max_steps
+                if gstep % config.train.checkpoint_every == 0 or last or stop.requested:
+                    save_checkpoint(accelerator, run_dir, gstep, config.train.checkpoints_keep)
+                if gstep % config.validation.every == 0 and not last:
+                    run_validation(gstep)
+                if stop.requested:
+                    logger.warning("stopped at step %d; resume with train.resume=latest", gstep)
+                    stopped_early = True
+                if last or stopped_early:
+                    break
+                step_started = time.perf_counter()
+    bar.close()
+
+    if not stopped_early:
+        if config.validation.at_end or progress.global_step % config.validation.every == 0:
+            run_validation(progress.global_step)
+        export_final(accelerator, unwrapped, config, family, run_dir)
+    accelerator.end_training()
+    return run_dir
+
+
+def export_final(accelerator, transformer, config: Config, family: ModelFamily, run_dir: Path) -> None:
+    """lora/pytorch_lora_weights.safetensors or transformer/ in the family's dtype, as diffusers expects."""
+    if accelerator.is_main_process:
+        if config.train.mode == "lora":
+            path = save_lora(transformer, config, run_dir / "lora")
+        else:
+            path = save_transformer(transformer, run_dir, dtype=family.dtype)
+        logger.info("exported %s", path)
+    accelerator.wait_for_everyone()
+

@@ -1,0 +1,71 @@
+"""The CogVideoX training objective, as in the reference recipes (see DESIGN.md, "The objective").
+
+    x0     = sample(latent_dist) * scaling_factor, as [B, F, C, H, W]
+    x_t    = scheduler.add_noise(x0, noise, t)
+    x0_hat = scheduler.get_velocity(v_hat, x_t, t)          # sqrt(a)·x_t − sqrt(1−a)·v_hat
+    loss   = mean_b mean((1 / (1 − alphas_cumprod[t])) · (x0_hat − x0)²)
+
+Random draws come from an explicit generator so that a resumed run sees the same noise as an
+uninterrupted one. The loss is computed in fp32 whatever the model's precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class TrainingInputs:
+    x0: torch.Tensor         # [B, F, C, H, W], fp32, scaled
+    noise: torch.Tensor      # like x0
+    timesteps: torch.Tensor  # [B], int64
+
+
+def draw_inputs(
+    latent_mean: torch.Tensor,
+    latent_logvar: torch.Tensor,
+    scaling_factor: float,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+) -> TrainingInputs:
+    """Sample x0 from the cached VAE distribution ([B, C, F, H, W]), the noise and the timesteps."""
+    mean, logvar = latent_mean.float(), latent_logvar.float()
+    device = mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(device)
+    x0 = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * scaling_factor
+    x0 = x0.permute(0, 2, 1, 3, 4).contiguous()
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+    timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator, device=generator.device)
+    return TrainingInputs(x0, noise, timesteps.to(device))
+
+
+def diffusion_loss(
+    predict_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    inputs: TrainingInputs,
+) -> torch.Tensor:
+    """The weighted x0 loss. `predict_velocity(x_t, t)` runs the transformer (prompt and positions bound)."""
+    x0, noise, t = inputs.x0, inputs.noise, inputs.timesteps
+    x_t = scheduler.add_noise(x0, noise, t)
+    v_hat = predict_velocity(x_t, t).float()
+    x0_hat = scheduler.get_velocity(v_hat, x_t, t)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
+    weights = 1.0 / (1.0 - alphas_cumprod[t])
+    per_sample = ((x0_hat.float() - x0) ** 2).flatten(1).mean(dim=1)
+    return (weights * per_sample).mean()
+
+
+def rotary_embedding(transformer_config, vae_scale_spatial: int, height: int, width: int, latent_frames: int, device):
+    """3D RoPE for the 5B family, computed by the pipeline's own helper so training matches inference.
+
+    The pipeline derives the base grid from `transformer.config.sample_height/width` (the reference
+    training example hard-codes 480×720), so we call its method rather than re-implement it.
+    """
+    from diffusers import CogVideoXPipeline
+
+    host = SimpleNamespace(transformer=SimpleNamespace(config=transformer_config), vae_scale_factor_spatial=vae_scale_spatial)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)

@@ -50,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run_train(config_path: str, overrides: list[str]) -> Path:
     """Shared by `cogft train` and train.py."""
     from .config import load_config
+
+    config = load_config(config_path, overrides)  # fails fast, before the heavy imports below
     from .training.loop import train
 
     _setup_logging()
-    return train(load_config(config_path, overrides))
+    return train(config)
 
 
 def main(argv: list[str] | None = None) -> int:

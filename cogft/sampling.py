@@ -112,7 +112,7 @@ def pipeline_with_weights(trained: TrainedWeights, device: torch.device, dtype: 
     else:
         from diffusers import CogVideoXTransformer3DModel
 
-        transformer = CogVideoXTransformer3DModel.from_pretrained(str(trained.weights_dir / TRANSFORMER_DIR), torch_dtype=dtype)
+        transformer = CogVideoXTransformer3DModel.from_pretrained(str(trained.weights_dir / TRANSFORMER_DIR), dtype=dtype)
         pipe = load_pipeline(config.model.path, dtype, config.model.revision, transformer=transformer)
     return pipe.to(device), family
 

@@ -24,7 +24,7 @@ def load_transformer(path: str, dtype: torch.dtype, revision: str | None = None)
     from diffusers import CogVideoXTransformer3DModel
 
     return CogVideoXTransformer3DModel.from_pretrained(
-        resolve_model_path(path), subfolder="transformer", torch_dtype=dtype, revision=revision
+        resolve_model_path(path), subfolder="transformer", dtype=dtype, revision=revision
     )
 
 
@@ -32,7 +32,7 @@ def load_vae(path: str, dtype: torch.dtype, revision: str | None = None):
     from diffusers import AutoencoderKLCogVideoX
 
     return AutoencoderKLCogVideoX.from_pretrained(
-        resolve_model_path(path), subfolder="vae", torch_dtype=dtype, revision=revision
+        resolve_model_path(path), subfolder="vae", dtype=dtype, revision=revision
     )
 
 
@@ -47,5 +47,5 @@ def load_pipeline(path: str, dtype: torch.dtype, revision: str | None = None, **
     from diffusers import CogVideoXPipeline
 
     return CogVideoXPipeline.from_pretrained(
-        resolve_model_path(path), torch_dtype=dtype, revision=revision, **components
+        resolve_model_path(path), dtype=dtype, revision=revision, **components
     )

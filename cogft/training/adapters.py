@@ -78,13 +78,18 @@ def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path) -> None:
 
 
 def save_transformer(transformer: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """A diffusers-format transformer folder; `dtype` casts a copy (fp32 master weights → fp16 release)."""
-    target = Path(out_dir) / TRANSFORMER_DIR
-    if dtype is not None and next(transformer.parameters()).dtype != dtype:
-        import copy
+    """A diffusers-format transformer folder; `dtype` casts the weights (fp32 master → fp16/bf16 release)."""
+    if dtype is None:
+        target = Path(out_dir) / TRANSFORMER_DIR
+        transformer.save_pretrained(target)
+        return target
+    from safetensors.torch import save_file
 
-        transformer = copy.deepcopy(transformer).to(dtype)
-    transformer.save_pretrained(target)
+    target = Path(out_dir) / TRANSFORMER_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(target)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in transformer.state_dict().items()}
+    save_file(state, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     return target
 
 

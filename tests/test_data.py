@@ -1,0 +1,103 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cogft.data.sources import DatasetLayoutError, read_clips
+from cogft.data.video import DecodeSpec, decode_clip, frame_indices
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+
+
+def test_txt_pair_layout_reads_all_sample_clips():
+    clips = read_clips(DATA)
+    assert len(clips) >= 6
+    assert all(c.video.is_file() and c.caption for c in clips)
+    assert len({c.caption for c in clips}) == len(clips)
+
+
+def test_csv_and_jsonl_layouts(tmp_path):
+    (tmp_path / "meta.csv").write_text("file,text\nclips/a.mp4,a cat\nclips/b.mp4,\n")
+    clips = read_clips(tmp_path / "meta.csv", video_column="file", caption_column="text")
+    assert [c.video for c in clips] == [tmp_path / "clips/a.mp4", tmp_path / "clips/b.mp4"]
+    assert [c.caption for c in clips] == ["a cat", ""]
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"video": "x.mp4", "caption": "a dog"}) + "\n")
+    assert read_clips(tmp_path / "meta.jsonl")[0].caption == "a dog"
+    with pytest.raises(DatasetLayoutError, match="no 'video' column"):
+        read_clips(tmp_path / "meta.csv")
+
+
+def test_mismatched_txt_pair_is_an_error(tmp_path):
+    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\n")
+    (tmp_path / "prompts.txt").write_text("only one\n")
+    with pytest.raises(DatasetLayoutError, match="videos.txt has 2 lines but prompts.txt has 1"):
+        read_clips(tmp_path)
+
+
+def test_frame_indices_resample_to_target_fps():
+    indices, note = frame_indices(72, 24.0, DecodeSpec(9, 64, 96, 8.0))
+    assert indices == [0, 3, 6, 9, 12, 15, 18, 21, 24] and "24 -> 8 fps" in note
+    indices, _ = frame_indices(72, 24.0, DecodeSpec(9, 64, 96, None))
+    assert indices == list(range(9))
+    indices, reason = frame_indices(20, 24.0, DecodeSpec(9, 64, 96, 8.0))
+    assert indices is None and "too short" in reason and "20 frames" in reason
+
+
+def test_decode_crops_wide_clip_to_target_without_distortion():
+    decoded = decode_clip(str(DATA / "videos" / "wide_cellular.mp4"), DecodeSpec(9, 64, 96, 8.0))
+    assert decoded.error is None
+    assert decoded.frames.shape == (9, 64, 96, 3) and decoded.frames.dtype == np.uint8
+    assert any("cropped 640x360" in n for n in decoded.notes)
+
+
+def test_decode_reports_bad_files(tmp_path):
+    bad = tmp_path / "not_a_video.mp4"
+    bad.write_text("hello")
+    decoded = decode_clip(str(bad), DecodeSpec(9, 64, 96, 8.0))
+    assert decoded.frames is None and "cannot decode" in decoded.error
+
+
+def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
+    from cogft.data.cache import prepare
+    from cogft.models.loading import family_for
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    shutil.copy(DATA / "videos" / "bouncing_square.mp4", data / "one.mp4")
+    (data / "empty.mp4").write_bytes(b"")
+    (data / "videos.txt").write_text("one.mp4\nmissing.mp4\nempty.mp4\none.mp4\n")
+    (data / "prompts.txt").write_text("a red square\na ghost\nnothing\n\n")
+    config = make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}")
+    family = family_for(config.model.path)
+    first = prepare(config, family, torch.device("cpu"), show_progress=False)
+    statuses = {r["listed_at"]: (r["status"], r.get("reason", "")) for r in first.report}
+    assert statuses["videos.txt:1"][0] == "encoded"
+    assert statuses["videos.txt:2"] == ("skipped", "file not found")
+    assert statuses["videos.txt:3"] == ("skipped", "empty file (0 bytes)")
+    assert statuses["videos.txt:4"] == ("skipped", "missing or empty caption")
+    assert len(first.entries) == 1
+    from safetensors.torch import load_file
+
+    latents = load_file(first.entries[0].latents)
+    assert latents["latent_mean"].shape == (4, 3, 8, 12)  # C, (9-1)/4+1 frames, 64/8, 96/8
+    assert load_file(first.entries[0].prompt)["prompt_embeds"].shape == (16, 32)
+    assert Path(first.negative_prompt).is_file()
+    assert all(Path(p).is_file() for _, p in first.validation_prompts)
+
+    # a renamed clip is the same content: nothing is encoded again
+    (data / "one.mp4").rename(data / "renamed.mp4")
+    (data / "videos.txt").write_text("renamed.mp4\n")
+    (data / "prompts.txt").write_text("a red square\n")
+    second = prepare(config, family, torch.device("cpu"), show_progress=False)
+    assert [r["status"] for r in second.report] == ["cached"]
+    assert second.entries[0].latents == first.entries[0].latents
+
+    # a different frame size is a different cache entry
+    third = prepare(make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.height=32"),
+                    family, torch.device("cpu"), show_progress=False)
+    assert [r["status"] for r in third.report] == ["encoded"]
+    assert third.entries[0].latents != first.entries[0].latents

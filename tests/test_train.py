@@ -1,0 +1,178 @@
+"""End-to-end runs on the tiny model: LoRA and SFT, export, sampling, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogft.training.loop import train
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["validation.prompts=[]", "train.checkpoint_every=100"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def frames_of(path: Path):
+    import decord
+
+    return decord.VideoReader(str(path))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, shared_cache):
+    """8 LoRA steps with alpha != rank, checkpoints every 4, validation every 4 (2 denoising steps)."""
+    from cogft.config import load_config
+
+    out = tmp_path_factory.mktemp("lora") / "run"
+    config = load_config(REPO / "configs" / "tiny-lora.yaml", [
+        f"data.path={REPO / 'data'}", f"data.cache_dir={shared_cache}", f"output_dir={out}",
+        "tracking.report_to=none", "train.max_steps=8", "train.checkpoint_every=4", "validation.every=4",
+        "validation.num_inference_steps=2", "lora.rank=4", "lora.alpha=8", "train.learning_rate=1e-2",
+    ])
+    return train(config)
+
+
+def test_lora_run_layout(lora_run):
+    assert (lora_run / "config.yaml").is_file()
+    assert [p.name for p in sorted((lora_run / "checkpoints").iterdir())] == ["step-000004", "step-000008"]
+    values = losses(lora_run)
+    assert len(values) == 8 and all(torch.isfinite(torch.tensor(values)))
+    videos = sorted((lora_run / "samples").glob("*.mp4"))
+    assert [v.name[:11] for v in videos] == ["step-000004"] * 2 + ["step-000008"] * 2
+    reader = frames_of(videos[0])
+    assert len(reader) == 9 and reader[0].shape == (64, 96, 3)
+    report = [json.loads(line) for line in (lora_run / "prepare_report.jsonl").read_text().splitlines()]
+    assert len(report) == 6 and all(r["status"] in ("encoded", "cached") for r in report)
+
+
+STOCK_LOAD = r"""
+import sys, torch
+from diffusers import CogVideoXPipeline
+pipe = CogVideoXPipeline.from_pretrained(sys.argv[1])
+kw = dict(prompt="a red square", num_frames=9, height=64, width=96, num_inference_steps=2,
+          max_sequence_length=16, output_type="pt")
+base = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+pipe.load_lora_weights(sys.argv[2])
+layer = pipe.transformer.transformer_blocks[0].attn1.to_q
+adapter = next(iter(layer.scaling))
+tuned = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+assert "cogft" not in sys.modules
+print(layer.scaling[adapter], (tuned - base).abs().max().item())
+"""
+
+
+def test_lora_loads_into_stock_pipeline_and_changes_output(lora_run, cogft_home):
+    from cogft.models.loading import resolve_model_path
+
+    result = subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, resolve_model_path("tiny://2b"), str(lora_run / "lora")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, cwd="/",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    scaling, change = map(float, result.stdout.split()[-2:])
+    assert scaling == pytest.approx(8 / 4)  # lora_alpha / rank survived the export
+    assert change > 1e-4
+
+
+def test_sample_from_run_and_checkpoint(lora_run, tmp_path):
+    from cogft.sampling import sample
+
+    a = sample(str(lora_run), "a red square", str(tmp_path / "final.mp4"), steps=2)
+    b = sample(str(lora_run / "checkpoints" / "step-000004"), "a red square", str(tmp_path / "ckpt.mp4"), steps=2)
+    fa, fb = frames_of(a), frames_of(b)
+    assert len(fa) == len(fb) == 9
+    assert fa[0].shape == (64, 96, 3)
+    assert not torch.equal(torch.from_numpy(fa.get_batch(range(9)).asnumpy()),
+                           torch.from_numpy(fb.get_batch(range(9)).asnumpy()))
+
+
+def test_export_merge_samples_like_base_plus_lora(lora_run, tmp_path):
+    from diffusers import CogVideoXPipeline
+
+    from cogft.export import export
+    from cogft.models.loading import resolve_model_path
+
+    copied = export(str(lora_run), str(tmp_path / "plain"))
+    assert (copied / "pytorch_lora_weights.safetensors").is_file()
+    merged_dir = export(str(lora_run), str(tmp_path / "merged"), merge=True)
+    kw = dict(prompt="a red square", num_frames=9, height=64, width=96, num_inference_steps=2,
+              max_sequence_length=16, output_type="pt")
+    merged = CogVideoXPipeline.from_pretrained(merged_dir, dtype=torch.float32)
+    assert not merged.transformer.peft_config if hasattr(merged.transformer, "peft_config") else True
+    with_lora = CogVideoXPipeline.from_pretrained(resolve_model_path("tiny://2b"), dtype=torch.float32)
+    base = with_lora(generator=torch.Generator().manual_seed(0), **kw).frames
+    with_lora.load_lora_weights(str(lora_run / "lora"))
+    expected = with_lora(generator=torch.Generator().manual_seed(0), **kw).frames
+    got = merged(generator=torch.Generator().manual_seed(0), **kw).frames
+    assert (got - expected).abs().max() < 0.2 * (expected - base).abs().max()
+
+
+def test_sft_run_exports_a_loadable_transformer(make_config, tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogft.models.loading import resolve_model_path
+    from cogft.sampling import sample
+
+    run = train(make_config("train.max_steps=3", "validation.num_inference_steps=2", base="tiny-sft.yaml"))
+    tuned = CogVideoXTransformer3DModel.from_pretrained(run / "transformer")
+    base = CogVideoXTransformer3DModel.from_pretrained(resolve_model_path("tiny://2b"), subfolder="transformer")
+    assert {t.dtype for t in load_file(run / "transformer" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert len(changed) > 10
+    checkpoint = run / "checkpoints" / "step-000003" / "transformer"
+    assert next(CogVideoXTransformer3DModel.from_pretrained(checkpoint).parameters()).dtype == torch.float32
+    assert len(frames_of(sample(str(run), "a cat", str(tmp_path / "s.mp4"), steps=2))) == 9
+
+
+def test_loss_goes_down_on_a_fixed_batch(make_config):
+    from cogft.data.cache import prepare
+    from cogft.data.dataset import LatentDataset, collate
+    from cogft.models.loading import family_for, load_scheduler, load_transformer
+    from cogft.training.adapters import setup_trainable
+    from cogft.training.objective import diffusion_loss, draw_inputs
+
+    config = make_config("model.dtype=fp32", "lora.rank=8", "lora.alpha=8")
+    family = family_for(config.model.path, "fp32")
+    batch = collate([LatentDataset(prepare(config, family, torch.device("cpu"), show_progress=False).entries)[i] for i in range(2)])
+    transformer = load_transformer(config.model.path, torch.float32)
+    params = setup_trainable(transformer, config)
+    scheduler = load_scheduler(config.model.path)
+    inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], family.scaling_factor, 1000,
+                         torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    predict = lambda x_t, t: transformer(hidden_states=x_t, encoder_hidden_states=batch["prompt_embeds"], timestep=t,
+                                         return_dict=False)[0]
+    history = []
+    for _ in range(30):
+        loss = diffusion_loss(predict, scheduler, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(loss.item())
+    assert history[-1] < 0.85 * history[0], history
+
+
+@pytest.mark.parametrize("family,accum", [("2b", 1), ("5b", 2)])
+def test_resume_is_bit_exact(make_config, family, accum):
+    """5 steps straight == 2 steps, stop, resume to 5 (mid-epoch skip and an epoch boundary included)."""
+    common = [f"model.path=tiny://{family}", f"train.gradient_accumulation_steps={accum}", *FAST]
+    straight = train(make_config(*common, "train.max_steps=5", out="straight"))
+    first_leg = train(make_config(*common, "train.max_steps=2", out="resumed"))
+    assert (first_leg / "checkpoints" / "step-000002").is_dir()
+    resumed = train(make_config(*common, "train.max_steps=5", out="resumed"))
+    assert len(losses(resumed)) == 5
+    assert losses(straight) == losses(resumed)
+    a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(resumed / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -43,6 +43,7 @@ def make_accelerator(config: Config, run_dir: Path):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     return Accelerator(
+        mixed_precision="no",  # precision is the family's policy, applied here (see module docstring)
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=trackers_for(config, run_dir),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),

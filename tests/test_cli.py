@@ -1,0 +1,54 @@
+"""The commands as a user types them: train.py under accelerate launch, errors, sample and export."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, env=None, timeout=180):
+    return subprocess.run([*args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_bad_key_fails_fast_with_named_error(tmp_path):
+    started = time.perf_counter()
+    result = run(sys.executable, "train.py", "--config", "configs/tiny-lora.yaml", "train.max_step=3")
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    assert "train.max_step: unknown key" in result.stderr and "max_steps" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert elapsed < 10  # no model or torch import before the config is checked (generous for slow CI)
+
+
+def test_accelerate_launch_trains_with_wandb_offline(tmp_path, shared_cache):
+    out = tmp_path / "run"
+    result = run(
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "train.py", "--config", "configs/tiny-lora.yaml",
+        f"output_dir={out}", f"data.cache_dir={shared_cache}", "train.max_steps=4", "validation.every=2",
+        "validation.num_inference_steps=2", "train.checkpoint_every=2",
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size=1" in result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "loss_scale", "step_time"} <= rows[0].keys()
+    wandb_runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1
+    assert list(wandb_runs[0].glob("run-*.wandb"))
+    assert len(list(wandb_runs[0].glob("files/media/videos/**/*.mp4"))) == 4  # 2 prompts x (step 2, step 4)
+
+    sample = run(sys.executable, "-m", "cogft.cli", "sample", "--from", str(out), "--prompt", "a red square",
+                 "--out", str(tmp_path / "x.mp4"), "--steps", "2")
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert (tmp_path / "x.mp4").stat().st_size > 1000
+
+    missing = run(sys.executable, "-m", "cogft.cli", "export", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "e"))
+    assert missing.returncode == 2 and "neither a run directory" in missing.stderr

@@ -1,4 +1,4 @@
-"""The `cogft` command: tiny | prepare | train | sample | export."""
+"""The `cogft` command: tiny | prepare | train | sample | export | bench."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int)
     sample.add_argument("--guidance-scale", type=float)
     sample.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+
+    bench = sub.add_parser("bench", help="time the real training step (full size on a GPU), optionally beside the plain recipe")
+    _config_args(bench)
+    bench.add_argument("--baseline", action="store_true", help="also run the plain diffusers + peft recipe")
+    bench.add_argument("--baseline-only", action="store_true", help="run only the plain recipe")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--steps", type=int, default=10)
 
     export = sub.add_parser("export", help="write diffusers-format weights of a run or checkpoint")
     export.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
@@ -90,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             from .sampling import sample
 
             print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device))
+        elif args.command == "bench":
+            from .bench import bench
+            from .config import load_config
+
+            bench(load_config(args.config, args.overrides), args.baseline, args.baseline_only, args.warmup, args.steps)
         elif args.command == "export":
             from .export import export
 

@@ -72,8 +72,18 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     checkpoints_keep: int = Field(3, ge=1)
     resume: str | None = "latest"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | float = Field(
+        False, description="true: all blocks; a fraction in (0, 1]: that share of the blocks; false: none"
+    )
+    compile: bool = False
     allow_tf32: bool = True
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _fraction(cls, value: bool | float) -> bool | float:
+        if not isinstance(value, bool) and not 0 < value <= 1:
+            raise ValueError("must be true, false or a fraction of the blocks in (0, 1], e.g. 0.25")
+        return value
 
 
 class LoraConfig(_Section):

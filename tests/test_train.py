@@ -176,3 +176,13 @@ def test_resume_is_bit_exact(make_config, family, accum):
     a = load_file(straight / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "lora" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_partial_gradient_checkpointing_keeps_the_numbers(make_config):
+    plain = train(make_config(*FAST, "train.max_steps=3", out="plain"))
+    half = train(make_config(*FAST, "train.max_steps=3", "train.gradient_checkpointing=0.5", out="half"))
+    torch.testing.assert_close(torch.tensor(losses(plain)), torch.tensor(losses(half)), rtol=1e-5, atol=1e-6)
+    a = load_file(plain / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(half / "lora" / "pytorch_lora_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

@@ -52,15 +52,16 @@ def family_from_configs(transformer_config: dict, vae_config: dict, dtype: str =
 
 
 def read_component_config(model_path: str, component: str, revision: str | None = None) -> dict:
-    """A component's config.json from a local pipeline folder or a hub id (cached by huggingface_hub)."""
-    local = Path(model_path) / component / "config.json"
+    """A component's config from a local pipeline folder or a hub id (cached by huggingface_hub)."""
+    filename = "scheduler_config.json" if component == "scheduler" else "config.json"
+    local = Path(model_path) / component / filename
     if local.is_file():
         return json.loads(local.read_text())
     if Path(model_path).exists():
         raise FileNotFoundError(f"{local} not found: {model_path} is not a diffusers CogVideoX pipeline folder")
     from huggingface_hub import hf_hub_download
 
-    return json.loads(Path(hf_hub_download(model_path, "config.json", subfolder=component, revision=revision)).read_text())
+    return json.loads(Path(hf_hub_download(model_path, filename, subfolder=component, revision=revision)).read_text())
 
 
 def load_family(model_path: str, dtype: str = "auto", revision: str | None = None) -> ModelFamily:

@@ -43,8 +43,6 @@ def setup_trainable(transformer: torch.nn.Module, config: Config) -> list[torch.
     params = [p for p in transformer.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()
-    if config.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     return params
 
 

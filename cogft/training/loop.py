@@ -32,7 +32,9 @@ from .checkpointing import (
     save_checkpoint,
     step_generator,
 )
-from .objective import diffusion_loss, draw_inputs, rotary_embedding
+from .objective import rotary_embedding
+from .speed import apply_block_options
+from .step import TrainingStep
 
 logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -107,6 +109,29 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the fp32 trainable weights; the fused kernel on GPUs (one launch for all params)."""
+    return torch.optim.AdamW(
+        params, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
+        weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon, fused=device.type == "cuda",
+    )
+
+
+def rotary_cache(transformer_config, family: ModelFamily, height: int, width: int, device: torch.device):
+    """3D RoPE per latent frame count (5B family), computed once per count; None for sincos models."""
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rotary_for(latent_frames: int):
+        if not family.use_rotary:
+            return None
+        if latent_frames not in cache:
+            cache[latent_frames] = rotary_embedding(transformer_config, family.vae_scale_spatial, height, width,
+                                                    latent_frames, device)
+        return cache[latent_frames]
+
+    return rotary_for
+
+
 def train(config: Config) -> Path:
     """Run (or resume) the training described by `config`; returns the run directory."""
     from accelerate.utils import set_seed
@@ -131,12 +156,9 @@ def train(config: Config) -> Path:
 
     transformer = load_transformer(config.model.path, family.dtype, config.model.revision)
     params = setup_trainable(transformer, config)
-    n_train = sum(p.numel() for p in params)
-    logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{n_train:,}")
-    optimizer = torch.optim.AdamW(
-        params, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
-        weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon,
-    )
+    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile)
+    logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{sum(p.numel() for p in params):,}")
+    optimizer = build_optimizer(config, params, device)
     loader = DataLoader(
         LatentDataset(prepared.entries), batch_size=config.train.batch_size, shuffle=True, collate_fn=collate,
         num_workers=config.data.dataloader_workers,
@@ -152,13 +174,12 @@ def train(config: Config) -> Path:
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
 
-    noise_scheduler = load_scheduler(config.model.path, config.model.revision)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
     unwrapped = accelerator.unwrap_model(transformer)
-    rotary = None
-    if family.use_rotary:
-        rotary = rotary_embedding(unwrapped.config, family.vae_scale_spatial, config.data.height, config.data.width,
-                                  family.latent_frames(config.data.num_frames), device)
+    step = TrainingStep(
+        accelerator, transformer, params, optimizer, lr_scheduler, scaler,
+        load_scheduler(config.model.path, config.model.revision), family, config.train.max_grad_norm,
+        rotary_cache(unwrapped.config, family, config.data.height, config.data.width, device),
+    )
     validation = None
     if config.validation.prompts and accelerator.is_main_process:
         validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt, run_dir)
@@ -166,11 +187,10 @@ def train(config: Config) -> Path:
     init_trackers(accelerator, config, run_dir)
     accum = config.train.gradient_accumulation_steps
     micro_per_epoch = len(loader)
-    autocast_enabled = family.dtype != torch.float32
 
-    def run_validation(step: int) -> None:
+    def run_validation(at_step: int) -> None:
         if validation is not None:
-            log_videos(accelerator, validation(unwrapped, step), step)
+            log_videos(accelerator, validation(unwrapped, at_step), at_step)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=config.train.max_steps, initial=progress.global_step, desc="train", unit="step",
@@ -186,59 +206,43 @@ def train(config: Config) -> Path:
             micro = 0
             step_started = time.perf_counter()
             for batch in batches:
-                step = progress.global_step
                 with accelerator.accumulate(transformer):
-                    generator = step_generator(config.train.seed, step, micro % accum, accelerator.process_index, device)
+                    generator = step_generator(config.train.seed, progress.global_step, micro % accum,
+                                               accelerator.process_index, device)
                     micro += 1
-                    inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], family.scaling_factor,
-                                         num_train_timesteps, generator)
-                    prompt_embeds = batch["prompt_embeds"]
-
-                    def predict_velocity(x_t, t):
-                        with torch.autocast(device.type, dtype=family.dtype, enabled=autocast_enabled):
-                            return transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds, timestep=t,
-                                               image_rotary_emb=rotary, return_dict=False)[0]
-
-                    loss = diffusion_loss(predict_velocity, noise_scheduler, inputs)
-                    accelerator.backward(scaler.scale(loss))
+                    loss = step.forward_backward(batch, generator)
                     if not accelerator.sync_gradients:
                         continue
-                    scaler.unscale_(optimizer)
-                    grad_norm = accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-                    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-                    scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
-                    if finite or scaler.is_enabled():  # the scaler skips non-finite steps itself
-                        scaler.step(optimizer)
-                    scaler.update()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    result = step.update(loss)
 
                 progress.global_step += 1
-                if not finite:
+                gstep = progress.global_step
+                if result.finite:
+                    consecutive_nonfinite = 0
+                else:
                     progress.skipped_steps += 1
                     consecutive_nonfinite += 1
                     logger.warning("step %d: non-finite loss/gradient (loss=%s); update skipped (samples %s)",
-                                   progress.global_step, float(loss), batch["index"].tolist())
+                                   gstep, float(loss), batch["index"].tolist())
                     if consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
                         raise FloatingPointError(
-                            f"{consecutive_nonfinite} non-finite steps in a row at step {progress.global_step}: "
-                            "lower train.learning_rate, raise train.lr_warmup_steps, or use model.dtype=bf16/fp32"
+                            f"{consecutive_nonfinite} non-finite steps in a row at step {gstep}: lower "
+                            "train.learning_rate, raise train.lr_warmup_steps, or use model.dtype=bf16/fp32"
                         )
-                else:
-                    consecutive_nonfinite = 0
                 step_time = time.perf_counter() - step_started
-                gstep = progress.global_step
                 if gstep % config.tracking.log_every == 0 or gstep == config.train.max_steps:
                     metrics = {
-                        "loss": accelerator.reduce(loss.detach(), reduction="mean").item(),
+                        "loss": accelerator.reduce(loss, reduction="mean").item(),
                         "lr": lr_scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "loss_scale": float(scale_before),
+                        "grad_norm": float(result.grad_norm),
+                        "loss_scale": result.loss_scale,
                         "skipped_steps": progress.skipped_steps,
                         "step_time": step_time,
                         "samples_per_s": config.train.batch_size * accum * accelerator.num_processes / step_time,
                         "epoch": epoch,
                     }
+                    if device.type == "cuda":
+                        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     accelerator.log(metrics, step=gstep)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 bar.update(1)

@@ -67,5 +67,6 @@ def rotary_embedding(transformer_config, vae_scale_spatial: int, height: int, wi
     """
     from diffusers import CogVideoXPipeline
 
-    host = SimpleNamespace(transformer=SimpleNamespace(config=transformer_config), vae_scale_factor_spatial=vae_scale_spatial)
+    config = SimpleNamespace(**dict(transformer_config))  # a model's FrozenDict or a plain config dict
+    host = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=vae_scale_spatial)
     return CogVideoXPipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)

@@ -1,0 +1,229 @@
+"""`cogft bench`: time the real training step on a full-size model, beside the plain recipe.
+
+The model is built from the configuration (the local pipeline's, or the built-in copy of the real
+one for a hub id, so no download) with random weights: same compute and memory as the real
+checkpoint. The cogft figure runs `TrainingStep`, the trainer's own code; `--baseline` also runs the
+plain diffusers + peft recipe (default SDPA, AdamW, autocast + GradScaler, diffusers' all-or-nothing
+gradient checkpointing) in the same process, and prints the ratio. One JSON line per figure.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import Config
+from .flops import peak_tflops, step_flops
+from .models.family import ModelFamily, family_from_configs, read_component_config
+from .models.loading import resolve_model_path
+from .models.reference import reference_configs
+
+
+def _configs(config: Config) -> dict[str, dict]:
+    """Transformer/scheduler/vae configs: from the local pipeline, else the built-in real ones."""
+    path = resolve_model_path(config.model.path)
+    builtin = None if Path(path).exists() else reference_configs(path)
+    if builtin is not None:
+        return builtin
+    return {c: read_component_config(path, c, config.model.revision) for c in ("transformer", "vae", "scheduler")}
+
+
+def _random_transformer(transformer_config: dict, dtype: torch.dtype, device: torch.device):
+    from diffusers import CogVideoXTransformer3DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in the target dtype: no fp32 copy of 5B weights
+    try:
+        with torch.device(device):
+            return CogVideoXTransformer3DModel.from_config(transformer_config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _synthetic_batch(config: Config, family: ModelFamily, transformer_config: dict, device: torch.device, seed: int):
+    """A batch shaped like the cache's: latent mean/logvar [B, C, F, h, w] and T5 embeddings [B, L, D]."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b, c = config.train.batch_size, transformer_config["in_channels"]
+    shape = (b, c, family.latent_frames(config.data.num_frames),
+             config.data.height // family.vae_scale_spatial, config.data.width // family.vae_scale_spatial)
+    return {
+        "latent_mean": torch.randn(shape, generator=gen, device=device, dtype=family.dtype),
+        "latent_logvar": torch.full(shape, -4.0, device=device, dtype=family.dtype),
+        "prompt_embeds": torch.randn((b, family.max_text_seq_length, transformer_config["text_embed_dim"]),
+                                     generator=gen, device=device, dtype=family.dtype),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(run_step: Callable[[int], None], device: torch.device, warmup: int, steps: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        started = time.perf_counter()
+        run_step(i)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()
+
+
+def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torch.device):
+    """The trainer's path: setup_trainable, block options, fused AdamW, TrainingStep."""
+    from accelerate import Accelerator
+    from diffusers import CogVideoXDPMScheduler
+
+    from .training.adapters import setup_trainable
+    from .training.checkpointing import step_generator
+    from .training.loop import _lr_scheduler, build_optimizer, rotary_cache
+    from .training.speed import apply_block_options
+    from .training.step import TrainingStep
+
+    accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
+    transformer = _random_transformer(configs["transformer"], family.dtype, device)
+    params = setup_trainable(transformer, config)
+    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile)
+    optimizer = build_optimizer(config, params, device)
+    lr_scheduler = _lr_scheduler(config, optimizer)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    step = TrainingStep(
+        accelerator, transformer, params, optimizer, lr_scheduler,
+        torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling),
+        CogVideoXDPMScheduler.from_config(configs["scheduler"]), family, config.train.max_grad_norm,
+        rotary_cache(configs["transformer"], family, config.data.height, config.data.width, device),
+    )
+    batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
+    transformer.train()
+
+    def run(i: int) -> None:
+        loss = step.forward_backward(batch, step_generator(config.train.seed, i, 0, 0, device))
+        step.update(loss)
+
+    return run
+
+
+def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torch.device):
+    """The plain diffusers + peft recipe, as in the diffusers CogVideoX example script."""
+    from diffusers import CogVideoXDPMScheduler
+    from diffusers.training_utils import cast_training_params
+
+    from .training.adapters import lora_config
+    from .training.objective import rotary_embedding
+
+    transformer = _random_transformer(configs["transformer"], family.dtype if config.train.mode == "lora"
+                                      else torch.float32, device)
+    if config.train.mode == "lora":
+        transformer.requires_grad_(False)
+        transformer.add_adapter(lora_config(config))
+        cast_training_params(transformer, dtype=torch.float32)
+    if config.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate,
+                                  betas=(config.train.adam_beta1, config.train.adam_beta2),
+                                  weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
+    scaler = torch.amp.GradScaler(device.type, enabled=family.dtype == torch.float16)
+    scheduler = CogVideoXDPMScheduler.from_config(configs["scheduler"])
+    batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
+    rotary = None
+    if family.use_rotary:
+        rotary = rotary_embedding(configs["transformer"], family.vae_scale_spatial, config.data.height,
+                                  config.data.width, family.latent_frames(config.data.num_frames), device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    transformer.train()
+
+    def run(i: int) -> None:
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * family.scaling_factor
+        x0 = x0.permute(0, 2, 1, 3, 4).to(family.dtype)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        with torch.autocast(device.type, dtype=family.dtype):
+            v = transformer(hidden_states=x_t, encoder_hidden_states=batch["prompt_embeds"], timestep=t,
+                            image_rotary_emb=rotary, return_dict=False)[0]
+        x0_hat = scheduler.get_velocity(v, x_t, t)
+        weights = 1 / (1 - alphas_cumprod[t])
+        loss = (weights * ((x0_hat.float() - x0.float()) ** 2).flatten(1).mean(1)).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _measure(name: str, build, config: Config, family: ModelFamily, configs: dict, device: torch.device,
+             warmup: int, steps: int) -> dict:
+    _free(device)
+    try:
+        run = build(config, family, configs, device)
+        times = _time_steps(run, device, warmup, steps)
+    except torch.OutOfMemoryError as error:
+        del error
+        _free(device)
+        return {"variant": name, "error": "out of memory"}
+    flops = step_flops(configs["transformer"], config.data.num_frames, config.data.height, config.data.width,
+                       config.train.batch_size, family.vae_scale_spatial, family.vae_scale_temporal)
+    seconds = statistics.median(times)
+    tflop = flops.training(config.train.mode) / 1e12
+    row = {
+        "variant": name, "model": config.model.path, "mode": config.train.mode,
+        "frames": config.data.num_frames, "height": config.data.height, "width": config.data.width,
+        "batch_size": config.train.batch_size, "lora_rank": config.lora.rank if config.train.mode == "lora" else None,
+        "gradient_checkpointing": config.train.gradient_checkpointing,
+        "compile": config.train.compile if name == "cogft" else False,
+        "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4), "steps": steps,
+        "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    if device.type == "cuda":
+        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        peak = peak_tflops(row["device"])
+        row["mfu"] = round(tflop / seconds / peak, 3) if peak else None
+    del run
+    _free(device)
+    return row
+
+
+def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
+          emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
+    configs = _configs(config)
+    family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
+    rows = []
+    variants = [("plain", _plain_step)] if baseline or only_baseline else []
+    if not only_baseline:
+        variants.append(("cogft", _cogft_step))
+    for name, build in variants:
+        rows.append(_measure(name, build, config, family, configs, device, warmup, steps))
+        emit(rows[-1])
+    if len(rows) == 2 and "error" not in rows[0] and "error" not in rows[1]:
+        ratio = {"figure": "speedup_vs_plain", "ratio": round(rows[0]["s_per_step"] / rows[1]["s_per_step"], 3)}
+        if device.type == "cuda":
+            ratio["peak_allocated_ratio"] = round(rows[1]["peak_allocated_gib"] / rows[0]["peak_allocated_gib"], 3)
+        rows.append(ratio)
+        emit(ratio)
+    return rows

@@ -1,0 +1,60 @@
+"""Built-in copies of the real CogVideoX configurations, for work that needs full-size shapes offline.
+
+`cogft bench` and `cogft estimate` build randomly initialised models from these (same compute and
+memory as the real weights) when the hub cannot be reached. Values are those of the published
+`THUDM/CogVideoX-2b` and `THUDM/CogVideoX-5b` pipeline folders.
+"""
+
+from __future__ import annotations
+
+_TRANSFORMER_COMMON = {
+    "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64, "dropout": 0.0,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 16, "max_text_seq_length": 226,
+    "norm_elementwise_affine": True, "norm_eps": 1e-5, "out_channels": 16, "patch_size": 2,
+    "sample_frames": 49, "sample_height": 60, "sample_width": 90, "spatial_interpolation_scale": 1.875,
+    "temporal_compression_ratio": 4, "temporal_interpolation_scale": 1.0, "text_embed_dim": 4096,
+    "time_embed_dim": 512, "timestep_activation_fn": "silu",
+}
+_VAE_COMMON = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 256, 512], "in_channels": 3, "out_channels": 3,
+    "latent_channels": 16, "layers_per_block": 3, "norm_eps": 1e-6, "norm_num_groups": 32,
+    "sample_height": 480, "sample_width": 720, "temporal_compression_ratio": 4, "force_upcast": True,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+}
+_SCHEDULER_COMMON = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+    "sample_max_value": 1.0, "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "trailing",
+}
+T5_XXL_ENCODER = {
+    "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6, "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+}
+
+REFERENCE = {
+    "THUDM/CogVideoX-2b": {
+        "transformer": {**_TRANSFORMER_COMMON, "num_attention_heads": 30, "num_layers": 30,
+                        "use_rotary_positional_embeddings": False},
+        "vae": {**_VAE_COMMON, "scaling_factor": 1.15258426},
+        "scheduler": {**_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
+    },
+    "THUDM/CogVideoX-5b": {
+        "transformer": {**_TRANSFORMER_COMMON, "num_attention_heads": 48, "num_layers": 42,
+                        "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
+        "vae": {**_VAE_COMMON, "scaling_factor": 0.7},
+        "scheduler": {**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+    },
+}
+
+
+def reference_configs(hub_id: str) -> dict[str, dict] | None:
+    """The built-in configs for a known hub id (THUDM/ or zai-org/, any case), else None."""
+    owner, _, name = hub_id.lower().partition("/")
+    if owner not in ("thudm", "zai-org"):
+        return None
+    for key, configs in REFERENCE.items():
+        if key.split("/")[-1].lower() == name:
+            return configs
+    return None

@@ -1,0 +1,47 @@
+"""`cogft bench` on the tiny model: the same figures the GPU run prints, beside the plain recipe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cogft.bench import bench
+from cogft.flops import step_flops
+from cogft.models.reference import REFERENCE, reference_configs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_prints_one_json_line_per_figure(make_config):
+    printed = []
+    rows = bench(make_config("train.batch_size=1"), baseline=True, warmup=1, steps=2, emit=printed.append)
+    assert [r.get("variant", r.get("figure")) for r in rows] == ["plain", "cogft", "speedup_vs_plain"]
+    cogft = rows[1]
+    assert cogft["s_per_step"] > 0 and cogft["tokens"] == 3 * 4 * 6 + 16  # latent frames x patches + text
+    assert rows[2]["ratio"] > 0
+    assert printed == rows
+
+
+def test_flops_of_the_real_2b_step():
+    """~58 % attention at 17,776 tokens (DESIGN.md), 120 TFLOP forward for CogVideoX-2B."""
+    flops = step_flops(REFERENCE["THUDM/CogVideoX-2b"]["transformer"], 49, 480, 720, 1)
+    assert flops.tokens == 17_776
+    forward = flops.linear + flops.attention
+    assert 0.55 < flops.attention / forward < 0.65
+    assert 115e12 < forward < 125e12
+    assert flops.training("sft") == 3 * forward
+
+
+def test_reference_configs_only_for_hub_ids():
+    assert reference_configs("THUDM/CogVideoX-5b")["transformer"]["num_layers"] == 42
+    assert reference_configs("zai-org/cogvideox-2b")["vae"]["scaling_factor"] == 1.15258426
+    assert reference_configs("/home/me/cogvideox-2b") is None
+
+
+def test_bench_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cogft.cli", "bench", "--config", "configs/tiny-lora.yaml", "--warmup", "0",
+         "--steps", "1", "train.batch_size=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["variant"] == "cogft"

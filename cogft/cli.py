@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             family = family_for(config.model.path, config.model.dtype, config.model.revision)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             prepared = prepare(config, family, device)
-            print(f"{len(prepared.entries)} clips ready, {sum(r['status'] == 'skipped' for r in prepared.report)} skipped")
+            summary = prepared.summary
+            print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
+                  f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}")
         elif args.command == "sample":
             from .sampling import sample
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
+from ..data.buckets import BucketBatchSampler
 from ..data.cache import prepare
 from ..data.dataset import LatentDataset, collate
 from ..models.family import ModelFamily
@@ -136,9 +137,10 @@ def train(config: Config) -> Path:
         params, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
         weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon,
     )
+    dataset = LatentDataset(prepared.entries)
     loader = DataLoader(
-        LatentDataset(prepared.entries), batch_size=config.train.batch_size, shuffle=True, collate_fn=collate,
-        num_workers=config.data.dataloader_workers,
+        dataset, batch_sampler=BucketBatchSampler(dataset.frames, config.train.batch_size, config.train.seed),
+        collate_fn=collate, num_workers=config.data.dataloader_workers,
     )
     lr_scheduler = _lr_scheduler(config, optimizer)
     transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
@@ -154,10 +156,14 @@ def train(config: Config) -> Path:
     noise_scheduler = load_scheduler(config.model.path, config.model.revision)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     unwrapped = accelerator.unwrap_model(transformer)
-    rotary = None
-    if family.use_rotary:
-        rotary = rotary_embedding(unwrapped.config, family.vae_scale_spatial, config.data.height, config.data.width,
-                                  family.latent_frames(config.data.num_frames), device)
+    rotary_by_frames: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # frame buckets differ in length
+
+    def rotary(latent_frames: int):
+        if family.use_rotary and latent_frames not in rotary_by_frames:
+            rotary_by_frames[latent_frames] = rotary_embedding(
+                unwrapped.config, family.vae_scale_spatial, config.data.height, config.data.width, latent_frames, device)
+        return rotary_by_frames.get(latent_frames)
+
     validation = None
     if config.validation.prompts and accelerator.is_main_process:
         validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt, run_dir)
@@ -196,7 +202,7 @@ def train(config: Config) -> Path:
                     def predict_velocity(x_t, t):
                         with torch.autocast(device.type, dtype=family.dtype, enabled=autocast_enabled):
                             return transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds, timestep=t,
-                                               image_rotary_emb=rotary, return_dict=False)[0]
+                                               image_rotary_emb=rotary(x_t.shape[1]), return_dict=False)[0]
 
                     loss = diffusion_loss(predict_velocity, noise_scheduler, inputs)
                     accelerator.backward(scaler.scale(loss))

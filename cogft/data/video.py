@@ -82,7 +82,7 @@ def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection
     if n == 0:
         return Problem("decode_failed", "the video stream has no frames")
     gaps = np.diff(starts)
-    native = float(np.median(gaps)) if n > 1 else float(end - starts[0])
+    native = float(starts[-1] - starts[0]) / (n - 1) if n > 1 else float(end - starts[0])  # mean: webm rounds to ms
     native = max(native, 1e-6)
     notes = []
     if spec.fps is None:

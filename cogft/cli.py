@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -85,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             family = family_for(config.model.path, config.model.dtype, config.model.revision)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             prepared = prepare(config, family, device)
+            report = Path(config.output_dir) / "prepare_report.jsonl"
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text("".join(json.dumps(row) + "\n" for row in prepared.report))
             summary = prepared.summary
             print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
-                  f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}")
+                  f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
+                  f"report: {report}")
         elif args.command == "sample":
             from .sampling import sample
 

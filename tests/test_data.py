@@ -1,5 +1,10 @@
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +79,8 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     data.mkdir()
     shutil.copy(DATA / "videos" / "bouncing_square.mp4", data / "one.mp4")
     (data / "empty.mp4").write_bytes(b"")
-    (data / "videos.txt").write_text("one.mp4\nmissing.mp4\nempty.mp4\none.mp4\n")
-    (data / "prompts.txt").write_text("a red square\na ghost\nnothing\n\n")
+    (data / "videos.txt").write_text("one.mp4\nmissing.mp4\nempty.mp4\none.mp4\n./one.mp4\n")
+    (data / "prompts.txt").write_text("a red square\na ghost\nnothing\n\na red square\n")
     config = make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}")
     family = family_for(config.model.path)
     first = prepare(config, family, torch.device("cpu"), show_progress=False)
@@ -84,7 +89,8 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     assert statuses["videos.txt:2"] == ("skipped", "not_found")
     assert statuses["videos.txt:3"] == ("skipped", "empty_file")
     assert statuses["videos.txt:4"] == ("skipped", "empty_caption")
-    assert first.summary["skipped_by_reason"] == {"not_found": 1, "empty_file": 1, "empty_caption": 1}
+    assert statuses["videos.txt:5"] == ("skipped", "duplicate")
+    assert first.summary["skipped_by_reason"] == {"not_found": 1, "empty_file": 1, "empty_caption": 1, "duplicate": 1}
     assert len(first.entries) == 1
     from safetensors.torch import load_file
 
@@ -107,3 +113,29 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
                     family, torch.device("cpu"), show_progress=False)
     assert [r["status"] for r in third.report[:-1]] == ["encoded"]
     assert third.entries[0].latents != first.entries[0].latents
+
+
+def test_prepare_killed_mid_run_resumes_with_only_the_missing_entries(tmp_path):
+    """kill -9 (the whole process group: prepare and its decode workers) after the first entry lands."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    command = [sys.executable, "-m", "cogft.cli", "prepare", "--config", str(REPO / "configs" / "tiny-lora.yaml"),
+               f"data.path={DATA}", f"data.cache_dir={cache}", f"output_dir={run}", "tracking.report_to=none",
+               "data.decode_workers=1"]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(cache.glob("latents/*/*.safetensors")):
+        assert first.poll() is None, "prepare ended before it wrote an entry"
+        assert time.monotonic() < deadline, "no cache entry after 180 s"
+        time.sleep(0.01)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = len(list(cache.glob("latents/*/*.safetensors")))
+    assert 1 <= done < 6
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "prepare_report.jsonl").read_text().splitlines()]
+    summary = rows[-1]["summary"]
+    assert (summary["cached"], summary["encoded"], summary["kept"]) == (done, 6 - done, 6)
+    assert len(list(cache.glob("latents/*/*.safetensors"))) == 6

@@ -1,8 +1,9 @@
-"""The `cogft` command: tiny | prepare | train | sample | export."""
+"""The `cogft` command: tiny | prepare | train | sample | export | doctor."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int)
     sample.add_argument("--guidance-scale", type=float)
     sample.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+
+    doctor = sub.add_parser("doctor", help="check every clip and caption without encoding anything")
+    doctor.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
+    doctor.add_argument("overrides", nargs="*", help="section.key=value for a config, e.g. data.min_frames=9")
+    doctor.add_argument("--json", action="store_true", help="print the machine-readable report")
 
     export = sub.add_parser("export", help="write diffusers-format weights of a run or checkpoint")
     export.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
@@ -93,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
                   f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
                   f"report: {report}")
+        elif args.command == "doctor":
+            from .data.doctor import diagnose, format_table
+
+            with contextlib.redirect_stdout(sys.stderr):  # libraries print banners; stdout carries only the report
+                report = diagnose(args.target, args.overrides)
+            print(json.dumps(report) if args.json else format_table(report))
         elif args.command == "sample":
             from .sampling import sample
 

@@ -47,7 +47,7 @@ class Selection:
 class ClipProbe:
     problem: Problem | None = None
     info: MediaInfo | None = None
-    frames: int = 0                    # frames in the file
+    frames: int | None = None          # frames in the file, once decord could index it
     selection: Selection | None = None
     seconds: float = 0.0
 
@@ -137,7 +137,9 @@ def place(frames: np.ndarray, spec: DecodeSpec) -> np.ndarray:
     return out
 
 
-def _geometry_notes(info: MediaInfo, new_h: int, new_w: int, spec: DecodeSpec) -> list[str]:
+def geometry_notes(info: MediaInfo, spec: DecodeSpec) -> list[str]:
+    """What resizing does to this clip: rotation, non-square pixels, scale, crop or letterbox."""
+    new_h, new_w = resized_size(info.height, info.width, spec)
     notes = []
     if info.rotation:
         notes.append(f"rotated {info.rotation} degrees counter-clockwise (display rotation in the file)")
@@ -170,9 +172,10 @@ def probe_clip(path: str, spec: DecodeSpec) -> ClipProbe:
             import decord
 
             reader = decord.VideoReader(path, num_threads=1)
-            probe.frames = len(reader)
-            stamps = reader.get_frame_timestamp(range(probe.frames)) if probe.frames else np.zeros((0, 2))
-            selection = select_frames(stamps[:, 0], float(stamps[-1, 1]) if probe.frames else 0.0, spec)
+            count = len(reader)
+            stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
+            probe.frames = count
+            selection = select_frames(stamps[:, 0], float(stamps[-1, 1]) if count else 0.0, spec)
             if isinstance(selection, Problem):
                 probe.problem = selection
             else:
@@ -200,4 +203,4 @@ def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
         probe.problem = _decord_error(error)
         return Decoded(probe)
     probe.seconds = time.perf_counter() - started
-    return Decoded(probe, frames, (*_geometry_notes(info, new_h, new_w, spec), *selection.notes))
+    return Decoded(probe, frames, (*geometry_notes(info, spec), *selection.notes))

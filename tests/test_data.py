@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from cogft.data.checks import caption_problem
 from cogft.data.sources import DatasetLayoutError, read_clips
 from cogft.data.video import DecodeSpec, decode_clip, select_frames
 
@@ -34,6 +35,9 @@ def test_csv_and_jsonl_layouts(tmp_path):
     assert read_clips(tmp_path / "meta.jsonl")[0].caption == "a dog"
     with pytest.raises(DatasetLayoutError, match="no 'video' column"):
         read_clips(tmp_path / "meta.csv")
+    (tmp_path / "latin1.csv").write_bytes("video,caption\na.mp4,un caf\xe9\nb.mp4\n".encode("latin-1"))
+    bad, short = read_clips(tmp_path / "latin1.csv")
+    assert caption_problem(bad.caption).code == "caption_not_utf8" and short.caption is None
 
 
 def test_mismatched_txt_pair_is_an_error(tmp_path):

@@ -1,8 +1,10 @@
-"""The `cogft` command: tiny | prepare | train | sample | export | bench."""
+"""The `cogft` command: tiny | prepare | train | sample | export | doctor | bench."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-only", action="store_true", help="run only the plain recipe")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
+
+    doctor = sub.add_parser("doctor", help="check every clip and caption without encoding anything")
+    doctor.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
+    doctor.add_argument("overrides", nargs="*", help="section.key=value for a config, e.g. data.min_frames=9")
+    doctor.add_argument("--json", action="store_true", help="print the machine-readable report")
 
     export = sub.add_parser("export", help="write diffusers-format weights of a run or checkpoint")
     export.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
@@ -92,7 +99,19 @@ def main(argv: list[str] | None = None) -> int:
             family = family_for(config.model.path, config.model.dtype, config.model.revision)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             prepared = prepare(config, family, device)
-            print(f"{len(prepared.entries)} clips ready, {sum(r['status'] == 'skipped' for r in prepared.report)} skipped")
+            report = Path(config.output_dir) / "prepare_report.jsonl"
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text("".join(json.dumps(row) + "\n" for row in prepared.report))
+            summary = prepared.summary
+            print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
+                  f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
+                  f"report: {report}")
+        elif args.command == "doctor":
+            from .data.doctor import diagnose, format_table
+
+            with contextlib.redirect_stdout(sys.stderr):  # libraries print banners; stdout carries only the report
+                report = diagnose(args.target, args.overrides)
+            print(json.dumps(report) if args.json else format_table(report))
         elif args.command == "sample":
             from .sampling import sample
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -28,24 +28,41 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = Field(description="folder with prompts.txt + videos.txt, or a .csv / .jsonl metadata file")
+    path: str = Field(description="folder with prompts.txt + videos.txt, a folder of clips with a .txt caption "
+                                  "beside each, or a .csv / .jsonl metadata file")
     video_column: str = "video"
     caption_column: str = "caption"
     num_frames: int = Field(49, ge=1)
+    min_frames: int | None = Field(None, ge=1, description="shortest frame bucket; null: min(17, num_frames)")
     height: int = Field(480, ge=8)
     width: int = Field(720, ge=8)
     fps: float | None = Field(8.0, gt=0, description="resample clips to this rate; null keeps every frame")
+    resize: Literal["crop", "fit"] = Field("crop", description="crop: cover and centre-crop; fit: letterbox")
     cache_dir: str | None = None
     vae_tiling: bool = False
+    decode_workers: int = Field(2, ge=1, description="processes decoding clips during prepare")
     dataloader_workers: int = Field(0, ge=0)
 
-    @field_validator("num_frames")
+    @field_validator("num_frames", "min_frames")
     @classmethod
-    def _frames_4k_plus_1(cls, value: int) -> int:
-        if (value - 1) % 4:
+    def _frames_4k_plus_1(cls, value: int | None) -> int | None:
+        if value is not None and (value - 1) % 4:
             lower = value - (value - 1) % 4
             raise ValueError(f"must be 4k+1 (the VAE compresses time by 4 after the first frame); try {lower} or {lower + 4}")
         return value
+
+    @field_validator("min_frames")
+    @classmethod
+    def _min_frames_fits(cls, value: int | None, info: ValidationInfo) -> int | None:
+        num_frames = info.data.get("num_frames")
+        if value is not None and num_frames is not None and value > num_frames:
+            raise ValueError(f"is larger than data.num_frames={num_frames}; use at most {num_frames} "
+                             f"({num_frames} itself means no shorter buckets)")
+        return value
+
+    @property
+    def shortest_bucket(self) -> int:
+        return self.min_frames if self.min_frames is not None else min(17, self.num_frames)
 
     @field_validator("height", "width")
     @classmethod

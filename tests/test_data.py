@@ -1,13 +1,19 @@
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cogft.data.checks import caption_problem
 from cogft.data.sources import DatasetLayoutError, read_clips
-from cogft.data.video import DecodeSpec, decode_clip, frame_indices
+from cogft.data.video import DecodeSpec, decode_clip, select_frames
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -29,6 +35,9 @@ def test_csv_and_jsonl_layouts(tmp_path):
     assert read_clips(tmp_path / "meta.jsonl")[0].caption == "a dog"
     with pytest.raises(DatasetLayoutError, match="no 'video' column"):
         read_clips(tmp_path / "meta.csv")
+    (tmp_path / "latin1.csv").write_bytes("video,caption\na.mp4,un caf\xe9\nb.mp4\n".encode("latin-1"))
+    bad, short = read_clips(tmp_path / "latin1.csv")
+    assert caption_problem(bad.caption).code == "caption_not_utf8" and short.caption is None
 
 
 def test_mismatched_txt_pair_is_an_error(tmp_path):
@@ -38,27 +47,32 @@ def test_mismatched_txt_pair_is_an_error(tmp_path):
         read_clips(tmp_path)
 
 
-def test_frame_indices_resample_to_target_fps():
-    indices, note = frame_indices(72, 24.0, DecodeSpec(9, 64, 96, 8.0))
-    assert indices == [0, 3, 6, 9, 12, 15, 18, 21, 24] and "24 -> 8 fps" in note
-    indices, _ = frame_indices(72, 24.0, DecodeSpec(9, 64, 96, None))
-    assert indices == list(range(9))
-    indices, reason = frame_indices(20, 24.0, DecodeSpec(9, 64, 96, 8.0))
-    assert indices is None and "too short" in reason and "20 frames" in reason
+def uniform(n: int, fps: float):
+    starts = np.arange(n) / fps
+    return starts, n / fps
+
+
+def test_frames_resample_to_target_fps():
+    selection = select_frames(*uniform(72, 24.0), DecodeSpec((9,), 64, 96, 8.0))
+    assert selection.indices == (0, 3, 6, 9, 12, 15, 18, 21, 24) and "24 -> 8 fps" in selection.notes[0]
+    assert selection.available == 24
+    assert select_frames(*uniform(72, 24.0), DecodeSpec((9,), 64, 96, None)).indices == tuple(range(9))
+    problem = select_frames(*uniform(20, 24.0), DecodeSpec((9,), 64, 96, 8.0))
+    assert problem.code == "too_short" and "7 frame(s) at 8 fps" in problem.detail
 
 
 def test_decode_crops_wide_clip_to_target_without_distortion():
-    decoded = decode_clip(str(DATA / "videos" / "wide_cellular.mp4"), DecodeSpec(9, 64, 96, 8.0))
-    assert decoded.error is None
+    decoded = decode_clip(str(DATA / "videos" / "wide_cellular.mp4"), DecodeSpec((9,), 64, 96, 8.0))
+    assert decoded.problem is None
     assert decoded.frames.shape == (9, 64, 96, 3) and decoded.frames.dtype == np.uint8
-    assert any("cropped 640x360" in n for n in decoded.notes)
+    assert "scaled 640x360 -> 114x64, centre-cropped to 96x64" in decoded.notes
 
 
 def test_decode_reports_bad_files(tmp_path):
     bad = tmp_path / "not_a_video.mp4"
     bad.write_text("hello")
-    decoded = decode_clip(str(bad), DecodeSpec(9, 64, 96, 8.0))
-    assert decoded.frames is None and "cannot decode" in decoded.error
+    decoded = decode_clip(str(bad), DecodeSpec((9,), 64, 96, 8.0))
+    assert decoded.frames is None and decoded.problem.code == "not_a_video"
 
 
 def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
@@ -69,16 +83,18 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     data.mkdir()
     shutil.copy(DATA / "videos" / "bouncing_square.mp4", data / "one.mp4")
     (data / "empty.mp4").write_bytes(b"")
-    (data / "videos.txt").write_text("one.mp4\nmissing.mp4\nempty.mp4\none.mp4\n")
-    (data / "prompts.txt").write_text("a red square\na ghost\nnothing\n\n")
+    (data / "videos.txt").write_text("one.mp4\nmissing.mp4\nempty.mp4\none.mp4\n./one.mp4\n")
+    (data / "prompts.txt").write_text("a red square\na ghost\nnothing\n\na red square\n")
     config = make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}")
     family = family_for(config.model.path)
     first = prepare(config, family, torch.device("cpu"), show_progress=False)
-    statuses = {r["listed_at"]: (r["status"], r.get("reason", "")) for r in first.report}
+    statuses = {r["listed_at"]: (r["status"], r.get("problem")) for r in first.report[:-1]}
     assert statuses["videos.txt:1"][0] == "encoded"
-    assert statuses["videos.txt:2"] == ("skipped", "file not found")
-    assert statuses["videos.txt:3"] == ("skipped", "empty file (0 bytes)")
-    assert statuses["videos.txt:4"] == ("skipped", "missing or empty caption")
+    assert statuses["videos.txt:2"] == ("skipped", "not_found")
+    assert statuses["videos.txt:3"] == ("skipped", "empty_file")
+    assert statuses["videos.txt:4"] == ("skipped", "empty_caption")
+    assert statuses["videos.txt:5"] == ("skipped", "duplicate")
+    assert first.summary["skipped_by_reason"] == {"not_found": 1, "empty_file": 1, "empty_caption": 1, "duplicate": 1}
     assert len(first.entries) == 1
     from safetensors.torch import load_file
 
@@ -93,11 +109,37 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     (data / "videos.txt").write_text("renamed.mp4\n")
     (data / "prompts.txt").write_text("a red square\n")
     second = prepare(config, family, torch.device("cpu"), show_progress=False)
-    assert [r["status"] for r in second.report] == ["cached"]
+    assert [r["status"] for r in second.report[:-1]] == ["cached"]
     assert second.entries[0].latents == first.entries[0].latents
 
     # a different frame size is a different cache entry
     third = prepare(make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}", "data.height=32"),
                     family, torch.device("cpu"), show_progress=False)
-    assert [r["status"] for r in third.report] == ["encoded"]
+    assert [r["status"] for r in third.report[:-1]] == ["encoded"]
     assert third.entries[0].latents != first.entries[0].latents
+
+
+def test_prepare_killed_mid_run_resumes_with_only_the_missing_entries(tmp_path):
+    """kill -9 (the whole process group: prepare and its decode workers) after the first entry lands."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    command = [sys.executable, "-m", "cogft.cli", "prepare", "--config", str(REPO / "configs" / "tiny-lora.yaml"),
+               f"data.path={DATA}", f"data.cache_dir={cache}", f"output_dir={run}", "tracking.report_to=none",
+               "data.decode_workers=1"]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(cache.glob("latents/*/*.safetensors")):
+        assert first.poll() is None, "prepare ended before it wrote an entry"
+        assert time.monotonic() < deadline, "no cache entry after 180 s"
+        time.sleep(0.01)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = len(list(cache.glob("latents/*/*.safetensors")))
+    assert 1 <= done < 6
+
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "prepare_report.jsonl").read_text().splitlines()]
+    summary = rows[-1]["summary"]
+    assert (summary["cached"], summary["encoded"], summary["kept"]) == (done, 6 - done, 6)
+    assert len(list(cache.glob("latents/*/*.safetensors"))) == 6

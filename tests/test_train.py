@@ -53,7 +53,8 @@ def test_lora_run_layout(lora_run):
     reader = frames_of(videos[0])
     assert len(reader) == 9 and reader[0].shape == (64, 96, 3)
     report = [json.loads(line) for line in (lora_run / "prepare_report.jsonl").read_text().splitlines()]
-    assert len(report) == 6 and all(r["status"] in ("encoded", "cached") for r in report)
+    assert len(report) == 7 and all(r["status"] in ("encoded", "cached") for r in report[:-1])
+    assert report[-1]["summary"]["kept"] == 6 and report[-1]["summary"]["buckets"] == {"9": 6}
 
 
 STOCK_LOAD = r"""

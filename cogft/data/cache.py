@@ -14,17 +14,24 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from ..config import Config
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
+from .buckets import frame_buckets
+from .captions import count_tokens, load_tokenizer, truncation_note
+from .checks import Problem, caption_problem, file_digest, file_problem, repeated_entries, summarize_problems
 from .sources import Clip, read_clips
-from .video import DecodeSpec, decode_pool, is_readable
+from .video import ClipProbe, DecodeSpec, Decoded, decode_clip
+from .workers import isolated_map
 
 logger = logging.getLogger(__name__)
 PROMPT_BATCH = 16
@@ -36,6 +43,7 @@ class CacheEntry:
     prompt: str    # safetensors with prompt_embeds [L, D]
     video: str
     caption: str
+    frames: int    # the clip's frame bucket: batches are drawn from one bucket
 
 
 @dataclass
@@ -43,7 +51,11 @@ class PreparedData:
     entries: list[CacheEntry]
     validation_prompts: list[tuple[str, str]]  # (prompt, embedding file)
     negative_prompt: str                       # embedding file of "" for classifier-free guidance
-    report: list[dict] = field(default_factory=list)
+    report: list[dict] = field(default_factory=list)  # one row per listed clip, then {"summary": ...}
+
+    @property
+    def summary(self) -> dict:
+        return next(row["summary"] for row in self.report if "summary" in row)
 
 
 def cache_root(config: Config) -> Path:
@@ -58,14 +70,6 @@ def _digest(*parts: object) -> str:
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def component_identity(model_path: str, component: str, revision: str | None) -> dict:
@@ -85,14 +89,24 @@ def encode_dtype(family_dtype: torch.dtype, device: torch.device) -> torch.dtype
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary name, flush to disk, rename: readers see a whole entry or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with tmp.open("wb") as handle:
+        handle.write(safetensors_bytes({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
+def _crashed(path: str) -> Decoded:
+    return Decoded(ClipProbe(problem=Problem(
+        "decoder_crashed", "the decoder crashed on this file (its worker process died); re-encode it with ffmpeg"
+    )))
+
+
 class Preparer:
-    """Holds the keys and lazily loaded encoders for one config on one device."""
+    """Holds the keys, stage timings and lazily loaded encoders for one config on one device."""
 
     def __init__(self, config: Config, family, device: torch.device):
         self.config = config
@@ -101,9 +115,12 @@ class Preparer:
         self.dtype = encode_dtype(family.dtype, device)
         self.model_path = resolve_model_path(config.model.path)
         self.root = cache_root(config)
-        self.spec = DecodeSpec(config.data.num_frames, config.data.height, config.data.width, config.data.fps)
+        data = config.data
+        self.spec = DecodeSpec(frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width,
+                               data.fps, data.resize)
+        self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
         rev = config.model.revision
-        self._latent_salt = _digest(asdict(self.spec), component_identity(self.model_path, "vae", rev), str(self.dtype))
+        self._latent_salt = _digest(self.spec.pixel_key(), component_identity(self.model_path, "vae", rev), str(self.dtype))
         self._prompt_salt = _digest(
             component_identity(self.model_path, "text_encoder", rev),
             component_identity(self.model_path, "tokenizer", rev),
@@ -111,54 +128,97 @@ class Preparer:
             str(self.dtype),
         )
 
-    def latent_path(self, content_digest: str) -> Path:
-        key = _digest(content_digest, self._latent_salt)
+    def latent_path(self, content_digest: str, frames: int) -> Path:
+        key = _digest(content_digest, self._latent_salt, frames)
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def prompt_path(self, text: str) -> Path:
         key = _digest(text, self._prompt_salt)
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
-    def encode_latents(self, todo: list[tuple[Clip, Path]], report: dict[str, dict], show_progress: bool) -> None:
+    def find_cached(self, content_digest: str) -> tuple[Path, dict] | None:
+        """The entry this clip would be encoded to now, if it exists: the largest bucket its frames fill.
+
+        The frame count is part of the key and each entry records how many frames the clip had, so
+        a changed bucket list reuses every entry whose bucket is still the right one.
+        """
+        for frames in self.spec.buckets:
+            path = self.latent_path(content_digest, frames)
+            if not path.is_file():
+                continue
+            try:
+                with safe_open(str(path), "pt") as handle:
+                    meta = handle.metadata() or {}
+                available = int(meta["available"])
+            except Exception as error:  # a damaged entry (disk trouble): encode it again
+                logger.warning("cache entry %s is unreadable (%s); encoding it again", path, error)
+                continue
+            if max(b for b in self.spec.buckets if b <= available) == frames:
+                return path, meta
+        return None
+
+    def encode_latents(self, todo: list[tuple[Clip, str]], rows: dict[str, dict], show_progress: bool) -> list[tuple[Clip, Path, int]]:
+        """Decode (in worker processes) and VAE-encode `todo` = [(clip, content digest)]; returns what was written."""
         if not todo:
-            return
+            return []
+        started = time.perf_counter()
         vae = load_vae(self.config.model.path, self.dtype, self.config.model.revision).to(self.device).eval()
         if self.config.data.vae_tiling:
             vae.enable_tiling()
+        self.seconds["load_vae"] += time.perf_counter() - started
+        written = []
         bar = tqdm(total=len(todo), desc="prepare: encode clips", unit="clip", disable=not show_progress)
-        results = decode_pool([str(c.video) for c, _ in todo], self.spec, workers=min(2, os.cpu_count() or 1))
+        results = isolated_map(partial(decode_clip, spec=self.spec), [str(c.video) for c, _ in todo], _crashed,
+                               workers=self.config.data.decode_workers)
+        waited = time.perf_counter()
         for index, decoded in results:
-            clip, target = todo[index]
-            entry = report[clip.line]
-            if decoded.frames is None:
-                entry.update(status="skipped", reason=decoded.error)
+            self.seconds["decode_wait"] += time.perf_counter() - waited
+            self.seconds["decode_in_workers"] += decoded.probe.seconds
+            clip, digest = todo[index]
+            row = rows[clip.line]
+            if decoded.probe.info is not None:
+                row["source"] = decoded.probe.source()
+            if decoded.problem is not None:
+                row.update(status="skipped", problem=decoded.problem.code, reason=decoded.problem.detail)
             else:
+                encode_started = time.perf_counter()
                 frames = torch.from_numpy(decoded.frames).to(self.device)
                 pixels = (frames.permute(3, 0, 1, 2).unsqueeze(0).to(self.dtype) / 127.5) - 1.0  # [1,3,F,H,W]
                 with torch.no_grad():
                     dist = vae.encode(pixels).latent_dist
+                count = int(decoded.frames.shape[0])
+                target = self.latent_path(digest, count)
                 save_atomic(
                     {"latent_mean": dist.mean[0], "latent_logvar": dist.logvar[0]},
                     target,
-                    {"video": str(clip.video), "frames": str(self.spec.num_frames)},
+                    {"video": str(clip.video), "frames": str(count), "available": str(decoded.probe.selection.available),
+                     "notes": json.dumps(decoded.notes), "source": json.dumps(row.get("source", {}))},
                 )
-                entry.update(status="encoded", notes=list(decoded.notes))
+                self.seconds["vae_encode"] += time.perf_counter() - encode_started
+                row.update(status="encoded", frames=count, notes=list(decoded.notes))
+                written.append((clip, target, count))
             bar.update(1)
+            waited = time.perf_counter()
         bar.close()
         del vae
+        return written
+
+    def caption_tokens(self, captions: list[str]) -> dict[str, int]:
+        if not captions:
+            return {}
+        started = time.perf_counter()
+        tokens = count_tokens(load_tokenizer(self.config.model.path, self.config.model.revision), captions)
+        self.seconds["tokenize"] += time.perf_counter() - started
+        return tokens
 
     def encode_prompts(self, texts: list[str], show_progress: bool) -> None:
         todo = sorted({t for t in texts if not self.prompt_path(t).exists()})
         if not todo:
             return
+        started = time.perf_counter()
         pipe = load_pipeline(self.config.model.path, self.dtype, self.config.model.revision, transformer=None, vae=None)
         pipe.text_encoder.to(self.device)
-        tokenizer = pipe.tokenizer
         limit = self.family.max_text_seq_length
-        for text in todo:
-            length = len(tokenizer(text).input_ids)
-            if length > limit:
-                logger.warning("caption truncated to %d tokens (has %d): %.80s", limit, length, text)
         for start in tqdm(range(0, len(todo), PROMPT_BATCH), desc="prepare: embed prompts", disable=not show_progress):
             batch = todo[start : start + PROMPT_BATCH]
             with torch.no_grad():
@@ -169,6 +229,57 @@ class Preparer:
             for text, embed in zip(batch, embeds):
                 save_atomic({"prompt_embeds": embed}, self.prompt_path(text), {"caption": text[:1000]})
         del pipe
+        self.seconds["text_encode"] += time.perf_counter() - started
+
+
+def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Preparer, rows: dict[str, dict]):
+    """This rank's share: rows for every clip, the cached entries found, and what must be encoded."""
+    repeats = repeated_entries(clips)
+    seen: dict[tuple[str, str], str] = {}
+    cached: list[tuple[Clip, Path, int]] = []
+    todo: list[tuple[Clip, str]] = []
+    for clip in clips[rank::world_size]:
+        row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
+        problem = file_problem(clip.video) or caption_problem(clip.caption)
+        if problem is None and clip.line in repeats:
+            problem = Problem("duplicate", f"the same file and caption as {repeats[clip.line]}; listed once is enough")
+        digest = file_digest(clip.video) if problem is None else ""
+        if problem is None and (digest, clip.caption) in seen:
+            problem = Problem("duplicate", f"the same video bytes and caption as {seen[(digest, clip.caption)]}")
+        if problem is not None:
+            row.update(status="skipped", problem=problem.code, reason=problem.detail)
+            continue
+        seen[(digest, clip.caption)] = clip.line
+        hit = preparer.find_cached(digest)
+        if hit is None:
+            todo.append((clip, digest))
+            continue
+        path, meta = hit
+        row.update(status="cached", frames=int(meta["frames"]), notes=json.loads(meta.get("notes", "[]")))
+        if meta.get("source"):
+            row["source"] = json.loads(meta["source"])
+        cached.append((clip, path, int(meta["frames"])))
+    return cached, todo
+
+
+def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stages: Counter) -> dict:
+    statuses = Counter(r["status"] for r in rows)
+    kept = [r for r in rows if r["status"] != "skipped"]
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "clips": len(rows),
+        "kept": len(kept),
+        "encoded": statuses["encoded"],
+        "cached": statuses["cached"],
+        "skipped": statuses["skipped"],
+        "skipped_by_reason": summarize_problems(rows),
+        "buckets": {str(f): n for f, n in sorted(Counter(r["frames"] for r in kept).items(), reverse=True)},
+        "captions_truncated": sum(any(n.startswith("caption truncated") for n in r.get("notes", [])) for r in kept),
+        "seconds": round(seconds, 3),
+        "seconds_by_stage": {k: round(v, 3) for k, v in sorted(stages.items())},
+        "encoded_per_s": round(statuses["encoded"] / seconds, 3) if seconds > 0 else None,
+    }
 
 
 def prepare(
@@ -178,49 +289,42 @@ def prepare(
 
     Shares are disjoint (clip i goes to rank i % world_size), so no clip is encoded twice; the
     caller gathers the shares. Validation prompts and the empty prompt are embedded on rank 0.
+    Every listed clip of the share gets a report row; the last row is this rank's summary.
     """
     started = time.perf_counter()
     preparer = Preparer(config, family, device)
     clips = read_clips(config.data.path, config.data.video_column, config.data.caption_column)
-    mine = clips[rank::world_size]
-    report: dict[str, dict] = {}
-    todo: list[tuple[Clip, Path]] = []
-    kept: list[tuple[Clip, Path]] = []
-    for clip in mine:
-        entry = report.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
-        problem = is_readable(clip.video)
-        if problem is None and not clip.caption:
-            problem = "missing or empty caption"
-        if problem:
-            entry.update(status="skipped", reason=problem)
-            continue
-        target = preparer.latent_path(file_digest(clip.video))
-        kept.append((clip, target))
-        if target.exists():
-            entry.update(status="cached")
-        else:
-            todo.append((clip, target))
-    preparer.encode_latents(todo, report, show_progress)
-    kept = [(c, t) for c, t in kept if report[c.line]["status"] != "skipped"]
+    rows: dict[str, dict] = {}
+    cached, todo = _check_listed(clips, rank, world_size, preparer, rows)
+    kept = cached + preparer.encode_latents(todo, rows, show_progress)
 
+    tokens = preparer.caption_tokens([c.caption for c, _, _ in kept])
+    limit = family.max_text_seq_length
+    for clip, _, _ in kept:
+        row = rows[clip.line]
+        row["caption_tokens"] = tokens[clip.caption]
+        if note := truncation_note(tokens[clip.caption], limit):
+            row["notes"].append(note)
     extra = [*config.validation.prompts, ""] if rank == 0 else []
-    preparer.encode_prompts([c.caption for c, _ in kept] + extra, show_progress)
+    preparer.encode_prompts([c.caption for c, _, _ in kept] + extra, show_progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    entries = [CacheEntry(str(t), str(preparer.prompt_path(c.caption)), str(c.video), c.caption) for c, t in kept]
-    for entry in report.values():
-        if entry["status"] == "skipped":
-            logger.warning("skipped %s (%s): %s", entry["clip"], entry["listed_at"], entry["reason"])
-    statuses = [e["status"] for e in report.values()]
+    entries = [CacheEntry(str(path), str(preparer.prompt_path(c.caption)), str(c.video), c.caption, frames)
+               for c, path, frames in kept]
+    report = list(rows.values())
+    for row in report:
+        if row["status"] == "skipped":
+            logger.warning("skipped %s (%s): %s", row["clip"], row["listed_at"], row["reason"])
+    summary = _summary(report, rank, world_size, time.perf_counter() - started, preparer.seconds)
     logger.info(
-        "prepare (rank %d/%d): %d clips kept (%d encoded now, %d cached), %d skipped, %.1f s",
-        rank, world_size, len(entries), statuses.count("encoded"), statuses.count("cached"),
-        statuses.count("skipped"), time.perf_counter() - started,
+        "prepare (rank %d/%d): %d clips kept (%d encoded now, %d cached), %d skipped %s, buckets (frames: clips) %s, "
+        "%.1f s", rank, world_size, summary["kept"], summary["encoded"], summary["cached"], summary["skipped"],
+        summary["skipped_by_reason"], summary["buckets"], summary["seconds"],
     )
     return PreparedData(
         entries=entries,
         validation_prompts=[(p, str(preparer.prompt_path(p))) for p in config.validation.prompts],
         negative_prompt=str(preparer.prompt_path("")),
-        report=list(report.values()),
+        report=[*report, {"summary": summary}],
     )

@@ -16,6 +16,7 @@ class LatentDataset(Dataset):
         if not entries:
             raise ValueError("the dataset is empty: every clip was skipped (see prepare_report.jsonl in the run dir)")
         self.entries = entries
+        self.frames = [e.frames for e in entries]  # the frame bucket of each item, for BucketBatchSampler
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -1,16 +1,24 @@
 """Read the clip list of a dataset: (video path, caption) pairs from the supported layouts.
 
 Layouts: a folder with `prompts.txt` + `videos.txt` (one line each, paired, as in the official
-CogVideo fine-tuning), or a `.csv` / `.jsonl` metadata file with video and caption columns. Paths
-are relative to the folder holding the list. Problems are returned per entry, never raised mid-list.
+CogVideo fine-tuning), a `.csv` / `.jsonl` metadata file with video and caption columns, or a plain
+folder of clips with a same-named `.txt` caption beside each. Paths are relative to the folder
+holding the list. Text is read with `surrogateescape`, so a caption that is not valid UTF-8 reaches
+the per-file checks (and the report) instead of failing the whole list; problems are returned per
+entry, never raised mid-list.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+VIDEO_EXTENSIONS = frozenset(
+    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .wmv .flv .3gp .ogv .gif".split()
+)
 
 
 class DatasetLayoutError(ValueError):
@@ -20,13 +28,25 @@ class DatasetLayoutError(ValueError):
 @dataclass(frozen=True)
 class Clip:
     video: Path
-    caption: str
-    line: str  # where it was listed, for reports: "videos.txt:3", "meta.csv:row 5"
+    caption: str | None  # None: no caption given at all (vs "" for an empty one)
+    line: str  # where it was listed, for reports: "videos.txt:3", "meta.csv:row 5", "clips/a.mp4"
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="surrogateescape")
+
+
+def _lines(path: Path) -> list[str]:
+    """Lines split on newlines only (str.splitlines also splits on U+2028 etc., which would unpair lists)."""
+    text = _read_text(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
 
 
 def _from_txt_pair(folder: Path) -> list[Clip]:
-    videos = (folder / "videos.txt").read_text(encoding="utf-8", errors="replace").splitlines()
-    prompts = (folder / "prompts.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+    videos, prompts = _lines(folder / "videos.txt"), _lines(folder / "prompts.txt")
     if len(videos) != len(prompts):
         raise DatasetLayoutError(
             f"{folder}: videos.txt has {len(videos)} lines but prompts.txt has {len(prompts)}; they must pair line by line"
@@ -38,16 +58,39 @@ def _from_txt_pair(folder: Path) -> list[Clip]:
     ]
 
 
+def _from_folder(folder: Path) -> list[Clip]:
+    """Every video file under `folder` (by extension, recursively, sorted), caption from `<stem>.txt`."""
+    videos = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in VIDEO_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not videos:
+        raise DatasetLayoutError(
+            f"{folder}: no videos.txt + prompts.txt and no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}); "
+            "point data.path at a folder of clips with a .txt caption beside each, or at a .csv/.jsonl file"
+        )
+    clips = []
+    for video in videos:
+        caption_file = video.with_suffix(".txt")
+        caption = _read_text(caption_file).strip() if caption_file.is_file() else None
+        clips.append(Clip(video, caption, str(video.relative_to(folder))))
+    return clips
+
+
 def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: str, what: str) -> list[Clip]:
     clips = []
     for i, row in enumerate(rows):
-        if video_column not in row:
+        if not isinstance(row, dict) or video_column not in row:
+            columns = ", ".join(row) if isinstance(row, dict) else type(row).__name__
             raise DatasetLayoutError(
-                f"{file}: {what} {i + 1} has no {video_column!r} column (columns: {', '.join(row)}); "
-                "set data.video_column"
+                f"{file}: {what} {i + 1} has no {video_column!r} column (columns: {columns}); set data.video_column"
             )
         caption = row.get(caption_column)
-        clips.append(Clip(file.parent / str(row[video_column]), str(caption or "").strip(), f"{file.name}:{what} {i + 1}"))
+        clips.append(Clip(
+            file.parent / str(row[video_column]),
+            None if caption is None else str(caption).strip(),
+            f"{file.name}:{what} {i + 1}",
+        ))
     return clips
 
 
@@ -56,17 +99,15 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
     if path.is_dir():
         if (path / "videos.txt").is_file() and (path / "prompts.txt").is_file():
             return _from_txt_pair(path)
-        raise DatasetLayoutError(
-            f"{path}: no videos.txt + prompts.txt found; point data.path at such a folder or at a .csv/.jsonl file"
-        )
+        return _from_folder(path)
     if not path.is_file():
         raise DatasetLayoutError(f"data.path {path} does not exist")
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return _from_rows(list(csv.DictReader(handle)), path, video_column, caption_column, "row")
+        return _from_rows(list(csv.DictReader(io.StringIO(_read_text(path), newline=""))), path,
+                          video_column, caption_column, "row")
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for n, line in enumerate(_read_text(path).split("\n")):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

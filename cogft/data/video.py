@@ -1,125 +1,206 @@
-"""Decode one clip into the frames the model trains on: frame selection, resize-and-centre-crop.
+"""One clip → the frames the model trains on: probe, frame selection, resize (crop or fit), decode.
 
-Runs inside worker processes (see `decode_pool`), so a decoder that crashes in native code takes down
-one worker, not the whole prepare. Imports nothing heavier than numpy and decord.
+`probe_clip` reads metadata only (ffmpeg's stream info, decord's frame index); `cogft doctor` stops
+there. `decode_clip` continues to the pixels. Both run inside worker processes (see `workers.py`),
+so a decoder that crashes in native code takes down one worker, not the whole prepare. Imports
+nothing heavier than numpy and decord, and never raises for a bad file: problems are returned.
+
+Frames are picked by timestamp, so variable-frame-rate clips sample real time evenly. Display
+rotation (phone clips) and non-square pixels: decord 0.6.0 applies the rotation itself and resizes
+in the displayed orientation (checked against ffmpeg's own autorotated output in the tests); the
+target size is computed from the displayed size that `ffmpeg -i` reports.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from multiprocessing import get_context
-from pathlib import Path
-from typing import Iterator
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from .checks import Problem
+from .probe import MediaInfo, probe_media
 
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    num_frames: int
+    buckets: tuple[int, ...]  # frame counts a clip may be cut to, largest (data.num_frames) first
     height: int
     width: int
-    fps: float | None  # None: consecutive frames at the clip's own rate
+    fps: float | None         # None: consecutive frames at the clip's own rate
+    resize: str = "crop"      # "crop": cover the target and centre-crop; "fit": fit inside and pad (letterbox)
+
+    def pixel_key(self) -> dict:
+        """What shapes an entry's pixels apart from its frame count (which is part of the key on its own)."""
+        return {"height": self.height, "width": self.width, "fps": self.fps, "resize": self.resize}
+
+
+@dataclass(frozen=True)
+class Selection:
+    indices: tuple[int, ...]  # decord frame indices, len == the bucket
+    available: int            # frames the clip has at the target rate
+    notes: tuple[str, ...]
+
+
+@dataclass
+class ClipProbe:
+    problem: Problem | None = None
+    info: MediaInfo | None = None
+    frames: int | None = None          # frames in the file, once decord could index it
+    selection: Selection | None = None
+    seconds: float = 0.0
+
+    def source(self) -> dict:
+        """The clip as found, for reports."""
+        if self.info is None:
+            return {}
+        return {"codec": self.info.codec, "width": self.info.width, "height": self.info.height,
+                "fps": self.info.fps, "frames": self.frames, "duration": self.info.duration,
+                "rotation": self.info.rotation}
 
 
 @dataclass
 class Decoded:
-    frames: np.ndarray | None  # uint8 [F, H, W, 3]
-    error: str | None = None
-    notes: tuple[str, ...] = ()
+    probe: ClipProbe
+    frames: np.ndarray | None = None   # uint8 [F, H, W, 3]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def problem(self) -> Problem | None:
+        return self.probe.problem
 
 
-def frame_indices(total: int, native_fps: float, spec: DecodeSpec) -> tuple[list[int] | None, str]:
-    """Indices of the frames to keep, or None with the reason when the clip is too short."""
-    step = 1.0
-    if spec.fps is not None and native_fps > 0:
-        step = max(native_fps / spec.fps, 1.0)
-    indices = [int(round(i * step)) for i in range(spec.num_frames)]
-    if indices[-1] >= total:
-        seconds = total / native_fps if native_fps > 0 else float("nan")
-        need = (spec.num_frames - 1) * step / native_fps + 1 / native_fps if native_fps > 0 else float("nan")
-        return None, (
-            f"too short: {total} frames ({seconds:.2f} s at {native_fps:g} fps), "
-            f"needs {spec.num_frames} frames at {spec.fps or native_fps:g} fps ({need:.2f} s)"
-        )
-    note = f"resampled {native_fps:g} -> {spec.fps:g} fps" if step > 1 else ""
-    return indices, note
+def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection | Problem:
+    """Frames to keep, by timestamp: the largest bucket the clip fills, at `spec.fps` (or consecutive).
+
+    `starts` are the frames' presentation times in seconds, `end` the end of the last frame. The clip
+    is never sampled faster than its own rate (no frame is invented); a clip that fills no bucket
+    is a problem, not a padded clip.
+    """
+    n = len(starts)
+    if n == 0:
+        return Problem("decode_failed", "the video stream has no frames")
+    gaps = np.diff(starts)
+    native = float(starts[-1] - starts[0]) / (n - 1) if n > 1 else float(end - starts[0])  # mean: webm rounds to ms
+    native = max(native, 1e-6)
+    notes = []
+    if spec.fps is None:
+        step, available = native, n
+    else:
+        step = max(1.0 / spec.fps, native)
+        available = max(1, math.ceil((end - starts[0]) / step - 1e-6))
+        if step > native * 1.001:
+            notes.append(f"resampled {1 / native:.3g} -> {spec.fps:g} fps")
+        elif 1.0 / spec.fps < native * 0.999:
+            notes.append(f"clip runs at {1 / native:.3g} fps, below data.fps={spec.fps:g}: kept every frame")
+    if n > 2 and gaps.max() - gaps.min() > 0.25 * native:
+        notes.append(f"variable frame rate ({1 / gaps.max():.3g}-{1 / max(gaps.min(), 1e-6):.3g} fps): frames picked by timestamp")
+    fitting = [b for b in spec.buckets if b <= available]
+    if not fitting:
+        need = spec.buckets[-1]
+        return Problem("too_short", (
+            f"too short: {available} frame(s) at {1 / step:.3g} fps ({end - starts[0]:.2f} s); the smallest bucket "
+            f"needs {need} ({need * step:.2f} s); lower data.min_frames to keep it"
+        ))
+    bucket = fitting[0]
+    if bucket < spec.buckets[0]:
+        notes.append(f"shorter than data.num_frames={spec.buckets[0]}: put in the {bucket}-frame bucket "
+                     f"({available} frames at {1 / step:.3g} fps)")
+    if spec.fps is None:
+        indices = tuple(range(bucket))
+    else:
+        ticks = starts[0] + step * np.arange(bucket) + 0.01 * native
+        indices = tuple(int(i) for i in np.searchsorted(starts, ticks, side="right") - 1)
+    return Selection(indices, available, tuple(notes))
 
 
-def cover_size(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
-    """The smallest size with the clip's aspect ratio that covers the target (then centre-cropped)."""
-    scale = max(target_h / height, target_w / width)
-    return max(target_h, math.ceil(height * scale - 1e-6)), max(target_w, math.ceil(width * scale - 1e-6))
+def resized_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
+    """The size to decode at: covering the target (crop) or inside it (fit), keeping the aspect ratio."""
+    scales = (spec.height / height, spec.width / width)
+    scale = max(scales) if spec.resize == "crop" else min(scales)
+    new_h, new_w = math.ceil(height * scale - 1e-6), math.ceil(width * scale - 1e-6)
+    if spec.resize == "crop":
+        return max(spec.height, new_h), max(spec.width, new_w)
+    return min(spec.height, max(1, new_h)), min(spec.width, max(1, new_w))
+
+
+def place(frames: np.ndarray, spec: DecodeSpec) -> np.ndarray:
+    """Centre-crop (crop) or centre-pad with black (fit) [F, h, w, 3] frames to the target size."""
+    _, h, w, _ = frames.shape
+    if spec.resize == "crop":
+        top, left = (h - spec.height) // 2, (w - spec.width) // 2
+        return np.ascontiguousarray(frames[:, top : top + spec.height, left : left + spec.width])
+    out = np.zeros((frames.shape[0], spec.height, spec.width, 3), dtype=frames.dtype)
+    top, left = (spec.height - h) // 2, (spec.width - w) // 2
+    out[:, top : top + h, left : left + w] = frames
+    return out
+
+
+def geometry_notes(info: MediaInfo, spec: DecodeSpec) -> list[str]:
+    """What resizing does to this clip: rotation, non-square pixels, scale, crop or letterbox."""
+    new_h, new_w = resized_size(info.height, info.width, spec)
+    notes = []
+    if info.rotation:
+        notes.append(f"rotated {info.rotation} degrees counter-clockwise (display rotation in the file)")
+    stored = (info.stored_width, info.stored_height)
+    if (info.width, info.height) not in (stored, stored[::-1]):
+        notes.append(f"non-square pixels: stored {stored[0]}x{stored[1]}, displayed {info.width}x{info.height}")
+    if (new_h, new_w) != (spec.height, spec.width):
+        how = "centre-cropped" if spec.resize == "crop" else "letterboxed (black bars)"
+        notes.append(f"scaled {info.width}x{info.height} -> {new_w}x{new_h}, {how} to {spec.width}x{spec.height}")
+    elif (info.height, info.width) != (spec.height, spec.width):
+        notes.append(f"scaled {info.width}x{info.height} -> {spec.width}x{spec.height}")
+    return notes
+
+
+def _decord_error(error: Exception) -> Problem:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return Problem("decode_failed", f"cannot decode ({type(error).__name__}: {message[:200]}); the file is damaged or truncated")
+
+
+def probe_clip(path: str, spec: DecodeSpec) -> ClipProbe:
+    """Metadata and the frame plan, without decoding pixels."""
+    started = time.perf_counter()
+    probe = ClipProbe()
+    info = probe_media(path)
+    if isinstance(info, Problem):
+        probe.problem = info
+    else:
+        probe.info = info
+        try:
+            import decord
+
+            reader = decord.VideoReader(path, num_threads=1)
+            count = len(reader)
+            stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
+            probe.frames = count
+            selection = select_frames(stamps[:, 0], float(stamps[-1, 1]) if count else 0.0, spec)
+            if isinstance(selection, Problem):
+                probe.problem = selection
+            else:
+                probe.selection = selection
+        except Exception as error:  # decord raises RuntimeError and DECORDError (not a RuntimeError)
+            probe.problem = _decord_error(error)
+    probe.seconds = time.perf_counter() - started
+    return probe
 
 
 def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
-    """Decode, select frames, resize to cover and centre-crop. Never raises for a bad file."""
+    """Probe, select frames, decode them resized, crop or pad to the target size."""
+    started = time.perf_counter()
+    probe = probe_clip(path, spec)
+    if probe.problem is not None:
+        return Decoded(probe)
+    info, selection = probe.info, probe.selection
+    new_h, new_w = resized_size(info.height, info.width, spec)
     try:
         import decord
 
-        probe = decord.VideoReader(path, num_threads=1)
-        total, native_fps = len(probe), float(probe.get_avg_fps())
-        if total == 0:
-            return Decoded(None, "no video frames")
-        height, width = probe[0].shape[:2]
-        indices, note = frame_indices(total, native_fps, spec)
-        if indices is None:
-            return Decoded(None, note)
-        new_h, new_w = cover_size(height, width, spec.height, spec.width)
         reader = decord.VideoReader(path, num_threads=1, width=new_w, height=new_h)
-        frames = reader.get_batch(indices).asnumpy()
-        top, left = (new_h - spec.height) // 2, (new_w - spec.width) // 2
-        frames = np.ascontiguousarray(frames[:, top : top + spec.height, left : left + spec.width])
-        notes = tuple(n for n in (note, f"cropped {width}x{height} -> {spec.width}x{spec.height}"
-                                  if (new_h, new_w) != (spec.height, spec.width) else "") if n)
-        return Decoded(frames, None, notes)
-    except Exception as error:  # decord raises RuntimeError and DECORDError (not a RuntimeError)
-        return Decoded(None, f"cannot decode: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
-
-
-def decode_pool(paths: list[str], spec: DecodeSpec, workers: int = 2) -> Iterator[tuple[int, Decoded]]:
-    """Decode clips in worker processes, yielding (index, result) in order while later clips decode.
-
-    At most `2 * workers` decoded clips wait in memory. A worker that dies (a segfault in native
-    decoding code) marks that clip as failed and the pool is rebuilt for the rest.
-    """
-    ahead = 2 * max(1, workers)
-    position = 0
-    while position < len(paths):
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn")) as pool:
-            pending: deque = deque()
-            submitted = position
-            try:
-                while position < len(paths):
-                    while submitted < len(paths) and len(pending) < ahead:
-                        pending.append(pool.submit(decode_clip, paths[submitted], spec))
-                        submitted += 1
-                    result = pending.popleft().result()
-                    yield position, result
-                    position += 1
-            except BrokenProcessPool:  # some clip in flight crashed its worker: retry this one alone
-                yield position, _decode_isolated(paths[position], spec)
-                position += 1
-
-
-def _decode_isolated(path: str, spec: DecodeSpec) -> Decoded:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        try:
-            return pool.submit(decode_clip, path, spec).result()
-        except BrokenProcessPool:
-            return Decoded(None, "decoder crashed (worker process died)")
-
-
-def is_readable(path: Path) -> str | None:
-    """A reason the file cannot be a clip, checked before any decode."""
-    if not path.exists():
-        return "file not found"
-    if path.is_dir():
-        return "is a directory"
-    if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
-    return None
+        frames = place(reader.get_batch(list(selection.indices)).asnumpy(), spec)
+    except Exception as error:
+        probe.problem = _decord_error(error)
+        return Decoded(probe)
+    probe.seconds = time.perf_counter() - started
+    return Decoded(probe, frames, (*geometry_notes(info, spec), *selection.notes))

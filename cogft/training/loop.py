@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
+from ..data.buckets import BucketBatchSampler
 from ..data.cache import prepare
 from ..data.dataset import LatentDataset, collate
 from ..models.family import ModelFamily
@@ -159,9 +160,10 @@ def train(config: Config) -> Path:
     apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile)
     logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{sum(p.numel() for p in params):,}")
     optimizer = build_optimizer(config, params, device)
+    dataset = LatentDataset(prepared.entries)
     loader = DataLoader(
-        LatentDataset(prepared.entries), batch_size=config.train.batch_size, shuffle=True, collate_fn=collate,
-        num_workers=config.data.dataloader_workers,
+        dataset, batch_sampler=BucketBatchSampler(dataset.frames, config.train.batch_size, config.train.seed),
+        collate_fn=collate, num_workers=config.data.dataloader_workers,
     )
     lr_scheduler = _lr_scheduler(config, optimizer)
     transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)

@@ -1,0 +1,78 @@
+"""Per-file checks shared by `prepare` and `cogft doctor`, so both say the same thing about a clip.
+
+A problem has a stable short code (for totals: "skipped by reason") and a detail that names the
+file's issue and the fix. Checks here need no decoder: existence, size, caption text, duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .sources import Clip
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str    # stable: not_found, empty_file, not_a_video, no_video_stream, decode_failed, decoder_crashed,
+                 # too_short, missing_caption, empty_caption, caption_not_utf8, duplicate
+    detail: str  # what exactly is wrong and what to do about it
+
+
+def file_problem(path: Path) -> Problem | None:
+    """A reason the file cannot be a clip, checked before any decode."""
+    if not path.exists():
+        return Problem("not_found", "file not found; fix the path in the list or add the file")
+    if path.is_dir():
+        return Problem("not_found", "is a directory, not a video file")
+    if path.stat().st_size == 0:
+        return Problem("empty_file", "empty file (0 bytes); re-export or remove it")
+    return None
+
+
+def caption_problem(caption: str | None) -> Problem | None:
+    if caption is None:
+        return Problem("missing_caption", "no caption (for a folder of clips: a .txt with the same name beside it)")
+    if not caption:
+        return Problem("empty_caption", "the caption is empty; write one or remove the clip")
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = caption[error.start].encode("utf-8", "surrogateescape")
+        return Problem(
+            "caption_not_utf8",
+            f"the caption is not valid UTF-8 (byte 0x{bad.hex()} at character {error.start}); re-save it as UTF-8",
+        )
+    return None
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def repeated_entries(clips: list[Clip]) -> dict[str, str]:
+    """Entries that list the same file with the same caption as an earlier one: {line: first line}.
+
+    Found by path, without reading the files, so every rank computes the same answer for the whole
+    list before sharding; same bytes under another path are caught later, per rank, by content.
+    """
+    first: dict[tuple[Path, str | None], str] = {}
+    repeats = {}
+    for clip in clips:
+        key = (clip.video.resolve(), clip.caption)
+        if key in first:
+            repeats[clip.line] = first[key]
+        else:
+            first[key] = clip.line
+    return repeats
+
+
+def summarize_problems(rows: list[dict]) -> dict[str, int]:
+    """Counts of skipped rows by problem code, most frequent first."""
+    return dict(Counter(r["problem"] for r in rows if r.get("status") == "skipped").most_common())

@@ -1,0 +1,180 @@
+"""`cogft doctor`: what prepare would say about every clip, before any encoder or GPU is involved.
+
+The same checks as prepare (checks.py, and the frame plan of video.py) on metadata only: ffmpeg's
+stream info and decord's frame index, read in worker processes, no frame decoded. Adds what helps
+to clean a dataset: totals by reason, histograms of frames, duration, rate and size, caption
+lengths in T5 tokens (when a config names the model) and groups of byte-identical clips.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from functools import partial
+from pathlib import Path
+
+from ..config import Config, DataConfig, load_config
+from .buckets import frame_buckets
+from .captions import count_tokens, load_tokenizer, truncation_note
+from .checks import Problem, caption_problem, file_digest, file_problem, repeated_entries
+from .sources import Clip, read_clips
+from .video import ClipProbe, DecodeSpec, geometry_notes, probe_clip
+from .workers import isolated_map
+
+FRAME_EDGES = (1, 9, 17, 33, 49, 97, 193, 385)
+SECOND_EDGES = (0, 1, 2, 4, 8, 16, 32, 64)
+TOKEN_EDGES = (1, 17, 33, 65, 129, 227, 513)
+
+
+def _binned(values: list[float], edges: tuple[float, ...]) -> dict[str, int]:
+    """Counts per [edge, next edge) bin, labelled "a-b" (and "a+" for the last), empty bins left out."""
+    counts: Counter = Counter()
+    for value in values:
+        index = max((i for i, edge in enumerate(edges) if value >= edge), default=0)
+        label = f"{edges[index]:g}+" if index == len(edges) - 1 else f"{edges[index]:g}-{edges[index + 1]:g}"
+        counts[label] += 1
+    order = {label: i for i, label in enumerate(
+        [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]:g}+"])}
+    return dict(sorted(counts.items(), key=lambda item: order[item[0]]))
+
+
+def _byte_duplicates(clips: list[Clip]) -> list[list[str]]:
+    """Groups of listed entries whose files have the same bytes; only files of equal size are hashed."""
+    by_size = defaultdict(list)
+    for clip in clips:
+        if file_problem(clip.video) is None:
+            by_size[clip.video.stat().st_size].append(clip)
+    groups = defaultdict(list)
+    for same_size in by_size.values():
+        if len(same_size) > 1:
+            for clip in same_size:
+                groups[file_digest(clip.video)].append(clip.line)
+    return [lines for lines in groups.values() if len(lines) > 1]
+
+
+def _probe_crashed(path: str) -> ClipProbe:
+    return ClipProbe(problem=Problem("decoder_crashed", "reading this file's metadata crashed a worker process"))
+
+
+def _tokens(config: Config | None, captions: list[str]) -> tuple[dict[str, int], int | None, str | None]:
+    """(tokens per caption, the model's limit, why there are none)."""
+    if config is None:
+        return {}, None, "no config given: pass a config to count caption tokens with its model's tokenizer"
+    from ..models.loading import family_for
+
+    try:
+        limit = family_for(config.model.path, config.model.dtype, config.model.revision).max_text_seq_length
+        tokenizer = load_tokenizer(config.model.path, config.model.revision)
+    except (OSError, ValueError) as error:
+        return {}, None, f"token counts skipped: cannot load the tokenizer of {config.model.path}: {error}"
+    return count_tokens(tokenizer, captions), limit, None
+
+
+def diagnose(target: str | Path, overrides: list[str] | None = None, workers: int | None = None) -> dict:
+    """The doctor's report for a config file or a dataset path (folder, .csv, .jsonl)."""
+    started = time.perf_counter()
+    target = Path(target)
+    config = load_config(target, overrides) if target.suffix in (".yaml", ".yml") else None
+    data = config.data if config else DataConfig(path=str(target))
+    spec = DecodeSpec(frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width, data.fps,
+                      data.resize)
+    clips = read_clips(data.path, data.video_column, data.caption_column)
+    repeats = repeated_entries(clips)
+    duplicates = _byte_duplicates(clips)
+    caption_of = {clip.line: clip.caption for clip in clips}
+    same_content = {}  # line -> the first earlier line with the same bytes and the same caption
+    for group in duplicates:
+        first_with: dict[str | None, str] = {}
+        for line in group:
+            first = first_with.setdefault(caption_of[line], line)
+            if first != line:
+                same_content[line] = first
+
+    rows = []
+    for clip in clips:
+        problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption)) if p]
+        if clip.line in repeats:
+            problems.append(Problem("duplicate", f"the same file and caption as {repeats[clip.line]}"))
+        elif clip.line in same_content:
+            problems.append(Problem("duplicate", f"the same video bytes and caption as {same_content[clip.line]}"))
+        rows.append({"clip": str(clip.video), "listed_at": clip.line, "problems": problems, "notes": []})
+
+    readable = [i for i, row in enumerate(rows) if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
+    probes = isolated_map(partial(probe_clip, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,
+                          workers=workers or data.decode_workers)
+    for position, probe in probes:
+        row = rows[readable[position]]
+        row["source"] = probe.source()
+        if probe.problem is not None:
+            row["problems"].append(probe.problem)
+        if probe.info is not None:
+            row["notes"].extend(geometry_notes(probe.info, spec))
+        if probe.selection is not None:
+            row["frames"] = len(probe.selection.indices)
+            row["notes"].extend(probe.selection.notes)
+
+    tokens, limit, tokens_skipped = _tokens(config, [c.caption for c in clips if caption_problem(c.caption) is None])
+    for clip, row in zip(clips, rows):
+        if clip.caption in tokens:
+            row["caption_tokens"] = tokens[clip.caption]
+            if note := truncation_note(tokens[clip.caption], limit):
+                row["notes"].append(note)
+
+    for row in rows:
+        row["verdict"] = "skip" if row["problems"] else "ok"
+        row["problems"] = [{"code": p.code, "detail": p.detail} for p in row["problems"]]
+    sources = [row["source"] for row in rows if row.get("source")]
+    return {
+        "target": str(target),
+        "data_path": data.path,
+        "settings": {"buckets": list(spec.buckets), **spec.pixel_key()},
+        "clips": len(rows),
+        "ok": sum(row["verdict"] == "ok" for row in rows),
+        "would_skip": sum(row["verdict"] == "skip" for row in rows),
+        "problems": dict(Counter(p["code"] for row in rows for p in row["problems"]).most_common()),
+        "buckets": {str(f): n for f, n in sorted(Counter(r["frames"] for r in rows if r["verdict"] == "ok").items(),
+                                                 reverse=True)},
+        "histograms": {
+            "frames": _binned([s["frames"] for s in sources if s["frames"] is not None], FRAME_EDGES),
+            "duration_s": _binned([s["duration"] for s in sources if s["duration"] is not None], SECOND_EDGES),
+            "fps": dict(sorted(Counter(f"{s['fps']:g}" for s in sources if s["fps"]).items(), key=lambda kv: float(kv[0]))),
+            "size": dict(Counter(f"{s['width']}x{s['height']}" for s in sources).most_common()),
+            "caption_tokens": _binned([r["caption_tokens"] for r in rows if "caption_tokens" in r], TOKEN_EDGES),
+        },
+        "caption_token_limit": limit,
+        "captions_truncated": sum(any(n.startswith("caption truncated") for n in r["notes"]) for r in rows),
+        "token_counts_skipped": tokens_skipped,
+        "duplicates": duplicates,
+        "seconds": round(time.perf_counter() - started, 3),
+        "files": rows,
+    }
+
+
+def format_table(report: dict) -> str:
+    """The report for people: one line per file, then totals and histograms."""
+    rows = report["files"]
+    width = max([len(r["listed_at"]) for r in rows] + [9])
+    lines = [
+        f"cogft doctor: {report['data_path']}: {report['clips']} clips, {report['ok']} ok, "
+        f"{report['would_skip']} would be skipped ({report['seconds']:.1f} s)",
+        f"settings: {report['settings']}",
+        "",
+        f"{'listed at':<{width}}  verdict  frames  fps    size        tokens  problems / what prepare would do",
+    ]
+    for r in rows:
+        source = r.get("source") or {}
+        size = f"{source['width']}x{source['height']}" if source else "-"
+        fps = f"{source['fps']:g}" if source.get("fps") else "-"
+        said = "; ".join([p["detail"] for p in r["problems"]] or r["notes"])
+        lines.append(f"{r['listed_at']:<{width}}  {r['verdict']:<7}  {source.get('frames', '-')!s:>6}  {fps:<5}  "
+                     f"{size:<10}  {r.get('caption_tokens', '-')!s:>6}  {said}")
+    lines += ["", f"would skip, by reason: {report['problems'] or 'none'}", f"buckets (frames: clips): {report['buckets']}"]
+    for name, counts in report["histograms"].items():
+        lines.append(f"{name}: " + (", ".join(f"{k}: {v}" for k, v in counts.items()) or "-"))
+    if report["caption_token_limit"]:
+        lines.append(f"captions over the {report['caption_token_limit']}-token limit: {report['captions_truncated']}")
+    if report["token_counts_skipped"]:
+        lines.append(report["token_counts_skipped"])
+    for group in report["duplicates"]:
+        lines.append("same bytes: " + " = ".join(group))
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Run a per-clip function in spawned worker processes, in order, surviving workers that die.
+
+Native decoders can segfault or abort on hostile files; in a worker that kills one process, which
+`ProcessPoolExecutor` reports as `BrokenProcessPool` for every task in flight. The task at the head
+is then retried alone in a fresh process: if that process dies too, the clip is the culprit and
+gets `on_crash(item)`; otherwise it was a bystander and its result stands. The pool is rebuilt for
+the rest, so one bad clip costs a restart, never the run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def isolated_map(
+    fn: Callable[[T], R], items: list[T], on_crash: Callable[[T], R], workers: int = 2
+) -> Iterator[tuple[int, R]]:
+    """Yield (index, fn(item)) in order while later items run; at most `2 * workers` results wait.
+
+    `fn` must be picklable by reference (a module-level function), as spawned workers import it.
+    """
+    workers = max(1, workers)
+    ahead = 2 * workers
+    position = 0
+    while position < len(items):
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            pending: deque = deque()
+            submitted = position
+            try:
+                while position < len(items):
+                    while submitted < len(items) and len(pending) < ahead:
+                        pending.append(pool.submit(fn, items[submitted]))
+                        submitted += 1
+                    result = pending.popleft().result()
+                    yield position, result
+                    position += 1
+            except BrokenProcessPool:
+                yield position, _run_alone(fn, items[position], on_crash)
+                position += 1
+
+
+def _run_alone(fn: Callable[[T], R], item: T, on_crash: Callable[[T], R]) -> R:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, item).result()
+        except BrokenProcessPool:
+            return on_crash(item)

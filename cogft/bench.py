@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -99,7 +100,8 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     transformer = _random_transformer(configs["transformer"], family.dtype, device)
     params = setup_trainable(transformer, config)
-    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile)
+    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile,
+                        config.train.offload_checkpoints)
     optimizer = build_optimizer(config, params, device)
     lr_scheduler = _lr_scheduler(config, optimizer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
@@ -172,12 +174,26 @@ def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torc
     return run
 
 
+def _profile(run: Callable[[int], None], device: torch.device) -> None:
+    """One more step under torch.profiler; the kernels that took the most time go to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run(10_000)
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), file=sys.stderr)
+
+
 def _measure(name: str, build, config: Config, family: ModelFamily, configs: dict, device: torch.device,
-             warmup: int, steps: int) -> dict:
+             warmup: int, steps: int, profile: bool = False) -> dict:
     _free(device)
     try:
         run = build(config, family, configs, device)
         times = _time_steps(run, device, warmup, steps)
+        if profile:
+            _profile(run, device)
     except torch.OutOfMemoryError as error:
         del error
         _free(device)
@@ -191,6 +207,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         "frames": config.data.num_frames, "height": config.data.height, "width": config.data.width,
         "batch_size": config.train.batch_size, "lora_rank": config.lora.rank if config.train.mode == "lora" else None,
         "gradient_checkpointing": config.train.gradient_checkpointing,
+        "offload_checkpoints": config.train.offload_checkpoints if name == "cogft" else False,
         "compile": config.train.compile if name == "cogft" else False,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4), "steps": steps,
         "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
@@ -207,7 +224,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
-          emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+          profile: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
@@ -218,7 +235,7 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
     if not only_baseline:
         variants.append(("cogft", _cogft_step))
     for name, build in variants:
-        rows.append(_measure(name, build, config, family, configs, device, warmup, steps))
+        rows.append(_measure(name, build, config, family, configs, device, warmup, steps, profile))
         emit(rows[-1])
     if len(rows) == 2 and "error" not in rows[0] and "error" not in rows[1]:
         ratio = {"figure": "speedup_vs_plain", "ratio": round(rows[0]["s_per_step"] / rows[1]["s_per_step"], 3)}

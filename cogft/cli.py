@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-only", action="store_true", help="run only the plain recipe")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
 
     doctor = sub.add_parser("doctor", help="check every clip and caption without encoding anything")
     doctor.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench
             from .config import load_config
 
-            bench(load_config(args.config, args.overrides), args.baseline, args.baseline_only, args.warmup, args.steps)
+            bench(load_config(args.config, args.overrides), args.baseline, args.baseline_only, args.warmup, args.steps,
+                  args.profile)
         elif args.command == "export":
             from .export import export
 

@@ -92,6 +92,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool | float = Field(
         False, description="true: all blocks; a fraction in (0, 1]: that share of the blocks; false: none"
     )
+    offload_checkpoints: bool = False
     compile: bool = False
     allow_tf32: bool = True
 

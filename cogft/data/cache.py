@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -105,6 +106,13 @@ def _crashed(path: str) -> Decoded:
     )))
 
 
+def encode_frames(vae, frames: np.ndarray, device: torch.device, dtype: torch.dtype):
+    """uint8 frames [F, H, W, 3] → the VAE's latent distribution ([1, C, F', h, w] mean/logvar) on `device`."""
+    pixels = torch.from_numpy(frames).to(device).permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0
+    with torch.no_grad():
+        return vae.encode(pixels).latent_dist
+
+
 class Preparer:
     """Holds the keys, stage timings and lazily loaded encoders for one config on one device."""
 
@@ -182,10 +190,7 @@ class Preparer:
                 row.update(status="skipped", problem=decoded.problem.code, reason=decoded.problem.detail)
             else:
                 encode_started = time.perf_counter()
-                frames = torch.from_numpy(decoded.frames).to(self.device)
-                pixels = (frames.permute(3, 0, 1, 2).unsqueeze(0).to(self.dtype) / 127.5) - 1.0  # [1,3,F,H,W]
-                with torch.no_grad():
-                    dist = vae.encode(pixels).latent_dist
+                dist = encode_frames(vae, decoded.frames, self.device, self.dtype)
                 count = int(decoded.frames.shape[0])
                 target = self.latent_path(digest, count)
                 save_atomic(

@@ -157,7 +157,8 @@ def train(config: Config) -> Path:
 
     transformer = load_transformer(config.model.path, family.dtype, config.model.revision)
     params = setup_trainable(transformer, config)
-    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile)
+    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile,
+                        config.train.offload_checkpoints)
     logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{sum(p.numel() for p in params):,}")
     optimizer = build_optimizer(config, params, device)
     dataset = LatentDataset(prepared.entries)

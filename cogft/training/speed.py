@@ -25,25 +25,31 @@ def checkpointed_block_count(setting: bool | float, num_blocks: int) -> int:
     return min(num_blocks, math.ceil(setting * num_blocks))
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, offload: bool):
     @functools.wraps(forward)
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
+        if offload:  # the block's saved inputs wait for the backward pass in pinned host memory
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
 
 
-def apply_block_options(transformer: torch.nn.Module, gradient_checkpointing: bool | float, compile_blocks: bool) -> int:
-    """Checkpoint the first N blocks and/or compile every block; returns N."""
+def apply_block_options(transformer: torch.nn.Module, gradient_checkpointing: bool | float, compile_blocks: bool,
+                        offload_checkpoints: bool = False) -> int:
+    """Checkpoint the first N blocks (optionally keeping their inputs on the host) and/or compile every block."""
     blocks = transformer.transformer_blocks
     count = checkpointed_block_count(gradient_checkpointing, len(blocks))
+    offload = offload_checkpoints and next(transformer.parameters()).device.type == "cuda"
     for block in list(blocks)[:count]:
-        block.forward = _checkpointed(block.forward)
+        block.forward = _checkpointed(block.forward, offload)
     if compile_blocks:
         for block in blocks:
             block.compile()
-    logger.info("gradient checkpointing on %d/%d blocks; per-block torch.compile %s",
-                count, len(blocks), "on" if compile_blocks else "off")
+    logger.info("gradient checkpointing on %d/%d blocks%s; per-block torch.compile %s",
+                count, len(blocks), " (inputs offloaded to host)" if offload and count else "",
+                "on" if compile_blocks else "off")
     return count

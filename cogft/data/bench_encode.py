@@ -1,0 +1,99 @@
+"""GPU side of prepare at full size: VAE encode and T5 embedding throughput, one JSON line per figure.
+
+    python -m cogft.data.bench_encode [--model THUDM/CogVideoX-2b] [--frames 49 --height 480 --width 720]
+
+Builds the real VAE and T5-XXL encoder shapes with random weights (no download) and times the same
+`encode_frames` call prepare makes, on random frames, so it isolates what the GPU bounds; decoding
+runs in parallel CPU workers (measured by `bench_prepare`). Clips/s per GPU = 1 / (VAE s/clip + T5
+s/prompt), one caption per clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ..models.family import family_from_configs
+from ..models.reference import T5_XXL_ENCODER, reference_configs
+from .cache import encode_frames
+
+
+def _timed(fn, repeat: int) -> float:
+    fn()  # warm-up (cuDNN autotuning, allocator)
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _build(cls, config: dict, dtype: torch.dtype, device: torch.device):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(config) if not hasattr(cls, "from_config") else cls.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _time_vae(vae_config: dict, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int):
+    """(cudnn.benchmark, s/clip, peak GiB) with cuDNN autotuning off, then on."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = _build(AutoencoderKLCogVideoX, vae_config, dtype, device).eval()
+    results = []
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        torch.cuda.reset_peak_memory_stats(device)
+        seconds = _timed(lambda: encode_frames(vae, frames, device, dtype), repeat)
+        results.append((benchmark, seconds, round(torch.cuda.max_memory_allocated(device) / 2**30, 2)))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cogft.data.bench_encode", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="THUDM/CogVideoX-2b")
+    parser.add_argument("--frames", type=int, default=49)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=720)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    from transformers import T5Config, T5EncoderModel
+
+    device = torch.device("cuda")
+    configs = reference_configs(args.model)
+    family = family_from_configs(configs["transformer"], configs["vae"])
+    common = {"model": args.model, "frames": args.frames, "height": args.height, "width": args.width,
+              "device": torch.cuda.get_device_name(device)}
+    frames = np.random.default_rng(0).integers(0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8)
+
+    vae_seconds = {}
+    for dtype_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        for benchmark, seconds, peak in _time_vae(configs["vae"], frames, dtype, device, args.repeat):
+            vae_seconds[(dtype_name, benchmark)] = seconds
+            print(json.dumps({"figure": "vae_encode_s_per_clip", "value": round(seconds, 4), "dtype": dtype_name,
+                              "cudnn_benchmark": benchmark, "peak_allocated_gib": peak, **common}), flush=True)
+        torch.cuda.empty_cache()
+
+    t5 = _build(T5EncoderModel, T5Config(**T5_XXL_ENCODER), family.dtype, device).eval()
+    ids = torch.randint(0, T5_XXL_ENCODER["vocab_size"], (16, family.max_text_seq_length), device=device)
+    with torch.no_grad():
+        t5_seconds = _timed(lambda: t5(ids)[0], args.repeat) / 16
+    print(json.dumps({"figure": "t5_prompts_per_s", "value": round(1 / t5_seconds, 1), "batch": 16, **common}))
+    best = min(vae_seconds.values())
+    print(json.dumps({"figure": "prepare_gpu_clips_per_s", "value": round(1 / (best + t5_seconds), 3),
+                      "what": "1 / (fastest VAE s/clip + T5 s/prompt); decode overlaps in CPU workers", **common}))
+
+
+if __name__ == "__main__":
+    main()

@@ -109,7 +109,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
         accelerator, transformer, params, optimizer, lr_scheduler,
         torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling),
         CogVideoXDPMScheduler.from_config(configs["scheduler"]), family, config.train.max_grad_norm,
-        rotary_cache(configs["transformer"], family, config.data.height, config.data.width, device),
+        rotary_cache(accelerator.unwrap_model(transformer).config, family, config.data.height, config.data.width, device),
     )
     batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
     transformer.train()
@@ -146,7 +146,7 @@ def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torc
     batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
     rotary = None
     if family.use_rotary:
-        rotary = rotary_embedding(configs["transformer"], family.vae_scale_spatial, config.data.height,
+        rotary = rotary_embedding(transformer.config, family.vae_scale_spatial, config.data.height,
                                   config.data.width, family.latent_frames(config.data.num_frames), device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     transformer.train()

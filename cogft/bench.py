@@ -24,6 +24,7 @@ from .flops import peak_tflops, step_flops
 from .models.family import ModelFamily, family_from_configs, read_component_config
 from .models.loading import resolve_model_path
 from .models.reference import reference_configs
+from .training.speed import compile_enabled
 
 
 def _configs(config: Config) -> dict[str, dict]:
@@ -100,7 +101,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     transformer = _random_transformer(configs["transformer"], family.dtype, device)
     params = setup_trainable(transformer, config)
-    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile,
+    apply_block_options(transformer, config.train.gradient_checkpointing, compile_enabled(config, device),
                         config.train.offload_checkpoints)
     optimizer = build_optimizer(config, params, device)
     lr_scheduler = _lr_scheduler(config, optimizer)
@@ -208,7 +209,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         "batch_size": config.train.batch_size, "lora_rank": config.lora.rank if config.train.mode == "lora" else None,
         "gradient_checkpointing": config.train.gradient_checkpointing,
         "offload_checkpoints": config.train.offload_checkpoints if name == "cogft" else False,
-        "compile": config.train.compile if name == "cogft" else False,
+        "compile": compile_enabled(config, device) if name == "cogft" else False,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4), "steps": steps,
         "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -93,7 +93,7 @@ class TrainConfig(_Section):
         False, description="true: all blocks; a fraction in (0, 1]: that share of the blocks; false: none"
     )
     offload_checkpoints: bool = False
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block; auto: on CUDA GPUs")
     allow_tf32: bool = True
 
     @field_validator("gradient_checkpointing")

@@ -34,7 +34,7 @@ from .checkpointing import (
     step_generator,
 )
 from .objective import rotary_embedding
-from .speed import apply_block_options
+from .speed import apply_block_options, compile_enabled
 from .step import TrainingStep
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def train(config: Config) -> Path:
 
     transformer = load_transformer(config.model.path, family.dtype, config.model.revision)
     params = setup_trainable(transformer, config)
-    apply_block_options(transformer, config.train.gradient_checkpointing, config.train.compile,
+    apply_block_options(transformer, config.train.gradient_checkpointing, compile_enabled(config, device),
                         config.train.offload_checkpoints)
     logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{sum(p.numel() for p in params):,}")
     optimizer = build_optimizer(config, params, device)

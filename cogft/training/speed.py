@@ -18,6 +18,12 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 
+def compile_enabled(config, device: torch.device) -> bool:
+    """`train.compile: auto` compiles on CUDA GPUs, where it pays for its start-up minute; never on CPUs."""
+    setting = config.train.compile
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def checkpointed_block_count(setting: bool | float, num_blocks: int) -> int:
     """`true` → all blocks, `false` → none, a fraction in (0, 1] → that share, rounded up."""
     if isinstance(setting, bool):

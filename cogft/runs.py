@@ -42,7 +42,8 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
             f"--from {source}: neither a run directory (with {CONFIG_FILE}) nor a complete checkpoint "
             f"(like RUN/{CHECKPOINTS}/step-000100)"
         )
-    config_file = run_dir / CONFIG_FILE
+    own = candidates[0] / CONFIG_FILE  # a checkpoint keeps the config it was trained under
+    config_file = own if is_checkpoint(path) and own.is_file() else run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: a checkpoint must sit in RUN/{CHECKPOINTS}/ of its run")
     for folder in candidates:

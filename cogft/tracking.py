@@ -14,6 +14,15 @@ from .config import Config
 METRICS_FILE = "metrics.jsonl"
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A process killed mid-write leaves a line without its newline; cut it so every line parses."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 class JsonlTracker(GeneralTracker):
     """Appends one JSON object per `log` call; survives a crash line by line."""
 
@@ -26,6 +35,7 @@ class JsonlTracker(GeneralTracker):
         self.run_name = run_name
         self.path = Path(logging_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.path)
 
     @property
     def tracker(self):

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, save_config
 from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "cogft_complete.json"
+CHECKPOINT_CONFIG = "config.yaml"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -63,11 +64,15 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """`latest` → newest complete checkpoint (None on a fresh run); a path must be a complete checkpoint."""
+    """`latest` → newest complete checkpoint (None on a fresh run); a path must be a complete checkpoint.
+
+    Resuming from an older checkpoint while newer ones of the same run exist is refused: the new
+    trajectory would mix with the old one, and `latest` would later pick the old one up.
+    """
     if resume is None:
         return None
+    found = complete_checkpoints(run_dir)
     if resume == "latest":
-        found = complete_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
     if not is_checkpoint(path):
@@ -75,7 +80,51 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             f"train.resume={resume!r}: not a complete cogft checkpoint (no {COMPLETE_MARKER}); "
             f"use 'latest', null, or a folder like {step_dir(run_dir, 500)}"
         )
+    newer = [p.name for p in found if p.name > path.name and p.resolve().parent == path.resolve().parent]
+    if newer:
+        raise ResumeError(
+            f"train.resume={resume!r}: the run already has newer checkpoints ({', '.join(newer)}); move them out "
+            f"of {path.resolve().parent} to branch from this one, or use train.resume=latest"
+        )
     return path
+
+
+# Keys whose change makes a checkpoint meaningless (other weights, shapes or data); the rest may change.
+UNSAFE_ON_RESUME = (
+    "model.path", "model.revision", "model.dtype", "train.mode", "lora.rank", "lora.alpha",
+    "lora.target_modules", "data.num_frames", "data.height", "data.width", "data.fps", "data.resize",
+)
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """Dotted keys whose values differ between two config dicts: {key: (old, new)}."""
+    changes = {}
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    changes[f"{section}.{key}"] = (a.get(key), b.get(key))
+        elif a != b:
+            changes[section] = (a, b)
+    return changes
+
+
+def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
+    """Refuse a resume whose config changed an unsafe key; return the safe changes to log."""
+    import yaml
+
+    saved = checkpoint / CHECKPOINT_CONFIG
+    old = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    changes = config_changes(old, config.model_dump(mode="json"))
+    unsafe = {k: v for k, v in changes.items() if k in UNSAFE_ON_RESUME}
+    if unsafe:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
+        raise ResumeError(
+            f"cannot resume from {checkpoint}: {listed} changed since the checkpoint was written. Put it back, "
+            "use a new output_dir, or start this run fresh with train.resume=null"
+        )
+    return changes
 
 
 def register_weight_hooks(accelerator, config: Config) -> None:
@@ -103,8 +152,8 @@ def register_weight_hooks(accelerator, config: Config) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """Write checkpoints/step-N atomically and prune older ones beyond `keep`."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Config) -> Path:
+    """Write checkpoints/step-N (with the config it was trained under) atomically; prune beyond `keep`."""
     started = time.perf_counter()
     final = step_dir(run_dir, step)
     staging = final.with_name(f".{final.name}.partial")
@@ -122,6 +171,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
         ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_config(config, staging / CHECKPOINT_CONFIG)
         (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)

@@ -8,6 +8,7 @@ accelerate's because accelerate turns fp16 off on CPUs, and the CPU tests must r
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from ..config import Config, save_config
 from ..data.buckets import BucketBatchSampler
 from ..data.cache import prepare
+from ..flops import peak_tflops, step_flops
 from ..data.dataset import LatentDataset, collate
 from ..models.family import ModelFamily
 from ..models.loading import family_for, load_scheduler, load_transformer
@@ -27,6 +29,7 @@ from ..tracking import init_trackers, log_videos, trackers_for
 from .adapters import save_lora, save_transformer, setup_trainable
 from .checkpointing import (
     TrainingProgress,
+    check_resume_config,
     load_checkpoint,
     register_weight_hooks,
     resolve_resume,
@@ -84,6 +87,23 @@ def _lr_scheduler(config: Config, optimizer):
     )
 
 
+def apply_optimizer_settings(config: Config, optimizer, lr_scheduler) -> None:
+    """Re-apply the config's optimizer settings after a resume (the checkpoint carries the old ones).
+
+    The schedule's shape (warm-up, length) already comes from the new config; its base learning rate
+    and AdamW's betas, eps and weight decay are restored from the checkpoint and overwritten here.
+    """
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    schedule.base_lrs = [config.train.learning_rate] * len(schedule.base_lrs)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group.update(
+            initial_lr=config.train.learning_rate, lr=config.train.learning_rate * factor(schedule.last_epoch),
+            betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon,
+            weight_decay=config.train.weight_decay,
+        )
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 class _StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step boundary."""
 
@@ -133,6 +153,14 @@ def rotary_cache(transformer_config, family: ModelFamily, height: int, width: in
     return rotary_for
 
 
+def _batch_flops(transformer_config, family: ModelFamily, latent_shape: torch.Size, accum: int):
+    """Model FLOPs of one optimizer step on this process, from the batch's latent shape [B, C, F, h, w]."""
+    batch, _, frames, height, width = latent_shape
+    return step_flops(transformer_config, (frames - 1) * family.vae_scale_temporal + 1,
+                      height * family.vae_scale_spatial, width * family.vae_scale_spatial, batch * accum,
+                      family.vae_scale_spatial, family.vae_scale_temporal)
+
+
 def train(config: Config) -> Path:
     """Run (or resume) the training described by `config`; returns the run directory."""
     from accelerate.utils import set_seed
@@ -145,6 +173,10 @@ def train(config: Config) -> Path:
         "world_size=%d process=%d local_process=%d device=%s mode=%s",
         accelerator.num_processes, accelerator.process_index, accelerator.local_process_index, device, config.train.mode,
     )
+    resume_from = resolve_resume(config.train.resume, run_dir)
+    if resume_from is not None:
+        for key, (old, new) in check_resume_config(config, resume_from).items():
+            logger.info("config change applied on resume: %s: %r -> %r", key, old, new)
     if config.train.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -173,9 +205,9 @@ def train(config: Config) -> Path:
     accelerator.register_for_checkpointing(scaler, progress)
     register_weight_hooks(accelerator, config)
 
-    resume_from = resolve_resume(config.train.resume, run_dir)
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
+        apply_optimizer_settings(config, optimizer, lr_scheduler)
 
     unwrapped = accelerator.unwrap_model(transformer)
     step = TrainingStep(
@@ -199,6 +231,7 @@ def train(config: Config) -> Path:
     bar = tqdm(total=config.train.max_steps, initial=progress.global_step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     consecutive_nonfinite = 0
+    smoothed = None
     stopped_early = False
     transformer.train()
     with _StopRequest() as stop:
@@ -207,14 +240,17 @@ def train(config: Config) -> Path:
             loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             micro = 0
-            step_started = time.perf_counter()
+            step_started = fetch_started = time.perf_counter()
+            data_wait = 0.0
             for batch in batches:
+                data_wait += time.perf_counter() - fetch_started
                 with accelerator.accumulate(transformer):
                     generator = step_generator(config.train.seed, progress.global_step, micro % accum,
                                                accelerator.process_index, device)
                     micro += 1
                     loss = step.forward_backward(batch, generator)
                     if not accelerator.sync_gradients:
+                        fetch_started = time.perf_counter()
                         continue
                     result = step.update(loss)
 
@@ -234,24 +270,33 @@ def train(config: Config) -> Path:
                         )
                 step_time = time.perf_counter() - step_started
                 if gstep % config.tracking.log_every == 0 or gstep == config.train.max_steps:
+                    loss_value = accelerator.reduce(loss, reduction="mean").item()
+                    smoothed = loss_value if smoothed is None or not math.isfinite(smoothed) else 0.9 * smoothed + 0.1 * loss_value
+                    flops = _batch_flops(unwrapped.config, family, batch["latent_mean"].shape, accum)
                     metrics = {
-                        "loss": accelerator.reduce(loss, reduction="mean").item(),
+                        "loss": loss_value,
+                        "loss_smoothed": smoothed,
                         "lr": lr_scheduler.get_last_lr()[0],
                         "grad_norm": float(result.grad_norm),
                         "loss_scale": result.loss_scale,
                         "skipped_steps": progress.skipped_steps,
                         "step_time": step_time,
                         "samples_per_s": config.train.batch_size * accum * accelerator.num_processes / step_time,
+                        "tokens_per_s": flops.tokens * batch["latent_mean"].shape[0] * accum * accelerator.num_processes / step_time,
+                        "data_wait_s": data_wait,
                         "epoch": epoch,
                     }
                     if device.type == "cuda":
                         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                        peak = peak_tflops(torch.cuda.get_device_name(device))
+                        if peak:
+                            metrics["mfu"] = flops.training(config.train.mode) / step_time / (peak * 1e12)
                     accelerator.log(metrics, step=gstep)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 bar.update(1)
                 last = gstep >= config.train.max_steps
                 if gstep % config.train.checkpoint_every == 0 or last or stop.requested:
-                    save_checkpoint(accelerator, run_dir, gstep, config.train.checkpoints_keep)
+                    save_checkpoint(accelerator, run_dir, gstep, config.train.checkpoints_keep, config)
                 if gstep % config.validation.every == 0 and not last:
                     run_validation(gstep)
                 if stop.requested:
@@ -259,7 +304,8 @@ def train(config: Config) -> Path:
                     stopped_early = True
                 if last or stopped_early:
                     break
-                step_started = time.perf_counter()
+                step_started = fetch_started = time.perf_counter()
+                data_wait = 0.0
     bar.close()
 
     if not stopped_early:

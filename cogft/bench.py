@@ -93,7 +93,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     from diffusers import CogVideoXDPMScheduler
 
     from .training.adapters import setup_trainable
-    from .training.checkpointing import step_generator
+    from .training.checkpointing import sample_generators
     from .training.loop import _lr_scheduler, build_optimizer, rotary_cache
     from .training.speed import apply_block_options
     from .training.step import TrainingStep
@@ -116,7 +116,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     transformer.train()
 
     def run(i: int) -> None:
-        loss = step.forward_backward(batch, step_generator(config.train.seed, i, 0, 0, device))
+        loss = step.forward_backward(batch, sample_generators(config.train.seed, i, 0, 0, config.train.batch_size, device))
         step.update(loss)
 
     return run

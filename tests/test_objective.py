@@ -58,15 +58,18 @@ def test_loss_matches_reference(snr_shift_scale):
 def test_draw_inputs_samples_the_cached_distribution():
     mean = torch.full((64, 4, 3, 8, 8), 0.5)
     logvar = torch.full_like(mean, math.log(0.25))  # std 0.5
-    inputs = draw_inputs(mean, logvar, scaling_factor=2.0, num_train_timesteps=1000,
-                         generator=torch.Generator().manual_seed(1))
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(64)]
+    inputs = draw_inputs(mean, logvar, scaling_factor=2.0, num_train_timesteps=1000, generators=generators())
     assert inputs.x0.shape == (64, 3, 4, 8, 8)  # [B, F, C, H, W]
     assert abs(inputs.x0.mean().item() - 1.0) < 0.02   # 0.5 * 2
     assert abs(inputs.x0.std().item() - 1.0) < 0.02    # 0.5 * 2
     assert inputs.timesteps.min() >= 0 and inputs.timesteps.max() < 1000
-    again = draw_inputs(mean, logvar, 2.0, 1000, torch.Generator().manual_seed(1))
+    again = draw_inputs(mean, logvar, 2.0, 1000, generators())
     assert torch.equal(inputs.x0, again.x0) and torch.equal(inputs.noise, again.noise)
     assert torch.equal(inputs.timesteps, again.timesteps)
+    # a sample's draws do not depend on the rest of the batch (how it is split over processes)
+    alone = draw_inputs(mean[5:6], logvar[5:6], 2.0, 1000, generators()[5:6])
+    assert torch.equal(alone.x0[0], inputs.x0[5]) and torch.equal(alone.timesteps[0], inputs.timesteps[5])
 
 
 def test_rotary_matches_pipeline(cogft_home):

@@ -150,7 +150,7 @@ def test_loss_goes_down_on_a_fixed_batch(make_config):
     params = setup_trainable(transformer, config)
     scheduler = load_scheduler(config.model.path)
     inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], family.scaling_factor, 1000,
-                         torch.Generator().manual_seed(0))
+                         [torch.Generator().manual_seed(i) for i in range(2)])
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     predict = lambda x_t, t: transformer(hidden_states=x_t, encoder_hidden_states=batch["prompt_embeds"], timestep=t,
                                          return_dict=False)[0]

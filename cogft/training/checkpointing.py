@@ -189,9 +189,12 @@ def load_checkpoint(accelerator, path: Path) -> None:
     logger.info("resumed from %s in %.2f s", path, time.perf_counter() - started)
 
 
-def step_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
-    """Noise/timestep RNG that depends only on where we are, so resuming draws the same numbers."""
-    mixed = (seed * 1_000_003 + step) * 1_000_033 + micro_step * 1_009 + rank
-    generator = torch.Generator(device=device)
-    generator.manual_seed(mixed % (2**63 - 1))
-    return generator
+def sample_generators(seed: int, step: int, micro_step: int, first_position: int, count: int,
+                      device: torch.device) -> list[torch.Generator]:
+    """One RNG per sample, seeded by (seed, step, micro-step, place in the global batch): a resumed run
+    draws the same noise as an uninterrupted one, however the batch is split over processes."""
+    generators = []
+    for position in range(first_position, first_position + count):
+        mixed = ((seed * 1_000_003 + step) * 1_000_033 + micro_step) * 1_000_037 + position
+        generators.append(torch.Generator(device=device).manual_seed(mixed % (2**63 - 1)))
+    return generators

@@ -34,7 +34,7 @@ from .checkpointing import (
     register_weight_hooks,
     resolve_resume,
     save_checkpoint,
-    step_generator,
+    sample_generators,
 )
 from .objective import rotary_embedding
 from .speed import apply_block_options, compile_enabled
@@ -45,9 +45,12 @@ MAX_CONSECUTIVE_NONFINITE = 20
 
 
 def make_accelerator(config: Config, run_dir: Path):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    # Set up the process group before anything asks who the main process is (the trackers do): with no
+    # GPU, ranks started by torchrun then join a gloo group instead of each training alone.
+    PartialState(cpu=not torch.cuda.is_available())
     return Accelerator(
         mixed_precision="no",  # precision is the family's policy, applied here (see module docstring)
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
@@ -245,10 +248,11 @@ def train(config: Config) -> Path:
             for batch in batches:
                 data_wait += time.perf_counter() - fetch_started
                 with accelerator.accumulate(transformer):
-                    generator = step_generator(config.train.seed, progress.global_step, micro % accum,
-                                               accelerator.process_index, device)
+                    size = batch["latent_mean"].shape[0]
+                    generators = sample_generators(config.train.seed, progress.global_step, micro % accum,
+                                                   accelerator.process_index * size, size, device)
                     micro += 1
-                    loss = step.forward_backward(batch, generator)
+                    loss = step.forward_backward(batch, generators)
                     if not accelerator.sync_gradients:
                         fetch_started = time.perf_counter()
                         continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -30,17 +30,27 @@ def draw_inputs(
     latent_logvar: torch.Tensor,
     scaling_factor: float,
     num_train_timesteps: int,
-    generator: torch.Generator,
+    generators: Sequence[torch.Generator],
 ) -> TrainingInputs:
-    """Sample x0 from the cached VAE distribution ([B, C, F, H, W]), the noise and the timesteps."""
+    """Sample x0 from the cached VAE distribution ([B, C, F, H, W]), the noise and the timesteps.
+
+    One generator per sample, keyed by the sample's place in the global batch, so a sample's draws
+    do not depend on how the batch is split over processes (2 ranks × 1 = 1 rank × 2).
+    """
+    if len(generators) != latent_mean.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {latent_mean.shape[0]}")
     mean, logvar = latent_mean.float(), latent_logvar.float()
     device = mean.device
-    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(device)
+
+    def per_sample(draw):
+        return torch.stack([draw(g) for g in generators]).to(device)
+
+    eps = per_sample(lambda g: torch.randn(mean.shape[1:], generator=g, device=g.device))
     x0 = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * scaling_factor
     x0 = x0.permute(0, 2, 1, 3, 4).contiguous()
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
-    timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator, device=generator.device)
-    return TrainingInputs(x0, noise, timesteps.to(device))
+    noise = per_sample(lambda g: torch.randn(x0.shape[1:], generator=g, device=g.device))
+    timesteps = per_sample(lambda g: torch.randint(0, num_train_timesteps, (), generator=g, device=g.device))
+    return TrainingInputs(x0, noise, timesteps)
 
 
 def diffusion_loss(

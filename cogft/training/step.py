@@ -41,10 +41,10 @@ class TrainingStep:
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.device_type = accelerator.device.type
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
         inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.family.scaling_factor,
-                             self.num_train_timesteps, generator)
+                             self.num_train_timesteps, generators)
         prompt_embeds = batch["prompt_embeds"]
         rotary = self.rotary_for(inputs.x0.shape[1])
         autocast = self.family.dtype != torch.float32

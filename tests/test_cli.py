@@ -28,8 +28,7 @@ def test_bad_key_fails_fast_with_named_error(tmp_path):
 def test_accelerate_launch_trains_with_wandb_offline(tmp_path, shared_cache):
     out = tmp_path / "run"
     result = run(
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/single_gpu.yaml",
         "train.py", "--config", "configs/tiny-lora.yaml",
         f"output_dir={out}", f"data.cache_dir={shared_cache}", "train.max_steps=4", "validation.every=2",
         "validation.num_inference_steps=2", "train.checkpoint_every=2",
@@ -52,3 +51,13 @@ def test_accelerate_launch_trains_with_wandb_offline(tmp_path, shared_cache):
 
     missing = run(sys.executable, "-m", "cogft.cli", "export", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "e"))
     assert missing.returncode == 2 and "neither a run directory" in missing.stderr
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((REPO / "accelerate_configs").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"single_gpu", "ddp", "multi_node"}
+    for file in files:
+        config = load_config_from_file(str(file))
+        assert config.mixed_precision == "no", file  # cogft applies the precision policy itself

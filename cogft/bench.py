@@ -13,6 +13,7 @@ import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -93,7 +94,13 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     from diffusers import CogVideoXDPMScheduler
 
     from .training.adapters import setup_trainable
-    from .training.checkpointing import sample_generators
+    from .training.checkpointing import (
+        TrainingProgress,
+        load_checkpoint,
+        register_weight_hooks,
+        sample_generators,
+        save_checkpoint,
+    )
     from .training.loop import _lr_scheduler, build_optimizer, rotary_cache
     from .training.speed import apply_block_options
     from .training.step import TrainingStep
@@ -114,11 +121,25 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     )
     batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
     transformer.train()
+    accelerator.register_for_checkpointing(step.scaler, TrainingProgress())
+    register_weight_hooks(accelerator, config)
 
     def run(i: int) -> None:
         loss = step.forward_backward(batch, sample_generators(config.train.seed, i, 0, 0, config.train.batch_size, device))
         step.update(loss)
 
+    def checkpoint_roundtrip(folder: Path) -> dict:
+        """The trainer's own save and resume of this model, optimizer and scheduler state."""
+        started = time.perf_counter()
+        path = save_checkpoint(accelerator, folder, 1, 1, config)
+        saved = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        started = time.perf_counter()
+        load_checkpoint(accelerator, path)
+        return {"checkpoint_save_s": round(saved, 2), "checkpoint_load_s": round(time.perf_counter() - started, 2),
+                "checkpoint_mib": round(size / 2**20, 2)}
+
+    run.checkpoint_roundtrip = checkpoint_roundtrip
     return run
 
 
@@ -188,13 +209,17 @@ def _profile(run: Callable[[int], None], device: torch.device) -> None:
 
 
 def _measure(name: str, build, config: Config, family: ModelFamily, configs: dict, device: torch.device,
-             warmup: int, steps: int, profile: bool = False) -> dict:
+             warmup: int, steps: int, profile: bool = False, checkpoint: bool = False) -> dict:
     _free(device)
+    extra = {}
     try:
         run = build(config, family, configs, device)
         times = _time_steps(run, device, warmup, steps)
         if profile:
             _profile(run, device)
+        if checkpoint and hasattr(run, "checkpoint_roundtrip"):
+            with tempfile.TemporaryDirectory(prefix="cogft-bench-") as folder:
+                extra = run.checkpoint_roundtrip(Path(folder))
     except torch.OutOfMemoryError as error:
         del error
         _free(device)
@@ -219,13 +244,14 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
         peak = peak_tflops(row["device"])
         row["mfu"] = round(tflop / seconds / peak, 3) if peak else None
+    row.update(extra)
     del run
     _free(device)
     return row
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
-          profile: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+          profile: bool = False, checkpoint: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
@@ -236,7 +262,7 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
     if not only_baseline:
         variants.append(("cogft", _cogft_step))
     for name, build in variants:
-        rows.append(_measure(name, build, config, family, configs, device, warmup, steps, profile))
+        rows.append(_measure(name, build, config, family, configs, device, warmup, steps, profile, checkpoint))
         emit(rows[-1])
     if len(rows) == 2 and "error" not in rows[0] and "error" not in rows[1]:
         ratio = {"figure": "speedup_vs_plain", "ratio": round(rows[0]["s_per_step"] / rows[1]["s_per_step"], 3)}

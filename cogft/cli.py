@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int)
     sample.add_argument("--guidance-scale", type=float)
     sample.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    sample.add_argument("--cache", choices=["none", "pab", "first_block"],
+                        help="approximate inference cache (default: validation.cache of the run)")
 
     bench = sub.add_parser("bench", help="time the real training step (full size on a GPU), optionally beside the plain recipe")
     _config_args(bench)
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
+    bench.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save and load")
+    bench.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
 
     doctor = sub.add_parser("doctor", help="check every clip and caption without encoding anything")
     doctor.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
@@ -116,13 +120,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from .sampling import sample
 
-            print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device))
+            print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device,
+                         args.cache))
         elif args.command == "bench":
-            from .bench import bench
             from .config import load_config
 
-            bench(load_config(args.config, args.overrides), args.baseline, args.baseline_only, args.warmup, args.steps,
-                  args.profile)
+            config = load_config(args.config, args.overrides)
+            if args.sample:
+                from .bench_sample import bench_sample
+
+                bench_sample(config, args.baseline, emit=lambda row: print(json.dumps(row), flush=True))
+            else:
+                from .bench import bench
+
+                bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint)
         elif args.command == "export":
             from .export import export
 

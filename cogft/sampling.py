@@ -20,6 +20,7 @@ from .models.family import ModelFamily
 from .models.loading import family_for, load_pipeline, load_scheduler, load_vae
 from .runs import TrainedWeights, resolve_trained
 from .training.adapters import TRANSFORMER_DIR
+from .training.speed import compile_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +31,47 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def cache_config(name: str, pipe):
+    """diffusers' approximate inference caches by name (`validation.cache`); None for exact sampling.
+
+    pab: pyramid attention broadcast, reusing each block's attention output every other step between
+    timesteps 800 and 100; first_block: skip the remaining blocks while the first block's output
+    changes by less than 5 % from the previous step.
+    """
+    if name == "pab":
+        from diffusers import PyramidAttentionBroadcastConfig
+
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: pipe.current_timestep,
+        )
+    if name == "first_block":
+        from diffusers import FirstBlockCacheConfig
+
+        return FirstBlockCacheConfig(threshold=0.05)
+    return None
+
+
 def render(pipe, family: ModelFamily, device: torch.device, *, num_frames: int, height: int, width: int,
            steps: int, guidance_scale: float, seed: int, prompt: str | None = None,
-           prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None):
+           prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+           cache: str = "none"):
     """Denoise under the family's autocast, then decode outside it; returns float frames [F, H, W, 3]."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad(), _autocast(device, family.dtype):
-        latents = pipe(
-            prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
-            guidance_scale=guidance_scale, generator=generator, output_type="latent",
-            max_sequence_length=family.max_text_seq_length,
-        ).frames
+    approximate = cache_config(cache, pipe)
+    if approximate is not None:
+        pipe.transformer.enable_cache(approximate)
+    try:
+        with torch.no_grad(), _autocast(device, family.dtype):
+            latents = pipe(
+                prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                guidance_scale=guidance_scale, generator=generator, output_type="latent",
+                max_sequence_length=family.max_text_seq_length,
+            ).frames
+    finally:
+        if approximate is not None:
+            pipe.transformer.disable_cache()
     with torch.no_grad():
         video = pipe.decode_latents(latents.to(pipe.vae.dtype))
     return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
@@ -90,6 +120,7 @@ class ValidationHook:
                 pipe, self.family, self.device, num_frames=data.num_frames, height=data.height, width=data.width,
                 steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + i,
                 prompt_embeds=embeds[None].to(self.device), negative_prompt_embeds=self.negative[None].to(self.device),
+                cache=cfg.cache,
             )
             path = write_mp4(frames, self.run_dir / "samples" / f"step-{step:06d}-{i:02d}-{_slug(text)}.mp4", cfg.fps)
             written.append((text, str(path)))
@@ -118,17 +149,20 @@ def pipeline_with_weights(trained: TrainedWeights, device: torch.device, dtype: 
 
 
 def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: int | None = None,
-           guidance_scale: float | None = None, device: str | None = None) -> Path:
+           guidance_scale: float | None = None, device: str | None = None, cache: str | None = None) -> Path:
     """`cogft sample`: one video from a run's final weights or any of its checkpoints."""
     trained = resolve_trained(source)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, family = pipeline_with_weights(trained, target)
+    if compile_enabled(trained.config, target):
+        for block in pipe.transformer.transformer_blocks:
+            block.compile()
     cfg, data = trained.config.validation, trained.config.data
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
     frames = render(
         pipe, family, target, num_frames=data.num_frames, height=data.height, width=data.width,
         steps=steps or cfg.num_inference_steps, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-        seed=cfg.seed if seed is None else seed, prompt=prompt,
+        seed=cfg.seed if seed is None else seed, prompt=prompt, cache=cfg.cache if cache is None else cache,
     )
     return write_mp4(frames, Path(out), cfg.fps)
 

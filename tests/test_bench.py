@@ -45,3 +45,14 @@ def test_bench_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1 and rows[0]["variant"] == "cogft"
+
+
+def test_bench_checkpoint_roundtrip_and_sample(make_config):
+    from cogft.bench_sample import bench_sample
+
+    rows = bench(make_config("train.batch_size=1"), warmup=0, steps=1, checkpoint=True, emit=lambda row: None)
+    assert rows[0]["checkpoint_save_s"] >= 0 and rows[0]["checkpoint_mib"] > 0.01  # the LoRA + optimizer state
+    rows = bench_sample(make_config("validation.cache=pab", "validation.num_inference_steps=2"), baseline=True,
+                        emit=lambda row: None)
+    assert [(r.get("variant"), r.get("cache")) for r in rows[:2]] == [("plain", "none"), ("cogft", "pab")]
+    assert rows[2]["figure"] == "sample_speedup_vs_plain" and rows[2]["ratio"] > 0

@@ -1,0 +1,79 @@
+"""`cogft bench --sample`: time a validation/sample video at full size, beside the stock pipeline.
+
+Random-weight transformer and VAE of the real configuration (no download, no T5: random prompt
+embeddings of the real shape), the configured `validation.num_inference_steps` with classifier-free
+guidance, VAE decode included. "plain" is the stock `CogVideoXPipeline` as it comes; "cogft" adds
+per-block compile (`train.compile`) and the `validation.cache` in use. One JSON line per figure.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .bench import _configs, _free, _random_transformer, _sync
+from .config import Config
+from .models.family import family_from_configs
+from .sampling import render
+from .training.speed import compile_enabled
+
+
+def _pipeline(configs: dict, family, device: torch.device):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline
+
+    dtype = family.dtype if device.type == "cuda" else torch.float32
+    transformer = _random_transformer(configs["transformer"], dtype, device).eval()
+    vae = AutoencoderKLCogVideoX.from_config(configs["vae"]).to(device=device, dtype=dtype).eval()
+    scheduler = CogVideoXDPMScheduler.from_config(configs["scheduler"])
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_sample(config: Config, baseline: bool = False, emit: Callable[[dict], None] = print) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = _configs(config)
+    family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
+    _free(device)
+    pipe = _pipeline(configs, family, device)
+    dtype = pipe.transformer.dtype
+    shape = (1, family.max_text_seq_length, configs["transformer"]["text_embed_dim"])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    embeds = torch.randn(shape, generator=gen).to(device, dtype)
+    negative = torch.randn(shape, generator=gen).to(device, dtype)
+    cfg, data = config.validation, config.data
+
+    def timed(cache: str, steps: int) -> float:
+        _sync(device)
+        started = time.perf_counter()
+        render(pipe, family, device, num_frames=data.num_frames, height=data.height, width=data.width, steps=steps,
+               guidance_scale=cfg.guidance_scale, seed=cfg.seed, prompt_embeds=embeds,
+               negative_prompt_embeds=negative, cache=cache)
+        _sync(device)
+        return time.perf_counter() - started
+
+    variants = [("plain", False, "none")] if baseline else []
+    variants.append(("cogft", compile_enabled(config, device), cfg.cache))
+    rows = []
+    for name, compiled, cache in variants:
+        if compiled:
+            for block in pipe.transformer.transformer_blocks:
+                block.compile()
+        timed(cache, 2)  # warm-up: compilation, cuDNN plans, allocator
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(cache, cfg.num_inference_steps)
+        row = {"variant": name, "figure": "sample_s", "value": round(seconds, 2), "model": config.model.path,
+               "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "compile": compiled,
+               "cache": cache, "frames": data.num_frames, "height": data.height, "width": data.width,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        if device.type == "cuda":
+            row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        rows.append(row)
+        emit(row)
+    if len(rows) == 2:
+        rows.append({"figure": "sample_speedup_vs_plain", "ratio": round(rows[0]["value"] / rows[1]["value"], 3)})
+        emit(rows[-1])
+    return rows

@@ -22,19 +22,9 @@ import torch
 
 from .config import Config
 from .flops import peak_tflops, step_flops
-from .models.family import ModelFamily, family_from_configs, read_component_config
-from .models.loading import resolve_model_path
-from .models.reference import reference_configs
+from .models.family import ModelFamily, family_from_configs
+from .models.loading import component_configs
 from .training.speed import compile_enabled
-
-
-def _configs(config: Config) -> dict[str, dict]:
-    """Transformer/scheduler/vae configs: from the local pipeline, else the built-in real ones."""
-    path = resolve_model_path(config.model.path)
-    builtin = None if Path(path).exists() else reference_configs(path)
-    if builtin is not None:
-        return builtin
-    return {c: read_component_config(path, c, config.model.revision) for c in ("transformer", "vae", "scheduler")}
 
 
 def _random_transformer(transformer_config: dict, dtype: torch.dtype, device: torch.device):
@@ -255,7 +245,7 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
-    configs = _configs(config)
+    configs = component_configs(config.model.path, config.model.revision)
     family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
     rows = []
     variants = [("plain", _plain_step)] if baseline or only_baseline else []

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .bench import _configs, _free, _random_transformer, _sync
+from .bench import _free, _random_transformer, _sync
+from .models.loading import component_configs
 from .config import Config
 from .models.family import family_from_configs
 from .sampling import render
@@ -34,7 +35,7 @@ def _pipeline(configs: dict, family, device: torch.device):
 
 def bench_sample(config: Config, baseline: bool = False, emit: Callable[[dict], None] = print) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configs = _configs(config)
+    configs = component_configs(config.model.path, config.model.revision)
     family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
     _free(device)
     pipe = _pipeline(configs, family, device)

@@ -1,4 +1,4 @@
-"""The `cogft` command: tiny | prepare | train | sample | export | doctor | bench."""
+"""The `cogft` command: tiny | prepare | train | sample | export | doctor | estimate | bench."""
 
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
     doctor.add_argument("overrides", nargs="*", help="section.key=value for a config, e.g. data.min_frames=9")
     doctor.add_argument("--json", action="store_true", help="print the machine-readable report")
+
+    estimate = sub.add_parser("estimate", help="predict peak GPU memory and s/step for a config, before any GPU time")
+    _config_args(estimate)
+    estimate.add_argument("--gpu", default="H100", help="H100, H200, A100, L40S or 4090")
+    estimate.add_argument("--json", action="store_true", help="print one JSON line")
 
     export = sub.add_parser("export", help="write diffusers-format weights of a run or checkpoint")
     export.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
@@ -134,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                 from .bench import bench
 
                 bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint)
+        elif args.command == "estimate":
+            from dataclasses import asdict
+
+            from .config import load_config
+            from .estimate import estimate, format_estimate
+            from .models.loading import component_configs
+
+            config = load_config(args.config, args.overrides)
+            result = estimate(config, component_configs(config.model.path, config.model.revision), args.gpu)
+            print(json.dumps(asdict(result)) if args.json else format_estimate(config, result))
         elif args.command == "export":
             from .export import export
 

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import torch
 
-from .family import ModelFamily, load_family
+from pathlib import Path
+
+from .family import ModelFamily, load_family, read_component_config
+from .reference import reference_configs
 from .tiny import resolve_tiny
 
 
 def resolve_model_path(path: str) -> str:
     return resolve_tiny(path)
+
+
+def component_configs(path: str, revision: str | None = None) -> dict[str, dict]:
+    """Transformer/VAE/scheduler configs: the local pipeline's, else the built-in real ones for a known hub
+    id (so full-size shapes are known offline), else downloaded from the hub."""
+    path = resolve_model_path(path)
+    builtin = None if Path(path).exists() else reference_configs(path)
+    if builtin is not None:
+        return builtin
+    return {c: read_component_config(path, c, revision) for c in ("transformer", "vae", "scheduler")}
 
 
 def family_for(path: str, dtype: str = "auto", revision: str | None = None) -> ModelFamily:

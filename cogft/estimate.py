@@ -1,0 +1,157 @@
+"""`cogft estimate`: peak GPU memory and seconds per step for a config, before any GPU time.
+
+A physical model, not a lookup: parameter counts come from the transformer built on the meta device,
+FLOPs from `cogft/flops.py`, and a few per-GPU rates and per-activation byte counts measured on an
+H100 with `cogft bench` (README, Performance). Other GPUs scale the H100 rates by their dense
+tensor-core peak and memory bandwidth: an extrapolation, labelled as such.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .flops import step_flops
+from .models.family import family_from_configs
+from .training.speed import checkpointed_block_count
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gib: float
+    tflops: float        # dense fp16/bf16 tensor-core peak
+    bandwidth_tbs: float
+
+
+GPUS = {
+    "H100": Gpu("H100 80GB", 79.1, 989.0, 3.35),
+    "H200": Gpu("H200 141GB", 139.8, 989.0, 4.8),
+    "A100": Gpu("A100 80GB", 79.1, 312.0, 2.0),
+    "L40S": Gpu("L40S 48GB", 44.4, 362.0, 0.86),
+    "4090": Gpu("RTX 4090 24GB", 23.6, 165.0, 1.0),
+}
+
+# Measured on one H100 with `cogft bench` (2026-11-25): achieved rates of the pieces of a step.
+H100_ATTENTION_FWD_TFLOPS = 396.0     # cuDNN SDPA forward at 17,776 tokens, head dim 64
+H100_ATTENTION_BWD_TFLOPS = 414.0     # its backward (2.5x the forward FLOPs)
+H100_MATMUL_TFLOPS = 620.0            # projections and feed-forward, fp16/bf16
+COMPILED_OVERHEAD_S_PER_ELEMENT = 7.8e-11   # norms, activations, LoRA glue per block per token·width
+EAGER_OVERHEAD_S_PER_ELEMENT = 2.85e-10     # the same without torch.compile
+OFFLOAD_GBS = 41.0                    # host<->device copies of offloaded block inputs, pinned memory
+ACTIVATION_BYTES_COMPILED = 29.5      # bytes kept per token·width element of a block for its backward
+ACTIVATION_BYTES_EAGER = 41.5
+WORKSPACE_GIB = 0.6                   # attention workspace, loss tensors, allocator slack
+
+
+@dataclass
+class Estimate:
+    gpu: str
+    peak_allocated_gib: float
+    seconds_per_step: float
+    fits: bool
+    parts_gib: dict
+    advice: list[str]
+    extrapolated: bool
+
+
+def _counts(transformer_config: dict, config: Config) -> tuple[int, int]:
+    """(all transformer parameters, LoRA parameters) from the model built on the meta device."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel.from_config(transformer_config)
+    total = sum(p.numel() for p in model.parameters())
+    targets = tuple(config.lora.target_modules)
+    lora = sum(config.lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.endswith(targets))
+    return total, lora
+
+
+def _advice(config: Config, configs: dict, gpu_name: str, layers: int) -> list[str]:
+    """The least checkpointing that fits, else lean mode, else fewer bytes per parameter."""
+    for blocks in range(1, layers + 1):
+        fraction = math.ceil(blocks / layers * 100) / 100
+        for offload in (False, True):
+            trial = config.model_copy(update={"train": config.train.model_copy(
+                update={"gradient_checkpointing": True if fraction >= 1 else fraction, "offload_checkpoints": offload})})
+            result = estimate(trial, configs, gpu_name, advise=False)
+            if result.fits:
+                setting = "true" if fraction >= 1 else fraction
+                return [f"train.gradient_checkpointing={setting}" + (" train.offload_checkpoints=true" if offload else "")
+                        + f" (estimated {result.peak_allocated_gib} GiB, {result.seconds_per_step} s/step)"]
+    if config.train.mode == "sft":
+        return ["full fine-tuning keeps 18 bytes per parameter here: use train.mode=lora, or a GPU with more memory"]
+    return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width"]
+
+
+def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool = True) -> Estimate:
+    key = next((k for k in GPUS if k.lower() in gpu_name.lower()), None)
+    if key is None:
+        raise ValueError(f"unknown GPU {gpu_name!r}; choose one of {', '.join(GPUS)}")
+    gpu = GPUS[key]
+    tcfg = configs["transformer"]
+    family = family_from_configs(tcfg, configs["vae"], config.model.dtype)
+    total, lora = _counts(tcfg, config)
+    train = config.train
+    flops = step_flops(tcfg, config.data.num_frames, config.data.height, config.data.width, train.batch_size,
+                       family.vae_scale_spatial, family.vae_scale_temporal)
+    layers = tcfg["num_layers"]
+    width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    elements = flops.tokens * width * train.batch_size          # one block's token x width
+    checkpointed = checkpointed_block_count(train.gradient_checkpointing, layers)
+    compiled = train.compile is True or train.compile == "auto"
+    half = 2  # bytes of an fp16/bf16 element
+
+    if train.mode == "lora":
+        weights, trainable = total * family.dtype.itemsize, lora
+        state = trainable * 16                                    # fp32 weight, grad, AdamW m and v
+    else:
+        weights, trainable = 0, total
+        state = total * 16 + total * half                         # + autocast's half copies of the weights
+    per_block = elements * (ACTIVATION_BYTES_COMPILED if compiled else ACTIVATION_BYTES_EAGER)
+    kept = (layers - checkpointed) * per_block
+    saved_inputs = 0 if train.offload_checkpoints else checkpointed * elements * half
+    recompute = per_block if checkpointed else 0
+    parts = {"weights": weights, "trainable_state": state, "activations": kept, "checkpoint_inputs": saved_inputs,
+             "recompute_peak": recompute, "workspace": WORKSPACE_GIB * GIB}
+    peak = sum(parts.values()) / GIB
+
+    scale = gpu.tflops / GPUS["H100"].tflops
+    per_block_attention = flops.attention / layers
+    per_block_linear = flops.linear / layers
+    linear_passes = 2 if train.mode == "lora" else 3
+    seconds = (flops.attention / (H100_ATTENTION_FWD_TFLOPS * 1e12 * scale)
+               + 2.5 * flops.attention / (H100_ATTENTION_BWD_TFLOPS * 1e12 * scale)
+               + linear_passes * flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale))
+    seconds += checkpointed * (per_block_attention / (H100_ATTENTION_FWD_TFLOPS * 1e12 * scale)
+                               + per_block_linear / (H100_MATMUL_TFLOPS * 1e12 * scale))
+    passes = layers * (1 + checkpointed / layers)
+    seconds += passes * elements * (COMPILED_OVERHEAD_S_PER_ELEMENT if compiled else EAGER_OVERHEAD_S_PER_ELEMENT)
+    if train.offload_checkpoints:
+        seconds += 2 * checkpointed * elements * half / (OFFLOAD_GBS * 1e9 * gpu.bandwidth_tbs / 3.35)
+    seconds += 28 * trainable / (gpu.bandwidth_tbs * 1e12)      # fused AdamW reads and writes its state
+
+    advice = []
+    fits = peak <= gpu.memory_gib
+    if not fits and advise:
+        advice = _advice(config, configs, gpu_name, layers)
+    return Estimate(gpu.name, round(peak, 2), round(seconds, 3), fits,
+                    {k: round(v / GIB, 2) for k, v in parts.items()}, advice, key != "H100")
+
+
+def format_estimate(config: Config, result: Estimate) -> str:
+    lines = [
+        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{config.data.height}x{config.data.width}, "
+        f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
+        f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
+        f"  step time       {result.seconds_per_step:7.3f} s",
+    ]
+    lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
+    lines += [f"  try: {advice}" for advice in result.advice]
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""`cogft estimate` against every configuration measured with `cogft bench` on one H100 (README)."""
+
+from pathlib import Path
+
+import pytest
+
+from cogft.config import load_config
+from cogft.estimate import estimate
+from cogft.models.reference import REFERENCE
+
+REPO = Path(__file__).resolve().parent.parent
+
+# (config, overrides, measured s/step, measured peak allocated GiB): H100 80GB HBM3, 2026-11-25
+MEASURED = [
+    ("cogvideox-2b-lora", ["train.gradient_checkpointing=false", "train.compile=true"], 0.857, 32.43),
+    ("cogvideox-2b-lora", ["train.gradient_checkpointing=false", "train.compile=false"], 1.069, 43.86),
+    ("cogvideox-2b-lora", ["train.gradient_checkpointing=true", "train.compile=true"], 1.115, 7.53),
+    ("cogvideox-2b-lora", ["train.gradient_checkpointing=true", "train.compile=false"], 1.476, 8.03),
+    ("cogvideox-2b-lora", ["train.gradient_checkpointing=true", "train.compile=true", "train.offload_checkpoints=true"],
+     1.215, 5.92),
+    ("cogvideox-5b-lora", ["train.gradient_checkpointing=0.25", "train.compile=true"], 2.306, 59.31),
+    ("cogvideox-5b-lora", ["train.gradient_checkpointing=true", "train.compile=false"], 3.988, 19.33),
+    ("cogvideox-5b-lora", ["train.gradient_checkpointing=true", "train.compile=true"], 2.783, 18.52),
+    ("cogvideox-5b-lora", ["train.gradient_checkpointing=true", "train.compile=true", "train.offload_checkpoints=true"],
+     3.003, 14.89),
+    ("cogvideox-2b-sft", ["train.gradient_checkpointing=false", "train.compile=true"], 0.957, 62.08),
+    ("cogvideox-2b-sft", ["train.gradient_checkpointing=true", "train.compile=false"], 1.532, 31.88),
+]
+
+
+@pytest.mark.parametrize("name,overrides,seconds,gib", MEASURED, ids=[f"{m[0]}-{i}" for i, m in enumerate(MEASURED)])
+def test_estimate_within_15_percent_of_the_h100_measurements(name, overrides, seconds, gib):
+    config = load_config(REPO / "configs" / f"{name}.yaml", overrides)
+    result = estimate(config, REFERENCE[config.model.path], "H100")
+    assert result.seconds_per_step == pytest.approx(seconds, rel=0.15)
+    assert result.peak_allocated_gib == pytest.approx(gib, rel=0.15)
+    assert result.fits and not result.extrapolated
+
+
+def test_estimate_says_what_to_change_when_it_does_not_fit():
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["train.gradient_checkpointing=false"])
+    result = estimate(config, REFERENCE[config.model.path], "4090")
+    assert not result.fits and result.extrapolated
+    assert result.advice and result.advice[0].startswith("train.gradient_checkpointing=")
+    suggested = [part for part in result.advice[0].split(" (")[0].split()]
+    fixed = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", suggested), REFERENCE[config.model.path], "4090")
+    assert fixed.fits  # the advice is a config that fits
+    sft = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml")
+    assert not estimate(sft, REFERENCE[sft.model.path], "H100").fits  # 18 bytes per parameter of 5.6 B

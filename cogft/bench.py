@@ -91,7 +91,8 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
         sample_generators,
         save_checkpoint,
     )
-    from .training.loop import _lr_scheduler, build_optimizer, rotary_cache
+    from .training.loop import build_lr_scheduler, build_optimizer
+    from .training.objective import rotary_cache
     from .training.speed import apply_block_options
     from .training.step import TrainingStep
 
@@ -101,7 +102,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     apply_block_options(transformer, config.train.gradient_checkpointing, compile_enabled(config, device),
                         config.train.offload_checkpoints)
     optimizer = build_optimizer(config, params, device)
-    lr_scheduler = _lr_scheduler(config, optimizer)
+    lr_scheduler = build_lr_scheduler(config, optimizer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     step = TrainingStep(
         accelerator, transformer, params, optimizer, lr_scheduler,

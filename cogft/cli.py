@@ -102,16 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             from .config import load_config
-            from .data.cache import prepare
+            from .data.cache import prepare, write_report
             from .models.loading import family_for
 
             config = load_config(args.config, args.overrides)
             family = family_for(config.model.path, config.model.dtype, config.model.revision)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             prepared = prepare(config, family, device)
-            report = Path(config.output_dir) / "prepare_report.jsonl"
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text("".join(json.dumps(row) + "\n" for row in prepared.report))
+            report = write_report(prepared.report, config.output_dir)
             summary = prepared.summary
             print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
                   f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "

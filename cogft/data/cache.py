@@ -287,6 +287,17 @@ def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stage
     }
 
 
+REPORT_FILE = "prepare_report.jsonl"
+
+
+def write_report(rows: list[dict], run_dir: str | Path) -> Path:
+    """The per-file report, one JSON object per line, in the run directory."""
+    path = Path(run_dir) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def prepare(
     config: Config, family, device: torch.device, rank: int = 0, world_size: int = 1, show_progress: bool = True
 ) -> PreparedData:

@@ -185,8 +185,10 @@ def resolve_tiny(path: str) -> str:
         raise ValueError(f"model.path {path!r}: unknown tiny family; use tiny://2b or tiny://5b")
     target = tiny_dir(family)
     if not (target / "model_index.json").exists():
-        try:
-            build_tiny_pipeline(target, family)
-        except FileExistsError:  # another process built it first
-            pass
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):  # ranks of one launch ask for it at the same moment
+            if not (target / "model_index.json").exists():
+                build_tiny_pipeline(target, family)
     return str(target)

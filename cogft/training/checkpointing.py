@@ -35,15 +35,18 @@ class TrainingProgress:
     """The counters that must survive a restart; saved by accelerate as a custom object."""
 
     def __init__(self) -> None:
-        self.global_step = 0
-        self.skipped_steps = 0
+        self.global_step = 0      # optimizer steps
+        self.micro_batches = 0    # batches consumed: the data position (an epoch's last step may be short)
+        self.skipped_steps = 0    # non-finite steps
 
     def state_dict(self) -> dict:
-        return {"global_step": self.global_step, "skipped_steps": self.skipped_steps}
+        return {"global_step": self.global_step, "micro_batches": self.micro_batches,
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.micro_batches = int(state["micro_batches"])
+        self.skipped_steps = int(state["skipped_steps"])
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from ..config import Config, save_config
 from ..data.buckets import BucketBatchSampler
-from ..data.cache import prepare
-from ..flops import peak_tflops, step_flops
+from ..data.cache import prepare, write_report
 from ..data.dataset import LatentDataset, collate
+from ..flops import peak_tflops, step_flops
 from ..models.family import ModelFamily
 from ..models.loading import family_for, load_scheduler, load_transformer
 from ..sampling import ValidationHook
@@ -36,7 +36,7 @@ from .checkpointing import (
     save_checkpoint,
     sample_generators,
 )
-from .objective import rotary_embedding
+from .objective import rotary_cache
 from .speed import apply_block_options, compile_enabled
 from .step import TrainingStep
 
@@ -64,8 +64,6 @@ def make_accelerator(config: Config, run_dir: Path):
 
 def _gather_prepared(accelerator, config: Config, family: ModelFamily, run_dir: Path):
     """Each rank encodes its share of the clips; everyone then trains on all of them."""
-    import json
-
     from accelerate.utils import gather_object
 
     mine = prepare(config, family, accelerator.device, accelerator.process_index, accelerator.num_processes,
@@ -75,13 +73,12 @@ def _gather_prepared(accelerator, config: Config, family: ModelFamily, run_dir: 
         accelerator.wait_for_everyone()
         entries, report = gather_object(entries), gather_object(report)
     if accelerator.is_main_process:
-        with (run_dir / "prepare_report.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in report)
+        write_report(report, run_dir)
     mine.entries = sorted(entries, key=lambda e: e.latents)
     return mine
 
 
-def _lr_scheduler(config: Config, optimizer):
+def build_lr_scheduler(config: Config, optimizer):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
@@ -141,19 +138,66 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: to
     )
 
 
-def rotary_cache(transformer_config, family: ModelFamily, height: int, width: int, device: torch.device):
-    """3D RoPE per latent frame count (5B family), computed once per count; None for sincos models."""
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+class _NonFiniteGuard:
+    """Counts skipped (non-finite) steps; too many in a row stop the run with advice."""
 
-    def rotary_for(latent_frames: int):
-        if not family.use_rotary:
-            return None
-        if latent_frames not in cache:
-            cache[latent_frames] = rotary_embedding(transformer_config, family.vae_scale_spatial, height, width,
-                                                    latent_frames, device)
-        return cache[latent_frames]
+    def __init__(self, total: int) -> None:
+        self.total, self.in_a_row = total, 0
 
-    return rotary_for
+    def record(self, finite: bool, step: int, loss: torch.Tensor, sample_ids: torch.Tensor) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        logger.warning("step %d: non-finite loss/gradient (loss=%s); update skipped (samples %s)",
+                       step, float(loss), sample_ids.tolist())
+        if self.in_a_row >= MAX_CONSECUTIVE_NONFINITE:
+            raise FloatingPointError(
+                f"{self.in_a_row} non-finite steps in a row at step {step}: lower train.learning_rate, "
+                "raise train.lr_warmup_steps, or use model.dtype=bf16/fp32"
+            )
+
+
+class _Ema:
+    """The smoothed loss curve (exponential moving average, 0.9)."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def update(self, x: float) -> float:
+        if self.value is None or not math.isfinite(self.value):
+            self.value = x
+        else:
+            self.value = 0.9 * self.value + 0.1 * x
+        return self.value
+
+
+def _step_metrics(accelerator, config: Config, family: ModelFamily, transformer_config, loss: torch.Tensor, result,
+                  batch: dict, step_time: float, data_wait: float, lr: float, progress, epoch: int) -> dict:
+    """What one logged step reports to W&B and metrics.jsonl."""
+    accum, processes = config.train.gradient_accumulation_steps, accelerator.num_processes
+    flops = _batch_flops(transformer_config, family, batch["latent_mean"].shape, accum)
+    samples = batch["latent_mean"].shape[0] * accum * processes
+    metrics = {
+        "loss": accelerator.reduce(loss, reduction="mean").item(),
+        "lr": lr,
+        "grad_norm": float(result.grad_norm),
+        "loss_scale": result.loss_scale,
+        "skipped_steps": progress.skipped_steps,
+        "step_time": step_time,
+        "samples_per_s": samples / step_time,
+        "tokens_per_s": flops.tokens * samples / step_time,
+        "data_wait_s": data_wait,
+        "epoch": epoch,
+    }
+    device = accelerator.device
+    if device.type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        peak = peak_tflops(torch.cuda.get_device_name(device))
+        if peak:
+            metrics["mfu"] = flops.training(config.train.mode) / step_time / (peak * 1e12)
+    return metrics
 
 
 def _batch_flops(transformer_config, family: ModelFamily, latent_shape: torch.Size, accum: int):
@@ -186,7 +230,8 @@ def train(config: Config) -> Path:
     if accelerator.is_main_process:
         save_config(config, run_dir / "config.yaml")
 
-    family = family_for(config.model.path, config.model.dtype, config.model.revision)
+    with accelerator.main_process_first():  # a tiny:// model is built once, by the main process
+        family = family_for(config.model.path, config.model.dtype, config.model.revision)
     prepared = _gather_prepared(accelerator, config, family, run_dir)
     set_seed(config.train.seed)
 
@@ -201,7 +246,7 @@ def train(config: Config) -> Path:
         dataset, batch_sampler=BucketBatchSampler(dataset.frames, config.train.batch_size, config.train.seed),
         collate_fn=collate, num_workers=config.data.dataloader_workers,
     )
-    lr_scheduler = _lr_scheduler(config, optimizer)
+    lr_scheduler = build_lr_scheduler(config, optimizer)
     transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
     scaler = torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling)
     progress = TrainingProgress()
@@ -223,7 +268,6 @@ def train(config: Config) -> Path:
         validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt, run_dir)
 
     init_trackers(accelerator, config, run_dir)
-    accum = config.train.gradient_accumulation_steps
     micro_per_epoch = len(loader)
 
     def run_validation(at_step: int) -> None:
@@ -233,23 +277,24 @@ def train(config: Config) -> Path:
 
     bar = tqdm(total=config.train.max_steps, initial=progress.global_step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
-    consecutive_nonfinite = 0
-    smoothed = None
+    nonfinite = _NonFiniteGuard(progress.skipped_steps)
+    smoothed = _Ema()
     stopped_early = False
     transformer.train()
     with _StopRequest() as stop:
         while progress.global_step < config.train.max_steps and not stopped_early:
-            epoch, skip = divmod(progress.global_step * accum, micro_per_epoch)
+            epoch, skip = divmod(progress.micro_batches, micro_per_epoch)
             loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            micro = 0
+            micro = 0  # micro-batch within the optimizer step (checkpoints fall on step boundaries)
             step_started = fetch_started = time.perf_counter()
             data_wait = 0.0
             for batch in batches:
                 data_wait += time.perf_counter() - fetch_started
+                progress.micro_batches += 1
                 with accelerator.accumulate(transformer):
                     size = batch["latent_mean"].shape[0]
-                    generators = sample_generators(config.train.seed, progress.global_step, micro % accum,
+                    generators = sample_generators(config.train.seed, progress.global_step, micro,
                                                    accelerator.process_index * size, size, device)
                     micro += 1
                     loss = step.forward_backward(batch, generators)
@@ -258,43 +303,16 @@ def train(config: Config) -> Path:
                         continue
                     result = step.update(loss)
 
+                micro = 0
                 progress.global_step += 1
                 gstep = progress.global_step
-                if result.finite:
-                    consecutive_nonfinite = 0
-                else:
-                    progress.skipped_steps += 1
-                    consecutive_nonfinite += 1
-                    logger.warning("step %d: non-finite loss/gradient (loss=%s); update skipped (samples %s)",
-                                   gstep, float(loss), batch["index"].tolist())
-                    if consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
-                        raise FloatingPointError(
-                            f"{consecutive_nonfinite} non-finite steps in a row at step {gstep}: lower "
-                            "train.learning_rate, raise train.lr_warmup_steps, or use model.dtype=bf16/fp32"
-                        )
+                nonfinite.record(result.finite, gstep, loss, batch["index"])
+                progress.skipped_steps = nonfinite.total
                 step_time = time.perf_counter() - step_started
                 if gstep % config.tracking.log_every == 0 or gstep == config.train.max_steps:
-                    loss_value = accelerator.reduce(loss, reduction="mean").item()
-                    smoothed = loss_value if smoothed is None or not math.isfinite(smoothed) else 0.9 * smoothed + 0.1 * loss_value
-                    flops = _batch_flops(unwrapped.config, family, batch["latent_mean"].shape, accum)
-                    metrics = {
-                        "loss": loss_value,
-                        "loss_smoothed": smoothed,
-                        "lr": lr_scheduler.get_last_lr()[0],
-                        "grad_norm": float(result.grad_norm),
-                        "loss_scale": result.loss_scale,
-                        "skipped_steps": progress.skipped_steps,
-                        "step_time": step_time,
-                        "samples_per_s": config.train.batch_size * accum * accelerator.num_processes / step_time,
-                        "tokens_per_s": flops.tokens * batch["latent_mean"].shape[0] * accum * accelerator.num_processes / step_time,
-                        "data_wait_s": data_wait,
-                        "epoch": epoch,
-                    }
-                    if device.type == "cuda":
-                        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                        peak = peak_tflops(torch.cuda.get_device_name(device))
-                        if peak:
-                            metrics["mfu"] = flops.training(config.train.mode) / step_time / (peak * 1e12)
+                    metrics = _step_metrics(accelerator, config, family, unwrapped.config, loss, result, batch,
+                                            step_time, data_wait, lr_scheduler.get_last_lr()[0], progress, epoch)
+                    metrics["loss_smoothed"] = smoothed.update(metrics["loss"])
                     accelerator.log(metrics, step=gstep)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 bar.update(1)

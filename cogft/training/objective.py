@@ -80,3 +80,19 @@ def rotary_embedding(transformer_config, vae_scale_spatial: int, height: int, wi
     config = SimpleNamespace(**dict(transformer_config))  # a model's FrozenDict or a plain config dict
     host = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=vae_scale_spatial)
     return CogVideoXPipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
+
+
+def rotary_cache(transformer_config, family, height: int, width: int, device):
+    """`rotary_for(latent_frames)`: 3D RoPE per latent frame count (frame buckets differ), computed once
+    per count; None for sincos (2B-style) models."""
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rotary_for(latent_frames: int):
+        if not family.use_rotary:
+            return None
+        if latent_frames not in cache:
+            cache[latent_frames] = rotary_embedding(transformer_config, family.vae_scale_spatial, height, width,
+                                                    latent_frames, device)
+        return cache[latent_frames]
+
+    return rotary_for

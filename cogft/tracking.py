@@ -63,11 +63,23 @@ def trackers_for(config: Config, run_dir: Path) -> list:
     return trackers
 
 
+def source_commit() -> str | None:
+    """The git commit of the cogft checkout in use, when it runs from one (an editable install)."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
 def init_trackers(accelerator, config: Config, run_dir: Path) -> None:
     from . import __version__
 
     init_kwargs = {"wandb": {"name": config.tracking.run_name or run_dir.name, "dir": str(run_dir)}}
-    values = {**config.model_dump(mode="json"), "cogft_version": __version__}
+    values = {**config.model_dump(mode="json"), "cogft_version": __version__, "cogft_commit": source_commit()}
     accelerator.init_trackers(config.tracking.project, config=values, init_kwargs=init_kwargs)
 
 

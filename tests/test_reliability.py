@@ -118,3 +118,57 @@ def test_non_finite_gradient_skips_the_update():
     assert torch.equal(model.weight, before)
     model(torch.ones(1, 4)).sum().backward()
     assert step.update(torch.tensor(1.0)).finite and not torch.equal(model.weight, before)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(make_config, monkeypatch):
+    """A full disk while checkpointing: a clear error, no half checkpoint, the last complete one intact."""
+    import errno
+
+    from accelerate import Accelerator
+
+    run = train(make_config(*FAST, "train.max_steps=2", "train.checkpoint_every=2", out="run"))
+    before = complete_checkpoints(run)
+
+    def disk_full(self, output_dir=None, **kwargs):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full)
+    with pytest.raises(OSError, match="previous checkpoint is intact.*train.resume=latest"):
+        train(make_config(*FAST, "train.max_steps=4", "train.checkpoint_every=2", out="run"))
+    assert complete_checkpoints(run) == before
+    assert not list((run / "checkpoints").glob(".*partial"))
+    monkeypatch.undo()
+    resumed = train(make_config(*FAST, "train.max_steps=4", "train.checkpoint_every=2", out="run"))
+    assert [row["step"] for row in logged(resumed)][-2:] == [3, 4]
+
+
+def test_many_non_finite_steps_in_a_row_stop_the_run_with_advice():
+    from cogft.training.loop import MAX_CONSECUTIVE_NONFINITE, _NonFiniteGuard
+
+    guard = _NonFiniteGuard(total=0)
+    for step in range(MAX_CONSECUTIVE_NONFINITE - 1):
+        guard.record(False, step, torch.tensor(float("nan")), torch.tensor([0]))
+    guard.record(True, 99, torch.tensor(1.0), torch.tensor([0]))  # a good step resets the streak
+    assert guard.total == MAX_CONSECUTIVE_NONFINITE - 1
+    with pytest.raises(FloatingPointError, match="learning_rate"):
+        for step in range(MAX_CONSECUTIVE_NONFINITE):
+            guard.record(False, step, torch.tensor(float("nan")), torch.tensor([0]))
+
+
+def test_tiny_updates_move_sft_weights_of_a_bf16_model(make_config):
+    """SFT keeps fp32 master weights: an update of 1e-6 moves a bf16-family model (bf16 alone would drop it)."""
+    from cogft.models.loading import load_transformer
+    from cogft.training.adapters import setup_trainable
+
+    transformer = load_transformer("tiny://5b", torch.bfloat16)
+    params = setup_trainable(transformer, make_config("train.mode=sft"))
+    weight = params[0]
+    assert weight.dtype == torch.float32
+    before = weight.detach().clone()
+    weight.data.add_(torch.full_like(weight, 1e-6))
+    typical = before.abs() > 1e-2  # weights of ordinary size, where bf16's step is far above 1e-6
+    assert typical.sum() > 10 and bool((weight != before)[typical].all())
+    bf16 = before.to(torch.bfloat16)
+    assert torch.equal((bf16 + 1e-6)[typical], bf16[typical])  # what bf16 weights would have done

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from .. import cogft_home
 from ..config import Config
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from .buckets import frame_buckets
@@ -62,7 +63,7 @@ class PreparedData:
 def cache_root(config: Config) -> Path:
     if config.data.cache_dir:
         return Path(config.data.cache_dir)
-    return Path(os.environ.get("COGFT_HOME", Path.home() / ".cache" / "cogft")) / "cache"
+    return cogft_home() / "cache"
 
 
 def _digest(*parts: object) -> str:

@@ -25,7 +25,6 @@ class ModelFamily:
     max_text_seq_length: int     # T5 tokens the transformer expects
     vae_scale_spatial: int       # pixels per latent pixel
     vae_scale_temporal: int      # frames per latent frame (after the first)
-    patch_size: int
 
     @property
     def needs_loss_scaling(self) -> bool:
@@ -47,7 +46,6 @@ def family_from_configs(transformer_config: dict, vae_config: dict, dtype: str =
         max_text_seq_length=int(transformer_config["max_text_seq_length"]),
         vae_scale_spatial=2 ** (len(vae_config["block_out_channels"]) - 1),
         vae_scale_temporal=int(vae_config.get("temporal_compression_ratio", 4)),
-        patch_size=int(transformer_config["patch_size"]),
     )
 
 

@@ -45,10 +45,11 @@ a skateboarder jumping over stairs in an empty plaza
 """
 
 
-def tiny_dir(family: str, home: str | os.PathLike | None = None) -> Path:
+def tiny_dir(family: str) -> Path:
     """Where `tiny://FAMILY` lives: under $COGFT_HOME (default ~/.cache/cogft)."""
-    base = Path(home or os.environ.get("COGFT_HOME", Path.home() / ".cache" / "cogft"))
-    return base / "tiny" / f"cogvideox-{family}"
+    from .. import cogft_home
+
+    return cogft_home() / "tiny" / f"cogvideox-{family}"
 
 
 def _transformer(family: str, seed: int):

@@ -97,23 +97,26 @@ class ValidationHook:
         self.config, self.family, self.device, self.run_dir = config, family, device, run_dir
         self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
         self.negative = load_file(negative_file)["prompt_embeds"]
-        self._vae = None
+        self._pipe = None
 
     def _pipeline(self, transformer):
-        from diffusers import CogVideoXPipeline
+        """The stock pipeline around the transformer being trained; built (and the VAE loaded) once."""
+        if self._pipe is None:
+            from diffusers import CogVideoXPipeline
 
-        if self._vae is None:
-            self._vae = load_vae(self.config.model.path, encode_dtype(self.family.dtype, self.device),
-                                 self.config.model.revision).to(self.device).eval()
-        scheduler = load_scheduler(self.config.model.path, self.config.model.revision)
-        return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=self._vae, transformer=transformer, scheduler=scheduler)
+            vae = load_vae(self.config.model.path, encode_dtype(self.family.dtype, self.device),
+                           self.config.model.revision).to(self.device).eval()
+            scheduler = load_scheduler(self.config.model.path, self.config.model.revision)
+            self._pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                           scheduler=scheduler)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
 
     def __call__(self, transformer, step: int) -> list[tuple[str, str]]:
         cfg, data = self.config.validation, self.config.data
         was_training = transformer.training
         transformer.eval()
         pipe = self._pipeline(transformer)
-        pipe.set_progress_bar_config(disable=True)
         written = []
         for i, (text, embeds) in enumerate(self.prompts):
             frames = render(

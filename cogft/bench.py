@@ -24,7 +24,7 @@ from .config import Config
 from .flops import peak_tflops, step_flops
 from .models.family import ModelFamily, family_from_configs
 from .models.loading import component_configs
-from .training.speed import compile_enabled
+from .training.speed import block_settings, compile_enabled
 
 
 def _random_transformer(transformer_config: dict, dtype: torch.dtype, device: torch.device):
@@ -99,8 +99,8 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     transformer = _random_transformer(configs["transformer"], family.dtype, device)
     params = setup_trainable(transformer, config)
-    apply_block_options(transformer, config.train.gradient_checkpointing, compile_enabled(config, device),
-                        config.train.offload_checkpoints)
+    checkpointing, offload = block_settings(config, configs)
+    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
     optimizer = build_optimizer(config, params, device)
     lr_scheduler = build_lr_scheduler(config, optimizer)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
@@ -217,14 +217,17 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         return {"variant": name, "error": "out of memory"}
     flops = step_flops(configs["transformer"], config.data.num_frames, config.data.height, config.data.width,
                        config.train.batch_size, family.vae_scale_spatial, family.vae_scale_temporal)
+    checkpointing, offload = block_settings(config, configs) if name == "cogft" else (
+        config.train.gradient_checkpointing is not False, False)
     seconds = statistics.median(times)
     tflop = flops.training(config.train.mode) / 1e12
     row = {
         "variant": name, "model": config.model.path, "mode": config.train.mode,
         "frames": config.data.num_frames, "height": config.data.height, "width": config.data.width,
         "batch_size": config.train.batch_size, "lora_rank": config.lora.rank if config.train.mode == "lora" else None,
-        "gradient_checkpointing": config.train.gradient_checkpointing,
-        "offload_checkpoints": config.train.offload_checkpoints if name == "cogft" else False,
+        "gradient_checkpointing": checkpointing,
+        "offload_checkpoints": offload,
+        "memory_budget_gib": config.train.memory_budget_gib if name == "cogft" else None,
         "compile": compile_enabled(config, device) if name == "cogft" else False,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4), "steps": steps,
         "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),

@@ -93,6 +93,9 @@ class TrainConfig(_Section):
         False, description="true: all blocks; a fraction in (0, 1]: that share of the blocks; false: none"
     )
     offload_checkpoints: bool = False
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="choose checkpointing/offloading from `cogft estimate` to fit this many GiB"
+    )
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block; auto: on CUDA GPUs")
     allow_tf32: bool = True
 

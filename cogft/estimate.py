@@ -8,6 +8,8 @@ tensor-core peak and memory bandwidth: an extrapolation, labelled as such.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
 
@@ -62,29 +64,58 @@ class Estimate:
 
 def _counts(transformer_config: dict, config: Config) -> tuple[int, int]:
     """(all transformer parameters, LoRA parameters) from the model built on the meta device."""
+    total, per_rank = _meta_counts(json.dumps(dict(transformer_config), sort_keys=True),
+                                   tuple(config.lora.target_modules))
+    return total, per_rank * config.lora.rank
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_counts(transformer_config_json: str, targets: tuple[str, ...]) -> tuple[int, int]:
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.device("meta"):
-        model = CogVideoXTransformer3DModel.from_config(transformer_config)
+        model = CogVideoXTransformer3DModel.from_config(json.loads(transformer_config_json))
     total = sum(p.numel() for p in model.parameters())
-    targets = tuple(config.lora.target_modules)
-    lora = sum(config.lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.endswith(targets))
-    return total, lora
+    per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.endswith(targets))
+    return total, per_rank
 
 
-def _advice(config: Config, configs: dict, gpu_name: str, layers: int) -> list[str]:
-    """The least checkpointing that fits, else lean mode, else fewer bytes per parameter."""
-    for blocks in range(1, layers + 1):
-        fraction = math.ceil(blocks / layers * 100) / 100
-        for offload in (False, True):
+def fit_to_budget(config: Config, configs: dict, budget_gib: float, gpu_name: str = "H100"):
+    """The fastest checkpointing/offloading setting whose estimated peak fits `budget_gib`.
+
+    Returns (gradient_checkpointing, offload_checkpoints, Estimate), or None when even lean mode
+    (every block checkpointed, inputs offloaded) does not fit.
+    """
+    layers = configs["transformer"]["num_layers"]
+    fits, seen = [], set()
+    for wanted in range(0, layers + 1):
+        fraction = math.ceil(wanted / layers * 100) / 100  # a setting a person can read and type
+        blocks = checkpointed_block_count(fraction, layers)
+        if blocks in seen:
+            continue
+        seen.add(blocks)
+        setting = False if blocks == 0 else (True if blocks == layers else fraction)
+        for offload in ((False,) if blocks == 0 else (False, True)):
             trial = config.model_copy(update={"train": config.train.model_copy(
-                update={"gradient_checkpointing": True if fraction >= 1 else fraction, "offload_checkpoints": offload})})
+                update={"gradient_checkpointing": setting, "offload_checkpoints": offload})})
             result = estimate(trial, configs, gpu_name, advise=False)
-            if result.fits:
-                setting = "true" if fraction >= 1 else fraction
-                return [f"train.gradient_checkpointing={setting}" + (" train.offload_checkpoints=true" if offload else "")
-                        + f" (estimated {result.peak_allocated_gib} GiB, {result.seconds_per_step} s/step)"]
+            if result.peak_allocated_gib <= budget_gib:
+                fits.append((result.seconds_per_step, blocks, offload, setting, result))
+    if not fits:
+        return None
+    _, _, offload, setting, result = min(fits, key=lambda fit: fit[:3])
+    return setting, offload, result
+
+
+def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> list[str]:
+    """The least checkpointing that fits, else what else to change."""
+    fit = fit_to_budget(config, configs, memory_gib, gpu_name)
+    if fit is not None:
+        setting, offload, result = fit
+        return [f"train.gradient_checkpointing={str(setting).lower()}"
+                + (" train.offload_checkpoints=true" if offload else "")
+                + f" (estimated {result.peak_allocated_gib} GiB, {result.seconds_per_step} s/step)"]
     if config.train.mode == "sft":
         return ["full fine-tuning keeps 18 bytes per parameter here: use train.mode=lora, or a GPU with more memory"]
     return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width"]
@@ -140,7 +171,7 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
     advice = []
     fits = peak <= gpu.memory_gib
     if not fits and advise:
-        advice = _advice(config, configs, gpu_name, layers)
+        advice = _advice(config, configs, gpu_name, gpu.memory_gib)
     return Estimate(gpu.name, round(peak, 2), round(seconds, 3), fits,
                     {k: round(v / GIB, 2) for k, v in parts.items()}, advice, key != "H100")
 

@@ -47,3 +47,19 @@ def test_estimate_says_what_to_change_when_it_does_not_fit():
     assert fixed.fits  # the advice is a config that fits
     sft = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml")
     assert not estimate(sft, REFERENCE[sft.model.path], "H100").fits  # 18 bytes per parameter of 5.6 B
+
+
+def test_memory_budget_picks_the_least_checkpointing_that_fits():
+    from cogft.estimate import fit_to_budget
+    from cogft.training.speed import block_settings
+
+    config = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.compile=true"])
+    configs = REFERENCE[config.model.path]
+    assert fit_to_budget(config, configs, 40)[:2] == (False, False)      # measured 32.4 GiB unchecked
+    partial, offload, result = fit_to_budget(config, configs, 20)
+    assert 0 < partial < 1 and not offload and result.peak_allocated_gib <= 20
+    assert fit_to_budget(config, configs, 6)[:2] == (True, True)         # lean mode: measured 5.92 GiB
+    assert fit_to_budget(config, configs, 3) is None                     # the fp16 weights alone are 3.15 GiB
+    budgeted = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=6"])
+    assert block_settings(budgeted, configs) == (True, True)
+    assert block_settings(config, configs) == (False, False)             # no budget: the config as written

@@ -23,7 +23,7 @@ from ..data.cache import prepare, write_report
 from ..data.dataset import LatentDataset, collate
 from ..flops import peak_tflops, step_flops
 from ..models.family import ModelFamily
-from ..models.loading import family_for, load_scheduler, load_transformer
+from ..models.loading import component_configs, family_for, load_scheduler, load_transformer
 from ..sampling import ValidationHook
 from ..tracking import init_trackers, log_videos, trackers_for
 from .adapters import save_lora, save_transformer, setup_trainable
@@ -37,7 +37,7 @@ from .checkpointing import (
     sample_generators,
 )
 from .objective import rotary_cache
-from .speed import apply_block_options, compile_enabled
+from .speed import apply_block_options, block_settings, compile_enabled
 from .step import TrainingStep
 
 logger = logging.getLogger(__name__)
@@ -237,8 +237,8 @@ def train(config: Config) -> Path:
 
     transformer = load_transformer(config.model.path, family.dtype, config.model.revision)
     params = setup_trainable(transformer, config)
-    apply_block_options(transformer, config.train.gradient_checkpointing, compile_enabled(config, device),
-                        config.train.offload_checkpoints)
+    checkpointing, offload = block_settings(config, component_configs(config.model.path, config.model.revision))
+    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
     logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{sum(p.numel() for p in params):,}")
     optimizer = build_optimizer(config, params, device)
     dataset = LatentDataset(prepared.entries)

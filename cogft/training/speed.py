@@ -18,6 +18,25 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 
+def block_settings(config, configs: dict) -> tuple[bool | float, bool]:
+    """(gradient_checkpointing, offload_checkpoints) to use: as configured, or, with
+    `train.memory_budget_gib`, the least that `cogft estimate` predicts fits the budget."""
+    budget = config.train.memory_budget_gib
+    if budget is None:
+        return config.train.gradient_checkpointing, config.train.offload_checkpoints
+    from ..estimate import fit_to_budget
+
+    fit = fit_to_budget(config, configs, budget)
+    if fit is None:
+        logger.warning("train.memory_budget_gib=%s: even full offloaded checkpointing is estimated above it; "
+                       "using it anyway", budget)
+        return True, True
+    setting, offload, result = fit
+    logger.info("train.memory_budget_gib=%s: gradient_checkpointing=%s offload_checkpoints=%s (estimated %.2f GiB)",
+                budget, setting, offload, result.peak_allocated_gib)
+    return setting, offload
+
+
 def compile_enabled(config, device: torch.device) -> bool:
     """`train.compile: auto` compiles on CUDA GPUs, where it pays for its start-up minute; never on CPUs."""
     setting = config.train.compile

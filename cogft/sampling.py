@@ -106,6 +106,8 @@ class ValidationHook:
 
             vae = load_vae(self.config.model.path, encode_dtype(self.family.dtype, self.device),
                            self.config.model.revision).to(self.device).eval()
+            if self.config.data.vae_tiling:
+                vae.enable_tiling()
             scheduler = load_scheduler(self.config.model.path, self.config.model.revision)
             self._pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                            scheduler=scheduler)
@@ -119,12 +121,20 @@ class ValidationHook:
         pipe = self._pipeline(transformer)
         written = []
         for i, (text, embeds) in enumerate(self.prompts):
-            frames = render(
-                pipe, self.family, self.device, num_frames=data.num_frames, height=data.height, width=data.width,
-                steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + i,
-                prompt_embeds=embeds[None].to(self.device), negative_prompt_embeds=self.negative[None].to(self.device),
-                cache=cfg.cache,
-            )
+            try:
+                frames = render(
+                    pipe, self.family, self.device, num_frames=data.num_frames, height=data.height, width=data.width,
+                    steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + i,
+                    prompt_embeds=embeds[None].to(self.device),
+                    negative_prompt_embeds=self.negative[None].to(self.device), cache=cfg.cache,
+                )
+            except torch.OutOfMemoryError:  # a validation video is not worth the run
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                logger.warning("validation at step %d: out of GPU memory on prompt %d, skipped; lower the memory "
+                               "use (train.memory_budget_gib, data.vae_tiling=true) to get validation videos",
+                               step, i)
+                continue
             path = write_mp4(frames, self.run_dir / "samples" / f"step-{step:06d}-{i:02d}-{_slug(text)}.mp4", cfg.fps)
             written.append((text, str(path)))
         transformer.train(was_training)

@@ -200,3 +200,15 @@ def test_offloaded_checkpointing_keeps_the_numbers(make_config):
         a, b = load_file(plain / name), load_file(offloaded / name)
         for key in a:
             torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
+
+
+def test_validation_out_of_memory_is_skipped_not_fatal(make_config, monkeypatch):
+    import cogft.sampling
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(cogft.sampling, "render", out_of_memory)
+    run = train(make_config("train.max_steps=2", "validation.every=1", out="oom"))
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not list(run.glob("samples/*.mp4"))  # every validation video was skipped, training went on

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .flops import step_flops
 from .models.family import family_from_configs
 from .training.speed import checkpointed_block_count
@@ -109,7 +109,7 @@ def fit_to_budget(config: Config, configs: dict, budget_gib: float, gpu_name: st
 
 
 def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> list[str]:
-    """The least checkpointing that fits, else what else to change."""
+    """The fastest setting that fits, else what else to change."""
     fit = fit_to_budget(config, configs, memory_gib, gpu_name)
     if fit is not None:
         setting, offload, result = fit
@@ -124,7 +124,7 @@ def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> 
 def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool = True) -> Estimate:
     key = next((k for k in GPUS if k.lower() in gpu_name.lower()), None)
     if key is None:
-        raise ValueError(f"unknown GPU {gpu_name!r}; choose one of {', '.join(GPUS)}")
+        raise ConfigError(f"--gpu {gpu_name!r}: unknown GPU; choose one of {', '.join(GPUS)}")
     gpu = GPUS[key]
     tcfg = configs["transformer"]
     family = family_from_configs(tcfg, configs["vae"], config.model.dtype)

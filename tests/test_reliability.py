@@ -85,6 +85,8 @@ def test_unsafe_config_change_on_resume_is_refused(make_config):
         train(make_config(*FAST, "train.max_steps=4", "lora.rank=16", out="run"))
     with pytest.raises(ResumeError, match=r"data\.height: 64 -> 32"):
         train(make_config(*FAST, "train.max_steps=4", "data.height=32", out="run"))
+    with pytest.raises(ResumeError, match="already holds checkpoints"):  # a fresh start would mix with the old run
+        train(make_config(*FAST, "train.max_steps=4", "lora.rank=16", "train.resume=null", out="run"))
     run = train(make_config(*FAST, "train.max_steps=4", "train.learning_rate=5e-4", out="run"))  # safe: applied
     rows = logged(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -72,9 +72,14 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     Resuming from an older checkpoint while newer ones of the same run exist is refused: the new
     trajectory would mix with the old one, and `latest` would later pick the old one up.
     """
-    if resume is None:
-        return None
     found = complete_checkpoints(run_dir)
+    if resume is None:
+        if found:  # a fresh run here would interleave its checkpoints with the old run's
+            raise ResumeError(
+                f"train.resume=null but {run_dir} already holds checkpoints ({found[-1].name} the newest): use a "
+                f"new output_dir, move {run_dir / CHECKPOINTS} away, or continue with train.resume=latest"
+            )
+        return None
     if resume == "latest":
         return found[-1] if found else None
     path = Path(resume)
@@ -125,7 +130,7 @@ def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
         raise ResumeError(
             f"cannot resume from {checkpoint}: {listed} changed since the checkpoint was written. Put it back, "
-            "use a new output_dir, or start this run fresh with train.resume=null"
+            "or train with this setting under a new output_dir"
         )
     return changes
 

@@ -24,19 +24,15 @@ from .config import Config
 from .flops import peak_tflops, step_flops
 from .models.family import ModelFamily, family_from_configs
 from .models.loading import component_configs
+from .models.reference import random_init
 from .training.speed import block_settings, compile_enabled
 
 
 def _random_transformer(transformer_config: dict, dtype: torch.dtype, device: torch.device):
     from diffusers import CogVideoXTransformer3DModel
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise straight in the target dtype: no fp32 copy of 5B weights
-    try:
-        with torch.device(device):
-            return CogVideoXTransformer3DModel.from_config(transformer_config)
-    finally:
-        torch.set_default_dtype(previous)
+    with random_init(device, dtype):
+        return CogVideoXTransformer3DModel.from_config(transformer_config)
 
 
 def _synthetic_batch(config: Config, family: ModelFamily, transformer_config: dict, device: torch.device, seed: int):

@@ -15,6 +15,7 @@ import torch
 
 from .bench import _free, _random_transformer, _sync
 from .models.loading import component_configs
+from .models.reference import random_init
 from .config import Config
 from .models.family import family_from_configs
 from .sampling import render
@@ -26,7 +27,8 @@ def _pipeline(configs: dict, family, device: torch.device):
 
     dtype = family.dtype if device.type == "cuda" else torch.float32
     transformer = _random_transformer(configs["transformer"], dtype, device).eval()
-    vae = AutoencoderKLCogVideoX.from_config(configs["vae"]).to(device=device, dtype=dtype).eval()
+    with random_init(device, dtype):
+        vae = AutoencoderKLCogVideoX.from_config(configs["vae"]).eval()
     scheduler = CogVideoXDPMScheduler.from_config(configs["scheduler"])
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models.family import family_from_configs
-from ..models.reference import T5_XXL_ENCODER, reference_configs
+from ..models.reference import T5_XXL_ENCODER, random_init, reference_configs
 from .cache import encode_frames
 
 
@@ -35,21 +35,12 @@ def _timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def _build(cls, config: dict, dtype: torch.dtype, device: torch.device):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return cls(config) if not hasattr(cls, "from_config") else cls.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _time_vae(vae_config: dict, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int):
     """(cudnn.benchmark, s/clip, peak GiB) with cuDNN autotuning off, then on."""
     from diffusers import AutoencoderKLCogVideoX
 
-    vae = _build(AutoencoderKLCogVideoX, vae_config, dtype, device).eval()
+    with random_init(device, dtype):
+        vae = AutoencoderKLCogVideoX.from_config(vae_config).eval()
     results = []
     for benchmark in (False, True):
         torch.backends.cudnn.benchmark = benchmark
@@ -85,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
                               "cudnn_benchmark": benchmark, "peak_allocated_gib": peak, **common}), flush=True)
         torch.cuda.empty_cache()
 
-    t5 = _build(T5EncoderModel, T5Config(**T5_XXL_ENCODER), family.dtype, device).eval()
+    with random_init(device, family.dtype):
+        t5 = T5EncoderModel(T5Config(**T5_XXL_ENCODER)).eval()
     ids = torch.randint(0, T5_XXL_ENCODER["vocab_size"], (16, family.max_text_seq_length), device=device)
     with torch.no_grad():
         t5_seconds = _timed(lambda: t5(ids)[0], args.repeat) / 16

@@ -7,6 +7,10 @@ memory as the real weights) when the hub cannot be reached. Values are those of 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
+
 _TRANSFORMER_COMMON = {
     "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64, "dropout": 0.0,
     "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 16, "max_text_seq_length": 226,
@@ -58,3 +62,15 @@ def reference_configs(hub_id: str) -> dict[str, dict] | None:
         if key.split("/")[-1].lower() == name:
             return configs
     return None
+
+
+@contextmanager
+def random_init(device: torch.device, dtype: torch.dtype):
+    """Build modules straight on `device` in `dtype`: no fp32 host copy of billions of random weights."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -75,41 +75,19 @@ def _free(device: torch.device) -> None:
 
 
 def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torch.device):
-    """The trainer's path: setup_trainable, block options, fused AdamW, TrainingStep."""
+    """The trainer's path, assembled by the trainer's own `assemble_step`."""
     from accelerate import Accelerator
     from diffusers import CogVideoXDPMScheduler
 
-    from .training.adapters import setup_trainable
-    from .training.checkpointing import (
-        TrainingProgress,
-        load_checkpoint,
-        register_weight_hooks,
-        sample_generators,
-        save_checkpoint,
-    )
-    from .training.loop import build_lr_scheduler, build_optimizer
-    from .training.objective import rotary_cache
-    from .training.speed import apply_block_options
-    from .training.step import TrainingStep
+    from .training.checkpointing import load_checkpoint, sample_generators, save_checkpoint
+    from .training.loop import assemble_step
 
     accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     transformer = _random_transformer(configs["transformer"], family.dtype, device)
-    params = setup_trainable(transformer, config)
-    checkpointing, offload = block_settings(config, configs)
-    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
-    optimizer = build_optimizer(config, params, device)
-    lr_scheduler = build_lr_scheduler(config, optimizer)
-    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    step = TrainingStep(
-        accelerator, transformer, params, optimizer, lr_scheduler,
-        torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling),
-        CogVideoXDPMScheduler.from_config(configs["scheduler"]), family, config.train.max_grad_norm,
-        rotary_cache(accelerator.unwrap_model(transformer).config, family, config.data.height, config.data.width, device),
-    )
+    step, _, _ = assemble_step(accelerator, transformer, config, family, configs,
+                               CogVideoXDPMScheduler.from_config(configs["scheduler"]))
     batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
-    transformer.train()
-    accelerator.register_for_checkpointing(step.scaler, TrainingProgress())
-    register_weight_hooks(accelerator, config)
+    step.transformer.train()
 
     def run(i: int) -> None:
         loss = step.forward_backward(batch, sample_generators(config.train.seed, i, 0, 0, config.train.batch_size, device))

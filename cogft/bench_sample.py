@@ -19,7 +19,7 @@ from .models.reference import random_init
 from .config import Config
 from .models.family import family_from_configs
 from .sampling import render
-from .training.speed import compile_enabled
+from .training.speed import apply_block_options, compile_enabled
 
 
 def _pipeline(configs: dict, family, device: torch.device):
@@ -61,9 +61,7 @@ def bench_sample(config: Config, baseline: bool = False, emit: Callable[[dict], 
     variants.append(("cogft", compile_enabled(config, device), cfg.cache))
     rows = []
     for name, compiled, cache in variants:
-        if compiled:
-            for block in pipe.transformer.transformer_blocks:
-                block.compile()
+        apply_block_options(pipe.transformer, False, compiled)
         timed(cache, 2)  # warm-up: compilation, cuDNN plans, allocator
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -20,7 +20,7 @@ from .models.family import ModelFamily
 from .models.loading import family_for, load_pipeline, load_scheduler, load_vae
 from .runs import TrainedWeights, resolve_trained
 from .training.adapters import TRANSFORMER_DIR
-from .training.speed import compile_enabled
+from .training.speed import apply_block_options, compile_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     trained = resolve_trained(source)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, family = pipeline_with_weights(trained, target)
-    if compile_enabled(trained.config, target):
-        for block in pipe.transformer.transformer_blocks:
-            block.compile()
+    apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
     cfg, data = trained.config.validation, trained.config.data
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
     frames = render(

@@ -78,6 +78,38 @@ def _gather_prepared(accelerator, config: Config, family: ModelFamily, run_dir: 
     return mine
 
 
+def assemble_step(accelerator, transformer, config: Config, family: ModelFamily, configs: dict, noise_scheduler,
+                  loader=None):
+    """Trainable weights, speed levers, AdamW, schedule, accelerate, loss scaler and checkpoint hooks around
+    `transformer`: everything a `TrainingStep` needs. The trainer and `cogft bench` both build it here.
+
+    Returns (step, progress, the prepared loader or None).
+    """
+    device = accelerator.device
+    params = setup_trainable(transformer, config)
+    checkpointing, offload = block_settings(config, configs)
+    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
+    logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype,
+                f"{sum(p.numel() for p in params):,}")
+    optimizer = build_optimizer(config, params, device)
+    lr_scheduler = build_lr_scheduler(config, optimizer)
+    if loader is None:
+        transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    else:
+        transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    scaler = torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(scaler, progress)
+    register_weight_hooks(accelerator, config)
+    step = TrainingStep(
+        accelerator, transformer, params, optimizer, lr_scheduler, scaler, noise_scheduler, family,
+        config.train.max_grad_norm,
+        rotary_cache(accelerator.unwrap_model(transformer).config, family, config.data.height, config.data.width,
+                     device),
+    )
+    return step, progress, loader
+
+
 def build_lr_scheduler(config: Config, optimizer):
     from diffusers.optimization import get_scheduler
 
@@ -236,33 +268,21 @@ def train(config: Config) -> Path:
     set_seed(config.train.seed)
 
     transformer = load_transformer(config.model.path, family.dtype, config.model.revision)
-    params = setup_trainable(transformer, config)
-    checkpointing, offload = block_settings(config, component_configs(config.model.path, config.model.revision))
-    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
-    logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype, f"{sum(p.numel() for p in params):,}")
-    optimizer = build_optimizer(config, params, device)
     dataset = LatentDataset(prepared.entries)
     loader = DataLoader(
         dataset, batch_sampler=BucketBatchSampler(dataset.frames, config.train.batch_size, config.train.seed),
         collate_fn=collate, num_workers=config.data.dataloader_workers,
     )
-    lr_scheduler = build_lr_scheduler(config, optimizer)
-    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
-    scaler = torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling)
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scaler, progress)
-    register_weight_hooks(accelerator, config)
-
+    step, progress, loader = assemble_step(
+        accelerator, transformer, config, family, component_configs(config.model.path, config.model.revision),
+        load_scheduler(config.model.path, config.model.revision), loader,
+    )
+    transformer, optimizer, lr_scheduler = step.transformer, step.optimizer, step.lr_scheduler
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
         apply_optimizer_settings(config, optimizer, lr_scheduler)
 
     unwrapped = accelerator.unwrap_model(transformer)
-    step = TrainingStep(
-        accelerator, transformer, params, optimizer, lr_scheduler, scaler,
-        load_scheduler(config.model.path, config.model.revision), family, config.train.max_grad_norm,
-        rotary_cache(unwrapped.config, family, config.data.height, config.data.width, device),
-    )
     validation = None
     if config.validation.prompts and accelerator.is_main_process:
         validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt, run_dir)

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def block_settings(config, configs: dict) -> tuple[bool | float, bool]:
     """(gradient_checkpointing, offload_checkpoints) to use: as configured, or, with
-    `train.memory_budget_gib`, the least that `cogft estimate` predicts fits the budget."""
+    `train.memory_budget_gib`, the fastest that `cogft estimate` predicts fits the budget."""
     budget = config.train.memory_budget_gib
     if budget is None:
         return config.train.gradient_checkpointing, config.train.offload_checkpoints

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .training.adapters import LORA_WEIGHTS, TRANSFORMER_DIR
-from .training.checkpointing import CHECKPOINTS, complete_checkpoints, is_checkpoint
+from .training.checkpointing import CHECKPOINTS, CONFIG_FILE, complete_checkpoints, is_checkpoint
 
-CONFIG_FILE = "config.yaml"
 LORA_DIR = "lora"
 
 

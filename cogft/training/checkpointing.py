@@ -23,7 +23,7 @@ from .adapters import load_lora_state, load_transformer_state, save_lora, save_t
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "cogft_complete.json"
-CHECKPOINT_CONFIG = "config.yaml"
+CONFIG_FILE = "config.yaml"  # the resolved config, in a run dir and in each of its checkpoints
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -122,7 +122,7 @@ def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
     """Refuse a resume whose config changed an unsafe key; return the safe changes to log."""
     import yaml
 
-    saved = checkpoint / CHECKPOINT_CONFIG
+    saved = checkpoint / CONFIG_FILE
     old = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
     changes = config_changes(old, config.model_dump(mode="json"))
     unsafe = {k: v for k, v in changes.items() if k in UNSAFE_ON_RESUME}
@@ -179,7 +179,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
         ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_config(config, staging / CHECKPOINT_CONFIG)
+        save_config(config, staging / CONFIG_FILE)
         (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)

@@ -24,10 +24,12 @@ from ..data.dataset import LatentDataset, collate
 from ..flops import peak_tflops, step_flops
 from ..models.family import ModelFamily
 from ..models.loading import component_configs, family_for, load_scheduler, load_transformer
+from ..runs import LORA_DIR
 from ..sampling import ValidationHook
 from ..tracking import init_trackers, log_videos, trackers_for
 from .adapters import save_lora, save_transformer, setup_trainable
 from .checkpointing import (
+    CONFIG_FILE,
     TrainingProgress,
     check_resume_config,
     load_checkpoint,
@@ -260,7 +262,7 @@ def train(config: Config) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, run_dir / CONFIG_FILE)
 
     with accelerator.main_process_first():  # a tiny:// model is built once, by the main process
         family = family_for(config.model.path, config.model.dtype, config.model.revision)
@@ -362,7 +364,7 @@ def export_final(accelerator, transformer, config: Config, family: ModelFamily, 
     """lora/pytorch_lora_weights.safetensors or transformer/ in the family's dtype, as diffusers expects."""
     if accelerator.is_main_process:
         if config.train.mode == "lora":
-            path = save_lora(transformer, config, run_dir / "lora")
+            path = save_lora(transformer, config, run_dir / LORA_DIR)
         else:
             path = save_transformer(transformer, run_dir, dtype=family.dtype)
         logger.info("exported %s", path)

@@ -25,6 +25,7 @@ from .flops import peak_tflops, step_flops
 from .models.family import ModelFamily, family_from_configs
 from .models.loading import component_configs
 from .models.reference import random_init
+from .training.backends import accelerator_on_cpu, backend_name
 from .training.speed import block_settings, compile_enabled
 
 
@@ -82,7 +83,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     from .training.checkpointing import load_checkpoint, sample_generators, save_checkpoint
     from .training.loop import assemble_step
 
-    accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
     transformer = _random_transformer(configs["transformer"], family.dtype, device)
     step, _, _ = assemble_step(accelerator, transformer, config, family, configs,
                                CogVideoXDPMScheduler.from_config(configs["scheduler"]))
@@ -105,6 +106,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
                 "checkpoint_mib": round(size / 2**20, 2)}
 
     run.checkpoint_roundtrip = checkpoint_roundtrip
+    run.backend = backend_name(accelerator)
     return run
 
 
@@ -212,6 +214,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
         peak = peak_tflops(row["device"])
         row["mfu"] = round(tflop / seconds / peak, 3) if peak else None
+    row["backend"] = getattr(run, "backend", "plain")
     row.update(extra)
     del run
     _free(device)

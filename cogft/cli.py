@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data.sources import DatasetLayoutError
+    from .training.backends import BackendError
     from .training.checkpointing import ResumeError
 
-    user_errors = (ConfigError, DatasetLayoutError, ResumeError, FileNotFoundError, FileExistsError)
+    user_errors = (ConfigError, DatasetLayoutError, ResumeError, BackendError, FileNotFoundError, FileExistsError)
     try:
         if args.command == "train":
             run_train(args.config, args.overrides)

@@ -98,6 +98,10 @@ class TrainConfig(_Section):
     )
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block; auto: on CUDA GPUs")
     allow_tf32: bool = True
+    cpu_adam: Literal["auto", "torch"] = Field(
+        "auto", description="optimizer in host memory (DeepSpeed offload): auto = DeepSpeed's CPUAdam, compiled on "
+        "first use, else torch's AdamW; torch = torch's AdamW, no compiler needed"
+    )
 
     @field_validator("gradient_checkpointing")
     @classmethod

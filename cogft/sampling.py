@@ -93,8 +93,10 @@ class ValidationHook:
     """Samples the configured prompts with the in-memory transformer every `validation.every` steps."""
 
     def __init__(self, config: Config, family: ModelFamily, device: torch.device,
-                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path):
+                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path, writes_videos: bool = True):
+        """`writes_videos=False`: a rank that only takes part in the forward passes (weights sharded over ranks)."""
         self.config, self.family, self.device, self.run_dir = config, family, device, run_dir
+        self.writes_videos = writes_videos
         self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
         self.negative = load_file(negative_file)["prompt_embeds"]
         self._pipe = None
@@ -135,10 +137,13 @@ class ValidationHook:
                                "use (train.memory_budget_gib, data.vae_tiling=true) to get validation videos",
                                step, i)
                 continue
+            if not self.writes_videos:
+                continue
             path = write_mp4(frames, self.run_dir / "samples" / f"step-{step:06d}-{i:02d}-{_slug(text)}.mp4", cfg.fps)
             written.append((text, str(path)))
         transformer.train(was_training)
-        logger.info("validation at step %d: %d videos in %s", step, len(written), self.run_dir / "samples")
+        if self.writes_videos:
+            logger.info("validation at step %d: %d videos in %s", step, len(written), self.run_dir / "samples")
         return written
 
 

@@ -30,8 +30,11 @@ def lora_config(config: Config):
     )
 
 
-def setup_trainable(transformer: torch.nn.Module, config: Config) -> list[torch.nn.Parameter]:
-    """Freeze/unfreeze, add the adapter, move trainable weights to fp32; returns the trainable params."""
+def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: bool = True) -> list[torch.nn.Parameter]:
+    """Freeze/unfreeze, add the adapter, move trainable weights to fp32; returns the trainable params.
+
+    `fp32_master=False` leaves them in the model's dtype, for DeepSpeed, whose optimizer keeps the fp32 copy.
+    """
     if config.train.mode == "lora":
         transformer.requires_grad_(False)
         try:
@@ -41,17 +44,23 @@ def setup_trainable(transformer: torch.nn.Module, config: Config) -> list[torch.
     else:
         transformer.requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]
-    for param in params:
-        param.data = param.data.float()
+    if fp32_master:
+        for param in params:
+            param.data = param.data.float()
     return params
 
 
-def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path) -> Path:
-    """Write the adapter in the diffusers LoRA format, with its config as metadata."""
+def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,
+              model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter in the diffusers LoRA format, with its config as metadata.
+
+    `model_state`: the whole model's gathered weights, when they are sharded (DeepSpeed, FSDP).
+    """
     from diffusers import CogVideoXPipeline
     from peft.utils import get_peft_model_state_dict
 
-    state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+    adapter = get_peft_model_state_dict(transformer, state_dict=model_state)
+    state = {k: v.detach().float().cpu() for k, v in adapter.items()}
     CogVideoXPipeline.save_lora_weights(
         out_dir,
         transformer_lora_layers=state,
@@ -75,19 +84,20 @@ def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path) -> None:
         raise ValueError(f"{in_dir}: LoRA weights do not match this model: unexpected {result.unexpected_keys[:4]}")
 
 
-def save_transformer(transformer: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """A diffusers-format transformer folder; `dtype` casts the weights (fp32 master → fp16/bf16 release)."""
-    if dtype is None:
-        target = Path(out_dir) / TRANSFORMER_DIR
-        transformer.save_pretrained(target)
-        return target
-    from safetensors.torch import save_file
+def save_transformer(transformer: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
+                     model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """A diffusers-format transformer folder (sharded like `save_pretrained`); `dtype` casts the weights
+    (fp32 master → fp16/bf16 release); `model_state` is the gathered state when the weights are sharded."""
+    from huggingface_hub import save_torch_state_dict
 
     target = Path(out_dir) / TRANSFORMER_DIR
     target.mkdir(parents=True, exist_ok=True)
     transformer.save_config(target)
-    state = {k: v.detach().to(dtype).contiguous() for k, v in transformer.state_dict().items()}
-    save_file(state, str(target / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    state = transformer.state_dict() if model_state is None else model_state
+    # own copies: gathered ZeRO-3 weights are views into one flat buffer, which safetensors refuses
+    state = {k: v.detach().to(device="cpu", dtype=dtype or v.dtype, copy=True) for k, v in state.items()}
+    save_torch_state_dict(state, target, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size="10GB", metadata={"format": "pt"})
     return target
 
 

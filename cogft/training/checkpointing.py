@@ -19,6 +19,7 @@ import torch
 
 from ..config import Config, save_config
 from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
+from .backends import full_state_dict
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -136,19 +137,25 @@ def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
 
 
 def register_weight_hooks(accelerator, config: Config) -> None:
-    """Make accelerate save/load the diffusers-format weights instead of its own model file."""
+    """Make accelerate save/load the diffusers-format weights instead of its own model file.
+
+    Under DeepSpeed/FSDP accelerate also writes the backend's own (sharded) model and optimizer states,
+    which are what a resume loads; the diffusers-format copy is for sampling and export.
+    """
 
     def save_hook(models, weights, output_dir):
         for model in models:
+            state = full_state_dict(accelerator, model)  # a collective under ZeRO-3/FSDP: every rank takes part
             if accelerator.is_main_process:
+                module = accelerator.unwrap_model(model)
                 if config.train.mode == "lora":
-                    save_lora(model, config, output_dir)
+                    save_lora(module, config, output_dir, model_state=state)
                 else:
-                    save_transformer(model, output_dir)
+                    save_transformer(module, output_dir, model_state=state)
             if weights:
                 weights.pop()
 
-    def load_hook(models, input_dir):
+    def load_hook(models, input_dir):  # DeepSpeed and FSDP restore their own (sharded) weights: no models here
         while models:
             model = models.pop()
             if config.train.mode == "lora":

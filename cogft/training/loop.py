@@ -28,6 +28,17 @@ from ..runs import LORA_DIR
 from ..sampling import ValidationHook
 from ..tracking import init_trackers, log_videos, trackers_for
 from .adapters import save_lora, save_transformer, setup_trainable
+from .backends import (
+    accelerator_on_cpu,
+    backend_name,
+    configure_backend,
+    cpu_adamw,
+    full_state_dict,
+    keep_encoders_whole,
+    offloads_optimizer,
+    shards_weights,
+    uses_deepspeed,
+)
 from .checkpointing import (
     CONFIG_FILE,
     TrainingProgress,
@@ -52,16 +63,19 @@ def make_accelerator(config: Config, run_dir: Path):
 
     # Set up the process group before anything asks who the main process is (the trackers do): with no
     # GPU, ranks started by torchrun then join a gloo group instead of each training alone.
-    PartialState(cpu=not torch.cuda.is_available())
-    return Accelerator(
+    cpu = accelerator_on_cpu()
+    PartialState(cpu=cpu)
+    accelerator = Accelerator(
         mixed_precision="no",  # precision is the family's policy, applied here (see module docstring)
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=trackers_for(config, run_dir),
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
         step_scheduler_with_optimizer=False,
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
     )
+    keep_encoders_whole(accelerator)
+    return accelerator
 
 
 def _gather_prepared(accelerator, config: Config, family: ModelFamily, run_dir: Path):
@@ -88,18 +102,22 @@ def assemble_step(accelerator, transformer, config: Config, family: ModelFamily,
     Returns (step, progress, the prepared loader or None).
     """
     device = accelerator.device
-    params = setup_trainable(transformer, config)
+    configure_backend(accelerator, config, family)
+    params = setup_trainable(transformer, config, fp32_master=not uses_deepspeed(accelerator))
     checkpointing, offload = block_settings(config, configs)
     apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
-    logger.info("family=%s dtype=%s trainable parameters: %s", family.name, family.dtype,
-                f"{sum(p.numel() for p in params):,}")
-    optimizer = build_optimizer(config, params, device)
+    logger.info("family=%s dtype=%s backend=%s trainable parameters: %s", family.name, family.dtype,
+                backend_name(accelerator), f"{sum(p.numel() for p in params):,}")
+    optimizer = build_optimizer(config, params, device, offloaded=offloads_optimizer(accelerator))
     lr_scheduler = build_lr_scheduler(config, optimizer)
     if loader is None:
         transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     else:
         transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
-    scaler = torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling)
+    # FSDP replaces the parameters with sharded ones (and points the optimizer at them): clip those
+    params = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
+    # DeepSpeed scales the fp16 loss itself (its engine runs backward and the optimizer step)
+    scaler = torch.amp.GradScaler(device.type, enabled=family.needs_loss_scaling and not uses_deepspeed(accelerator))
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scaler, progress)
     register_weight_hooks(accelerator, config)
@@ -164,12 +182,15 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the fp32 trainable weights; the fused kernel on GPUs (one launch for all params)."""
-    return torch.optim.AdamW(
-        params, lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
-        weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon, fused=device.type == "cuda",
-    )
+def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
+                    offloaded: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights: the fused kernel on GPUs (one launch for all params), a CPU
+    AdamW when DeepSpeed keeps the optimizer in host memory."""
+    settings = dict(lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
+                    weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
+    if offloaded:
+        return cpu_adamw(params, implementation=config.train.cpu_adam, **settings)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **settings)
 
 
 class _NonFiniteGuard:
@@ -251,8 +272,8 @@ def train(config: Config) -> Path:
     accelerator = make_accelerator(config, run_dir)
     device = accelerator.device
     logger.info(
-        "world_size=%d process=%d local_process=%d device=%s mode=%s",
-        accelerator.num_processes, accelerator.process_index, accelerator.local_process_index, device, config.train.mode,
+        "world_size=%d process=%d local_process=%d device=%s backend=%s mode=%s", accelerator.num_processes,
+        accelerator.process_index, accelerator.local_process_index, device, backend_name(accelerator), config.train.mode,
     )
     resume_from = resolve_resume(config.train.resume, run_dir)
     if resume_from is not None:
@@ -286,8 +307,10 @@ def train(config: Config) -> Path:
 
     unwrapped = accelerator.unwrap_model(transformer)
     validation = None
-    if config.validation.prompts and accelerator.is_main_process:
-        validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt, run_dir)
+    # Sharded weights (ZeRO-3, FSDP): every rank runs the forward passes, the main process writes the videos
+    if config.validation.prompts and (accelerator.is_main_process or shards_weights(accelerator)):
+        validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt,
+                                    run_dir, writes_videos=accelerator.is_main_process)
 
     init_trackers(accelerator, config, run_dir)
     micro_per_epoch = len(loader)
@@ -355,18 +378,20 @@ def train(config: Config) -> Path:
     if not stopped_early:
         if config.validation.at_end or progress.global_step % config.validation.every == 0:
             run_validation(progress.global_step)
-        export_final(accelerator, unwrapped, config, family, run_dir)
+        export_final(accelerator, transformer, config, family, run_dir)
     accelerator.end_training()
     return run_dir
 
 
 def export_final(accelerator, transformer, config: Config, family: ModelFamily, run_dir: Path) -> None:
     """lora/pytorch_lora_weights.safetensors or transformer/ in the family's dtype, as diffusers expects."""
+    state = full_state_dict(accelerator, transformer)  # gathered on every rank when the weights are sharded
     if accelerator.is_main_process:
+        module = accelerator.unwrap_model(transformer)
         if config.train.mode == "lora":
-            path = save_lora(transformer, config, run_dir / LORA_DIR)
+            path = save_lora(module, config, run_dir / LORA_DIR, model_state=state)
         else:
-            path = save_transformer(transformer, run_dir, dtype=family.dtype)
+            path = save_transformer(module, run_dir, dtype=family.dtype, model_state=state)
         logger.info("exported %s", path)
     accelerator.wait_for_everyone()
 

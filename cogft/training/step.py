@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..models.family import ModelFamily
+from .backends import uses_deepspeed
 from .objective import diffusion_loss, draw_inputs
 
 
@@ -40,6 +41,7 @@ class TrainingStep:
         self.rotary_for = rotary_for
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.device_type = accelerator.device.type
+        self.deepspeed = uses_deepspeed(accelerator)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
@@ -48,8 +50,12 @@ class TrainingStep:
         prompt_embeds = batch["prompt_embeds"]
         rotary = self.rotary_for(inputs.x0.shape[1])
         autocast = self.family.dtype != torch.float32
+        if self.deepspeed:  # its engine holds the model in fp16/bf16 and turns autocast off inside forward
+            prompt_embeds = prompt_embeds.to(self.family.dtype)
 
         def predict_velocity(x_t, t):
+            if self.deepspeed:
+                x_t = x_t.to(self.family.dtype)
             with torch.autocast(self.device_type, dtype=self.family.dtype, enabled=autocast):
                 return self.transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds, timestep=t,
                                         image_rotary_emb=rotary, return_dict=False)[0]
@@ -60,6 +66,8 @@ class TrainingStep:
 
     def update(self, loss: torch.Tensor) -> UpdateResult:
         """Unscale, clip, step; a non-finite loss or gradient skips the update (the fp16 scaler's way too)."""
+        if self.deepspeed:
+            return self._deepspeed_update(loss)
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
@@ -70,3 +78,14 @@ class TrainingStep:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateResult(grad_norm, finite, float(loss_scale))
+
+    def _deepspeed_update(self, loss: torch.Tensor) -> UpdateResult:
+        """DeepSpeed already unscaled, clipped and stepped inside `accelerator.backward`; read what it did."""
+        norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)  # the engine's global norm
+        grad_norm = torch.tensor(float("nan") if norm is None else float(norm))
+        skipped = self.optimizer.step_was_skipped  # fp16 overflow: DeepSpeed lowered the scale, kept the weights
+        finite = not skipped and bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
+        engine_optimizer = self.optimizer.optimizer
+        loss_scale = float(getattr(engine_optimizer, "loss_scale", 1.0)) if self.family.needs_loss_scaling else 1.0
+        self.lr_scheduler.step()
+        return UpdateResult(grad_norm, finite, loss_scale)

@@ -1,0 +1,153 @@
+"""What changes when accelerate runs the training under DeepSpeed or FSDP instead of plain DDP.
+
+cogft's config stays the one source of truth: the DeepSpeed config accelerate builds from an
+`accelerate_configs/*.yaml` gets the family's precision (fp16 with dynamic loss scaling for 2B, bf16
+for 5B), `train.max_grad_norm`, the micro-batch size and the gradient accumulation written into it
+before `prepare`, so the launcher file only chooses the sharding. DeepSpeed then owns loss scaling,
+clipping and the fp32 master weights; the trainer's own GradScaler stays off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..config import Config
+from ..models.family import ModelFamily
+
+logger = logging.getLogger(__name__)
+
+
+class BackendError(ValueError):
+    """The launch config's backend cannot run this training as configured."""
+
+
+def _launched_with(backend: str) -> bool:
+    return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
+
+
+def accelerator_on_cpu() -> bool:
+    """Whether to create the Accelerator with `cpu=True` (no GPU). DeepSpeed, which has a CPU mode, is only
+    taken up by accelerate when not told to use the CPU; FSDP only on GPUs, so it is refused here rather
+    than silently training unsharded."""
+    if torch.cuda.is_available():
+        return False
+    if _launched_with("FSDP"):
+        raise BackendError(
+            "the FSDP launch config needs GPUs (accelerate shards with FSDP only on GPUs, and here it would silently "
+            "train unsharded); on CPUs use accelerate_configs/deepspeed_zero3.yaml with --num_processes 1"
+        )
+    return not _launched_with("DEEPSPEED")
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def uses_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _zero(accelerator) -> dict:
+    return accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {})
+
+
+def zero_stage(accelerator) -> int | None:
+    return int(_zero(accelerator).get("stage", 0)) if uses_deepspeed(accelerator) else None
+
+
+def offloads_optimizer(accelerator) -> bool:
+    return uses_deepspeed(accelerator) and _zero(accelerator).get("offload_optimizer", {}).get("device", "none") != "none"
+
+
+def shards_weights(accelerator) -> bool:
+    """True when no rank holds the whole model (ZeRO-3, FSDP): a forward pass then needs every rank."""
+    return zero_stage(accelerator) == 3 or uses_fsdp(accelerator)
+
+
+def backend_name(accelerator) -> str:
+    if uses_deepspeed(accelerator):
+        return f"deepspeed-zero{zero_stage(accelerator)}" + ("-offload" if offloads_optimizer(accelerator) else "")
+    if uses_fsdp(accelerator):
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def configure_backend(accelerator, config: Config, family: ModelFamily) -> None:
+    """Check the launcher's backend fits the model family; write cogft's settings into a DeepSpeed config."""
+    if uses_fsdp(accelerator) and family.needs_loss_scaling:
+        raise BackendError(
+            f"FSDP with the {family.name} family's fp16 weights: fp16 loss scaling is not supported under FSDP here; "
+            "launch with accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml, or set model.dtype=bf16"
+        )
+    if uses_deepspeed(accelerator):
+        _configure_deepspeed(accelerator, config, family)
+
+
+def _configure_deepspeed(accelerator, config: Config, family: ModelFamily) -> None:
+    """Write cogft's precision, clipping, batch and accumulation into accelerate's DeepSpeed config."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise BackendError(
+                f"the DeepSpeed config sets '{key}': cogft builds AdamW and the lr schedule from train.* itself; "
+                f"remove '{key}' from the DeepSpeed config"
+            )
+    if family.dtype == torch.float16:
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+        ds["bf16"] = {"enabled": False}
+    else:
+        ds["bf16"] = {"enabled": family.dtype == torch.bfloat16}
+        ds["fp16"] = {"enabled": False}
+    accumulation = config.train.gradient_accumulation_steps
+    if ds.get("gradient_accumulation_steps", "auto") not in ("auto", accumulation):
+        logger.warning("DeepSpeed config gradient_accumulation_steps=%s replaced by train.gradient_accumulation_steps=%d",
+                       ds["gradient_accumulation_steps"], accumulation)
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["gradient_clipping"] = config.train.max_grad_norm
+    ds["train_micro_batch_size_per_gpu"] = config.train.batch_size
+    ds["train_batch_size"] = config.train.batch_size * accumulation * accelerator.num_processes
+    ds["zero_force_ds_cpu_optimizer"] = False  # cogft builds the CPU optimizer itself, with all of AdamW's settings
+    ds.setdefault("steps_per_print", 10**9)  # progress is cogft's bar and tracker, not DeepSpeed's prints
+    if zero_stage(accelerator) == 3:
+        _zero(accelerator)["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for checkpoints/export
+
+
+def keep_encoders_whole(accelerator) -> None:
+    """Under ZeRO-3, accelerate tells transformers to partition every model it loads, the T5 encoder that
+    prepare runs outside the engine included (its forward then fails). Only the transformer is trained
+    and sharded, by `prepare`; the frozen encoders load whole."""
+    if uses_deepspeed(accelerator):
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def cpu_adamw(params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+              implementation: str = "auto"):
+    """DeepSpeed's vectorised CPUAdam (AdamW mode); torch's AdamW when asked or when the native op cannot be
+    built here."""
+    if implementation == "torch":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
+    except Exception as error:  # the op is compiled on first use and needs g++ and the Python headers
+        logger.warning("DeepSpeed CPUAdam unavailable (%s: %s); the offloaded optimizer runs torch's AdamW on the CPU",
+                       type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights with the unwrapped module's keys. Gathers shards, so every rank calls it."""
+    if uses_deepspeed(accelerator) or uses_fsdp(accelerator):
+        return accelerator.get_state_dict(model)
+    return accelerator.unwrap_model(model).state_dict()

@@ -38,6 +38,8 @@ class DataConfig(_Section):
     width: int = Field(720, ge=8)
     fps: float | None = Field(8.0, gt=0, description="resample clips to this rate; null keeps every frame")
     resize: Literal["crop", "fit"] = Field("crop", description="crop: cover and centre-crop; fit: letterbox")
+    windows: int = Field(1, ge=1, le=64, description="windows per clip, spread evenly over it and encoded once; "
+                                                    "each epoch trains on one, drawn at random. 1: the clip's start")
     cache_dir: str | None = None
     vae_tiling: bool = False
     decode_workers: int = Field(2, ge=1, description="processes decoding clips during prepare")

@@ -52,6 +52,16 @@ def uniform(n: int, fps: float):
     return starts, n / fps
 
 
+def test_windows_spread_over_the_clip_at_the_target_rate():
+    spec = DecodeSpec((9,), 64, 96, 8.0, windows=3)
+    selection = select_frames(*uniform(72, 24.0), spec)  # 24 frames at 8 fps: windows start at 0, 8 and 15
+    assert selection.offsets == (0, 8, 15)
+    assert selection.windows[1] == tuple(range(24, 51, 3)) and selection.windows[2] == tuple(range(45, 72, 3))
+    assert selection.indices == selection.windows[0] and "3 windows of 9 frames" in selection.notes[-1]
+    exact = select_frames(*uniform(27, 24.0), spec)  # 9 frames at 8 fps: room for one window only
+    assert exact.offsets == (0,) and len(exact.windows) == 1
+
+
 def test_frames_resample_to_target_fps():
     selection = select_frames(*uniform(72, 24.0), DecodeSpec((9,), 64, 96, 8.0))
     assert selection.indices == (0, 3, 6, 9, 12, 15, 18, 21, 24) and "24 -> 8 fps" in selection.notes[0]
@@ -98,7 +108,7 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     assert len(first.entries) == 1
     from safetensors.torch import load_file
 
-    latents = load_file(first.entries[0].latents)
+    latents = load_file(first.entries[0].latents[0])
     assert latents["latent_mean"].shape == (4, 3, 8, 12)  # C, (9-1)/4+1 frames, 64/8, 96/8
     assert load_file(first.entries[0].prompt)["prompt_embeds"].shape == (16, 32)
     assert Path(first.negative_prompt).is_file()
@@ -143,3 +153,40 @@ def test_prepare_killed_mid_run_resumes_with_only_the_missing_entries(tmp_path):
     summary = rows[-1]["summary"]
     assert (summary["cached"], summary["encoded"], summary["kept"]) == (done, 6 - done, 6)
     assert len(list(cache.glob("latents/*/*.safetensors"))) == 6
+
+
+def test_random_windows_are_encoded_once_and_drawn_per_epoch(make_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from cogft.data.cache import prepare
+    from cogft.data.dataset import LatentDataset
+    from cogft.models.loading import family_for
+
+    config = make_config("data.windows=3", "data.fps=null", f"data.cache_dir={tmp_path / 'cache'}")
+    family = family_for(config.model.path)
+    prepared = prepare(config, family, torch.device("cpu"), show_progress=False)
+    assert all(len(e.latents) == 3 for e in prepared.entries)  # the sample clips hold 3 windows of 9 frames
+    rows = [r for r in prepared.report if "clip" in r]
+    assert all(r["windows"] == 3 and any("3 windows of 9 frames" in n for n in r["notes"]) for r in rows)
+    first = next(e for e in prepared.entries if "fractal_zoom" in e.video)  # changes all along (unlike a loop)
+    means = [load_file(path)["latent_mean"] for path in first.latents]
+    assert not torch.equal(means[0], means[1]) and not torch.equal(means[1], means[2])
+    # the clip's start is the same entry as without windows: a cache made with data.windows=1 is reused
+    single = prepare(make_config("data.fps=null", f"data.cache_dir={tmp_path / 'cache'}"), family,
+                     torch.device("cpu"), show_progress=False)
+    assert [r["status"] for r in single.report if "clip" in r] == ["cached"] * len(rows)
+    assert [e.latents for e in single.entries] == [e.latents[:1] for e in prepared.entries]
+    again = prepare(config, family, torch.device("cpu"), show_progress=False)
+    assert [r["status"] for r in again.report if "clip" in r] == ["cached"] * len(rows)
+
+    dataset = LatentDataset(prepared.entries, seed=7)
+    draws = []
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        draws.append([dataset.window(i) for i in range(len(dataset))])
+    assert len({w for epoch in draws for w in epoch}) == 3  # every window gets its turn
+    assert draws[0] != draws[1]
+    dataset.set_epoch(1)
+    assert [dataset.window(i) for i in range(len(dataset))] == draws[1]  # a pure function of (seed, epoch, item)
+    index = prepared.entries.index(first)
+    assert torch.equal(dataset[index]["latent_mean"], means[dataset.window(index)])

@@ -93,9 +93,9 @@ def test_cache_holds_only_whole_entries(hostile_run):
     files = [p for p in cache.rglob("*") if p.is_file()]
     assert not [p for p in files if p.name.endswith(".tmp")]
     latents = sorted(p for p in files if p.parent.parent.name == "latents")
-    assert latents == sorted(Path(e.latents) for e in prepared.entries)
+    assert latents == sorted(Path(e.latents[0]) for e in prepared.entries)
     short = next(e for e in prepared.entries if e.frames == 5)
-    assert load_file(short.latents)["latent_mean"].shape == (4, 2, 8, 12)  # (5 - 1) / 4 + 1 latent frames
+    assert load_file(short.latents[0])["latent_mean"].shape == (4, 2, 8, 12)  # (5 - 1) / 4 + 1 latent frames
     assert all(load_file(p) for p in files)
 
 

@@ -32,7 +32,7 @@ from .buckets import frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
 from .checks import Problem, caption_problem, file_digest, file_problem, repeated_entries, summarize_problems
 from .sources import Clip, read_clips
-from .video import ClipProbe, DecodeSpec, Decoded, decode_clip
+from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets
 from .workers import isolated_map
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ PROMPT_BATCH = 16
 
 @dataclass(frozen=True)
 class CacheEntry:
-    latents: str   # safetensors with latent_mean, latent_logvar [C, F, h, w]
+    latents: tuple[str, ...]  # safetensors with latent_mean, latent_logvar [C, F, h, w]: one per window
     prompt: str    # safetensors with prompt_embeds [L, D]
     video: str
     caption: str
@@ -126,7 +126,7 @@ class Preparer:
         self.root = cache_root(config)
         data = config.data
         self.spec = DecodeSpec(frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width,
-                               data.fps, data.resize)
+                               data.fps, data.resize, data.windows)
         self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
         rev = config.model.revision
         self._latent_salt = _digest(self.spec.pixel_key(), component_identity(self.model_path, "vae", rev), str(self.dtype))
@@ -137,19 +137,22 @@ class Preparer:
             str(self.dtype),
         )
 
-    def latent_path(self, content_digest: str, frames: int) -> Path:
-        key = _digest(content_digest, self._latent_salt, frames)
+    def latent_path(self, content_digest: str, frames: int, offset: int = 0) -> Path:
+        """Where a window of `frames` frames starting at frame `offset` (the clip's start: 0) is cached."""
+        parts = (content_digest, self._latent_salt, frames) + ((offset,) if offset else ())
+        key = _digest(*parts)
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def prompt_path(self, text: str) -> Path:
         key = _digest(text, self._prompt_salt)
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
-    def find_cached(self, content_digest: str) -> tuple[Path, dict] | None:
-        """The entry this clip would be encoded to now, if it exists: the largest bucket its frames fill.
+    def find_cached(self, content_digest: str) -> tuple[tuple[Path, ...], dict] | None:
+        """The entries this clip would be encoded to now, if they all exist: the largest bucket its frames
+        fill, one entry per window.
 
-        The frame count is part of the key and each entry records how many frames the clip had, so
-        a changed bucket list reuses every entry whose bucket is still the right one.
+        The frame count and window start are part of the key and each entry records how many frames
+        the clip had, so a changed bucket list or window count reuses every entry that is still right.
         """
         for frames in self.spec.buckets:
             path = self.latent_path(content_digest, frames)
@@ -162,11 +165,16 @@ class Preparer:
             except Exception as error:  # a damaged entry (disk trouble): encode it again
                 logger.warning("cache entry %s is unreadable (%s); encoding it again", path, error)
                 continue
-            if max(b for b in self.spec.buckets if b <= available) == frames:
-                return path, meta
+            if max(b for b in self.spec.buckets if b <= available) != frames:
+                continue
+            paths = tuple(self.latent_path(content_digest, frames, o)
+                          for o in window_offsets(available, frames, self.spec.windows))
+            if all(p.is_file() for p in paths):
+                return paths, meta
         return None
 
-    def encode_latents(self, todo: list[tuple[Clip, str]], rows: dict[str, dict], show_progress: bool) -> list[tuple[Clip, Path, int]]:
+    def encode_latents(self, todo: list[tuple[Clip, str]], rows: dict[str, dict],
+                       show_progress: bool) -> list[tuple[Clip, tuple[Path, ...], int]]:
         """Decode (in worker processes) and VAE-encode `todo` = [(clip, content digest)]; returns what was written."""
         if not todo:
             return []
@@ -191,18 +199,21 @@ class Preparer:
                 row.update(status="skipped", problem=decoded.problem.code, reason=decoded.problem.detail)
             else:
                 encode_started = time.perf_counter()
-                dist = encode_frames(vae, decoded.frames, self.device, self.dtype)
                 count = int(decoded.frames.shape[0])
-                target = self.latent_path(digest, count)
-                save_atomic(
-                    {"latent_mean": dist.mean[0], "latent_logvar": dist.logvar[0]},
-                    target,
-                    {"video": str(clip.video), "frames": str(count), "available": str(decoded.probe.selection.available),
-                     "notes": json.dumps(decoded.notes), "source": json.dumps(row.get("source", {}))},
-                )
+                selection = decoded.probe.selection
+                targets = tuple(self.latent_path(digest, count, o) for o in selection.offsets)
+                for frames, offset, target in zip(decoded.windows, selection.offsets, targets):
+                    dist = encode_frames(vae, frames, self.device, self.dtype)
+                    save_atomic(
+                        {"latent_mean": dist.mean[0], "latent_logvar": dist.logvar[0]},
+                        target,
+                        {"video": str(clip.video), "frames": str(count), "available": str(selection.available),
+                         "offset": str(offset), "notes": json.dumps(decoded.notes),
+                         "source": json.dumps(row.get("source", {}))},
+                    )
                 self.seconds["vae_encode"] += time.perf_counter() - encode_started
-                row.update(status="encoded", frames=count, notes=list(decoded.notes))
-                written.append((clip, target, count))
+                row.update(status="encoded", frames=count, windows=len(targets), notes=list(decoded.notes))
+                written.append((clip, targets, count))
             bar.update(1)
             waited = time.perf_counter()
         bar.close()
@@ -242,7 +253,7 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
     """This rank's share: rows for every clip, the cached entries found, and what must be encoded."""
     repeats = repeated_entries(clips)
     seen: dict[tuple[str, str], str] = {}
-    cached: list[tuple[Clip, Path, int]] = []
+    cached: list[tuple[Clip, tuple[Path, ...], int]] = []
     todo: list[tuple[Clip, str]] = []
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
@@ -260,11 +271,12 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
         if hit is None:
             todo.append((clip, digest))
             continue
-        path, meta = hit
-        row.update(status="cached", frames=int(meta["frames"]), notes=json.loads(meta.get("notes", "[]")))
+        paths, meta = hit
+        row.update(status="cached", frames=int(meta["frames"]), windows=len(paths),
+                   notes=json.loads(meta.get("notes", "[]")))
         if meta.get("source"):
             row["source"] = json.loads(meta["source"])
-        cached.append((clip, path, int(meta["frames"])))
+        cached.append((clip, paths, int(meta["frames"])))
     return cached, todo
 
 
@@ -327,8 +339,8 @@ def prepare(
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    entries = [CacheEntry(str(path), str(preparer.prompt_path(c.caption)), str(c.video), c.caption, frames)
-               for c, path, frames in kept]
+    entries = [CacheEntry(tuple(str(p) for p in paths), str(preparer.prompt_path(c.caption)), str(c.video), c.caption,
+                          frames) for c, paths, frames in kept]
     report = list(rows.values())
     for row in report:
         if row["status"] == "skipped":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
@@ -10,20 +12,36 @@ from .cache import CacheEntry
 
 
 class LatentDataset(Dataset):
-    """Reads one cache entry per item from disk, so memory does not grow with the dataset."""
+    """Reads one cache entry per item from disk, so memory does not grow with the dataset.
 
-    def __init__(self, entries: list[CacheEntry]):
+    A clip cached as several windows (`data.windows`) trains on one of them per epoch, drawn from
+    (seed, epoch, item): a resumed run draws the same windows as an uninterrupted one.
+    """
+
+    def __init__(self, entries: list[CacheEntry], seed: int = 0):
         if not entries:
             raise ValueError("the dataset is empty: every clip was skipped (see prepare_report.jsonl in the run dir)")
         self.entries = entries
         self.frames = [e.frames for e in entries]  # the frame bucket of each item, for BucketBatchSampler
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before iterating an epoch (DataLoader workers copy the dataset when iteration starts)."""
+        self.epoch = epoch
+
+    def window(self, index: int) -> int:
+        windows = len(self.entries[index].latents)
+        if windows == 1:
+            return 0
+        return random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index).randrange(windows)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = self.entries[index]
-        latents = load_file(entry.latents)
+        latents = load_file(entry.latents[self.window(index)])
         return {
             "latent_mean": latents["latent_mean"],
             "latent_logvar": latents["latent_logvar"],

@@ -30,6 +30,7 @@ class DecodeSpec:
     width: int
     fps: float | None         # None: consecutive frames at the clip's own rate
     resize: str = "crop"      # "crop": cover the target and centre-crop; "fit": fit inside and pad (letterbox)
+    windows: int = 1          # windows per clip, spread evenly over it; training draws one per epoch
 
     def pixel_key(self) -> dict:
         """What shapes an entry's pixels apart from its frame count (which is part of the key on its own)."""
@@ -38,9 +39,15 @@ class DecodeSpec:
 
 @dataclass(frozen=True)
 class Selection:
-    indices: tuple[int, ...]  # decord frame indices, len == the bucket
-    available: int            # frames the clip has at the target rate
+    windows: tuple[tuple[int, ...], ...]  # decord frame indices per window, each len == the bucket
+    offsets: tuple[int, ...]              # each window's first frame, counted at the target rate
+    available: int                        # frames the clip has at the target rate
     notes: tuple[str, ...]
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The first window: the clip's start."""
+        return self.windows[0]
 
 
 @dataclass
@@ -63,12 +70,25 @@ class ClipProbe:
 @dataclass
 class Decoded:
     probe: ClipProbe
-    frames: np.ndarray | None = None   # uint8 [F, H, W, 3]
+    windows: tuple[np.ndarray, ...] = ()  # uint8 [F, H, W, 3] per window of the selection
     notes: tuple[str, ...] = field(default=())
 
     @property
     def problem(self) -> Problem | None:
         return self.probe.problem
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        """The first window's frames (the clip's start)."""
+        return self.windows[0] if self.windows else None
+
+
+def window_offsets(available: int, bucket: int, count: int) -> tuple[int, ...]:
+    """Up to `count` distinct window starts spread evenly from the clip's start to its end."""
+    spare = available - bucket
+    if count == 1 or spare <= 0:
+        return (0,)
+    return tuple(sorted({round(spare * i / (count - 1)) for i in range(count)}))
 
 
 def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection | Problem:
@@ -107,12 +127,18 @@ def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection
     if bucket < spec.buckets[0]:
         notes.append(f"shorter than data.num_frames={spec.buckets[0]}: put in the {bucket}-frame bucket "
                      f"({available} frames at {1 / step:.3g} fps)")
-    if spec.fps is None:
-        indices = tuple(range(bucket))
-    else:
-        ticks = starts[0] + step * np.arange(bucket) + 0.01 * native
-        indices = tuple(int(i) for i in np.searchsorted(starts, ticks, side="right") - 1)
-    return Selection(indices, available, tuple(notes))
+    offsets = window_offsets(available, bucket, spec.windows)
+    if len(offsets) > 1:
+        notes.append(f"{len(offsets)} windows of {bucket} frames starting at frames {list(offsets)} "
+                     f"(at {1 / step:.3g} fps); training draws one per epoch")
+
+    def window(offset: int) -> tuple[int, ...]:
+        if spec.fps is None:
+            return tuple(range(offset, offset + bucket))
+        ticks = starts[0] + step * (offset + np.arange(bucket)) + 0.01 * native
+        return tuple(int(i) for i in np.searchsorted(starts, ticks, side="right") - 1)
+
+    return Selection(tuple(window(o) for o in offsets), offsets, available, tuple(notes))
 
 
 def resized_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
@@ -198,9 +224,12 @@ def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
         import decord
 
         reader = decord.VideoReader(path, num_threads=1, width=new_w, height=new_h)
-        frames = place(reader.get_batch(list(selection.indices)).asnumpy(), spec)
+        wanted = sorted(set().union(*selection.windows))  # windows may overlap: decode each frame once
+        frames = place(reader.get_batch(wanted).asnumpy(), spec)
     except Exception as error:
         probe.problem = _decord_error(error)
         return Decoded(probe)
+    row = {index: i for i, index in enumerate(wanted)}
+    windows = tuple(np.ascontiguousarray(frames[[row[i] for i in w]]) for w in selection.windows)
     probe.seconds = time.perf_counter() - started
-    return Decoded(probe, frames, (*geometry_notes(info, spec), *selection.notes))
+    return Decoded(probe, windows, (*geometry_notes(info, spec), *selection.notes))

@@ -291,7 +291,7 @@ def train(config: Config) -> Path:
     set_seed(config.train.seed)
 
     transformer = load_transformer(config.model.path, family.dtype, config.model.revision)
-    dataset = LatentDataset(prepared.entries)
+    dataset = LatentDataset(prepared.entries, config.train.seed)
     loader = DataLoader(
         dataset, batch_sampler=BucketBatchSampler(dataset.frames, config.train.batch_size, config.train.seed),
         collate_fn=collate, num_workers=config.data.dataloader_workers,
@@ -330,6 +330,7 @@ def train(config: Config) -> Path:
         while progress.global_step < config.train.max_steps and not stopped_early:
             epoch, skip = divmod(progress.micro_batches, micro_per_epoch)
             loader.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             micro = 0  # micro-batch within the optimizer step (checkpoints fall on step boundaries)
             step_started = fetch_started = time.perf_counter()

@@ -190,3 +190,30 @@ def test_random_windows_are_encoded_once_and_drawn_per_epoch(make_config, tmp_pa
     assert [dataset.window(i) for i in range(len(dataset))] == draws[1]  # a pure function of (seed, epoch, item)
     index = prepared.entries.index(first)
     assert torch.equal(dataset[index]["latent_mean"], means[dataset.window(index)])
+
+
+def test_vae_compiles_on_gpus_only_when_enough_clips_pay_for_it():
+    from cogft.data.cache import COMPILE_VAE_FROM_CLIPS, compile_vae_enabled
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_vae_enabled("auto", cuda, COMPILE_VAE_FROM_CLIPS)
+    assert not compile_vae_enabled("auto", cuda, COMPILE_VAE_FROM_CLIPS - 1)
+    assert not compile_vae_enabled("auto", cpu, 10_000)
+    assert compile_vae_enabled(True, cpu, 1) and not compile_vae_enabled(False, cuda, 10_000)
+
+
+def test_copies_of_one_clip_on_different_ranks_train_once():
+    """Each rank drops repeats in its own share; copies split over ranks meet after the gather."""
+    from cogft.data.cache import CacheEntry, drop_repeats_across_ranks
+
+    def entry(line: int, latents: str, caption: str) -> CacheEntry:
+        return CacheEntry((latents,), f"p-{caption}", f"clip{line}.mp4", caption, 9, f"videos.txt:{line}")
+
+    rank0 = [entry(1, "a", "x"), entry(11, "b", "y")]          # clips 1, 3, ..., 11 on rank 0
+    rank1 = [entry(2, "c", "z"), entry(10, "a", "x"), entry(12, "a", "other caption")]
+    report = [{"listed_at": e.listed_at, "status": "encoded"} for e in rank0 + rank1]
+    kept = drop_repeats_across_ranks(rank1 + rank0, report)
+    assert [e.listed_at for e in kept] == ["videos.txt:1", "videos.txt:2", "videos.txt:11", "videos.txt:12"]
+    dropped = next(row for row in report if row["listed_at"] == "videos.txt:10")
+    assert dropped == {"listed_at": "videos.txt:10", "status": "skipped", "problem": "duplicate",
+                       "reason": "the same video bytes and caption as videos.txt:1"}

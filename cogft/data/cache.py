@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class CacheEntry:
     video: str
     caption: str
     frames: int    # the clip's frame bucket: batches are drawn from one bucket
+    listed_at: str = ""  # where the clip was listed ("videos.txt:3"), for reports
 
 
 @dataclass
@@ -105,6 +107,16 @@ def _crashed(path: str) -> Decoded:
     return Decoded(ClipProbe(problem=Problem(
         "decoder_crashed", "the decoder crashed on this file (its worker process died); re-encode it with ffmpeg"
     )))
+
+
+COMPILE_VAE_FROM_CLIPS = 200  # an H100 compiles the encoder in 76-94 s, then saves ~0.46 s per 49x480x720 clip
+
+
+def compile_vae_enabled(setting: bool | str, device: torch.device, clips: int) -> bool:
+    """`data.compile_vae: auto` compiles on CUDA once enough clips wait to pay for the compile."""
+    if setting == "auto":
+        return device.type == "cuda" and clips >= COMPILE_VAE_FROM_CLIPS
+    return bool(setting)
 
 
 def encode_frames(vae, frames: np.ndarray, device: torch.device, dtype: torch.dtype):
@@ -182,6 +194,9 @@ class Preparer:
         vae = load_vae(self.config.model.path, self.dtype, self.config.model.revision).to(self.device).eval()
         if self.config.data.vae_tiling:
             vae.enable_tiling()
+        if compile_vae_enabled(self.config.data.compile_vae, self.device, len(todo)):
+            logger.info("compiling the VAE encoder for %d clips (a one-time wait)", len(todo))
+            vae.encoder = torch.compile(vae.encoder)
         self.seconds["load_vae"] += time.perf_counter() - started
         written = []
         bar = tqdm(total=len(todo), desc="prepare: encode clips", unit="clip", disable=not show_progress)
@@ -303,6 +318,29 @@ def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stage
 REPORT_FILE = "prepare_report.jsonl"
 
 
+def drop_repeats_across_ranks(entries: list[CacheEntry], report: list[dict]) -> list[CacheEntry]:
+    """Entries of the same bytes and caption that different ranks kept: the first listed stays.
+
+    Each rank finds the repeats within its own share; two copies of one clip landing on different
+    ranks meet only here, after the shares are gathered. Their report rows say what happened.
+    """
+    rows = {row["listed_at"]: row for row in report if "listed_at" in row}
+    kept: dict[tuple, CacheEntry] = {}
+    for entry in sorted(entries, key=lambda e: _listing_order(e.listed_at)):
+        first = kept.setdefault((entry.latents, entry.prompt), entry)
+        if first is not entry and entry.listed_at in rows:
+            rows[entry.listed_at].update(status="skipped", problem="duplicate",
+                                         reason=f"the same video bytes and caption as {first.listed_at}")
+            logger.warning("skipped %s (%s): the same video bytes and caption as %s", entry.video, entry.listed_at,
+                           first.listed_at)
+    return list(kept.values())
+
+
+def _listing_order(listed_at: str) -> tuple:
+    """'videos.txt:12' after 'videos.txt:9': numbers compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", listed_at))
+
+
 def write_report(rows: list[dict], run_dir: str | Path) -> Path:
     """The per-file report, one JSON object per line, in the run directory."""
     path = Path(run_dir) / REPORT_FILE
@@ -340,7 +378,7 @@ def prepare(
         torch.cuda.empty_cache()
 
     entries = [CacheEntry(tuple(str(p) for p in paths), str(preparer.prompt_path(c.caption)), str(c.video), c.caption,
-                          frames) for c, paths, frames in kept]
+                          frames, c.line) for c, paths, frames in kept]
     report = list(rows.values())
     for row in report:
         if row["status"] == "skipped":

@@ -104,6 +104,10 @@ class TrainConfig(_Section):
     )
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block; auto: on CUDA GPUs")
     allow_tf32: bool = True
+    optimizer: Literal["adamw", "adamw_bf16"] = Field(
+        "adamw", description="adamw: fp32 master weights and state; adamw_bf16 (SFT, bf16 family): bf16 weights with "
+        "stochastic rounding and bf16 state, applied during the backward pass (5B SFT on one 80 GB GPU; no clipping)"
+    )
     cpu_adam: Literal["auto", "torch"] = Field(
         "auto", description="optimizer in host memory (DeepSpeed offload): auto = DeepSpeed's CPUAdam, compiled on "
         "first use, else torch's AdamW; torch = torch's AdamW, no compiler needed"

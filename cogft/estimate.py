@@ -117,7 +117,10 @@ def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> 
                 + (" train.offload_checkpoints=true" if offload else "")
                 + f" (estimated {result.peak_allocated_gib} GiB, {result.seconds_per_step} s/step)"]
     if config.train.mode == "sft":
-        return ["full fine-tuning keeps 18 bytes per parameter here: use train.mode=lora, or a GPU with more memory"]
+        if config.train.optimizer == "adamw":
+            return ["full fine-tuning keeps 18 bytes per parameter here: try train.optimizer=adamw_bf16 (6 bytes, "
+                    "bf16 family), deepspeed_zero2_offload.yaml, train.mode=lora, or a GPU with more memory"]
+        return ["full fine-tuning keeps 6 bytes per parameter here: use train.mode=lora, or a GPU with more memory"]
     return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width"]
 
 
@@ -142,6 +145,9 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
     if train.mode == "lora":
         weights, trainable = total * family.dtype.itemsize, lora
         state = trainable * 16                                    # fp32 weight, grad, AdamW m and v
+    elif train.optimizer == "adamw_bf16":
+        weights, trainable = total * half, total
+        state = total * 2 * half                                  # AdamW m and v in bf16; gradients freed in backward
     else:
         weights, trainable = 0, total
         state = total * 16 + total * half                         # + autocast's half copies of the weights

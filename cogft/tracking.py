@@ -75,11 +75,13 @@ def source_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def init_trackers(accelerator, config: Config, run_dir: Path) -> None:
+def init_trackers(accelerator, config: Config, run_dir: Path, dataset: dict) -> None:
+    """`dataset`: what training sees (clips, frame buckets, windows), logged beside the config."""
     from . import __version__
 
     init_kwargs = {"wandb": {"name": config.tracking.run_name or run_dir.name, "dir": str(run_dir)}}
-    values = {**config.model_dump(mode="json"), "cogft_version": __version__, "cogft_commit": source_commit()}
+    values = {**config.model_dump(mode="json"), "dataset": dataset, "cogft_version": __version__,
+              "cogft_commit": source_commit()}
     accelerator.init_trackers(config.tracking.project, config=values, init_kwargs=init_kwargs)
 
 

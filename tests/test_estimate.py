@@ -25,6 +25,10 @@ MEASURED = [
      3.003, 14.89),
     ("cogvideox-2b-sft", ["train.gradient_checkpointing=false", "train.compile=true"], 0.957, 62.08),
     ("cogvideox-2b-sft", ["train.gradient_checkpointing=true", "train.compile=false"], 1.532, 31.88),
+    ("cogvideox-5b-sft", ["train.optimizer=adamw_bf16", "train.gradient_checkpointing=true", "train.compile=true",
+                          "train.offload_checkpoints=true"], 3.658, 34.10),
+    ("cogvideox-5b-sft", ["train.optimizer=adamw_bf16", "train.gradient_checkpointing=true", "train.compile=true"],
+     3.492, 38.35),
 ]
 
 
@@ -45,8 +49,11 @@ def test_estimate_says_what_to_change_when_it_does_not_fit():
     suggested = [part for part in result.advice[0].split(" (")[0].split()]
     fixed = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", suggested), REFERENCE[config.model.path], "4090")
     assert fixed.fits  # the advice is a config that fits
-    sft = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml")
-    assert not estimate(sft, REFERENCE[sft.model.path], "H100").fits  # 18 bytes per parameter of 5.6 B
+    sft = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml", ["train.optimizer=adamw"])
+    standard = estimate(sft, REFERENCE[sft.model.path], "H100")
+    assert not standard.fits and "train.optimizer=adamw_bf16" in standard.advice[0]  # 18 bytes/param of 5.6 B
+    shipped = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml")  # adamw_bf16: 6 bytes per parameter
+    assert estimate(shipped, REFERENCE[shipped.model.path], "H100").peak_allocated_gib < 40
 
 
 def test_memory_budget_picks_the_least_checkpointing_that_fits():

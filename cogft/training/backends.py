@@ -80,11 +80,22 @@ def backend_name(accelerator) -> str:
 
 
 def configure_backend(accelerator, config: Config, family: ModelFamily) -> None:
-    """Check the launcher's backend fits the model family; write cogft's settings into a DeepSpeed config."""
+    """Check the launcher's backend and optimizer fit the model family; write cogft's settings into a
+    DeepSpeed config. Idempotent: the trainer calls it early, `assemble_step` again."""
     if uses_fsdp(accelerator) and family.needs_loss_scaling:
         raise BackendError(
             f"FSDP with the {family.name} family's fp16 weights: fp16 loss scaling is not supported under FSDP here; "
             "launch with accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml, or set model.dtype=bf16"
+        )
+    if config.train.optimizer == "adamw_bf16" and family.dtype != torch.bfloat16:
+        raise BackendError(
+            f"train.optimizer=adamw_bf16 trains bf16 weights, but the {family.name} family runs in {family.dtype}: "
+            "set model.dtype=bf16 or use train.optimizer=adamw"
+        )
+    if config.train.optimizer == "adamw_bf16" and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
+        raise BackendError(
+            "train.optimizer=adamw_bf16 updates weights inside the backward pass, which DeepSpeed and FSDP own; "
+            "use train.optimizer=adamw with these launch configs"
         )
     if uses_deepspeed(accelerator):
         _configure_deepspeed(accelerator, config, family)

@@ -100,7 +100,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 # Keys whose change makes a checkpoint meaningless (other weights, shapes or data); the rest may change.
 UNSAFE_ON_RESUME = (
-    "model.path", "model.revision", "model.dtype", "train.mode", "lora.rank", "lora.alpha",
+    "model.path", "model.revision", "model.dtype", "train.mode", "train.optimizer", "lora.rank", "lora.alpha",
     "lora.target_modules", "data.num_frames", "data.height", "data.width", "data.fps", "data.resize",
 )
 

@@ -11,6 +11,7 @@ import logging
 import math
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from ..runs import LORA_DIR
 from ..sampling import ValidationHook
 from ..tracking import init_trackers, log_videos, trackers_for
 from .adapters import save_lora, save_transformer, setup_trainable
+from .bf16_adamw import BackwardAdamW
 from .backends import (
     accelerator_on_cpu,
     backend_name,
@@ -104,7 +106,8 @@ def assemble_step(accelerator, transformer, config: Config, family: ModelFamily,
     """
     device = accelerator.device
     configure_backend(accelerator, config, family)
-    params = setup_trainable(transformer, config, fp32_master=not uses_deepspeed(accelerator))
+    params = setup_trainable(transformer, config,
+                             fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer == "adamw")
     checkpointing, offload = block_settings(config, configs)
     apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
     logger.info("family=%s dtype=%s backend=%s trainable parameters: %s", family.name, family.dtype,
@@ -186,9 +189,11 @@ class _StopRequest:
 def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
                     offloaded: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable weights: the fused kernel on GPUs (one launch for all params), a CPU
-    AdamW when DeepSpeed keeps the optimizer in host memory."""
+    AdamW when DeepSpeed keeps the optimizer in host memory, or bf16 AdamW inside the backward pass."""
     settings = dict(lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
                     weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
+    if config.train.optimizer == "adamw_bf16":
+        return BackwardAdamW(params, seed=config.train.seed, **settings)
     if offloaded:
         return cpu_adamw(params, implementation=config.train.cpu_adam, **settings)
     return torch.optim.AdamW(params, fused=device.type == "cuda", **settings)
@@ -288,6 +293,7 @@ def train(config: Config) -> Path:
 
     with accelerator.main_process_first():  # a tiny:// model is built once, by the main process
         family = family_for(config.model.path, config.model.dtype, config.model.revision)
+    configure_backend(accelerator, config, family)  # refuses a mismatch before prepare's long work
     prepared = _gather_prepared(accelerator, config, family, run_dir)
     set_seed(config.train.seed)
 
@@ -313,7 +319,11 @@ def train(config: Config) -> Path:
         validation = ValidationHook(config, family, device, prepared.validation_prompts, prepared.negative_prompt,
                                     run_dir, writes_videos=accelerator.is_main_process)
 
-    init_trackers(accelerator, config, run_dir)
+    buckets = Counter(dataset.frames)
+    init_trackers(accelerator, config, run_dir, {
+        "clips": len(dataset), "windows": sum(len(e.latents) for e in dataset.entries),
+        "buckets": {f"{frames} frames": buckets[frames] for frames in sorted(buckets, reverse=True)},
+    })
     micro_per_epoch = len(loader)
 
     def run_validation(at_step: int) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ..models.family import ModelFamily
 from .backends import uses_deepspeed
+from .bf16_adamw import BackwardAdamW
 from .objective import diffusion_loss, draw_inputs
 
 
@@ -42,6 +43,8 @@ class TrainingStep:
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.device_type = accelerator.device.type
         self.deepspeed = uses_deepspeed(accelerator)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds ours
+        self.in_backward = inner if isinstance(inner, BackwardAdamW) else None
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
@@ -61,6 +64,8 @@ class TrainingStep:
                                         image_rotary_emb=rotary, return_dict=False)[0]
 
         loss = diffusion_loss(predict_velocity, self.noise_scheduler, inputs)
+        if self.in_backward is not None:
+            self.in_backward.begin(self.accelerator.sync_gradients)
         self.accelerator.backward(self.scaler.scale(loss))
         return loss.detach()
 
@@ -68,6 +73,8 @@ class TrainingStep:
         """Unscale, clip, step; a non-finite loss or gradient skips the update (the fp16 scaler's way too)."""
         if self.deepspeed:
             return self._deepspeed_update(loss)
+        if self.in_backward is not None:
+            return self._closing_update(loss)
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
@@ -89,3 +96,10 @@ class TrainingStep:
         loss_scale = float(getattr(engine_optimizer, "loss_scale", 1.0)) if self.family.needs_loss_scaling else 1.0
         self.lr_scheduler.step()
         return UpdateResult(grad_norm, finite, loss_scale)
+
+    def _closing_update(self, loss: torch.Tensor) -> UpdateResult:
+        """bf16 AdamW already updated each weight during backward (no clipping); close the step."""
+        grad_norm, finite = self.in_backward.grad_norm_and_finite()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return UpdateResult(grad_norm, finite and bool(torch.isfinite(loss)), 1.0)

@@ -33,7 +33,8 @@ def lora_config(config: Config):
 def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: bool = True) -> list[torch.nn.Parameter]:
     """Freeze/unfreeze, add the adapter, move trainable weights to fp32; returns the trainable params.
 
-    `fp32_master=False` leaves them in the model's dtype, for DeepSpeed, whose optimizer keeps the fp32 copy.
+    `fp32_master=False` leaves them in the model's dtype: under DeepSpeed, whose optimizer keeps the fp32
+    copy, and for `train.optimizer=adamw_bf16`, which trains bf16 weights directly.
     """
     if config.train.mode == "lora":
         transformer.requires_grad_(False)

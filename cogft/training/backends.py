@@ -158,7 +158,8 @@ def cpu_adamw(params, lr: float, betas: tuple[float, float], eps: float, weight_
 
 
 def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights with the unwrapped module's keys. Gathers shards, so every rank calls it."""
-    if uses_deepspeed(accelerator) or uses_fsdp(accelerator):
+    """The whole model's weights with the unwrapped module's keys. Gathers shards (ZeRO-3, FSDP), so every
+    rank calls it; where each rank holds the whole model, the module's own tensors, not a copy."""
+    if shards_weights(accelerator):
         return accelerator.get_state_dict(model)
     return accelerator.unwrap_model(model).state_dict()

@@ -29,7 +29,6 @@ from ..runs import LORA_DIR
 from ..sampling import ValidationHook
 from ..tracking import init_trackers, log_videos, trackers_for
 from .adapters import save_lora, save_transformer, setup_trainable
-from .bf16_adamw import BackwardAdamW
 from .backends import (
     accelerator_on_cpu,
     backend_name,
@@ -41,6 +40,7 @@ from .backends import (
     shards_weights,
     uses_deepspeed,
 )
+from .bf16_adamw import BackwardAdamW
 from .checkpointing import (
     CONFIG_FILE,
     TrainingProgress,

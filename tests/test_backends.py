@@ -127,5 +127,9 @@ def test_deepspeed_config_follows_the_cogft_config(make_config):
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (2, 2 * 3 * 2)
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
 
+    bf16 = make_config("train.mode=sft", "train.optimizer=adamw_bf16")
+    with pytest.raises(BackendError, match="one GPU; with several use train.optimizer=adamw"):
+        configure_backend(_deepspeed_accelerator({}), bf16, family_for("tiny://5b"))  # 2 processes
+
     with pytest.raises(BackendError, match="sets 'optimizer'.*remove 'optimizer'"):
         configure_backend(_deepspeed_accelerator({"optimizer": {"type": "Adam"}}), config, family_for("tiny://5b"))

@@ -33,7 +33,7 @@ from .buckets import frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
 from .checks import Problem, caption_problem, file_digest, file_problem, repeated_entries, summarize_problems
 from .sources import Clip, read_clips
-from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets
+from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets, windows_note
 from .workers import isolated_map
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Preparer:
         key = _digest(text, self._prompt_salt)
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
-    def find_cached(self, content_digest: str) -> tuple[tuple[Path, ...], dict] | None:
+    def find_cached(self, content_digest: str) -> tuple[tuple[Path, ...], tuple[int, ...], dict] | None:
         """The entries this clip would be encoded to now, if they all exist: the largest bucket its frames
         fill, one entry per window.
 
@@ -179,10 +179,10 @@ class Preparer:
                 continue
             if max(b for b in self.spec.buckets if b <= available) != frames:
                 continue
-            paths = tuple(self.latent_path(content_digest, frames, o)
-                          for o in window_offsets(available, frames, self.spec.windows))
+            offsets = window_offsets(available, frames, self.spec.windows)
+            paths = tuple(self.latent_path(content_digest, frames, o) for o in offsets)
             if all(p.is_file() for p in paths):
-                return paths, meta
+                return paths, offsets, meta
         return None
 
     def encode_latents(self, todo: list[tuple[Clip, str]], rows: dict[str, dict],
@@ -227,7 +227,8 @@ class Preparer:
                          "source": json.dumps(row.get("source", {}))},
                     )
                 self.seconds["vae_encode"] += time.perf_counter() - encode_started
-                row.update(status="encoded", frames=count, windows=len(targets), notes=list(decoded.notes))
+                row.update(status="encoded", frames=count, windows=len(targets),
+                           notes=[*decoded.notes, *windows_note(count, selection.offsets)])
                 written.append((clip, targets, count))
             bar.update(1)
             waited = time.perf_counter()
@@ -286,12 +287,13 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
         if hit is None:
             todo.append((clip, digest))
             continue
-        paths, meta = hit
-        row.update(status="cached", frames=int(meta["frames"]), windows=len(paths),
-                   notes=json.loads(meta.get("notes", "[]")))
+        paths, offsets, meta = hit
+        frames = int(meta["frames"])
+        row.update(status="cached", frames=frames, windows=len(paths),
+                   notes=[*json.loads(meta.get("notes", "[]")), *windows_note(frames, offsets)])
         if meta.get("source"):
             row["source"] = json.loads(meta["source"])
-        cached.append((clip, paths, int(meta["frames"])))
+        cached.append((clip, paths, frames))
     return cached, todo
 
 

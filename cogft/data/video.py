@@ -91,6 +91,14 @@ def window_offsets(available: int, bucket: int, count: int) -> tuple[int, ...]:
     return tuple(sorted({round(spare * i / (count - 1)) for i in range(count)}))
 
 
+def windows_note(bucket: int, offsets: tuple[int, ...]) -> list[str]:
+    """The report's note on a clip's windows (none for a single one); made per run, never cached."""
+    if len(offsets) == 1:
+        return []
+    return [f"{len(offsets)} windows of {bucket} frames starting at frames {list(offsets)} (at the target rate); "
+            "training draws one per epoch"]
+
+
 def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection | Problem:
     """Frames to keep, by timestamp: the largest bucket the clip fills, at `spec.fps` (or consecutive).
 
@@ -128,9 +136,6 @@ def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection
         notes.append(f"shorter than data.num_frames={spec.buckets[0]}: put in the {bucket}-frame bucket "
                      f"({available} frames at {1 / step:.3g} fps)")
     offsets = window_offsets(available, bucket, spec.windows)
-    if len(offsets) > 1:
-        notes.append(f"{len(offsets)} windows of {bucket} frames starting at frames {list(offsets)} "
-                     f"(at {1 / step:.3g} fps); training draws one per epoch")
 
     def window(offset: int) -> tuple[int, ...]:
         if spec.fps is None:

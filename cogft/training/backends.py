@@ -92,6 +92,12 @@ def configure_backend(accelerator, config: Config, family: ModelFamily) -> None:
             f"train.optimizer=adamw_bf16 trains bf16 weights, but the {family.name} family runs in {family.dtype}: "
             "set model.dtype=bf16 or use train.optimizer=adamw"
         )
+    if config.train.optimizer == "adamw_bf16" and accelerator.num_processes > 1:
+        raise BackendError(
+            "train.optimizer=adamw_bf16 updates each weight inside the backward pass, before the gradients of "
+            f"{accelerator.num_processes} processes could be averaged: it is for one GPU; with several use "
+            "train.optimizer=adamw (with deepspeed_zero2/zero3 or fsdp when it does not fit)"
+        )
     if config.train.optimizer == "adamw_bf16" and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
         raise BackendError(
             "train.optimizer=adamw_bf16 updates weights inside the backward pass, which DeepSpeed and FSDP own; "

@@ -37,7 +37,7 @@ def test_matches_fp32_adamw_on_a_small_model_and_skips_non_finite_gradients():
     model = torch.nn.Linear(64, 64).to(torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in reference.state_dict().items()})
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    settings = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-2)
+    settings = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)  # 0.999: v moves 0.1 %/step
     fp32 = torch.optim.AdamW(reference.parameters(), **settings)
     ours = BackwardAdamW(model.parameters(), seed=1, **settings)
     data = torch.randn(32, 64)
@@ -83,3 +83,16 @@ def test_refused_for_the_fp16_family(make_config):
 
     with pytest.raises(BackendError, match="adamw_bf16 trains bf16 weights.*model.dtype=bf16"):
         train(make_config("validation.prompts=[]", "train.mode=sft", "train.optimizer=adamw_bf16", "train.max_steps=1"))
+
+
+def test_second_moment_keeps_moving_at_beta2_0999():
+    """At beta2 = 0.999, v changes by ~0.3 % a step here, under bf16's resolution: it must not freeze."""
+    weight = torch.nn.Parameter(torch.zeros(10_000, dtype=torch.bfloat16))
+    optimizer = BackwardAdamW([weight], lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=0)
+    optimizer.state[weight].update(exp_avg=torch.zeros_like(weight), exp_avg_sq=torch.ones_like(weight))
+    for _ in range(200):
+        optimizer.begin(sync=True)
+        (weight.float() * 2.0).sum().backward()  # gradient 2: v heads from 1 towards 4
+        optimizer.step()
+    expected = 4 - 3 * 0.999**200  # 1.544 in exact arithmetic; round-to-nearest would stay at 1.0
+    assert abs(optimizer.state[weight]["exp_avg_sq"].float().mean().item() - expected) < 0.02

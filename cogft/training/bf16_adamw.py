@@ -81,8 +81,10 @@ class BackwardAdamW(torch.optim.Optimizer):
         updated = weights.mul(1 - group["lr"] * group["weight_decay"])
         updated.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
         param.copy_(torch.where(finite, stochastic_round_to_bf16(updated, self._generator), param))
-        state["exp_avg"].copy_(torch.where(finite, exp_avg, state["exp_avg"].float()))
-        state["exp_avg_sq"].copy_(torch.where(finite, exp_avg_sq, state["exp_avg_sq"].float()))
+        # the moments are rounded stochastically too: with beta2 = 0.999 the second moment changes by 0.1 % a
+        # step, below bf16's 0.4 % resolution, and would freeze under round-to-nearest
+        for name, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            state[name].copy_(torch.where(finite, stochastic_round_to_bf16(value, self._generator), state[name]))
         param.grad = None
 
     def step(self, closure=None):

@@ -14,10 +14,10 @@ from typing import Callable
 import torch
 
 from .bench import _free, _random_transformer, _sync
-from .models.loading import component_configs
-from .models.reference import random_init
 from .config import Config
 from .models.family import family_from_configs
+from .models.loading import component_configs
+from .models.reference import random_init
 from .sampling import render
 from .training.speed import apply_block_options, compile_enabled
 

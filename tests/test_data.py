@@ -204,18 +204,26 @@ def test_vae_compiles_on_gpus_only_when_enough_clips_pay_for_it():
     assert compile_vae_enabled(True, cpu, 1) and not compile_vae_enabled(False, cuda, 10_000)
 
 
-def test_copies_of_one_clip_on_different_ranks_train_once():
-    """Each rank drops repeats in its own share; copies split over ranks meet after the gather."""
-    from cogft.data.cache import CacheEntry, drop_repeats_across_ranks
+def test_copies_of_one_clip_on_different_ranks_train_once(make_config, tmp_path):
+    """Line 2 is a copy of line 1 (other name, same caption): with 2 ranks they land on different ranks,
+    and rank 1 skips its copy before encoding it, because the check runs over the whole list."""
+    from cogft.data.cache import prepare
+    from cogft.models.loading import family_for
 
-    def entry(line: int, latents: str, caption: str) -> CacheEntry:
-        return CacheEntry((latents,), f"p-{caption}", f"clip{line}.mp4", caption, 9, f"videos.txt:{line}")
-
-    rank0 = [entry(1, "a", "x"), entry(11, "b", "y")]          # clips 1, 3, ..., 11 on rank 0
-    rank1 = [entry(2, "c", "z"), entry(10, "a", "x"), entry(12, "a", "other caption")]
-    report = [{"listed_at": e.listed_at, "status": "encoded"} for e in rank0 + rank1]
-    kept = drop_repeats_across_ranks(rank1 + rank0, report)
-    assert [e.listed_at for e in kept] == ["videos.txt:1", "videos.txt:2", "videos.txt:11", "videos.txt:12"]
-    dropped = next(row for row in report if row["listed_at"] == "videos.txt:10")
-    assert dropped == {"listed_at": "videos.txt:10", "status": "skipped", "problem": "duplicate",
-                       "reason": "the same video bytes and caption as videos.txt:1"}
+    data = tmp_path / "clips"
+    data.mkdir()
+    shutil.copy(DATA / "videos" / "bouncing_square.mp4", data / "a.mp4")
+    shutil.copy(DATA / "videos" / "bouncing_square.mp4", data / "copy_of_a.mp4")
+    shutil.copy(DATA / "videos" / "fractal_zoom.mp4", data / "b.mp4")
+    (data / "videos.txt").write_text("a.mp4\ncopy_of_a.mp4\nb.mp4\n")
+    (data / "prompts.txt").write_text("a red square\na red square\nfractals\n")
+    config = make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}")
+    family = family_for(config.model.path)
+    rank0 = prepare(config, family, torch.device("cpu"), rank=0, world_size=2, show_progress=False)
+    rank1 = prepare(config, family, torch.device("cpu"), rank=1, world_size=2, show_progress=False)
+    assert [e.video for e in rank0.entries] == [str(data / "a.mp4"), str(data / "b.mp4")]
+    assert rank1.entries == []
+    dropped = next(row for row in rank1.report if row.get("listed_at") == "videos.txt:2")
+    assert (dropped["status"], dropped["problem"], dropped["reason"]) == (
+        "skipped", "duplicate", "the same video bytes and caption as videos.txt:1")
+    assert rank1.summary["kept"] == 0 and rank1.summary["skipped_by_reason"] == {"duplicate": 1}

@@ -18,21 +18,15 @@ import time
 import numpy as np
 import torch
 
+from ..bench import _time_steps
 from ..models.family import family_from_configs
 from ..models.reference import T5_XXL_ENCODER, random_init, reference_configs
 from .cache import encode_dtype, encode_frames
 
 
 def _timed(fn, repeat: int) -> float:
-    fn()  # warm-up (cuDNN autotuning, allocator)
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    """Median seconds of `fn` after one warm-up call (cuDNN autotuning, allocator), on the GPU."""
+    return statistics.median(_time_steps(lambda _: fn(), torch.device("cuda"), 1, repeat))
 
 
 def _time_vae(vae_config: dict, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int,

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +30,16 @@ from ..config import Config
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from .buckets import frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
-from .checks import Problem, caption_problem, file_digest, file_problem, repeated_entries, summarize_problems
+from .checks import (
+    Problem,
+    byte_duplicates,
+    caption_problem,
+    content_repeats,
+    file_digest,
+    file_problem,
+    repeated_entries,
+    summarize_problems,
+)
 from .sources import Clip, read_clips
 from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets, windows_note
 from .workers import isolated_map
@@ -47,7 +55,6 @@ class CacheEntry:
     video: str
     caption: str
     frames: int    # the clip's frame bucket: batches are drawn from one bucket
-    listed_at: str = ""  # where the clip was listed ("videos.txt:3"), for reports
 
 
 @dataclass
@@ -268,7 +275,7 @@ class Preparer:
 def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Preparer, rows: dict[str, dict]):
     """This rank's share: rows for every clip, the cached entries found, and what must be encoded."""
     repeats = repeated_entries(clips)
-    seen: dict[tuple[str, str], str] = {}
+    same_content = content_repeats(byte_duplicates(clips), clips)  # whole list: copies on other ranks count too
     cached: list[tuple[Clip, tuple[Path, ...], int]] = []
     todo: list[tuple[Clip, str]] = []
     for clip in clips[rank::world_size]:
@@ -276,13 +283,12 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
         problem = file_problem(clip.video) or caption_problem(clip.caption)
         if problem is None and clip.line in repeats:
             problem = Problem("duplicate", f"the same file and caption as {repeats[clip.line]}; listed once is enough")
-        digest = file_digest(clip.video) if problem is None else ""
-        if problem is None and (digest, clip.caption) in seen:
-            problem = Problem("duplicate", f"the same video bytes and caption as {seen[(digest, clip.caption)]}")
+        if problem is None and clip.line in same_content:
+            problem = Problem("duplicate", f"the same video bytes and caption as {same_content[clip.line]}")
         if problem is not None:
             row.update(status="skipped", problem=problem.code, reason=problem.detail)
             continue
-        seen[(digest, clip.caption)] = clip.line
+        digest = file_digest(clip.video)
         hit = preparer.find_cached(digest)
         if hit is None:
             todo.append((clip, digest))
@@ -318,29 +324,6 @@ def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stage
 
 
 REPORT_FILE = "prepare_report.jsonl"
-
-
-def drop_repeats_across_ranks(entries: list[CacheEntry], report: list[dict]) -> list[CacheEntry]:
-    """Entries of the same bytes and caption that different ranks kept: the first listed stays.
-
-    Each rank finds the repeats within its own share; two copies of one clip landing on different
-    ranks meet only here, after the shares are gathered. Their report rows say what happened.
-    """
-    rows = {row["listed_at"]: row for row in report if "listed_at" in row}
-    kept: dict[tuple, CacheEntry] = {}
-    for entry in sorted(entries, key=lambda e: _listing_order(e.listed_at)):
-        first = kept.setdefault((entry.latents, entry.prompt), entry)
-        if first is not entry and entry.listed_at in rows:
-            rows[entry.listed_at].update(status="skipped", problem="duplicate",
-                                         reason=f"the same video bytes and caption as {first.listed_at}")
-            logger.warning("skipped %s (%s): the same video bytes and caption as %s", entry.video, entry.listed_at,
-                           first.listed_at)
-    return list(kept.values())
-
-
-def _listing_order(listed_at: str) -> tuple:
-    """'videos.txt:12' after 'videos.txt:9': numbers compare as numbers."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", listed_at))
 
 
 def write_report(rows: list[dict], run_dir: str | Path) -> Path:
@@ -380,7 +363,7 @@ def prepare(
         torch.cuda.empty_cache()
 
     entries = [CacheEntry(tuple(str(p) for p in paths), str(preparer.prompt_path(c.caption)), str(c.video), c.caption,
-                          frames, c.line) for c, paths, frames in kept]
+                          frames) for c, paths, frames in kept]
     report = list(rows.values())
     for row in report:
         if row["status"] == "skipped":

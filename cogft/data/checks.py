@@ -7,7 +7,7 @@ file's issue and the fix. Checks here need no decoder: existence, size, caption 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +59,7 @@ def file_digest(path: Path) -> str:
 def repeated_entries(clips: list[Clip]) -> dict[str, str]:
     """Entries that list the same file with the same caption as an earlier one: {line: first line}.
 
-    Found by path, without reading the files, so every rank computes the same answer for the whole
-    list before sharding; same bytes under another path are caught later, per rank, by content.
+    Found by path, without reading the files; same bytes under another path: `content_repeats`.
     """
     first: dict[tuple[Path, str | None], str] = {}
     repeats = {}
@@ -70,6 +69,37 @@ def repeated_entries(clips: list[Clip]) -> dict[str, str]:
             repeats[clip.line] = first[key]
         else:
             first[key] = clip.line
+    return repeats
+
+
+def byte_duplicates(clips: list[Clip]) -> list[list[str]]:
+    """Groups of listed entries whose files have the same bytes; only files of equal size are hashed."""
+    by_size = defaultdict(list)
+    for clip in clips:
+        if file_problem(clip.video) is None:
+            by_size[clip.video.stat().st_size].append(clip)
+    groups = defaultdict(list)
+    for same_size in by_size.values():
+        if len(same_size) > 1:
+            for clip in same_size:
+                groups[file_digest(clip.video)].append(clip.line)
+    return [lines for lines in groups.values() if len(lines) > 1]
+
+
+def content_repeats(duplicates: list[list[str]], clips: list[Clip]) -> dict[str, str]:
+    """Entries with the same bytes (`byte_duplicates`) and the same caption as an earlier entry: {line: first line}.
+
+    Cheap enough for every rank to compute over the whole list before sharding, so copies that land
+    on different ranks are caught before either is encoded.
+    """
+    caption_of = {clip.line: clip.caption for clip in clips}
+    repeats = {}
+    for group in duplicates:
+        first_with: dict[str | None, str] = {}
+        for line in group:
+            first = first_with.setdefault(caption_of[line], line)
+            if first != line:
+                repeats[line] = first
     return repeats
 
 

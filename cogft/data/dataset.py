@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from ..seeding import mixed_seed
 from .cache import CacheEntry
 
 
@@ -34,7 +35,7 @@ class LatentDataset(Dataset):
         windows = len(self.entries[index].latents)
         if windows == 1:
             return 0
-        return random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index).randrange(windows)
+        return random.Random(mixed_seed(self.seed, self.epoch, index)).randrange(windows)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -9,15 +9,15 @@ lengths in T5 tokens (when a config names the model) and groups of byte-identica
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
 from ..config import Config, DataConfig, load_config
 from .buckets import frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
-from .checks import Problem, caption_problem, file_digest, file_problem, repeated_entries
-from .sources import Clip, read_clips
+from .checks import Problem, byte_duplicates, caption_problem, content_repeats, file_problem, repeated_entries
+from .sources import read_clips
 from .video import ClipProbe, DecodeSpec, geometry_notes, probe_clip
 from .workers import isolated_map
 
@@ -36,20 +36,6 @@ def _binned(values: list[float], edges: tuple[float, ...]) -> dict[str, int]:
     order = {label: i for i, label in enumerate(
         [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]:g}+"])}
     return dict(sorted(counts.items(), key=lambda item: order[item[0]]))
-
-
-def _byte_duplicates(clips: list[Clip]) -> list[list[str]]:
-    """Groups of listed entries whose files have the same bytes; only files of equal size are hashed."""
-    by_size = defaultdict(list)
-    for clip in clips:
-        if file_problem(clip.video) is None:
-            by_size[clip.video.stat().st_size].append(clip)
-    groups = defaultdict(list)
-    for same_size in by_size.values():
-        if len(same_size) > 1:
-            for clip in same_size:
-                groups[file_digest(clip.video)].append(clip.line)
-    return [lines for lines in groups.values() if len(lines) > 1]
 
 
 def _probe_crashed(path: str) -> ClipProbe:
@@ -80,15 +66,8 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
                       data.resize)
     clips = read_clips(data.path, data.video_column, data.caption_column)
     repeats = repeated_entries(clips)
-    duplicates = _byte_duplicates(clips)
-    caption_of = {clip.line: clip.caption for clip in clips}
-    same_content = {}  # line -> the first earlier line with the same bytes and the same caption
-    for group in duplicates:
-        first_with: dict[str | None, str] = {}
-        for line in group:
-            first = first_with.setdefault(caption_of[line], line)
-            if first != line:
-                same_content[line] = first
+    duplicates = byte_duplicates(clips)
+    same_content = content_repeats(duplicates, clips)
 
     rows = []
     for clip in clips:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ..seeding import mixed_seed
+
 
 def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """fp32 → bf16, rounding up with probability equal to the discarded fraction (unbiased)."""
@@ -54,8 +56,7 @@ class BackwardAdamW(torch.optim.Optimizer):
         self._applying = sync
         if sync:
             device = self.param_groups[0]["params"][0].device
-            self._generator = torch.Generator(device=device).manual_seed(
-                (self.seed * 1_000_003 + self.steps_done) % (2**63 - 1))
+            self._generator = torch.Generator(device=device).manual_seed(mixed_seed(self.seed, self.steps_done))
             self._norm_sq = torch.zeros((), device=device)
             self._finite = torch.ones((), dtype=torch.bool, device=device)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, save_config
+from ..seeding import mixed_seed
 from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
 from .backends import full_state_dict
 
@@ -210,6 +211,5 @@ def sample_generators(seed: int, step: int, micro_step: int, first_position: int
     draws the same noise as an uninterrupted one, however the batch is split over processes."""
     generators = []
     for position in range(first_position, first_position + count):
-        mixed = ((seed * 1_000_003 + step) * 1_000_033 + micro_step) * 1_000_037 + position
-        generators.append(torch.Generator(device=device).manual_seed(mixed % (2**63 - 1)))
+        generators.append(torch.Generator(device=device).manual_seed(mixed_seed(seed, step, micro_step, position)))
     return generators

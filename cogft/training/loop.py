@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, save_config
 from ..data.buckets import BucketBatchSampler
-from ..data.cache import drop_repeats_across_ranks, prepare, write_report
+from ..data.cache import prepare, write_report
 from ..data.dataset import LatentDataset, collate
 from ..flops import peak_tflops, step_flops
 from ..models.family import ModelFamily
@@ -90,7 +90,6 @@ def _gather_prepared(accelerator, config: Config, family: ModelFamily, run_dir: 
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         entries, report = gather_object(entries), gather_object(report)
-        entries = drop_repeats_across_ranks(entries, report)
     if accelerator.is_main_process:
         write_report(report, run_dir)
     mine.entries = sorted(entries, key=lambda e: e.latents)

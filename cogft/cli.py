@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int)
     sample.add_argument("--guidance-scale", type=float)
     sample.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    sample.add_argument("--cache", choices=["none", "pab", "first_block"],
+    sample.add_argument("--cache", choices=["none", "pab", "first_block", "taylorseer"],
                         help="approximate inference cache (default: validation.cache of the run)")
 
     bench = sub.add_parser("bench", help="time the real training step (full size on a GPU), optionally beside the plain recipe")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.sample:
                 from .bench_sample import bench_sample
 
-                bench_sample(config, args.baseline, emit=lambda row: print(json.dumps(row), flush=True))
+                bench_sample(config, args.baseline, args.profile, emit=lambda row: print(json.dumps(row), flush=True))
             else:
                 from .bench import bench
 

@@ -136,7 +136,7 @@ class ValidationConfig(_Section):
     seed: int = 0
     fps: int = Field(8, ge=1)
     at_end: bool = True
-    cache: Literal["none", "pab", "first_block"] = Field(
+    cache: Literal["none", "pab", "first_block", "taylorseer"] = Field(
         "none", description="approximate inference cache from diffusers (faster, not exact)"
     )
 

@@ -136,7 +136,10 @@ def apply_block_options(transformer: torch.nn.Module, gradient_checkpointing: bo
         if index < count:
             block.forward = _checkpointed(block.forward)
         if compile_blocks:
-            block.compile()
+            # compile the forward, not the module: hooks that diffusers' inference caches (or a backend)
+            # put around a block then stay outside the graph, which the 30-48 blocks share; with
+            # `block.compile()` each hooked block recompiles until the recompile limit sends the rest to eager
+            block.forward = torch.compile(block.forward)
     logger.info("gradient checkpointing on %d/%d blocks%s; per-block torch.compile %s",
                 count, len(blocks), " (inputs offloaded to host)" if offload_checkpoints and count else "",
                 "on" if compile_blocks else "off")

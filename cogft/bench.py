@@ -193,7 +193,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         return {"variant": name, "error": "out of memory"}
     flops = step_flops(configs["transformer"], config.data.num_frames, config.data.height, config.data.width,
                        config.train.batch_size, family.vae_scale_spatial, family.vae_scale_temporal)
-    checkpointing, offload = block_settings(config, configs) if name == "cogft" else (
+    checkpointing, offload = block_settings(config, configs, device) if name == "cogft" else (
         config.train.gradient_checkpointing is not False, False)
     seconds = statistics.median(times)
     tflop = flops.training(config.train.mode) / 1e12

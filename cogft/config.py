@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -99,8 +100,9 @@ class TrainConfig(_Section):
         False, description="true: all blocks; a fraction in (0, 1]: that share of the blocks; false: none"
     )
     offload_checkpoints: bool = False
-    memory_budget_gib: float | None = Field(
-        None, gt=0, description="choose checkpointing/offloading from `cogft estimate` to fit this many GiB"
+    memory_budget_gib: PositiveFloat | Literal["auto"] | None = Field(
+        None, description="choose checkpointing/offloading from `cogft estimate` to fit this many GiB; "
+        "auto: 90 % of the GPU's memory"
     )
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block; auto: on CUDA GPUs")
     allow_tf32: bool = True

@@ -1,8 +1,10 @@
 """`cogft estimate` against every configuration measured with `cogft bench` on one H100 (README)."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cogft.config import load_config
 from cogft.estimate import estimate
@@ -71,5 +73,25 @@ def test_memory_budget_picks_the_least_checkpointing_that_fits():
     assert fit_to_budget(config, configs, 6)[:2] == (True, True)         # lean mode: measured 5.92 GiB
     assert fit_to_budget(config, configs, 3) is None                     # the fp16 weights alone are 3.15 GiB
     budgeted = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=6"])
-    assert block_settings(budgeted, configs) == (True, True)
-    assert block_settings(config, configs) == (False, False)             # no budget: the config as written
+    cpu = torch.device("cpu")
+    assert block_settings(budgeted, configs, cpu) == (True, True)
+    assert block_settings(config, configs, cpu) == (False, False)        # no budget: the config as written
+
+
+def test_memory_budget_auto_fits_the_card(monkeypatch):
+    from cogft.training.speed import block_settings
+
+    def card(gib):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gib * 2**30))
+
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["train.memory_budget_gib=auto", "train.compile=true"])
+    configs, gpu = REFERENCE[config.model.path], torch.device("cuda")
+    card(79.2)  # an H100 80GB: a tenth of the card kept free, so not the 74 GiB of no checkpointing
+    assert block_settings(config, configs, gpu) == (0.1, False)          # measured 2.200 s, 67.4 GiB
+    card(44.4)  # an L40S (48 GB): where the shipped quarter (59 GiB) runs out of memory
+    setting, offload = block_settings(config, configs, gpu)
+    tried = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [
+        f"train.gradient_checkpointing={str(setting).lower()}", f"train.offload_checkpoints={str(offload).lower()}",
+        "train.compile=true"]), configs, "H100")
+    assert 0.25 < setting <= 1 and tried.peak_allocated_gib <= 0.9 * 44.4
+    assert block_settings(config, configs, torch.device("cpu")) == (0.25, False)  # CPU: the config as written

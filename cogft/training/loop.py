@@ -107,7 +107,7 @@ def assemble_step(accelerator, transformer, config: Config, family: ModelFamily,
     configure_backend(accelerator, config, family)
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer == "adamw")
-    checkpointing, offload = block_settings(config, configs)
+    checkpointing, offload = block_settings(config, configs, device)
     apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
     logger.info("family=%s dtype=%s backend=%s trainable parameters: %s", family.name, family.dtype,
                 backend_name(accelerator), f"{sum(p.numel() for p in params):,}")

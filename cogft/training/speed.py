@@ -18,22 +18,37 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 
-def block_settings(config, configs: dict) -> tuple[bool | float, bool]:
+AUTO_BUDGET_SHARE = 0.9  # of the card's memory: the estimate's worst miss so far is 8 %, validation needs less
+
+
+def memory_budget(config, device: torch.device) -> float | None:
+    """`train.memory_budget_gib` in GiB: as set, or with `auto`, 90 % of this CUDA device (None on a CPU)."""
+    budget = config.train.memory_budget_gib
+    if budget != "auto":
+        return budget
+    if device.type != "cuda":
+        logger.info("train.memory_budget_gib=auto applies on CUDA GPUs; using the configured checkpointing")
+        return None
+    return AUTO_BUDGET_SHARE * torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def block_settings(config, configs: dict, device: torch.device) -> tuple[bool | float, bool]:
     """(gradient_checkpointing, offload_checkpoints) to use: as configured, or, with
     `train.memory_budget_gib`, the fastest that `cogft estimate` predicts fits the budget."""
-    budget = config.train.memory_budget_gib
+    budget = memory_budget(config, device)
     if budget is None:
         return config.train.gradient_checkpointing, config.train.offload_checkpoints
     from ..estimate import fit_to_budget
 
     fit = fit_to_budget(config, configs, budget)
     if fit is None:
-        logger.warning("train.memory_budget_gib=%s: even full offloaded checkpointing is estimated above it; "
-                       "using it anyway", budget)
+        logger.warning("train.memory_budget_gib=%s (%.1f GiB): even full offloaded checkpointing is estimated "
+                       "above it; using it anyway", config.train.memory_budget_gib, budget)
         return True, True
     setting, offload, result = fit
-    logger.info("train.memory_budget_gib=%s: gradient_checkpointing=%s offload_checkpoints=%s (estimated %.2f GiB)",
-                budget, setting, offload, result.peak_allocated_gib)
+    logger.info("train.memory_budget_gib=%s (%.1f GiB): gradient_checkpointing=%s offload_checkpoints=%s "
+                "(estimated %.2f GiB)", config.train.memory_budget_gib, budget, setting, offload,
+                result.peak_allocated_gib)
     return setting, offload
 
 

@@ -142,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import asdict
 
             from .config import load_config
-            from .estimate import estimate, format_estimate
+            from .estimate import as_trained, estimate, format_estimate
             from .models.loading import component_configs
 
             config = load_config(args.config, args.overrides)
-            result = estimate(config, component_configs(config.model.path, config.model.revision), args.gpu)
+            configs = component_configs(config.model.path, config.model.revision)
+            config = as_trained(config, configs, args.gpu)
+            result = estimate(config, configs, args.gpu)
             print(json.dumps(asdict(result)) if args.json else format_estimate(config, result))
         elif args.command == "export":
             from .export import export

@@ -18,7 +18,7 @@ import torch
 from .config import Config, ConfigError
 from .flops import step_flops
 from .models.family import family_from_configs
-from .training.speed import checkpointed_block_count
+from .training.speed import AUTO_BUDGET_SHARE, checkpointed_block_count
 
 GIB = 2**30
 
@@ -108,6 +108,29 @@ def fit_to_budget(config: Config, configs: dict, budget_gib: float, gpu_name: st
     return setting, offload, result
 
 
+def as_trained(config: Config, configs: dict, gpu_name: str = "H100") -> Config:
+    """The config with the checkpointing the trainer would pick on `gpu_name` under `train.memory_budget_gib`
+    (`auto`: 90 % of that GPU's memory); unchanged without a budget or when nothing fits it."""
+    budget = config.train.memory_budget_gib
+    if budget is None:
+        return config
+    if budget == "auto":
+        budget = AUTO_BUDGET_SHARE * _gpu(gpu_name).memory_gib
+    fit = fit_to_budget(config, configs, budget, gpu_name)
+    if fit is None:
+        return config
+    setting, offload, _ = fit
+    return config.model_copy(update={"train": config.train.model_copy(
+        update={"gradient_checkpointing": setting, "offload_checkpoints": offload})})
+
+
+def _gpu(gpu_name: str) -> Gpu:
+    key = next((k for k in GPUS if k.lower() in gpu_name.lower()), None)
+    if key is None:
+        raise ConfigError(f"--gpu {gpu_name!r}: unknown GPU; choose one of {', '.join(GPUS)}")
+    return GPUS[key]
+
+
 def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> list[str]:
     """The fastest setting that fits, else what else to change."""
     fit = fit_to_budget(config, configs, memory_gib, gpu_name)
@@ -125,10 +148,7 @@ def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> 
 
 
 def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool = True) -> Estimate:
-    key = next((k for k in GPUS if k.lower() in gpu_name.lower()), None)
-    if key is None:
-        raise ConfigError(f"--gpu {gpu_name!r}: unknown GPU; choose one of {', '.join(GPUS)}")
-    gpu = GPUS[key]
+    gpu = _gpu(gpu_name)
     tcfg = configs["transformer"]
     family = family_from_configs(tcfg, configs["vae"], config.model.dtype)
     total, lora = _counts(tcfg, config)
@@ -179,7 +199,7 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
     if not fits and advise:
         advice = _advice(config, configs, gpu_name, gpu.memory_gib)
     return Estimate(gpu.name, round(peak, 2), round(seconds, 3), fits,
-                    {k: round(v / GIB, 2) for k, v in parts.items()}, advice, key != "H100")
+                    {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"])
 
 
 def format_estimate(config: Config, result: Estimate) -> str:
@@ -188,6 +208,8 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
         f"  step time       {result.seconds_per_step:7.3f} s",
+        f"  checkpointing   {config.train.gradient_checkpointing} (offload_checkpoints={config.train.offload_checkpoints}"
+        f"{f', chosen for train.memory_budget_gib={config.train.memory_budget_gib}' if config.train.memory_budget_gib else ''})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
     lines += [f"  try: {advice}" for advice in result.advice]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cogft.config import load_config
-from cogft.estimate import estimate
+from cogft.estimate import as_trained, estimate
 from cogft.models.reference import REFERENCE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +88,7 @@ def test_memory_budget_auto_fits_the_card(monkeypatch):
     configs, gpu = REFERENCE[config.model.path], torch.device("cuda")
     card(79.2)  # an H100 80GB: a tenth of the card kept free, so not the 74 GiB of no checkpointing
     assert block_settings(config, configs, gpu) == (0.1, False)          # measured 2.200 s, 67.4 GiB
+    assert as_trained(config, configs, "H100").train.gradient_checkpointing == 0.1  # `cogft estimate` agrees
     card(44.4)  # an L40S (48 GB): where the shipped quarter (59 GiB) runs out of memory
     setting, offload = block_settings(config, configs, gpu)
     tried = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [

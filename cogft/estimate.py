@@ -18,6 +18,7 @@ import torch
 from .config import Config, ConfigError
 from .flops import step_flops
 from .models.family import family_from_configs
+from .sampling import taylorseer_full_steps
 from .training.speed import AUTO_BUDGET_SHARE, checkpointed_block_count
 
 GIB = 2**30
@@ -49,6 +50,10 @@ OFFLOAD_GBS = 41.0                    # host<->device copies of offloaded block 
 ACTIVATION_BYTES_COMPILED = 29.5      # bytes kept per token·width element of a block for its backward
 ACTIVATION_BYTES_EAGER = 41.5
 WORKSPACE_GIB = 0.6                   # attention workspace, loss tensors, allocator slack
+# A validation / `cogft sample` video, measured on the same H100 (2B, 50 steps with CFG, 0.567 s a step):
+INFERENCE_OVERHEAD_S_PER_ELEMENT = 2.3e-11  # norms and glue of a compiled block's forward per token·width
+SKIPPED_STEP_S = 0.007                # a step taylorseer predicts: embeddings, output layers, scheduler
+DECODE_S_PER_PIXEL = 2.5 / (49 * 480 * 720)  # VAE decode and conversion, per output pixel of every frame
 
 
 @dataclass
@@ -60,6 +65,8 @@ class Estimate:
     parts_gib: dict
     advice: list[str]
     extrapolated: bool
+    sample_seconds: float                 # one validation video, exact
+    sample_seconds_cached: float | None   # with `validation.cache: taylorseer`; None for other settings
 
 
 def _counts(transformer_config: dict, config: Config) -> tuple[int, int]:
@@ -198,8 +205,28 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
     fits = peak <= gpu.memory_gib
     if not fits and advise:
         advice = _advice(config, configs, gpu_name, gpu.memory_gib)
+    steps = config.validation.num_inference_steps
+    sample = functools.partial(_sample_seconds, config, configs, gpu, family.vae_scale_spatial, family.vae_scale_temporal)
+    cached = sample(taylorseer_full_steps(steps)) if config.validation.cache == "taylorseer" else None
     return Estimate(gpu.name, round(peak, 2), round(seconds, 3), fits,
-                    {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"])
+                    {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"],
+                    round(sample(steps), 1), None if cached is None else round(cached, 1))
+
+
+def _sample_seconds(config: Config, configs: dict, gpu: Gpu, vae_scale_spatial: int, vae_scale_temporal: int,
+                    full_steps: int) -> float:
+    """One validation video: `full_steps` compiled transformer forwards (both CFG halves in one batch), the
+    other steps predicted by the cache, then the VAE decode."""
+    tcfg, data, validation = configs["transformer"], config.data, config.validation
+    batch = 2 if validation.guidance_scale > 1 else 1
+    flops = step_flops(tcfg, data.num_frames, data.height, data.width, batch, vae_scale_spatial, vae_scale_temporal)
+    scale = gpu.tflops / GPUS["H100"].tflops
+    elements = flops.tokens * tcfg["num_attention_heads"] * tcfg["attention_head_dim"] * batch * tcfg["num_layers"]
+    forward = (flops.attention / (H100_ATTENTION_FWD_TFLOPS * 1e12 * scale)
+               + flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale)
+               + elements * INFERENCE_OVERHEAD_S_PER_ELEMENT / scale)
+    skipped = validation.num_inference_steps - full_steps
+    return full_steps * forward + skipped * SKIPPED_STEP_S + DECODE_S_PER_PIXEL * data.num_frames * data.height * data.width / scale
 
 
 def format_estimate(config: Config, result: Estimate) -> str:
@@ -212,5 +239,8 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"{f', chosen for train.memory_budget_gib={config.train.memory_budget_gib}' if config.train.memory_budget_gib else ''})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
+    cached = "" if result.sample_seconds_cached is None else f"; {result.sample_seconds_cached:.1f} s with taylorseer"
+    lines.append(f"  validation video {result.sample_seconds:6.1f} s exact ({config.validation.num_inference_steps} steps, "
+                 f"guidance {config.validation.guidance_scale:g}, decode included){cached}")
     lines += [f"  try: {advice}" for advice in result.advice]
     return "\n".join(lines)

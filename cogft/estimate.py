@@ -226,7 +226,8 @@ def _sample_seconds(config: Config, configs: dict, gpu: Gpu, vae_scale_spatial: 
                + flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale)
                + elements * INFERENCE_OVERHEAD_S_PER_ELEMENT / scale)
     skipped = validation.num_inference_steps - full_steps
-    return full_steps * forward + skipped * SKIPPED_STEP_S + DECODE_S_PER_PIXEL * data.num_frames * data.height * data.width / scale
+    decode = DECODE_S_PER_PIXEL * data.num_frames * data.height * data.width / scale
+    return full_steps * forward + skipped * SKIPPED_STEP_S + decode
 
 
 def format_estimate(config: Config, result: Estimate) -> str:

@@ -30,7 +30,8 @@ TAYLORSEER_INTERVAL = 4  # then a full forward every 4th step: 15 of 50 steps
 
 def taylorseer_full_steps(steps: int) -> int:
     """How many of `steps` denoising steps run the transformer under the taylorseer preset (diffusers' schedule)."""
-    return sum(1 for i in range(steps) if i < TAYLORSEER_WARMUP or (i - TAYLORSEER_WARMUP - 1) % TAYLORSEER_INTERVAL == 0)
+    return sum(1 for i in range(steps)
+               if i < TAYLORSEER_WARMUP or (i - TAYLORSEER_WARMUP - 1) % TAYLORSEER_INTERVAL == 0)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -62,8 +63,8 @@ def cache_config(name: str, pipe):
     if name == "taylorseer":
         from diffusers import TaylorSeerCacheConfig
 
-        return TaylorSeerCacheConfig(cache_interval=TAYLORSEER_INTERVAL, disable_cache_before_step=TAYLORSEER_WARMUP, max_order=1,
-                                     taylor_factors_dtype=torch.float32, use_lite_mode=True)
+        return TaylorSeerCacheConfig(cache_interval=TAYLORSEER_INTERVAL, disable_cache_before_step=TAYLORSEER_WARMUP,
+                                     max_order=1, taylor_factors_dtype=torch.float32, use_lite_mode=True)
     return None
 
 

@@ -115,18 +115,22 @@ def fit_to_budget(config: Config, configs: dict, budget_gib: float, gpu_name: st
     return setting, offload, result
 
 
+def checkpointing_for_budget(config: Config, configs: dict, budget_gib: float, gpu_name: str = "H100"):
+    """What the trainer runs under a memory budget: the fastest setting that fits, else lean mode (every block
+    checkpointed, inputs offloaded). Returns (gradient_checkpointing, offload_checkpoints, Estimate or None)."""
+    fit = fit_to_budget(config, configs, budget_gib, gpu_name)
+    return (True, True, None) if fit is None else fit
+
+
 def as_trained(config: Config, configs: dict, gpu_name: str = "H100") -> Config:
     """The config with the checkpointing the trainer would pick on `gpu_name` under `train.memory_budget_gib`
-    (`auto`: 90 % of that GPU's memory); unchanged without a budget or when nothing fits it."""
+    (`auto`: 90 % of that GPU's memory); unchanged without a budget."""
     budget = config.train.memory_budget_gib
     if budget is None:
         return config
     if budget == "auto":
         budget = AUTO_BUDGET_SHARE * _gpu(gpu_name).memory_gib
-    fit = fit_to_budget(config, configs, budget, gpu_name)
-    if fit is None:
-        return config
-    setting, offload, _ = fit
+    setting, offload, _ = checkpointing_for_budget(config, configs, budget, gpu_name)
     return config.model_copy(update={"train": config.train.model_copy(
         update={"gradient_checkpointing": setting, "offload_checkpoints": offload})})
 

@@ -95,6 +95,10 @@ def test_memory_budget_picks_the_least_checkpointing_that_fits():
     cpu = torch.device("cpu")
     assert block_settings(budgeted, configs, cpu) == (True, True)
     assert block_settings(config, configs, cpu) == (False, False)        # no budget: the config as written
+    starved = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=3"])
+    assert block_settings(starved, configs, cpu) == (True, True)         # nothing fits: lean mode anyway
+    shown = as_trained(starved, configs, "H100").train                    # and `cogft estimate` shows the same
+    assert (shown.gradient_checkpointing, shown.offload_checkpoints) == (True, True)
 
 
 def test_memory_budget_auto_fits_the_card(monkeypatch):

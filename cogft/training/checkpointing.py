@@ -137,6 +137,20 @@ def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
     return changes
 
 
+def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer_parent: Path,
+                 dtype: torch.dtype | None = None) -> Path | None:
+    """The trained weights in diffusers format: the LoRA into `lora_dir`, or `transformer_parent/transformer`
+    (cast to `dtype`). Sharded weights (ZeRO-3, FSDP) are gathered first, a collective: every rank calls
+    this; the main process writes and gets the path, the others None."""
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    module = accelerator.unwrap_model(model)
+    if config.train.mode == "lora":
+        return save_lora(module, config, lora_dir, model_state=state)
+    return save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
+
+
 def register_weight_hooks(accelerator, config: Config) -> None:
     """Make accelerate save/load the diffusers-format weights instead of its own model file.
 
@@ -146,13 +160,7 @@ def register_weight_hooks(accelerator, config: Config) -> None:
 
     def save_hook(models, weights, output_dir):
         for model in models:
-            state = full_state_dict(accelerator, model)  # a collective under ZeRO-3/FSDP: every rank takes part
-            if accelerator.is_main_process:
-                module = accelerator.unwrap_model(model)
-                if config.train.mode == "lora":
-                    save_lora(module, config, output_dir, model_state=state)
-                else:
-                    save_transformer(module, output_dir, model_state=state)
+            save_weights(accelerator, model, config, Path(output_dir), Path(output_dir))
             if weights:
                 weights.pop()
 

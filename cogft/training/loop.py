@@ -28,13 +28,12 @@ from ..models.loading import component_configs, family_for, load_scheduler, load
 from ..runs import LORA_DIR
 from ..sampling import ValidationHook
 from ..tracking import init_trackers, log_videos, trackers_for
-from .adapters import save_lora, save_transformer, setup_trainable
+from .adapters import setup_trainable
 from .backends import (
     accelerator_on_cpu,
     backend_name,
     configure_backend,
     cpu_adamw,
-    full_state_dict,
     keep_encoders_whole,
     offloads_optimizer,
     shards_weights,
@@ -49,6 +48,7 @@ from .checkpointing import (
     register_weight_hooks,
     resolve_resume,
     save_checkpoint,
+    save_weights,
     sample_generators,
 )
 from .objective import rotary_cache
@@ -396,13 +396,8 @@ def train(config: Config) -> Path:
 
 def export_final(accelerator, transformer, config: Config, family: ModelFamily, run_dir: Path) -> None:
     """lora/pytorch_lora_weights.safetensors or transformer/ in the family's dtype, as diffusers expects."""
-    state = full_state_dict(accelerator, transformer)  # gathered on every rank when the weights are sharded
-    if accelerator.is_main_process:
-        module = accelerator.unwrap_model(transformer)
-        if config.train.mode == "lora":
-            path = save_lora(module, config, run_dir / LORA_DIR, model_state=state)
-        else:
-            path = save_transformer(module, run_dir, dtype=family.dtype, model_state=state)
+    path = save_weights(accelerator, transformer, config, run_dir / LORA_DIR, run_dir, dtype=family.dtype)
+    if path is not None:
         logger.info("exported %s", path)
     accelerator.wait_for_everyone()
 

@@ -38,14 +38,13 @@ def block_settings(config, configs: dict, device: torch.device) -> tuple[bool | 
     budget = memory_budget(config, device)
     if budget is None:
         return config.train.gradient_checkpointing, config.train.offload_checkpoints
-    from ..estimate import fit_to_budget
+    from ..estimate import checkpointing_for_budget
 
-    fit = fit_to_budget(config, configs, budget)
-    if fit is None:
+    setting, offload, result = checkpointing_for_budget(config, configs, budget)
+    if result is None:
         logger.warning("train.memory_budget_gib=%s (%.1f GiB): even full offloaded checkpointing is estimated "
                        "above it; using it anyway", config.train.memory_budget_gib, budget)
-        return True, True
-    setting, offload, result = fit
+        return setting, offload
     logger.info("train.memory_budget_gib=%s (%.1f GiB): gradient_checkpointing=%s offload_checkpoints=%s "
                 "(estimated %.2f GiB)", config.train.memory_budget_gib, budget, setting, offload,
                 result.peak_allocated_gib)

@@ -99,7 +99,8 @@ def test_resume_from_an_older_checkpoint_with_newer_ones_is_refused(make_config)
         train(make_config(*FAST, "train.max_steps=6", f"train.resume={run / 'checkpoints' / 'step-000002'}", out="run"))
 
 
-def test_non_finite_gradient_skips_the_update():
+@pytest.mark.parametrize("fused", [False, True])  # fused: the skip is decided on the device, without a host sync
+def test_non_finite_gradient_skips_the_update(fused):
     from accelerate import Accelerator
     from diffusers import CogVideoXDPMScheduler
 
@@ -108,18 +109,21 @@ def test_non_finite_gradient_skips_the_update():
 
     model = torch.nn.Linear(4, 4)
     before = model.weight.detach().clone()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
     family = family_from_configs({"max_text_seq_length": 4, "patch_size": 2}, {"scaling_factor": 1.0,
                                  "block_out_channels": [1, 1, 1, 1]}, "fp32")
     step = TrainingStep(Accelerator(cpu=True), model, list(model.parameters()), optimizer,
                         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
                         torch.amp.GradScaler("cpu", enabled=False), CogVideoXDPMScheduler(), family, 1.0, lambda _: None)
+    assert step.skips_on_device == fused
     (model(torch.ones(1, 4)).sum() * float("nan")).backward()
     result = step.update(torch.tensor(float("nan")))
     assert not result.finite
     assert torch.equal(model.weight, before)
+    assert all(float(state["step"]) == 0 for state in optimizer.state.values())  # AdamW's bias correction too
     model(torch.ones(1, 4)).sum().backward()
     assert step.update(torch.tensor(1.0)).finite and not torch.equal(model.weight, before)
+    assert float(optimizer.state[model.weight]["step"]) == 1
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(make_config, monkeypatch):

@@ -20,6 +20,7 @@ import torch
 
 from ..bench import _time_steps
 from ..models.family import family_from_configs
+from ..models.group_norm import spread_group_norms
 from ..models.reference import T5_XXL_ENCODER, random_init, reference_configs
 from .cache import encode_dtype, encode_frames
 
@@ -36,6 +37,7 @@ def _time_vae(vae_config: dict, frames: np.ndarray, dtype: torch.dtype, device: 
 
     with random_init(device, dtype):
         vae = AutoencoderKLCogVideoX.from_config(vae_config).eval()
+    spread_group_norms(vae)  # as `load_vae` gives it to prepare
     compile_seconds = None
     if compile_vae:
         vae.encoder = torch.compile(vae.encoder)

@@ -94,9 +94,9 @@ class BackwardAdamW(torch.optim.Optimizer):
             self.steps_done += 1
             self._applying = False
 
-    def grad_norm_and_finite(self) -> tuple[torch.Tensor, bool]:
-        """The step's global gradient norm (finite gradients only) and whether all were finite."""
-        return self._norm_sq.sqrt(), bool(self._finite)
+    def grad_norm_and_finite(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's global gradient norm (finite gradients only) and whether all were finite, on the device."""
+        return self._norm_sq.sqrt(), self._finite
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -12,6 +12,7 @@ import math
 import signal
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ from .checkpointing import (
 )
 from .objective import rotary_cache
 from .speed import apply_block_options, block_settings, compile_enabled
+from .readout import StepReadout
 from .step import TrainingStep
 
 logger = logging.getLogger(__name__)
@@ -187,15 +189,16 @@ class _StopRequest:
 
 def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
                     offloaded: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights: the fused kernel on GPUs (one launch for all params), a CPU
-    AdamW when DeepSpeed keeps the optimizer in host memory, or bf16 AdamW inside the backward pass."""
+    """AdamW over the trainable weights: the fused kernel (one launch for all params, and a skip decided on
+    the device), a CPU AdamW when DeepSpeed keeps the optimizer in host memory, or bf16 AdamW inside the
+    backward pass."""
     settings = dict(lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
                     weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
     if config.train.optimizer == "adamw_bf16":
         return BackwardAdamW(params, seed=config.train.seed, **settings)
     if offloaded:
         return cpu_adamw(params, implementation=config.train.cpu_adam, **settings)
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **settings)
+    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **settings)
 
 
 class _NonFiniteGuard:
@@ -204,14 +207,14 @@ class _NonFiniteGuard:
     def __init__(self, total: int) -> None:
         self.total, self.in_a_row = total, 0
 
-    def record(self, finite: bool, step: int, loss: torch.Tensor, sample_ids: torch.Tensor) -> None:
+    def record(self, finite: bool, step: int, loss: float, sample_ids: torch.Tensor) -> None:
         if finite:
             self.in_a_row = 0
             return
         self.total += 1
         self.in_a_row += 1
         logger.warning("step %d: non-finite loss/gradient (loss=%s); update skipped (samples %s)",
-                       step, float(loss), sample_ids.tolist())
+                       step, loss, sample_ids.tolist())
         if self.in_a_row >= MAX_CONSECUTIVE_NONFINITE:
             raise FloatingPointError(
                 f"{self.in_a_row} non-finite steps in a row at step {step}: lower train.learning_rate, "
@@ -233,23 +236,38 @@ class _Ema:
         return self.value
 
 
-def _step_metrics(accelerator, config: Config, family: ModelFamily, transformer_config, loss: torch.Tensor, result,
-                  batch: dict, step_time: float, data_wait: float, lr: float, progress, epoch: int) -> dict:
+@dataclass
+class _FinishedStep:
+    """A launched optimizer step, reported once its scalars reach the host (while the next step runs)."""
+
+    step: int
+    readout: StepReadout
+    sample_ids: torch.Tensor
+    latent_shape: torch.Size
+    step_time: float
+    data_wait: float
+    lr: float
+    epoch: int
+
+
+def _step_metrics(accelerator, config: Config, family: ModelFamily, transformer_config, finished: _FinishedStep,
+                  values: dict[str, float], skipped_steps: int) -> dict:
     """What one logged step reports to W&B and metrics.jsonl."""
     accum, processes = config.train.gradient_accumulation_steps, accelerator.num_processes
-    flops = _batch_flops(transformer_config, family, batch["latent_mean"].shape, accum)
-    samples = batch["latent_mean"].shape[0] * accum * processes
+    flops = _batch_flops(transformer_config, family, finished.latent_shape, accum)
+    samples = finished.latent_shape[0] * accum * processes
+    step_time = finished.step_time
     metrics = {
-        "loss": accelerator.reduce(loss, reduction="mean").item(),
-        "lr": lr,
-        "grad_norm": float(result.grad_norm),
-        "loss_scale": result.loss_scale,
-        "skipped_steps": progress.skipped_steps,
+        "loss": values["mean_loss"],
+        "lr": finished.lr,
+        "grad_norm": values["grad_norm"],
+        "loss_scale": values["loss_scale"],
+        "skipped_steps": skipped_steps,
         "step_time": step_time,
         "samples_per_s": samples / step_time,
         "tokens_per_s": flops.tokens * samples / step_time,
-        "data_wait_s": data_wait,
-        "epoch": epoch,
+        "data_wait_s": finished.data_wait,
+        "epoch": finished.epoch,
     }
     device = accelerator.device
     if device.type == "cuda":
@@ -334,6 +352,21 @@ def train(config: Config) -> Path:
                disable=not accelerator.is_local_main_process)
     nonfinite = _NonFiniteGuard(progress.skipped_steps)
     smoothed = _Ema()
+    pending: _FinishedStep | None = None  # the last launched step, reported during the next one
+
+    def report(finished: _FinishedStep | None) -> None:
+        """Count a non-finite step and log the metrics, once the step's scalars are on the host."""
+        if finished is None:
+            return
+        values = finished.readout.values()
+        nonfinite.record(values["finite"] > 0, finished.step, values["loss"], finished.sample_ids)
+        progress.skipped_steps = nonfinite.total
+        if "mean_loss" in values:
+            metrics = _step_metrics(accelerator, config, family, unwrapped.config, finished, values, nonfinite.total)
+            metrics["loss_smoothed"] = smoothed.update(metrics["loss"])
+            accelerator.log(metrics, step=finished.step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+
     stopped_early = False
     transformer.train()
     with _StopRequest() as stop:
@@ -362,20 +395,24 @@ def train(config: Config) -> Path:
                 micro = 0
                 progress.global_step += 1
                 gstep = progress.global_step
-                nonfinite.record(result.finite, gstep, loss, batch["index"])
-                progress.skipped_steps = nonfinite.total
-                step_time = time.perf_counter() - step_started
-                if gstep % config.tracking.log_every == 0 or gstep == config.train.max_steps:
-                    metrics = _step_metrics(accelerator, config, family, unwrapped.config, loss, result, batch,
-                                            step_time, data_wait, lr_scheduler.get_last_lr()[0], progress, epoch)
-                    metrics["loss_smoothed"] = smoothed.update(metrics["loss"])
-                    accelerator.log(metrics, step=gstep)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                logged = gstep % config.tracking.log_every == 0 or gstep == config.train.max_steps
+                scalars = dict(loss=loss, grad_norm=result.grad_norm, finite=result.finite, loss_scale=result.loss_scale)
+                if logged:  # every process takes part in the reduction
+                    scalars["mean_loss"] = accelerator.reduce(loss, reduction="mean")
+                report(pending)
+                pending = _FinishedStep(gstep, StepReadout(**scalars), batch["index"], batch["latent_mean"].shape,
+                                        time.perf_counter() - step_started, data_wait, lr_scheduler.get_last_lr()[0],
+                                        epoch)
                 bar.update(1)
                 last = gstep >= config.train.max_steps
-                if gstep % config.train.checkpoint_every == 0 or last or stop.requested:
+                checkpoint_due = gstep % config.train.checkpoint_every == 0 or last or stop.requested
+                validation_due = gstep % config.validation.every == 0 and not last
+                if checkpoint_due or validation_due:  # the checkpoint records this step's skip count
+                    report(pending)
+                    pending = None
+                if checkpoint_due:
                     save_checkpoint(accelerator, run_dir, gstep, config.train.checkpoints_keep, config)
-                if gstep % config.validation.every == 0 and not last:
+                if validation_due:
                     run_validation(gstep)
                 if stop.requested:
                     logger.warning("stopped at step %d; resume with train.resume=latest", gstep)

@@ -19,9 +19,11 @@ from .objective import diffusion_loss, draw_inputs
 
 @dataclass
 class UpdateResult:
+    """What an update leaves behind, on the device where it can: reading it is the trainer's (one step later)."""
+
     grad_norm: torch.Tensor
-    finite: bool
-    loss_scale: float
+    finite: torch.Tensor | bool
+    loss_scale: torch.Tensor | float
 
 
 class TrainingStep:
@@ -43,8 +45,10 @@ class TrainingStep:
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.device_type = accelerator.device.type
         self.deepspeed = uses_deepspeed(accelerator)
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds ours
-        self.in_backward = inner if isinstance(inner, BackwardAdamW) else None
+        self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds ours
+        self.in_backward = self.inner_optimizer if isinstance(self.inner_optimizer, BackwardAdamW) else None
+        # a fused AdamW takes the skip decision as a tensor (`found_inf`), so no step waits for the host
+        self.skips_on_device = getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
@@ -70,21 +74,32 @@ class TrainingStep:
         return loss.detach()
 
     def update(self, loss: torch.Tensor) -> UpdateResult:
-        """Unscale, clip, step; a non-finite loss or gradient skips the update (the fp16 scaler's way too)."""
+        """Unscale, clip, step; a non-finite loss or gradient skips the update (the fp16 scaler's way too).
+
+        With a fused AdamW nothing here waits for the GPU: the skip is decided on the device, and the
+        result's tensors are read by the trainer while the next step runs.
+        """
         if self.deepspeed:
             return self._deepspeed_update(loss)
         if self.in_backward is not None:
             return self._closing_update(loss)
-        self.scaler.unscale_(self.optimizer)
+        inner = self.inner_optimizer  # the scaler hands a fused optimizer its found-inf flag as a tensor
+        self.scaler.unscale_(inner)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
-        loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        if finite or self.scaler.is_enabled():  # the scaler skips non-finite steps itself
-            self.scaler.step(self.optimizer)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+        loss_scale = self.scaler._get_scale_async().clone() if self.scaler.is_enabled() else 1.0  # update() moves it
+        if self.scaler.is_enabled():
+            self.scaler.step(inner)  # skips a step with non-finite gradients itself
+        elif self.skips_on_device:
+            inner.found_inf = (~finite).float()
+            self.optimizer.step()
+            del inner.found_inf
+        elif finite:
+            self.optimizer.step()
         self.scaler.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return UpdateResult(grad_norm, finite, float(loss_scale))
+        return UpdateResult(grad_norm, finite, loss_scale)
 
     def _deepspeed_update(self, loss: torch.Tensor) -> UpdateResult:
         """DeepSpeed already unscaled, clipped and stepped inside `accelerator.backward`; read what it did."""
@@ -102,4 +117,4 @@ class TrainingStep:
         grad_norm, finite = self.in_backward.grad_norm_and_finite()
         self.optimizer.step()
         self.lr_scheduler.step()
-        return UpdateResult(grad_norm, finite and bool(torch.isfinite(loss)), 1.0)
+        return UpdateResult(grad_norm, finite & torch.isfinite(loss), 1.0)

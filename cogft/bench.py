@@ -67,6 +67,17 @@ def _time_steps(run_step: Callable[[int], None], device: torch.device, warmup: i
     return times
 
 
+def _time_back_to_back(run_step: Callable[[int], None], device: torch.device, first: int, steps: int) -> float:
+    """Mean s/step over `steps` steps launched without a sync between them, as the trainer runs them
+    (it reads each step's scalars during the next); `_time_steps`' per-step syncs add the launch gap."""
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(first, first + steps):
+        run_step(i)
+    _sync(device)
+    return (time.perf_counter() - started) / steps
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -182,6 +193,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
     try:
         run = build(config, family, configs, device)
         times = _time_steps(run, device, warmup, steps)
+        back_to_back = _time_back_to_back(run, device, warmup + steps, steps)
         if profile:
             _profile(run, device)
         if checkpoint and hasattr(run, "checkpoint_roundtrip"):
@@ -205,7 +217,8 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         "offload_checkpoints": offload,
         "memory_budget_gib": config.train.memory_budget_gib if name == "cogft" else None,
         "compile": compile_enabled(config, device) if name == "cogft" else False,
-        "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4), "steps": steps,
+        "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4),
+        "s_per_step_back_to_back": round(back_to_back, 4), "steps": steps,
         "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }

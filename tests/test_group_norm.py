@@ -30,6 +30,28 @@ def test_spread_group_norm_matches_torch(shape, offset):
     assert set(spread.state_dict()) == set(stock.state_dict())
 
 
+def test_spread_group_norm_takes_non_contiguous_input():
+    """The VAE encoder hands its norms (C, T)-transposed views."""
+    torch.manual_seed(0)
+    stock = nn.GroupNorm(4, 16)
+    spread = copy.deepcopy(stock)
+    spread_group_norms(spread)
+    x = torch.randn(1, 5, 16, 6, 7).transpose(1, 2)
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(spread(x), stock(x), rtol=0, atol=1e-6)
+
+
+def test_compiled_vae_encoder_keeps_working(make_config):
+    """`data.compile_vae`: under torch.compile the norms are torch's own (the spread view/out= path broke tracing)."""
+    vae = load_vae(make_config().model.path, torch.float32).eval()
+    frames = torch.randn(1, 3, 9, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = vae.encode(frames).latent_dist.mean
+        vae.encoder = torch.compile(vae.encoder, backend="aot_eager")  # tracing only: no C++ build on CI
+        torch.testing.assert_close(vae.encode(frames).latent_dist.mean, eager, rtol=0, atol=1e-5)
+
+
 def test_loaded_vae_decodes_like_the_stock_one(make_config):
     from diffusers import AutoencoderKLCogVideoX
 

@@ -53,7 +53,7 @@ WORKSPACE_GIB = 0.6                   # attention workspace, loss tensors, alloc
 # A validation / `cogft sample` video, measured on the same H100 (2B, 50 steps with CFG, 0.567 s a step):
 INFERENCE_OVERHEAD_S_PER_ELEMENT = 2.3e-11  # norms and glue of a compiled block's forward per token·width
 SKIPPED_STEP_S = 0.007                # a step taylorseer predicts: embeddings, output layers, scheduler
-DECODE_S_PER_PIXEL = 2.5 / (49 * 480 * 720)  # VAE decode and conversion, per output pixel of every frame
+DECODE_S_PER_PIXEL = 1.9 / (49 * 480 * 720)  # VAE decode (spread group norms) and conversion, per output pixel
 
 
 @dataclass

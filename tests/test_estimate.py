@@ -23,7 +23,7 @@ MEASURED = [
     ("cogvideox-5b-lora", ["train.gradient_checkpointing=0.25", "train.compile=true"], 2.306, 59.31),
     ("cogvideox-5b-lora", ["train.gradient_checkpointing=0.1", "train.compile=true"], 2.200, 67.44),
     ("cogvideox-5b-lora", ["train.gradient_checkpointing=0.05", "train.compile=true"], 2.168, 70.16),
-    ("cogvideox-5b-lora", ["train.gradient_checkpointing=false", "train.compile=true"], 2.126, 74.15),
+    ("cogvideox-5b-lora", ["train.gradient_checkpointing=false", "train.compile=true"], 2.110, 74.15),
     ("cogvideox-5b-lora", ["train.gradient_checkpointing=true", "train.compile=false"], 3.988, 19.33),
     ("cogvideox-5b-lora", ["train.gradient_checkpointing=true", "train.compile=true"], 2.783, 18.52),
     ("cogvideox-5b-lora", ["train.gradient_checkpointing=true", "train.compile=true", "train.offload_checkpoints=true"],
@@ -37,14 +37,14 @@ MEASURED = [
 ]
 
 
-# (config, validation.cache, measured s per validation video: 50 steps with CFG, decode included); the 2B rows
-# calibrated the inference overhead, the 5B rows are predictions and ran with the CPU generator that stalled
-# every step (README, Performance): about 4 s more than cogft takes now
+# (config, validation.cache, measured s per validation video: 50 steps with CFG, decode included; `cogft bench
+# --sample`, H100 80GB HBM3, 2026-11-25, GPU-side noise and spread VAE group norms); the 2B rows calibrated
+# the inference overhead, the 5B rows are predictions
 SAMPLED = [
-    ("cogvideox-2b-lora", "none", 30.47),
-    ("cogvideox-2b-lora", "taylorseer", 11.11),
-    ("cogvideox-5b-lora", "none", 79.65),
-    ("cogvideox-5b-lora", "taylorseer", 28.04),
+    ("cogvideox-2b-lora", "none", 30.27),
+    ("cogvideox-2b-lora", "taylorseer", 10.56),
+    ("cogvideox-5b-lora", "none", 73.09),
+    ("cogvideox-5b-lora", "taylorseer", 23.65),
 ]
 
 

@@ -26,7 +26,7 @@ from .models.family import ModelFamily, family_from_configs
 from .models.loading import component_configs
 from .models.reference import random_init
 from .training.backends import accelerator_on_cpu, backend_name
-from .training.speed import block_settings, compile_enabled
+from .training.speed import compile_enabled
 
 
 def _random_transformer(transformer_config: dict, dtype: torch.dtype, device: torch.device):
@@ -118,6 +118,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
 
     run.checkpoint_roundtrip = checkpoint_roundtrip
     run.backend = backend_name(accelerator)
+    run.block_settings = step.block_settings
     return run
 
 
@@ -171,6 +172,7 @@ def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torc
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+    run.block_settings = (bool(config.train.gradient_checkpointing), False)  # diffusers' all or nothing
     return run
 
 
@@ -205,8 +207,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         return {"variant": name, "error": "out of memory"}
     flops = step_flops(configs["transformer"], config.data.num_frames, config.data.height, config.data.width,
                        config.train.batch_size, family.vae_scale_spatial, family.vae_scale_temporal)
-    checkpointing, offload = block_settings(config, configs, device) if name == "cogft" else (
-        config.train.gradient_checkpointing is not False, False)
+    checkpointing, offload = run.block_settings
     seconds = statistics.median(times)
     tflop = flops.training(config.train.mode) / 1e12
     row = {

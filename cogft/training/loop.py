@@ -131,6 +131,7 @@ def assemble_step(accelerator, transformer, config: Config, family: ModelFamily,
         config.train.max_grad_norm,
         rotary_cache(accelerator.unwrap_model(transformer).config, family, config.data.height, config.data.width,
                      device),
+        (checkpointing, offload),
     )
     return step, progress, loader
 

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..models.family import ModelFamily
-from .backends import uses_deepspeed
+from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
 from .objective import diffusion_loss, draw_inputs
 
@@ -27,11 +27,13 @@ class UpdateResult:
 
 
 class TrainingStep:
-    """Holds the pieces one step needs; `rotary_for(latent_frames)` gives 3D RoPE or None."""
+    """Holds the pieces one step needs; `rotary_for(latent_frames)` gives 3D RoPE or None;
+    `block_settings` records the (checkpointing, offload) the blocks were set up with."""
 
     def __init__(self, accelerator, transformer, params, optimizer, lr_scheduler, scaler: torch.amp.GradScaler,
                  noise_scheduler, family: ModelFamily, max_grad_norm: float,
-                 rotary_for: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]):
+                 rotary_for: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None],
+                 block_settings: tuple[bool | float, bool] = (False, False)):
         self.accelerator = accelerator
         self.transformer = transformer
         self.params = params
@@ -42,13 +44,16 @@ class TrainingStep:
         self.family = family
         self.max_grad_norm = max_grad_norm
         self.rotary_for = rotary_for
+        self.block_settings = block_settings
         self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.device_type = accelerator.device.type
         self.deepspeed = uses_deepspeed(accelerator)
         self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds ours
         self.in_backward = self.inner_optimizer if isinstance(self.inner_optimizer, BackwardAdamW) else None
-        # a fused AdamW takes the skip decision as a tensor (`found_inf`), so no step waits for the host
-        self.skips_on_device = getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
+        # a fused AdamW takes the skip decision as a tensor (`found_inf`), so no step waits for the host;
+        # FSDP's sharded (DTensor) weights keep the host check, the path measured with them
+        self.skips_on_device = (getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
+                                and not uses_fsdp(accelerator))
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
@@ -83,19 +88,20 @@ class TrainingStep:
             return self._deepspeed_update(loss)
         if self.in_backward is not None:
             return self._closing_update(loss)
-        inner = self.inner_optimizer  # the scaler hands a fused optimizer its found-inf flag as a tensor
-        self.scaler.unscale_(inner)
+        # the scaler hands a fused optimizer its found-inf flag as a tensor; accelerate's wrapper hides that
+        optimizer = self.inner_optimizer if self.skips_on_device else self.optimizer
+        self.scaler.unscale_(optimizer)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
         loss_scale = self.scaler._get_scale_async().clone() if self.scaler.is_enabled() else 1.0  # update() moves it
         if self.scaler.is_enabled():
-            self.scaler.step(inner)  # skips a step with non-finite gradients itself
+            self.scaler.step(optimizer)  # skips a step with non-finite gradients itself
         elif self.skips_on_device:
-            inner.found_inf = (~finite).float()
-            self.optimizer.step()
-            del inner.found_inf
+            optimizer.found_inf = (~finite).float()
+            optimizer.step()
+            del optimizer.found_inf
         elif finite:
-            self.optimizer.step()
+            optimizer.step()
         self.scaler.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

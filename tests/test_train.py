@@ -213,3 +213,21 @@ def test_validation_out_of_memory_is_skipped_not_fatal(make_config, monkeypatch)
     run = train(make_config("train.max_steps=2", "validation.every=1", out="oom"))
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not list(run.glob("samples/*.mp4"))  # every validation video was skipped, training went on
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_compile_autotune_reaches_every_compiled_block(make_config, monkeypatch, autotune):
+    """`train.compile_autotune` compiles each block with inductor's coordinate-descent tuning (a GPU-only pass)."""
+    from cogft.bench import _cogft_step
+    from cogft.models.family import family_from_configs
+    from cogft.models.loading import component_configs
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(kwargs.get("options")) or fn)
+    config = make_config("train.compile=true", f"train.compile_autotune={str(autotune).lower()}",
+                         "train.gradient_checkpointing=0.5")
+    configs = component_configs(config.model.path)
+    family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
+    _cogft_step(config, family, configs, torch.device("cpu"))
+    expected = {"coordinate_descent_tuning": True} if autotune else None
+    assert compiled == [expected] * configs["transformer"]["num_layers"]

@@ -110,7 +110,8 @@ def assemble_step(accelerator, transformer, config: Config, family: ModelFamily,
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer == "adamw")
     checkpointing, offload = block_settings(config, configs, device)
-    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload)
+    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload,
+                        config.train.compile_autotune)
     logger.info("family=%s dtype=%s backend=%s trainable parameters: %s", family.name, family.dtype,
                 backend_name(accelerator), f"{sum(p.numel() for p in params):,}")
     optimizer = build_optimizer(config, params, device, offloaded=offloads_optimizer(accelerator))

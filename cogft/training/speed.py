@@ -137,14 +137,16 @@ def _offloaded(forward):
 
 
 def apply_block_options(transformer: torch.nn.Module, gradient_checkpointing: bool | float, compile_blocks: bool,
-                        offload_checkpoints: bool = False) -> int:
-    """Checkpoint the first N blocks (optionally with their inputs in host memory), compile every block."""
+                        offload_checkpoints: bool = False, autotune: bool = False) -> int:
+    """Checkpoint the first N blocks (optionally with their inputs in host memory), compile every block
+    (`autotune`: with inductor's coordinate-descent tuning of the fused kernels)."""
     blocks = list(transformer.transformer_blocks)
     count = checkpointed_block_count(gradient_checkpointing, len(blocks))
+    options = {"coordinate_descent_tuning": True} if autotune else None
     for index, block in enumerate(blocks):
         if index < count and offload_checkpoints:
             # compile the inner forward: the offloading Function stays outside the compiled graph
-            inner = torch.compile(block.forward) if compile_blocks else block.forward
+            inner = torch.compile(block.forward, options=options) if compile_blocks else block.forward
             block.forward = _offloaded(inner)
             continue
         if index < count:
@@ -153,8 +155,8 @@ def apply_block_options(transformer: torch.nn.Module, gradient_checkpointing: bo
             # compile the forward, not the module: hooks that diffusers' inference caches (or a backend)
             # put around a block then stay outside the graph, which the 30-48 blocks share; with
             # `block.compile()` each hooked block recompiles until the recompile limit sends the rest to eager
-            block.forward = torch.compile(block.forward)
+            block.forward = torch.compile(block.forward, options=options)
     logger.info("gradient checkpointing on %d/%d blocks%s; per-block torch.compile %s",
                 count, len(blocks), " (inputs offloaded to host)" if offload_checkpoints and count else "",
-                "on" if compile_blocks else "off")
+                ("on, autotuned" if autotune else "on") if compile_blocks else "off")
     return count

@@ -25,7 +25,8 @@ class SpreadGroupNorm(nn.GroupNorm):
         # centre on the mean rounded to x's dtype, so a large offset cannot cancel away the variance
         pivot = mean.to(x.dtype)
         centred = rows - pivot
-        mean_square = torch.linalg.vector_norm(centred, dim=-1, keepdim=True, dtype=torch.float32).square() / rows.shape[-1]
+        norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True, dtype=torch.float32)
+        mean_square = norm.square() / rows.shape[-1]
         variance = (mean_square - (mean - pivot.float()).square()).clamp(min=0)
         scale = torch.rsqrt(variance + self.eps)                      # [n, groups, 1]: y = x·scale + shift
         shift = -mean * scale

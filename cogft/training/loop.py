@@ -53,8 +53,8 @@ from .checkpointing import (
     sample_generators,
 )
 from .objective import rotary_cache
-from .speed import apply_block_options, block_settings, compile_enabled
 from .readout import StepReadout
+from .speed import apply_block_options, block_settings, compile_enabled
 from .step import TrainingStep
 
 logger = logging.getLogger(__name__)

@@ -116,7 +116,7 @@ def _crashed(path: str) -> Decoded:
     )))
 
 
-COMPILE_VAE_FROM_CLIPS = 200  # an H100 compiles the encoder in 76-94 s, then saves ~0.46 s per 49x480x720 clip
+COMPILE_VAE_FROM_CLIPS = 600  # an H100 compiles the encoder in 76-99 s, then saves ~0.16 s per 49x480x720 clip
 
 
 def compile_vae_enabled(setting: bool | str, device: torch.device, clips: int) -> bool:

@@ -58,11 +58,10 @@ def load_scheduler(path: str, revision: str | None = None):
 
 
 def load_pipeline(path: str, dtype: torch.dtype, revision: str | None = None, **components):
-    """The stock pipeline (VAE group norms spread as in `load_vae`); pass `transformer=None` / `vae=None`
-    to skip loading what is not needed."""
+    """The stock pipeline around `load_vae`'s VAE; pass `transformer=None` / `vae=None` to skip loading what
+    is not needed."""
     from diffusers import CogVideoXPipeline
 
-    pipe = CogVideoXPipeline.from_pretrained(resolve_model_path(path), dtype=dtype, revision=revision, **components)
-    if pipe.vae is not None:
-        spread_group_norms(pipe.vae)
-    return pipe
+    if "vae" not in components:
+        components["vae"] = load_vae(path, dtype, revision)
+    return CogVideoXPipeline.from_pretrained(resolve_model_path(path), dtype=dtype, revision=revision, **components)

@@ -22,6 +22,7 @@ import torch
 
 from .config import Config
 from .flops import peak_tflops, step_flops
+from .models.attention import attention_in_use
 from .models.family import ModelFamily, family_from_configs
 from .models.loading import component_configs
 from .models.reference import random_init
@@ -119,6 +120,7 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
     run.checkpoint_roundtrip = checkpoint_roundtrip
     run.backend = backend_name(accelerator)
     run.block_settings = step.block_settings
+    run.attention = attention_in_use(accelerator.unwrap_model(step.transformer))
     return run
 
 
@@ -173,6 +175,7 @@ def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torc
         optimizer.zero_grad(set_to_none=True)
 
     run.block_settings = (bool(config.train.gradient_checkpointing), False)  # diffusers' all or nothing
+    run.attention = attention_in_use(transformer)
     return run
 
 
@@ -218,6 +221,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         "offload_checkpoints": offload,
         "memory_budget_gib": config.train.memory_budget_gib if name == "cogft" else None,
         "compile": compile_enabled(config, device) if name == "cogft" else False,
+        "attention": run.attention,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4),
         "s_per_step_back_to_back": round(back_to_back, 4), "steps": steps,
         "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),

@@ -16,6 +16,7 @@ import torch
 
 from .bench import _free, _profile, _random_transformer, _sync
 from .config import Config
+from .models.attention import attention_in_use, set_attention
 from .models.family import family_from_configs
 from .models.group_norm import spread_group_norms
 from .models.loading import component_configs
@@ -70,6 +71,7 @@ def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
     rows, tuned = [], False
     for name, compile_blocks, cache in variants:
         if name == "cogft" and not tuned:  # once: "plain" comes first, the cogft variants share it
+            set_attention(pipe.transformer, config.model.attention, device, family.dtype)
             apply_block_options(pipe.transformer, False, compile_blocks)
             spread_group_norms(pipe.vae)
             tuned = True
@@ -79,7 +81,8 @@ def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
         seconds = timed(cache, cfg.num_inference_steps)
         row = {"variant": name, "figure": "sample_s", "value": round(seconds, 2), "model": config.model.path,
                "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "compile": compile_blocks,
-               "cache": cache, "frames": data.num_frames, "height": data.height, "width": data.width,
+               "cache": cache, "attention": attention_in_use(pipe.transformer), "frames": data.num_frames,
+               "height": data.height, "width": data.width,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         if device.type == "cuda":
             row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -26,6 +26,10 @@ class ModelConfig(_Section):
     path: str = Field(description="diffusers pipeline folder, hub id (THUDM/CogVideoX-2b) or tiny://2b | tiny://5b")
     revision: str | None = None
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    attention: Literal["auto", "sdpa", "fa4"] = Field(
+        "auto", description="attention kernel: fa4 (FlashAttention-4, Hopper/Blackwell GPUs, pip install "
+        "'cogft[fa4]'), sdpa (torch's), auto: fa4 where it can run, sdpa elsewhere"
+    )
 
 
 class DataConfig(_Section):

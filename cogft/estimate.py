@@ -17,6 +17,7 @@ import torch
 
 from .config import Config, ConfigError
 from .flops import step_flops
+from .models.attention import fa4_installed
 from .models.family import family_from_configs
 from .sampling import taylorseer_full_steps
 from .training.speed import AUTO_BUDGET_SHARE, checkpointed_block_count
@@ -30,19 +31,23 @@ class Gpu:
     memory_gib: float
     tflops: float        # dense fp16/bf16 tensor-core peak
     bandwidth_tbs: float
+    fa4: bool            # FlashAttention-4 has kernels for it (Hopper, Blackwell)
 
 
 GPUS = {
-    "H100": Gpu("H100 80GB", 79.1, 989.0, 3.35),
-    "H200": Gpu("H200 141GB", 139.8, 989.0, 4.8),
-    "A100": Gpu("A100 80GB", 79.1, 312.0, 2.0),
-    "L40S": Gpu("L40S 48GB", 44.4, 362.0, 0.86),
-    "4090": Gpu("RTX 4090 24GB", 23.6, 165.0, 1.0),
+    "H100": Gpu("H100 80GB", 79.1, 989.0, 3.35, True),
+    "H200": Gpu("H200 141GB", 139.8, 989.0, 4.8, True),
+    "A100": Gpu("A100 80GB", 79.1, 312.0, 2.0, False),
+    "L40S": Gpu("L40S 48GB", 44.4, 362.0, 0.86, False),
+    "4090": Gpu("RTX 4090 24GB", 23.6, 165.0, 1.0, False),
 }
 
 # Measured on one H100 with `cogft bench` (2026-11-25): achieved rates of the pieces of a step.
-H100_ATTENTION_FWD_TFLOPS = 396.0     # cuDNN SDPA forward at 17,776 tokens, head dim 64
-H100_ATTENTION_BWD_TFLOPS = 414.0     # its backward (2.5x the forward FLOPs)
+# Attention at 17,776 tokens, head dim 64, (forward, backward) TFLOP/s, the backward doing 2.5x the forward's FLOPs:
+ATTENTION_TFLOPS = {
+    "sdpa": (396.0, 414.0),  # cuDNN through torch's SDPA, H100
+    "fa4": (549.0, 511.0),   # FlashAttention-4's Hopper kernels, H200 (2026-11-29; same tensor cores as the H100)
+}
 H100_MATMUL_TFLOPS = 620.0            # projections and feed-forward, fp16/bf16
 COMPILED_OVERHEAD_S_PER_ELEMENT = 7.8e-11   # norms, activations, LoRA glue per block per token·width
 EAGER_OVERHEAD_S_PER_ELEMENT = 2.85e-10     # the same without torch.compile
@@ -59,6 +64,7 @@ DECODE_S_PER_PIXEL = 1.9 / (49 * 480 * 720)  # VAE decode (spread group norms) a
 @dataclass
 class Estimate:
     gpu: str
+    attention: str                        # the kernel the estimate assumes: "fa4" or "sdpa"
     peak_allocated_gib: float
     seconds_per_step: float
     fits: bool
@@ -158,8 +164,17 @@ def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> 
     return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width"]
 
 
+def attention_kernel(config: Config, gpu: Gpu) -> str:
+    """What `model.attention` will run on `gpu`: `auto` counts on fa4 when this environment has the package."""
+    wanted = config.model.attention == "fa4" or (config.model.attention == "auto" and fa4_installed())
+    return "fa4" if gpu.fa4 and wanted else "sdpa"
+
+
 def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool = True) -> Estimate:
     gpu = _gpu(gpu_name)
+    attention = attention_kernel(config, gpu)
+    scale = gpu.tflops / GPUS["H100"].tflops
+    attention_fwd, attention_bwd = (tflops * 1e12 * scale for tflops in ATTENTION_TFLOPS[attention])
     tcfg = configs["transformer"]
     family = family_from_configs(tcfg, configs["vae"], config.model.dtype)
     total, lora = _counts(tcfg, config)
@@ -190,14 +205,12 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
              "recompute_peak": recompute, "workspace": WORKSPACE_GIB * GIB}
     peak = sum(parts.values()) / GIB
 
-    scale = gpu.tflops / GPUS["H100"].tflops
     per_block_attention = flops.attention / layers
     per_block_linear = flops.linear / layers
     linear_passes = 2 if train.mode == "lora" else 3
-    seconds = (flops.attention / (H100_ATTENTION_FWD_TFLOPS * 1e12 * scale)
-               + 2.5 * flops.attention / (H100_ATTENTION_BWD_TFLOPS * 1e12 * scale)
+    seconds = (flops.attention / attention_fwd + 2.5 * flops.attention / attention_bwd
                + linear_passes * flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale))
-    seconds += checkpointed * (per_block_attention / (H100_ATTENTION_FWD_TFLOPS * 1e12 * scale)
+    seconds += checkpointed * (per_block_attention / attention_fwd
                                + per_block_linear / (H100_MATMUL_TFLOPS * 1e12 * scale))
     passes = layers * (1 + checkpointed / layers)
     seconds += passes * elements * (COMPILED_OVERHEAD_S_PER_ELEMENT if compiled else EAGER_OVERHEAD_S_PER_ELEMENT)
@@ -210,15 +223,16 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
     if not fits and advise:
         advice = _advice(config, configs, gpu_name, gpu.memory_gib)
     steps = config.validation.num_inference_steps
-    sample = functools.partial(_sample_seconds, config, configs, gpu, family.vae_scale_spatial, family.vae_scale_temporal)
+    sample = functools.partial(_sample_seconds, config, configs, gpu, attention_fwd, family.vae_scale_spatial,
+                               family.vae_scale_temporal)
     cached = sample(taylorseer_full_steps(steps)) if config.validation.cache == "taylorseer" else None
-    return Estimate(gpu.name, round(peak, 2), round(seconds, 3), fits,
+    return Estimate(gpu.name, attention, round(peak, 2), round(seconds, 3), fits,
                     {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"],
                     round(sample(steps), 1), None if cached is None else round(cached, 1))
 
 
-def _sample_seconds(config: Config, configs: dict, gpu: Gpu, vae_scale_spatial: int, vae_scale_temporal: int,
-                    full_steps: int) -> float:
+def _sample_seconds(config: Config, configs: dict, gpu: Gpu, attention_fwd: float, vae_scale_spatial: int,
+                    vae_scale_temporal: int, full_steps: int) -> float:
     """One validation video: `full_steps` compiled transformer forwards (both CFG halves in one batch), the
     other steps predicted by the cache, then the VAE decode."""
     tcfg, data, validation = configs["transformer"], config.data, config.validation
@@ -226,7 +240,7 @@ def _sample_seconds(config: Config, configs: dict, gpu: Gpu, vae_scale_spatial: 
     flops = step_flops(tcfg, data.num_frames, data.height, data.width, batch, vae_scale_spatial, vae_scale_temporal)
     scale = gpu.tflops / GPUS["H100"].tflops
     elements = flops.tokens * tcfg["num_attention_heads"] * tcfg["attention_head_dim"] * batch * tcfg["num_layers"]
-    forward = (flops.attention / (H100_ATTENTION_FWD_TFLOPS * 1e12 * scale)
+    forward = (flops.attention / attention_fwd
                + flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale)
                + elements * INFERENCE_OVERHEAD_S_PER_ELEMENT / scale)
     skipped = validation.num_inference_steps - full_steps
@@ -239,7 +253,7 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{config.data.height}x{config.data.width}, "
         f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
-        f"  step time       {result.seconds_per_step:7.3f} s",
+        f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
         f"  checkpointing   {config.train.gradient_checkpointing} (offload_checkpoints={config.train.offload_checkpoints}"
         f"{f', chosen for train.memory_budget_gib={config.train.memory_budget_gib}' if config.train.memory_budget_gib else ''})",
     ]

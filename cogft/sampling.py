@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from .config import Config
 from .data.cache import encode_dtype
+from .models.attention import set_attention
 from .models.family import ModelFamily
 from .models.loading import family_for, load_pipeline, load_scheduler, load_vae
 from .runs import TrainedWeights, resolve_trained
@@ -192,6 +193,7 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     trained = resolve_trained(source)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, family = pipeline_with_weights(trained, target)
+    set_attention(pipe.transformer, trained.config.model.attention, target, family.dtype)
     apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
     cfg, data = trained.config.validation, trained.config.data
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)

@@ -24,6 +24,7 @@ from ..data.buckets import BucketBatchSampler
 from ..data.cache import prepare, write_report
 from ..data.dataset import LatentDataset, collate
 from ..flops import peak_tflops, step_flops
+from ..models.attention import resolve_attention, set_attention
 from ..models.family import ModelFamily
 from ..models.loading import component_configs, family_for, load_scheduler, load_transformer
 from ..runs import LORA_DIR
@@ -110,10 +111,11 @@ def assemble_step(accelerator, transformer, config: Config, family: ModelFamily,
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer == "adamw")
     checkpointing, offload = block_settings(config, configs, device)
+    attention = set_attention(transformer, config.model.attention, device, family.dtype)
     apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload,
                         config.train.compile_autotune)
-    logger.info("family=%s dtype=%s backend=%s trainable parameters: %s", family.name, family.dtype,
-                backend_name(accelerator), f"{sum(p.numel() for p in params):,}")
+    logger.info("family=%s dtype=%s backend=%s attention=%s trainable parameters: %s", family.name, family.dtype,
+                backend_name(accelerator), attention, f"{sum(p.numel() for p in params):,}")
     optimizer = build_optimizer(config, params, device, offloaded=offloads_optimizer(accelerator))
     lr_scheduler = build_lr_scheduler(config, optimizer)
     if loader is None:
@@ -313,6 +315,7 @@ def train(config: Config) -> Path:
     with accelerator.main_process_first():  # a tiny:// model is built once, by the main process
         family = family_for(config.model.path, config.model.dtype, config.model.revision)
     configure_backend(accelerator, config, family)  # refuses a mismatch before prepare's long work
+    resolve_attention(config.model.attention, device, family.dtype)  # likewise model.attention=fa4 where it can't run
     prepared = _gather_prepared(accelerator, config, family, run_dir)
     set_seed(config.train.seed)
 

@@ -46,7 +46,8 @@ GPUS = {
 # Attention at 17,776 tokens, head dim 64, (forward, backward) TFLOP/s, the backward doing 2.5x the forward's FLOPs:
 ATTENTION_TFLOPS = {
     "sdpa": (396.0, 414.0),  # cuDNN through torch's SDPA, H100
-    "fa4": (549.0, 511.0),   # FlashAttention-4's Hopper kernels, H200 (2026-11-29; same tensor cores as the H100)
+    "fa4": (540.0, 520.0),   # FlashAttention-4's Hopper kernels through cogft's op, H200 (2026-11-29: 2B/5B forward
+                             # 537/547, backward 507/536; same tensor cores and clocks as the H100)
 }
 H100_MATMUL_TFLOPS = 620.0            # projections and feed-forward, fp16/bf16
 COMPILED_OVERHEAD_S_PER_ELEMENT = 7.8e-11   # norms, activations, LoRA glue per block per token·width

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from .config import Config
 from .data.cache import encode_dtype
-from .models.attention import set_attention
+from .models.attention import fa4_unavailable, set_attention
 from .models.family import ModelFamily
 from .models.loading import family_for, load_pipeline, load_scheduler, load_vae
 from .runs import TrainedWeights, resolve_trained
@@ -193,7 +193,12 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     trained = resolve_trained(source)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, family = pipeline_with_weights(trained, target)
-    set_attention(pipe.transformer, trained.config.model.attention, target, family.dtype)
+    attention = trained.config.model.attention
+    problem = fa4_unavailable(target, family.dtype) if attention == "fa4" else None
+    if problem:  # the run trained where FlashAttention-4 ran; SDPA computes the same attention
+        logger.warning("the run's model.attention=fa4 cannot run here (%s); sampling with torch SDPA", problem)
+        attention = "sdpa"
+    set_attention(pipe.transformer, attention, target, family.dtype)
     apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
     cfg, data = trained.config.validation, trained.config.data
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)

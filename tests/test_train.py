@@ -98,6 +98,26 @@ def test_sample_from_run_and_checkpoint(lora_run, tmp_path):
                            torch.from_numpy(fb.get_batch(range(9)).asnumpy()))
 
 
+def test_sample_of_a_run_trained_with_fa4_falls_back_to_sdpa_here(lora_run, tmp_path, caplog):
+    import shutil
+
+    import yaml
+
+    from cogft.sampling import sample
+
+    copy = tmp_path / "run"
+    shutil.copytree(lora_run, copy, ignore=shutil.ignore_patterns("checkpoints", "samples", "wandb"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"]["attention"] = "fa4"  # as written by a run on an H100 with flash-attn-4
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    a = sample(str(lora_run), "a red square", str(tmp_path / "here.mp4"), steps=2)
+    b = sample(str(copy), "a red square", str(tmp_path / "fa4-run.mp4"), steps=2)
+    assert "model.attention=fa4 cannot run here" in caplog.text
+    fa, fb = frames_of(a), frames_of(b)
+    assert torch.equal(torch.from_numpy(fa.get_batch(range(len(fa))).asnumpy()),
+                       torch.from_numpy(fb.get_batch(range(len(fb))).asnumpy()))
+
+
 def test_export_merge_samples_like_base_plus_lora(lora_run, tmp_path):
     from diffusers import CogVideoXPipeline
 

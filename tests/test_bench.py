@@ -19,6 +19,7 @@ def test_bench_prints_one_json_line_per_figure(make_config):
     cogft = rows[1]
     assert cogft["s_per_step"] > 0 and cogft["s_per_step_back_to_back"] > 0 and cogft["tokens"] == 3 * 4 * 6 + 16  # latent frames x patches + text
     assert rows[2]["ratio"] > 0
+    assert rows[0]["attention"] == cogft["attention"] == "sdpa"  # model.attention=auto on a CPU
     assert printed == rows
 
 
@@ -58,3 +59,4 @@ def test_bench_checkpoint_roundtrip_and_sample(make_config):
         ("plain", "none"), ("cogft", "none"), ("cogft", "pab"),  # exact and cached beside the stock pipeline
         (None, "none"), (None, "pab")]
     assert all(r["figure"] == "sample_speedup_vs_plain" and r["ratio"] > 0 for r in rows[3:])
+    assert {r["attention"] for r in rows[:3]} == {"sdpa"}

@@ -103,7 +103,7 @@ def fa4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     """FlashAttention-4 on (B, S, H, D). Inputs are cast to the autocast dtype first, as autocast does for SDPA
     (the q/k layer norms come out of autocast in fp32)."""
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
-    query, key, value = (t.to(dtype).contiguous() for t in (query, key, value))
+    query, key, value = (t.to(dtype) for t in (query, key, value))
     with_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     out, _ = torch.ops.cogft.fa4_forward(query, key, value, with_lse)
     return out

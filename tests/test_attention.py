@@ -78,6 +78,27 @@ def test_attention_choice_is_made_by_name(make_config):
 
 
 @pytest.mark.skipif(_fa4_ready(), reason="FlashAttention-4 can run here")
+def test_fa4_is_unavailable_for_a_named_reason(monkeypatch):
+    import sys
+    import types
+
+    cuda = torch.device("cuda")  # only the capability and name queries below are asked of it
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "Hopper (9.x) and Blackwell (10.x)" in fa4_unavailable(cuda, torch.float16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "fp16 or bf16" in fa4_unavailable(cuda, torch.float32)
+    interface = types.ModuleType("flash_attn.cute.interface")  # a release without the entry points cogft wraps
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    assert "pip install 'cogft[fa4]'" in fa4_unavailable(cuda, torch.bfloat16)
+    assert resolve_attention("auto", cuda, torch.bfloat16) == "sdpa"
+    interface._flash_attn_fwd = interface._flash_attn_bwd = lambda *args, **kwargs: None
+    assert fa4_unavailable(cuda, torch.bfloat16) is None
+    assert resolve_attention("auto", cuda, torch.bfloat16) == "fa4"
+
+
 def test_train_refuses_fa4_where_it_cannot_run_before_preparing(make_config, tmp_path):
     from cogft.training.loop import train
 

@@ -127,10 +127,11 @@ def fa4_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
                 f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
     if dtype not in (torch.float16, torch.bfloat16):
         return f"FlashAttention-4 computes in fp16 or bf16, the model computes in {dtype}"
-    try:
-        import flash_attn.cute  # noqa: F401
+    try:  # the two entry points cogft wraps; a release that moved them counts as missing
+        from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # noqa: F401
     except ImportError as error:
-        return f"the flash-attn-4 package is not installed ({error}); pip install 'cogft[fa4]'"
+        return (f"flash-attn-4 is not installed or lacks the forward/backward entry points cogft wraps ({error}); "
+                "pip install 'cogft[fa4]'")
     return None
 
 

@@ -77,7 +77,6 @@ def test_attention_choice_is_made_by_name(make_config):
         make_config("model.attention=flash")
 
 
-@pytest.mark.skipif(_fa4_ready(), reason="FlashAttention-4 can run here")
 def test_fa4_is_unavailable_for_a_named_reason(monkeypatch):
     import sys
     import types
@@ -99,6 +98,7 @@ def test_fa4_is_unavailable_for_a_named_reason(monkeypatch):
     assert resolve_attention("auto", cuda, torch.bfloat16) == "fa4"
 
 
+@pytest.mark.skipif(_fa4_ready(), reason="FlashAttention-4 can run here")
 def test_train_refuses_fa4_where_it_cannot_run_before_preparing(make_config, tmp_path):
     from cogft.training.loop import train
 

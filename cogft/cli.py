@@ -1,4 +1,4 @@
-"""The `cogft` command: tiny | prepare | train | sample | export | doctor | estimate | bench."""
+"""The `cogft` command: a table of subcommands, each an argument setup and a function to run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import contextlib
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 def _setup_logging() -> None:
@@ -21,54 +23,24 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value, YAML-typed, e.g. train.max_steps=100")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cogft", description="Fine-tune CogVideoX text-to-video models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _config(args):
+    """The validated config: fails fast, before any heavy import."""
+    from .config import load_config
 
-    tiny = sub.add_parser("tiny", help="build the tiny random CogVideoX pipeline (diffusers layout)")
-    tiny.add_argument("--out", help="folder to write (default: where tiny://FAMILY resolves)")
-    tiny.add_argument("--family", choices=["2b", "5b"], default="2b")
-    tiny.add_argument("--seed", type=int, default=0)
+    return load_config(args.config, args.overrides)
 
-    _config_args(sub.add_parser("prepare", help="fill the latent/prompt cache for a config"))
-    _config_args(sub.add_parser("train", help="train (same as python train.py / accelerate launch train.py)"))
 
-    sample = sub.add_parser("sample", help="write an mp4 from a run's weights or a checkpoint")
-    sample.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
-    sample.add_argument("--prompt", required=True)
-    sample.add_argument("--out", required=True, help="output .mp4 path")
-    sample.add_argument("--steps", type=int, help="inference steps (default: validation.num_inference_steps)")
-    sample.add_argument("--seed", type=int)
-    sample.add_argument("--guidance-scale", type=float)
-    sample.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    sample.add_argument("--cache", choices=["none", "pab", "first_block", "taylorseer"],
-                        help="approximate inference cache (default: validation.cache of the run)")
+def _tiny_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", help="folder to write (default: where tiny://NAME resolves)")
+    parser.add_argument("--family", default="2b", help="the variant, as in tiny://NAME: 2b or 5b")
+    parser.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="time the real training step (full size on a GPU), optionally beside the plain recipe")
-    _config_args(bench)
-    bench.add_argument("--baseline", action="store_true", help="also run the plain diffusers + peft recipe")
-    bench.add_argument("--baseline-only", action="store_true", help="run only the plain recipe")
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--steps", type=int, default=10)
-    bench.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
-    bench.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save and load")
-    bench.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
 
-    doctor = sub.add_parser("doctor", help="check every clip and caption without encoding anything")
-    doctor.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
-    doctor.add_argument("overrides", nargs="*", help="section.key=value for a config, e.g. data.min_frames=9")
-    doctor.add_argument("--json", action="store_true", help="print the machine-readable report")
+def _tiny(args) -> None:
+    from .models.build import build_pipeline, tiny_dir
+    from .models.registry import spec_named
 
-    estimate = sub.add_parser("estimate", help="predict peak GPU memory and s/step for a config, before any GPU time")
-    _config_args(estimate)
-    estimate.add_argument("--gpu", default="H100", help="H100, H200, A100, L40S or 4090")
-    estimate.add_argument("--json", action="store_true", help="print one JSON line")
-
-    export = sub.add_parser("export", help="write diffusers-format weights of a run or checkpoint")
-    export.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
-    export.add_argument("--out", required=True, help="folder to write")
-    export.add_argument("--merge", action="store_true", help="write a whole pipeline with the weights fused in")
-    return parser
+    print(build_pipeline(args.out or tiny_dir(args.family), spec_named(args.family, "tiny://"), seed=args.seed))
 
 
 def run_train(config_path: str, overrides: list[str]) -> Path:
@@ -78,8 +50,136 @@ def run_train(config_path: str, overrides: list[str]) -> Path:
     config = load_config(config_path, overrides)  # fails fast, before the heavy imports below
     from .training.loop import train
 
-    _setup_logging()
     return train(config)
+
+
+def _prepare(args) -> None:
+    config = _config(args)
+    import torch
+
+    from .data.cache import prepare, write_report
+    from .models.loading import load_variant
+
+    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    variant.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prepared = prepare(config, variant, device)
+    report = write_report(prepared.report, config.output_dir)
+    summary = prepared.summary
+    print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
+          f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
+          f"report: {report}")
+
+
+def _sample_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--out", required=True, help="output .mp4 path")
+    parser.add_argument("--steps", type=int, help="inference steps (default: validation.num_inference_steps)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--cache", choices=["none", "pab", "first_block", "taylorseer"],
+                        help="approximate inference cache (default: validation.cache of the run)")
+
+
+def _sample(args) -> None:
+    from .inference.sampling import sample
+
+    print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device,
+                 args.cache))
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--merge", action="store_true", help="write a whole pipeline with the weights fused in")
+
+
+def _export(args) -> None:
+    from .inference.export import export
+
+    print(export(args.source, args.out, args.merge))
+
+
+def _doctor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
+    parser.add_argument("overrides", nargs="*", help="section.key=value for a config, e.g. data.min_frames=9")
+    parser.add_argument("--json", action="store_true", help="print the machine-readable report")
+
+
+def _doctor(args) -> None:
+    from .data.doctor import diagnose, format_table
+
+    with contextlib.redirect_stdout(sys.stderr):  # libraries print banners; stdout carries only the report
+        report = diagnose(args.target, args.overrides)
+    print(json.dumps(report) if args.json else format_table(report))
+
+
+def _estimate_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument("--gpu", default="H100", help="H100, H200, A100, L40S or 4090")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def _estimate(args) -> None:
+    config = _config(args)
+    from .bench.estimate import run_estimate
+
+    print(run_estimate(config, args.gpu, args.json))
+
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument("--baseline", action="store_true", help="also run the plain diffusers + peft recipe")
+    parser.add_argument("--baseline-only", action="store_true", help="run only the plain recipe")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
+    parser.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save and load")
+    parser.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
+
+
+def _bench(args) -> None:
+    config = _config(args)
+    if args.sample:
+        from .bench.sampling import bench_sample
+
+        bench_sample(config, args.baseline, args.profile, emit=lambda row: print(json.dumps(row), flush=True))
+    else:
+        from .bench.training import bench
+
+        bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+COMMANDS = {
+    "tiny": Command("build a tiny random CogVideoX pipeline (diffusers layout)", _tiny_args, _tiny),
+    "prepare": Command("fill the latent/prompt cache for a config", _config_args, _prepare),
+    "train": Command("train (same as python train.py / accelerate launch train.py)", _config_args,
+                     lambda args: run_train(args.config, args.overrides)),
+    "sample": Command("write an mp4 from a run's weights or a checkpoint", _sample_args, _sample),
+    "export": Command("write diffusers-format weights of a run or checkpoint", _export_args, _export),
+    "doctor": Command("check every clip and caption without encoding anything", _doctor_args, _doctor),
+    "estimate": Command("predict peak GPU memory and s/step for a config, before any GPU time", _estimate_args,
+                        _estimate),
+    "bench": Command("time the real training step (full size on a GPU), optionally beside the plain recipe",
+                     _bench_args, _bench),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogft", description="Fine-tune CogVideoX text-to-video models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,69 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors = (ConfigError, DatasetLayoutError, ResumeError, BackendError, FileNotFoundError, FileExistsError)
     try:
-        if args.command == "train":
-            run_train(args.config, args.overrides)
-            return 0
         _setup_logging()
-        if args.command == "tiny":
-            from .models.tiny import build_tiny_pipeline, tiny_dir
-
-            print(build_tiny_pipeline(args.out or tiny_dir(args.family), args.family, args.seed))
-        elif args.command == "prepare":
-            import torch
-
-            from .config import load_config
-            from .data.cache import prepare, write_report
-            from .models.loading import family_for
-
-            config = load_config(args.config, args.overrides)
-            family = family_for(config.model.path, config.model.dtype, config.model.revision)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            prepared = prepare(config, family, device)
-            report = write_report(prepared.report, config.output_dir)
-            summary = prepared.summary
-            print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
-                  f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
-                  f"report: {report}")
-        elif args.command == "doctor":
-            from .data.doctor import diagnose, format_table
-
-            with contextlib.redirect_stdout(sys.stderr):  # libraries print banners; stdout carries only the report
-                report = diagnose(args.target, args.overrides)
-            print(json.dumps(report) if args.json else format_table(report))
-        elif args.command == "sample":
-            from .sampling import sample
-
-            print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device,
-                         args.cache))
-        elif args.command == "bench":
-            from .config import load_config
-
-            config = load_config(args.config, args.overrides)
-            if args.sample:
-                from .bench_sample import bench_sample
-
-                bench_sample(config, args.baseline, args.profile, emit=lambda row: print(json.dumps(row), flush=True))
-            else:
-                from .bench import bench
-
-                bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint)
-        elif args.command == "estimate":
-            from dataclasses import asdict
-
-            from .config import load_config
-            from .estimate import as_trained, estimate, format_estimate
-            from .models.loading import component_configs
-
-            config = load_config(args.config, args.overrides)
-            configs = component_configs(config.model.path, config.model.revision)
-            config = as_trained(config, configs, args.gpu)
-            result = estimate(config, configs, args.gpu)
-            print(json.dumps(asdict(result)) if args.json else format_estimate(config, result))
-        elif args.command == "export":
-            from .export import export
-
-            print(export(args.source, args.out, args.merge))
+        COMMANDS[args.command].run(args)
     except user_errors as error:
         print(f"cogft {args.command}: error: {error}", file=sys.stderr)
         return 2

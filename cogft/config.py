@@ -23,7 +23,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(description="diffusers pipeline folder, hub id (THUDM/CogVideoX-2b) or tiny://2b | tiny://5b")
+    path: str = Field(description="a diffusers pipeline folder; a hub id (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b); "
+                                  "tiny://2b | tiny://5b: tiny random test models built on first use under $COGFT_HOME; "
+                                  "random://2b | random://5b: a full-size pipeline with random weights built from the "
+                                  "built-in real configurations, for benchmarking and end-to-end checks on a GPU, never "
+                                  "for real training (the log says so)")
     revision: str | None = None
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     attention: Literal["auto", "sdpa", "fa4"] = Field(
@@ -48,8 +52,8 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     vae_tiling: bool = False
     compile_vae: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the VAE encoder during prepare; auto: on CUDA when at least 600 "
-                            "clips are to be encoded (the compile takes 80-100 s on an H100 and saves 0.16 s a clip)"
+        "auto", description="torch.compile the VAE encoder during prepare: faster encoding after a one-time "
+                            "compile; auto: on CUDA when at least 600 clips are to be encoded, where it pays off"
     )
     decode_workers: int = Field(2, ge=1, description="processes decoding clips during prepare")
     dataloader_workers: int = Field(0, ge=0)
@@ -111,11 +115,11 @@ class TrainConfig(_Section):
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block; auto: on CUDA GPUs")
     compile_autotune: bool = Field(
         False, description="tune the compiled blocks' fused kernels (inductor's coordinate-descent tuning): "
-        "about 1 % faster steps for about a minute more of compiling, cached on disk for later runs"
+        "slightly faster steps for a longer compile at start, cached on disk for later runs; worth it for long runs"
     )
     allow_tf32: bool = True
     optimizer: Literal["adamw", "adamw_bf16"] = Field(
-        "adamw", description="adamw: fp32 master weights and state; adamw_bf16 (SFT, bf16 family): bf16 weights with "
+        "adamw", description="adamw: fp32 master weights and state; adamw_bf16 (SFT, bf16 variant): bf16 weights with "
         "stochastic rounding and bf16 state, applied during the backward pass (5B SFT on one 80 GB GPU; no clipping)"
     )
     cpu_adam: Literal["auto", "torch"] = Field(

@@ -10,8 +10,7 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker, on_main_process
 
 from .config import Config
-
-METRICS_FILE = "metrics.jsonl"
+from .run_dir import METRICS_FILE
 
 
 def _drop_partial_last_line(path: Path) -> None:

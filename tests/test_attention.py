@@ -22,9 +22,15 @@ def sdpa_on_bshd(query, key, value):
     return out.transpose(1, 2)
 
 
+def _transformer(path: str, dtype: str):
+    from cogft.models.loading import load_variant
+
+    return load_transformer(path, load_variant(path, dtype))
+
+
 def _inputs(transformer, device="cpu", dtype=torch.float32, seed=0):
     """A latent [B, F, C, H, W], prompt embeddings, timesteps and (rotary family) RoPE for the tiny model."""
-    from cogft.training.objective import rotary_embedding
+    from cogft.models.loading import load_variant
 
     cfg = transformer.config
     gen = torch.Generator().manual_seed(seed)
@@ -33,14 +39,14 @@ def _inputs(transformer, device="cpu", dtype=torch.float32, seed=0):
     text = torch.randn(2, cfg.max_text_seq_length, cfg.text_embed_dim, generator=gen).to(device, dtype)
     rotary = None
     if cfg.use_rotary_positional_embeddings:
-        rotary = rotary_embedding(cfg, 8, height * 8, width * 8, frames, torch.device(device))
+        rotary = load_variant("tiny://5b").rotary_embedding(height * 8, width * 8, frames, torch.device(device))
     return dict(hidden_states=latent, encoder_hidden_states=text, timestep=torch.tensor([10, 700], device=device),
                 image_rotary_emb=rotary, return_dict=False)
 
 
 @pytest.mark.parametrize("family", ["2b", "5b"])
 def test_kernel_processor_matches_diffusers_attention_forward_and_backward(family):
-    transformer = load_transformer(f"tiny://{family}", torch.float32)
+    transformer = _transformer(f"tiny://{family}", "fp32")
     inputs = _inputs(transformer)
 
     def output_and_grads():
@@ -63,7 +69,7 @@ def test_kernel_processor_matches_diffusers_attention_forward_and_backward(famil
 
 
 def test_attention_choice_is_made_by_name(make_config):
-    transformer = load_transformer("tiny://2b", torch.float32)
+    transformer = _transformer("tiny://2b", "fp32")
     stock = type(next(iter(transformer.attn_processors.values())))
     cpu = torch.device("cpu")
     assert set_attention(transformer, "auto", cpu, torch.float16) == "sdpa"   # no GPU here: torch's SDPA
@@ -113,13 +119,13 @@ def test_train_refuses_fa4_where_it_cannot_run_before_preparing(make_config, tmp
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fa4_matches_sdpa_on_the_gpu(family, dtype, compiled):
     """Under the family's autocast with fp32 LoRA-like trainable weights, eager and per-block compiled."""
-    from cogft.training.speed import apply_block_options
+    from cogft.models.blocks import apply_block_options
 
     def run(attention):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         torch.manual_seed(0)
-        transformer = load_transformer(f"tiny://{family}", dtype).cuda()
+        transformer = _transformer(f"tiny://{family}", {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]).cuda()
         transformer.transformer_blocks.requires_grad_(False)
         transformer.transformer_blocks[0].attn1.to_q.float().requires_grad_(True)
         assert set_attention(transformer, attention, torch.device("cuda"), dtype) == attention

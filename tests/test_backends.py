@@ -94,7 +94,7 @@ def test_zero2_offload_steps_the_optimizer_in_host_memory(shared_cache, tmp_path
     result = ok(launch("deepspeed_zero2_offload.yaml", out, shared_cache, *QUIET, "train.max_steps=2",
                        "train.cpu_adam=torch", "train.learning_rate=1e-2", base="tiny-sft.yaml"))
     assert "backend=deepspeed-zero2-offload mode=sft" in result.stderr
-    from cogft.models.tiny import tiny_dir
+    from cogft.models.build import tiny_dir
 
     before = load_file(tiny_dir("5b") / "transformer" / "diffusion_pytorch_model.safetensors")
     after = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -117,12 +117,12 @@ def _deepspeed_accelerator(ds_config: dict):
 
 
 def test_deepspeed_config_follows_the_cogft_config(make_config):
-    from cogft.models.loading import family_for
+    from cogft.models.loading import load_variant
     from cogft.training.backends import BackendError, configure_backend
 
     config = make_config("train.gradient_accumulation_steps=3", "train.max_grad_norm=0.5", "train.batch_size=2")
     ds = {"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
-    configure_backend(_deepspeed_accelerator(ds), config, family_for("tiny://2b"))
+    configure_backend(_deepspeed_accelerator(ds), config, load_variant("tiny://2b"))
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]  # dynamic scaling
     assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (3, 0.5)
     assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (2, 2 * 3 * 2)
@@ -130,7 +130,7 @@ def test_deepspeed_config_follows_the_cogft_config(make_config):
 
     bf16 = make_config("train.mode=sft", "train.optimizer=adamw_bf16")
     with pytest.raises(BackendError, match="one GPU; with several use train.optimizer=adamw"):
-        configure_backend(_deepspeed_accelerator({}), bf16, family_for("tiny://5b"))  # 2 processes
+        configure_backend(_deepspeed_accelerator({}), bf16, load_variant("tiny://5b"))  # 2 processes
 
     with pytest.raises(BackendError, match="sets 'optimizer'.*remove 'optimizer'"):
-        configure_backend(_deepspeed_accelerator({"optimizer": {"type": "Adam"}}), config, family_for("tiny://5b"))
+        configure_backend(_deepspeed_accelerator({"optimizer": {"type": "Adam"}}), config, load_variant("tiny://5b"))

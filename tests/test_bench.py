@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cogft.bench import bench
-from cogft.flops import step_flops
-from cogft.models.reference import REFERENCE, reference_configs
+from cogft.bench.training import bench
+from cogft.models.flops import step_flops
+from cogft.models.loading import load_variant
+from cogft.models.registry import reference_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,8 +25,8 @@ def test_bench_prints_one_json_line_per_figure(make_config):
 
 
 def test_flops_of_the_real_2b_step():
-    """~58 % attention at 17,776 tokens (DESIGN.md), 120 TFLOP forward for CogVideoX-2B."""
-    flops = step_flops(REFERENCE["THUDM/CogVideoX-2b"]["transformer"], 49, 480, 720, 1)
+    """~58 % attention at 17,776 tokens, 120 TFLOP forward for CogVideoX-2B."""
+    flops = step_flops(load_variant("THUDM/CogVideoX-2b"), 49, 480, 720, 1)
     assert flops.tokens == 17_776
     forward = flops.linear + flops.attention
     assert 0.55 < flops.attention / forward < 0.65
@@ -34,9 +35,9 @@ def test_flops_of_the_real_2b_step():
 
 
 def test_reference_configs_only_for_hub_ids():
-    assert reference_configs("THUDM/CogVideoX-5b")["transformer"]["num_layers"] == 42
-    assert reference_configs("zai-org/cogvideox-2b")["vae"]["scaling_factor"] == 1.15258426
-    assert reference_configs("/home/me/cogvideox-2b") is None
+    assert reference_for("THUDM/CogVideoX-5b").transformer["num_layers"] == 42
+    assert reference_for("zai-org/cogvideox-2b").vae["scaling_factor"] == 1.15258426
+    assert reference_for("/home/me/cogvideox-2b") is None
 
 
 def test_bench_command_line(tmp_path):
@@ -49,7 +50,7 @@ def test_bench_command_line(tmp_path):
 
 
 def test_bench_checkpoint_roundtrip_and_sample(make_config):
-    from cogft.bench_sample import bench_sample
+    from cogft.bench.sampling import bench_sample
 
     rows = bench(make_config("train.batch_size=1"), warmup=0, steps=1, checkpoint=True, emit=lambda row: None)
     assert rows[0]["checkpoint_save_s"] >= 0 and rows[0]["checkpoint_mib"] > 0.01  # the LoRA + optimizer state

@@ -72,7 +72,7 @@ def test_sft_trains_and_resumes_bit_exactly(make_config):
     a = load_file(straight / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    from cogft.models.tiny import tiny_dir
+    from cogft.models.build import tiny_dir
 
     base = load_file(tiny_dir("5b") / "transformer" / "diffusion_pytorch_model.safetensors")
     assert sum(not torch.equal(base[k].to(a[k].dtype), a[k]) for k in a) > len(a) // 2  # the weights trained

@@ -87,7 +87,7 @@ def test_decode_reports_bad_files(tmp_path):
 
 def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     from cogft.data.cache import prepare
-    from cogft.models.loading import family_for
+    from cogft.models.loading import load_variant
 
     data = tmp_path / "clips"
     data.mkdir()
@@ -96,7 +96,7 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     (data / "videos.txt").write_text("one.mp4\nmissing.mp4\nempty.mp4\none.mp4\n./one.mp4\n")
     (data / "prompts.txt").write_text("a red square\na ghost\nnothing\n\na red square\n")
     config = make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}")
-    family = family_for(config.model.path)
+    family = load_variant(config.model.path)
     first = prepare(config, family, torch.device("cpu"), show_progress=False)
     statuses = {r["listed_at"]: (r["status"], r.get("problem")) for r in first.report[:-1]}
     assert statuses["videos.txt:1"][0] == "encoded"
@@ -160,10 +160,10 @@ def test_random_windows_are_encoded_once_and_drawn_per_epoch(make_config, tmp_pa
 
     from cogft.data.cache import prepare
     from cogft.data.dataset import LatentDataset
-    from cogft.models.loading import family_for
+    from cogft.models.loading import load_variant
 
     config = make_config("data.windows=3", "data.fps=null", f"data.cache_dir={tmp_path / 'cache'}")
-    family = family_for(config.model.path)
+    family = load_variant(config.model.path)
     prepared = prepare(config, family, torch.device("cpu"), show_progress=False)
     assert all(len(e.latents) == 3 for e in prepared.entries)  # the sample clips hold 3 windows of 9 frames
     rows = [r for r in prepared.report if "clip" in r]
@@ -208,7 +208,7 @@ def test_copies_of_one_clip_on_different_ranks_train_once(make_config, tmp_path)
     """Line 2 is a copy of line 1 (other name, same caption): with 2 ranks they land on different ranks,
     and rank 1 skips its copy before encoding it, because the check runs over the whole list."""
     from cogft.data.cache import prepare
-    from cogft.models.loading import family_for
+    from cogft.models.loading import load_variant
 
     data = tmp_path / "clips"
     data.mkdir()
@@ -218,7 +218,7 @@ def test_copies_of_one_clip_on_different_ranks_train_once(make_config, tmp_path)
     (data / "videos.txt").write_text("a.mp4\ncopy_of_a.mp4\nb.mp4\n")
     (data / "prompts.txt").write_text("a red square\na red square\nfractals\n")
     config = make_config(f"data.path={data}", f"data.cache_dir={tmp_path / 'cache'}")
-    family = family_for(config.model.path)
+    family = load_variant(config.model.path)
     rank0 = prepare(config, family, torch.device("cpu"), rank=0, world_size=2, show_progress=False)
     rank1 = prepare(config, family, torch.device("cpu"), rank=1, world_size=2, show_progress=False)
     assert [e.video for e in rank0.entries] == [str(data / "a.mp4"), str(data / "b.mp4")]

@@ -1,4 +1,4 @@
-"""`cogft estimate` against every configuration measured with `cogft bench` on one H100 or H200 (README)."""
+"""`cogft estimate` against every configuration measured with `cogft bench` on one H100 or H200 (docs/performance.md)."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -7,10 +7,14 @@ import pytest
 import torch
 
 from cogft.config import load_config
-from cogft.estimate import as_trained, estimate
-from cogft.models.reference import REFERENCE
+from cogft.models.cost import as_trained, estimate
+from cogft.models.loading import load_variant
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _variant(config):
+    return load_variant(config.model.path, config.model.dtype)
 
 # (config, overrides, measured s/step, measured peak allocated GiB): H100 80GB HBM3, 2026-11-25
 MEASURED = [
@@ -73,7 +77,7 @@ MEASURED_ROWS = [(*row, "sdpa", "H100") for row in MEASURED] + [(*row, "fa4", "H
                          ids=[f"{m[0]}-{m[1]}-{m[3]}" for m in SAMPLED_ROWS])
 def test_estimate_of_a_validation_video_within_15_percent(name, cache, seconds, attention, gpu):
     config = load_config(REPO / "configs" / f"{name}.yaml", [f"validation.cache={cache}", f"model.attention={attention}"])
-    result = estimate(config, REFERENCE[config.model.path], gpu)
+    result = estimate(config, _variant(config), gpu)
     predicted = result.sample_seconds if cache == "none" else result.sample_seconds_cached
     assert result.attention == attention
     assert predicted == pytest.approx(seconds, rel=0.15)
@@ -83,7 +87,7 @@ def test_estimate_of_a_validation_video_within_15_percent(name, cache, seconds, 
                          ids=[f"{m[0]}-{i}-{m[4]}" for i, m in enumerate(MEASURED_ROWS)])
 def test_estimate_within_15_percent_of_the_measurements(name, overrides, seconds, gib, attention, gpu):
     config = load_config(REPO / "configs" / f"{name}.yaml", [*overrides, f"model.attention={attention}"])
-    result = estimate(config, REFERENCE[config.model.path], gpu)
+    result = estimate(config, _variant(config), gpu)
     assert result.attention == attention
     assert result.seconds_per_step == pytest.approx(seconds, rel=0.15)
     assert result.peak_allocated_gib == pytest.approx(gib, rel=0.15)
@@ -91,12 +95,12 @@ def test_estimate_within_15_percent_of_the_measurements(name, overrides, seconds
 
 
 def test_estimate_follows_the_attention_kernel_that_will_run(monkeypatch):
-    import cogft.estimate
+    import cogft.models.cost
 
     def predicted(attention, gpu, installed):
-        monkeypatch.setattr(cogft.estimate, "fa4_installed", lambda: installed)
+        monkeypatch.setattr(cogft.models.cost, "fa4_installed", lambda: installed)
         config = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", [f"model.attention={attention}"])
-        result = estimate(config, REFERENCE[config.model.path], gpu)
+        result = estimate(config, _variant(config), gpu)
         return result.attention, result.seconds_per_step
 
     assert predicted("auto", "H100", installed=False) == predicted("sdpa", "H100", installed=True)
@@ -107,55 +111,55 @@ def test_estimate_follows_the_attention_kernel_that_will_run(monkeypatch):
 
 def test_estimate_says_what_to_change_when_it_does_not_fit():
     config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["train.gradient_checkpointing=false"])
-    result = estimate(config, REFERENCE[config.model.path], "4090")
+    result = estimate(config, _variant(config), "4090")
     assert not result.fits and result.extrapolated
     assert result.advice and result.advice[0].startswith("train.gradient_checkpointing=")
     suggested = [part for part in result.advice[0].split(" (")[0].split()]
-    fixed = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", suggested), REFERENCE[config.model.path], "4090")
+    fixed = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", suggested), _variant(config), "4090")
     assert fixed.fits  # the advice is a config that fits
     sft = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml", ["train.optimizer=adamw"])
-    standard = estimate(sft, REFERENCE[sft.model.path], "H100")
+    standard = estimate(sft, _variant(sft), "H100")
     assert not standard.fits and "train.optimizer=adamw_bf16" in standard.advice[0]  # 18 bytes/param of 5.6 B
     shipped = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml")  # adamw_bf16: 6 bytes per parameter
-    assert estimate(shipped, REFERENCE[shipped.model.path], "H100").peak_allocated_gib < 40
+    assert estimate(shipped, _variant(shipped), "H100").peak_allocated_gib < 40
 
 
 def test_memory_budget_picks_the_least_checkpointing_that_fits():
-    from cogft.estimate import fit_to_budget
-    from cogft.training.speed import block_settings
+    from cogft.models.cost import fit_to_budget
+    from cogft.training.budget import block_settings
 
     config = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.compile=true"])
-    configs = REFERENCE[config.model.path]
-    assert fit_to_budget(config, configs, 40)[:2] == (False, False)      # measured 32.4 GiB unchecked
-    partial, offload, result = fit_to_budget(config, configs, 20)
+    variant = _variant(config)
+    assert fit_to_budget(config, variant, 40)[:2] == (False, False)      # measured 32.4 GiB unchecked
+    partial, offload, result = fit_to_budget(config, variant, 20)
     assert 0 < partial < 1 and not offload and result.peak_allocated_gib <= 20
-    assert fit_to_budget(config, configs, 6)[:2] == (True, True)         # lean mode: measured 5.92 GiB
-    assert fit_to_budget(config, configs, 3) is None                     # the fp16 weights alone are 3.15 GiB
+    assert fit_to_budget(config, variant, 6)[:2] == (True, True)         # lean mode: measured 5.92 GiB
+    assert fit_to_budget(config, variant, 3) is None                     # the fp16 weights alone are 3.15 GiB
     budgeted = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=6"])
     cpu = torch.device("cpu")
-    assert block_settings(budgeted, configs, cpu) == (True, True)
-    assert block_settings(config, configs, cpu) == (False, False)        # no budget: the config as written
+    assert block_settings(budgeted, variant, cpu) == (True, True)
+    assert block_settings(config, variant, cpu) == (False, False)        # no budget: the config as written
     starved = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=3"])
-    assert block_settings(starved, configs, cpu) == (True, True)         # nothing fits: lean mode anyway
-    shown = as_trained(starved, configs, "H100").train                    # and `cogft estimate` shows the same
+    assert block_settings(starved, variant, cpu) == (True, True)         # nothing fits: lean mode anyway
+    shown = as_trained(starved, variant, "H100").train                    # and `cogft estimate` shows the same
     assert (shown.gradient_checkpointing, shown.offload_checkpoints) == (True, True)
 
 
 def test_memory_budget_auto_fits_the_card(monkeypatch):
-    from cogft.training.speed import block_settings
+    from cogft.training.budget import block_settings
 
     def card(gib):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gib * 2**30))
 
     config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["train.memory_budget_gib=auto", "train.compile=true"])
-    configs, gpu = REFERENCE[config.model.path], torch.device("cuda")
+    variant, gpu = _variant(config), torch.device("cuda")
     card(79.2)  # an H100 80GB: a tenth of the card kept free, so not the 74 GiB of no checkpointing
-    assert block_settings(config, configs, gpu) == (0.1, False)          # measured 2.200 s, 67.4 GiB
-    assert as_trained(config, configs, "H100").train.gradient_checkpointing == 0.1  # `cogft estimate` agrees
+    assert block_settings(config, variant, gpu) == (0.1, False)          # measured 2.200 s, 67.4 GiB
+    assert as_trained(config, variant, "H100").train.gradient_checkpointing == 0.1  # `cogft estimate` agrees
     card(44.4)  # an L40S (48 GB): where the shipped quarter (59 GiB) runs out of memory
-    setting, offload = block_settings(config, configs, gpu)
+    setting, offload = block_settings(config, variant, gpu)
     tried = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [
         f"train.gradient_checkpointing={str(setting).lower()}", f"train.offload_checkpoints={str(offload).lower()}",
-        "train.compile=true"]), configs, "H100")
+        "train.compile=true"]), variant, "H100")
     assert 0.25 < setting <= 1 and tried.peak_allocated_gib <= 0.9 * 44.4
-    assert block_settings(config, configs, torch.device("cpu")) == (0.25, False)  # CPU: the config as written
+    assert block_settings(config, variant, torch.device("cpu")) == (0.25, False)  # CPU: the config as written

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cogft.models.group_norm import SpreadGroupNorm, spread_group_norms
-from cogft.models.loading import load_vae, resolve_model_path
+from cogft.models.loading import load_vae, load_variant, resolve_model_path
 
 
 @pytest.mark.parametrize("offset", [0.0, 3000.0])  # a large mean must not cancel the variance away
@@ -44,7 +44,8 @@ def test_spread_group_norm_takes_non_contiguous_input():
 
 def test_compiled_vae_encoder_keeps_working(make_config):
     """`data.compile_vae`: under torch.compile the norms are torch's own (the spread view/out= path broke tracing)."""
-    vae = load_vae(make_config().model.path, torch.float32).eval()
+    path = make_config().model.path
+    vae = load_vae(path, load_variant(path), torch.float32).eval()
     frames = torch.randn(1, 3, 9, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         eager = vae.encode(frames).latent_dist.mean
@@ -56,7 +57,7 @@ def test_loaded_vae_decodes_like_the_stock_one(make_config):
     from diffusers import AutoencoderKLCogVideoX
 
     path = make_config().model.path
-    vae = load_vae(path, torch.float32).eval()
+    vae = load_vae(path, load_variant(path), torch.float32).eval()
     stock = AutoencoderKLCogVideoX.from_pretrained(resolve_model_path(path), subfolder="vae").eval()
     assert any(isinstance(m, SpreadGroupNorm) for m in vae.modules())
     assert not any(isinstance(m, SpreadGroupNorm) for m in stock.modules())

@@ -48,7 +48,7 @@ def decode_or_die(path: str, spec: DecodeSpec):
 def hostile_run(hostile_clips, tmp_path_factory):
     from cogft.config import load_config
     from cogft.data.cache import prepare
-    from cogft.models.loading import family_for
+    from cogft.models.loading import load_variant
 
     cache = tmp_path_factory.mktemp("hostile_cache")
     config = load_config(REPO / "configs" / "tiny-lora.yaml", [
@@ -57,7 +57,7 @@ def hostile_run(hostile_clips, tmp_path_factory):
     ])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("cogft.data.cache.decode_clip", decode_or_die)
-        prepared = prepare(config, family_for(config.model.path), torch.device("cpu"), show_progress=False)
+        prepared = prepare(config, load_variant(config.model.path), torch.device("cpu"), show_progress=False)
     return prepared, cache
 
 

@@ -75,13 +75,11 @@ def test_draw_inputs_samples_the_cached_distribution():
 def test_rotary_matches_pipeline(cogft_home):
     from diffusers import CogVideoXPipeline
 
-    from cogft.models.loading import family_for, resolve_model_path
-    from cogft.training.objective import rotary_embedding
+    from cogft.models.loading import load_variant, resolve_model_path
 
     path = resolve_model_path("tiny://5b")
     pipe = CogVideoXPipeline.from_pretrained(path)
-    family = family_for(path)
-    ours = rotary_embedding(pipe.transformer.config, family.vae_scale_spatial, 64, 96, 3, torch.device("cpu"))
+    ours = load_variant(path).rotary_embedding(64, 96, 3, torch.device("cpu"))
     theirs = pipe._prepare_rotary_positional_embeddings(64, 96, 3, torch.device("cpu"))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)

@@ -104,17 +104,17 @@ def test_non_finite_gradient_skips_the_update(fused):
     from accelerate import Accelerator
     from diffusers import CogVideoXDPMScheduler
 
-    from cogft.models.family import family_from_configs
-    from cogft.training.step import TrainingStep
+    from cogft.models.loading import load_variant
+    from cogft.training.step import StepParts, TrainingStep
 
     model = torch.nn.Linear(4, 4)
     before = model.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
-    family = family_from_configs({"max_text_seq_length": 4, "patch_size": 2}, {"scaling_factor": 1.0,
-                                 "block_out_channels": [1, 1, 1, 1]}, "fp32")
-    step = TrainingStep(Accelerator(cpu=True), model, list(model.parameters()), optimizer,
-                        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-                        torch.amp.GradScaler("cpu", enabled=False), CogVideoXDPMScheduler(), family, 1.0, lambda _: None)
+    step = TrainingStep(StepParts(
+        accelerator=Accelerator(cpu=True), transformer=model, params=list(model.parameters()), optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False), noise_scheduler=CogVideoXDPMScheduler(),
+        variant=load_variant("tiny://2b", "fp32"), max_grad_norm=1.0, height=64, width=96))
     assert step.skips_on_device == fused
     (model(torch.ones(1, 4)).sum() * float("nan")).backward()
     result = step.update(torch.tensor(float("nan")))
@@ -151,9 +151,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(make_config, monkeypat
 
 
 def test_many_non_finite_steps_in_a_row_stop_the_run_with_advice():
-    from cogft.training.loop import MAX_CONSECUTIVE_NONFINITE, _NonFiniteGuard
+    from cogft.training.metrics import MAX_CONSECUTIVE_NONFINITE, NonFiniteGuard
 
-    guard = _NonFiniteGuard(total=0)
+    guard = NonFiniteGuard(total=0)
     for step in range(MAX_CONSECUTIVE_NONFINITE - 1):
         guard.record(False, step, torch.tensor(float("nan")), torch.tensor([0]))
     guard.record(True, 99, torch.tensor(1.0), torch.tensor([0]))  # a good step resets the streak
@@ -165,10 +165,10 @@ def test_many_non_finite_steps_in_a_row_stop_the_run_with_advice():
 
 def test_tiny_updates_move_sft_weights_of_a_bf16_model(make_config):
     """SFT keeps fp32 master weights: an update of 1e-6 moves a bf16-family model (bf16 alone would drop it)."""
-    from cogft.models.loading import load_transformer
+    from cogft.models.loading import load_transformer, load_variant
     from cogft.training.adapters import setup_trainable
 
-    transformer = load_transformer("tiny://5b", torch.bfloat16)
+    transformer = load_transformer("tiny://5b", load_variant("tiny://5b", "bf16"))
     params = setup_trainable(transformer, make_config("train.mode=sft"))
     weight = params[0]
     assert weight.dtype == torch.float32

@@ -3,26 +3,25 @@
 import numpy as np
 import torch
 
-from cogft.bench_sample import _pipeline
-from cogft.models.family import family_from_configs
-from cogft.models.loading import component_configs
-from cogft.sampling import render, taylorseer_full_steps
+from cogft.bench.sampling import random_pipeline
+from cogft.inference.render import render
+from cogft.models.inference_cache import taylorseer_full_steps
+from cogft.models.loading import load_variant
 
 
 def test_taylorseer_runs_the_blocks_only_on_its_full_steps(make_config):
     config = make_config()
-    configs = component_configs(config.model.path, None)
-    family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
+    variant = load_variant(config.model.path, config.model.dtype)
     device = torch.device("cpu")
-    pipe = _pipeline(configs, family, device)
-    shape = (1, family.max_text_seq_length, configs["transformer"]["text_embed_dim"])
+    pipe = random_pipeline(variant, device)
+    shape = (1, variant.max_text_seq_length, variant.text_embed_dim)
     embeds, negative = torch.randn(shape), torch.randn(shape)
     block_runs = []
     pipe.transformer.transformer_blocks[0].attn1.register_forward_pre_hook(lambda *_: block_runs.append(1))
 
     def video(cache: str) -> np.ndarray:
         block_runs.clear()
-        return render(pipe, family, device, num_frames=9, height=64, width=96, steps=12, guidance_scale=6.0, seed=0,
+        return render(pipe, variant, device, num_frames=9, height=64, width=96, steps=12, guidance_scale=6.0, seed=0,
                       prompt_embeds=embeds, negative_prompt_embeds=negative, cache=cache)
 
     exact = video("none")

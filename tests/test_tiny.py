@@ -2,8 +2,13 @@ import json
 
 import torch
 
-from cogft.models.family import load_family
-from cogft.models.tiny import build_tiny_pipeline
+from cogft.models.build import build_pipeline
+from cogft.models.loading import load_variant
+from cogft.models.registry import spec_named
+
+
+def build_tiny_pipeline(out, short: str, seed: int = 0):
+    return build_pipeline(out, spec_named(short, "tiny://"), seed=seed)
 
 
 def test_tiny_families_load_through_from_pretrained(tmp_path):
@@ -14,7 +19,7 @@ def test_tiny_families_load_through_from_pretrained(tmp_path):
         assert json.loads((path / "model_index.json").read_text())["_class_name"] == "CogVideoXPipeline"
         pipe = CogVideoXPipeline.from_pretrained(path)
         assert pipe.transformer.config.use_rotary_positional_embeddings is rotary
-        info = load_family(str(path))
+        info = load_variant(str(path))
         assert (info.use_rotary, info.scaling_factor, info.dtype) == (rotary, scale, dtype)
         assert info.max_text_seq_length == pipe.transformer.config.max_text_seq_length
         # the tokenizer is a real one: different captions give different ids

@@ -87,7 +87,7 @@ def test_lora_loads_into_stock_pipeline_and_changes_output(lora_run, cogft_home)
 
 
 def test_sample_from_run_and_checkpoint(lora_run, tmp_path):
-    from cogft.sampling import sample
+    from cogft.inference.sampling import sample
 
     a = sample(str(lora_run), "a red square", str(tmp_path / "final.mp4"), steps=2)
     b = sample(str(lora_run / "checkpoints" / "step-000004"), "a red square", str(tmp_path / "ckpt.mp4"), steps=2)
@@ -103,7 +103,7 @@ def test_sample_of_a_run_trained_with_fa4_falls_back_to_sdpa_here(lora_run, tmp_
 
     import yaml
 
-    from cogft.sampling import sample
+    from cogft.inference.sampling import sample
 
     copy = tmp_path / "run"
     shutil.copytree(lora_run, copy, ignore=shutil.ignore_patterns("checkpoints", "samples", "wandb"))
@@ -121,7 +121,7 @@ def test_sample_of_a_run_trained_with_fa4_falls_back_to_sdpa_here(lora_run, tmp_
 def test_export_merge_samples_like_base_plus_lora(lora_run, tmp_path):
     from diffusers import CogVideoXPipeline
 
-    from cogft.export import export
+    from cogft.inference.export import export
     from cogft.models.loading import resolve_model_path
 
     copied = export(str(lora_run), str(tmp_path / "plain"))
@@ -143,7 +143,7 @@ def test_sft_run_exports_a_loadable_transformer(make_config, tmp_path):
     from diffusers import CogVideoXTransformer3DModel
 
     from cogft.models.loading import resolve_model_path
-    from cogft.sampling import sample
+    from cogft.inference.sampling import sample
 
     run = train(make_config("train.max_steps=3", "validation.num_inference_steps=2", base="tiny-sft.yaml"))
     tuned = CogVideoXTransformer3DModel.from_pretrained(run / "transformer")
@@ -159,17 +159,17 @@ def test_sft_run_exports_a_loadable_transformer(make_config, tmp_path):
 def test_loss_goes_down_on_a_fixed_batch(make_config):
     from cogft.data.cache import prepare
     from cogft.data.dataset import LatentDataset, collate
-    from cogft.models.loading import family_for, load_scheduler, load_transformer
+    from cogft.models.loading import load_variant, load_scheduler, load_transformer
     from cogft.training.adapters import setup_trainable
     from cogft.training.objective import diffusion_loss, draw_inputs
 
     config = make_config("model.dtype=fp32", "lora.rank=8", "lora.alpha=8")
-    family = family_for(config.model.path, "fp32")
-    batch = collate([LatentDataset(prepare(config, family, torch.device("cpu"), show_progress=False).entries)[i] for i in range(2)])
-    transformer = load_transformer(config.model.path, torch.float32)
+    variant = load_variant(config.model.path, "fp32")
+    batch = collate([LatentDataset(prepare(config, variant, torch.device("cpu"), show_progress=False).entries)[i] for i in range(2)])
+    transformer = load_transformer(config.model.path, variant)
     params = setup_trainable(transformer, config)
-    scheduler = load_scheduler(config.model.path)
-    inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], family.scaling_factor, 1000,
+    scheduler = load_scheduler(config.model.path, variant)
+    inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], variant.scaling_factor, 1000,
                          [torch.Generator().manual_seed(i) for i in range(2)])
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     predict = lambda x_t, t: transformer(hidden_states=x_t, encoder_hidden_states=batch["prompt_embeds"], timestep=t,
@@ -224,12 +224,12 @@ def test_offloaded_checkpointing_keeps_the_numbers(make_config):
 
 
 def test_validation_out_of_memory_is_skipped_not_fatal(make_config, monkeypatch):
-    import cogft.sampling
+    import cogft.training.validation
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(cogft.sampling, "render", out_of_memory)
+    monkeypatch.setattr(cogft.training.validation, "render", out_of_memory)
     run = train(make_config("train.max_steps=2", "validation.every=1", out="oom"))
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not list(run.glob("samples/*.mp4"))  # every validation video was skipped, training went on
@@ -238,16 +238,14 @@ def test_validation_out_of_memory_is_skipped_not_fatal(make_config, monkeypatch)
 @pytest.mark.parametrize("autotune", [False, True])
 def test_compile_autotune_reaches_every_compiled_block(make_config, monkeypatch, autotune):
     """`train.compile_autotune` compiles each block with inductor's coordinate-descent tuning (a GPU-only pass)."""
-    from cogft.bench import _cogft_step
-    from cogft.models.family import family_from_configs
-    from cogft.models.loading import component_configs
+    from cogft.bench.training import cogft_step
+    from cogft.models.loading import load_variant
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(kwargs.get("options")) or fn)
     config = make_config("train.compile=true", f"train.compile_autotune={str(autotune).lower()}",
                          "train.gradient_checkpointing=0.5")
-    configs = component_configs(config.model.path)
-    family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
-    _cogft_step(config, family, configs, torch.device("cpu"))
+    variant = load_variant(config.model.path, config.model.dtype)
+    cogft_step(config, variant, torch.device("cpu"))
     expected = {"coordinate_descent_tuning": True} if autotune else None
-    assert compiled == [expected] * configs["transformer"]["num_layers"]
+    assert compiled == [expected] * variant.configs.transformer["num_layers"]

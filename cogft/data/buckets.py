@@ -1,10 +1,9 @@
 """Frame buckets: clips shorter than `data.num_frames` train at a shorter length instead of being dropped.
 
-The buckets are `data.num_frames` and every 8k+1 count below it down to `data.min_frames` (plus
-`min_frames` itself when it is 4k+1 but not 8k+1): 8k+1 frames make an odd number of latent frames,
-which decode back to the same length. A batch must hold one length, so the batch sampler draws
-each batch from one bucket. Its order is a pure function of (seed, epoch), which is what the
-bit-exact resume (`set_epoch` + accelerate's `skip_first_batches`) relies on.
+Which lengths are buckets is the variant's rule (`Variant.frame_buckets`, models/spec.py). A batch must
+hold one length, so the batch sampler draws each batch from one bucket. Its order is a pure function
+of (seed, epoch), which is what the bit-exact resume (`set_epoch` + accelerate's `skip_first_batches`)
+relies on.
 """
 
 from __future__ import annotations
@@ -15,14 +14,6 @@ from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
-
-
-def frame_buckets(num_frames: int, min_frames: int) -> tuple[int, ...]:
-    """The frame counts a clip may be cut to, largest first, e.g. (49, 41, 33, 25, 17) for 49 down to 17."""
-    below = [f for f in range(num_frames - 1, min_frames - 1, -1) if f % 8 == 1]
-    if min_frames < num_frames and min_frames not in below:
-        below.append(min_frames)
-    return (num_frames, *below)
 
 
 class EpochShuffle(Sampler[int]):

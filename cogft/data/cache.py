@@ -28,18 +28,10 @@ from tqdm.auto import tqdm
 from .. import cogft_home
 from ..config import Config
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
-from .buckets import frame_buckets
+from ..models.spec import Variant
+from ..run_dir import REPORT_FILE
 from .captions import count_tokens, load_tokenizer, truncation_note
-from .checks import (
-    Problem,
-    byte_duplicates,
-    caption_problem,
-    content_repeats,
-    file_digest,
-    file_problem,
-    repeated_entries,
-    summarize_problems,
-)
+from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
 from .sources import Clip, read_clips
 from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets, windows_note
 from .workers import isolated_map
@@ -94,11 +86,6 @@ def component_identity(model_path: str, component: str, revision: str | None) ->
     return identity
 
 
-def encode_dtype(family_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Encoders run in the family's dtype on accelerators; CPUs get fp32 (half convolutions are slow there)."""
-    return torch.float32 if device.type == "cpu" else family_dtype
-
-
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write to a temporary name, flush to disk, rename: readers see a whole entry or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +103,7 @@ def _crashed(path: str) -> Decoded:
     )))
 
 
-COMPILE_VAE_FROM_CLIPS = 600  # an H100 compiles the encoder in 76-99 s, then saves ~0.16 s per 49x480x720 clip
+COMPILE_VAE_FROM_CLIPS = 600  # where the encoder's one-time compile pays for itself (docs/performance.md)
 
 
 def compile_vae_enabled(setting: bool | str, device: torch.device, clips: int) -> bool:
@@ -136,15 +123,15 @@ def encode_frames(vae, frames: np.ndarray, device: torch.device, dtype: torch.dt
 class Preparer:
     """Holds the keys, stage timings and lazily loaded encoders for one config on one device."""
 
-    def __init__(self, config: Config, family, device: torch.device):
+    def __init__(self, config: Config, variant: Variant, device: torch.device):
         self.config = config
-        self.family = family
+        self.variant = variant
         self.device = device
-        self.dtype = encode_dtype(family.dtype, device)
+        self.dtype = variant.compute_dtype(device)
         self.model_path = resolve_model_path(config.model.path)
         self.root = cache_root(config)
         data = config.data
-        self.spec = DecodeSpec(frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width,
+        self.spec = DecodeSpec(variant.frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width,
                                data.fps, data.resize, data.windows)
         self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
         rev = config.model.revision
@@ -152,7 +139,7 @@ class Preparer:
         self._prompt_salt = _digest(
             component_identity(self.model_path, "text_encoder", rev),
             component_identity(self.model_path, "tokenizer", rev),
-            family.max_text_seq_length,
+            variant.max_text_seq_length,
             str(self.dtype),
         )
 
@@ -198,7 +185,7 @@ class Preparer:
         if not todo:
             return []
         started = time.perf_counter()
-        vae = load_vae(self.config.model.path, self.dtype, self.config.model.revision).to(self.device).eval()
+        vae = load_vae(self.config.model.path, self.variant, self.dtype, self.config.model.revision).to(self.device).eval()
         if self.config.data.vae_tiling:
             vae.enable_tiling()
         if compile_vae_enabled(self.config.data.compile_vae, self.device, len(todo)):
@@ -256,9 +243,10 @@ class Preparer:
         if not todo:
             return
         started = time.perf_counter()
-        pipe = load_pipeline(self.config.model.path, self.dtype, self.config.model.revision, transformer=None, vae=None)
+        pipe = load_pipeline(self.config.model.path, self.variant, self.dtype, self.config.model.revision,
+                             transformer=None, vae=None)
         pipe.text_encoder.to(self.device)
-        limit = self.family.max_text_seq_length
+        limit = self.variant.max_text_seq_length
         for start in tqdm(range(0, len(todo), PROMPT_BATCH), desc="prepare: embed prompts", disable=not show_progress):
             batch = todo[start : start + PROMPT_BATCH]
             with torch.no_grad():
@@ -274,18 +262,13 @@ class Preparer:
 
 def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Preparer, rows: dict[str, dict]):
     """This rank's share: rows for every clip, the cached entries found, and what must be encoded."""
-    repeats = repeated_entries(clips)
-    same_content = content_repeats(byte_duplicates(clips), clips)  # whole list: copies on other ranks count too
+    admission = admission_problems(clips, byte_duplicates(clips))  # whole list: copies on other ranks count too
     cached: list[tuple[Clip, tuple[Path, ...], int]] = []
     todo: list[tuple[Clip, str]] = []
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
-        problem = file_problem(clip.video) or caption_problem(clip.caption)
-        if problem is None and clip.line in repeats:
-            problem = Problem("duplicate", f"the same file and caption as {repeats[clip.line]}; listed once is enough")
-        if problem is None and clip.line in same_content:
-            problem = Problem("duplicate", f"the same video bytes and caption as {same_content[clip.line]}")
-        if problem is not None:
+        if admission[clip.line]:
+            problem = admission[clip.line][0]
             row.update(status="skipped", problem=problem.code, reason=problem.detail)
             continue
         digest = file_digest(clip.video)
@@ -323,9 +306,6 @@ def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stage
     }
 
 
-REPORT_FILE = "prepare_report.jsonl"
-
-
 def write_report(rows: list[dict], run_dir: str | Path) -> Path:
     """The per-file report, one JSON object per line, in the run directory."""
     path = Path(run_dir) / REPORT_FILE
@@ -335,7 +315,7 @@ def write_report(rows: list[dict], run_dir: str | Path) -> Path:
 
 
 def prepare(
-    config: Config, family, device: torch.device, rank: int = 0, world_size: int = 1, show_progress: bool = True
+    config: Config, variant: Variant, device: torch.device, rank: int = 0, world_size: int = 1, show_progress: bool = True
 ) -> PreparedData:
     """Fill the cache for this rank's share of the clips and return the entries of that share.
 
@@ -344,14 +324,14 @@ def prepare(
     Every listed clip of the share gets a report row; the last row is this rank's summary.
     """
     started = time.perf_counter()
-    preparer = Preparer(config, family, device)
+    preparer = Preparer(config, variant, device)
     clips = read_clips(config.data.path, config.data.video_column, config.data.caption_column)
     rows: dict[str, dict] = {}
     cached, todo = _check_listed(clips, rank, world_size, preparer, rows)
     kept = cached + preparer.encode_latents(todo, rows, show_progress)
 
     tokens = preparer.caption_tokens([c.caption for c, _, _ in kept])
-    limit = family.max_text_seq_length
+    limit = variant.max_text_seq_length
     for clip, _, _ in kept:
         row = rows[clip.line]
         row["caption_tokens"] = tokens[clip.caption]

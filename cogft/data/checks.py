@@ -103,6 +103,26 @@ def content_repeats(duplicates: list[list[str]], clips: list[Clip]) -> dict[str,
     return repeats
 
 
+def admission_problems(clips: list[Clip], duplicates: list[list[str]]) -> dict[str, list[Problem]]:
+    """The one admission rule before any decode, shared by prepare and `cogft doctor` so they cannot drift
+    apart: {line: problems}, empty where the entry goes on to decoding. `duplicates`: `byte_duplicates(clips)`.
+
+    Computed over the whole list, so copies that prepare's ranks would split are still caught.
+    """
+    repeats = repeated_entries(clips)
+    same_content = content_repeats(duplicates, clips)
+    found = {}
+    for clip in clips:
+        problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption)) if p]
+        if clip.line in repeats:
+            problems.append(Problem("duplicate", f"the same file and caption as {repeats[clip.line]}; "
+                                                 "listed once is enough"))
+        elif clip.line in same_content:
+            problems.append(Problem("duplicate", f"the same video bytes and caption as {same_content[clip.line]}"))
+        found[clip.line] = problems
+    return found
+
+
 def summarize_problems(rows: list[dict]) -> dict[str, int]:
     """Counts of skipped rows by problem code, most frequent first."""
     return dict(Counter(r["problem"] for r in rows if r.get("status") == "skipped").most_common())

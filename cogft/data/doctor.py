@@ -14,9 +14,9 @@ from functools import partial
 from pathlib import Path
 
 from ..config import Config, DataConfig, load_config
-from .buckets import frame_buckets
+from ..models.spec import frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
-from .checks import Problem, byte_duplicates, caption_problem, content_repeats, file_problem, repeated_entries
+from .checks import Problem, admission_problems, byte_duplicates, caption_problem
 from .sources import read_clips
 from .video import ClipProbe, DecodeSpec, geometry_notes, probe_clip
 from .workers import isolated_map
@@ -46,10 +46,10 @@ def _tokens(config: Config | None, captions: list[str]) -> tuple[dict[str, int],
     """(tokens per caption, the model's limit, why there are none)."""
     if config is None:
         return {}, None, "no config given: pass a config to count caption tokens with its model's tokenizer"
-    from ..models.loading import family_for
+    from ..models.loading import load_variant
 
     try:
-        limit = family_for(config.model.path, config.model.dtype, config.model.revision).max_text_seq_length
+        limit = load_variant(config.model.path, config.model.dtype, config.model.revision).max_text_seq_length
         tokenizer = load_tokenizer(config.model.path, config.model.revision)
     except (OSError, ValueError) as error:
         return {}, None, f"token counts skipped: cannot load the tokenizer of {config.model.path}: {error}"
@@ -65,18 +65,10 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     spec = DecodeSpec(frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width, data.fps,
                       data.resize)
     clips = read_clips(data.path, data.video_column, data.caption_column)
-    repeats = repeated_entries(clips)
     duplicates = byte_duplicates(clips)
-    same_content = content_repeats(duplicates, clips)
-
-    rows = []
-    for clip in clips:
-        problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption)) if p]
-        if clip.line in repeats:
-            problems.append(Problem("duplicate", f"the same file and caption as {repeats[clip.line]}"))
-        elif clip.line in same_content:
-            problems.append(Problem("duplicate", f"the same video bytes and caption as {same_content[clip.line]}"))
-        rows.append({"clip": str(clip.video), "listed_at": clip.line, "problems": problems, "notes": []})
+    admission = admission_problems(clips, duplicates)
+    rows = [{"clip": str(clip.video), "listed_at": clip.line, "problems": list(admission[clip.line]), "notes": []}
+            for clip in clips]
 
     readable = [i for i, row in enumerate(rows) if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
     probes = isolated_map(partial(probe_clip, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,

@@ -29,7 +29,7 @@ FA4_ARCHS = (9, 10)  # compute capability majors with FlashAttention-4 kernels: 
 
 
 class KernelAttnProcessor:
-    """CogVideoX attention (text tokens first, then video; RoPE on the video part for the 5B family) through
+    """CogVideoX attention (text tokens first, then video; RoPE on the video part for the 5B variant) through
     `kernel`. Parameter names and the math are the stock processor's, so weights and LoRA files are unchanged."""
 
     def __init__(self, kernel: Kernel, name: str):

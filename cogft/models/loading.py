@@ -1,67 +1,84 @@
-"""Load CogVideoX components from a local pipeline folder, a hub id or `tiny://FAMILY`.
+"""Load a CogVideoX pipeline's configs and components from a local folder, a hub id, `tiny://` or `random://`.
 
-Every route ends in diffusers/transformers `from_pretrained`, so the tiny test model and the real
-checkpoints share one code path.
+Every route ends in diffusers/transformers `from_pretrained` with the classes the variant's spec names,
+so the built test models and the real checkpoints share one code path. The variant is identified from
+the pipeline's own configs when it is loaded, before any clip is encoded.
 """
 
 from __future__ import annotations
 
-import torch
-
+import json
 from pathlib import Path
 
-from .family import ModelFamily, load_family, read_component_config
+import torch
+
+from .build import RANDOM_SCHEME, resolve_built
 from .group_norm import spread_group_norms
-from .reference import reference_configs
-from .tiny import resolve_tiny
+from .registry import reference_for, spec_for, spec_named
+from .spec import PipelineConfigs, Variant
+
+_CONFIG_FILES = {"model_index": (None, "model_index.json"), "transformer": ("transformer", "config.json"),
+                 "vae": ("vae", "config.json"), "scheduler": ("scheduler", "scheduler_config.json")}
 
 
 def resolve_model_path(path: str) -> str:
-    return resolve_tiny(path)
+    """A local pipeline folder for `tiny://` and `random://` names (built on first use); others unchanged."""
+    return resolve_built(path)
 
 
-def component_configs(path: str, revision: str | None = None) -> dict[str, dict]:
-    """Transformer/VAE/scheduler configs: the local pipeline's, else the built-in real ones for a known hub
-    id (so full-size shapes are known offline), else downloaded from the hub."""
+def _read_config(path: str, part: str, revision: str | None) -> dict:
+    subfolder, filename = _CONFIG_FILES[part]
+    local = Path(path) / (subfolder or "") / filename
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(path).exists():
+        raise FileNotFoundError(f"{local} not found: {path} is not a diffusers CogVideoX pipeline folder")
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(path, filename, subfolder=subfolder, revision=revision)).read_text())
+
+
+def pipeline_configs(path: str, revision: str | None = None) -> PipelineConfigs:
+    """The pipeline's configs: a local folder's, else the built-in copy for a known hub id or a `random://`
+    name (no download, nothing built, unless a revision is asked for), else the hub's."""
+    if path.startswith(RANDOM_SCHEME):
+        return spec_named(path.removeprefix(RANDOM_SCHEME), RANDOM_SCHEME).reference
     path = resolve_model_path(path)
-    builtin = None if Path(path).exists() else reference_configs(path)
+    builtin = None if Path(path).exists() or revision else reference_for(path)
     if builtin is not None:
         return builtin
-    return {c: read_component_config(path, c, revision) for c in ("transformer", "vae", "scheduler")}
+    return PipelineConfigs(**{part: _read_config(path, part, revision) for part in _CONFIG_FILES})
 
 
-def family_for(path: str, dtype: str = "auto", revision: str | None = None) -> ModelFamily:
-    return load_family(resolve_model_path(path), dtype, revision)
+def load_variant(path: str, dtype: str = "auto", revision: str | None = None) -> Variant:
+    """The variant of the pipeline at `path`, bound to its configs; an unsupported pipeline is refused by name."""
+    configs = pipeline_configs(path, revision)
+    return spec_for(configs, path).bind(configs, dtype)
 
 
-def load_transformer(path: str, dtype: torch.dtype, revision: str | None = None):
-    from diffusers import CogVideoXTransformer3DModel
-
-    return CogVideoXTransformer3DModel.from_pretrained(
-        resolve_model_path(path), subfolder="transformer", dtype=dtype, revision=revision
+def load_transformer(path: str, variant: Variant, revision: str | None = None):
+    return variant.spec.diffusers_class("transformer").from_pretrained(
+        resolve_model_path(path), subfolder="transformer", dtype=variant.dtype, revision=revision
     )
 
 
-def load_vae(path: str, dtype: torch.dtype, revision: str | None = None):
-    """The VAE with its group norms spread over the GPU (`SpreadGroupNorm`: same numbers, 0.6 s less per decode)."""
-    from diffusers import AutoencoderKLCogVideoX
-
-    vae = AutoencoderKLCogVideoX.from_pretrained(resolve_model_path(path), subfolder="vae", dtype=dtype, revision=revision)
+def load_vae(path: str, variant: Variant, dtype: torch.dtype, revision: str | None = None):
+    """The VAE with its group norms spread over the GPU (`SpreadGroupNorm`: the same numbers, a faster decode)."""
+    vae = variant.spec.diffusers_class("vae").from_pretrained(resolve_model_path(path), subfolder="vae", dtype=dtype,
+                                                              revision=revision)
     spread_group_norms(vae)
     return vae
 
 
-def load_scheduler(path: str, revision: str | None = None):
-    from diffusers import CogVideoXDPMScheduler
+def load_scheduler(path: str, variant: Variant, revision: str | None = None):
+    return variant.spec.diffusers_class("scheduler").from_pretrained(resolve_model_path(path), subfolder="scheduler",
+                                                                     revision=revision)
 
-    return CogVideoXDPMScheduler.from_pretrained(resolve_model_path(path), subfolder="scheduler", revision=revision)
 
-
-def load_pipeline(path: str, dtype: torch.dtype, revision: str | None = None, **components):
-    """The stock pipeline around `load_vae`'s VAE; pass `transformer=None` / `vae=None` to skip loading what
-    is not needed."""
-    from diffusers import CogVideoXPipeline
-
+def load_pipeline(path: str, variant: Variant, dtype: torch.dtype, revision: str | None = None, **components):
+    """The variant's stock pipeline around `load_vae`'s VAE; pass `transformer=None` / `vae=None` to skip loading
+    what is not needed."""
     if "vae" not in components:
-        components["vae"] = load_vae(path, dtype, revision)
-    return CogVideoXPipeline.from_pretrained(resolve_model_path(path), dtype=dtype, revision=revision, **components)
+        components["vae"] = load_vae(path, variant, dtype, revision)
+    return variant.spec.diffusers_class("pipeline").from_pretrained(resolve_model_path(path), dtype=dtype,
+                                                                    revision=revision, **components)

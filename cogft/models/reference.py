@@ -1,8 +1,8 @@
 """Built-in copies of the real CogVideoX configurations, for work that needs full-size shapes offline.
 
-`cogft bench` and `cogft estimate` build randomly initialised models from these (same compute and
-memory as the real weights) when the hub cannot be reached. Values are those of the published
-`THUDM/CogVideoX-2b` and `THUDM/CogVideoX-5b` pipeline folders.
+`cogft bench`, `cogft estimate` and `random://` pipelines build randomly initialised models from these
+(same compute and memory as the real weights) without reaching the hub. Values are those of the
+published `THUDM/CogVideoX-2b` and `THUDM/CogVideoX-5b` pipeline folders.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+from .spec import PipelineConfigs
 
 _TRANSFORMER_COMMON = {
     "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64, "dropout": 0.0,
@@ -36,32 +38,22 @@ T5_XXL_ENCODER = {
     "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6, "dense_act_fn": "gelu_new",
     "is_gated_act": True,
 }
+_T2V_INDEX = {"_class_name": "CogVideoXPipeline"}
 
-REFERENCE = {
-    "THUDM/CogVideoX-2b": {
-        "transformer": {**_TRANSFORMER_COMMON, "num_attention_heads": 30, "num_layers": 30,
-                        "use_rotary_positional_embeddings": False},
-        "vae": {**_VAE_COMMON, "scaling_factor": 1.15258426},
-        "scheduler": {**_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
-    },
-    "THUDM/CogVideoX-5b": {
-        "transformer": {**_TRANSFORMER_COMMON, "num_attention_heads": 48, "num_layers": 42,
-                        "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
-        "vae": {**_VAE_COMMON, "scaling_factor": 0.7},
-        "scheduler": {**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
-    },
-}
-
-
-def reference_configs(hub_id: str) -> dict[str, dict] | None:
-    """The built-in configs for a known hub id (THUDM/ or zai-org/, any case), else None."""
-    owner, _, name = hub_id.lower().partition("/")
-    if owner not in ("thudm", "zai-org"):
-        return None
-    for key, configs in REFERENCE.items():
-        if key.split("/")[-1].lower() == name:
-            return configs
-    return None
+COGVIDEOX_2B = PipelineConfigs(
+    model_index=_T2V_INDEX,
+    transformer={**_TRANSFORMER_COMMON, "num_attention_heads": 30, "num_layers": 30,
+                 "use_rotary_positional_embeddings": False},
+    vae={**_VAE_COMMON, "scaling_factor": 1.15258426},
+    scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
+)
+COGVIDEOX_5B = PipelineConfigs(
+    model_index=_T2V_INDEX,
+    transformer={**_TRANSFORMER_COMMON, "num_attention_heads": 48, "num_layers": 42,
+                 "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
+    vae={**_VAE_COMMON, "scaling_factor": 0.7},
+    scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+)
 
 
 @contextmanager

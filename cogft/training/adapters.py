@@ -1,6 +1,6 @@
 """What is trained: a PEFT LoRA on the frozen transformer, or the whole transformer (SFT).
 
-Trainable weights are kept in fp32 (master weights) and the frozen base in the family's dtype;
+Trainable weights are kept in fp32 (master weights) and the frozen base in the variant's dtype;
 autocast runs the arithmetic in fp16/bf16. LoRA weights are read and written in the diffusers LoRA
 format together with their adapter config, so `lora_alpha != rank` survives a stock
 `CogVideoXPipeline.load_lora_weights`.
@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-TRANSFORMER_DIR = "transformer"
+from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR
 
 
 def lora_config(config: Config):
@@ -57,12 +55,12 @@ def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,
 
     `model_state`: the whole model's gathered weights, when they are sharded (DeepSpeed, FSDP).
     """
-    from diffusers import CogVideoXPipeline
+    from diffusers.loaders import CogVideoXLoraLoaderMixin
     from peft.utils import get_peft_model_state_dict
 
     adapter = get_peft_model_state_dict(transformer, state_dict=model_state)
     state = {k: v.detach().float().cpu() for k, v in adapter.items()}
-    CogVideoXPipeline.save_lora_weights(
+    CogVideoXLoraLoaderMixin.save_lora_weights(
         out_dir,
         transformer_lora_layers=state,
         transformer_lora_adapter_metadata=lora_config(config).to_dict(),
@@ -73,10 +71,10 @@ def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,
 
 def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path) -> None:
     """Restore adapter weights saved by `save_lora` into a transformer that already has the adapter."""
-    from diffusers import CogVideoXPipeline
+    from diffusers.loaders import CogVideoXLoraLoaderMixin
     from peft.utils import set_peft_model_state_dict
 
-    state = CogVideoXPipeline.lora_state_dict(str(in_dir), weight_name=LORA_WEIGHTS)
+    state = CogVideoXLoraLoaderMixin.lora_state_dict(str(in_dir), weight_name=LORA_WEIGHTS)
     if isinstance(state, tuple):  # (state_dict, metadata) when metadata is requested/present
         state = state[0]
     state = {k.removeprefix("transformer."): v for k, v in state.items()}

@@ -1,7 +1,7 @@
 """What changes when accelerate runs the training under DeepSpeed or FSDP instead of plain DDP.
 
 cogft's config stays the one source of truth: the DeepSpeed config accelerate builds from an
-`accelerate_configs/*.yaml` gets the family's precision (fp16 with dynamic loss scaling for 2B, bf16
+`accelerate_configs/*.yaml` gets the variant's precision (fp16 with dynamic loss scaling for 2B, bf16
 for 5B), `train.max_grad_norm`, the micro-batch size and the gradient accumulation written into it
 before `prepare`, so the launcher file only chooses the sharding. DeepSpeed then owns loss scaling,
 clipping and the fp32 master weights; the trainer's own GradScaler stays off.
@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..config import Config
-from ..models.family import ModelFamily
+from ..models.spec import Variant
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +79,17 @@ def backend_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-def configure_backend(accelerator, config: Config, family: ModelFamily) -> None:
-    """Check the launcher's backend and optimizer fit the model family; write cogft's settings into a
+def configure_backend(accelerator, config: Config, variant: Variant) -> None:
+    """Check the launcher's backend and optimizer fit the model variant; write cogft's settings into a
     DeepSpeed config. Idempotent: the trainer calls it early, `assemble_step` again."""
-    if uses_fsdp(accelerator) and family.needs_loss_scaling:
+    if uses_fsdp(accelerator) and variant.needs_loss_scaling:
         raise BackendError(
-            f"FSDP with the {family.name} family's fp16 weights: fp16 loss scaling is not supported under FSDP here; "
+            f"FSDP with the {variant.name} variant's fp16 weights: fp16 loss scaling is not supported under FSDP here; "
             "launch with accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml, or set model.dtype=bf16"
         )
-    if config.train.optimizer == "adamw_bf16" and family.dtype != torch.bfloat16:
+    if config.train.optimizer == "adamw_bf16" and variant.dtype != torch.bfloat16:
         raise BackendError(
-            f"train.optimizer=adamw_bf16 trains bf16 weights, but the {family.name} family runs in {family.dtype}: "
+            f"train.optimizer=adamw_bf16 trains bf16 weights, but the {variant.name} variant runs in {variant.dtype}: "
             "set model.dtype=bf16 or use train.optimizer=adamw"
         )
     if config.train.optimizer == "adamw_bf16" and accelerator.num_processes > 1:
@@ -104,10 +104,10 @@ def configure_backend(accelerator, config: Config, family: ModelFamily) -> None:
             "use train.optimizer=adamw with these launch configs"
         )
     if uses_deepspeed(accelerator):
-        _configure_deepspeed(accelerator, config, family)
+        _configure_deepspeed(accelerator, config, variant)
 
 
-def _configure_deepspeed(accelerator, config: Config, family: ModelFamily) -> None:
+def _configure_deepspeed(accelerator, config: Config, variant: Variant) -> None:
     """Write cogft's precision, clipping, batch and accumulation into accelerate's DeepSpeed config."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     for key in ("optimizer", "scheduler"):
@@ -116,12 +116,12 @@ def _configure_deepspeed(accelerator, config: Config, family: ModelFamily) -> No
                 f"the DeepSpeed config sets '{key}': cogft builds AdamW and the lr schedule from train.* itself; "
                 f"remove '{key}' from the DeepSpeed config"
             )
-    if family.dtype == torch.float16:
+    if variant.dtype == torch.float16:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
         ds["bf16"] = {"enabled": False}
     else:
-        ds["bf16"] = {"enabled": family.dtype == torch.bfloat16}
+        ds["bf16"] = {"enabled": variant.dtype == torch.bfloat16}
         ds["fp16"] = {"enabled": False}
     accumulation = config.train.gradient_accumulation_steps
     if ds.get("gradient_accumulation_steps", "auto") not in ("auto", accumulation):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -18,17 +17,12 @@ from pathlib import Path
 import torch
 
 from ..config import Config, save_config
+from ..run_dir import CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, complete_checkpoints, is_checkpoint, step_dir
 from ..seeding import mixed_seed
 from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
 from .backends import full_state_dict
 
 logger = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
-COMPLETE_MARKER = "cogft_complete.json"
-CONFIG_FILE = "config.yaml"  # the resolved config, in a run dir and in each of its checkpoints
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
 class ResumeError(ValueError):
     """`train.resume` points at something that cannot be resumed from."""
 
@@ -49,23 +43,6 @@ class TrainingProgress:
         self.global_step = int(state["global_step"])
         self.micro_batches = int(state["micro_batches"])
         self.skipped_steps = int(state["skipped_steps"])
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINTS / f"step-{step:06d}"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first; half-written ones never have the marker."""
-    folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def is_checkpoint(path: Path) -> bool:
-    return (path / COMPLETE_MARKER).is_file()
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

@@ -12,7 +12,6 @@ uninterrupted one. The loss is computed in fp32 whatever the model's precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -67,32 +66,3 @@ def diffusion_loss(
     weights = 1.0 / (1.0 - alphas_cumprod[t])
     per_sample = ((x0_hat.float() - x0) ** 2).flatten(1).mean(dim=1)
     return (weights * per_sample).mean()
-
-
-def rotary_embedding(transformer_config, vae_scale_spatial: int, height: int, width: int, latent_frames: int, device):
-    """3D RoPE for the 5B family, computed by the pipeline's own helper so training matches inference.
-
-    The pipeline derives the base grid from `transformer.config.sample_height/width` (the reference
-    training example hard-codes 480×720), so we call its method rather than re-implement it.
-    """
-    from diffusers import CogVideoXPipeline
-
-    config = SimpleNamespace(**dict(transformer_config))  # a model's FrozenDict or a plain config dict
-    host = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=vae_scale_spatial)
-    return CogVideoXPipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
-
-
-def rotary_cache(transformer_config, family, height: int, width: int, device):
-    """`rotary_for(latent_frames)`: 3D RoPE per latent frame count (frame buckets differ), computed once
-    per count; None for sincos (2B-style) models."""
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def rotary_for(latent_frames: int):
-        if not family.use_rotary:
-            return None
-        if latent_frames not in cache:
-            cache[latent_frames] = rotary_embedding(transformer_config, family.vae_scale_spatial, height, width,
-                                                    latent_frames, device)
-        return cache[latent_frames]
-
-    return rotary_for

@@ -7,11 +7,11 @@ measured by the benchmark is a speed-up of real training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
-from ..models.family import ModelFamily
+from ..models.spec import Variant
 from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
 from .objective import diffusion_loss, draw_inputs
@@ -26,53 +26,68 @@ class UpdateResult:
     loss_scale: torch.Tensor | float
 
 
-class TrainingStep:
-    """Holds the pieces one step needs; `rotary_for(latent_frames)` gives 3D RoPE or None;
-    `block_settings` records the (checkpointing, offload) the blocks were set up with."""
+@dataclass
+class StepParts:
+    """Everything one training step needs, built by `assemble_step` (the trainer's and the bench's)."""
 
-    def __init__(self, accelerator, transformer, params, optimizer, lr_scheduler, scaler: torch.amp.GradScaler,
-                 noise_scheduler, family: ModelFamily, max_grad_norm: float,
-                 rotary_for: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None],
-                 block_settings: tuple[bool | float, bool] = (False, False)):
-        self.accelerator = accelerator
-        self.transformer = transformer
-        self.params = params
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.scaler = scaler
-        self.noise_scheduler = noise_scheduler
-        self.family = family
-        self.max_grad_norm = max_grad_norm
-        self.rotary_for = rotary_for
-        self.block_settings = block_settings
-        self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
-        self.device_type = accelerator.device.type
-        self.deepspeed = uses_deepspeed(accelerator)
-        self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds ours
+    accelerator: Any
+    transformer: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler
+    noise_scheduler: Any
+    variant: Variant
+    max_grad_norm: float
+    height: int                                      # the training size: rotary positions depend on it
+    width: int
+    block_settings: tuple[bool | float, bool] = (False, False)  # (checkpointing, offload) the blocks were set up with
+
+
+class TrainingStep:
+    """One optimizer step over the parts: `forward_backward` per micro-batch, then `update`."""
+
+    def __init__(self, parts: StepParts):
+        self.parts = parts
+        self.accelerator, self.transformer, self.params = parts.accelerator, parts.transformer, parts.params
+        self.optimizer, self.lr_scheduler, self.scaler = parts.optimizer, parts.lr_scheduler, parts.scaler
+        self.variant = parts.variant
+        self.num_train_timesteps = parts.noise_scheduler.config.num_train_timesteps
+        self.device_type = parts.accelerator.device.type
+        self.deepspeed = uses_deepspeed(parts.accelerator)
+        self.inner_optimizer = getattr(parts.optimizer, "optimizer", parts.optimizer)  # accelerate's wrapper holds ours
         self.in_backward = self.inner_optimizer if isinstance(self.inner_optimizer, BackwardAdamW) else None
         # a fused AdamW takes the skip decision as a tensor (`found_inf`), so no step waits for the host;
         # FSDP's sharded (DTensor) weights keep the host check, the path measured with them
         self.skips_on_device = (getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
-                                and not uses_fsdp(accelerator))
+                                and not uses_fsdp(parts.accelerator))
+        self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def rotary_for(self, latent_frames: int):
+        """3D RoPE for this many latent frames (frame buckets differ), computed once per count; None for sincos."""
+        if latent_frames not in self._rotary:
+            self._rotary[latent_frames] = self.variant.rotary_embedding(
+                self.parts.height, self.parts.width, latent_frames, self.accelerator.device)
+        return self._rotary[latent_frames]
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
-        inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.family.scaling_factor,
+        inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.variant.scaling_factor,
                              self.num_train_timesteps, generators)
         prompt_embeds = batch["prompt_embeds"]
         rotary = self.rotary_for(inputs.x0.shape[1])
-        autocast = self.family.dtype != torch.float32
+        autocast = self.variant.dtype != torch.float32
         if self.deepspeed:  # its engine holds the model in fp16/bf16 and turns autocast off inside forward
-            prompt_embeds = prompt_embeds.to(self.family.dtype)
+            prompt_embeds = prompt_embeds.to(self.variant.dtype)
 
         def predict_velocity(x_t, t):
             if self.deepspeed:
-                x_t = x_t.to(self.family.dtype)
-            with torch.autocast(self.device_type, dtype=self.family.dtype, enabled=autocast):
-                return self.transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds, timestep=t,
-                                        image_rotary_emb=rotary, return_dict=False)[0]
+                x_t = x_t.to(self.variant.dtype)
+            with torch.autocast(self.device_type, dtype=self.variant.dtype, enabled=autocast):
+                kwargs = self.variant.spec.transformer_inputs(x_t, prompt_embeds, t, rotary)
+                return self.transformer(**kwargs, return_dict=False)[0]
 
-        loss = diffusion_loss(predict_velocity, self.noise_scheduler, inputs)
+        loss = diffusion_loss(predict_velocity, self.parts.noise_scheduler, inputs)
         if self.in_backward is not None:
             self.in_backward.begin(self.accelerator.sync_gradients)
         self.accelerator.backward(self.scaler.scale(loss))
@@ -91,7 +106,7 @@ class TrainingStep:
         # the scaler hands a fused optimizer its found-inf flag as a tensor; accelerate's wrapper hides that
         optimizer = self.inner_optimizer if self.skips_on_device else self.optimizer
         self.scaler.unscale_(optimizer)
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.parts.max_grad_norm)
         finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
         loss_scale = self.scaler._get_scale_async().clone() if self.scaler.is_enabled() else 1.0  # update() moves it
         if self.scaler.is_enabled():
@@ -109,12 +124,12 @@ class TrainingStep:
 
     def _deepspeed_update(self, loss: torch.Tensor) -> UpdateResult:
         """DeepSpeed already unscaled, clipped and stepped inside `accelerator.backward`; read what it did."""
-        norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)  # the engine's global norm
+        norm = self.accelerator.clip_grad_norm_(self.params, self.parts.max_grad_norm)  # the engine's global norm
         grad_norm = torch.tensor(float("nan") if norm is None else float(norm))
         skipped = self.optimizer.step_was_skipped  # fp16 overflow: DeepSpeed lowered the scale, kept the weights
         finite = not skipped and bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
         engine_optimizer = self.optimizer.optimizer
-        loss_scale = float(getattr(engine_optimizer, "loss_scale", 1.0)) if self.family.needs_loss_scaling else 1.0
+        loss_scale = float(getattr(engine_optimizer, "loss_scale", 1.0)) if self.variant.needs_loss_scaling else 1.0
         self.lr_scheduler.step()
         return UpdateResult(grad_norm, finite, loss_scale)
 

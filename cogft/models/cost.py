@@ -1,8 +1,9 @@
-"""`cogft estimate`: peak GPU memory and seconds per step for a config, before any GPU time.
+"""The cost model: peak GPU memory and seconds per step (and per validation video) for a config.
 
-A physical model, not a lookup: parameter counts come from the transformer built on the meta device,
-FLOPs from `cogft/flops.py`, and a few per-GPU rates and per-activation byte counts measured on an
-H100 with `cogft bench` (README, Performance). Other GPUs scale the H100 rates by their dense
+Used by `cogft estimate` and by the trainer's memory budget. A physical model, not a lookup:
+parameter counts come from the transformer built on the meta device, FLOPs from `flops.py`, and a
+few per-GPU rates and per-activation byte counts measured with `cogft bench` (the calibration table
+below; the runs behind it are in docs/performance.md). Other GPUs scale the H100 rates by their dense
 tensor-core peak and memory bandwidth: an extrapolation, labelled as such.
 """
 
@@ -15,14 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
+from .attention import fa4_installed
+from .blocks import checkpointed_block_count
 from .flops import step_flops
-from .models.attention import fa4_installed
-from .models.family import family_from_configs
-from .sampling import taylorseer_full_steps
-from .training.speed import AUTO_BUDGET_SHARE, checkpointed_block_count
+from .inference_cache import taylorseer_full_steps
+from .spec import Variant
 
 GIB = 2**30
+AUTO_BUDGET_SHARE = 0.9  # of the card's memory for `train.memory_budget_gib: auto`: above the estimate's worst miss
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,13 @@ def _meta_counts(transformer_config_json: str, targets: tuple[str, ...]) -> tupl
     return total, per_rank
 
 
-def fit_to_budget(config: Config, configs: dict, budget_gib: float, gpu_name: str = "H100"):
+def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100"):
     """The fastest checkpointing/offloading setting whose estimated peak fits `budget_gib`.
 
     Returns (gradient_checkpointing, offload_checkpoints, Estimate), or None when even lean mode
     (every block checkpointed, inputs offloaded) does not fit.
     """
-    layers = configs["transformer"]["num_layers"]
+    layers = variant.configs.transformer["num_layers"]
     fits, seen = [], set()
     for wanted in range(0, layers + 1):
         fraction = math.ceil(wanted / layers * 100) / 100  # a setting a person can read and type
@@ -113,7 +115,7 @@ def fit_to_budget(config: Config, configs: dict, budget_gib: float, gpu_name: st
         for offload in ((False,) if blocks == 0 else (False, True)):
             trial = config.model_copy(update={"train": config.train.model_copy(
                 update={"gradient_checkpointing": setting, "offload_checkpoints": offload})})
-            result = estimate(trial, configs, gpu_name, advise=False)
+            result = estimate(trial, variant, gpu_name, advise=False)
             if result.peak_allocated_gib <= budget_gib:
                 fits.append((result.seconds_per_step, blocks, offload, setting, result))
     if not fits:
@@ -122,14 +124,14 @@ def fit_to_budget(config: Config, configs: dict, budget_gib: float, gpu_name: st
     return setting, offload, result
 
 
-def checkpointing_for_budget(config: Config, configs: dict, budget_gib: float, gpu_name: str = "H100"):
+def checkpointing_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100"):
     """What the trainer runs under a memory budget: the fastest setting that fits, else lean mode (every block
     checkpointed, inputs offloaded). Returns (gradient_checkpointing, offload_checkpoints, Estimate or None)."""
-    fit = fit_to_budget(config, configs, budget_gib, gpu_name)
+    fit = fit_to_budget(config, variant, budget_gib, gpu_name)
     return (True, True, None) if fit is None else fit
 
 
-def as_trained(config: Config, configs: dict, gpu_name: str = "H100") -> Config:
+def as_trained(config: Config, variant: Variant, gpu_name: str = "H100") -> Config:
     """The config with the checkpointing the trainer would pick on `gpu_name` under `train.memory_budget_gib`
     (`auto`: 90 % of that GPU's memory); unchanged without a budget."""
     budget = config.train.memory_budget_gib
@@ -137,7 +139,7 @@ def as_trained(config: Config, configs: dict, gpu_name: str = "H100") -> Config:
         return config
     if budget == "auto":
         budget = AUTO_BUDGET_SHARE * _gpu(gpu_name).memory_gib
-    setting, offload, _ = checkpointing_for_budget(config, configs, budget, gpu_name)
+    setting, offload, _ = checkpointing_for_budget(config, variant, budget, gpu_name)
     return config.model_copy(update={"train": config.train.model_copy(
         update={"gradient_checkpointing": setting, "offload_checkpoints": offload})})
 
@@ -149,9 +151,9 @@ def _gpu(gpu_name: str) -> Gpu:
     return GPUS[key]
 
 
-def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> list[str]:
+def _advice(config: Config, variant: Variant, gpu_name: str, memory_gib: float) -> list[str]:
     """The fastest setting that fits, else what else to change."""
-    fit = fit_to_budget(config, configs, memory_gib, gpu_name)
+    fit = fit_to_budget(config, variant, memory_gib, gpu_name)
     if fit is not None:
         setting, offload, result = fit
         return [f"train.gradient_checkpointing={str(setting).lower()}"
@@ -160,7 +162,7 @@ def _advice(config: Config, configs: dict, gpu_name: str, memory_gib: float) -> 
     if config.train.mode == "sft":
         if config.train.optimizer == "adamw":
             return ["full fine-tuning keeps 18 bytes per parameter here: try train.optimizer=adamw_bf16 (6 bytes, "
-                    "bf16 family), deepspeed_zero2_offload.yaml, train.mode=lora, or a GPU with more memory"]
+                    "bf16 models), deepspeed_zero2_offload.yaml, train.mode=lora, or a GPU with more memory"]
         return ["full fine-tuning keeps 6 bytes per parameter here: use train.mode=lora, or a GPU with more memory"]
     return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width"]
 
@@ -171,17 +173,15 @@ def attention_kernel(config: Config, gpu: Gpu) -> str:
     return "fa4" if gpu.fa4 and wanted else "sdpa"
 
 
-def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool = True) -> Estimate:
+def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: bool = True) -> Estimate:
     gpu = _gpu(gpu_name)
     attention = attention_kernel(config, gpu)
     scale = gpu.tflops / GPUS["H100"].tflops
     attention_fwd, attention_bwd = (tflops * 1e12 * scale for tflops in ATTENTION_TFLOPS[attention])
-    tcfg = configs["transformer"]
-    family = family_from_configs(tcfg, configs["vae"], config.model.dtype)
+    tcfg = variant.configs.transformer
     total, lora = _counts(tcfg, config)
     train = config.train
-    flops = step_flops(tcfg, config.data.num_frames, config.data.height, config.data.width, train.batch_size,
-                       family.vae_scale_spatial, family.vae_scale_temporal)
+    flops = step_flops(variant, config.data.num_frames, config.data.height, config.data.width, train.batch_size)
     layers = tcfg["num_layers"]
     width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     elements = flops.tokens * width * train.batch_size          # one block's token x width
@@ -190,7 +190,7 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
     half = 2  # bytes of an fp16/bf16 element
 
     if train.mode == "lora":
-        weights, trainable = total * family.dtype.itemsize, lora
+        weights, trainable = total * variant.dtype.itemsize, lora
         state = trainable * 16                                    # fp32 weight, grad, AdamW m and v
     elif train.optimizer == "adamw_bf16":
         weights, trainable = total * half, total
@@ -222,23 +222,21 @@ def estimate(config: Config, configs: dict, gpu_name: str = "H100", advise: bool
     advice = []
     fits = peak <= gpu.memory_gib
     if not fits and advise:
-        advice = _advice(config, configs, gpu_name, gpu.memory_gib)
+        advice = _advice(config, variant, gpu_name, gpu.memory_gib)
     steps = config.validation.num_inference_steps
-    sample = functools.partial(_sample_seconds, config, configs, gpu, attention_fwd, family.vae_scale_spatial,
-                               family.vae_scale_temporal)
+    sample = functools.partial(_sample_seconds, config, variant, gpu, attention_fwd)
     cached = sample(taylorseer_full_steps(steps)) if config.validation.cache == "taylorseer" else None
     return Estimate(gpu.name, attention, round(peak, 2), round(seconds, 3), fits,
                     {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"],
                     round(sample(steps), 1), None if cached is None else round(cached, 1))
 
 
-def _sample_seconds(config: Config, configs: dict, gpu: Gpu, attention_fwd: float, vae_scale_spatial: int,
-                    vae_scale_temporal: int, full_steps: int) -> float:
+def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: float, full_steps: int) -> float:
     """One validation video: `full_steps` compiled transformer forwards (both CFG halves in one batch), the
     other steps predicted by the cache, then the VAE decode."""
-    tcfg, data, validation = configs["transformer"], config.data, config.validation
+    tcfg, data, validation = variant.configs.transformer, config.data, config.validation
     batch = 2 if validation.guidance_scale > 1 else 1
-    flops = step_flops(tcfg, data.num_frames, data.height, data.width, batch, vae_scale_spatial, vae_scale_temporal)
+    flops = step_flops(variant, data.num_frames, data.height, data.width, batch)
     scale = gpu.tflops / GPUS["H100"].tflops
     elements = flops.tokens * tcfg["num_attention_heads"] * tcfg["attention_head_dim"] * batch * tcfg["num_layers"]
     forward = (flops.attention / attention_fwd
@@ -247,20 +245,3 @@ def _sample_seconds(config: Config, configs: dict, gpu: Gpu, attention_fwd: floa
     skipped = validation.num_inference_steps - full_steps
     decode = DECODE_S_PER_PIXEL * data.num_frames * data.height * data.width / scale
     return full_steps * forward + skipped * SKIPPED_STEP_S + decode
-
-
-def format_estimate(config: Config, result: Estimate) -> str:
-    lines = [
-        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{config.data.height}x{config.data.width}, "
-        f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
-        f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
-        f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
-        f"  checkpointing   {config.train.gradient_checkpointing} (offload_checkpoints={config.train.offload_checkpoints}"
-        f"{f', chosen for train.memory_budget_gib={config.train.memory_budget_gib}' if config.train.memory_budget_gib else ''})",
-    ]
-    lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
-    cached = "" if result.sample_seconds_cached is None else f"; {result.sample_seconds_cached:.1f} s with taylorseer"
-    lines.append(f"  validation video {result.sample_seconds:6.1f} s exact ({config.validation.num_inference_steps} steps, "
-                 f"guidance {config.validation.guidance_scale:g}, decode included){cached}")
-    lines += [f"  try: {advice}" for advice in result.advice]
-    return "\n".join(lines)

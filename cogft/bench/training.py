@@ -9,10 +9,8 @@ gradient checkpointing) in the same process, and prints the ratio. One JSON line
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,86 +18,49 @@ from typing import Callable
 
 import torch
 
-from .config import Config
-from .flops import peak_tflops, step_flops
-from .models.attention import attention_in_use
-from .models.family import ModelFamily, family_from_configs
-from .models.loading import component_configs
-from .models.reference import random_init
-from .training.backends import accelerator_on_cpu, backend_name
-from .training.speed import compile_enabled
+from ..config import Config
+from ..models.attention import attention_in_use
+from ..models.blocks import compile_enabled
+from ..models.flops import peak_tflops, step_flops
+from ..models.loading import load_variant
+from ..models.reference import random_init
+from ..models.spec import Variant
+from ..training.backends import accelerator_on_cpu, backend_name
+from .timing import device_name, free, profile, time_back_to_back, time_steps
 
 
-def _random_transformer(transformer_config: dict, dtype: torch.dtype, device: torch.device):
-    from diffusers import CogVideoXTransformer3DModel
-
+def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.device):
+    """The variant's transformer at its configured size with random weights, built on `device`."""
     with random_init(device, dtype):
-        return CogVideoXTransformer3DModel.from_config(transformer_config)
+        return variant.spec.diffusers_class("transformer").from_config(variant.configs.transformer)
 
 
-def _synthetic_batch(config: Config, family: ModelFamily, transformer_config: dict, device: torch.device, seed: int):
+def _synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int):
     """A batch shaped like the cache's: latent mean/logvar [B, C, F, h, w] and T5 embeddings [B, L, D]."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    b, c = config.train.batch_size, transformer_config["in_channels"]
-    shape = (b, c, family.latent_frames(config.data.num_frames),
-             config.data.height // family.vae_scale_spatial, config.data.width // family.vae_scale_spatial)
+    b, c = config.train.batch_size, variant.configs.vae["latent_channels"]
+    shape = (b, c, variant.latent_frames(config.data.num_frames),
+             config.data.height // variant.vae_scale_spatial, config.data.width // variant.vae_scale_spatial)
     return {
-        "latent_mean": torch.randn(shape, generator=gen, device=device, dtype=family.dtype),
-        "latent_logvar": torch.full(shape, -4.0, device=device, dtype=family.dtype),
-        "prompt_embeds": torch.randn((b, family.max_text_seq_length, transformer_config["text_embed_dim"]),
-                                     generator=gen, device=device, dtype=family.dtype),
+        "latent_mean": torch.randn(shape, generator=gen, device=device, dtype=variant.dtype),
+        "latent_logvar": torch.full(shape, -4.0, device=device, dtype=variant.dtype),
+        "prompt_embeds": torch.randn((b, variant.max_text_seq_length, variant.text_embed_dim),
+                                     generator=gen, device=device, dtype=variant.dtype),
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_steps(run_step: Callable[[int], None], device: torch.device, warmup: int, steps: int) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        started = time.perf_counter()
-        run_step(i)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return times
-
-
-def _time_back_to_back(run_step: Callable[[int], None], device: torch.device, first: int, steps: int) -> float:
-    """Mean s/step over `steps` steps launched without a sync between them, as the trainer runs them
-    (it reads each step's scalars during the next); `_time_steps`' per-step syncs add the launch gap."""
-    _sync(device)
-    started = time.perf_counter()
-    for i in range(first, first + steps):
-        run_step(i)
-    _sync(device)
-    return (time.perf_counter() - started) / steps
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    torch._dynamo.reset()
-
-
-def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torch.device):
+def cogft_step(config: Config, variant: Variant, device: torch.device):
     """The trainer's path, assembled by the trainer's own `assemble_step`."""
     from accelerate import Accelerator
-    from diffusers import CogVideoXDPMScheduler
 
-    from .training.checkpointing import load_checkpoint, sample_generators, save_checkpoint
-    from .training.loop import assemble_step
+    from ..training.assemble import assemble_step
+    from ..training.checkpointing import load_checkpoint, sample_generators, save_checkpoint
 
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
-    transformer = _random_transformer(configs["transformer"], family.dtype, device)
-    step, _, _ = assemble_step(accelerator, transformer, config, family, configs,
-                               CogVideoXDPMScheduler.from_config(configs["scheduler"]))
-    batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
+    transformer = random_transformer(variant, variant.dtype, device)
+    scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
+    step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler)
+    batch = _synthetic_batch(config, variant, device, config.train.seed)
     step.transformer.train()
 
     def run(i: int) -> None:
@@ -119,21 +80,18 @@ def _cogft_step(config: Config, family: ModelFamily, configs: dict, device: torc
 
     run.checkpoint_roundtrip = checkpoint_roundtrip
     run.backend = backend_name(accelerator)
-    run.block_settings = step.block_settings
+    run.block_settings = step.parts.block_settings
     run.attention = attention_in_use(accelerator.unwrap_model(step.transformer))
     return run
 
 
-def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torch.device):
+def plain_step(config: Config, variant: Variant, device: torch.device):
     """The plain diffusers + peft recipe, as in the diffusers CogVideoX example script."""
-    from diffusers import CogVideoXDPMScheduler
     from diffusers.training_utils import cast_training_params
 
-    from .training.adapters import lora_config
-    from .training.objective import rotary_embedding
+    from ..training.adapters import lora_config
 
-    transformer = _random_transformer(configs["transformer"], family.dtype if config.train.mode == "lora"
-                                      else torch.float32, device)
+    transformer = random_transformer(variant, variant.dtype if config.train.mode == "lora" else torch.float32, device)
     if config.train.mode == "lora":
         transformer.requires_grad_(False)
         transformer.add_adapter(lora_config(config))
@@ -144,24 +102,22 @@ def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torc
     optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate,
                                   betas=(config.train.adam_beta1, config.train.adam_beta2),
                                   weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
-    scaler = torch.amp.GradScaler(device.type, enabled=family.dtype == torch.float16)
-    scheduler = CogVideoXDPMScheduler.from_config(configs["scheduler"])
-    batch = _synthetic_batch(config, family, configs["transformer"], device, config.train.seed)
-    rotary = None
-    if family.use_rotary:
-        rotary = rotary_embedding(transformer.config, family.vae_scale_spatial, config.data.height,
-                                  config.data.width, family.latent_frames(config.data.num_frames), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == torch.float16)
+    scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
+    batch = _synthetic_batch(config, variant, device, config.train.seed)
+    rotary = variant.rotary_embedding(config.data.height, config.data.width,
+                                      variant.latent_frames(config.data.num_frames), device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     transformer.train()
 
     def run(i: int) -> None:
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
-        x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * family.scaling_factor
-        x0 = x0.permute(0, 2, 1, 3, 4).to(family.dtype)
+        x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * variant.scaling_factor
+        x0 = x0.permute(0, 2, 1, 3, 4).to(variant.dtype)
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
         x_t = scheduler.add_noise(x0, noise, t)
-        with torch.autocast(device.type, dtype=family.dtype):
+        with torch.autocast(device.type, dtype=variant.dtype):
             v = transformer(hidden_states=x_t, encoder_hidden_states=batch["prompt_embeds"], timestep=t,
                             image_rotary_emb=rotary, return_dict=False)[0]
         x0_hat = scheduler.get_velocity(v, x_t, t)
@@ -179,42 +135,30 @@ def _plain_step(config: Config, family: ModelFamily, configs: dict, device: torc
     return run
 
 
-def _profile(run: Callable[[int], None], device: torch.device) -> None:
-    """One more step under torch.profiler; the kernels that took the most time go to stderr."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        run(10_000)
-        _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), file=sys.stderr)
-
-
-def _measure(name: str, build, config: Config, family: ModelFamily, configs: dict, device: torch.device,
-             warmup: int, steps: int, profile: bool = False, checkpoint: bool = False) -> dict:
-    _free(device)
+def _measure(name: str, build, config: Config, variant: Variant, device: torch.device,
+             warmup: int, steps: int, profiled: bool = False, checkpoint: bool = False) -> dict:
+    free(device)
     extra = {}
     try:
-        run = build(config, family, configs, device)
-        times = _time_steps(run, device, warmup, steps)
-        back_to_back = _time_back_to_back(run, device, warmup + steps, steps)
-        if profile:
-            _profile(run, device)
+        run = build(config, variant, device)
+        times = time_steps(run, device, warmup, steps)
+        back_to_back = time_back_to_back(run, device, warmup + steps, steps)
+        if profiled:
+            profile(run, device)
         if checkpoint and hasattr(run, "checkpoint_roundtrip"):
             with tempfile.TemporaryDirectory(prefix="cogft-bench-") as folder:
                 extra = run.checkpoint_roundtrip(Path(folder))
     except torch.OutOfMemoryError as error:
         del error
-        _free(device)
+        free(device)
         return {"variant": name, "error": "out of memory"}
-    flops = step_flops(configs["transformer"], config.data.num_frames, config.data.height, config.data.width,
-                       config.train.batch_size, family.vae_scale_spatial, family.vae_scale_temporal)
+    flops = step_flops(variant, config.data.num_frames, config.data.height, config.data.width,
+                       config.train.batch_size)
     checkpointing, offload = run.block_settings
     seconds = statistics.median(times)
     tflop = flops.training(config.train.mode) / 1e12
     row = {
-        "variant": name, "model": config.model.path, "mode": config.train.mode,
+        "variant": name, "model": config.model.path, "model_variant": variant.name, "mode": config.train.mode,
         "frames": config.data.num_frames, "height": config.data.height, "width": config.data.width,
         "batch_size": config.train.batch_size, "lora_rank": config.lora.rank if config.train.mode == "lora" else None,
         "gradient_checkpointing": checkpointing,
@@ -225,7 +169,7 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4),
         "s_per_step_back_to_back": round(back_to_back, 4), "steps": steps,
         "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
     }
     if device.type == "cuda":
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -235,23 +179,22 @@ def _measure(name: str, build, config: Config, family: ModelFamily, configs: dic
     row["backend"] = getattr(run, "backend", "plain")
     row.update(extra)
     del run
-    _free(device)
+    free(device)
     return row
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
-          profile: bool = False, checkpoint: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+          profiled: bool = False, checkpoint: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
-    configs = component_configs(config.model.path, config.model.revision)
-    family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
+    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
     rows = []
-    variants = [("plain", _plain_step)] if baseline or only_baseline else []
+    builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:
-        variants.append(("cogft", _cogft_step))
-    for name, build in variants:
-        rows.append(_measure(name, build, config, family, configs, device, warmup, steps, profile, checkpoint))
+        builds.append(("cogft", cogft_step))
+    for name, build in builds:
+        rows.append(_measure(name, build, config, variant, device, warmup, steps, profiled, checkpoint))
         emit(rows[-1])
     if len(rows) == 2 and "error" not in rows[0] and "error" not in rows[1]:
         ratio = {"figure": "speedup_vs_plain", "ratio": round(rows[0]["s_per_step"] / rows[1]["s_per_step"], 3)}

@@ -1,10 +1,10 @@
 """GPU side of prepare at full size: VAE encode and T5 embedding throughput, one JSON line per figure.
 
-    python -m cogft.data.bench_encode [--model THUDM/CogVideoX-2b] [--frames 49 --height 480 --width 720]
+    python -m cogft.bench.encode [--model THUDM/CogVideoX-2b] [--frames 49 --height 480 --width 720]
 
 Builds the real VAE and T5-XXL encoder shapes with random weights (no download) and times the same
 `encode_frames` call prepare makes, on random frames, so it isolates what the GPU bounds; decoding
-runs in parallel CPU workers (measured by `bench_prepare`). Clips/s per GPU = 1 / (VAE s/clip + T5
+runs in parallel CPU workers (measured by `cogft.bench.prepare`). Clips/s per GPU = 1 / (VAE s/clip + T5
 s/prompt), one caption per clip; with the encoder as it is and compiled (what `data.compile_vae` does).
 """
 
@@ -18,25 +18,23 @@ import time
 import numpy as np
 import torch
 
-from ..bench import _time_steps
-from ..models.family import family_from_configs
+from ..data.cache import encode_frames
 from ..models.group_norm import spread_group_norms
-from ..models.reference import T5_XXL_ENCODER, random_init, reference_configs
-from .cache import encode_dtype, encode_frames
+from ..models.loading import load_variant
+from ..models.reference import T5_XXL_ENCODER, random_init
+from .timing import time_steps
 
 
 def _timed(fn, repeat: int) -> float:
     """Median seconds of `fn` after one warm-up call (cuDNN autotuning, allocator), on the GPU."""
-    return statistics.median(_time_steps(lambda _: fn(), torch.device("cuda"), 1, repeat))
+    return statistics.median(time_steps(lambda _: fn(), torch.device("cuda"), 1, repeat))
 
 
-def _time_vae(vae_config: dict, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int,
+def _time_vae(variant, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int,
               compile_vae: bool):
     """(s/clip, peak GiB, compile seconds) of the call prepare makes, the encoder compiled as prepare does."""
-    from diffusers import AutoencoderKLCogVideoX
-
     with random_init(device, dtype):
-        vae = AutoencoderKLCogVideoX.from_config(vae_config).eval()
+        vae = variant.spec.diffusers_class("vae").from_config(variant.configs.vae).eval()
     spread_group_norms(vae)  # as `load_vae` gives it to prepare
     compile_seconds = None
     if compile_vae:
@@ -51,7 +49,7 @@ def _time_vae(vae_config: dict, frames: np.ndarray, dtype: torch.dtype, device: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cogft.data.bench_encode", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cogft.bench.encode", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="THUDM/CogVideoX-2b")
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--height", type=int, default=480)
@@ -62,25 +60,24 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import T5Config, T5EncoderModel
 
     device = torch.device("cuda")
-    configs = reference_configs(args.model)
-    family = family_from_configs(configs["transformer"], configs["vae"])
+    variant = load_variant(args.model)
     common = {"model": args.model, "frames": args.frames, "height": args.height, "width": args.width,
               "device": torch.cuda.get_device_name(device)}
     frames = np.random.default_rng(0).integers(0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8)
 
     vae_seconds = {}
-    dtype = encode_dtype(family.dtype, device)
+    dtype = variant.compute_dtype(device)
     for compile_vae in (False, True):
-        seconds, peak, compile_seconds = _time_vae(configs["vae"], frames, dtype, device, args.repeat, compile_vae)
+        seconds, peak, compile_seconds = _time_vae(variant, frames, dtype, device, args.repeat, compile_vae)
         vae_seconds[compile_vae] = seconds
         print(json.dumps({"figure": "vae_encode_s_per_clip", "value": round(seconds, 4), "dtype": str(dtype),
                           "compiled": compile_vae, "compile_s": compile_seconds, "peak_allocated_gib": peak, **common}),
               flush=True)
         torch.cuda.empty_cache()
 
-    with random_init(device, family.dtype):
+    with random_init(device, variant.dtype):
         t5 = T5EncoderModel(T5Config(**T5_XXL_ENCODER)).eval()
-    ids = torch.randint(0, T5_XXL_ENCODER["vocab_size"], (16, family.max_text_seq_length), device=device)
+    ids = torch.randint(0, T5_XXL_ENCODER["vocab_size"], (16, variant.max_text_seq_length), device=device)
     with torch.no_grad():
         t5_seconds = _timed(lambda: t5(ids)[0], args.repeat) / 16
     print(json.dumps({"figure": "t5_prompts_per_s", "value": round(1 / t5_seconds, 1), "batch": 16, **common}))

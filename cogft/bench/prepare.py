@@ -1,6 +1,6 @@
 """Prepare throughput: one JSON line per figure, measured on a fresh cache so every clip is really encoded.
 
-    python -m cogft.data.bench_prepare --config configs/tiny-lora.yaml [--repeat 3] [key=value ...]
+    python -m cogft.bench.prepare --config configs/tiny-lora.yaml [--repeat 3] [key=value ...]
 
 Figures: clips/s over the whole prepare (VAE load and worker start included), clips/s once the
 first clip is out (steady state), and the decode share: the time the encoder sat waiting for
@@ -17,24 +17,24 @@ import time
 import torch
 
 from ..config import load_config
-from ..models.loading import family_for
-from .cache import prepare
+from ..data.cache import prepare
+from ..models.loading import load_variant
 
 
 def measure(config_path: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="cogft-bench-") as cache:
         config = load_config(config_path, [*overrides, f"data.cache_dir={cache}", "validation.prompts=[]"])
-        family = family_for(config.model.path, config.model.dtype, config.model.revision)
+        variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         started = time.perf_counter()
-        summary = prepare(config, family, device, show_progress=False).summary
+        summary = prepare(config, variant, device, show_progress=False).summary
         seconds = time.perf_counter() - started
     stages = summary["seconds_by_stage"]
     return {"clips": summary["encoded"], "seconds": seconds, "stages": stages, "device": str(device)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cogft.data.bench_prepare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cogft.bench.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--repeat", type=int, default=3, help="runs; the median run is reported")
     parser.add_argument("overrides", nargs="*", help="section.key=value")

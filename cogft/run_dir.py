@@ -1,15 +1,54 @@
-"""Find the weights and config behind `--from RUN_DIR_OR_CHECKPOINT`."""
+"""Every name inside a run directory, finding its checkpoints, and resolving `--from RUN_OR_CHECKPOINT`.
+
+    RUN/config.yaml                          the resolved config (each checkpoint keeps its own copy too)
+    RUN/prepare_report.jsonl                 one row per listed clip
+    RUN/metrics.jsonl                        one row per logged step
+    RUN/samples/step-NNNNNN-II-prompt.mp4    validation videos
+    RUN/checkpoints/step-NNNNNN/             complete checkpoints (marked, renamed into place)
+    RUN/lora/pytorch_lora_weights.safetensors   the LoRA export      RUN/transformer/   the SFT export
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, load_config
-from .training.adapters import LORA_WEIGHTS, TRANSFORMER_DIR
-from .training.checkpointing import CHECKPOINTS, CONFIG_FILE, complete_checkpoints, is_checkpoint
 
+CONFIG_FILE = "config.yaml"
+REPORT_FILE = "prepare_report.jsonl"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+CHECKPOINTS = "checkpoints"
+COMPLETE_MARKER = "cogft_complete.json"
 LORA_DIR = "lora"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRANSFORMER_DIR = "transformer"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def sample_path(run_dir: Path, step: int, index: int, prompt: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+    return run_dir / SAMPLES_DIR / f"step-{step:06d}-{index:02d}-{slug}.mp4"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first; half-written ones never have the marker."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
 
 
 @dataclass(frozen=True)

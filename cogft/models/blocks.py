@@ -1,4 +1,4 @@
-"""Speed and memory levers applied to the transformer's blocks.
+"""Speed and memory levers applied to the transformer's blocks (training, validation, `cogft sample`, bench).
 
 Gradient checkpointing of a chosen fraction of the blocks (the first ones) trades recompute for
 memory only where the memory budget needs it; per-block `torch.compile` fuses the elementwise work
@@ -16,39 +16,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-AUTO_BUDGET_SHARE = 0.9  # of the card's memory: the estimate's worst miss so far is 8 %, validation needs less
-
-
-def memory_budget(config, device: torch.device) -> float | None:
-    """`train.memory_budget_gib` in GiB: as set, or with `auto`, 90 % of this CUDA device (None on a CPU)."""
-    budget = config.train.memory_budget_gib
-    if budget != "auto":
-        return budget
-    if device.type != "cuda":
-        logger.info("train.memory_budget_gib=auto applies on CUDA GPUs; using the configured checkpointing")
-        return None
-    return AUTO_BUDGET_SHARE * torch.cuda.get_device_properties(device).total_memory / 2**30
-
-
-def block_settings(config, configs: dict, device: torch.device) -> tuple[bool | float, bool]:
-    """(gradient_checkpointing, offload_checkpoints) to use: as configured, or, with
-    `train.memory_budget_gib`, the fastest that `cogft estimate` predicts fits the budget."""
-    budget = memory_budget(config, device)
-    if budget is None:
-        return config.train.gradient_checkpointing, config.train.offload_checkpoints
-    from ..estimate import checkpointing_for_budget
-
-    setting, offload, result = checkpointing_for_budget(config, configs, budget)
-    if result is None:
-        logger.warning("train.memory_budget_gib=%s (%.1f GiB): even full offloaded checkpointing is estimated "
-                       "above it; using it anyway", config.train.memory_budget_gib, budget)
-        return setting, offload
-    logger.info("train.memory_budget_gib=%s (%.1f GiB): gradient_checkpointing=%s offload_checkpoints=%s "
-                "(estimated %.2f GiB)", config.train.memory_budget_gib, budget, setting, offload,
-                result.peak_allocated_gib)
-    return setting, offload
 
 
 def compile_enabled(config, device: torch.device) -> bool:

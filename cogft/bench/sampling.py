@@ -14,53 +14,50 @@ from typing import Callable
 
 import torch
 
-from .bench import _free, _profile, _random_transformer, _sync
-from .config import Config
-from .models.attention import attention_in_use, set_attention
-from .models.family import family_from_configs
-from .models.group_norm import spread_group_norms
-from .models.loading import component_configs
-from .models.reference import random_init
-from .sampling import render
-from .training.speed import apply_block_options, compile_enabled
+from ..config import Config
+from ..inference.render import assemble_pipeline, render
+from ..models.attention import attention_in_use, set_attention
+from ..models.blocks import apply_block_options, compile_enabled
+from ..models.group_norm import spread_group_norms
+from ..models.loading import load_variant
+from ..models.reference import random_init
+from ..models.spec import Variant
+from .timing import device_name, free, profile as profile_steps, sync
+from .training import random_transformer
 
 WARMUP_STEPS = 8  # an untimed render of this many steps meets every graph, cuDNN plan and cache path first
 
 
-def _pipeline(configs: dict, family, device: torch.device):
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline
-
-    dtype = family.dtype if device.type == "cuda" else torch.float32
-    transformer = _random_transformer(configs["transformer"], dtype, device).eval()
+def random_pipeline(variant: Variant, device: torch.device):
+    """The variant's stock pipeline with a random transformer and VAE of its configured size (no text encoder)."""
+    dtype = variant.dtype if device.type == "cuda" else torch.float32
+    transformer = random_transformer(variant, dtype, device).eval()
     with random_init(device, dtype):
-        vae = AutoencoderKLCogVideoX.from_config(configs["vae"]).eval()
-    scheduler = CogVideoXDPMScheduler.from_config(configs["scheduler"])
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        vae = variant.spec.diffusers_class("vae").from_config(variant.configs.vae).eval()
+    scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
+    return assemble_pipeline(variant, transformer, vae, scheduler)
 
 
 def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
                  emit: Callable[[dict], None] = print) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configs = component_configs(config.model.path, config.model.revision)
-    family = family_from_configs(configs["transformer"], configs["vae"], config.model.dtype)
-    _free(device)
-    pipe = _pipeline(configs, family, device)
+    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    free(device)
+    pipe = random_pipeline(variant, device)
     dtype = pipe.transformer.dtype
-    shape = (1, family.max_text_seq_length, configs["transformer"]["text_embed_dim"])
+    shape = (1, variant.max_text_seq_length, variant.text_embed_dim)
     gen = torch.Generator(device="cpu").manual_seed(0)
     embeds = torch.randn(shape, generator=gen).to(device, dtype)
     negative = torch.randn(shape, generator=gen).to(device, dtype)
     cfg, data = config.validation, config.data
 
     def timed(cache: str, steps: int) -> float:
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
-        render(pipe, family, device, num_frames=data.num_frames, height=data.height, width=data.width, steps=steps,
+        render(pipe, variant, device, num_frames=data.num_frames, height=data.height, width=data.width, steps=steps,
                guidance_scale=cfg.guidance_scale, seed=cfg.seed, prompt_embeds=embeds,
                negative_prompt_embeds=negative, cache=cache)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - started
 
     compiled = compile_enabled(config, device)
@@ -71,7 +68,7 @@ def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
     rows, tuned = [], False
     for name, compile_blocks, cache in variants:
         if name == "cogft" and not tuned:  # once: "plain" comes first, the cogft variants share it
-            set_attention(pipe.transformer, config.model.attention, device, family.dtype)
+            set_attention(pipe.transformer, config.model.attention, device, variant.dtype)
             apply_block_options(pipe.transformer, False, compile_blocks)
             spread_group_norms(pipe.vae)
             tuned = True
@@ -83,13 +80,13 @@ def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
                "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "compile": compile_blocks,
                "cache": cache, "attention": attention_in_use(pipe.transformer), "frames": data.num_frames,
                "height": data.height, "width": data.width,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+               "device": device_name(device)}
         if device.type == "cuda":
             row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         rows.append(row)
         emit(row)
         if profile and name == "cogft" and cache == "none":
-            _profile(lambda _: timed("none", 2), device)
+            profile_steps(lambda _: timed("none", 2), device)
     if baseline:
         plain, *ours = rows
         for row in ours:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .models.loading import family_for
-from .runs import resolve_trained
+from ..models.loading import load_variant
+from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR, resolve_trained
 from .sampling import pipeline_with_weights
-from .training.adapters import LORA_WEIGHTS, TRANSFORMER_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +18,8 @@ logger = logging.getLogger(__name__)
 def export(source: str, out: str, merge: bool = False) -> Path:
     """Copy the LoRA file / transformer folder to `out`; with `merge`, write a whole pipeline instead.
 
-    A merged LoRA is fused at its trained scale and the adapter layers removed, so a stock
-    `CogVideoXPipeline.from_pretrained(out)` samples like base + LoRA with no peft at load time.
+    A merged LoRA is fused at its trained scale and the adapter layers removed, so the variant's stock
+    pipeline `from_pretrained(out)` samples like base + LoRA with no peft at load time.
     """
     trained = resolve_trained(source)
     target = Path(out)
@@ -29,8 +28,8 @@ def export(source: str, out: str, merge: bool = False) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     if merge:
         config = trained.config
-        family = family_for(config.model.path, config.model.dtype, config.model.revision)
-        pipe, _ = pipeline_with_weights(trained, torch.device("cpu"), dtype=family.dtype)
+        variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+        pipe, _ = pipeline_with_weights(trained, torch.device("cpu"), dtype=variant.dtype)
         if trained.mode == "lora":
             pipe.fuse_lora(lora_scale=1.0)
             pipe.unload_lora_weights()
@@ -41,3 +40,4 @@ def export(source: str, out: str, merge: bool = False) -> Path:
         shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)
     logger.info("exported %s weights of %s to %s%s", trained.mode, trained.weights_dir, target, " (merged)" if merge else "")
     return target
+

@@ -1,0 +1,35 @@
+"""`cogft estimate`: the cost model's prediction for a config, printed for a person or as one JSON line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from ..config import Config
+from ..models.cost import Estimate, as_trained, estimate
+from ..models.loading import load_variant
+
+
+def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
+    """The estimate on `gpu` with the checkpointing the trainer would pick there under the config's budget."""
+    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    config = as_trained(config, variant, gpu)
+    result = estimate(config, variant, gpu)
+    return json.dumps(asdict(result)) if as_json else format_estimate(config, result)
+
+
+def format_estimate(config: Config, result: Estimate) -> str:
+    lines = [
+        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{config.data.height}x{config.data.width}, "
+        f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
+        f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
+        f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
+        f"  checkpointing   {config.train.gradient_checkpointing} (offload_checkpoints={config.train.offload_checkpoints}"
+        f"{f', chosen for train.memory_budget_gib={config.train.memory_budget_gib}' if config.train.memory_budget_gib else ''})",
+    ]
+    lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
+    cached = "" if result.sample_seconds_cached is None else f"; {result.sample_seconds_cached:.1f} s with taylorseer"
+    lines.append(f"  validation video {result.sample_seconds:6.1f} s exact ({config.validation.num_inference_steps} steps, "
+                 f"guidance {config.validation.guidance_scale:g}, decode included){cached}")
+    lines += [f"  try: {advice}" for advice in result.advice]
+    return "\n".join(lines)

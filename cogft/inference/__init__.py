@@ -1,0 +1,1 @@
+"""Videos from a model: rendering (shared with validation), `cogft sample` and `cogft export`."""

@@ -1,0 +1,67 @@
+"""One video from a stock pipeline: the variant's pipeline call under its autocast, then the VAE decode.
+
+Validation during training, `cogft sample` and `cogft bench --sample` all render through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..models.inference_cache import cache_config
+from ..models.spec import Variant
+
+
+def assemble_pipeline(variant: Variant, transformer, vae, scheduler):
+    """The variant's stock pipeline around components already in memory, without the text encoder (the
+    prompts come as cached embeddings)."""
+    pipe = variant.spec.diffusers_class("pipeline")(tokenizer=None, text_encoder=None, vae=vae,
+                                                    transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, height: int, width: int,
+           steps: int, guidance_scale: float, seed: int, prompt: str | None = None,
+           prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+           cache: str = "none"):
+    """Denoise under the variant's autocast, then decode outside it; returns float frames [F, H, W, 3].
+
+    The seeded generator lives on `device`: the CogVideoX DPM scheduler draws fresh noise every step, and
+    with a CPU generator each draw stalls the GPU.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    approximate = cache_config(cache, pipe)
+    if approximate is not None:
+        pipe.transformer.enable_cache(approximate)
+    conditioning = variant.spec.pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
+                                                negative_prompt_embeds=negative_prompt_embeds)
+    try:
+        with torch.no_grad(), _autocast(device, variant.dtype):
+            latents = pipe(
+                **conditioning, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                guidance_scale=guidance_scale, generator=generator, output_type="latent",
+                max_sequence_length=variant.max_text_seq_length,
+            ).frames
+    finally:
+        if approximate is not None:
+            pipe.transformer.disable_cache()
+    with torch.no_grad():
+        video = pipe.decode_latents(latents.to(pipe.vae.dtype))
+    return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+
+
+def write_mp4(frames, path: Path, fps: int) -> Path:
+    from diffusers.utils import export_to_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_to_video(list(frames), str(path), fps=fps)
+    return path

@@ -1,0 +1,61 @@
+"""`cogft sample`: one video from a run's final weights or any of its checkpoints, through the stock pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..models.attention import fa4_unavailable, set_attention
+from ..models.blocks import apply_block_options, compile_enabled
+from ..models.loading import load_pipeline, load_variant
+from ..models.spec import Variant
+from ..run_dir import TRANSFORMER_DIR, TrainedWeights, resolve_trained
+from .render import render, write_mp4
+
+logger = logging.getLogger(__name__)
+
+
+def pipeline_with_weights(trained: TrainedWeights, device: torch.device, dtype: torch.dtype | None = None):
+    """The variant's stock pipeline with the trained weights applied: LoRA via load_lora_weights, SFT via a new
+    transformer. `dtype` defaults to the variant's on accelerators and fp32 on CPUs. Returns (pipe, variant)."""
+    config = trained.config
+    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    dtype = dtype or variant.compute_dtype(device)
+    if trained.mode == "lora":
+        pipe = load_pipeline(config.model.path, variant, dtype, config.model.revision)
+        pipe.load_lora_weights(str(trained.weights_dir))
+    else:
+        transformer = variant.spec.diffusers_class("transformer").from_pretrained(
+            str(trained.weights_dir / TRANSFORMER_DIR), dtype=dtype)
+        pipe = load_pipeline(config.model.path, variant, dtype, config.model.revision, transformer=transformer)
+    return pipe.to(device), variant
+
+
+def _attention_here(trained: TrainedWeights, device: torch.device, variant: Variant) -> str:
+    """The run's `model.attention`, or SDPA (the same attention) where FlashAttention-4 cannot run."""
+    attention = trained.config.model.attention
+    problem = fa4_unavailable(device, variant.dtype) if attention == "fa4" else None
+    if problem:
+        logger.warning("the run's model.attention=fa4 cannot run here (%s); sampling with torch SDPA", problem)
+        return "sdpa"
+    return attention
+
+
+def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: int | None = None,
+           guidance_scale: float | None = None, device: str | None = None, cache: str | None = None) -> Path:
+    """One video from `--from RUN_OR_CHECKPOINT` at the run's training size."""
+    trained = resolve_trained(source)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe, variant = pipeline_with_weights(trained, target)
+    set_attention(pipe.transformer, _attention_here(trained, target, variant), target, variant.dtype)
+    apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
+    cfg, data = trained.config.validation, trained.config.data
+    logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
+    frames = render(
+        pipe, variant, target, num_frames=data.num_frames, height=data.height, width=data.width,
+        steps=steps or cfg.num_inference_steps, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+        seed=cfg.seed if seed is None else seed, prompt=prompt, cache=cfg.cache if cache is None else cache,
+    )
+    return write_mp4(frames, Path(out), cfg.fps)

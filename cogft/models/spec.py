@@ -1,0 +1,246 @@
+"""The contract every CogVideoX variant fulfils, and the registry that picks a variant from a pipeline's configs.
+
+A variant (2B, 5B, and later the image-to-video and 1.5 models) is one `VariantSpec`: which configs it
+matches, its diffusers classes and default dtype, its frame rules, what one training step gives the
+transformer, how the pipeline is called for a video, and its tiny and full-size configurations. The
+trainer, prepare, sampling, export, estimate and bench ask the spec instead of branching on a name.
+
+A spec bound to one pipeline folder's configs is a `Variant`: every number (scale factors, patch
+sizes, token counts, prompt length) is read from those configs, never from the path's name.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class UnsupportedModelError(ConfigError):
+    """A pipeline whose configs match no registered variant; names what was found and what is supported."""
+
+
+@dataclass(frozen=True)
+class PipelineConfigs:
+    """A pipeline folder's own configs: model_index.json and the components' config files."""
+
+    model_index: dict
+    transformer: dict
+    vae: dict
+    scheduler: dict
+
+    def found(self) -> str:
+        """What identifies a variant, as read from these configs (for error messages)."""
+        t = self.transformer
+        return (f"pipeline {self.model_index.get('_class_name')}, transformer in_channels {t.get('in_channels')} "
+                f"(VAE latent channels {self.vae.get('latent_channels')}), rotary positions "
+                f"{bool(t.get('use_rotary_positional_embeddings'))}, patch_size_t {t.get('patch_size_t')}, "
+                f"ofs_embed_dim {t.get('ofs_embed_dim')}")
+
+
+@dataclass(frozen=True)
+class NativeClip:
+    """The clip size a variant was trained at: the defaults its configs ship with."""
+
+    frames: int
+    height: int
+    width: int
+    fps: float
+
+
+def frames_4k_plus_1(num_frames: int) -> bool:
+    return num_frames >= 1 and (num_frames - 1) % 4 == 0
+
+
+def frame_buckets(num_frames: int, min_frames: int) -> tuple[int, ...]:
+    """The frame counts a clip may be cut to, largest first, e.g. (49, 41, 33, 25, 17) for 49 down to 17.
+
+    `num_frames`, every 8k+1 count below it down to `min_frames`, and `min_frames` itself: 8k+1 frames
+    make an odd number of latent frames, which decode back to the same length.
+    """
+    below = [f for f in range(num_frames - 1, min_frames - 1, -1) if f % 8 == 1]
+    if min_frames < num_frames and min_frames not in below:
+        below.append(min_frames)
+    return (num_frames, *below)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Text-to-video CogVideoX: the behaviour of the 1.0 models; other conditionings subclass it."""
+
+    name: str                 # "cogvideox-2b"
+    short: str                # the name after tiny:// and random://
+    hub_id: str               # the published checkpoint this spec describes
+    dtype: str                # default precision: weights, autocast (and loss scaling for fp16)
+    rotary: bool              # 3D RoPE (5B) or sincos positions (2B)
+    native: NativeClip
+    reference: PipelineConfigs = field(repr=False)  # full-size configs of `hub_id` (bench, estimate, random://)
+    tiny: PipelineConfigs = field(repr=False)       # tiny configs of the same classes (tests, quickstart)
+    pipeline_class: str = "CogVideoXPipeline"
+    transformer_class: str = "CogVideoXTransformer3DModel"
+    vae_class: str = "AutoencoderKLCogVideoX"
+    scheduler_class: str = "CogVideoXDPMScheduler"
+    # what prepare stores per clip: the VAE's latent distribution, sampled again at every step
+    latent_fields: tuple[str, ...] = ("latent_mean", "latent_logvar")
+
+    # identity ---------------------------------------------------------------------------------
+    def matches(self, configs: PipelineConfigs) -> bool:
+        t, latent = configs.transformer, configs.vae.get("latent_channels")
+        return (configs.model_index.get("_class_name", self.pipeline_class) == self.pipeline_class
+                and t.get("in_channels") == latent
+                and bool(t.get("use_rotary_positional_embeddings", False)) == self.rotary
+                and not t.get("use_learned_positional_embeddings", False)
+                and t.get("patch_size_t") is None
+                and t.get("ofs_embed_dim") is None)
+
+    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "Variant":
+        return Variant(self, configs, DTYPES[self.dtype if dtype == "auto" else dtype])
+
+    def diffusers_class(self, component: str):
+        """The diffusers class of `component` ("pipeline", "transformer", "vae", "scheduler")."""
+        import diffusers
+
+        return getattr(diffusers, getattr(self, f"{component}_class"))
+
+    # training ---------------------------------------------------------------------------------
+    def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+                           rotary: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+        """The keyword arguments of one training forward, laid out as the stock pipeline lays them out."""
+        return {"hidden_states": x_t, "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
+                "image_rotary_emb": rotary}
+
+    # sampling ---------------------------------------------------------------------------------
+    def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
+                        negative_prompt_embeds: torch.Tensor | None) -> dict[str, Any]:
+        """The conditioning part of the pipeline call for a validation video or `cogft sample`."""
+        return {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A spec bound to one pipeline's configs and a precision: the geometry every consumer asks for."""
+
+    spec: VariantSpec
+    configs: PipelineConfigs = field(repr=False)
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def use_rotary(self) -> bool:
+        return bool(self.configs.transformer.get("use_rotary_positional_embeddings", False))
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        return self.dtype == torch.float16
+
+    @functools.cached_property
+    def transformer_config(self) -> dict:
+        """The transformer's config with the class's defaults filled in, as the loaded model sees it."""
+        parameters = inspect.signature(self.spec.diffusers_class("transformer").__init__).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        return {**defaults, **self.configs.transformer}
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """Encoders and inference run in the variant's dtype on accelerators; CPUs get fp32 (half
+        convolutions are slow there)."""
+        return torch.float32 if device.type == "cpu" else self.dtype
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.configs.vae["scaling_factor"])
+
+    @property
+    def max_text_seq_length(self) -> int:
+        return int(self.configs.transformer["max_text_seq_length"])
+
+    @property
+    def text_embed_dim(self) -> int:
+        return int(self.configs.transformer["text_embed_dim"])
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        """Pixels per latent pixel: 2^(VAE blocks - 1)."""
+        return 2 ** (len(self.configs.vae["block_out_channels"]) - 1)
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return int(self.configs.vae.get("temporal_compression_ratio", 4))
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.configs.transformer["patch_size"])
+
+    @property
+    def patch_size_t(self) -> int:
+        return int(self.configs.transformer.get("patch_size_t") or 1)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames the VAE makes of `num_frames` frames."""
+        return (num_frames - 1) // self.vae_scale_temporal + 1
+
+    def padded_latent_frames(self, num_frames: int) -> int:
+        """Latent frames the transformer sees: rounded up to a multiple of `patch_size_t`."""
+        frames, p = self.latent_frames(num_frames), self.patch_size_t
+        return -(-frames // p) * p
+
+    def video_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Patches of one clip: padded latent frames / patch_size_t × latent height and width / patch_size."""
+        side = self.vae_scale_spatial * self.patch_size
+        return self.padded_latent_frames(num_frames) // self.patch_size_t * (height // side) * (width // side)
+
+    def tokens(self, num_frames: int, height: int, width: int) -> int:
+        """The transformer's sequence: the prompt's tokens and the clip's patches."""
+        return self.max_text_seq_length + self.video_tokens(num_frames, height, width)
+
+    def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
+        return frame_buckets(num_frames, min_frames)
+
+    def check_clip_size(self, num_frames: int, height: int, width: int) -> None:
+        """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded)."""
+        side = self.vae_scale_spatial * self.patch_size
+        for key, value in (("data.height", height), ("data.width", width)):
+            if value % side:
+                raise ConfigError(f"{key}={value}: {self.name} needs a multiple of {side} "
+                                  f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size}); try {value - value % side}")
+        if not frames_4k_plus_1(num_frames):
+            raise ConfigError(f"data.num_frames={num_frames}: {self.name} needs 4k+1 frames")
+
+    def rotary_embedding(self, height: int, width: int, latent_frames: int, device: torch.device):
+        """3D RoPE as the stock pipeline computes it at inference (its own helper, its base grid from the
+        transformer config's sample size); None for sincos models."""
+        if not self.use_rotary:
+            return None
+        config = SimpleNamespace(**self.transformer_config)
+        host = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=self.vae_scale_spatial)
+        pipeline = self.spec.diffusers_class("pipeline")
+        return pipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
+
+
+def identify(configs: PipelineConfigs, specs: tuple[VariantSpec, ...], where: str) -> VariantSpec:
+    """The one spec whose identity matches `configs`; refused by name otherwise."""
+    found = [spec for spec in specs if spec.matches(configs)]
+    if len(found) == 1:
+        return found[0]
+    supported = ", ".join(f"{s.name} ({s.hub_id})" for s in specs)
+    t, latent = configs.transformer, configs.vae.get("latent_channels")
+    if latent and t.get("in_channels") not in (latent, 2 * latent):
+        what = (f"transformer in_channels {t.get('in_channels')} is neither 1x nor 2x the VAE's {latent} latent "
+                "channels: not a CogVideoX pipeline cogft knows")
+    elif latent and t.get("in_channels") == 2 * latent:
+        what = "an image-to-video CogVideoX (in_channels = 2x the VAE's latent channels), not supported yet"
+    elif t.get("patch_size_t"):
+        what = "a CogVideoX 1.5 model (patch_size_t is set), not supported yet"
+    else:
+        what = "a combination no registered variant matches"
+    raise UnsupportedModelError(f"model.path {where}: {what}. Found {configs.found()}. Supported: {supported}")

@@ -1,0 +1,125 @@
+"""The pieces a run is built from: the accelerator, the optimizer and schedule, and the training step.
+
+Precision policy (per variant, see models/spec.py): trainable weights in fp32, frozen weights and
+autocast in fp16 (2B, with a loss scaler) or bf16 (5B). Autocast and the scaler are ours rather than
+accelerate's because accelerate turns fp16 off on CPUs, and the CPU tests must run the GPU path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..models.attention import set_attention
+from ..models.blocks import apply_block_options, compile_enabled
+from ..models.spec import Variant
+from ..tracking import trackers_for
+from .adapters import setup_trainable
+from .backends import (accelerator_on_cpu, backend_name, configure_backend, cpu_adamw, keep_encoders_whole,
+                       offloads_optimizer, uses_deepspeed)
+from .bf16_adamw import BackwardAdamW
+from .budget import block_settings
+from .checkpointing import TrainingProgress, register_weight_hooks
+from .step import StepParts, TrainingStep
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(config: Config, run_dir: Path):
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    # Set up the process group before anything asks who the main process is (the trackers do): with no
+    # GPU, ranks started by torchrun then join a gloo group instead of each training alone.
+    cpu = accelerator_on_cpu()
+    PartialState(cpu=cpu)
+    accelerator = Accelerator(
+        mixed_precision="no",  # precision is the variant's policy, applied here (see module docstring)
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with=trackers_for(config, run_dir),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
+        step_scheduler_with_optimizer=False,
+        cpu=cpu,
+    )
+    keep_encoders_whole(accelerator)
+    return accelerator
+
+
+def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
+                    offloaded: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights: the fused kernel (one launch for all params, and a skip decided on
+    the device), a CPU AdamW when DeepSpeed keeps the optimizer in host memory, or bf16 AdamW inside the
+    backward pass."""
+    settings = dict(lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
+                    weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
+    if config.train.optimizer == "adamw_bf16":
+        return BackwardAdamW(params, seed=config.train.seed, **settings)
+    if offloaded:
+        return cpu_adamw(params, implementation=config.train.cpu_adam, **settings)
+    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **settings)
+
+
+def build_lr_scheduler(config: Config, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        config.train.lr_scheduler, optimizer,
+        num_warmup_steps=config.train.lr_warmup_steps, num_training_steps=config.train.max_steps,
+    )
+
+
+def apply_optimizer_settings(config: Config, optimizer, lr_scheduler) -> None:
+    """Re-apply the config's optimizer settings after a resume (the checkpoint carries the old ones).
+
+    The schedule's shape (warm-up, length) already comes from the new config; its base learning rate
+    and AdamW's betas, eps and weight decay are restored from the checkpoint and overwritten here.
+    """
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    schedule.base_lrs = [config.train.learning_rate] * len(schedule.base_lrs)
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
+        group.update(
+            initial_lr=config.train.learning_rate, lr=config.train.learning_rate * factor(schedule.last_epoch),
+            betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon,
+            weight_decay=config.train.weight_decay,
+        )
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def assemble_step(accelerator, transformer, config: Config, variant: Variant, noise_scheduler, loader=None):
+    """Trainable weights, speed levers, AdamW, schedule, accelerate, loss scaler and checkpoint hooks around
+    `transformer`: everything a `TrainingStep` needs. The trainer and `cogft bench` both build it here.
+
+    Returns (step, progress, the prepared loader or None).
+    """
+    device = accelerator.device
+    configure_backend(accelerator, config, variant)
+    params = setup_trainable(transformer, config,
+                             fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer == "adamw")
+    checkpointing, offload = block_settings(config, variant, device)
+    attention = set_attention(transformer, config.model.attention, device, variant.dtype)
+    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload,
+                        config.train.compile_autotune)
+    logger.info("variant=%s dtype=%s backend=%s attention=%s trainable parameters: %s", variant.name, variant.dtype,
+                backend_name(accelerator), attention, f"{sum(p.numel() for p in params):,}")
+    optimizer = build_optimizer(config, params, device, offloaded=offloads_optimizer(accelerator))
+    lr_scheduler = build_lr_scheduler(config, optimizer)
+    if loader is None:
+        transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    else:
+        transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    # FSDP replaces the parameters with sharded ones (and points the optimizer at them): clip those
+    params = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
+    # DeepSpeed scales the fp16 loss itself (its engine runs backward and the optimizer step)
+    scaler = torch.amp.GradScaler(device.type, enabled=variant.needs_loss_scaling and not uses_deepspeed(accelerator))
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(scaler, progress)
+    register_weight_hooks(accelerator, config)
+    parts = StepParts(accelerator=accelerator, transformer=transformer, params=params, optimizer=optimizer,
+                      lr_scheduler=lr_scheduler, scaler=scaler, noise_scheduler=noise_scheduler, variant=variant,
+                      max_grad_norm=config.train.max_grad_norm, height=config.data.height, width=config.data.width,
+                      block_settings=(checkpointing, offload))
+    return TrainingStep(parts), progress, loader

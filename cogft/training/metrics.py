@@ -1,0 +1,101 @@
+"""What a run reports per step: the metrics row, the smoothed loss, and the guard on non-finite steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+from ..models.flops import peak_tflops, step_flops
+from ..models.spec import Variant
+from .readout import StepReadout
+
+logger = logging.getLogger(__name__)
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps; too many in a row stop the run with advice."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.in_a_row = total, 0
+
+    def record(self, finite: bool, step: int, loss: float, sample_ids: torch.Tensor) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        logger.warning("step %d: non-finite loss/gradient (loss=%s); update skipped (samples %s)",
+                       step, loss, sample_ids.tolist())
+        if self.in_a_row >= MAX_CONSECUTIVE_NONFINITE:
+            raise FloatingPointError(
+                f"{self.in_a_row} non-finite steps in a row at step {step}: lower train.learning_rate, "
+                "raise train.lr_warmup_steps, or use model.dtype=bf16/fp32"
+            )
+
+
+class SmoothedLoss:
+    """The smoothed loss curve (exponential moving average, 0.9)."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def update(self, x: float) -> float:
+        if self.value is None or not math.isfinite(self.value):
+            self.value = x
+        else:
+            self.value = 0.9 * self.value + 0.1 * x
+        return self.value
+
+
+@dataclass
+class FinishedStep:
+    """A launched optimizer step, reported once its scalars reach the host (while the next step runs)."""
+
+    step: int
+    readout: StepReadout
+    sample_ids: torch.Tensor
+    latent_shape: torch.Size
+    step_time: float
+    data_wait: float
+    lr: float
+    epoch: int
+
+
+def batch_flops(variant: Variant, latent_shape: torch.Size, accum: int):
+    """Model FLOPs of one optimizer step on this process, from the batch's latent shape [B, C, F, h, w]."""
+    batch, _, frames, height, width = latent_shape
+    return step_flops(variant, (frames - 1) * variant.vae_scale_temporal + 1, height * variant.vae_scale_spatial,
+                      width * variant.vae_scale_spatial, batch * accum)
+
+
+def step_metrics(accelerator, config: Config, variant: Variant, finished: FinishedStep, values: dict[str, float],
+                 skipped_steps: int) -> dict:
+    """What one logged step reports to W&B and metrics.jsonl."""
+    accum, processes = config.train.gradient_accumulation_steps, accelerator.num_processes
+    flops = batch_flops(variant, finished.latent_shape, accum)
+    samples = finished.latent_shape[0] * accum * processes
+    step_time = finished.step_time
+    metrics = {
+        "loss": values["mean_loss"],
+        "lr": finished.lr,
+        "grad_norm": values["grad_norm"],
+        "loss_scale": values["loss_scale"],
+        "skipped_steps": skipped_steps,
+        "step_time": step_time,
+        "samples_per_s": samples / step_time,
+        "tokens_per_s": flops.tokens * samples / step_time,
+        "data_wait_s": finished.data_wait,
+        "epoch": finished.epoch,
+    }
+    device = accelerator.device
+    if device.type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        peak = peak_tflops(torch.cuda.get_device_name(device))
+        if peak:
+            metrics["mfu"] = flops.training(config.train.mode) / step_time / (peak * 1e12)
+    return metrics

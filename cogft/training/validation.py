@@ -1,0 +1,78 @@
+"""The validation hook: videos of the configured prompts from the transformer being trained.
+
+It renders through the variant's stock pipeline around the in-memory transformer (no reload) with the
+prompt embeddings prepare cached, so it needs only the VAE decoder beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import Config
+from ..inference.render import assemble_pipeline, render, write_mp4
+from ..models.loading import load_scheduler, load_vae
+from ..models.spec import Variant
+from ..run_dir import SAMPLES_DIR, sample_path
+
+logger = logging.getLogger(__name__)
+
+
+class ValidationHook:
+    """Samples the configured prompts with the in-memory transformer every `validation.every` steps."""
+
+    def __init__(self, config: Config, variant: Variant, device: torch.device,
+                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path, writes_videos: bool = True):
+        """`writes_videos=False`: a rank that only takes part in the forward passes (weights sharded over ranks)."""
+        self.config, self.variant, self.device, self.run_dir = config, variant, device, run_dir
+        self.writes_videos = writes_videos
+        self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
+        self.negative = load_file(negative_file)["prompt_embeds"]
+        self._pipe = None
+
+    def _pipeline(self, transformer):
+        """The stock pipeline around the transformer being trained; built (and the VAE loaded) once."""
+        if self._pipe is None:
+            model = self.config.model
+            vae = load_vae(model.path, self.variant, self.variant.compute_dtype(self.device),
+                           model.revision).to(self.device).eval()
+            if self.config.data.vae_tiling:
+                vae.enable_tiling()
+            scheduler = load_scheduler(model.path, self.variant, model.revision)
+            self._pipe = assemble_pipeline(self.variant, transformer, vae, scheduler)
+        return self._pipe
+
+    def _render(self, pipe, index: int, embeds: torch.Tensor):
+        cfg, data = self.config.validation, self.config.data
+        return render(
+            pipe, self.variant, self.device, num_frames=data.num_frames, height=data.height, width=data.width,
+            steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + index,
+            prompt_embeds=embeds[None].to(self.device), negative_prompt_embeds=self.negative[None].to(self.device),
+            cache=cfg.cache,
+        )
+
+    def __call__(self, transformer, step: int) -> list[tuple[str, str]]:
+        was_training = transformer.training
+        transformer.eval()
+        pipe = self._pipeline(transformer)
+        written = []
+        for i, (text, embeds) in enumerate(self.prompts):
+            try:
+                frames = self._render(pipe, i, embeds)
+            except torch.OutOfMemoryError:  # a validation video is not worth the run
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                logger.warning("validation at step %d: out of GPU memory on prompt %d, skipped; lower the memory "
+                               "use (train.memory_budget_gib, data.vae_tiling=true) to get validation videos",
+                               step, i)
+                continue
+            if self.writes_videos:
+                path = write_mp4(frames, sample_path(self.run_dir, step, i, text), self.config.validation.fps)
+                written.append((text, str(path)))
+        transformer.train(was_training)
+        if self.writes_videos:
+            logger.info("validation at step %d: %d videos in %s", step, len(written), self.run_dir / SAMPLES_DIR)
+        return written

@@ -214,7 +214,7 @@ class Preparer:
                 for frames, offset, target in zip(decoded.windows, selection.offsets, targets):
                     dist = encode_frames(vae, frames, self.device, self.dtype)
                     save_atomic(
-                        {"latent_mean": dist.mean[0], "latent_logvar": dist.logvar[0]},
+                        self.variant.spec.clip_entry(dist),
                         target,
                         {"video": str(clip.video), "frames": str(count), "available": str(selection.available),
                          "offset": str(offset), "notes": json.dumps(decoded.notes),

@@ -1,4 +1,4 @@
-"""The training dataset: cached latent distributions and prompt embeddings, nothing else."""
+"""The training dataset: what prepare cached per clip (the variant's latent entry) and the prompt embedding."""
 
 from __future__ import annotations
 
@@ -42,10 +42,8 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = self.entries[index]
-        latents = load_file(entry.latents[self.window(index)])
         return {
-            "latent_mean": latents["latent_mean"],
-            "latent_logvar": latents["latent_logvar"],
+            **load_file(entry.latents[self.window(index)]),  # what the variant's spec caches per clip
             "prompt_embeds": load_file(entry.prompt)["prompt_embeds"],
             "index": torch.tensor(index),
         }

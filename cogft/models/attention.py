@@ -1,9 +1,9 @@
 """The attention kernel inside CogVideoX's joint text+video attention (`model.attention`).
 
 At 17,776 tokens and head dim 64 attention is most of a step's arithmetic. diffusers' CogVideoX
-processor calls torch's SDPA, which picks cuDNN on Hopper (~415 TFLOP/s measured). FlashAttention-4's
-Hopper/Blackwell kernels (the `flash-attn-4` package, module `flash_attn.cute`) compute the same exact
-attention at ~520-550 TFLOP/s on these shapes. `auto` takes them where they run and keeps SDPA elsewhere.
+processor calls torch's SDPA, which picks cuDNN on Hopper. FlashAttention-4's Hopper/Blackwell kernels
+(the `flash-attn-4` package, module `flash_attn.cute`) compute the same exact attention faster on these
+shapes (docs/performance.md). `auto` takes them where they run and keeps SDPA elsewhere.
 
 The processor below is diffusers' `CogVideoXAttnProcessor2_0` with the SDPA call replaced by a kernel on
 (batch, tokens, heads, head_dim) tensors, the layout the projections produce, so no transposes are made.

@@ -88,8 +88,6 @@ class VariantSpec:
     transformer_class: str = "CogVideoXTransformer3DModel"
     vae_class: str = "AutoencoderKLCogVideoX"
     scheduler_class: str = "CogVideoXDPMScheduler"
-    # what prepare stores per clip: the VAE's latent distribution, sampled again at every step
-    latent_fields: tuple[str, ...] = ("latent_mean", "latent_logvar")
 
     # identity ---------------------------------------------------------------------------------
     def matches(self, configs: PipelineConfigs) -> bool:
@@ -109,6 +107,13 @@ class VariantSpec:
         import diffusers
 
         return getattr(diffusers, getattr(self, f"{component}_class"))
+
+    # data -------------------------------------------------------------------------------------
+    def clip_entry(self, latent_dist) -> dict[str, torch.Tensor]:
+        """What prepare caches per clip window (the dataset hands every field to the step): the VAE's latent
+        distribution, from which each step samples afresh. Its cache key is the clip's bytes, the decode
+        settings and the VAE's identity."""
+        return {"latent_mean": latent_dist.mean[0], "latent_logvar": latent_dist.logvar[0]}
 
     # training ---------------------------------------------------------------------------------
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,

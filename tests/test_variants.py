@@ -1,0 +1,152 @@
+"""The variant contract: a variant is identified from the pipeline's own configs (or refused by name), its
+geometry comes from those configs, and the training step gives the transformer exactly what the stock
+diffusers pipeline gives it at inference (the guard every new variant relies on)."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cogft.cli import main
+from cogft.config import ConfigError
+from cogft.models.loading import load_transformer, load_variant, pipeline_configs, resolve_model_path
+from cogft.models.registry import SPECS, spec_named
+from cogft.models.spec import UnsupportedModelError
+
+SIZES = [(9, 64, 96), (17, 64, 128)]  # the tiny model's native size, and one whose rotary grid is cropped
+
+
+def _kwargs_of_first_forward(transformer, run) -> dict:
+    """The keyword arguments of the first call to `transformer.forward` while `run()` runs."""
+    seen = []
+    handle = transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs) or None,
+                                                   with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    assert seen, "the transformer was never called"
+    return seen[0]
+
+
+def _layout(kwargs: dict) -> dict:
+    """What must agree: every input that is given, its per-sample shape and its dtype."""
+    layout = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            layout[key] = (tuple(value.shape[1:]), value.dtype)
+        elif isinstance(value, tuple):
+            layout[key] = tuple((tuple(t.shape), t.dtype) for t in value)
+        elif value is not None and key != "return_dict":
+            layout[key] = value
+    return layout
+
+
+def _stock_inputs(path: str, variant, frames: int, height: int, width: int) -> dict:
+    """What the stock pipeline gives its transformer: two denoising steps with guidance, as a user would call it."""
+    pipe = variant.spec.diffusers_class("pipeline").from_pretrained(resolve_model_path(path))
+    pipe.set_progress_bar_config(disable=True)
+    return _kwargs_of_first_forward(pipe.transformer, lambda: pipe(
+        prompt="a red ball", num_frames=frames, height=height, width=width, num_inference_steps=2,
+        guidance_scale=6.0, output_type="latent", max_sequence_length=variant.max_text_seq_length,
+        generator=torch.Generator().manual_seed(0)))
+
+
+def _training_inputs(make_config, path: str, variant, frames: int, height: int, width: int) -> dict:
+    """What cogft's training step gives it for a prepared clip of the same size."""
+    from accelerate import Accelerator
+
+    from cogft.data.cache import prepare
+    from cogft.data.dataset import LatentDataset, collate
+    from cogft.models.loading import load_scheduler
+    from cogft.training.assemble import assemble_step
+    from cogft.training.checkpointing import sample_generators
+
+    config = make_config(f"model.path={path}", "model.dtype=fp32", f"data.num_frames={frames}",
+                         f"data.height={height}", f"data.width={width}", "data.min_frames=9", "validation.prompts=[]")
+    entries = prepare(config, variant, torch.device("cpu"), show_progress=False).entries
+    batch = collate([LatentDataset(entries)[0]])
+    transformer = load_transformer(path, variant)
+    step, _, _ = assemble_step(Accelerator(cpu=True), transformer, config, variant,
+                               load_scheduler(path, variant))
+    generators = sample_generators(config.train.seed, 0, 0, 0, 1, torch.device("cpu"))
+    return _kwargs_of_first_forward(transformer, lambda: step.forward_backward(batch, generators))
+
+
+@pytest.mark.parametrize("frames,height,width", SIZES)
+@pytest.mark.parametrize("short", [spec.short for spec in SPECS])
+def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(make_config, short, frames, height,
+                                                                              width):
+    path = f"tiny://{short}"
+    variant = load_variant(path, "fp32")  # both sides in fp32 on the CPU, so dtypes compare as they are
+    stock = _stock_inputs(path, variant, frames, height, width)
+    ours = _training_inputs(make_config, path, variant, frames, height, width)
+    assert _layout(ours) == _layout(stock)
+    assert ours["hidden_states"].shape[1] == variant.latent_frames(frames)  # [B, F, C, H, W] after the permute
+    assert ours["timestep"].dtype == torch.int64
+    if variant.use_rotary:  # the same 3D RoPE values, not only the same shapes
+        for a, b in zip(ours["image_rotary_emb"], stock["image_rotary_emb"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    else:
+        assert ours.get("image_rotary_emb") is None and stock.get("image_rotary_emb") is None
+
+
+@pytest.mark.parametrize("short,name,hub_id", [(s.short, s.name, s.hub_id) for s in SPECS])
+def test_variants_are_read_from_the_configs_not_the_name(tmp_path, short, name, hub_id):
+    folder = shutil.copytree(resolve_model_path(f"tiny://{short}"), tmp_path / "renamed-to-nothing-useful")
+    assert load_variant(str(folder)).name == name
+    assert load_variant(hub_id).name == name  # built-in configs: no download
+    assert load_variant(hub_id.lower().replace("thudm", "zai-org")).name == name
+
+
+@pytest.mark.parametrize("in_channels,said", [(8, "image-to-video"), (12, "neither 1x nor 2x")])
+def test_an_unsupported_pipeline_is_refused_at_load_with_what_was_found(tmp_path, make_config, capsys, in_channels,
+                                                                         said):
+    folder = shutil.copytree(resolve_model_path("tiny://5b"), tmp_path / "pipeline")
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "in_channels": in_channels}))
+    with pytest.raises(UnsupportedModelError, match=said) as error:
+        load_variant(str(folder))
+    assert f"in_channels {in_channels}" in str(error.value) and "cogvideox-2b" in str(error.value)
+
+    run = tmp_path / "run"
+    code = main(["train", "--config", "configs/tiny-lora.yaml", f"model.path={folder}", f"output_dir={run}",
+                 "tracking.report_to=none", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cogft train: error: model.path" in err and said in err and "Supported: cogvideox-2b" in err
+    assert not (tmp_path / "cache").exists()  # refused before any clip was encoded
+
+
+def test_offered_names_only(tmp_path):
+    with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b"):
+        resolve_model_path("tiny://nope")
+    with pytest.raises(ConfigError, match="random://2b, random://5b"):
+        load_variant("random://xl")
+
+
+def test_random_pipelines_have_the_real_configs_without_building_anything(cogft_home):
+    for spec in SPECS:
+        configs = pipeline_configs(f"random://{spec.short}")
+        assert configs == spec.reference and spec.matches(configs)
+    assert not (cogft_home / "random").exists()
+
+
+def test_token_counts_follow_the_configs_including_patch_size_t():
+    two_b = load_variant("THUDM/CogVideoX-2b")
+    assert two_b.tokens(49, 480, 720) == 226 + 13 * 30 * 45 == 17_776
+    five_b = load_variant("THUDM/CogVideoX-5b")
+    with_patch_t = replace(five_b.configs, transformer={**five_b.configs.transformer, "patch_size_t": 2})
+    one_five = replace(five_b, configs=with_patch_t)  # CogVideoX 1.5's geometry: 21 latent frames padded to 22
+    assert one_five.padded_latent_frames(81) == 22
+    assert one_five.tokens(81, 768, 1360) == 226 + 11 * 48 * 85 == 45_106
+    assert not spec_named("5b", "tiny://").matches(with_patch_t)  # and a 1.5 pipeline is not taken for 5B
+
+
+def test_clip_sizes_the_variant_cannot_take_are_refused_by_key():
+    variant = load_variant("THUDM/CogVideoX-2b")
+    variant.check_clip_size(49, 480, 720)
+    with pytest.raises(ConfigError, match="data.width=728: cogvideox-2b needs a multiple of 16"):
+        variant.check_clip_size(49, 480, 728)

@@ -56,6 +56,23 @@ def _tokens(config: Config | None, captions: list[str]) -> tuple[dict[str, int],
     return count_tokens(tokenizer, captions), limit, None
 
 
+def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -> None:
+    """Each readable file's metadata (in worker processes): its problems, geometry notes and frame bucket."""
+    readable = [i for i, row in enumerate(rows) if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
+    probes = isolated_map(partial(probe_clip, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,
+                          workers=workers)
+    for position, probe in probes:
+        row = rows[readable[position]]
+        row["source"] = probe.source()
+        if probe.problem is not None:
+            row["problems"].append(probe.problem)
+        if probe.info is not None:
+            row["notes"].extend(geometry_notes(probe.info, spec))
+        if probe.selection is not None:
+            row["frames"] = len(probe.selection.indices)
+            row["notes"].extend(probe.selection.notes)
+
+
 def diagnose(target: str | Path, overrides: list[str] | None = None, workers: int | None = None) -> dict:
     """The doctor's report for a config file or a dataset path (folder, .csv, .jsonl)."""
     started = time.perf_counter()
@@ -70,20 +87,7 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     rows = [{"clip": str(clip.video), "listed_at": clip.line, "problems": list(admission[clip.line]), "notes": []}
             for clip in clips]
 
-    readable = [i for i, row in enumerate(rows) if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
-    probes = isolated_map(partial(probe_clip, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,
-                          workers=workers or data.decode_workers)
-    for position, probe in probes:
-        row = rows[readable[position]]
-        row["source"] = probe.source()
-        if probe.problem is not None:
-            row["problems"].append(probe.problem)
-        if probe.info is not None:
-            row["notes"].extend(geometry_notes(probe.info, spec))
-        if probe.selection is not None:
-            row["frames"] = len(probe.selection.indices)
-            row["notes"].extend(probe.selection.notes)
-
+    _add_probes(rows, clips, spec, workers or data.decode_workers)
     tokens, limit, tokens_skipped = _tokens(config, [c.caption for c in clips if caption_problem(c.caption) is None])
     for clip, row in zip(clips, rows):
         if clip.caption in tokens:

@@ -9,6 +9,7 @@ with `from_pretrained`, so it goes through exactly the code path of the real che
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -137,6 +138,13 @@ def build_pipeline(out_dir: str | os.PathLike, spec: VariantSpec, full_size: boo
     return out
 
 
+@functools.cache
+def _warn_random(path: str, name: str) -> None:
+    """Once per process: the path is resolved by every stage that loads a component."""
+    logger.warning("model.path %s: a full-size %s with RANDOM weights, for benchmarks and end-to-end checks; "
+                   "it learns nothing useful, never train with it for real", path, name)
+
+
 def resolve_built(path: str) -> str:
     """`tiny://2b`, `random://5b`, ... become a local pipeline folder, built on first use; other paths pass."""
     scheme = next((s for s in SCHEMES if path.startswith(s)), None)
@@ -145,8 +153,7 @@ def resolve_built(path: str) -> str:
     spec = spec_named(path[len(scheme):], scheme)
     target = built_dir(scheme, spec)
     if scheme == RANDOM_SCHEME:
-        logger.warning("model.path %s: a full-size %s with RANDOM weights, for benchmarks and end-to-end checks; "
-                       "it learns nothing useful, never train with it for real", path, spec.name)
+        _warn_random(path, spec.name)
     if not (target / "model_index.json").exists():
         from filelock import FileLock
 

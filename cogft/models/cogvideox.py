@@ -9,9 +9,8 @@ the CPU tests.
 from __future__ import annotations
 
 from . import reference
-from .spec import NativeClip, PipelineConfigs, VariantSpec
+from .spec import PipelineConfigs, VariantSpec
 
-_NATIVE_1_0 = NativeClip(frames=49, height=480, width=720, fps=8.0)
 _TINY_TRANSFORMER = {
     "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4, "time_embed_dim": 32,
     "text_embed_dim": 32, "num_layers": 2, "sample_width": 12, "sample_height": 8, "sample_frames": 9,
@@ -35,10 +34,10 @@ def _tiny(full: PipelineConfigs) -> PipelineConfigs:
 
 
 COGVIDEOX_2B = VariantSpec(
-    name="cogvideox-2b", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False, native=_NATIVE_1_0,
+    name="cogvideox-2b", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False,
     reference=reference.COGVIDEOX_2B, tiny=_tiny(reference.COGVIDEOX_2B),
 )
 COGVIDEOX_5B = VariantSpec(
-    name="cogvideox-5b", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True, native=_NATIVE_1_0,
+    name="cogvideox-5b", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True,
     reference=reference.COGVIDEOX_5B, tiny=_tiny(reference.COGVIDEOX_5B),
 )

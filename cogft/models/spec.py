@@ -46,16 +46,6 @@ class PipelineConfigs:
                 f"ofs_embed_dim {t.get('ofs_embed_dim')}")
 
 
-@dataclass(frozen=True)
-class NativeClip:
-    """The clip size a variant was trained at: the defaults its configs ship with."""
-
-    frames: int
-    height: int
-    width: int
-    fps: float
-
-
 def frames_4k_plus_1(num_frames: int) -> bool:
     return num_frames >= 1 and (num_frames - 1) % 4 == 0
 
@@ -81,7 +71,6 @@ class VariantSpec:
     hub_id: str               # the published checkpoint this spec describes
     dtype: str                # default precision: weights, autocast (and loss scaling for fp16)
     rotary: bool              # 3D RoPE (5B) or sincos positions (2B)
-    native: NativeClip
     reference: PipelineConfigs = field(repr=False)  # full-size configs of `hub_id` (bench, estimate, random://)
     tiny: PipelineConfigs = field(repr=False)       # tiny configs of the same classes (tests, quickstart)
     pipeline_class: str = "CogVideoXPipeline"

@@ -58,10 +58,9 @@ def _prepare(args) -> None:
     import torch
 
     from .data.cache import prepare, write_report
-    from .models.loading import load_variant
+    from .models.loading import load_for_config
 
-    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
-    variant.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
+    config, variant = load_for_config(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prepared = prepare(config, variant, device)
     report = write_report(prepared.report, config.output_dir)

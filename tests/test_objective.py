@@ -72,6 +72,19 @@ def test_draw_inputs_samples_the_cached_distribution():
     assert torch.equal(alone.x0[0], inputs.x0[5]) and torch.equal(alone.timesteps[0], inputs.timesteps[5])
 
 
+
+def test_odd_latent_frame_counts_get_the_first_frame_in_front_for_patch_size_t():
+    """CogVideoX 1.5: 3 latent frames become 4, the extra one a copy of the first, in front (the side the stock
+    pipeline pads and drops), and the noise covers all 4 (the padded frame is in the loss)."""
+    mean, logvar = torch.randn(2, 4, 3, 8, 8), torch.zeros(2, 4, 3, 8, 8)
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(2)]
+    plain = draw_inputs(mean, logvar, 0.7, 1000, generators())
+    padded = draw_inputs(mean, logvar, 0.7, 1000, generators(), frame_multiple=2)
+    assert padded.x0.shape == padded.noise.shape == (2, 4, 4, 8, 8)
+    assert torch.equal(padded.x0[:, 1:], plain.x0) and torch.equal(padded.x0[:, 0], padded.x0[:, 1])
+    even = draw_inputs(mean[:, :, :2], logvar[:, :, :2], 0.7, 1000, generators(), frame_multiple=2)
+    assert even.x0.shape[1] == 2  # already a multiple: nothing added
+
 def test_rotary_matches_pipeline(cogft_home):
     from diffusers import CogVideoXPipeline
 

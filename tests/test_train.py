@@ -184,7 +184,7 @@ def test_loss_goes_down_on_a_fixed_batch(make_config):
     assert history[-1] < 0.85 * history[0], history
 
 
-@pytest.mark.parametrize("family,accum,windows", [("2b", 1, 1), ("5b", 2, 2)])
+@pytest.mark.parametrize("family,accum,windows", [("2b", 1, 1), ("5b", 2, 2), ("1.5-5b", 1, 1)])
 def test_resume_is_bit_exact(make_config, family, accum, windows):
     """5 steps straight == 2 steps, stop, resume to 5 (mid-epoch skip and an epoch boundary included)."""
     common = [f"model.path=tiny://{family}", f"train.gradient_accumulation_steps={accum}", f"data.windows={windows}",

@@ -4,8 +4,6 @@ diffusers pipeline gives it at inference (the guard every new variant relies on)
 
 import json
 import shutil
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -84,7 +82,8 @@ def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(ma
     stock = _stock_inputs(path, variant, frames, height, width)
     ours = _training_inputs(make_config, path, variant, frames, height, width)
     assert _layout(ours) == _layout(stock)
-    assert ours["hidden_states"].shape[1] == variant.latent_frames(frames)  # [B, F, C, H, W] after the permute
+    # [B, F, C, H, W] after the permute, F padded to a multiple of patch_size_t as the pipeline pads it (1.5)
+    assert ours["hidden_states"].shape[1] == stock["hidden_states"].shape[1] == variant.padded_latent_frames(frames)
     assert ours["timestep"].dtype == torch.int64
     if variant.use_rotary:  # the same 3D RoPE values, not only the same shapes
         for a, b in zip(ours["image_rotary_emb"], stock["image_rotary_emb"]):
@@ -121,9 +120,9 @@ def test_an_unsupported_pipeline_is_refused_at_load_with_what_was_found(tmp_path
 
 
 def test_offered_names_only(tmp_path):
-    with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b"):
+    with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b, tiny://1.5-5b"):
         resolve_model_path("tiny://nope")
-    with pytest.raises(ConfigError, match="random://2b, random://5b"):
+    with pytest.raises(ConfigError, match="random://2b, random://5b, random://1.5-5b"):
         load_variant("random://xl")
 
 
@@ -137,12 +136,23 @@ def test_random_pipelines_have_the_real_configs_without_building_anything(cogft_
 def test_token_counts_follow_the_configs_including_patch_size_t():
     two_b = load_variant("THUDM/CogVideoX-2b")
     assert two_b.tokens(49, 480, 720) == 226 + 13 * 30 * 45 == 17_776
-    five_b = load_variant("THUDM/CogVideoX-5b")
-    with_patch_t = replace(five_b.configs, transformer={**five_b.configs.transformer, "patch_size_t": 2})
-    one_five = replace(five_b, configs=with_patch_t)  # CogVideoX 1.5's geometry: 21 latent frames padded to 22
-    assert one_five.padded_latent_frames(81) == 22
+    one_five = load_variant("THUDM/CogVideoX1.5-5B")  # 21 latent frames padded to 22, patched in pairs
+    assert one_five.name == "cogvideox1.5-5b" and one_five.padded_latent_frames(81) == 22
     assert one_five.tokens(81, 768, 1360) == 226 + 11 * 48 * 85 == 45_106
-    assert not spec_named("5b", "tiny://").matches(with_patch_t)  # and a 1.5 pipeline is not taken for 5B
+    assert not spec_named("5b", "tiny://").matches(one_five.configs)  # a 1.5 pipeline is not taken for 5B
+
+
+def test_the_clip_size_defaults_follow_the_variant(make_config, tmp_path):
+    """1.5 trains 81 frames at 16 fps, 768x1360 unless the config says otherwise; what it says is kept."""
+    from cogft.config import build_config
+    from cogft.models.loading import load_for_config
+
+    raw = {"model": {"path": "THUDM/CogVideoX1.5-5B"}, "data": {"path": "clips", "height": 480}, "output_dir": "run"}
+    config, variant = load_for_config(build_config(raw))
+    assert (config.data.num_frames, config.data.height, config.data.width, config.data.fps) == (81, 480, 1360, 16.0)
+    raw["model"]["path"] = "THUDM/CogVideoX-2b"
+    config, _ = load_for_config(build_config(raw))
+    assert (config.data.num_frames, config.data.height, config.data.width, config.data.fps) == (49, 480, 720, 8.0)
 
 
 def test_clip_sizes_the_variant_cannot_take_are_refused_by_key():
@@ -150,3 +160,29 @@ def test_clip_sizes_the_variant_cannot_take_are_refused_by_key():
     variant.check_clip_size(49, 480, 720)
     with pytest.raises(ConfigError, match="data.width=728: cogvideox-2b needs a multiple of 16"):
         variant.check_clip_size(49, 480, 728)
+
+
+def test_a_cogvideox_1_5_lora_samples_whole_videos_and_loads_into_the_stock_pipeline(make_config, tmp_path):
+    """The padded front frame is dropped before decoding (9 frames in, 9 out), and the exported LoRA changes a
+    stock `CogVideoXPipeline`'s output in a process without cogft."""
+    import os
+    import subprocess
+    import sys
+
+    import decord
+
+    from cogft.inference.sampling import sample
+    from cogft.training.loop import train
+    from test_train import STOCK_LOAD
+
+    run = train(make_config("model.path=tiny://1.5-5b", "validation.prompts=[]", "train.max_steps=3",
+                            "train.learning_rate=1e-2", "lora.rank=4", "lora.alpha=8"))
+    video = decord.VideoReader(str(sample(str(run), "a red square", str(tmp_path / "s.mp4"), steps=2)))
+    assert len(video) == 9 and video[0].shape == (64, 96, 3)
+    result = subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, resolve_model_path("tiny://1.5-5b"), str(run / "lora")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, cwd="/",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    scaling, change = map(float, result.stdout.split()[-2:])
+    assert scaling == pytest.approx(8 / 4) and change > 1e-4

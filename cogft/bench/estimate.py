@@ -7,12 +7,12 @@ from dataclasses import asdict
 
 from ..config import Config
 from ..models.cost import Estimate, as_trained, estimate
-from ..models.loading import load_variant
+from ..models.loading import load_for_config
 
 
 def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
     """The estimate on `gpu` with the checkpointing the trainer would pick there under the config's budget."""
-    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    config, variant = load_for_config(config)
     config = as_trained(config, variant, gpu)
     result = estimate(config, variant, gpu)
     return json.dumps(asdict(result)) if as_json else format_estimate(config, result)

@@ -18,13 +18,13 @@ import torch
 
 from ..config import load_config
 from ..data.cache import prepare
-from ..models.loading import load_variant
+from ..models.loading import load_for_config
 
 
 def measure(config_path: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="cogft-bench-") as cache:
         config = load_config(config_path, [*overrides, f"data.cache_dir={cache}", "validation.prompts=[]"])
-        variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+        config, variant = load_for_config(config)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         started = time.perf_counter()
         summary = prepare(config, variant, device, show_progress=False).summary

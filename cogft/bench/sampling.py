@@ -19,7 +19,7 @@ from ..inference.render import assemble_pipeline, render
 from ..models.attention import attention_in_use, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.group_norm import spread_group_norms
-from ..models.loading import load_variant
+from ..models.loading import load_for_config
 from ..models.reference import random_init
 from ..models.spec import Variant
 from .timing import device_name, free, profile as profile_steps, sync
@@ -41,9 +41,11 @@ def random_pipeline(variant: Variant, device: torch.device):
 def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
                  emit: Callable[[dict], None] = print) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    config, variant = load_for_config(config)
     free(device)
     pipe = random_pipeline(variant, device)
+    if config.data.vae_tiling:  # as validation decodes
+        pipe.vae.enable_tiling()
     dtype = pipe.transformer.dtype
     shape = (1, variant.max_text_seq_length, variant.text_embed_dim)
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -22,7 +22,7 @@ from ..config import Config
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
 from ..models.flops import peak_tflops, step_flops
-from ..models.loading import load_variant
+from ..models.loading import load_for_config
 from ..models.reference import random_init
 from ..models.spec import Variant
 from ..training.backends import accelerator_on_cpu, backend_name
@@ -106,7 +106,7 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
     batch = _synthetic_batch(config, variant, device, config.train.seed)
     rotary = variant.rotary_embedding(config.data.height, config.data.width,
-                                      variant.latent_frames(config.data.num_frames), device)
+                                      variant.padded_latent_frames(config.data.num_frames), device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     transformer.train()
 
@@ -114,6 +114,8 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * variant.scaling_factor
         x0 = x0.permute(0, 2, 1, 3, 4).to(variant.dtype)
+        if x0.shape[1] % variant.patch_size_t:  # CogVideoX 1.5: the first latent frame again, in front
+            x0 = torch.cat([x0[:, :1], x0], dim=1)
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
         x_t = scheduler.add_noise(x0, noise, t)
@@ -188,7 +190,7 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
-    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    config, variant = load_for_config(config)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:

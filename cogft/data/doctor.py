@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from ..config import Config, DataConfig, load_config
-from ..models.spec import frame_buckets
+from ..models.spec import Variant, frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem
 from .sources import read_clips
@@ -42,18 +42,29 @@ def _probe_crashed(path: str) -> ClipProbe:
     return ClipProbe(problem=Problem("decoder_crashed", "reading this file's metadata crashed a worker process"))
 
 
-def _tokens(config: Config | None, captions: list[str]) -> tuple[dict[str, int], int | None, str | None]:
-    """(tokens per caption, the model's limit, why there are none)."""
+def _with_model(config: Config | None) -> tuple[Config | None, Variant | None, str | None]:
+    """The config with its model's defaults, the model's variant, and why there is none (no config, a model
+    that cannot be read here); a clip size the variant cannot take is refused by key."""
     if config is None:
-        return {}, None, "no config given: pass a config to count caption tokens with its model's tokenizer"
+        return None, None, "no config given: pass a config to count caption tokens with its model's tokenizer"
     from ..models.loading import load_variant
 
     try:
-        limit = load_variant(config.model.path, config.model.dtype, config.model.revision).max_text_seq_length
+        variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    except (OSError, ValueError) as error:
+        return config, None, f"token counts skipped: cannot read the model {config.model.path}: {error}"
+    config = variant.with_defaults(config)
+    variant.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
+    return config, variant, None
+
+
+def _tokens(config: Config, variant: Variant, captions: list[str]) -> tuple[dict[str, int], int | None, str | None]:
+    """(tokens per caption, the model's limit, why there are none)."""
+    try:
         tokenizer = load_tokenizer(config.model.path, config.model.revision)
     except (OSError, ValueError) as error:
         return {}, None, f"token counts skipped: cannot load the tokenizer of {config.model.path}: {error}"
-    return count_tokens(tokenizer, captions), limit, None
+    return count_tokens(tokenizer, captions), variant.max_text_seq_length, None
 
 
 def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -> None:
@@ -78,9 +89,10 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     started = time.perf_counter()
     target = Path(target)
     config = load_config(target, overrides) if target.suffix in (".yaml", ".yml") else None
+    config, variant, tokens_skipped = _with_model(config)
     data = config.data if config else DataConfig(path=str(target))
-    spec = DecodeSpec(frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width, data.fps,
-                      data.resize)
+    buckets = (variant.frame_buckets if variant else frame_buckets)(data.num_frames, data.shortest_bucket)
+    spec = DecodeSpec(buckets, data.height, data.width, data.fps, data.resize)
     clips = read_clips(data.path, data.video_column, data.caption_column)
     duplicates = byte_duplicates(clips)
     admission = admission_problems(clips, duplicates)
@@ -88,7 +100,10 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
             for clip in clips]
 
     _add_probes(rows, clips, spec, workers or data.decode_workers)
-    tokens, limit, tokens_skipped = _tokens(config, [c.caption for c in clips if caption_problem(c.caption) is None])
+    tokens, limit = {}, None
+    if variant is not None:
+        captions = [c.caption for c in clips if caption_problem(c.caption) is None]
+        tokens, limit, tokens_skipped = _tokens(config, variant, captions)
     for clip, row in zip(clips, rows):
         if clip.caption in tokens:
             row["caption_tokens"] = tokens[clip.caption]

@@ -54,6 +54,8 @@ def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, hei
     finally:
         if approximate is not None:
             pipe.transformer.disable_cache()
+    # the pipeline returns latents with the frames it padded for patch_size_t still in front (CogVideoX 1.5)
+    latents = latents[:, variant.padded_latent_frames(num_frames) - variant.latent_frames(num_frames):]
     with torch.no_grad():
         video = pipe.decode_latents(latents.to(pipe.vae.dtype))
     return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]

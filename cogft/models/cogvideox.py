@@ -1,5 +1,6 @@
-"""The CogVideoX 1.0 text-to-video variants: CogVideoX-2B (sincos positions, fp16) and CogVideoX-5B
-(3D RoPE, bf16). Both share the text-to-video behaviour of `VariantSpec`; they differ in data only.
+"""The CogVideoX text-to-video variants: CogVideoX-2B (sincos positions, fp16), CogVideoX-5B (3D RoPE,
+bf16) and CogVideoX 1.5-5B (latent frames patched in pairs, RoPE on a sliced grid, 81 frames at 16 fps,
+768x1360). They share the text-to-video behaviour of `VariantSpec`; they differ in data only.
 
 The tiny configurations use the same classes at toy sizes and differ between the two the way the
 real ones do (positions, VAE scaling factor, scheduler shift), so every variant-specific path runs in
@@ -9,7 +10,10 @@ the CPU tests.
 from __future__ import annotations
 
 from . import reference
-from .spec import PipelineConfigs, VariantSpec
+from .spec import ClipSize, PipelineConfigs, VariantSpec
+
+_NATIVE_1_0 = ClipSize(num_frames=49, height=480, width=720, fps=8.0)
+_NATIVE_1_5 = ClipSize(num_frames=81, height=768, width=1360, fps=16.0)
 
 _TINY_TRANSFORMER = {
     "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "out_channels": 4, "time_embed_dim": 32,
@@ -22,22 +26,29 @@ _TINY_VAE = {
 }
 
 
+_KEPT_FROM_FULL_SIZE = ("use_rotary_positional_embeddings", "patch_size_t", "patch_bias")
+# 1.5's sliced RoPE grid must cover the largest clip: 40 latent pixels (20 patches, 320 pixels) a side
+_TINY_1_5_GRID = {"sample_height": 40, "sample_width": 40}
+
+
 def _tiny(full: PipelineConfigs) -> PipelineConfigs:
-    """Toy sizes with the full model's positions, VAE scaling factor and scheduler."""
-    rotary = full.transformer["use_rotary_positional_embeddings"]
-    return PipelineConfigs(
-        model_index=full.model_index,
-        transformer={**_TINY_TRANSFORMER, "use_rotary_positional_embeddings": rotary},
-        vae={**_TINY_VAE, "scaling_factor": full.vae["scaling_factor"]},
-        scheduler=full.scheduler,
-    )
+    """Toy sizes with the full model's positions, frame patching, VAE scaling and scheduler."""
+    transformer = {**_TINY_TRANSFORMER, **{k: full.transformer[k] for k in _KEPT_FROM_FULL_SIZE if k in full.transformer}}
+    if transformer.get("patch_size_t"):
+        transformer.update(_TINY_1_5_GRID)
+    vae = {**_TINY_VAE, **{k: full.vae[k] for k in ("scaling_factor", "invert_scale_latents") if k in full.vae}}
+    return PipelineConfigs(model_index=full.model_index, transformer=transformer, vae=vae, scheduler=full.scheduler)
 
 
 COGVIDEOX_2B = VariantSpec(
-    name="cogvideox-2b", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False,
+    name="cogvideox-2b", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False, native=_NATIVE_1_0,
     reference=reference.COGVIDEOX_2B, tiny=_tiny(reference.COGVIDEOX_2B),
 )
 COGVIDEOX_5B = VariantSpec(
-    name="cogvideox-5b", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True,
+    name="cogvideox-5b", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True, native=_NATIVE_1_0,
     reference=reference.COGVIDEOX_5B, tiny=_tiny(reference.COGVIDEOX_5B),
+)
+COGVIDEOX_1_5_5B = VariantSpec(
+    name="cogvideox1.5-5b", short="1.5-5b", hub_id="THUDM/CogVideoX1.5-5B", dtype="bf16", rotary=True,
+    native=_NATIVE_1_5, patch_size_t=2, reference=reference.COGVIDEOX_1_5_5B, tiny=_tiny(reference.COGVIDEOX_1_5_5B),
 )

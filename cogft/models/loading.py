@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import Config
 from .build import RANDOM_SCHEME, resolve_built
 from .group_norm import spread_group_norms
 from .registry import reference_for, spec_for, spec_named
@@ -54,6 +55,15 @@ def load_variant(path: str, dtype: str = "auto", revision: str | None = None) ->
     """The variant of the pipeline at `path`, bound to its configs; an unsupported pipeline is refused by name."""
     configs = pipeline_configs(path, revision)
     return spec_for(configs, path).bind(configs, dtype)
+
+
+def load_for_config(config: Config) -> tuple[Config, Variant]:
+    """The config's variant, and the config with the variant's native clip wherever `data.*` leaves it unset;
+    a clip size the variant cannot take is refused by key, before any work."""
+    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    config = variant.with_defaults(config)
+    variant.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
+    return config, variant
 
 
 def load_transformer(path: str, variant: Variant, revision: str | None = None):

@@ -2,7 +2,7 @@
 
 `cogft bench`, `cogft estimate` and `random://` pipelines build randomly initialised models from these
 (same compute and memory as the real weights) without reaching the hub. Values are those of the
-published `THUDM/CogVideoX-2b` and `THUDM/CogVideoX-5b` pipeline folders.
+published `THUDM/CogVideoX-2b`, `THUDM/CogVideoX-5b` and `THUDM/CogVideoX1.5-5B` pipeline folders.
 """
 
 from __future__ import annotations
@@ -52,6 +52,16 @@ COGVIDEOX_5B = PipelineConfigs(
     transformer={**_TRANSFORMER_COMMON, "num_attention_heads": 48, "num_layers": 42,
                  "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
     vae={**_VAE_COMMON, "scaling_factor": 0.7},
+    scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+)
+
+# CogVideoX 1.5: frames patched in pairs (patch_size_t 2, no patch bias), RoPE over a sliced 150x150-patch grid
+COGVIDEOX_1_5_5B = PipelineConfigs(
+    model_index=_T2V_INDEX,
+    transformer={**_TRANSFORMER_COMMON, "num_attention_heads": 48, "num_layers": 42, "patch_size_t": 2,
+                 "patch_bias": False, "sample_frames": 81, "sample_height": 300, "sample_width": 300,
+                 "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
+    vae={**_VAE_COMMON, "scaling_factor": 0.7, "invert_scale_latents": True},
     scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
 )
 

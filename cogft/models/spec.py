@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import Config, ConfigError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -44,6 +44,16 @@ class PipelineConfigs:
                 f"(VAE latent channels {self.vae.get('latent_channels')}), rotary positions "
                 f"{bool(t.get('use_rotary_positional_embeddings'))}, patch_size_t {t.get('patch_size_t')}, "
                 f"ofs_embed_dim {t.get('ofs_embed_dim')}")
+
+
+@dataclass(frozen=True)
+class ClipSize:
+    """The clip a variant was trained on: the `data.*` defaults a config gets for it unless it says otherwise."""
+
+    num_frames: int
+    height: int
+    width: int
+    fps: float
 
 
 def frames_4k_plus_1(num_frames: int) -> bool:
@@ -71,12 +81,14 @@ class VariantSpec:
     hub_id: str               # the published checkpoint this spec describes
     dtype: str                # default precision: weights, autocast (and loss scaling for fp16)
     rotary: bool              # 3D RoPE (5B) or sincos positions (2B)
+    native: ClipSize          # what `data.num_frames/height/width/fps` default to for this variant
     reference: PipelineConfigs = field(repr=False)  # full-size configs of `hub_id` (bench, estimate, random://)
     tiny: PipelineConfigs = field(repr=False)       # tiny configs of the same classes (tests, quickstart)
     pipeline_class: str = "CogVideoXPipeline"
     transformer_class: str = "CogVideoXTransformer3DModel"
     vae_class: str = "AutoencoderKLCogVideoX"
     scheduler_class: str = "CogVideoXDPMScheduler"
+    patch_size_t: int | None = None  # CogVideoX 1.5 patches latent frames in pairs
 
     # identity ---------------------------------------------------------------------------------
     def matches(self, configs: PipelineConfigs) -> bool:
@@ -85,7 +97,7 @@ class VariantSpec:
                 and t.get("in_channels") == latent
                 and bool(t.get("use_rotary_positional_embeddings", False)) == self.rotary
                 and not t.get("use_learned_positional_embeddings", False)
-                and t.get("patch_size_t") is None
+                and t.get("patch_size_t") == self.patch_size_t
                 and t.get("ofs_embed_dim") is None)
 
     def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "Variant":
@@ -200,6 +212,15 @@ class Variant:
     def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
         return frame_buckets(num_frames, min_frames)
 
+    def with_defaults(self, config: Config) -> Config:
+        """`config` with the variant's native clip for every `data.num_frames/height/width/fps` it leaves unset
+        (CogVideoX 1.5 trains 81 frames at 16 fps, 768x1360, not the schema's 1.0 defaults)."""
+        unset = {key: getattr(self.spec.native, key) for key in ("num_frames", "height", "width", "fps")
+                 if key not in config.data.model_fields_set}
+        if not unset:
+            return config
+        return config.model_copy(update={"data": config.data.model_copy(update=unset)})
+
     def check_clip_size(self, num_frames: int, height: int, width: int) -> None:
         """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded)."""
         side = self.vae_scale_spatial * self.patch_size
@@ -233,8 +254,6 @@ def identify(configs: PipelineConfigs, specs: tuple[VariantSpec, ...], where: st
                 "channels: not a CogVideoX pipeline cogft knows")
     elif latent and t.get("in_channels") == 2 * latent:
         what = "an image-to-video CogVideoX (in_channels = 2x the VAE's latent channels), not supported yet"
-    elif t.get("patch_size_t"):
-        what = "a CogVideoX 1.5 model (patch_size_t is set), not supported yet"
     else:
         what = "a combination no registered variant matches"
     raise UnsupportedModelError(f"model.path {where}: {what}. Found {configs.found()}. Supported: {supported}")

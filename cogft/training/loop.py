@@ -17,7 +17,7 @@ from ..data.buckets import BucketBatchSampler
 from ..data.cache import PreparedData, prepare, write_report
 from ..data.dataset import LatentDataset, collate
 from ..models.attention import resolve_attention
-from ..models.loading import load_scheduler, load_transformer, load_variant
+from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..models.spec import Variant
 from ..run_dir import CONFIG_FILE, LORA_DIR
 from ..tracking import init_trackers, log_videos
@@ -42,14 +42,14 @@ def train(config: Config) -> Path:
     return trainer.run_dir
 
 
-def load_checked_variant(accelerator, config: Config) -> Variant:
-    """The model's variant, and every check that can refuse the run before prepare's long work."""
+def load_checked_variant(accelerator, config: Config) -> tuple[Config, Variant]:
+    """The model's variant and the config resolved with its defaults, after every check that can refuse the
+    run before prepare's long work."""
     with accelerator.main_process_first():  # a tiny:// or random:// model is built once, by the main process
-        variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
-    variant.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
+        config, variant = load_for_config(config)
     configure_backend(accelerator, config, variant)
     resolve_attention(config.model.attention, accelerator.device, variant.dtype)
-    return variant
+    return config, variant
 
 
 def gather_prepared(accelerator, config: Config, variant: Variant, run_dir: Path) -> PreparedData:
@@ -76,15 +76,16 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = make_accelerator(config, self.run_dir)
+        accelerator = self.accelerator
+        logger.info("world_size=%d process=%d local_process=%d device=%s backend=%s mode=%s",
+                    accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
+                    accelerator.device, backend_name(accelerator), config.train.mode)
         self.pending: FinishedStep | None = None  # the last launched step, reported during the next one
         self.smoothed = SmoothedLoss()
 
     def _open(self) -> Path | None:
-        """Log who we are, check the resume point against the config, save the resolved config."""
+        """Check the resume point against the resolved config, and save that config."""
         config, accelerator = self.config, self.accelerator
-        logger.info("world_size=%d process=%d local_process=%d device=%s backend=%s mode=%s",
-                    accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
-                    accelerator.device, backend_name(accelerator), config.train.mode)
         resume_from = resolve_resume(config.train.resume, self.run_dir)
         if resume_from is not None:
             for key, (old, new) in check_resume_config(config, resume_from).items():
@@ -99,9 +100,9 @@ class Trainer:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
+        self.config, self.variant = load_checked_variant(self.accelerator, self.config)
         config, accelerator = self.config, self.accelerator
         resume_from = self._open()
-        self.variant = load_checked_variant(accelerator, config)
         prepared = gather_prepared(accelerator, config, self.variant, self.run_dir)
         set_seed(config.train.seed)
         transformer = load_transformer(config.model.path, self.variant, config.model.revision)

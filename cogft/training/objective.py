@@ -30,11 +30,15 @@ def draw_inputs(
     scaling_factor: float,
     num_train_timesteps: int,
     generators: Sequence[torch.Generator],
+    frame_multiple: int = 1,
 ) -> TrainingInputs:
     """Sample x0 from the cached VAE distribution ([B, C, F, H, W]), the noise and the timesteps.
 
     One generator per sample, keyed by the sample's place in the global batch, so a sample's draws
     do not depend on how the batch is split over processes (2 ranks × 1 = 1 rank × 2).
+    `frame_multiple` (CogVideoX 1.5's patch_size_t): x0 gets copies of its first latent frame in front
+    until its frame count is a multiple, as the stock pipeline denoises one extra frame at the front;
+    the padded frame stays in the loss.
     """
     if len(generators) != latent_mean.shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {latent_mean.shape[0]}")
@@ -47,6 +51,9 @@ def draw_inputs(
     eps = per_sample(lambda g: torch.randn(mean.shape[1:], generator=g, device=g.device))
     x0 = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * scaling_factor
     x0 = x0.permute(0, 2, 1, 3, 4).contiguous()
+    missing = -x0.shape[1] % frame_multiple
+    if missing:
+        x0 = torch.cat([x0[:, :1].expand(-1, missing, -1, -1, -1), x0], dim=1)
     noise = per_sample(lambda g: torch.randn(x0.shape[1:], generator=g, device=g.device))
     timesteps = per_sample(lambda g: torch.randint(0, num_train_timesteps, (), generator=g, device=g.device))
     return TrainingInputs(x0, noise, timesteps)

@@ -73,7 +73,7 @@ class TrainingStep:
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
         inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.variant.scaling_factor,
-                             self.num_train_timesteps, generators)
+                             self.num_train_timesteps, generators, self.variant.patch_size_t)
         prompt_embeds = batch["prompt_embeds"]
         rotary = self.rotary_for(inputs.x0.shape[1])
         autocast = self.variant.dtype != torch.float32

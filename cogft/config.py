@@ -23,9 +23,10 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(description="a diffusers pipeline folder; a hub id (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b); "
-                                  "tiny://2b | tiny://5b: tiny random test models built on first use under $COGFT_HOME; "
-                                  "random://2b | random://5b: a full-size pipeline with random weights built from the "
+    path: str = Field(description="a diffusers pipeline folder; a hub id (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b, "
+                                  "THUDM/CogVideoX1.5-5B); tiny://2b | tiny://5b | tiny://1.5-5b: tiny random test "
+                                  "models built on first use under $COGFT_HOME; random://2b | random://5b | "
+                                  "random://1.5-5b: a full-size pipeline with random weights built from the "
                                   "built-in real configurations, for benchmarking and end-to-end checks on a GPU, never "
                                   "for real training (the log says so)")
     revision: str | None = None

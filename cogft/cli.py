@@ -32,7 +32,7 @@ def _config(args):
 
 def _tiny_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="folder to write (default: where tiny://NAME resolves)")
-    parser.add_argument("--family", default="2b", help="the variant, as in tiny://NAME: 2b or 5b")
+    parser.add_argument("--family", default="2b", help="the variant, as in tiny://NAME: 2b, 5b or 1.5-5b")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -88,4 +88,5 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
         mode = _weights_in(folder)
         if mode:
             return TrainedWeights(run_dir, load_config(config_file), folder, mode)
-    raise FileNotFoundError(f"--from {source}: no trained weights yet (no {LORA_DIR}/, {TRANSFORMER_DIR}/ or checkpoint)")
+    raise FileNotFoundError(
+        f"--from {source}: no trained weights yet (no {LORA_DIR}/, {TRANSFORMER_DIR}/ or checkpoint)")

@@ -126,6 +126,13 @@ def test_offered_names_only(tmp_path):
         load_variant("random://xl")
 
 
+@pytest.mark.parametrize("path,said", [("/no/such/folder", "no such folder, and not a hub id"),
+                                       ("someone/not-in-the-offline-cache", "cannot read model_index.json from the hub")])
+def test_a_model_path_that_cannot_be_read_is_a_named_error(tmp_path, capsys, path, said):
+    code = main(["prepare", "--config", "configs/tiny-lora.yaml", f"model.path={path}", f"output_dir={tmp_path}"])
+    assert code == 2 and f"cogft prepare: error: model.path {path}: {said}" in capsys.readouterr().err
+
+
 def test_random_pipelines_have_the_real_configs_without_building_anything(cogft_home):
     for spec in SPECS:
         configs = pipeline_configs(f"random://{spec.short}")

@@ -135,7 +135,8 @@ class Preparer:
                                data.fps, data.resize, data.windows)
         self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
         rev = config.model.revision
-        self._latent_salt = _digest(self.spec.pixel_key(), component_identity(self.model_path, "vae", rev), str(self.dtype))
+        self._latent_salt = _digest(self.spec.pixel_key(), component_identity(self.model_path, "vae", rev),
+                                    str(self.dtype))
         self._prompt_salt = _digest(
             component_identity(self.model_path, "text_encoder", rev),
             component_identity(self.model_path, "tokenizer", rev),
@@ -185,7 +186,8 @@ class Preparer:
         if not todo:
             return []
         started = time.perf_counter()
-        vae = load_vae(self.config.model.path, self.variant, self.dtype, self.config.model.revision).to(self.device).eval()
+        model = self.config.model
+        vae = load_vae(model.path, self.variant, self.dtype, model.revision).to(self.device).eval()
         if self.config.data.vae_tiling:
             vae.enable_tiling()
         if compile_vae_enabled(self.config.data.compile_vae, self.device, len(todo)):

@@ -38,6 +38,6 @@ def export(source: str, out: str, merge: bool = False) -> Path:
         shutil.copy2(trained.weights_dir / LORA_WEIGHTS, target / LORA_WEIGHTS)
     else:
         shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)
-    logger.info("exported %s weights of %s to %s%s", trained.mode, trained.weights_dir, target, " (merged)" if merge else "")
+    logger.info("exported %s weights of %s to %s%s", trained.mode, trained.weights_dir, target,
+                " (merged)" if merge else "")
     return target
-

@@ -55,7 +55,8 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
     frames = render(
         pipe, variant, target, num_frames=data.num_frames, height=data.height, width=data.width,
-        steps=steps or cfg.num_inference_steps, guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+        steps=steps or cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
         seed=cfg.seed if seed is None else seed, prompt=prompt, cache=cfg.cache if cache is None else cache,
     )
     return write_mp4(frames, Path(out), cfg.fps)

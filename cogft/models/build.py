@@ -58,7 +58,6 @@ a skateboarder jumping over stairs in an empty plaza
 """
 
 
-
 def built_dir(scheme: str, spec: VariantSpec) -> Path:
     """Where `tiny://SHORT` / `random://SHORT` lives: under $COGFT_HOME (default ~/.cache/cogft)."""
     from .. import cogft_home

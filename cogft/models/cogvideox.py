@@ -33,7 +33,8 @@ _TINY_1_5_GRID = {"sample_height": 40, "sample_width": 40}
 
 def _tiny(full: PipelineConfigs) -> PipelineConfigs:
     """Toy sizes with the full model's positions, frame patching, VAE scaling and scheduler."""
-    transformer = {**_TINY_TRANSFORMER, **{k: full.transformer[k] for k in _KEPT_FROM_FULL_SIZE if k in full.transformer}}
+    kept = {k: full.transformer[k] for k in _KEPT_FROM_FULL_SIZE if k in full.transformer}
+    transformer = {**_TINY_TRANSFORMER, **kept}
     if transformer.get("patch_size_t"):
         transformer.update(_TINY_1_5_GRID)
     vae = {**_TINY_VAE, **{k: full.vae[k] for k in ("scaling_factor", "invert_scale_latents") if k in full.vae}}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .build import RANDOM_SCHEME, resolve_built
 from .group_norm import spread_group_norms
 from .registry import reference_for, spec_for, spec_named
@@ -35,8 +35,18 @@ def _read_config(path: str, part: str, revision: str | None) -> dict:
     if Path(path).exists():
         raise FileNotFoundError(f"{local} not found: {path} is not a diffusers CogVideoX pipeline folder")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
 
-    return json.loads(Path(hf_hub_download(path, filename, subfolder=subfolder, revision=revision)).read_text())
+    try:
+        return json.loads(Path(hf_hub_download(path, filename, subfolder=subfolder, revision=revision)).read_text())
+    except HFValidationError:
+        raise ConfigError(f"model.path {path}: no such folder, and not a hub id (OWNER/NAME); give a diffusers "
+                          "pipeline folder, a hub id, tiny://2b or random://2b") from None
+    except OSError as error:  # the hub's HTTP, offline-cache and not-found errors are OSErrors
+        raise ConfigError(f"model.path {path}: cannot read {(subfolder + '/') if subfolder else ''}{filename} from "
+                          f"the hub ({type(error).__name__}); check the id, and offline (HF_HUB_OFFLINE=1) the model "
+                          "must be in the local cache (download it once with network), or give a local pipeline "
+                          "folder") from None
 
 
 def pipeline_configs(path: str, revision: str | None = None) -> PipelineConfigs:

@@ -227,7 +227,8 @@ class Variant:
         for key, value in (("data.height", height), ("data.width", width)):
             if value % side:
                 raise ConfigError(f"{key}={value}: {self.name} needs a multiple of {side} "
-                                  f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size}); try {value - value % side}")
+                                  f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size}); "
+                                  f"try {value - value % side}")
         if not frames_4k_plus_1(num_frames):
             raise ConfigError(f"data.num_frames={num_frames}: {self.name} needs 4k+1 frames")
 
@@ -237,7 +238,8 @@ class Variant:
         if not self.use_rotary:
             return None
         config = SimpleNamespace(**self.transformer_config)
-        host = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=self.vae_scale_spatial)
+        host = SimpleNamespace(transformer=SimpleNamespace(config=config),
+                               vae_scale_factor_spatial=self.vae_scale_spatial)
         pipeline = self.spec.diffusers_class("pipeline")
         return pipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
 

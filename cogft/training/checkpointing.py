@@ -23,6 +23,8 @@ from .adapters import load_lora_state, load_transformer_state, save_lora, save_t
 from .backends import full_state_dict
 
 logger = logging.getLogger(__name__)
+
+
 class ResumeError(ValueError):
     """`train.resume` points at something that cannot be resumed from."""
 

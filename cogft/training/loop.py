@@ -23,7 +23,8 @@ from ..run_dir import CONFIG_FILE, LORA_DIR
 from ..tracking import init_trackers, log_videos
 from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
 from .backends import backend_name, configure_backend, shards_weights
-from .checkpointing import check_resume_config, load_checkpoint, resolve_resume, sample_generators, save_checkpoint, save_weights
+from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators, save_checkpoint,
+                            save_weights)
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
 from .stop import StopRequest
@@ -107,10 +108,9 @@ class Trainer:
         set_seed(config.train.seed)
         transformer = load_transformer(config.model.path, self.variant, config.model.revision)
         self.dataset = LatentDataset(prepared.entries, config.train.seed)
-        loader = DataLoader(
-            self.dataset, batch_sampler=BucketBatchSampler(self.dataset.frames, config.train.batch_size, config.train.seed),
-            collate_fn=collate, num_workers=config.data.dataloader_workers,
-        )
+        sampler = BucketBatchSampler(self.dataset.frames, config.train.batch_size, config.train.seed)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
+                            num_workers=config.data.dataloader_workers)
         scheduler = load_scheduler(config.model.path, self.variant, config.model.revision)
         self.step, self.progress, self.loader = assemble_step(accelerator, transformer, config, self.variant,
                                                               scheduler, loader)

@@ -2,7 +2,8 @@
 
     RUN/config.yaml                          the resolved config (each checkpoint keeps its own copy too)
     RUN/prepare_report.jsonl                 one row per listed clip
-    RUN/metrics.jsonl                        one row per logged step
+    RUN/metrics.jsonl                        one row per logged step (rows after a resume point are redone)
+    RUN/wandb_run_id                         the W&B run every resume continues
     RUN/samples/step-NNNNNN-II-prompt.mp4    validation videos
     RUN/checkpoints/step-NNNNNN/             complete checkpoints (marked, renamed into place)
     RUN/lora/pytorch_lora_weights.safetensors   the LoRA export      RUN/transformer/   the SFT export
@@ -19,6 +20,7 @@ from .config import Config, load_config
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "prepare_report.jsonl"
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 SAMPLES_DIR = "samples"
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "cogft_complete.json"
@@ -30,6 +32,14 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint folder `step-NNNNNN` was written at."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step-NNNNNN)")
+    return int(match.group(1))
 
 
 def sample_path(run_dir: Path, step: int, index: int, prompt: str) -> Path:

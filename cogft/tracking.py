@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker, on_main_process
 
 from .config import Config
-from .run_dir import METRICS_FILE
+from .run_dir import METRICS_FILE, WANDB_ID_FILE
+
+logger = logging.getLogger(__name__)
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -20,6 +23,29 @@ def _drop_partial_last_line(path: Path) -> None:
     data = path.read_bytes()
     if not data.endswith(b"\n"):
         path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def continue_metrics(run_dir: Path, resumed_step: int | None) -> None:
+    """Make metrics.jsonl read as one run: a resume redoes the steps after its checkpoint, so their rows go
+    (they come back, the same, as they are redone); a fresh start in a folder whose earlier attempt wrote rows
+    but no checkpoint moves those rows aside to metrics.replaced-TIME.jsonl."""
+    path = run_dir / METRICS_FILE
+    _drop_partial_last_line(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    if resumed_step is None:
+        aside = path.with_name(f"metrics.replaced-{int(time.time())}.jsonl")
+        path.rename(aside)
+        logger.warning("%s held rows of an earlier attempt that wrote no checkpoint; moved to %s", path, aside.name)
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed_step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        logger.info("metrics.jsonl: %d rows after step %d dropped; those steps are redone", len(lines) - len(kept),
+                    resumed_step)
 
 
 class JsonlTracker(GeneralTracker):
@@ -78,10 +104,21 @@ def init_trackers(accelerator, config: Config, run_dir: Path, dataset: dict) -> 
     """`dataset`: what training sees (clips, frame buckets, windows), logged beside the config."""
     from . import __version__
 
-    init_kwargs = {"wandb": {"name": config.tracking.run_name or run_dir.name, "dir": str(run_dir)}}
+    init_kwargs = {"wandb": {"name": config.tracking.run_name or run_dir.name, "dir": str(run_dir),
+                             "id": wandb_run_id(run_dir) if accelerator.is_main_process else None, "resume": "allow"}}
     values = {**config.model_dump(mode="json"), "dataset": dataset, "cogft_version": __version__,
               "cogft_commit": source_commit()}
     accelerator.init_trackers(config.tracking.project, config=values, init_kwargs=init_kwargs)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The id of the run directory's W&B run, made on its first start, so every resume continues that run."""
+    import uuid
+
+    path = run_dir / WANDB_ID_FILE
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
 
 
 def log_videos(accelerator, videos: list[tuple[str, str]], step: int) -> None:

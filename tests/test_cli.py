@@ -48,6 +48,14 @@ def test_accelerate_launch_trains_with_wandb_offline(tmp_path, shared_cache):
     sample = run(sys.executable, "-m", "cogft.cli", "sample", "--from", str(out), "--prompt", "a red square",
                  "--out", str(tmp_path / "x.mp4"), "--steps", "2")
     assert sample.returncode == 0, sample.stderr[-2000:]
+
+    resumed = run(sys.executable, "train.py", "--config", "configs/tiny-lora.yaml", f"output_dir={out}",
+                  f"data.cache_dir={shared_cache}", "train.max_steps=5", "validation.prompts=[]",
+                  env={"WANDB_MODE": "offline"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_id = (out / "wandb_run_id").read_text().strip()
+    wandb_runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in wandb_runs)  # one W&B run, continued
     assert (tmp_path / "x.mp4").stat().st_size > 1000
 
     missing = run(sys.executable, "-m", "cogft.cli", "export", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "e"))

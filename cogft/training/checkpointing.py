@@ -36,15 +36,17 @@ class TrainingProgress:
         self.global_step = 0      # optimizer steps
         self.micro_batches = 0    # batches consumed: the data position (an epoch's last step may be short)
         self.skipped_steps = 0    # non-finite steps
+        self.loss_smoothed: float | None = None  # the smoothed loss curve's state, so a resume continues it
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "micro_batches": self.micro_batches,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "loss_smoothed": self.loss_smoothed}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
         self.micro_batches = int(state["micro_batches"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.loss_smoothed = state.get("loss_smoothed")  # absent in checkpoints of earlier versions
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

@@ -19,8 +19,8 @@ from ..data.dataset import LatentDataset, collate
 from ..models.attention import resolve_attention
 from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..models.spec import Variant
-from ..run_dir import CONFIG_FILE, LORA_DIR
-from ..tracking import init_trackers, log_videos
+from ..run_dir import CONFIG_FILE, LORA_DIR, checkpoint_step
+from ..tracking import continue_metrics, init_trackers, log_videos
 from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
 from .backends import backend_name, configure_backend, shards_weights
 from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators, save_checkpoint,
@@ -96,6 +96,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         if accelerator.is_main_process:
             save_config(config, self.run_dir / CONFIG_FILE)
+            continue_metrics(self.run_dir, None if resume_from is None else checkpoint_step(resume_from))
         return resume_from
 
     def setup(self) -> None:
@@ -117,6 +118,7 @@ class Trainer:
         if resume_from is not None:
             load_checkpoint(accelerator, resume_from)
             apply_optimizer_settings(config, self.step.optimizer, self.step.lr_scheduler)
+            self.smoothed.value = self.progress.loss_smoothed
         self.unwrapped = accelerator.unwrap_model(self.step.transformer)
         self.validation = None
         # Sharded weights (ZeRO-3, FSDP): every rank runs the forward passes, the main process writes the videos
@@ -198,7 +200,7 @@ class Trainer:
         self.progress.skipped_steps = self.guard.total
         if "mean_loss" in values:
             metrics = step_metrics(self.accelerator, self.config, self.variant, finished, values, self.guard.total)
-            metrics["loss_smoothed"] = self.smoothed.update(metrics["loss"])
+            metrics["loss_smoothed"] = self.progress.loss_smoothed = self.smoothed.update(metrics["loss"])
             self.accelerator.log(metrics, step=finished.step)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
 

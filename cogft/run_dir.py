@@ -7,15 +7,17 @@
     RUN/samples/step-NNNNNN-II-prompt.mp4    validation videos
     RUN/checkpoints/step-NNNNNN/             complete checkpoints (marked, renamed into place)
     RUN/lora/pytorch_lora_weights.safetensors   the LoRA export      RUN/transformer/   the SFT export
+    RUN/export.json                          the step that export holds (staged and renamed into place)
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "prepare_report.jsonl"
@@ -24,7 +26,9 @@ WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 SAMPLES_DIR = "samples"
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "cogft_complete.json"
+LOCK_FILE = ".cogft.lock"  # held by the trainer writing the run; the OS releases it when that process dies
 LORA_DIR = "lora"
+EXPORT_RECORD = "export.json"  # the step the final lora/ or transformer/ holds
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRANSFORMER_DIR = "transformer"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -32,6 +36,20 @@ _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def hold(run_dir: Path):
+    """An exclusive hold on `run_dir` for one trainer: a second one is refused by name while the first lives. The
+    hold is an OS file lock, so a killed trainer leaves nothing that blocks the resume."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"output_dir {run_dir} is in use by another running cogft train; wait for it to end, or "
+                          "choose another output_dir") from None
+    return lock
 
 
 def checkpoint_step(path: Path) -> int:
@@ -69,6 +87,12 @@ class TrainedWeights:
     mode: str          # "lora" | "sft"
 
 
+def exported_step(run_dir: Path) -> int | None:
+    """The step of the run's final export, or None (no export, or one written before the step was recorded)."""
+    record = run_dir / EXPORT_RECORD
+    return json.loads(record.read_text())["step"] if record.is_file() else None
+
+
 def _weights_in(folder: Path) -> str | None:
     if (folder / LORA_WEIGHTS).is_file():
         return "lora"
@@ -84,7 +108,12 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
         run_dir, candidates = path.parent.parent, [path]
     elif (path / CONFIG_FILE).is_file():
         run_dir = path
-        candidates = [path / LORA_DIR, path, *reversed(complete_checkpoints(path))]
+        newest_first = list(reversed(complete_checkpoints(path)))
+        export_step = exported_step(path)
+        if newest_first and export_step is not None and checkpoint_step(newest_first[0]) > export_step:
+            candidates = [*newest_first, path / LORA_DIR, path]  # a finished run extended since its export
+        else:
+            candidates = [path / LORA_DIR, path, *newest_first]
     else:
         raise FileNotFoundError(
             f"--from {source}: neither a run directory (with {CONFIG_FILE}) nor a complete checkpoint "

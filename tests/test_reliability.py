@@ -179,3 +179,56 @@ def test_tiny_updates_move_sft_weights_of_a_bf16_model(make_config):
     assert typical.sum() > 10 and bool((weight != before)[typical].all())
     bf16 = before.to(torch.bfloat16)
     assert torch.equal((bf16 + 1e-6)[typical], bf16[typical])  # what bf16 weights would have done
+
+
+def test_one_trainer_per_output_dir_and_a_dead_ones_hold_does_not_block(make_config, shared_cache, tmp_path):
+    from cogft.config import ConfigError
+
+    out = tmp_path / "run"
+    first = launch(out, shared_cache, "train.max_steps=100000", "train.checkpoint_every=2")
+    wait_for_steps(out, 3, first)
+    config = make_config(*FAST, "train.max_steps=3", f"output_dir={out}")
+    with pytest.raises(ConfigError, match=f"output_dir {out} is in use by another running cogft train"):
+        train(config)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    steps_before = len(logged(out))
+    assert (out / ".cogft.lock").exists()  # what the killed trainer left
+    resumed = train(make_config(*FAST, f"train.max_steps={steps_before + 2}", f"output_dir={out}"))
+    assert [row["step"] for row in logged(resumed)] == list(range(1, steps_before + 3))
+
+
+def test_a_crash_during_the_final_export_keeps_the_previous_one(make_config, monkeypatch):
+    import cogft.training.checkpointing as checkpointing
+
+    run = train(make_config(*FAST, "train.max_steps=2", "train.checkpoint_every=2", out="run"))
+    before = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    real_save = checkpointing.save_lora
+
+    def dies_half_way(transformer, config, out_dir, model_state=None):
+        if ".export.partial" not in str(out_dir):  # checkpoints write as usual
+            return real_save(transformer, config, out_dir, model_state)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "pytorch_lora_weights.safetensors").write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "save_lora", dies_half_way)
+    with pytest.raises(OSError):
+        train(make_config(*FAST, "train.max_steps=4", "train.checkpoint_every=2", out="run"))
+    after = load_file(run / "lora" / "pytorch_lora_weights.safetensors")  # whole, and still the step-2 export
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert json.loads((run / "export.json").read_text())["step"] == 2
+
+
+def test_from_a_run_extended_past_its_export_takes_the_newer_checkpoint(make_config, shared_cache, tmp_path):
+    from cogft.run_dir import resolve_trained
+
+    out = tmp_path / "run"
+    train(make_config(*FAST, "train.max_steps=2", "train.checkpoint_every=2", f"output_dir={out}"))
+    assert resolve_trained(out).weights_dir == out / "lora"
+    extended = launch(out, shared_cache, "train.max_steps=100000", "train.checkpoint_every=100000")
+    wait_for_steps(out, 5, extended)
+    extended.send_signal(signal.SIGINT)  # a checkpoint past step 2, and no new export
+    assert extended.wait(timeout=60) == 0
+    newest = complete_checkpoints(out)[-1]
+    assert newest.name != "step-000002" and resolve_trained(out).weights_dir == newest

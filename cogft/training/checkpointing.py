@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..config import Config, save_config
-from ..run_dir import CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, complete_checkpoints, is_checkpoint, step_dir
+from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
+                       complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
 from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
 from .backends import full_state_dict
@@ -130,6 +131,33 @@ def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer
     if config.train.mode == "lora":
         return save_lora(module, config, lora_dir, model_state=state)
     return save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
+
+
+def save_export(accelerator, model, config: Config, run_dir: Path, step: int, dtype: torch.dtype) -> Path | None:
+    """The final lora/ or transformer/, written like a checkpoint: staged whole, then renamed into place (a kill
+    leaves the previous export or none, never half a file), with its step in RUN/export.json so `--from RUN`
+    can tell it from a newer checkpoint. A collective, like `save_weights`; the main process gets the path."""
+    staging = run_dir / ".export.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, dtype=dtype)
+    final = None
+    if accelerator.is_main_process:
+        final = run_dir / written.relative_to(staging)
+        name = LORA_DIR if config.train.mode == "lora" else TRANSFORMER_DIR
+        target, old = run_dir / name, run_dir / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        (staging / name).rename(target)
+        record = run_dir / f".{EXPORT_RECORD}.tmp"
+        record.write_text(json.dumps({"step": step, "what": name}))
+        record.replace(run_dir / EXPORT_RECORD)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def register_weight_hooks(accelerator, config: Config) -> None:

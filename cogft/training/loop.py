@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -19,12 +20,12 @@ from ..data.dataset import LatentDataset, collate
 from ..models.attention import resolve_attention
 from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..models.spec import Variant
-from ..run_dir import CONFIG_FILE, LORA_DIR, checkpoint_step
+from ..run_dir import CONFIG_FILE, checkpoint_step, hold
 from ..tracking import continue_metrics, init_trackers, log_videos
 from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
-from .backends import backend_name, configure_backend, shards_weights
+from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
 from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators, save_checkpoint,
-                            save_weights)
+                            save_export)
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
 from .stop import StopRequest
@@ -36,10 +37,14 @@ logger = logging.getLogger(__name__)
 def train(config: Config) -> Path:
     """Run (or resume) the training described by `config`; returns the run directory."""
     trainer = Trainer(config)
-    trainer.setup()
-    if not trainer.run():
-        trainer.finish()
-    trainer.accelerator.end_training()
+    try:
+        trainer.setup()
+        if not trainer.run():
+            trainer.finish()
+        trainer.accelerator.end_training()
+    finally:
+        if trainer.hold is not None:
+            trainer.hold.release()
     return trainer.run_dir
 
 
@@ -76,6 +81,8 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # one trainer per run directory, held by the main process before anything in it is touched
+        self.hold = hold(self.run_dir) if PartialState(cpu=accelerator_on_cpu()).is_main_process else None
         self.accelerator = make_accelerator(config, self.run_dir)
         accelerator = self.accelerator
         logger.info("world_size=%d process=%d local_process=%d device=%s backend=%s mode=%s",
@@ -231,8 +238,7 @@ class Trainer:
         step = self.progress.global_step
         if self.config.validation.at_end or step % self.config.validation.every == 0:
             self.validate(step)
-        path = save_weights(self.accelerator, self.step.transformer, self.config, self.run_dir / LORA_DIR,
-                            self.run_dir, dtype=self.variant.dtype)
+        path = save_export(self.accelerator, self.step.transformer, self.config, self.run_dir, step,
+                           dtype=self.variant.dtype)
         if path is not None:
             logger.info("exported %s", path)
-        self.accelerator.wait_for_everyone()

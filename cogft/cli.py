@@ -183,12 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data.sources import DatasetLayoutError
-    from .training.backends import BackendError
-    from .training.checkpointing import ResumeError
+    from .config import ConfigError  # the user's errors (a resume or backend mismatch too); light modules only,
+    from .data.sources import DatasetLayoutError  # so a bad config fails before torch is imported
 
-    user_errors = (ConfigError, DatasetLayoutError, ResumeError, BackendError, FileNotFoundError, FileExistsError)
+    user_errors = (ConfigError, DatasetLayoutError, FileNotFoundError, FileExistsError)
     try:
         _setup_logging()
         COMMANDS[args.command].run(args)

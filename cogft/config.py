@@ -18,8 +18,12 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
 
 
+SEED_RANGE = dict(ge=0, lt=2**32)  # what every seeded library takes (numpy's is the narrowest)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no float key means anything as inf or nan (an inf learning rate once exported an all-NaN LoRA)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -101,7 +105,7 @@ class TrainConfig(_Section):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
+    seed: int = Field(42, **SEED_RANGE)
     checkpoint_every: int = Field(500, ge=1)
     checkpoints_keep: int = Field(3, ge=1)
     resume: str | None = "latest"
@@ -140,7 +144,7 @@ class LoraConfig(_Section):
     rank: int = Field(128, ge=1)
     alpha: float = Field(64, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
 class ValidationConfig(_Section):
@@ -148,7 +152,7 @@ class ValidationConfig(_Section):
     every: int = Field(250, ge=1)
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(6.0, ge=1)
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE)
     fps: int = Field(8, ge=1)
     at_end: bool = True
     cache: Literal["none", "pab", "first_block", "taylorseer"] = Field(
@@ -171,7 +175,16 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     validation: ValidationConfig = ValidationConfig()
     tracking: TrackingConfig = TrackingConfig()
-    output_dir: str
+    output_dir: str = Field(min_length=1)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder_can_be_made(cls, value: str) -> str:
+        path = Path(value)
+        for place in (path, *path.parents):
+            if place.exists() and not place.is_dir():
+                raise ValueError(f"{place} is a file, not a folder; choose another output_dir")
+        return value
 
     @model_validator(mode="after")
     def _validation_can_run(self) -> "Config":
@@ -240,15 +253,35 @@ def build_config(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(_format_errors(source, error)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping (PyYAML keeps the last one without a word)."""
+
+
+def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+        if key in first_line:
+            raise ConfigError(f"line {line}: {key!r} is written a second time (first on line {first_line[key]}); "
+                              "merge the two, the second would silently replace the first")
+        first_line[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply overrides, validate. Relative data/model/output paths stay as written."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
     raw = _merge(raw, parse_overrides(overrides or []))

@@ -23,6 +23,10 @@ def test_bad_key_fails_fast_with_named_error(tmp_path):
     assert "train.max_step: unknown key" in result.stderr and "max_steps" in result.stderr
     assert "Traceback" not in result.stderr
     assert elapsed < 10  # no model or torch import before the config is checked (generous for slow CI)
+    probe = run(sys.executable, "-c", "import sys; from cogft.cli import main; "
+                "code = main(['train', '--config', 'configs/tiny-lora.yaml', 'train.max_step=3']); "
+                "print(code, 'torch' in sys.modules)")
+    assert probe.stdout.split() == ["2", "False"]  # failed before torch was imported: well under a second
 
 
 def test_accelerate_launch_trains_with_wandb_offline(tmp_path, shared_cache):

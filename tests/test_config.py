@@ -67,3 +67,37 @@ def test_overrides_are_yaml_typed():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override,said", [
+    ("train.learning_rate=.inf", "train.learning_rate"), ("train.learning_rate=.nan", "train.learning_rate"),
+    ("train.learning_rate=0", "greater than 0"), ("train.seed=-1", "train.seed"), ("train.seed=4294967296", "train.seed"),
+    ("lora.target_modules=[]", "lora.target_modules"), ("output_dir=", "output_dir"),
+])
+def test_values_the_run_cannot_use_are_refused_by_key(tmp_path, override, said):
+    with pytest.raises(ConfigError, match=said):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_an_output_dir_that_is_or_sits_under_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    for output_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ConfigError, match=f"output_dir: .*{tmp_path / 'taken'} is a file"):
+            load_config(write(tmp_path, MINIMAL), [f"output_dir={output_dir}"])
+
+
+def test_a_section_or_key_written_twice_is_refused_with_both_lines(tmp_path):
+    path = write(tmp_path, MINIMAL + "train:\n  max_steps: 10\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: line 6: 'train' is written a second time \(first on line 4\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'max_steps' is written a second time"):
+        load_config(write(tmp_path, MINIMAL + "train:\n  max_steps: 10\n  max_steps: 20\n"))
+
+
+def test_lora_targets_that_match_nothing_are_refused_before_prepare(make_config, tmp_path):
+    from cogft.training.loop import train
+
+    config = make_config("lora.target_modules=[to_q, attn_q]", f"data.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match="lora.target_modules: attn_q match no linear layer of cogvideox-2b"):
+        train(config)
+    assert not (tmp_path / "cache").exists()  # nothing was encoded

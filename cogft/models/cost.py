@@ -10,11 +10,8 @@ tensor-core peak and memory bandwidth: an extrapolation, labelled as such.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass
-
-import torch
 
 from ..config import Config, ConfigError
 from .attention import fa4_installed
@@ -78,23 +75,13 @@ class Estimate:
     sample_seconds_cached: float | None   # with `validation.cache: taylorseer`; None for other settings
 
 
-def _counts(transformer_config: dict, config: Config) -> tuple[int, int]:
+def _counts(variant: Variant, config: Config) -> tuple[int, int]:
     """(all transformer parameters, LoRA parameters) from the model built on the meta device."""
-    total, per_rank = _meta_counts(json.dumps(dict(transformer_config), sort_keys=True),
-                                   tuple(config.lora.target_modules))
+    total, linears = variant.transformer_layout
+    targets = tuple(config.lora.target_modules)
+    per_rank = sum(features_in + features_out for name, (features_in, features_out) in linears.items()
+                   if name.endswith(targets))
     return total, per_rank * config.lora.rank
-
-
-@functools.lru_cache(maxsize=8)
-def _meta_counts(transformer_config_json: str, targets: tuple[str, ...]) -> tuple[int, int]:
-    from diffusers import CogVideoXTransformer3DModel
-
-    with torch.device("meta"):
-        model = CogVideoXTransformer3DModel.from_config(json.loads(transformer_config_json))
-    total = sum(p.numel() for p in model.parameters())
-    per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and name.endswith(targets))
-    return total, per_rank
 
 
 def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100"):
@@ -179,7 +166,7 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     scale = gpu.tflops / GPUS["H100"].tflops
     attention_fwd, attention_bwd = (tflops * 1e12 * scale for tflops in ATTENTION_TFLOPS[attention])
     tcfg = variant.configs.transformer
-    total, lora = _counts(tcfg, config)
+    total, lora = _counts(variant, config)
     train = config.train
     flops = step_flops(variant, config.data.num_frames, config.data.height, config.data.width, train.batch_size)
     layers = tcfg["num_layers"]

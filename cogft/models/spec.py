@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -157,6 +158,16 @@ class Variant:
         defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
         return {**defaults, **self.configs.transformer}
 
+    @property
+    def transformer_layout(self) -> tuple[int, dict[str, tuple[int, int]]]:
+        """(parameters, {Linear layer name: (in, out) features}) of the transformer, built on the meta device."""
+        return _meta_layout(self.spec.transformer_class, json.dumps(self.configs.transformer, sort_keys=True))
+
+    def unmatched_lora_targets(self, targets: list[str]) -> list[str]:
+        """The `lora.target_modules` entries that name no Linear layer (PEFT's rule: the name or its last parts)."""
+        names = self.transformer_layout[1]
+        return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """Encoders and inference run in the variant's dtype on accelerators; CPUs get fp32 (half
         convolutions are slow there)."""
@@ -242,6 +253,17 @@ class Variant:
                                vae_scale_factor_spatial=self.vae_scale_spatial)
         pipeline = self.spec.diffusers_class("pipeline")
         return pipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_layout(class_name: str, config_json: str) -> tuple[int, dict[str, tuple[int, int]]]:
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, class_name).from_config(json.loads(config_json))
+    linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    return sum(p.numel() for p in model.parameters()), linears
 
 
 def identify(configs: PipelineConfigs, specs: tuple[VariantSpec, ...], where: str) -> VariantSpec:

@@ -14,13 +14,13 @@ import os
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..models.spec import Variant
 
 logger = logging.getLogger(__name__)
 
 
-class BackendError(ValueError):
+class BackendError(ConfigError):
     """The launch config's backend cannot run this training as configured."""
 
 

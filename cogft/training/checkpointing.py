@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
                        complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
@@ -26,7 +26,7 @@ from .backends import full_state_dict
 logger = logging.getLogger(__name__)
 
 
-class ResumeError(ValueError):
+class ResumeError(ConfigError):
     """`train.resume` points at something that cannot be resumed from."""
 
 

@@ -13,7 +13,7 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..data.buckets import BucketBatchSampler
 from ..data.cache import PreparedData, prepare, write_report
 from ..data.dataset import LatentDataset, collate
@@ -53,6 +53,11 @@ def load_checked_variant(accelerator, config: Config) -> tuple[Config, Variant]:
     run before prepare's long work."""
     with accelerator.main_process_first():  # a tiny:// or random:// model is built once, by the main process
         config, variant = load_for_config(config)
+    unmatched = variant.unmatched_lora_targets(config.lora.target_modules) if config.train.mode == "lora" else []
+    if unmatched:
+        raise ConfigError(f"lora.target_modules: {', '.join(unmatched)} match no linear layer of {variant.name} "
+                          "(its attention projections are to_q, to_k, to_v, to_out.0; the feed-forward ff.net.0.proj, "
+                          "ff.net.2)")
     configure_backend(accelerator, config, variant)
     resolve_attention(config.model.attention, accelerator.device, variant.dtype)
     return config, variant

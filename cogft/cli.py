@@ -70,11 +70,18 @@ def _prepare(args) -> None:
           f"report: {report}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def _sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", required=True, help="output .mp4 path")
-    parser.add_argument("--steps", type=int, help="inference steps (default: validation.num_inference_steps)")
+    parser.add_argument("--steps", type=_positive_int, help="inference steps (default: validation.num_inference_steps)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")

@@ -74,3 +74,37 @@ def test_shipped_accelerate_configs_load():
     for file in files:
         config = load_config_from_file(str(file))
         assert config.mixed_precision == "no", file  # cogft applies the precision policy itself
+
+
+def test_sample_and_export_mistakes_are_named_errors(make_config, tmp_path, capsys):
+    from cogft.cli import main
+    from cogft.training.loop import train
+
+    run_dir = train(make_config("validation.prompts=[]", "train.max_steps=1"))
+    common = ["sample", "--from", str(run_dir), "--prompt", "a cat", "--out", str(tmp_path / "x.mp4")]
+    for extra, said in ((["--steps", "0"], "must be at least 1"), (["--steps", "-3"], "must be at least 1"),
+                        (["--device", "cuda"], "--device cuda: no CUDA GPU is visible here")):
+        try:
+            code = main([*common, *extra])
+        except SystemExit as exit_:  # argparse's own exit for a bad option value
+            code = exit_.code
+        assert code == 2 and said in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", "--from", str(run_dir), "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_datasets_that_cannot_train_are_named_before_the_model_loads(make_config, tmp_path, capsys):
+    from cogft.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "clip.mp4").write_text("not a video")
+    (broken / "clip.txt").write_text("a caption")
+    args = ["train", "--config", "configs/tiny-lora.yaml", "tracking.report_to=none", "validation.prompts=[]",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main([*args, f"data.path={broken}", f"output_dir={tmp_path / 'a'}"]) == 2
+    assert "the dataset is empty: every clip was skipped" in capsys.readouterr().err
+    (tmp_path / "meta.csv").write_text("video,text\nvideos/fractal_zoom.mp4,a zoom\n")
+    assert main([*args, f"data.path={tmp_path / 'meta.csv'}", f"output_dir={tmp_path / 'b'}"]) == 2
+    assert "no row has a 'caption' column (columns: video, text); set data.caption_column" in capsys.readouterr().err

@@ -232,3 +232,14 @@ def test_from_a_run_extended_past_its_export_takes_the_newer_checkpoint(make_con
     assert extended.wait(timeout=60) == 0
     newest = complete_checkpoints(out)[-1]
     assert newest.name != "step-000002" and resolve_trained(out).weights_dir == newest
+
+
+def test_a_fresh_start_moves_aside_the_rows_of_an_attempt_that_wrote_no_checkpoint(make_config):
+    config = make_config(*FAST, "train.max_steps=2", "train.resume=null", out="run")
+    run = Path(config.output_dir)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n{"step": 3, "loss"')
+    train(config)
+    assert [row["loss"] != 9.0 for row in logged(run)] == [True, True]  # only this run's rows
+    (aside,) = run.glob("metrics.replaced-*.jsonl")
+    assert [json.loads(line)["step"] for line in aside.read_text().splitlines()] == [1, 2]  # kept, not lost

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from ..seeding import mixed_seed
 from .cache import CacheEntry
+from .sources import DatasetLayoutError
 
 
 class LatentDataset(Dataset):
@@ -21,7 +22,8 @@ class LatentDataset(Dataset):
 
     def __init__(self, entries: list[CacheEntry], seed: int = 0):
         if not entries:
-            raise ValueError("the dataset is empty: every clip was skipped (see prepare_report.jsonl in the run dir)")
+            raise DatasetLayoutError("the dataset is empty: every clip was skipped; prepare_report.jsonl in the run "
+                                     "directory says why for each (or run cogft doctor on the config)")
         self.entries = entries
         self.frames = [e.frames for e in entries]  # the frame bucket of each item, for BucketBatchSampler
         self.seed = seed

@@ -91,6 +91,9 @@ def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: 
             None if caption is None else str(caption).strip(),
             f"{file.name}:{what} {i + 1}",
         ))
+    if rows and not any(caption_column in row for row in rows):  # a wrong column, not captions missing here and there
+        raise DatasetLayoutError(f"{file}: no {what} has a {caption_column!r} column (columns: {', '.join(rows[0])}); "
+                                 "set data.caption_column")
     return clips
 
 

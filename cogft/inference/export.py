@@ -23,6 +23,8 @@ def export(source: str, out: str, merge: bool = False) -> Path:
     """
     trained = resolve_trained(source)
     target = Path(out)
+    if target.is_file():
+        raise FileExistsError(f"--out {target} is a file; give a folder to write")
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"--out {target} exists and is not empty; choose a new folder")
     target.mkdir(parents=True, exist_ok=True)

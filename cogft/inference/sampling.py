@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..models.attention import fa4_unavailable, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.loading import load_pipeline, load_variant
@@ -48,6 +49,8 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     """One video from `--from RUN_OR_CHECKPOINT` at the run's training size."""
     trained = resolve_trained(source)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible here; leave --device out, or use --device cpu")
     pipe, variant = pipeline_with_weights(trained, target)
     set_attention(pipe.transformer, _attention_here(trained, target, variant), target, variant.dtype)
     apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
@@ -55,7 +58,7 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
     frames = render(
         pipe, variant, target, num_frames=data.num_frames, height=data.height, width=data.width,
-        steps=steps or cfg.num_inference_steps,
+        steps=cfg.num_inference_steps if steps is None else steps,
         guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
         seed=cfg.seed if seed is None else seed, prompt=prompt, cache=cfg.cache if cache is None else cache,
     )

@@ -118,9 +118,9 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         resume_from = self._open()
         prepared = gather_prepared(accelerator, config, self.variant, self.run_dir)
+        self.dataset = LatentDataset(prepared.entries, config.train.seed)  # refuses an empty one before the model loads
         set_seed(config.train.seed)
         transformer = load_transformer(config.model.path, self.variant, config.model.revision)
-        self.dataset = LatentDataset(prepared.entries, config.train.seed)
         sampler = BucketBatchSampler(self.dataset.frames, config.train.batch_size, config.train.seed)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
                             num_workers=config.data.dataloader_workers)

@@ -227,3 +227,30 @@ def test_copies_of_one_clip_on_different_ranks_train_once(make_config, tmp_path)
     assert (dropped["status"], dropped["problem"], dropped["reason"]) == (
         "skipped", "duplicate", "the same video bytes and caption as videos.txt:1")
     assert rank1.summary["kept"] == 0 and rank1.summary["skipped_by_reason"] == {"duplicate": 1}
+
+
+def test_damaged_cache_entries_are_found_and_made_again(make_config, tmp_path):
+    """A flipped byte in a latent entry and a truncated prompt embedding: both detected by name, made again,
+    noted in the report, never trained on."""
+    from safetensors.torch import load_file
+
+    from cogft.data.cache import entry_problem, prepare
+    from cogft.models.loading import load_variant
+
+    config = make_config(f"data.cache_dir={tmp_path / 'cache'}", "validation.prompts=[]")
+    variant = load_variant(config.model.path)
+    first = prepare(config, variant, torch.device("cpu"), show_progress=False)
+    latent, prompt = Path(first.entries[0].latents[0]), Path(first.entries[0].prompt)
+    good = load_file(latent)["latent_mean"].clone()
+    blob = bytearray(latent.read_bytes())
+    blob[-5] ^= 0xFF  # inside the tensor bytes: the file still parses
+    latent.write_bytes(bytes(blob))
+    prompt.write_bytes(prompt.read_bytes()[:-100])
+    assert "checksum" in entry_problem(latent) and entry_problem(prompt) is not None
+
+    again = prepare(config, variant, torch.device("cpu"), show_progress=False)
+    assert again.summary["encoded"] == 1 and again.summary["cached"] == 5
+    row = next(r for r in again.report if r.get("clip") == first.entries[0].video)
+    assert row["status"] == "encoded" and any("damaged cache entry made again" in n for n in row["notes"])
+    assert entry_problem(latent) is None and entry_problem(prompt) is None
+    assert torch.equal(load_file(latent)["latent_mean"], good)

@@ -86,15 +86,48 @@ def component_identity(model_path: str, component: str, revision: str | None) ->
     return identity
 
 
+def _payload_sha256(blob: bytes) -> str:
+    """The checksum of a safetensors file's tensor bytes (what follows its 8-byte length and JSON header)."""
+    return hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little"):]).hexdigest()
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a temporary name, flush to disk, rename: readers see a whole entry or none."""
+    """Write with a checksum of the tensors, to a temporary name, flushed, then renamed: readers see a whole
+    entry or none, and `entry_problem` can tell later if its bytes changed."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    blob = safetensors_bytes(tensors, metadata={**metadata, "sha256": _payload_sha256(safetensors_bytes(tensors))})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as handle:
-        handle.write(safetensors_bytes({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+        handle.write(blob)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def entry_problem(path: Path) -> str | None:
+    """Why a cache entry cannot be trusted (unreadable, truncated, bytes changed since written), or None.
+    Entries written before checksums were kept pass when their header and size hold together."""
+    try:
+        blob = path.read_bytes()
+        header_end = 8 + int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:header_end])
+    except (OSError, ValueError) as error:
+        return f"unreadable ({error})"
+    expected = header.get("__metadata__", {}).get("sha256")
+    if expected is not None:
+        return None if _payload_sha256(blob) == expected else "its bytes changed since it was written (checksum)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return None if len(blob) - header_end == max(ends, default=0) else "truncated"
+
+
+def _repair(path: Path) -> str | None:
+    """Drop a damaged entry so it is made again; returns what was wrong, for the log and the report."""
+    problem = entry_problem(path)
+    if problem is not None:
+        logger.warning("cache entry %s: %s; making it again", path, problem)
+        path.unlink(missing_ok=True)
+    return problem
 
 
 def _crashed(path: str) -> Decoded:
@@ -134,6 +167,7 @@ class Preparer:
         self.spec = DecodeSpec(variant.frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width,
                                data.fps, data.resize, data.windows)
         self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
+        self.repaired: dict[str, list[str]] = {}  # content digest -> notes on damaged entries made again
         rev = config.model.revision
         self._latent_salt = _digest(self.spec.pixel_key(), component_identity(self.model_path, "vae", rev),
                                     str(self.dtype))
@@ -163,22 +197,25 @@ class Preparer:
         """
         for frames in self.spec.buckets:
             path = self.latent_path(content_digest, frames)
-            if not path.is_file():
+            if not path.is_file() or self._damaged(content_digest, path):
                 continue
-            try:
-                with safe_open(str(path), "pt") as handle:
-                    meta = handle.metadata() or {}
-                available = int(meta["available"])
-            except Exception as error:  # a damaged entry (disk trouble): encode it again
-                logger.warning("cache entry %s is unreadable (%s); encoding it again", path, error)
-                continue
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+            available = int(meta["available"])
             if max(b for b in self.spec.buckets if b <= available) != frames:
                 continue
             offsets = window_offsets(available, frames, self.spec.windows)
             paths = tuple(self.latent_path(content_digest, frames, o) for o in offsets)
-            if all(p.is_file() for p in paths):
+            if all(p.is_file() and not self._damaged(content_digest, p) for p in paths):
                 return paths, offsets, meta
         return None
+
+    def _damaged(self, content_digest: str, path: Path) -> bool:
+        """Check an entry (a flipped byte, a truncated write); a damaged one is removed and noted for the clip."""
+        problem = _repair(path)
+        if problem is not None:
+            self.repaired.setdefault(content_digest, []).append(f"damaged cache entry made again: {problem}")
+        return problem is not None
 
     def encode_latents(self, todo: list[tuple[Clip, str]], rows: dict[str, dict],
                        show_progress: bool) -> list[tuple[Clip, tuple[Path, ...], int]]:
@@ -223,8 +260,8 @@ class Preparer:
                          "source": json.dumps(row.get("source", {}))},
                     )
                 self.seconds["vae_encode"] += time.perf_counter() - encode_started
-                row.update(status="encoded", frames=count, windows=len(targets),
-                           notes=[*decoded.notes, *windows_note(count, selection.offsets)])
+                notes = [*self.repaired.pop(digest, []), *decoded.notes, *windows_note(count, selection.offsets)]
+                row.update(status="encoded", frames=count, windows=len(targets), notes=notes)
                 written.append((clip, targets, count))
             bar.update(1)
             waited = time.perf_counter()
@@ -241,7 +278,7 @@ class Preparer:
         return tokens
 
     def encode_prompts(self, texts: list[str], show_progress: bool) -> None:
-        todo = sorted({t for t in texts if not self.prompt_path(t).exists()})
+        todo = sorted({t for t in texts if not self.prompt_path(t).is_file() or _repair(self.prompt_path(t))})
         if not todo:
             return
         started = time.perf_counter()

@@ -55,9 +55,10 @@ def load_checked_variant(accelerator, config: Config) -> tuple[Config, Variant]:
         config, variant = load_for_config(config)
     unmatched = variant.unmatched_lora_targets(config.lora.target_modules) if config.train.mode == "lora" else []
     if unmatched:
-        raise ConfigError(f"lora.target_modules: {', '.join(unmatched)} match no linear layer of {variant.name} "
-                          "(its attention projections are to_q, to_k, to_v, to_out.0; the feed-forward ff.net.0.proj, "
-                          "ff.net.2)")
+        block = "transformer_blocks.0."
+        in_a_block = sorted(n.removeprefix(block) for n in variant.transformer_layout[1] if n.startswith(block))
+        raise ConfigError(f"lora.target_modules: {', '.join(unmatched)} match no linear layer of {variant.name}; "
+                          f"each of its blocks has {', '.join(in_a_block)}")
     configure_backend(accelerator, config, variant)
     resolve_attention(config.model.attention, accelerator.device, variant.dtype)
     return config, variant

@@ -37,10 +37,10 @@ def _tiny_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _tiny(args) -> None:
-    from .models.build import build_pipeline, tiny_dir
+    from .models.build import TINY_SCHEME, build_pipeline, tiny_dir
     from .models.registry import spec_named
 
-    print(build_pipeline(args.out or tiny_dir(args.family), spec_named(args.family, "tiny://"), seed=args.seed))
+    print(build_pipeline(args.out or tiny_dir(args.family), spec_named(args.family, TINY_SCHEME), seed=args.seed))
 
 
 def run_train(config_path: str, overrides: list[str]) -> Path:

@@ -79,6 +79,19 @@ def is_checkpoint(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against the sizes its marker recorded (a file deleted
+    or truncated since), or None. Markers of earlier versions record no sizes and pass."""
+    recorded = json.loads((path / COMPLETE_MARKER).read_text()).get("files", {})
+    for name, size in sorted(recorded.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} is truncated or changed ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
 @dataclass(frozen=True)
 class TrainedWeights:
     run_dir: Path

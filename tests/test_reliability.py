@@ -243,3 +243,15 @@ def test_a_fresh_start_moves_aside_the_rows_of_an_attempt_that_wrote_no_checkpoi
     assert [row["loss"] != 9.0 for row in logged(run)] == [True, True]  # only this run's rows
     (aside,) = run.glob("metrics.replaced-*.jsonl")
     assert [json.loads(line)["step"] for line in aside.read_text().splitlines()] == [1, 2]  # kept, not lost
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_offered(make_config):
+    run = train(make_config(*FAST, "train.max_steps=4", "train.checkpoint_every=2", out="run"))
+    weights = run / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk that lost the end of the file
+    previous = run / "checkpoints" / "step-000002"
+    with pytest.raises(ResumeError, match=f"{weights} is truncated or changed .*train.resume={previous}"):
+        train(make_config(*FAST, "train.max_steps=6", "train.checkpoint_every=2", out="run"))
+    resumed = train(make_config(*FAST, "train.max_steps=6", "train.checkpoint_every=2", f"train.resume={previous}",
+                                out="run"))  # taken when told: the damaged newer one does not block it
+    assert [row["step"] for row in logged(resumed)] == [1, 2, 3, 4, 5, 6]

@@ -18,7 +18,7 @@ import torch
 
 from ..config import Config, ConfigError, save_config
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
-                       complete_checkpoints, is_checkpoint, step_dir)
+                       checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
 from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
 from .backends import full_state_dict
@@ -65,6 +65,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             )
         return None
     if resume == "latest":
+        if found:
+            _refuse_damaged(found[-1], found)
         return found[-1] if found else None
     path = Path(resume)
     if not is_checkpoint(path):
@@ -72,13 +74,26 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             f"train.resume={resume!r}: not a complete cogft checkpoint (no {COMPLETE_MARKER}); "
             f"use 'latest', null, or a folder like {step_dir(run_dir, 500)}"
         )
-    newer = [p.name for p in found if p.name > path.name and p.resolve().parent == path.resolve().parent]
+    _refuse_damaged(path, found)
+    newer = [p.name for p in found if p.name > path.name and p.resolve().parent == path.resolve().parent
+             and checkpoint_damage(p) is None]  # a damaged newer checkpoint does not stand in the way
     if newer:
         raise ResumeError(
             f"train.resume={resume!r}: the run already has newer checkpoints ({', '.join(newer)}); move them out "
             f"of {path.resolve().parent} to branch from this one, or use train.resume=latest"
         )
     return path
+
+
+def _refuse_damaged(checkpoint: Path, found: list[Path]) -> None:
+    """Name the damaged file of the checkpoint a resume would load, and the intact checkpoint to take instead."""
+    damage = checkpoint_damage(checkpoint)
+    if damage is None:
+        return
+    intact = [p for p in found if p.name < checkpoint.name and checkpoint_damage(p) is None]
+    fix = (f"resume from the previous intact one with train.resume={intact[-1]}" if intact
+           else "no earlier intact checkpoint: move this one away and start again")
+    raise ResumeError(f"checkpoint {checkpoint} is damaged: {damage}; {fix}")
 
 
 # Keys whose change makes a checkpoint meaningless (other weights, shapes or data); the rest may change.
@@ -205,7 +220,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_config(config, staging / CONFIG_FILE)
-        (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
+        (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "files": files}))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         staging.rename(final)

@@ -39,13 +39,21 @@ def continue_metrics(run_dir: Path, resumed_step: int | None) -> None:
         logger.warning("%s held rows of an earlier attempt that wrote no checkpoint; moved to %s", path, aside.name)
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed_step]
+    kept = [line for line in lines if _step_of(line) <= resumed_step]
     if len(kept) < len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
         logger.info("metrics.jsonl: %d rows after step %d dropped; those steps are redone", len(lines) - len(kept),
                     resumed_step)
+
+
+def _step_of(line: str) -> float:
+    """A metrics row's step; a row that does not parse (a damaged file) sorts after every step, so it goes."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 class JsonlTracker(GeneralTracker):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..models.loading import load_variant
 from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR, resolve_trained
 from .sampling import pipeline_with_weights
 
@@ -29,9 +28,7 @@ def export(source: str, out: str, merge: bool = False) -> Path:
         raise FileExistsError(f"--out {target} exists and is not empty; choose a new folder")
     target.mkdir(parents=True, exist_ok=True)
     if merge:
-        config = trained.config
-        variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
-        pipe, _ = pipeline_with_weights(trained, torch.device("cpu"), dtype=variant.dtype)
+        pipe, _ = pipeline_with_weights(trained, torch.device("cpu"), release_dtype=True)
         if trained.mode == "lora":
             pipe.fuse_lora(lora_scale=1.0)
             pipe.unload_lora_weights()

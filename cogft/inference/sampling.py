@@ -18,12 +18,13 @@ from .render import render, write_mp4
 logger = logging.getLogger(__name__)
 
 
-def pipeline_with_weights(trained: TrainedWeights, device: torch.device, dtype: torch.dtype | None = None):
+def pipeline_with_weights(trained: TrainedWeights, device: torch.device, release_dtype: bool = False):
     """The variant's stock pipeline with the trained weights applied: LoRA via load_lora_weights, SFT via a new
-    transformer. `dtype` defaults to the variant's on accelerators and fp32 on CPUs. Returns (pipe, variant)."""
+    transformer. In the variant's dtype on accelerators (and everywhere with `release_dtype`, as a merged export
+    ships), fp32 on CPUs. Returns (pipe, variant)."""
     config = trained.config
     variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
-    dtype = dtype or variant.compute_dtype(device)
+    dtype = variant.dtype if release_dtype else variant.compute_dtype(device)
     if trained.mode == "lora":
         pipe = load_pipeline(config.model.path, variant, dtype, config.model.revision)
         pipe.load_lora_weights(str(trained.weights_dir))

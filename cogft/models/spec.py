@@ -57,10 +57,6 @@ class ClipSize:
     fps: float
 
 
-def frames_4k_plus_1(num_frames: int) -> bool:
-    return num_frames >= 1 and (num_frames - 1) % 4 == 0
-
-
 def frame_buckets(num_frames: int, min_frames: int) -> tuple[int, ...]:
     """The frame counts a clip may be cut to, largest first, e.g. (49, 41, 33, 25, 17) for 49 down to 17.
 
@@ -233,15 +229,14 @@ class Variant:
         return config.model_copy(update={"data": config.data.model_copy(update=unset)})
 
     def check_clip_size(self, num_frames: int, height: int, width: int) -> None:
-        """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded)."""
+        """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded); the
+        schema has already checked what holds for every variant (4k+1 frames)."""
         side = self.vae_scale_spatial * self.patch_size
         for key, value in (("data.height", height), ("data.width", width)):
             if value % side:
                 raise ConfigError(f"{key}={value}: {self.name} needs a multiple of {side} "
                                   f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size}); "
                                   f"try {value - value % side}")
-        if not frames_4k_plus_1(num_frames):
-            raise ConfigError(f"data.num_frames={num_frames}: {self.name} needs 4k+1 frames")
 
     def rotary_embedding(self, height: int, width: int, latent_frames: int, device: torch.device):
         """3D RoPE as the stock pipeline computes it at inference (its own helper, its base grid from the

@@ -53,9 +53,7 @@ def _with_model(config: Config | None) -> tuple[Config | None, Variant | None, s
         variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
     except (OSError, ValueError) as error:
         return config, None, f"token counts skipped: cannot read the model {config.model.path}: {error}"
-    config = variant.with_defaults(config)
-    variant.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
-    return config, variant, None
+    return variant.resolve(config), variant, None
 
 
 def _tokens(config: Config, variant: Variant, captions: list[str]) -> tuple[dict[str, int], int | None, str | None]:

@@ -71,9 +71,7 @@ def load_for_config(config: Config) -> tuple[Config, Variant]:
     """The config's variant, and the config with the variant's native clip wherever `data.*` leaves it unset;
     a clip size the variant cannot take is refused by key, before any work."""
     variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
-    config = variant.with_defaults(config)
-    variant.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
-    return config, variant
+    return variant.resolve(config), variant
 
 
 def load_transformer(path: str, variant: Variant, revision: str | None = None):

@@ -219,14 +219,16 @@ class Variant:
     def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
         return frame_buckets(num_frames, min_frames)
 
-    def with_defaults(self, config: Config) -> Config:
+    def resolve(self, config: Config) -> Config:
         """`config` with the variant's native clip for every `data.num_frames/height/width/fps` it leaves unset
-        (CogVideoX 1.5 trains 81 frames at 16 fps, 768x1360, not the schema's 1.0 defaults)."""
+        (CogVideoX 1.5 trains 81 frames at 16 fps, 768x1360, not the schema's 1.0 defaults); a clip size the
+        variant cannot take is refused by key."""
         unset = {key: getattr(self.spec.native, key) for key in ("num_frames", "height", "width", "fps")
                  if key not in config.data.model_fields_set}
-        if not unset:
-            return config
-        return config.model_copy(update={"data": config.data.model_copy(update=unset)})
+        if unset:
+            config = config.model_copy(update={"data": config.data.model_copy(update=unset)})
+        self.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
+        return config
 
     def check_clip_size(self, num_frames: int, height: int, width: int) -> None:
         """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded); the

@@ -206,7 +206,8 @@ class Preparer:
                 continue
             offsets = window_offsets(available, frames, self.spec.windows)
             paths = tuple(self.latent_path(content_digest, frames, o) for o in offsets)
-            if all(p.is_file() and not self._damaged(content_digest, p) for p in paths):
+            # the first window is `path`, checked above
+            if all(p == path or (p.is_file() and not self._damaged(content_digest, p)) for p in paths):
                 return paths, offsets, meta
         return None
 

@@ -32,7 +32,7 @@ def _config(args):
 
 def _tiny_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="folder to write (default: where tiny://NAME resolves)")
-    parser.add_argument("--family", default="2b", help="the variant, as in tiny://NAME: 2b, 5b or 1.5-5b")
+    parser.add_argument("--family", default="2b", help="the variant, as in tiny://NAME: 2b, 5b, 5b-i2v, 1.5-5b or 1.5-5b-i2v")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -87,13 +87,18 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--cache", choices=["none", "pab", "first_block", "taylorseer"],
                         help="approximate inference cache (default: validation.cache of the run)")
+    parser.add_argument("--image", help="image-to-video models: the image to start from (cropped to the video's size "
+                                        "as the training clips were)")
+    parser.add_argument("--frames", type=_positive_int, help="frames, 4k+1 (default: the run's data.num_frames)")
+    parser.add_argument("--height", type=_positive_int, help="pixels (default: the run's data.height)")
+    parser.add_argument("--width", type=_positive_int, help="pixels (default: the run's data.width)")
 
 
 def _sample(args) -> None:
     from .inference.sampling import sample
 
     print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device,
-                 args.cache))
+                 args.cache, image=args.image, frames=args.frames, height=args.height, width=args.width))
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:

@@ -28,11 +28,11 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str = Field(description="a diffusers pipeline folder; a hub id (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b, "
-                                  "THUDM/CogVideoX1.5-5B); tiny://2b | tiny://5b | tiny://1.5-5b: tiny random test "
-                                  "models built on first use under $COGFT_HOME; random://2b | random://5b | "
-                                  "random://1.5-5b: a full-size pipeline with random weights built from the "
-                                  "built-in real configurations, for benchmarking and end-to-end checks on a GPU, never "
-                                  "for real training (the log says so)")
+                                  "THUDM/CogVideoX-5b-I2V, THUDM/CogVideoX1.5-5B, THUDM/CogVideoX1.5-5B-I2V); "
+                                  "tiny://NAME (NAME: 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v): tiny random test models "
+                                  "built on first use under $COGFT_HOME; random://NAME: a full-size pipeline with random "
+                                  "weights built from the built-in real configurations, for benchmarking and end-to-end "
+                                  "checks on a GPU, never for real training (the log says so)")
     revision: str | None = None
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     attention: Literal["auto", "sdpa", "fa4"] = Field(
@@ -46,6 +46,8 @@ class DataConfig(_Section):
                                   "beside each, or a .csv / .jsonl metadata file")
     video_column: str = "video"
     caption_column: str = "caption"
+    image_column: str = Field("image", description="image-to-video: the metadata column naming each clip's "
+                                                   "conditioning image (empty or absent: the clip's first frame)")
     num_frames: int = Field(49, ge=1)
     min_frames: int | None = Field(None, ge=1, description="shortest frame bucket; null: min(17, num_frames)")
     height: int = Field(480, ge=8)
@@ -62,6 +64,12 @@ class DataConfig(_Section):
     )
     decode_workers: int = Field(2, ge=1, description="processes decoding clips during prepare")
     dataloader_workers: int = Field(0, ge=0)
+    image_noise_draws: int = Field(
+        4, ge=1, le=64, description="image-to-video: noisy versions of each conditioning image that prepare encodes "
+        "(pixel noise sigma = exp(N(-3, 0.5^2)), the reference recipe); each step trains on one, drawn at random. "
+        "Each costs about one latent frame's encode")
+    image_dropout: float = Field(0.05, ge=0, le=1, description="image-to-video: fraction of steps trained with the "
+                                                              "image latents zeroed (the reference recipe's 0.05)")
 
     @field_validator("num_frames", "min_frames")
     @classmethod
@@ -149,6 +157,8 @@ class LoraConfig(_Section):
 
 class ValidationConfig(_Section):
     prompts: list[str] = []
+    images: list[str] = Field([], description="image-to-video: one image file per prompt, in order (paths as "
+                                              "written, relative to where cogft runs)")
     every: int = Field(250, ge=1)
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(6.0, ge=1)
@@ -185,6 +195,14 @@ class Config(_Section):
             if place.exists() and not place.is_dir():
                 raise ValueError(f"{place} is a file, not a folder; choose another output_dir")
         return value
+
+    @model_validator(mode="after")
+    def _validation_images_pair(self) -> "Config":
+        images, prompts = self.validation.images, self.validation.prompts
+        if images and len(images) != len(prompts):
+            raise ValueError(f"validation.images has {len(images)} entries for {len(prompts)} validation.prompts; "
+                             "give one image per prompt, in the same order")
+        return self
 
     @model_validator(mode="after")
     def _validation_can_run(self) -> "Config":

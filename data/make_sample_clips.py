@@ -2,6 +2,7 @@
 
 Each clip is a real H.264 mp4 with distinct content and motion, 3 s at 24 fps, so frame selection
 (resampling to the models' 8 fps) and resize-and-centre-crop (one clip is 16:9) are exercised.
+The first frames of two clips are also written to data/images/, as image-to-video validation images.
 Run: python data/make_sample_clips.py
 """
 
@@ -56,10 +57,23 @@ def make_clip(name: str, source: str) -> Path:
     return out
 
 
+FIRST_FRAMES = ("bouncing_square", "fractal_zoom")  # validation images of configs/tiny-i2v-lora.yaml
+
+
+def write_first_frame(clip: Path) -> Path:
+    out = HERE / "images" / f"{clip.stem}.jpg"
+    out.parent.mkdir(exist_ok=True)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-i", str(clip),
+                    "-frames:v", "1", "-q:v", "3", str(out)], check=True)
+    return out
+
+
 def main() -> None:
     names = sorted(CLIPS)
     for name in names:
-        make_clip(name, CLIPS[name][0])
+        clip = make_clip(name, CLIPS[name][0])
+        if name in FIRST_FRAMES:
+            write_first_frame(clip)
     (HERE / "videos.txt").write_text("".join(f"videos/{n}.mp4\n" for n in names))
     (HERE / "prompts.txt").write_text("".join(f"{CLIPS[n][1]}\n" for n in names))
 

@@ -4,6 +4,8 @@ diffusers pipeline gives it at inference (the guard every new variant relies on)
 
 import json
 import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from cogft.models.loading import load_transformer, load_variant, pipeline_config
 from cogft.models.registry import SPECS, spec_named
 from cogft.models.spec import UnsupportedModelError
 
+REPO = Path(__file__).resolve().parent.parent
 SIZES = [(9, 64, 96), (17, 64, 128)]  # the tiny model's native size, and one whose rotary grid is cropped
 
 
@@ -42,14 +45,26 @@ def _layout(kwargs: dict) -> dict:
     return layout
 
 
+def first_frame(frames: int, height: int, width: int):
+    """The first training frame of the first sample clip, as cogft crops it: what an I2V step conditions on."""
+    from PIL import Image
+
+    from cogft.data.video import DecodeSpec, decode_clip
+
+    decoded = decode_clip(str(REPO / "data" / "videos" / "bouncing_square.mp4"), DecodeSpec((frames,), height, width, 8.0))
+    return Image.fromarray(decoded.frames[0])
+
+
 def _stock_inputs(path: str, variant, frames: int, height: int, width: int) -> dict:
-    """What the stock pipeline gives its transformer: two denoising steps with guidance, as a user would call it."""
+    """What the stock pipeline gives its transformer: two denoising steps with guidance, as a user would call it
+    (image-to-video: from the first frame of the clip the training side trains on)."""
     pipe = variant.spec.diffusers_class("pipeline").from_pretrained(resolve_model_path(path))
     pipe.set_progress_bar_config(disable=True)
+    image = {"image": first_frame(frames, height, width)} if variant.spec.image_conditioned else {}
     return _kwargs_of_first_forward(pipe.transformer, lambda: pipe(
         prompt="a red ball", num_frames=frames, height=height, width=width, num_inference_steps=2,
         guidance_scale=6.0, output_type="latent", max_sequence_length=variant.max_text_seq_length,
-        generator=torch.Generator().manual_seed(0)))
+        generator=torch.Generator().manual_seed(0), **image))
 
 
 def _training_inputs(make_config, path: str, variant, frames: int, height: int, width: int) -> dict:
@@ -63,7 +78,8 @@ def _training_inputs(make_config, path: str, variant, frames: int, height: int, 
     from cogft.training.checkpointing import sample_generators
 
     config = make_config(f"model.path={path}", "model.dtype=fp32", f"data.num_frames={frames}",
-                         f"data.height={height}", f"data.width={width}", "data.min_frames=9", "validation.prompts=[]")
+                         f"data.height={height}", f"data.width={width}", "data.min_frames=9", "validation.prompts=[]",
+                         "data.image_dropout=0")
     entries = prepare(config, variant, torch.device("cpu"), show_progress=False).entries
     batch = collate([LatentDataset(entries)[0]])
     transformer = load_transformer(path, variant)
@@ -79,17 +95,41 @@ def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(ma
                                                                               width):
     path = f"tiny://{short}"
     variant = load_variant(path, "fp32")  # both sides in fp32 on the CPU, so dtypes compare as they are
+    if variant.fixed_clip and (frames, height, width) != (9, 64, 96):  # 5B-I2V: one size, refused on both sides
+        with pytest.raises(ValueError, match="not possible to generate videos at a different resolution"):
+            _stock_inputs(path, variant, frames, height, width)
+        with pytest.raises(ConfigError, match="learned position table"):
+            variant.check_clip_size(frames, height, width)
+        return
     stock = _stock_inputs(path, variant, frames, height, width)
     ours = _training_inputs(make_config, path, variant, frames, height, width)
     assert _layout(ours) == _layout(stock)
     # [B, F, C, H, W] after the permute, F padded to a multiple of patch_size_t as the pipeline pads it (1.5)
     assert ours["hidden_states"].shape[1] == stock["hidden_states"].shape[1] == variant.padded_latent_frames(frames)
     assert ours["timestep"].dtype == torch.int64
+    if variant.spec.image_conditioned:
+        _assert_same_image_latents(variant, ours, stock)
+        assert (stock.get("ofs") is not None) == (variant.spec.ofs is not None)
+        if variant.spec.ofs is not None:
+            torch.testing.assert_close(ours["ofs"], stock["ofs"][:1], rtol=0, atol=0)  # 2.0 for 1.5-I2V
     if variant.use_rotary:  # the same 3D RoPE values, not only the same shapes
         for a, b in zip(ours["image_rotary_emb"], stock["image_rotary_emb"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     else:
         assert ours.get("image_rotary_emb") is None and stock.get("image_rotary_emb") is None
+
+
+def _assert_same_image_latents(variant, ours: dict, stock: dict) -> None:
+    """The image channels: the image at latent frame 0, zeros after it (padded frames included), at the scale the
+    stock pipeline gives it. Both sides sample the same image's latent distribution (ours under the recipe's small
+    pixel noise), so their sizes agree; scaled the other way (x0.7 against /0.7) they would differ 2x."""
+    channels = variant.configs.vae["latent_channels"]
+    mine, theirs = ours["hidden_states"][:, :, channels:], stock["hidden_states"][:1, :, channels:]
+    assert mine.shape == theirs.shape
+    for image in (mine, theirs):
+        assert image[:, 0].abs().sum() > 0 and not image[:, 1:].any()
+    ratio = (mine[:, 0].norm() / theirs[:, 0].norm()).item()
+    assert 0.85 < ratio < 1.18, ratio
 
 
 @pytest.mark.parametrize("short,name,hub_id", [(s.short, s.name, s.hub_id) for s in SPECS])
@@ -100,7 +140,9 @@ def test_variants_are_read_from_the_configs_not_the_name(tmp_path, short, name, 
     assert load_variant(hub_id.lower().replace("thudm", "zai-org")).name == name
 
 
-@pytest.mark.parametrize("in_channels,said", [(8, "image-to-video"), (12, "neither 1x nor 2x")])
+# 8: image channels on a text-to-video pipeline (an I2V transformer in a CogVideoXPipeline folder)
+@pytest.mark.parametrize("in_channels,said", [(8, "a combination no registered variant matches"),
+                                              (12, "neither 1x nor 2x")])
 def test_an_unsupported_pipeline_is_refused_at_load_with_what_was_found(tmp_path, make_config, capsys, in_channels,
                                                                          said):
     folder = shutil.copytree(resolve_model_path("tiny://5b"), tmp_path / "pipeline")
@@ -120,9 +162,10 @@ def test_an_unsupported_pipeline_is_refused_at_load_with_what_was_found(tmp_path
 
 
 def test_offered_names_only(tmp_path):
-    with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b, tiny://1.5-5b"):
+    with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b, tiny://5b-i2v, tiny://1.5-5b, "
+                                          "tiny://1.5-5b-i2v"):
         resolve_model_path("tiny://nope")
-    with pytest.raises(ConfigError, match="random://2b, random://5b, random://1.5-5b"):
+    with pytest.raises(ConfigError, match="random://2b, random://5b, random://5b-i2v, random://1.5-5b, random://1.5-5b-i2v"):
         load_variant("random://xl")
 
 

@@ -24,7 +24,7 @@ from ..models.loading import load_for_config
 def measure(config_path: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="cogft-bench-") as cache:
         config = load_config(config_path, [*overrides, f"data.cache_dir={cache}", "validation.prompts=[]"])
-        config, variant = load_for_config(config)
+        config, variant = load_for_config(config, validates=False)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         started = time.perf_counter()
         summary = prepare(config, variant, device, show_progress=False).summary

@@ -41,7 +41,7 @@ def random_pipeline(variant: Variant, device: torch.device):
 def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
                  emit: Callable[[dict], None] = print) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config, variant = load_for_config(config)
+    config, variant = load_for_config(config, validates=False)
     free(device)
     pipe = random_pipeline(variant, device)
     if config.data.vae_tiling:  # as validation decodes
@@ -52,13 +52,19 @@ def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
     embeds = torch.randn(shape, generator=gen).to(device, dtype)
     negative = torch.randn(shape, generator=gen).to(device, dtype)
     cfg, data = config.validation, config.data
+    image = None  # image-to-video: a random start image at the video's size (the pipeline encodes it each render)
+    if variant.spec.image_conditioned:
+        from PIL import Image
+
+        pixels = torch.randint(0, 256, (data.height, data.width, 3), generator=gen, dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy())
 
     def timed(cache: str, steps: int) -> float:
         sync(device)
         started = time.perf_counter()
         render(pipe, variant, device, num_frames=data.num_frames, height=data.height, width=data.width, steps=steps,
                guidance_scale=cfg.guidance_scale, seed=cfg.seed, prompt_embeds=embeds,
-               negative_prompt_embeds=negative, cache=cache)
+               negative_prompt_embeds=negative, image=image, cache=cache)
         sync(device)
         return time.perf_counter() - started
 

@@ -22,6 +22,7 @@ from ..config import Config
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
 from ..models.flops import peak_tflops, step_flops
+from ..models.image_to_video import image_latent_scale
 from ..models.loading import load_for_config
 from ..models.reference import random_init
 from ..models.spec import Variant
@@ -36,17 +37,23 @@ def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.devic
 
 
 def _synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int):
-    """A batch shaped like the cache's: latent mean/logvar [B, C, F, h, w] and T5 embeddings [B, L, D]."""
+    """A batch shaped like the cache's: latent mean/logvar [B, C, F, h, w], T5 embeddings [B, L, D], and for
+    image-to-video models the image encodings [B, K, C, 1, h, w]."""
     gen = torch.Generator(device=device).manual_seed(seed)
     b, c = config.train.batch_size, variant.configs.vae["latent_channels"]
-    shape = (b, c, variant.latent_frames(config.data.num_frames),
-             config.data.height // variant.vae_scale_spatial, config.data.width // variant.vae_scale_spatial)
-    return {
+    h, w = config.data.height // variant.vae_scale_spatial, config.data.width // variant.vae_scale_spatial
+    shape = (b, c, variant.latent_frames(config.data.num_frames), h, w)
+    batch = {
         "latent_mean": torch.randn(shape, generator=gen, device=device, dtype=variant.dtype),
         "latent_logvar": torch.full(shape, -4.0, device=device, dtype=variant.dtype),
         "prompt_embeds": torch.randn((b, variant.max_text_seq_length, variant.text_embed_dim),
                                      generator=gen, device=device, dtype=variant.dtype),
     }
+    if variant.spec.image_conditioned:
+        image_shape = (b, config.data.image_noise_draws, c, 1, h, w)
+        batch["image_mean"] = torch.randn(image_shape, generator=gen, device=device, dtype=variant.dtype)
+        batch["image_logvar"] = torch.full(image_shape, -4.0, device=device, dtype=variant.dtype)
+    return batch
 
 
 def cogft_step(config: Config, variant: Variant, device: torch.device):
@@ -119,9 +126,13 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
         x_t = scheduler.add_noise(x0, noise, t)
+        image_latents = None
+        if variant.spec.image_conditioned:  # the first encoding at latent frame 0, zeros after it
+            image_latents = torch.zeros_like(x0)
+            image_latents[:, 0] = batch["image_mean"][:, 0, :, 0] * image_latent_scale(variant.configs.vae)
         with torch.autocast(device.type, dtype=variant.dtype):
-            v = transformer(hidden_states=x_t, encoder_hidden_states=batch["prompt_embeds"], timestep=t,
-                            image_rotary_emb=rotary, return_dict=False)[0]
+            inputs = variant.spec.transformer_inputs(x_t, batch["prompt_embeds"], t, rotary, image_latents)
+            v = transformer(**inputs, return_dict=False)[0]
         x0_hat = scheduler.get_velocity(v, x_t, t)
         weights = 1 / (1 - alphas_cumprod[t])
         loss = (weights * ((x0_hat.float() - x0.float()) ** 2).flatten(1).mean(1)).mean()
@@ -190,7 +201,7 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
-    config, variant = load_for_config(config)
+    config, variant = load_for_config(config, validates=False)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:

@@ -3,7 +3,10 @@
 Run once per dataset and model; training then needs neither the T5 encoder nor the VAE encoder.
 Entries are keyed by content (the clip's bytes, every preprocessing parameter, the encoder's
 identity), so a changed clip or setting re-encodes only what changed, a renamed clip does not, and
-one cache serves many runs. Each entry is written to a temporary name and renamed, so an interrupted
+one cache serves many runs. Image-to-video models get, in each clip's entry, K encodings of its
+conditioning image (the given one or the window's first frame) under seeded pixel noise: the reference
+recipe noises the image before encoding, so one frozen draw would not do, and training must not hold the
+VAE encoder. Each entry is written to a temporary name and renamed, so an interrupted
 prepare leaves no half entry and a rerun encodes only what is missing.
 """
 
@@ -27,11 +30,13 @@ from tqdm.auto import tqdm
 
 from .. import cogft_home
 from ..config import Config
+from ..models.image_to_video import IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..models.spec import Variant
 from ..run_dir import REPORT_FILE
 from .captions import count_tokens, load_tokenizer, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
+from .images import read_image
 from .sources import Clip, read_clips
 from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets, windows_note
 from .workers import isolated_map
@@ -153,6 +158,20 @@ def encode_frames(vae, frames: np.ndarray, device: torch.device, dtype: torch.dt
         return vae.encode(pixels).latent_dist
 
 
+def encode_noisy_images(vae, image: np.ndarray, draws: int, seed: int, device: torch.device,
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`draws` encodings of one uint8 image [H, W, 3] under pixel noise of sigma = exp(N(-3, 0.5^2)) (the
+    reference recipe), as image_mean / image_logvar [K, C, 1, h, w]. The draws come from `seed` on the CPU,
+    so the same clip gets the same encodings on every machine."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W] in [-1, 1]
+    sigma = torch.exp(torch.randn(draws, generator=generator) * IMAGE_NOISE_LOG_SIGMA_STD + IMAGE_NOISE_LOG_SIGMA_MEAN)
+    noisy = pixels + sigma[:, None, None, None] * torch.randn((draws, *pixels.shape), generator=generator)
+    with torch.no_grad():
+        dist = vae.encode(noisy.unsqueeze(2).to(device, dtype)).latent_dist
+    return {"image_mean": dist.mean, "image_logvar": dist.logvar}
+
+
 class Preparer:
     """Holds the keys, stage timings and lazily loaded encoders for one config on one device."""
 
@@ -169,8 +188,12 @@ class Preparer:
         self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
         self.repaired: dict[str, list[str]] = {}  # content digest -> notes on damaged entries made again
         rev = config.model.revision
+        self.image_conditioned = variant.spec.image_conditioned
+        image_recipe = ({"image_noise_draws": data.image_noise_draws, "log_sigma": [IMAGE_NOISE_LOG_SIGMA_MEAN,
+                                                                                   IMAGE_NOISE_LOG_SIGMA_STD]}
+                        if self.image_conditioned else {})  # text-to-video keys stay as they were
         self._latent_salt = _digest(self.spec.pixel_key(), component_identity(self.model_path, "vae", rev),
-                                    str(self.dtype))
+                                    str(self.dtype), *([image_recipe] if image_recipe else []))
         self._prompt_salt = _digest(
             component_identity(self.model_path, "text_encoder", rev),
             component_identity(self.model_path, "tokenizer", rev),
@@ -250,18 +273,31 @@ class Preparer:
                 encode_started = time.perf_counter()
                 count = int(decoded.frames.shape[0])
                 selection = decoded.probe.selection
+                given = self.given_image(clip, len(selection.offsets))
+                if isinstance(given, Problem):
+                    row.update(status="skipped", problem=given.code, reason=given.detail)
+                    bar.update(1)
+                    waited = time.perf_counter()
+                    continue
+                image, image_notes = given
+                clip_notes = [*decoded.notes, *image_notes]
                 targets = tuple(self.latent_path(digest, count, o) for o in selection.offsets)
                 for frames, offset, target in zip(decoded.windows, selection.offsets, targets):
-                    dist = encode_frames(vae, frames, self.device, self.dtype)
+                    entry = self.variant.spec.clip_entry(encode_frames(vae, frames, self.device, self.dtype))
+                    if self.image_conditioned:
+                        entry.update(encode_noisy_images(vae, frames[0] if image is None else image,
+                                                         self.config.data.image_noise_draws,
+                                                         int(_digest(digest, offset, "image noise")[:15], 16),
+                                                         self.device, self.dtype))
                     save_atomic(
-                        self.variant.spec.clip_entry(dist),
+                        entry,
                         target,
                         {"video": str(clip.video), "frames": str(count), "available": str(selection.available),
-                         "offset": str(offset), "notes": json.dumps(decoded.notes),
+                         "offset": str(offset), "notes": json.dumps(clip_notes),
                          "source": json.dumps(row.get("source", {}))},
                     )
                 self.seconds["vae_encode"] += time.perf_counter() - encode_started
-                notes = [*self.repaired.pop(digest, []), *decoded.notes, *windows_note(count, selection.offsets)]
+                notes = [*self.repaired.pop(digest, []), *clip_notes, *windows_note(count, selection.offsets)]
                 row.update(status="encoded", frames=count, windows=len(targets), notes=notes)
                 written.append((clip, targets, count))
             bar.update(1)
@@ -269,6 +305,28 @@ class Preparer:
         bar.close()
         del vae
         return written
+
+    def given_image(self, clip: Clip, windows: int) -> tuple[np.ndarray | None, list[str]] | Problem:
+        """The clip's conditioning image at the training size (None: each window's first frame), with notes."""
+        if not self.image_conditioned or clip.image is None:
+            return None, []
+        read = read_image(clip.image, self.spec)
+        if isinstance(read, Problem):
+            return read
+        image, notes = read
+        if windows > 1:
+            notes.append(f"the given conditioning image {clip.image.name} conditions all {windows} windows")
+        return image, notes
+
+    def clip_key(self, clip: Clip) -> str | Problem:
+        """What a clip's entries are keyed by: its bytes, and those of its given conditioning image if any."""
+        digest = file_digest(clip.video)
+        if not self.image_conditioned or clip.image is None:
+            return digest
+        if not clip.image.is_file():
+            return Problem("image_missing", f"conditioning image {clip.image} not found; fix the path in the list, "
+                                            "or leave it blank to condition on the clip's first frame")
+        return _digest(digest, file_digest(clip.image))
 
     def caption_tokens(self, captions: list[str]) -> dict[str, int]:
         if not captions:
@@ -307,11 +365,16 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
     todo: list[tuple[Clip, str]] = []
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
+        if preparer.image_conditioned:
+            row["image"] = str(clip.image) if clip.image else "first frame"
         if admission[clip.line]:
             problem = admission[clip.line][0]
             row.update(status="skipped", problem=problem.code, reason=problem.detail)
             continue
-        digest = file_digest(clip.video)
+        digest = preparer.clip_key(clip)
+        if isinstance(digest, Problem):
+            row.update(status="skipped", problem=digest.code, reason=digest.detail)
+            continue
         hit = preparer.find_cached(digest)
         if hit is None:
             todo.append((clip, digest))
@@ -365,8 +428,12 @@ def prepare(
     """
     started = time.perf_counter()
     preparer = Preparer(config, variant, device)
-    clips = read_clips(config.data.path, config.data.video_column, config.data.caption_column)
+    clips = read_clips(config.data.path, config.data.video_column, config.data.caption_column,
+                       config.data.image_column)
     rows: dict[str, dict] = {}
+    if not preparer.image_conditioned and any(clip.image for clip in clips):
+        logger.warning("%d clips name a conditioning image; %s is text-to-video, so the images are not used",
+                       sum(1 for clip in clips if clip.image), variant.name)
     cached, todo = _check_listed(clips, rank, world_size, preparer, rows)
     kept = cached + preparer.encode_latents(todo, rows, show_progress)
 

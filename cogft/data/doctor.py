@@ -53,7 +53,9 @@ def _with_model(config: Config | None) -> tuple[Config | None, Variant | None, s
         variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
     except (OSError, ValueError) as error:
         return config, None, f"token counts skipped: cannot read the model {config.model.path}: {error}"
-    return variant.resolve(config), variant, None
+    config = variant.resolve(config)
+    variant.check_validation_images(config.validation.prompts, config.validation.images)
+    return config, variant, None
 
 
 def _tokens(config: Config, variant: Variant, captions: list[str]) -> tuple[dict[str, int], int | None, str | None]:

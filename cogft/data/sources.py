@@ -3,7 +3,9 @@
 Layouts: a folder with `prompts.txt` + `videos.txt` (one line each, paired, as in the official
 CogVideo fine-tuning), a `.csv` / `.jsonl` metadata file with video and caption columns, or a plain
 folder of clips with a same-named `.txt` caption beside each. Paths are relative to the folder
-holding the list. Text is read with `surrogateescape`, so a caption that is not valid UTF-8 reaches
+holding the list. Image-to-video models may be given a conditioning image per clip: an `images.txt`
+beside `videos.txt` (paired line by line; a blank line means the clip's first frame) or an image column
+in the metadata file; without one they take the clip's first frame. Text is read with `surrogateescape`, so a caption that is not valid UTF-8 reaches
 the per-file checks (and the report) instead of failing the whole list; problems are returned per
 entry, never raised mid-list.
 """
@@ -30,6 +32,7 @@ class Clip:
     video: Path
     caption: str | None  # None: no caption given at all (vs "" for an empty one)
     line: str  # where it was listed, for reports: "videos.txt:3", "meta.csv:row 5", "clips/a.mp4"
+    image: Path | None = None  # the conditioning image of image-to-video models; None: the clip's first frame
 
 
 def _read_text(path: Path) -> str:
@@ -51,9 +54,13 @@ def _from_txt_pair(folder: Path) -> list[Clip]:
         raise DatasetLayoutError(
             f"{folder}: videos.txt has {len(videos)} lines but prompts.txt has {len(prompts)}; they must pair line by line"
         )
+    images = _lines(folder / "images.txt") if (folder / "images.txt").is_file() else [""] * len(videos)
+    if len(images) != len(videos):
+        raise DatasetLayoutError(f"{folder}: images.txt has {len(images)} lines but videos.txt has {len(videos)}; they "
+                                 "must pair line by line (a blank line: that clip's first frame)")
     return [
-        Clip(folder / v.strip(), p.strip(), f"videos.txt:{i + 1}")
-        for i, (v, p) in enumerate(zip(videos, prompts))
+        Clip(folder / v.strip(), p.strip(), f"videos.txt:{i + 1}", folder / im.strip() if im.strip() else None)
+        for i, (v, p, im) in enumerate(zip(videos, prompts, images))
         if v.strip()
     ]
 
@@ -77,7 +84,8 @@ def _from_folder(folder: Path) -> list[Clip]:
     return clips
 
 
-def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: str, what: str) -> list[Clip]:
+def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: str, what: str,
+               image_column: str) -> list[Clip]:
     clips = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or video_column not in row:
@@ -85,11 +93,12 @@ def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: 
             raise DatasetLayoutError(
                 f"{file}: {what} {i + 1} has no {video_column!r} column (columns: {columns}); set data.video_column"
             )
-        caption = row.get(caption_column)
+        caption, image = row.get(caption_column), str(row.get(image_column) or "").strip()
         clips.append(Clip(
             file.parent / str(row[video_column]),
             None if caption is None else str(caption).strip(),
             f"{file.name}:{what} {i + 1}",
+            file.parent / image if image else None,
         ))
     if rows and not any(caption_column in row for row in rows):  # a wrong column, not captions missing here and there
         raise DatasetLayoutError(f"{file}: no {what} has a {caption_column!r} column (columns: {', '.join(rows[0])}); "
@@ -97,7 +106,8 @@ def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: 
     return clips
 
 
-def read_clips(path: str | Path, video_column: str = "video", caption_column: str = "caption") -> list[Clip]:
+def read_clips(path: str | Path, video_column: str = "video", caption_column: str = "caption",
+               image_column: str = "image") -> list[Clip]:
     path = Path(path)
     if path.is_dir():
         if (path / "videos.txt").is_file() and (path / "prompts.txt").is_file():
@@ -107,7 +117,7 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
         raise DatasetLayoutError(f"data.path {path} does not exist")
     if path.suffix == ".csv":
         return _from_rows(list(csv.DictReader(io.StringIO(_read_text(path), newline=""))), path,
-                          video_column, caption_column, "row")
+                          video_column, caption_column, "row", image_column)
     if path.suffix in (".jsonl", ".json"):
         rows = []
         for n, line in enumerate(_read_text(path).split("\n")):
@@ -116,5 +126,5 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise DatasetLayoutError(f"{path}: line {n + 1} is not valid JSON: {error}") from None
-        return _from_rows(rows, path, video_column, caption_column, "line")
+        return _from_rows(rows, path, video_column, caption_column, "line", image_column)
     raise DatasetLayoutError(f"data.path {path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR, resolve_trained
-from .sampling import pipeline_with_weights
+from .sampling import pipeline_with_weights, trained_variant
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def export(source: str, out: str, merge: bool = False) -> Path:
         raise FileExistsError(f"--out {target} exists and is not empty; choose a new folder")
     target.mkdir(parents=True, exist_ok=True)
     if merge:
-        pipe, _ = pipeline_with_weights(trained, torch.device("cpu"), release_dtype=True)
+        pipe = pipeline_with_weights(trained, trained_variant(trained), torch.device("cpu"), release_dtype=True)
         if trained.mode == "lora":
             pipe.fuse_lora(lora_scale=1.0)
             pipe.unload_lora_weights()

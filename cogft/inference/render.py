@@ -32,8 +32,9 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, height: int, width: int,
            steps: int, guidance_scale: float, seed: int, prompt: str | None = None,
            prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-           cache: str = "none"):
+           image=None, cache: str = "none"):
     """Denoise under the variant's autocast, then decode outside it; returns float frames [F, H, W, 3].
+    `image`: the conditioning image of image-to-video models (a PIL image at the video's size).
 
     The seeded generator lives on `device`: the CogVideoX DPM scheduler draws fresh noise every step, and
     with a CPU generator each draw stalls the GPU.
@@ -43,7 +44,7 @@ def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, hei
     if approximate is not None:
         pipe.transformer.enable_cache(approximate)
     conditioning = variant.spec.pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
-                                                negative_prompt_embeds=negative_prompt_embeds)
+                                                negative_prompt_embeds=negative_prompt_embeds, image=image)
     try:
         with torch.no_grad(), _autocast(device, variant.dtype):
             latents = pipe(

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..data.images import conditioning_image
 from ..models.attention import fa4_unavailable, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.loading import load_pipeline, load_variant
@@ -18,12 +19,16 @@ from .render import render, write_mp4
 logger = logging.getLogger(__name__)
 
 
-def pipeline_with_weights(trained: TrainedWeights, device: torch.device, release_dtype: bool = False):
+def trained_variant(trained: TrainedWeights) -> Variant:
+    model = trained.config.model
+    return load_variant(model.path, model.dtype, model.revision)
+
+
+def pipeline_with_weights(trained: TrainedWeights, variant: Variant, device: torch.device, release_dtype: bool = False):
     """The variant's stock pipeline with the trained weights applied: LoRA via load_lora_weights, SFT via a new
     transformer. In the variant's dtype on accelerators (and everywhere with `release_dtype`, as a merged export
-    ships), fp32 on CPUs. Returns (pipe, variant)."""
+    ships), fp32 on CPUs."""
     config = trained.config
-    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
     dtype = variant.dtype if release_dtype else variant.compute_dtype(device)
     if trained.mode == "lora":
         pipe = load_pipeline(config.model.path, variant, dtype, config.model.revision)
@@ -32,7 +37,7 @@ def pipeline_with_weights(trained: TrainedWeights, device: torch.device, release
         transformer = variant.spec.diffusers_class("transformer").from_pretrained(
             str(trained.weights_dir / TRANSFORMER_DIR), dtype=dtype)
         pipe = load_pipeline(config.model.path, variant, dtype, config.model.revision, transformer=transformer)
-    return pipe.to(device), variant
+    return pipe.to(device)
 
 
 def _attention_here(trained: TrainedWeights, device: torch.device, variant: Variant) -> str:
@@ -45,22 +50,49 @@ def _attention_here(trained: TrainedWeights, device: torch.device, variant: Vari
     return attention
 
 
+def _clip_size(trained: TrainedWeights, variant: Variant, frames: int | None, height: int | None,
+               width: int | None) -> tuple[int, int, int]:
+    """The video's size: the run's training size unless given; what the variant cannot make is refused by flag."""
+    data = trained.config.data
+    size = (frames or data.num_frames, height or data.height, width or data.width)
+    if (size[0] - 1) % 4:
+        raise ConfigError(f"--frames {size[0]}: must be 4k+1 (8k+1 decodes back to the same length), e.g. "
+                          f"{size[0] - (size[0] - 1) % 4}")
+    try:
+        variant.check_clip_size(*size)
+    except ConfigError as error:  # it names the data.* key; here the flag is meant
+        raise ConfigError(str(error).replace("data.num_frames", "--frames").replace("data.height", "--height")
+                          .replace("data.width", "--width").replace("data.min_frames", "--frames")) from None
+    return size
+
+
 def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: int | None = None,
-           guidance_scale: float | None = None, device: str | None = None, cache: str | None = None) -> Path:
-    """One video from `--from RUN_OR_CHECKPOINT` at the run's training size."""
+           guidance_scale: float | None = None, device: str | None = None, cache: str | None = None, *,
+           image: str | None = None, frames: int | None = None, height: int | None = None,
+           width: int | None = None) -> Path:
+    """One video from `--from RUN_OR_CHECKPOINT`, at the run's training size unless told otherwise; image-to-video
+    models start from `image`."""
     trained = resolve_trained(source)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible here; leave --device out, or use --device cpu")
-    pipe, variant = pipeline_with_weights(trained, target)
+    variant = trained_variant(trained)
+    num_frames, height, width = _clip_size(trained, variant, frames, height, width)
+    if variant.spec.image_conditioned and image is None:
+        raise ConfigError(f"--image: {variant.name} makes a video from an image and a prompt; give --image FILE")
+    if image is not None and not variant.spec.image_conditioned:
+        raise ConfigError(f"--image: {variant.name} is text-to-video and takes no image; leave --image out")
+    start = None if image is None else conditioning_image(image, height, width, trained.config.data.resize, "--image")
+    pipe = pipeline_with_weights(trained, variant, target)
     set_attention(pipe.transformer, _attention_here(trained, target, variant), target, variant.dtype)
     apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
-    cfg, data = trained.config.validation, trained.config.data
+    cfg = trained.config.validation
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
-    frames = render(
-        pipe, variant, target, num_frames=data.num_frames, height=data.height, width=data.width,
+    video = render(
+        pipe, variant, target, num_frames=num_frames, height=height, width=width,
         steps=cfg.num_inference_steps if steps is None else steps,
         guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-        seed=cfg.seed if seed is None else seed, prompt=prompt, cache=cfg.cache if cache is None else cache,
+        seed=cfg.seed if seed is None else seed, prompt=prompt, image=start,
+        cache=cfg.cache if cache is None else cache,
     )
-    return write_mp4(frames, Path(out), cfg.fps)
+    return write_mp4(video, Path(out), cfg.fps)

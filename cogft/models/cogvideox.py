@@ -1,6 +1,8 @@
-"""The CogVideoX text-to-video variants: CogVideoX-2B (sincos positions, fp16), CogVideoX-5B (3D RoPE,
-bf16) and CogVideoX 1.5-5B (latent frames patched in pairs, RoPE on a sliced grid, 81 frames at 16 fps,
-768x1360). They share the text-to-video behaviour of `VariantSpec`; they differ in data only.
+"""The CogVideoX variants: CogVideoX-2B (sincos positions, fp16), CogVideoX-5B (3D RoPE, bf16) and
+CogVideoX 1.5-5B (latent frames patched in pairs, RoPE on a sliced grid, 81 frames at 16 fps, 768x1360),
+which share the text-to-video behaviour of `VariantSpec`; and the image-to-video models of 5B (a learned
+position table fixes its clip size) and 1.5 (an `ofs` input), which share `ImageToVideoSpec`'s. Within a
+family they differ in data only.
 
 The tiny configurations use the same classes at toy sizes and differ between the two the way the
 real ones do (positions, VAE scaling factor, scheduler shift), so every variant-specific path runs in
@@ -10,6 +12,7 @@ the CPU tests.
 from __future__ import annotations
 
 from . import reference
+from .image_to_video import ImageToVideoSpec
 from .spec import ClipSize, PipelineConfigs, VariantSpec
 
 _NATIVE_1_0 = ClipSize(num_frames=49, height=480, width=720, fps=8.0)
@@ -26,7 +29,8 @@ _TINY_VAE = {
 }
 
 
-_KEPT_FROM_FULL_SIZE = ("use_rotary_positional_embeddings", "patch_size_t", "patch_bias")
+_KEPT_FROM_FULL_SIZE = ("use_rotary_positional_embeddings", "use_learned_positional_embeddings", "patch_size_t",
+                        "patch_bias")
 # 1.5's sliced RoPE grid must cover the largest clip: 40 latent pixels (20 patches, 320 pixels) a side
 _TINY_1_5_GRID = {"sample_height": 40, "sample_width": 40}
 
@@ -37,6 +41,10 @@ def _tiny(full: PipelineConfigs) -> PipelineConfigs:
     transformer = {**_TINY_TRANSFORMER, **kept}
     if transformer.get("patch_size_t"):
         transformer.update(_TINY_1_5_GRID)
+    if full.transformer["in_channels"] == 2 * full.vae["latent_channels"]:  # image-to-video: image latents beside
+        transformer["in_channels"] = 2 * _TINY_VAE["latent_channels"]
+    if full.transformer.get("ofs_embed_dim"):  # added to the time embedding, so of its width
+        transformer["ofs_embed_dim"] = transformer["time_embed_dim"]
     vae = {**_TINY_VAE, **{k: full.vae[k] for k in ("scaling_factor", "invert_scale_latents") if k in full.vae}}
     return PipelineConfigs(model_index=full.model_index, transformer=transformer, vae=vae, scheduler=full.scheduler)
 
@@ -52,4 +60,14 @@ COGVIDEOX_5B = VariantSpec(
 COGVIDEOX_1_5_5B = VariantSpec(
     name="cogvideox1.5-5b", short="1.5-5b", hub_id="THUDM/CogVideoX1.5-5B", dtype="bf16", rotary=True,
     native=_NATIVE_1_5, patch_size_t=2, reference=reference.COGVIDEOX_1_5_5B, tiny=_tiny(reference.COGVIDEOX_1_5_5B),
+)
+COGVIDEOX_5B_I2V = ImageToVideoSpec(
+    name="cogvideox-5b-i2v", short="5b-i2v", hub_id="THUDM/CogVideoX-5b-I2V", dtype="bf16", rotary=True,
+    native=_NATIVE_1_0, learned_positions=True, reference=reference.COGVIDEOX_5B_I2V,
+    tiny=_tiny(reference.COGVIDEOX_5B_I2V),
+)
+COGVIDEOX_1_5_5B_I2V = ImageToVideoSpec(
+    name="cogvideox1.5-5b-i2v", short="1.5-5b-i2v", hub_id="THUDM/CogVideoX1.5-5B-I2V", dtype="bf16", rotary=True,
+    native=_NATIVE_1_5, patch_size_t=2, ofs=2.0, reference=reference.COGVIDEOX_1_5_5B_I2V,
+    tiny=_tiny(reference.COGVIDEOX_1_5_5B_I2V),
 )

@@ -67,11 +67,15 @@ def load_variant(path: str, dtype: str = "auto", revision: str | None = None) ->
     return spec_for(configs, path).bind(configs, dtype)
 
 
-def load_for_config(config: Config) -> tuple[Config, Variant]:
+def load_for_config(config: Config, validates: bool = True) -> tuple[Config, Variant]:
     """The config's variant, and the config with the variant's native clip wherever `data.*` leaves it unset;
-    a clip size the variant cannot take is refused by key, before any work."""
+    a clip size the variant cannot take, and (for work that `validates`) validation images it cannot use, are
+    refused by key before any work. Benchmarks and estimates render no validation prompt."""
     variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
-    return variant.resolve(config), variant
+    config = variant.resolve(config)
+    if validates:
+        variant.check_validation_images(config.validation.prompts, config.validation.images)
+    return config, variant
 
 
 def load_transformer(path: str, variant: Variant, revision: str | None = None):

@@ -2,7 +2,8 @@
 
 `cogft bench`, `cogft estimate` and `random://` pipelines build randomly initialised models from these
 (same compute and memory as the real weights) without reaching the hub. Values are those of the
-published `THUDM/CogVideoX-2b`, `THUDM/CogVideoX-5b` and `THUDM/CogVideoX1.5-5B` pipeline folders.
+published `THUDM/CogVideoX-2b`, `THUDM/CogVideoX-5b`, `THUDM/CogVideoX-5b-I2V`, `THUDM/CogVideoX1.5-5B` and
+`THUDM/CogVideoX1.5-5B-I2V` pipeline folders.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ T5_XXL_ENCODER = {
     "is_gated_act": True,
 }
 _T2V_INDEX = {"_class_name": "CogVideoXPipeline"}
+_I2V_INDEX = {"_class_name": "CogVideoXImageToVideoPipeline"}
+# image-to-video: the noisy video latents and the image latents side by side on channels (16 + 16)
+_I2V_CHANNELS = {"in_channels": 32, "out_channels": 16}
 
 COGVIDEOX_2B = PipelineConfigs(
     model_index=_T2V_INDEX,
@@ -63,6 +67,21 @@ COGVIDEOX_1_5_5B = PipelineConfigs(
                  "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
     vae={**_VAE_COMMON, "scaling_factor": 0.7, "invert_scale_latents": True},
     scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+)
+
+# 5B-I2V: 5B with a learned position table beside RoPE, sized for 49 frames at 480x720 only
+COGVIDEOX_5B_I2V = PipelineConfigs(
+    model_index=_I2V_INDEX,
+    transformer={**COGVIDEOX_5B.transformer, **_I2V_CHANNELS, "use_learned_positional_embeddings": True},
+    vae=COGVIDEOX_5B.vae,
+    scheduler=COGVIDEOX_5B.scheduler,
+)
+# 1.5-I2V: 1.5 with the image channels and an `ofs` embedding (the pipeline passes 2.0)
+COGVIDEOX_1_5_5B_I2V = PipelineConfigs(
+    model_index=_I2V_INDEX,
+    transformer={**COGVIDEOX_1_5_5B.transformer, **_I2V_CHANNELS, "ofs_embed_dim": 512},
+    vae=COGVIDEOX_1_5_5B.vae,
+    scheduler=COGVIDEOX_1_5_5B.scheduler,
 )
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..config import ConfigError
-from .cogvideox import COGVIDEOX_1_5_5B, COGVIDEOX_2B, COGVIDEOX_5B
+from .cogvideox import COGVIDEOX_1_5_5B, COGVIDEOX_1_5_5B_I2V, COGVIDEOX_2B, COGVIDEOX_5B, COGVIDEOX_5B_I2V
 from .spec import PipelineConfigs, VariantSpec, identify
 
-SPECS: tuple[VariantSpec, ...] = (COGVIDEOX_2B, COGVIDEOX_5B, COGVIDEOX_1_5_5B)
+SPECS: tuple[VariantSpec, ...] = (COGVIDEOX_2B, COGVIDEOX_5B, COGVIDEOX_5B_I2V, COGVIDEOX_1_5_5B, COGVIDEOX_1_5_5B_I2V)
 
 
 def spec_for(configs: PipelineConfigs, where: str) -> VariantSpec:

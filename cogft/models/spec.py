@@ -1,6 +1,6 @@
 """The contract every CogVideoX variant fulfils, and the registry that picks a variant from a pipeline's configs.
 
-A variant (2B, 5B, and later the image-to-video and 1.5 models) is one `VariantSpec`: which configs it
+A variant (2B, 5B, 1.5, and their image-to-video models) is one `VariantSpec`: which configs it
 matches, its diffusers classes and default dtype, its frame rules, what one training step gives the
 transformer, how the pipeline is called for a video, and its tiny and full-size configurations. The
 trainer, prepare, sampling, export, estimate and bench ask the spec instead of branching on a name.
@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -87,6 +88,11 @@ class VariantSpec:
     scheduler_class: str = "CogVideoXDPMScheduler"
     patch_size_t: int | None = None  # CogVideoX 1.5 patches latent frames in pairs
 
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether a video is made from an image as well as a prompt (prepare caches the image, sampling needs one)."""
+        return False
+
     # identity ---------------------------------------------------------------------------------
     def matches(self, configs: PipelineConfigs) -> bool:
         t, latent = configs.transformer, configs.vae.get("latent_channels")
@@ -115,14 +121,15 @@ class VariantSpec:
 
     # training ---------------------------------------------------------------------------------
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
-                           rotary: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+                           rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                           image_latents: torch.Tensor | None = None) -> dict[str, Any]:
         """The keyword arguments of one training forward, laid out as the stock pipeline lays them out."""
         return {"hidden_states": x_t, "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
                 "image_rotary_emb": rotary}
 
     # sampling ---------------------------------------------------------------------------------
     def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
-                        negative_prompt_embeds: torch.Tensor | None) -> dict[str, Any]:
+                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
         """The conditioning part of the pipeline call for a validation video or `cogft sample`."""
         return {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
 
@@ -219,18 +226,43 @@ class Variant:
     def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
         return frame_buckets(num_frames, min_frames)
 
+    @property
+    def fixed_clip(self) -> ClipSize | None:
+        """The only clip a learned position table fits (5B-I2V: 49 frames at 480x720), read from the transformer's
+        sample size; None where positions are computed for any size."""
+        t = self.transformer_config
+        if not t.get("use_learned_positional_embeddings"):
+            return None
+        return ClipSize(num_frames=int(t["sample_frames"]), height=int(t["sample_height"]) * self.vae_scale_spatial,
+                        width=int(t["sample_width"]) * self.vae_scale_spatial, fps=self.spec.native.fps)
+
     def resolve(self, config: Config) -> Config:
         """`config` with the variant's native clip for every `data.num_frames/height/width/fps` it leaves unset
-        (CogVideoX 1.5 trains 81 frames at 16 fps, 768x1360, not the schema's 1.0 defaults); a clip size the
-        variant cannot take is refused by key."""
-        unset = {key: getattr(self.spec.native, key) for key in ("num_frames", "height", "width", "fps")
+        (CogVideoX 1.5 trains 81 frames at 16 fps, 768x1360, not the schema's 1.0 defaults; a fixed-size model
+        gets no shorter frame buckets); a clip size the variant cannot take is refused by key."""
+        native = self.fixed_clip or self.spec.native
+        unset = {key: getattr(native, key) for key in ("num_frames", "height", "width", "fps")
                  if key not in config.data.model_fields_set}
+        if self.fixed_clip and "min_frames" not in config.data.model_fields_set:
+            unset["min_frames"] = native.num_frames
         if unset:
             config = config.model_copy(update={"data": config.data.model_copy(update=unset)})
-        self.check_clip_size(config.data.num_frames, config.data.height, config.data.width)
+        data = config.data
+        self.check_clip_size(data.num_frames, data.height, data.width, data.shortest_bucket)
         return config
 
-    def check_clip_size(self, num_frames: int, height: int, width: int) -> None:
+    def check_validation_images(self, prompts: list[str], images: list[str]) -> None:
+        """An image-to-video model validates from one image per prompt; a text-to-video one takes none."""
+        if self.spec.image_conditioned and prompts and not images:
+            raise ConfigError(f"validation.images: {self.name} makes a video from an image and a prompt; give one "
+                              "image per validation prompt (a clip's first frame will do), or set validation.prompts=[]")
+        if images and not self.spec.image_conditioned:
+            raise ConfigError(f"validation.images: {self.name} is text-to-video and takes no image; remove the key")
+        for image in images:
+            if not Path(image).is_file():
+                raise ConfigError(f"validation.images: {image} not found (paths are relative to where cogft runs)")
+
+    def check_clip_size(self, num_frames: int, height: int, width: int, shortest_bucket: int | None = None) -> None:
         """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded); the
         schema has already checked what holds for every variant (4k+1 frames)."""
         side = self.vae_scale_spatial * self.patch_size
@@ -239,6 +271,19 @@ class Variant:
                 raise ConfigError(f"{key}={value}: {self.name} needs a multiple of {side} "
                                   f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size}); "
                                   f"try {value - value % side}")
+        fixed = self.fixed_clip
+        if fixed is None:
+            return
+        asked = {"data.num_frames": num_frames, "data.height": height, "data.width": width,
+                 "data.min_frames": num_frames if shortest_bucket is None else shortest_bucket}
+        wanted = {"data.num_frames": fixed.num_frames, "data.height": fixed.height, "data.width": fixed.width,
+                  "data.min_frames": fixed.num_frames}
+        for key, value in asked.items():
+            if value != wanted[key]:
+                raise ConfigError(
+                    f"{key}={value}: {self.name} trains only {fixed.num_frames} frames at {fixed.height}x{fixed.width} "
+                    f"(its learned position table fits that size alone, and the stock pipeline refuses others); "
+                    f"set {key}={wanted[key]} or leave it out")
 
     def rotary_embedding(self, height: int, width: int, latent_frames: int, device: torch.device):
         """3D RoPE as the stock pipeline computes it at inference (its own helper, its base grid from the
@@ -273,8 +318,6 @@ def identify(configs: PipelineConfigs, specs: tuple[VariantSpec, ...], where: st
     if latent and t.get("in_channels") not in (latent, 2 * latent):
         what = (f"transformer in_channels {t.get('in_channels')} is neither 1x nor 2x the VAE's {latent} latent "
                 "channels: not a CogVideoX pipeline cogft knows")
-    elif latent and t.get("in_channels") == 2 * latent:
-        what = "an image-to-video CogVideoX (in_channels = 2x the VAE's latent channels), not supported yet"
     else:
         what = "a combination no registered variant matches"
     raise UnsupportedModelError(f"model.path {where}: {what}. Found {configs.found()}. Supported: {supported}")

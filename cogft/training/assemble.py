@@ -121,5 +121,5 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     parts = StepParts(accelerator=accelerator, transformer=transformer, params=params, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, scaler=scaler, noise_scheduler=noise_scheduler, variant=variant,
                       max_grad_norm=config.train.max_grad_norm, height=config.data.height, width=config.data.width,
-                      block_settings=(checkpointing, offload))
+                      block_settings=(checkpointing, offload), image_dropout=config.data.image_dropout)
     return TrainingStep(parts), progress, loader

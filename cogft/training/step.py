@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..models.image_to_video import draw_image_latents, image_latent_scale
 from ..models.spec import Variant
 from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
@@ -42,6 +43,7 @@ class StepParts:
     height: int                                      # the training size: rotary positions depend on it
     width: int
     block_settings: tuple[bool | float, bool] = (False, False)  # (checkpointing, offload) the blocks were set up with
+    image_dropout: float = 0.0                       # image-to-video: share of samples whose image latents are zeroed
 
 
 class TrainingStep:
@@ -62,6 +64,7 @@ class TrainingStep:
         self.skips_on_device = (getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
                                 and not uses_fsdp(parts.accelerator))
         self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.image_scale = image_latent_scale(self.variant.configs.vae) if self.variant.spec.image_conditioned else None
 
     def rotary_for(self, latent_frames: int):
         """3D RoPE for this many latent frames (frame buckets differ), computed once per count; None for sincos."""
@@ -74,6 +77,10 @@ class TrainingStep:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
         inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.variant.scaling_factor,
                              self.num_train_timesteps, generators, self.variant.patch_size_t)
+        image_latents = None
+        if self.image_scale is not None:  # drawn after the objective's draws: text-to-video runs draw as before
+            image_latents = draw_image_latents(batch["image_mean"], batch["image_logvar"], self.image_scale,
+                                               inputs.x0.shape[1], self.parts.image_dropout, generators)
         prompt_embeds = batch["prompt_embeds"]
         rotary = self.rotary_for(inputs.x0.shape[1])
         autocast = self.variant.dtype != torch.float32
@@ -84,7 +91,7 @@ class TrainingStep:
             if self.deepspeed:
                 x_t = x_t.to(self.variant.dtype)
             with torch.autocast(self.device_type, dtype=self.variant.dtype, enabled=autocast):
-                kwargs = self.variant.spec.transformer_inputs(x_t, prompt_embeds, t, rotary)
+                kwargs = self.variant.spec.transformer_inputs(x_t, prompt_embeds, t, rotary, image_latents)
                 return self.transformer(**kwargs, return_dict=False)[0]
 
         loss = diffusion_loss(predict_velocity, self.parts.noise_scheduler, inputs)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import Config
+from ..data.images import conditioning_image
 from ..inference.render import assemble_pipeline, render, write_mp4
 from ..models.loading import load_scheduler, load_vae
 from ..models.spec import Variant
@@ -30,6 +31,9 @@ class ValidationHook:
         self.config, self.variant, self.device, self.run_dir = config, variant, device, run_dir
         self.writes_videos = writes_videos
         self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
+        data = config.data  # image-to-video: each prompt's image, sized as the training clips were
+        self.images = [conditioning_image(image, data.height, data.width, data.resize, f"validation.images[{i}]")
+                       for i, image in enumerate(config.validation.images)] or [None] * len(self.prompts)
         self.negative = load_file(negative_file)["prompt_embeds"]
         self._pipe = None
 
@@ -51,7 +55,7 @@ class ValidationHook:
             pipe, self.variant, self.device, num_frames=data.num_frames, height=data.height, width=data.width,
             steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + index,
             prompt_embeds=embeds[None].to(self.device), negative_prompt_embeds=self.negative[None].to(self.device),
-            cache=cfg.cache,
+            image=self.images[index], cache=cfg.cache,
         )
 
     def __call__(self, transformer, step: int) -> list[tuple[str, str]]:

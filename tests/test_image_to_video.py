@@ -217,3 +217,25 @@ def test_a_1_5_i2v_prepare_report_names_each_clips_image(make_config, tmp_path):
     report = prepare(config, variant, torch.device("cpu"), show_progress=False).report
     assert [r["image"] for r in report if "clip" in r] == ["first frame"] * 3
     json.dumps(report)  # the report stays JSON
+
+
+def test_noisy_image_encodings_are_seeded_and_made_one_image_at_a_time(make_config):
+    """The K draws depend only on the seed (the clip's content), and each goes through the VAE alone, as the stock
+    pipeline encodes its image: a batch of single frames is split along time by the VAE's memory-safe convolution at
+    full size, below its kernel (a crash measured at 768x1360 on an H200)."""
+    from cogft.data.cache import encode_noisy_images
+    from cogft.models.loading import load_variant, load_vae
+
+    variant = load_variant("tiny://5b-i2v", "fp32")
+    vae = load_vae("tiny://5b-i2v", variant, torch.float32)
+    batches = []
+    encode = vae.encode
+    vae.encode = lambda pixels: batches.append(pixels.shape[0]) or encode(pixels)
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    first = encode_noisy_images(vae, image, 3, seed=7, device=torch.device("cpu"), dtype=torch.float32)
+    assert batches == [1, 1, 1] and first["image_mean"].shape == (3, 4, 1, 8, 12)
+    again = encode_noisy_images(vae, image, 3, seed=7, device=torch.device("cpu"), dtype=torch.float32)
+    other = encode_noisy_images(vae, image, 3, seed=8, device=torch.device("cpu"), dtype=torch.float32)
+    assert torch.equal(first["image_mean"], again["image_mean"])
+    assert not torch.equal(first["image_mean"], other["image_mean"])
+    assert not torch.equal(first["image_mean"][0], first["image_mean"][1])  # each draw its own noise

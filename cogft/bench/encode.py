@@ -6,6 +6,7 @@ Builds the real VAE and T5-XXL encoder shapes with random weights (no download) 
 `encode_frames` call prepare makes, on random frames, so it isolates what the GPU bounds; decoding
 runs in parallel CPU workers (measured by `cogft.bench.prepare`). Clips/s per GPU = 1 / (VAE s/clip + T5
 s/prompt), one caption per clip; with the encoder as it is and compiled (what `data.compile_vae` does).
+Image-to-video models also time the `--image-draws` noisy encodings of a clip's conditioning image.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from ..data.cache import encode_frames
+from ..data.cache import encode_frames, encode_noisy_images
 from ..models.group_norm import spread_group_norms
 from ..models.loading import load_variant
 from ..models.reference import T5_XXL_ENCODER, random_init
@@ -45,7 +46,7 @@ def _time_vae(variant, frames: np.ndarray, dtype: torch.dtype, device: torch.dev
         compile_seconds = round(time.perf_counter() - started, 1)
     torch.cuda.reset_peak_memory_stats(device)
     seconds = _timed(lambda: encode_frames(vae, frames, device, dtype), repeat)
-    return seconds, round(torch.cuda.max_memory_allocated(device) / 2**30, 2), compile_seconds
+    return seconds, round(torch.cuda.max_memory_allocated(device) / 2**30, 2), compile_seconds, vae
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--image-draws", type=int, default=4, help="image-to-video: data.image_noise_draws")
     args = parser.parse_args(argv)
 
     from transformers import T5Config, T5EncoderModel
@@ -68,11 +70,18 @@ def main(argv: list[str] | None = None) -> None:
     vae_seconds = {}
     dtype = variant.compute_dtype(device)
     for compile_vae in (False, True):
-        seconds, peak, compile_seconds = _time_vae(variant, frames, dtype, device, args.repeat, compile_vae)
+        seconds, peak, compile_seconds, vae = _time_vae(variant, frames, dtype, device, args.repeat, compile_vae)
         vae_seconds[compile_vae] = seconds
         print(json.dumps({"figure": "vae_encode_s_per_clip", "value": round(seconds, 4), "dtype": str(dtype),
                           "compiled": compile_vae, "compile_s": compile_seconds, "peak_allocated_gib": peak, **common}),
               flush=True)
+        if variant.spec.image_conditioned and not compile_vae:
+            image_seconds = _timed(lambda: encode_noisy_images(vae, frames[0], args.image_draws, 0, device, dtype),
+                                   args.repeat)
+            print(json.dumps({"figure": "image_encodes_s_per_clip", "value": round(image_seconds, 4),
+                              "image_noise_draws": args.image_draws, "share_of_clip_encode":
+                              round(image_seconds / seconds, 3), **common}), flush=True)
+        del vae
         torch.cuda.empty_cache()
 
     with random_init(device, variant.dtype):

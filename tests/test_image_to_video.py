@@ -239,3 +239,36 @@ def test_noisy_image_encodings_are_seeded_and_made_one_image_at_a_time(make_conf
     assert torch.equal(first["image_mean"], again["image_mean"])
     assert not torch.equal(first["image_mean"], other["image_mean"])
     assert not torch.equal(first["image_mean"][0], first["image_mean"][1])  # each draw its own noise
+
+
+def test_doctor_reads_each_clips_conditioning_image_before_any_gpu_time(tmp_path):
+    from PIL import Image
+
+    from cogft.data.doctor import diagnose
+
+    folder = _dataset(tmp_path / "clips", ["missing.png", "", "square.png"])
+    Image.new("RGB", (200, 200)).save(folder / "square.png")
+    report = diagnose(REPO / "configs" / "tiny-i2v-lora.yaml", [f"data.path={folder}", "validation.prompts=[]",
+                                                                "validation.images=[]"])
+    rows = {Path(r["clip"]).stem: r for r in report["files"]}
+    assert rows["bouncing_square"]["verdict"] == "skip"
+    assert rows["bouncing_square"]["problems"][0]["code"] == "image_missing"
+    assert rows["fractal_zoom"]["image"] == "first frame" and rows["fractal_zoom"]["verdict"] == "ok"
+    assert any("conditioning image 200x200" in n for n in rows["test_pattern"]["notes"])
+
+
+def test_image_to_video_full_fine_tuning_and_merged_export_give_the_stock_i2v_pipeline(make_config, tmp_path):
+    """SFT of an image-to-video model exports its transformer; `export --merge` writes a folder that the stock
+    image-to-video pipeline class loads."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    from cogft.inference.export import export
+    from cogft.training.loop import train
+
+    run = train(make_config("train.max_steps=2", "validation.prompts=[]", "validation.images=[]",
+                            "model.path=tiny://1.5-5b-i2v", base="tiny-sft.yaml"))
+    assert (run / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    merged = export(str(run), str(tmp_path / "merged"), merge=True)
+    assert json.loads((merged / "model_index.json").read_text())["_class_name"] == "CogVideoXImageToVideoPipeline"
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(merged))
+    assert pipe.transformer.config.ofs_embed_dim is not None

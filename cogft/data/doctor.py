@@ -17,6 +17,7 @@ from ..config import Config, DataConfig, load_config
 from ..models.spec import Variant, frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem
+from .images import read_image
 from .sources import read_clips
 from .video import ClipProbe, DecodeSpec, geometry_notes, probe_clip
 from .workers import isolated_map
@@ -67,6 +68,19 @@ def _tokens(config: Config, variant: Variant, captions: list[str]) -> tuple[dict
     return count_tokens(tokenizer, captions), variant.max_text_seq_length, None
 
 
+def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
+    """Image-to-video: each clip's conditioning image, read as prepare reads it (missing, unreadable, resized)."""
+    for clip, row in zip(clips, rows):
+        row["image"] = str(clip.image) if clip.image else "first frame"
+        if clip.image is None:
+            continue
+        read = read_image(clip.image, spec)
+        if isinstance(read, Problem):
+            row["problems"].append(read)
+        else:
+            row["notes"].extend(read[1])
+
+
 def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -> None:
     """Each readable file's metadata (in worker processes): its problems, geometry notes and frame bucket."""
     readable = [i for i, row in enumerate(rows) if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
@@ -93,11 +107,13 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     data = config.data if config else DataConfig(path=str(target))
     buckets = (variant.frame_buckets if variant else frame_buckets)(data.num_frames, data.shortest_bucket)
     spec = DecodeSpec(buckets, data.height, data.width, data.fps, data.resize)
-    clips = read_clips(data.path, data.video_column, data.caption_column)
+    clips = read_clips(data.path, data.video_column, data.caption_column, data.image_column)
     duplicates = byte_duplicates(clips)
     admission = admission_problems(clips, duplicates)
     rows = [{"clip": str(clip.video), "listed_at": clip.line, "problems": list(admission[clip.line]), "notes": []}
             for clip in clips]
+    if variant is not None and variant.spec.image_conditioned:
+        _add_images(rows, clips, spec)
 
     _add_probes(rows, clips, spec, workers or data.decode_workers)
     tokens, limit = {}, None

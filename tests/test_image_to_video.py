@@ -83,9 +83,9 @@ def test_bad_conditioning_images_skip_their_clip_with_the_reason_and_changed_one
 
 
 @pytest.mark.parametrize("override,said", [
-    ("data.num_frames=33", "data.num_frames=33: cogvideox-5b-i2v trains only 9 frames at 64x96"),
-    ("data.min_frames=5", "data.min_frames=5: cogvideox-5b-i2v trains only 9 frames"),
-    ("data.width=128", "data.width=128: cogvideox-5b-i2v trains only 9 frames at 64x96"),
+    ("data.num_frames=33", "data.num_frames=33: cogvideox-5b-i2v takes only 9 frames at 64x96"),
+    ("data.min_frames=5", "data.min_frames=5: cogvideox-5b-i2v takes only 9 frames"),
+    ("data.width=128", "data.width=128: cogvideox-5b-i2v takes only 9 frames at 64x96"),
     ("validation.images=[]", "validation.images: cogvideox-5b-i2v makes a video from an image and a prompt"),
     ("validation.images=[data/images/nope.jpg,data/images/fractal_zoom.jpg]", "data/images/nope.jpg not found"),
     ("model.path=tiny://5b", "validation.images: cogvideox-5b is text-to-video and takes no image"),
@@ -108,7 +108,7 @@ def test_the_real_5b_i2v_is_fixed_to_its_native_clip_and_1_5_i2v_follows_1_5():
     config, variant = load_for_config(build_config(raw))
     data = config.data
     assert (data.num_frames, data.height, data.width, data.shortest_bucket) == (49, 480, 720, 49)
-    with pytest.raises(ConfigError, match="data.num_frames=33: cogvideox-5b-i2v trains only 49 frames at 480x720"):
+    with pytest.raises(ConfigError, match="data.num_frames=33: cogvideox-5b-i2v takes only 49 frames at 480x720"):
         load_for_config(build_config({**raw, "data": {"path": "clips", "num_frames": 33}}))
     raw["model"]["path"] = "THUDM/CogVideoX1.5-5B-I2V"
     config, variant = load_for_config(build_config(raw))
@@ -203,7 +203,7 @@ def test_validation_and_sample_render_from_the_configured_images(make_config, tm
     for args, said in ((["--image", "nope.png"], "--image: conditioning image nope.png not found"),
                        ([], "--image: cogvideox-5b-i2v makes a video from an image"),
                        (["--image", "data/images/fractal_zoom.jpg", "--frames", "17"],
-                        "--frames=17: cogvideox-5b-i2v trains only 9 frames")):
+                        "--frames=17: cogvideox-5b-i2v takes only 9 frames")):
         assert main(["sample", "--from", str(run), "--prompt", "x", "--out", str(out), *args]) == 2, args
 
 

@@ -36,7 +36,7 @@ from ..models.spec import Variant
 from ..run_dir import REPORT_FILE
 from .captions import count_tokens, load_tokenizer, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
-from .images import read_image
+from .images import missing_image, read_image
 from .sources import Clip, read_clips
 from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets, windows_note
 from .workers import isolated_map
@@ -269,18 +269,16 @@ class Preparer:
             row = rows[clip.line]
             if decoded.probe.info is not None:
                 row["source"] = decoded.probe.source()
-            if decoded.problem is not None:
-                row.update(status="skipped", problem=decoded.problem.code, reason=decoded.problem.detail)
+            problem, given = decoded.problem, None
+            if problem is None:
+                given = self.given_image(clip, len(decoded.probe.selection.offsets))
+                problem = given if isinstance(given, Problem) else None
+            if problem is not None:
+                row.update(status="skipped", problem=problem.code, reason=problem.detail)
             else:
                 encode_started = time.perf_counter()
                 count = int(decoded.frames.shape[0])
                 selection = decoded.probe.selection
-                given = self.given_image(clip, len(selection.offsets))
-                if isinstance(given, Problem):
-                    row.update(status="skipped", problem=given.code, reason=given.detail)
-                    bar.update(1)
-                    waited = time.perf_counter()
-                    continue
                 image, image_notes = given
                 clip_notes = [*decoded.notes, *image_notes]
                 targets = tuple(self.latent_path(digest, count, o) for o in selection.offsets)
@@ -325,10 +323,7 @@ class Preparer:
         digest = file_digest(clip.video)
         if not self.image_conditioned or clip.image is None:
             return digest
-        if not clip.image.is_file():
-            return Problem("image_missing", f"conditioning image {clip.image} not found; fix the path in the list, "
-                                            "or leave it blank to condition on the clip's first frame")
-        return _digest(digest, file_digest(clip.image))
+        return missing_image(clip.image) or _digest(digest, file_digest(clip.image))
 
     def caption_tokens(self, captions: list[str]) -> dict[str, int]:
         if not captions:

@@ -17,15 +17,21 @@ from .video import DecodeSpec, place, resized_size
 IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .webp .bmp .tif .tiff".split())
 
 
+def missing_image(path: Path) -> Problem | None:
+    if path.is_file():
+        return None
+    return Problem("image_missing", f"conditioning image {path} not found; fix the path, or leave it out to "
+                                    "condition on the clip's first frame")
+
+
 def read_image(path: str | Path, spec: DecodeSpec) -> tuple[np.ndarray, list[str]] | Problem:
     """uint8 [H, W, 3] at the spec's size (covered and centre-cropped, or letterboxed), with notes on what was
     done to it; a Problem when the file cannot be read as an image."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        return Problem("image_missing", f"conditioning image {path} not found; fix the path or leave it out to "
-                                        "condition on the clip's first frame")
+    if problem := missing_image(path):
+        return problem
     try:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened).convert("RGB")

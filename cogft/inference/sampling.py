@@ -58,11 +58,7 @@ def _clip_size(trained: TrainedWeights, variant: Variant, frames: int | None, he
     if (size[0] - 1) % 4:
         raise ConfigError(f"--frames {size[0]}: must be 4k+1 (8k+1 decodes back to the same length), e.g. "
                           f"{size[0] - (size[0] - 1) % 4}")
-    try:
-        variant.check_clip_size(*size)
-    except ConfigError as error:  # it names the data.* key; here the flag is meant
-        raise ConfigError(str(error).replace("data.num_frames", "--frames").replace("data.height", "--height")
-                          .replace("data.width", "--width").replace("data.min_frames", "--frames")) from None
+    variant.check_clip_size(*size, names=("--frames", "--height", "--width", "--frames"))
     return size
 
 

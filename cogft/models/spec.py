@@ -24,6 +24,7 @@ import torch
 from ..config import Config, ConfigError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DATA_SIZE_KEYS = ("data.num_frames", "data.height", "data.width", "data.min_frames")
 
 
 class UnsupportedModelError(ConfigError):
@@ -262,11 +263,14 @@ class Variant:
             if not Path(image).is_file():
                 raise ConfigError(f"validation.images: {image} not found (paths are relative to where cogft runs)")
 
-    def check_clip_size(self, num_frames: int, height: int, width: int, shortest_bucket: int | None = None) -> None:
+    def check_clip_size(self, num_frames: int, height: int, width: int, shortest_bucket: int | None = None,
+                        names: tuple[str, str, str, str] = DATA_SIZE_KEYS) -> None:
         """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded); the
-        schema has already checked what holds for every variant (4k+1 frames)."""
+        schema has already checked what holds for every variant (4k+1 frames). `names`: what the four values
+        (frames, height, width, shortest bucket) are called where they were given (config keys, or flags)."""
         side = self.vae_scale_spatial * self.patch_size
-        for key, value in (("data.height", height), ("data.width", width)):
+        frames_key, height_key, width_key, shortest_key = names
+        for key, value in ((height_key, height), (width_key, width)):
             if value % side:
                 raise ConfigError(f"{key}={value}: {self.name} needs a multiple of {side} "
                                   f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size}); "
@@ -274,16 +278,15 @@ class Variant:
         fixed = self.fixed_clip
         if fixed is None:
             return
-        asked = {"data.num_frames": num_frames, "data.height": height, "data.width": width,
-                 "data.min_frames": num_frames if shortest_bucket is None else shortest_bucket}
-        wanted = {"data.num_frames": fixed.num_frames, "data.height": fixed.height, "data.width": fixed.width,
-                  "data.min_frames": fixed.num_frames}
-        for key, value in asked.items():
-            if value != wanted[key]:
+        asked = ((frames_key, num_frames, fixed.num_frames), (height_key, height, fixed.height),
+                 (width_key, width, fixed.width),
+                 (shortest_key, num_frames if shortest_bucket is None else shortest_bucket, fixed.num_frames))
+        for key, value, wanted in asked:
+            if value != wanted:
                 raise ConfigError(
-                    f"{key}={value}: {self.name} trains only {fixed.num_frames} frames at {fixed.height}x{fixed.width} "
+                    f"{key}={value}: {self.name} takes only {fixed.num_frames} frames at {fixed.height}x{fixed.width} "
                     f"(its learned position table fits that size alone, and the stock pipeline refuses others); "
-                    f"set {key}={wanted[key]} or leave it out")
+                    f"set {key}={wanted} or leave it out")
 
     def rotary_embedding(self, height: int, width: int, latent_frames: int, device: torch.device):
         """3D RoPE as the stock pipeline computes it at inference (its own helper, its base grid from the

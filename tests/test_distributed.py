@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -54,3 +55,47 @@ def test_two_ranks_match_one_rank_with_the_whole_batch_and_resume_exactly(make_c
     torchrun(resumed, cache, "train.max_steps=4", "train.batch_size=1")
     assert losses(resumed) == losses(two)
     assert all(torch.equal(lora(resumed)[k], lora(two)[k]) for k in a)
+
+
+def test_validation_prompts_are_spread_over_the_ranks(tmp_path):
+    """Prompt i renders on rank i % 2 and every video lands in the run's samples/, so a validation takes the time
+    of its share while the other rank waits."""
+    run = tmp_path / "run"
+    result = torchrun(run, tmp_path / "cache", "train.max_steps=2", "train.batch_size=1", "validation.every=2",
+                      "validation.num_inference_steps=2", "validation.prompts=[a red square,fractals,cells]")
+    assert "process 0 wrote 2 videos (prompts [0, 2])" in result.stderr
+    assert "process 1 wrote 1 videos (prompts [1])" in result.stderr
+    assert sorted(p.name[:14] for p in (run / "samples").glob("*.mp4")) == [
+        "step-000002-00", "step-000002-01", "step-000002-02"]
+
+
+def test_the_process_group_waits_as_long_as_the_validation_videos_take(monkeypatch, make_config):
+    """Ranks wait for validation in collectives: the group's timeout covers every video three times over on this
+    GPU (by the cost model), never below torch's default."""
+    from cogft.models.cost import estimate
+    from cogft.models.loading import load_for_config
+    from cogft.training import timeout
+
+    config = make_config("model.path=tiny://1.5-5b", "validation.prompts=[a,b,c,d]")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert timeout.process_group_timeout(config) == timeout.DEFAULT_TIMEOUT  # CPU ranks: gloo, seconds per video
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    real = make_config("model.path=THUDM/CogVideoX1.5-5B", "validation.prompts=[a,b,c,d]", "data.num_frames=81",
+                       "data.height=768", "data.width=1360", "validation.num_inference_steps=50")
+    resolved, variant = load_for_config(real, validates=False)
+    per_video = estimate(resolved, variant, "H200", advise=False).sample_seconds
+    got = timeout.process_group_timeout(real)
+    assert got.total_seconds() == pytest.approx(3 * 4 * per_video + 600, abs=1) and got > timeout.DEFAULT_TIMEOUT
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert timeout.process_group_timeout(real) == timeout.DEFAULT_TIMEOUT
+
+
+def test_a_tiny_models_configs_are_read_before_the_process_group_without_building_it(monkeypatch, tmp_path):
+    """Every rank asks before the group exists; building there would race. The configs are the spec's own."""
+    from cogft.models.loading import configs_without_building
+    from cogft.models.registry import spec_named
+
+    monkeypatch.setenv("COGFT_HOME", str(tmp_path))
+    assert configs_without_building("tiny://1.5-5b-i2v") == spec_named("1.5-5b-i2v", "tiny://").tiny
+    assert not any(tmp_path.iterdir())

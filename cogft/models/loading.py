@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
-from .build import RANDOM_SCHEME, resolve_built
+from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
 from .group_norm import spread_group_norms
 from .registry import reference_for, spec_for, spec_named
 from .spec import PipelineConfigs, Variant
@@ -59,6 +59,14 @@ def pipeline_configs(path: str, revision: str | None = None) -> PipelineConfigs:
     if builtin is not None:
         return builtin
     return PipelineConfigs(**{part: _read_config(path, part, revision) for part in _CONFIG_FILES})
+
+
+def configs_without_building(path: str, revision: str | None = None) -> PipelineConfigs:
+    """The configs of `path` without building it: before the process group exists every rank would build a
+    `tiny://` model at once, and its configs are the spec's own."""
+    if path.startswith(TINY_SCHEME):
+        return spec_named(path.removeprefix(TINY_SCHEME), TINY_SCHEME).tiny
+    return pipeline_configs(path, revision)
 
 
 def load_variant(path: str, dtype: str = "auto", revision: str | None = None) -> Variant:

@@ -21,7 +21,7 @@ from ..models.attention import resolve_attention
 from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..models.spec import Variant
 from ..run_dir import CONFIG_FILE, checkpoint_step, hold
-from ..tracking import continue_metrics, init_trackers, log_videos
+from ..tracking import check_wandb_login, continue_metrics, init_trackers, log_videos
 from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
 from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
 from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators, save_checkpoint,
@@ -29,6 +29,7 @@ from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
 from .stop import StopRequest
+from .timeout import process_group_timeout
 from .validation import ValidationHook
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,10 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # one trainer per run directory, held by the main process before anything in it is touched
-        self.hold = hold(self.run_dir) if PartialState(cpu=accelerator_on_cpu()).is_main_process else None
+        state = PartialState(cpu=accelerator_on_cpu(), timeout=process_group_timeout(config))
+        if state.is_main_process:  # wandb.init comes after prepare and the model load: refuse a missing login now
+            check_wandb_login(config)
+        self.hold = hold(self.run_dir) if state.is_main_process else None
         self.accelerator = make_accelerator(config, self.run_dir)
         accelerator = self.accelerator
         logger.info("world_size=%d process=%d local_process=%d device=%s backend=%s mode=%s",
@@ -134,11 +138,10 @@ class Trainer:
             self.smoothed.value = self.progress.loss_smoothed
         self.unwrapped = accelerator.unwrap_model(self.step.transformer)
         self.validation = None
-        # Sharded weights (ZeRO-3, FSDP): every rank runs the forward passes, the main process writes the videos
-        if config.validation.prompts and (accelerator.is_main_process or shards_weights(accelerator)):
+        if config.validation.prompts:  # spread over the ranks; every rank in every video with sharded weights
             self.validation = ValidationHook(config, self.variant, accelerator.device, prepared.validation_prompts,
-                                             prepared.negative_prompt, self.run_dir,
-                                             writes_videos=accelerator.is_main_process)
+                                             prepared.negative_prompt, self.run_dir, accelerator.process_index,
+                                             accelerator.num_processes, shards_weights(accelerator))
         buckets = Counter(self.dataset.frames)
         init_trackers(accelerator, config, self.run_dir, {
             "clips": len(self.dataset), "windows": sum(len(e.latents) for e in self.dataset.entries),
@@ -235,8 +238,15 @@ class Trainer:
         return last or stop.requested
 
     def validate(self, step: int) -> None:
-        if self.validation is not None:
-            log_videos(self.accelerator, self.validation(self.unwrapped, step), step)
+        """Each rank renders its share of the prompts; the main process logs all of them, in prompt order."""
+        from accelerate.utils import gather_object
+
+        if self.validation is None:  # no prompts: the same on every rank
+            return
+        written = self.validation(self.unwrapped, step)
+        if self.accelerator.num_processes > 1:
+            written = gather_object(written)
+        log_videos(self.accelerator, [(text, path) for _, text, path in sorted(written)], step)
         self.accelerator.wait_for_everyone()
 
     def finish(self) -> None:

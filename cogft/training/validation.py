@@ -23,13 +23,22 @@ logger = logging.getLogger(__name__)
 
 
 class ValidationHook:
-    """Samples the configured prompts with the in-memory transformer every `validation.every` steps."""
+    """Samples the configured prompts with the in-memory transformer every `validation.every` steps.
+
+    The prompts are spread over the processes (prompt i on process i % world_size), each writing its own
+    videos, so a validation takes the time of its share, not of all of it, while the other ranks wait in a
+    collective. With weights sharded over the processes (`shared_forward`: ZeRO-3, FSDP) every process takes
+    part in every video's forward passes and the main one writes them. Each prompt keeps its seed
+    (validation.seed + its index), so a video does not depend on the number of processes.
+    """
 
     def __init__(self, config: Config, variant: Variant, device: torch.device,
-                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path, writes_videos: bool = True):
-        """`writes_videos=False`: a rank that only takes part in the forward passes (weights sharded over ranks)."""
+                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path, rank: int = 0,
+                 world_size: int = 1, shared_forward: bool = False):
         self.config, self.variant, self.device, self.run_dir = config, variant, device, run_dir
-        self.writes_videos = writes_videos
+        self.rank = rank
+        self.mine = range(len(prompts)) if shared_forward else range(rank, len(prompts), world_size)
+        self.writes_videos = rank == 0 or not shared_forward
         self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
         data = config.data  # image-to-video: each prompt's image, sized as the training clips were
         self.images = [conditioning_image(image, data.height, data.width, data.resize, f"validation.images[{i}]")
@@ -58,12 +67,14 @@ class ValidationHook:
             image=self.images[index], cache=cfg.cache,
         )
 
-    def __call__(self, transformer, step: int) -> list[tuple[str, str]]:
+    def __call__(self, transformer, step: int) -> list[tuple[int, str, str]]:
+        """Render this process's prompts; returns (prompt index, prompt, mp4 path) of the videos it wrote."""
         was_training = transformer.training
         transformer.eval()
         pipe = self._pipeline(transformer)
         written = []
-        for i, (text, embeds) in enumerate(self.prompts):
+        for i in self.mine:
+            text, embeds = self.prompts[i]
             try:
                 frames = self._render(pipe, i, embeds)
             except torch.OutOfMemoryError:  # a validation video is not worth the run
@@ -75,8 +86,9 @@ class ValidationHook:
                 continue
             if self.writes_videos:
                 path = write_mp4(frames, sample_path(self.run_dir, step, i, text), self.config.validation.fps)
-                written.append((text, str(path)))
+                written.append((i, text, str(path)))
         transformer.train(was_training)
         if self.writes_videos:
-            logger.info("validation at step %d: %d videos in %s", step, len(written), self.run_dir / SAMPLES_DIR)
+            logger.info("validation at step %d: process %d wrote %d videos (prompts %s) in %s", step, self.rank,
+                        len(written), [i for i, _, _ in written], self.run_dir / SAMPLES_DIR)
         return written

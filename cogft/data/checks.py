@@ -7,6 +7,7 @@ file's issue and the fix. Checks here need no decoder: existence, size, caption 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +19,29 @@ from .sources import Clip
 class Problem:
     code: str    # stable: not_found, empty_file, not_a_video, no_video_stream, decode_failed, decoder_crashed,
                  # too_short, missing_caption, empty_caption, caption_not_utf8, duplicate,
-                 # image_missing, image_unreadable (image-to-video conditioning images)
+                 # unreadable, image_missing, image_unreadable (image-to-video conditioning images)
     detail: str  # what exactly is wrong and what to do about it
 
 
 def file_problem(path: Path) -> Problem | None:
-    """A reason the file cannot be a clip, checked before any decode."""
+    """A reason the file cannot be a clip, checked before any decode: missing (or a link to nothing), not a
+    regular file (a folder; a pipe or device, which a reader would wait on forever), empty, or not readable."""
     if not path.exists():
+        if path.is_symlink():
+            return Problem("not_found", f"a symbolic link to {os.readlink(path)}, which cannot be followed; "
+                                        "fix the link or the list")
         return Problem("not_found", "file not found; fix the path in the list or add the file")
     if path.is_dir():
         return Problem("not_found", "is a directory, not a video file")
+    if not path.is_file():
+        return Problem("not_a_video", "not a regular file (a pipe, socket or device); list the video file itself")
     if path.stat().st_size == 0:
         return Problem("empty_file", "empty file (0 bytes); re-export or remove it")
+    try:
+        path.open("rb").close()
+    except OSError as error:
+        return Problem("unreadable", f"cannot be opened ({error.strerror or error}); give the user running cogft "
+                                     "read access (chmod a+r) or copy it")
     return None
 
 
@@ -38,6 +50,9 @@ def caption_problem(caption: str | None) -> Problem | None:
         return Problem("missing_caption", "no caption (for a folder of clips: a .txt with the same name beside it)")
     if not caption:
         return Problem("empty_caption", "the caption is empty; write one or remove the clip")
+    if "\0" in caption:
+        return Problem("caption_not_utf8", "the caption contains NUL characters (UTF-16 saved without a byte-order "
+                                           "mark?); re-save it as UTF-8")
     try:
         caption.encode("utf-8")
     except UnicodeEncodeError as error:

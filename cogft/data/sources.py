@@ -12,9 +12,11 @@ entry, never raised mid-list.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,17 +37,46 @@ class Clip:
     image: Path | None = None  # the conditioning image of image-to-video models; None: the clip's first frame
 
 
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="surrogateescape")
+# UTF-32 LE's mark begins with UTF-16 LE's: longest first
+_BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_NEWLINE = re.compile("\r\n|\r|\n")
+
+
+def _read_text(path: Path, whole_list: bool = True) -> str:
+    """A list or caption file as editors write it: UTF-8, or UTF-8/16/32 with a byte-order mark (Windows Notepad's
+    "Unicode" is UTF-16 with one). Other bytes reach the per-file checks as surrogates instead of failing the list.
+    NUL bytes (UTF-16 without a mark) fail a `whole_list`; in one caption the caption check reports them."""
+    data = path.read_bytes()
+    for mark, encoding in _BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError as error:
+                raise DatasetLayoutError(f"{path}: starts with a {encoding} byte-order mark but is not valid {encoding} "
+                                         f"({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+    if whole_list and b"\0" in data:
+        raise DatasetLayoutError(f"{path}: contains NUL bytes, so it is not UTF-8 text (UTF-16 without a byte-order "
+                                 "mark?); re-save it as UTF-8")
+    return data.decode("utf-8", errors="surrogateescape")
 
 
 def _lines(path: Path) -> list[str]:
-    """Lines split on newlines only (str.splitlines also splits on U+2028 etc., which would unpair lists)."""
-    text = _read_text(path)
-    lines = text.split("\n")
+    """Lines ending in \\n, \\r\\n or a lone \\r (old Mac editors); str.splitlines would also split on U+2028 and
+    the like, which would unpair lists."""
+    lines = _NEWLINE.split(_read_text(path))
     if lines and lines[-1] == "":
         lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return lines
+
+
+def _listed_path(folder: Path, entry: str) -> Path:
+    """A path from a list, relative to its folder; a Windows-style path (backslashes) that does not exist as
+    written is read with slashes."""
+    path = folder / entry
+    if "\\" in entry and not path.exists():
+        path = folder / entry.replace("\\", "/")
+    return path
 
 
 def _from_txt_pair(folder: Path) -> list[Clip]:
@@ -59,7 +90,8 @@ def _from_txt_pair(folder: Path) -> list[Clip]:
         raise DatasetLayoutError(f"{folder}: images.txt has {len(images)} lines but videos.txt has {len(videos)}; they "
                                  "must pair line by line (a blank line: that clip's first frame)")
     return [
-        Clip(folder / v.strip(), p.strip(), f"videos.txt:{i + 1}", folder / im.strip() if im.strip() else None)
+        Clip(_listed_path(folder, v.strip()), p.strip(), f"videos.txt:{i + 1}",
+             _listed_path(folder, im.strip()) if im.strip() else None)
         for i, (v, p, im) in enumerate(zip(videos, prompts, images))
         if v.strip()
     ]
@@ -79,7 +111,7 @@ def _from_folder(folder: Path) -> list[Clip]:
     clips = []
     for video in videos:
         caption_file = video.with_suffix(".txt")
-        caption = _read_text(caption_file).strip() if caption_file.is_file() else None
+        caption = _read_text(caption_file, whole_list=False).strip() if caption_file.is_file() else None
         clips.append(Clip(video, caption, str(video.relative_to(folder))))
     return clips
 
@@ -95,10 +127,10 @@ def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: 
             )
         caption, image = row.get(caption_column), str(row.get(image_column) or "").strip()
         clips.append(Clip(
-            file.parent / str(row[video_column]),
+            _listed_path(file.parent, str(row[video_column]).strip()),
             None if caption is None else str(caption).strip(),
             f"{file.name}:{what} {i + 1}",
-            file.parent / image if image else None,
+            _listed_path(file.parent, image) if image else None,
         ))
     if rows and not any(caption_column in row for row in rows):  # a wrong column, not captions missing here and there
         raise DatasetLayoutError(f"{file}: no {what} has a {caption_column!r} column (columns: {', '.join(rows[0])}); "
@@ -120,7 +152,7 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
                           video_column, caption_column, "row", image_column)
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(_read_text(path).split("\n")):
+        for n, line in enumerate(_NEWLINE.split(_read_text(path))):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

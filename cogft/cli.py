@@ -186,7 +186,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cogft", description="Fine-tune CogVideoX text-to-video models.")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="cogft", description="Fine-tune CogVideoX video models.")
+    parser.add_argument("--version", action="version", version=f"cogft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help))

@@ -108,3 +108,24 @@ def test_datasets_that_cannot_train_are_named_before_the_model_loads(make_config
     (tmp_path / "meta.csv").write_text("video,text\nvideos/fractal_zoom.mp4,a zoom\n")
     assert main([*args, f"data.path={tmp_path / 'meta.csv'}", f"output_dir={tmp_path / 'b'}"]) == 2
     assert "no row has a 'caption' column (columns: video, text); set data.caption_column" in capsys.readouterr().err
+
+
+def test_version_and_the_notebook_api(capsys):
+    import pytest
+
+    import cogft
+    from cogft.cli import main
+    from cogft import load_config, sample, train
+    from cogft.inference.sampling import sample as sample_itself
+    from cogft.training.loop import train as train_itself
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"cogft {cogft.__version__}"
+    assert cogft.__version__ != "0+unknown"  # read from the installed package's metadata
+    assert train is train_itself and sample is sample_itself and callable(load_config)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        cogft.nope
+    light = subprocess.run([sys.executable, "-c", "import sys, cogft; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert light.stdout.strip() == "False"  # the API loads on first use

@@ -13,11 +13,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, ConfigError, load_config
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "prepare_report.jsonl"
@@ -79,11 +82,14 @@ def is_checkpoint(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
-def checkpoint_damage(path: Path) -> str | None:
+def checkpoint_damage(path: Path, only: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a complete checkpoint's files against the sizes its marker recorded (a file deleted
-    or truncated since), or None. Markers of earlier versions record no sizes and pass."""
+    or truncated since), or None. Markers of earlier versions record no sizes and pass. `only`: the top-level
+    files and folders to check (sampling reads the weights, not the optimizer states)."""
     recorded = json.loads((path / COMPLETE_MARKER).read_text()).get("files", {})
     for name, size in sorted(recorded.items()):
+        if only and Path(name).parts[0] not in only:
+            continue
         file = path / name
         if not file.is_file():
             return f"{file} is missing"
@@ -114,31 +120,92 @@ def _weights_in(folder: Path) -> str | None:
     return None
 
 
+def _safetensors_damage(file: Path) -> str | None:
+    """A safetensors file cut short or overwritten: its header says where its last tensor ends. The final export
+    records no sizes, so this is what finds a partial copy of it."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = handle.read(header_size) if 8 + header_size <= size else b""
+    try:
+        ends = [entry["data_offsets"][1] for key, entry in json.loads(header).items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"{file} is not a whole safetensors file (its header is cut or unreadable)"
+    expected = 8 + header_size + max(ends, default=0)
+    return None if size == expected else f"{file} is truncated or changed ({size} of {expected} bytes)"
+
+
+def _weights_damage(folder: Path) -> str | None:
+    """What is wrong with the weights `sample` and `export` would load from `folder` (a checkpoint, RUN/lora or, for
+    SFT, RUN), or None: the checkpoint's recorded sizes (the check a resume makes), then each safetensors file."""
+    if is_checkpoint(folder) and (damage := checkpoint_damage(folder, only=(LORA_WEIGHTS, TRANSFORMER_DIR,
+                                                                              CONFIG_FILE))):
+        return damage
+    files = [folder / LORA_WEIGHTS] if (folder / LORA_WEIGHTS).is_file() else []
+    for file in [*files, *sorted((folder / TRANSFORMER_DIR).glob("*.safetensors"))]:
+        if damage := _safetensors_damage(file):
+            return damage
+    return None
+
+
+def _newest_intact(run_dir: Path) -> tuple[tuple[Path, str] | None, list[str]]:
+    """The run's newest weights that are whole (folder, mode), or None, and what is wrong with each newer one.
+    Newest by step: a checkpoint newer than the export (a run stopped before its end, or extended since) comes
+    first; the export wins a tie (the same weights, in the dtype a release ships) and comes first when its step
+    was not recorded (exports of earlier versions)."""
+    newest_first = list(reversed(complete_checkpoints(run_dir)))
+    export_step = exported_step(run_dir)
+    newer = [p for p in newest_first if export_step is not None and checkpoint_step(p) > export_step]
+    damaged = []
+    for folder in [*newer, run_dir / LORA_DIR, run_dir, *newest_first[len(newer):]]:
+        mode = _weights_in(folder)
+        if mode is None:
+            continue
+        damage = _weights_damage(folder)
+        if damage is None:
+            return (folder, mode), damaged
+        damaged.append(damage)
+    return None, damaged
+
+
 def resolve_trained(source: str | Path) -> TrainedWeights:
-    """A run dir gives its final export (or, mid-run, its latest checkpoint); a checkpoint gives itself."""
+    """`--from`: a run directory gives its newest intact weights (see `_newest_intact`), with a warning naming each
+    damaged newer one: the folder names the run, not a step, so its best whole weights are what was asked for. A
+    checkpoint gives itself, and a damaged one is refused with the run's newest intact weights offered: it names
+    exact weights, so no others are taken in silence. Damaged weights are never loaded."""
     path = Path(source)
     if is_checkpoint(path):
-        run_dir, candidates = path.parent.parent, [path]
+        run_dir = path.parent.parent
+        config_file = path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else run_dir / CONFIG_FILE
     elif (path / CONFIG_FILE).is_file():
-        run_dir = path
-        newest_first = list(reversed(complete_checkpoints(path)))
-        export_step = exported_step(path)
-        if newest_first and export_step is not None and checkpoint_step(newest_first[0]) > export_step:
-            candidates = [*newest_first, path / LORA_DIR, path]  # a finished run extended since its export
-        else:
-            candidates = [path / LORA_DIR, path, *newest_first]
+        run_dir, config_file = path, path / CONFIG_FILE
     else:
         raise FileNotFoundError(
             f"--from {source}: neither a run directory (with {CONFIG_FILE}) nor a complete checkpoint "
             f"(like RUN/{CHECKPOINTS}/step-000100)"
         )
-    own = candidates[0] / CONFIG_FILE  # a checkpoint keeps the config it was trained under
-    config_file = own if is_checkpoint(path) and own.is_file() else run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: a checkpoint must sit in RUN/{CHECKPOINTS}/ of its run")
-    for folder in candidates:
-        mode = _weights_in(folder)
-        if mode:
-            return TrainedWeights(run_dir, load_config(config_file), folder, mode)
-    raise FileNotFoundError(
-        f"--from {source}: no trained weights yet (no {LORA_DIR}/, {TRANSFORMER_DIR}/ or checkpoint)")
+    if is_checkpoint(path):
+        mode = _weights_in(path)
+        if mode is None:
+            raise FileNotFoundError(f"--from {source}: no trained weights in this checkpoint "
+                                    f"(no {LORA_WEIGHTS} or {TRANSFORMER_DIR}/)")
+        if damage := _weights_damage(path):
+            intact, _ = _newest_intact(run_dir)
+            fix = f"{run_dir} holds no intact weights"
+            if intact is not None:  # --from RUN gives its export; a checkpoint is given as itself
+                offer = intact[0] if is_checkpoint(intact[0]) else run_dir
+                fix = f"use the newest intact weights of its run with --from {offer}"
+            raise ConfigError(f"--from {source}: the checkpoint is damaged: {damage}; {fix}")
+        return TrainedWeights(run_dir, load_config(config_file), path, mode)
+    intact, damaged = _newest_intact(path)
+    if intact is None and damaged:
+        raise ConfigError(f"--from {source}: all of the run's trained weights are damaged: {'; '.join(damaged)}")
+    if intact is None:
+        raise FileNotFoundError(
+            f"--from {source}: no trained weights yet (no {LORA_DIR}/, {TRANSFORMER_DIR}/ or checkpoint)")
+    for damage in damaged:
+        logger.warning("--from %s: skipping damaged weights: %s; using %s", source, damage, intact[0])
+    return TrainedWeights(path, load_config(config_file), *intact)
+

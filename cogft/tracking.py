@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
-from .config import Config
+from .config import Config, ConfigError
 from .run_dir import METRICS_FILE, WANDB_ID_FILE
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,53 @@ class JsonlTracker(GeneralTracker):
             handle.write(json.dumps(row) + "\n")
 
 
+_NO_LOGIN_NEEDED = ("offline", "dryrun", "disabled")
+
+
+def wandb_mode(config: Config) -> str | None:
+    """The W&B mode cogft sets: WANDB_MODE, else "disabled" for a true WANDB_DISABLED (as transformers reads it;
+    wandb itself ignores it), else `tracking.wandb_mode`; None leaves it to wandb's settings files."""
+    if mode := os.environ.get("WANDB_MODE"):
+        return mode
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "disabled"
+    return config.tracking.wandb_mode
+
+
+def check_wandb_login(config: Config) -> None:
+    """Refuse `report_to: wandb` online with no W&B login now: wandb.init, which would fail on it, runs only after
+    prepare and the model load. Finds the login the way wandb.init does (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE,
+    the netrc entry `wandb login` writes for the configured host, the settings files), with no network and no
+    prompt, and without starting wandb's session, which would freeze the environment before trackers_for sets it."""
+    mode = wandb_mode(config)
+    if config.tracking.report_to != "wandb" or mode in _NO_LOGIN_NEEDED:
+        return
+    from wandb.sdk.lib import wbauth
+    from wandb.sdk.wandb_settings import Settings
+
+    settings = Settings()  # loaded as wandb_setup loads its own: the global, then the workspace file, then the env
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+    settings.settings_system = str(config_dir / "settings")
+    settings.update_from_system_settings()
+    settings.update_from_env_vars(dict(os.environ))
+    if (mode or settings.mode) in _NO_LOGIN_NEEDED:  # `wandb offline` writes the mode to a settings file
+        return
+    host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+    if settings.api_key or settings.identity_token_file or wbauth.read_netrc_auth(host=host):
+        return
+    why = f"W&B mode {mode}" if mode else "tracking.wandb_mode and WANDB_MODE unset"
+    raise ConfigError(
+        f"tracking.report_to=wandb: W&B would log online ({why}) but no W&B login was found (no WANDB_API_KEY, no "
+        "key in the netrc file); run `wandb login` (or set WANDB_API_KEY), log offline with "
+        "tracking.wandb_mode=offline (upload later with `wandb sync`), or turn W&B off with tracking.report_to=none"
+    )
+
+
 def trackers_for(config: Config, run_dir: Path) -> list:
     trackers: list = [JsonlTracker(config.tracking.run_name or run_dir.name, run_dir)]
     if config.tracking.report_to == "wandb":
-        if config.tracking.wandb_mode and "WANDB_MODE" not in os.environ:
-            os.environ["WANDB_MODE"] = config.tracking.wandb_mode
+        if (mode := wandb_mode(config)) and not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         trackers.append("wandb")
     return trackers

@@ -12,6 +12,7 @@ prepare leaves no half entry and a rerun encodes only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import cogft_home
 from ..config import Config
+from ..disk import disk_full_error, is_disk_full
 from ..models.image_to_video import IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..models.spec import Variant
@@ -96,18 +99,48 @@ def _payload_sha256(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little"):]).hexdigest()
 
 
+TMP_SUFFIX = ".tmp"
+STALE_AFTER_S = 600  # far longer than one entry's write takes
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write with a checksum of the tensors, to a temporary name, flushed, then renamed: readers see a whole
-    entry or none, and `entry_problem` can tell later if its bytes changed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    entry or none, and `entry_problem` can tell later if its bytes changed. A failed write (a full disk) removes
+    its temporary file; a kill leaves it to `remove_orphaned_tmp`."""
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     blob = safetensors_bytes(tensors, metadata={**metadata, "sha256": _payload_sha256(safetensors_bytes(tensors))})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(blob)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(f"cache entry {path}", path.parent, len(blob),
+                                  "Free space there, or set data.cache_dir to a folder on a disk with room; a rerun "
+                                  "encodes only what is missing") from error
+        raise
+
+
+def remove_orphaned_tmp(root: Path) -> None:
+    """Remove the temporary files of `save_atomic` calls whose process was killed: nothing else ever would. A file
+    whose writer (the pid in its name) is alive stays, and so does one written in the last STALE_AFTER_S: a
+    process on another machine or in another container sharing the cache has a pid this one cannot check."""
+    removed = 0
+    for tmp in root.glob(f"*/*/.*{TMP_SUFFIX}"):
+        pid = tmp.name.removesuffix(TMP_SUFFIX).rpartition(".")[2]
+        if not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another rank may remove it first
+            if time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
+                tmp.unlink()
+                removed += 1
+    if removed:
+        logger.info("removed %d temporary files of interrupted prepares from %s", removed, root)
 
 
 def entry_problem(path: Path) -> str | None:
@@ -425,6 +458,7 @@ def prepare(
     """
     started = time.perf_counter()
     preparer = Preparer(config, variant, device)
+    remove_orphaned_tmp(preparer.root)
     clips = read_clips(config.data.path, config.data.video_column, config.data.caption_column,
                        config.data.image_column)
     rows: dict[str, dict] = {}

@@ -17,8 +17,8 @@ from .sources import Clip
 
 @dataclass(frozen=True)
 class Problem:
-    code: str    # stable: not_found, empty_file, not_a_video, no_video_stream, decode_failed, decoder_crashed,
-                 # too_short, missing_caption, empty_caption, caption_not_utf8, duplicate,
+    code: str    # stable: not_found, empty_file, not_a_video, no_video_stream, decode_failed, damaged_stream
+                 # (decode errors inside the frames to train on), decoder_crashed, too_short, missing_caption, empty_caption, caption_not_utf8, duplicate,
                  # unreadable, image_missing, image_unreadable (image-to-video conditioning images)
     detail: str  # what exactly is wrong and what to do about it
 

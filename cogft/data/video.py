@@ -1,9 +1,11 @@
 """One clip → the frames the model trains on: probe, frame selection, resize (crop or fit), decode.
 
 `probe_clip` reads metadata only (ffmpeg's stream info, decord's frame index); `cogft doctor` stops
-there. `decode_clip` continues to the pixels. Both run inside worker processes (see `workers.py`),
-so a decoder that crashes in native code takes down one worker, not the whole prepare. Imports
-nothing heavier than numpy and decord, and never raises for a bad file: problems are returned.
+there. `decode_clip` continues to the pixels, and has ffmpeg decode the selected range once more to
+catch damage that decord conceals. Where decord cannot open or decode a clip (AV1, GIF, Theora...), the
+bundled ffmpeg binary indexes and decodes it instead (`ffmpeg_decode.py`), with a note in the report.
+Both run inside worker processes (see `workers.py`), so a decoder that crashes in native code takes
+down one worker, not the whole prepare. Imports nothing heavier than numpy and decord, and never raises for a bad file: problems are returned.
 
 Frames are picked by timestamp, so variable-frame-rate clips sample real time evenly. Display
 rotation (phone clips) and non-square pixels: decord 0.6.0 applies the rotation itself and resizes
@@ -15,10 +17,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from . import ffmpeg_decode
 from .checks import Problem
 from .probe import MediaInfo, probe_media
 
@@ -57,6 +60,7 @@ class ClipProbe:
     frames: int | None = None          # frames in the file, once decord could index it
     selection: Selection | None = None
     seconds: float = 0.0
+    decord_error: str | None = None    # why decord could not index the clip (ffmpeg did instead)
 
     def source(self) -> dict:
         """The clip as found, for reports."""
@@ -185,56 +189,125 @@ def geometry_notes(info: MediaInfo, spec: DecodeSpec) -> list[str]:
     return notes
 
 
-def _decord_error(error: Exception) -> Problem:
+def _first_line(error: Exception) -> str:
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return Problem("decode_failed", f"cannot decode ({type(error).__name__}: {message[:200]}); the file is damaged or truncated")
+    return f"{type(error).__name__}: {message[:200]}"
 
 
-def probe_clip(path: str, spec: DecodeSpec) -> ClipProbe:
-    """Metadata and the frame plan, without decoding pixels."""
+def _decord_index(path: str) -> tuple[np.ndarray, float]:
+    """Frame start times and the end of the last frame from decord's index; raises as decord does."""
+    import decord
+
+    reader = decord.VideoReader(path, num_threads=1)
+    count = len(reader)
+    stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
+    return stamps[:, 0], float(stamps[-1, 1]) if count else 0.0
+
+
+def _probe_with_index(path: str, spec: DecodeSpec) -> tuple[ClipProbe, np.ndarray]:
+    """`probe_clip` plus the frame start times, which `decode_clip` needs to say where damage is."""
     started = time.perf_counter()
     probe = ClipProbe()
+    starts = _fill_probe(path, spec, probe)
+    probe.seconds = time.perf_counter() - started
+    return probe, starts
+
+
+def _fill_probe(path: str, spec: DecodeSpec, probe: ClipProbe) -> np.ndarray:
+    """Fill `probe` from ffmpeg's stream info and decord's frame index (ffmpeg's packets where decord fails)."""
     info = probe_media(path)
     if isinstance(info, Problem):
         probe.problem = info
+        return np.zeros(0)
+    probe.info = info
+    try:
+        starts, end = _decord_index(path)
+    except Exception as error:  # decord raises RuntimeError and DECORDError (not a RuntimeError)
+        probe.decord_error = _first_line(error)
+        index = ffmpeg_decode.frame_index(path)  # demuxing only: doctor stays fast
+        if isinstance(index, Problem):
+            probe.problem = index
+            return np.zeros(0)
+        starts, end = index.starts, index.end
+    probe.frames = len(starts)
+    selection = select_frames(starts, end, spec)
+    if isinstance(selection, Problem):
+        probe.problem = selection
+    elif probe.decord_error is not None:
+        probe.selection = replace(selection, notes=(*selection.notes, _ffmpeg_note(info)))
     else:
-        probe.info = info
-        try:
-            import decord
-
-            reader = decord.VideoReader(path, num_threads=1)
-            count = len(reader)
-            stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
-            probe.frames = count
-            selection = select_frames(stamps[:, 0], float(stamps[-1, 1]) if count else 0.0, spec)
-            if isinstance(selection, Problem):
-                probe.problem = selection
-            else:
-                probe.selection = selection
-        except Exception as error:  # decord raises RuntimeError and DECORDError (not a RuntimeError)
-            probe.problem = _decord_error(error)
-    probe.seconds = time.perf_counter() - started
-    return probe
+        probe.selection = selection
+    return starts
 
 
-def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
-    """Probe, select frames, decode them resized, crop or pad to the target size."""
-    started = time.perf_counter()
-    probe = probe_clip(path, spec)
-    if probe.problem is not None:
-        return Decoded(probe)
-    info, selection = probe.info, probe.selection
-    new_h, new_w = resized_size(info.height, info.width, spec)
+def _ffmpeg_note(info: MediaInfo) -> str:
+    return f"decoded by ffmpeg: decord cannot read {info.codec}"
+
+
+def probe_clip(path: str, spec: DecodeSpec) -> ClipProbe:
+    """Metadata and the frame plan, without decoding pixels (ffmpeg's packet index where decord fails)."""
+    return _probe_with_index(path, spec)[0]
+
+
+def stream_problem(run: ffmpeg_decode.FfmpegRun, last: int, starts: np.ndarray) -> Problem | None:
+    """Whether ffmpeg's decode of frames 0..`last` hit an error, and where.
+
+    A damaged clip is skipped, not cut to its undamaged frames: a decoder conceals damage with grey
+    or smeared blocks that persist until the next keyframe, and where that is the log does not say;
+    losing one clip is cheaper than training on frames that look plausible and are wrong.
+    """
+    if run.error is None or run.clean > last:
+        return None  # every frame up to the last selected one was decoded before any error
+    if run.clean == 0:
+        return Problem("decode_failed", f'cannot decode it: ffmpeg reports "{run.error[:200]}" at the first frame; '
+                                        "re-export it (e.g. to H.264) or re-download it")
+    at = float(starts[min(run.clean, len(starts) - 1)] - starts[0])
+    return Problem("damaged_stream", (
+        f'the video stream is damaged at or after frame {run.clean} ({at:.2f} s), inside the frames prepare trains '
+        f'on: ffmpeg reports "{run.error[:200]}"; re-download or re-export the file, or trim it to its first {at:.2f} s'
+    ))
+
+
+def _decord_frames(path: str, wanted: list[int], height: int, width: int) -> np.ndarray | str:
+    """decord's frames at `wanted`, resized; decord's error message where it cannot decode them."""
     try:
         import decord
 
-        reader = decord.VideoReader(path, num_threads=1, width=new_w, height=new_h)
-        wanted = sorted(set().union(*selection.windows))  # windows may overlap: decode each frame once
-        frames = place(reader.get_batch(wanted).asnumpy(), spec)
-    except Exception as error:
-        probe.problem = _decord_error(error)
+        reader = decord.VideoReader(path, num_threads=1, width=width, height=height)
+        return reader.get_batch(wanted).asnumpy()
+    except Exception as error:  # RuntimeError, or DECORDError for damaged streams
+        return _first_line(error)
+
+
+def _decode_pixels(path: str, probe: ClipProbe, starts: np.ndarray, wanted: list[int],
+                   size: tuple[int, int]) -> tuple[np.ndarray | Problem, list[str]]:
+    """The frames at `wanted` by decord, checked for damage by ffmpeg; by ffmpeg alone where decord fails."""
+    frames = _decord_frames(path, wanted, *size) if probe.decord_error is None else probe.decord_error
+    if isinstance(frames, np.ndarray):
+        return stream_problem(ffmpeg_decode.check_range(path, wanted[-1]), wanted[-1], starts) or frames, []
+    run = ffmpeg_decode.decode_frames(path, wanted, *size)
+    problem = stream_problem(run, wanted[-1], starts)
+    if problem is None and len(run.frames) != len(wanted):
+        problem = Problem("decode_failed", f"ffmpeg decoded {len(run.frames)} of the {len(wanted)} frames selected "
+                                           f"(decord: {frames}); re-export the file")
+    notes = [] if probe.decord_error is not None else [_ffmpeg_note(probe.info)]  # the probe noted it already
+    return problem or run.frames, notes
+
+
+def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
+    """Probe, select frames, decode them resized, check the range for damage, crop or pad to the target size."""
+    started = time.perf_counter()
+    probe, starts = _probe_with_index(path, spec)
+    if probe.problem is not None:
         return Decoded(probe)
+    info, selection = probe.info, probe.selection
+    wanted = sorted(set().union(*selection.windows))  # windows may overlap: decode each frame once
+    frames, notes = _decode_pixels(path, probe, starts, wanted, resized_size(info.height, info.width, spec))
+    if isinstance(frames, Problem):
+        probe.problem = frames
+        return Decoded(probe)
+    frames = place(frames, spec)
     row = {index: i for i, index in enumerate(wanted)}
     windows = tuple(np.ascontiguousarray(frames[[row[i] for i in w]]) for w in selection.windows)
     probe.seconds = time.perf_counter() - started
-    return Decoded(probe, windows, (*geometry_notes(info, spec), *selection.notes))
+    return Decoded(probe, windows, (*geometry_notes(info, spec), *selection.notes, *notes))

@@ -12,11 +12,14 @@ import json
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..config import Config, ConfigError, save_config
+from ..disk import disk_full_error, folder_bytes, is_disk_full
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
                        checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
@@ -151,28 +154,58 @@ def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer
 def save_export(accelerator, model, config: Config, run_dir: Path, step: int, dtype: torch.dtype) -> Path | None:
     """The final lora/ or transformer/, written like a checkpoint: staged whole, then renamed into place (a kill
     leaves the previous export or none, never half a file), with its step in RUN/export.json so `--from RUN`
-    can tell it from a newer checkpoint. A collective, like `save_weights`; the main process gets the path."""
+    can tell it from a newer checkpoint. A collective, like `save_weights`; the main process gets the path.
+    A failed write (a full disk) removes the staged files and leaves the previous export as it was."""
     staging = run_dir / ".export.partial"
+    name = LORA_DIR if config.train.mode == "lora" else TRANSFORMER_DIR
+    record = run_dir / f".{EXPORT_RECORD}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, dtype=dtype)
+    try:
+        written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, dtype=dtype)
+        if accelerator.is_main_process:  # the last write that needs room, done before anything is moved
+            record.write_text(json.dumps({"step": step, "what": name}))
+    except BaseException as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            record.unlink(missing_ok=True)
+        if is_disk_full(error):
+            needed = _weights_bytes(accelerator.unwrap_model(model), config.train.mode == "lora", dtype)
+            raise disk_full_error(f"the final export {run_dir / name}", run_dir, needed,
+                                  _export_advice(run_dir, name, step)) from error
+        raise
     final = None
     if accelerator.is_main_process:
         final = run_dir / written.relative_to(staging)
-        name = LORA_DIR if config.train.mode == "lora" else TRANSFORMER_DIR
         target, old = run_dir / name, run_dir / f".{name}.old"
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
             target.rename(old)
         (staging / name).rename(target)
-        record = run_dir / f".{EXPORT_RECORD}.tmp"
-        record.write_text(json.dumps({"step": step, "what": name}))
         record.replace(run_dir / EXPORT_RECORD)
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _weights_bytes(module: torch.nn.Module, lora: bool, dtype: torch.dtype) -> int:
+    """Roughly what an export writes: the LoRA's weights in float32, or the whole transformer in `dtype`."""
+    if lora:
+        return sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
+    return sum(p.numel() for p in module.parameters()) * dtype.itemsize
+
+
+def _export_advice(run_dir: Path, name: str, step: int) -> str:
+    """What is left after a failed export, and the two ways to get the weights out."""
+    kept = f"the previous {name}/ is intact" if (run_dir / name).exists() else f"no {name}/ was written"
+    advice = (f"The partial export was removed and {kept}. Free space there, then rerun the same command with "
+              f"train.resume=latest: it resumes at step {step} and exports")
+    checkpoint = step_dir(run_dir, step)
+    if is_checkpoint(checkpoint):
+        advice += f"; or write the weights to another disk with `cogft export --from {checkpoint} --out DIR`"
+    return advice
 
 
 def register_weight_hooks(accelerator, config: Config) -> None:
@@ -208,20 +241,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    try:
+    with _partial_removed_on_failure(accelerator, run_dir, final, staging):
         accelerator.save_state(str(staging))
-    except OSError as error:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise OSError(
-            f"writing checkpoint {final} failed ({error}); the previous checkpoint is intact. Free disk space or "
-            "change output_dir, then rerun with train.resume=latest"
-        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_config(config, staging / CONFIG_FILE)
-        files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
-        (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "files": files}))
+        with _partial_removed_on_failure(accelerator, run_dir, final, staging):
+            save_config(config, staging / CONFIG_FILE)
+            files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
+            (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "files": files}))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         staging.rename(final)
@@ -230,6 +257,45 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
         logger.info("checkpoint %s written in %.2f s", final, time.perf_counter() - started)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _partial_removed_on_failure(accelerator, run_dir: Path, final: Path, staging: Path) -> Iterator[None]:
+    """Whatever stops a checkpoint's writing, remove the partial one; a full disk or another OSError is named with
+    the fix. The training state in memory is untouched, so the run stops with the previous checkpoint resumable."""
+    try:
+        yield
+    except BaseException as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        found = complete_checkpoints(run_dir)
+        kept = (f"the previous checkpoint is intact ({found[-1].name})" if found
+                else "there was no earlier checkpoint to keep (a rerun starts from step 0)")
+        if is_disk_full(error):
+            raise disk_full_error(
+                f"checkpoint {final}", final.parent, _checkpoint_bytes(accelerator, found),
+                f"The partial checkpoint was removed and {kept}. Free space there (older checkpoints can go; a lower "
+                f"train.checkpoints_keep keeps fewer), or move {run_dir} to a disk with room and set output_dir to it; "
+                "then rerun with train.resume=latest",
+            ) from error
+        if isinstance(error, OSError):
+            raise OSError(f"writing checkpoint {final} failed ({error}); {kept}. Fix the cause, then rerun with "
+                          "train.resume=latest") from error
+        raise
+
+
+def _checkpoint_bytes(accelerator, found: list[Path]) -> int:
+    """Roughly what a checkpoint takes: the last one's size, or, before the first, the trainable weights and the
+    optimizer's state in memory."""
+    if found:
+        return folder_bytes(found[-1])
+    total = 0
+    for optimizer in accelerator._optimizers:  # the prepared ones, as save_state walks them
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = [v for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v)]
+                total += sum(t.numel() * t.element_size() for t in (param, *state))
+    return total
 
 
 def load_checkpoint(accelerator, path: Path) -> None:

@@ -254,3 +254,15 @@ def test_damaged_cache_entries_are_found_and_made_again(make_config, tmp_path):
     assert row["status"] == "encoded" and any("damaged cache entry made again" in n for n in row["notes"])
     assert entry_problem(latent) is None and entry_problem(prompt) is None
     assert torch.equal(load_file(latent)["latent_mean"], good)
+
+
+def test_prepare_does_not_dump_truncated_captions_padding_and_all(make_config, tmp_path, capfd):
+    """The pipeline logs each truncated caption's cut-off tail as <pad> tokens; the report's note says it instead."""
+    from cogft.data.cache import prepare
+    from cogft.models.loading import load_for_config
+
+    config, variant = load_for_config(make_config(f"data.cache_dir={tmp_path / 'cache'}", "validation.prompts=[]"))
+    report = prepare(config, variant, torch.device("cpu"), show_progress=False).report
+    err = capfd.readouterr().err
+    assert "<pad>" not in err and "truncated because" not in err
+    assert any(n.startswith("caption truncated") for row in report if "clip" in row for n in row["notes"])

@@ -375,6 +375,19 @@ class Preparer:
                              transformer=None, vae=None)
         pipe.text_encoder.to(self.device)
         limit = self.variant.max_text_seq_length
+        # the pipeline logs each truncated caption's cut-off tail, padding tokens and all, which no one can act on;
+        # the report notes every truncation with its token count instead (`truncation_note`)
+        pipeline_log = logging.getLogger(type(pipe).__module__)
+        level = pipeline_log.level
+        pipeline_log.setLevel(logging.ERROR)
+        try:
+            self._embed(pipe, todo, limit, show_progress)
+        finally:
+            pipeline_log.setLevel(level)
+        del pipe
+        self.seconds["text_encode"] += time.perf_counter() - started
+
+    def _embed(self, pipe, todo: list[str], limit: int, show_progress: bool) -> None:
         for start in tqdm(range(0, len(todo), PROMPT_BATCH), desc="prepare: embed prompts", disable=not show_progress):
             batch = todo[start : start + PROMPT_BATCH]
             with torch.no_grad():
@@ -384,8 +397,6 @@ class Preparer:
                 )
             for text, embed in zip(batch, embeds):
                 save_atomic({"prompt_embeds": embed}, self.prompt_path(text), {"caption": text[:1000]})
-        del pipe
-        self.seconds["text_encode"] += time.perf_counter() - started
 
 
 def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Preparer, rows: dict[str, dict]):

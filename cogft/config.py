@@ -70,6 +70,11 @@ class DataConfig(_Section):
         "Each costs about one latent frame's encode")
     image_dropout: float = Field(0.05, ge=0, le=1, description="image-to-video: fraction of steps trained with the "
                                                               "image latents zeroed (the reference recipe's 0.05)")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="fraction of samples trained on the empty prompt "
+                                                                "(as the negative prompt of guidance is), drawn from "
+                                                                "the seeded generators")
+    caption_prefix: str = Field("", description="put in front of every caption before it is embedded (a trigger word "
+                                                "that summons the subject); part of the cache key")
 
     @field_validator("num_frames", "min_frames")
     @classmethod
@@ -159,6 +164,7 @@ class ValidationConfig(_Section):
     prompts: list[str] = []
     images: list[str] = Field([], description="image-to-video: one image file per prompt, in order (paths as "
                                               "written, relative to where cogft runs)")
+    prefix_prompts: bool = Field(True, description="put data.caption_prefix in front of each validation prompt too")
     every: int = Field(250, ge=1)
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(6.0, ge=1)

@@ -187,9 +187,9 @@ def test_loss_goes_down_on_a_fixed_batch(make_config):
 @pytest.mark.parametrize("family,accum,windows", [("2b", 1, 1), ("5b", 2, 2), ("1.5-5b", 1, 1), ("1.5-5b-i2v", 1, 2)])
 def test_resume_is_bit_exact(make_config, family, accum, windows):
     """5 steps straight == 2 steps, stop, resume to 5 (mid-epoch skip and an epoch boundary included); for
-    image-to-video with the image's noisy-encoding draw and a high image dropout on."""
+    image-to-video with the image's noisy-encoding draw and a high image dropout on; caption dropout on for all."""
     common = [f"model.path=tiny://{family}", f"train.gradient_accumulation_steps={accum}", f"data.windows={windows}",
-              "data.image_dropout=0.5", *FAST]
+              "data.image_dropout=0.5", "data.caption_dropout=0.3", *FAST]
     straight = train(make_config(*common, "train.max_steps=5", out="straight"))
     first_leg = train(make_config(*common, "train.max_steps=2", out="resumed"))
     assert (first_leg / "checkpoints" / "step-000002").is_dir()

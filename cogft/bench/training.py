@@ -66,8 +66,9 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
     transformer = random_transformer(variant, variant.dtype, device)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
-    step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler)
     batch = _synthetic_batch(config, variant, device, config.train.seed)
+    step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler,
+                               empty_prompt=torch.zeros_like(batch["prompt_embeds"][0]))  # caption dropout's stand-in
     step.transformer.train()
 
     def run(i: int) -> None:

@@ -37,10 +37,10 @@ from ..models.image_to_video import IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..models.spec import Variant
 from ..run_dir import REPORT_FILE
-from .captions import count_tokens, load_tokenizer, truncation_note
+from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
 from .images import missing_image, read_image
-from .sources import Clip, read_clips
+from .sources import Clip, read_dataset
 from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets, windows_note
 from .workers import isolated_map
 
@@ -470,8 +470,7 @@ def prepare(
     started = time.perf_counter()
     preparer = Preparer(config, variant, device)
     remove_orphaned_tmp(preparer.root)
-    clips = read_clips(config.data.path, config.data.video_column, config.data.caption_column,
-                       config.data.image_column)
+    clips = read_dataset(config.data)
     rows: dict[str, dict] = {}
     if not preparer.image_conditioned and any(clip.image for clip in clips):
         logger.warning("%d clips name a conditioning image; %s is text-to-video, so the images are not used",
@@ -486,7 +485,8 @@ def prepare(
         row["caption_tokens"] = tokens[clip.caption]
         if note := truncation_note(tokens[clip.caption], limit):
             row["notes"].append(note)
-    extra = [*config.validation.prompts, ""] if rank == 0 else []
+    validation = validation_texts(config)
+    extra = [*validation, ""] if rank == 0 else []  # "": guidance's negative prompt, and caption dropout's
     preparer.encode_prompts([c.caption for c, _, _ in kept] + extra, show_progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -505,7 +505,7 @@ def prepare(
     )
     return PreparedData(
         entries=entries,
-        validation_prompts=[(p, str(preparer.prompt_path(p))) for p in config.validation.prompts],
+        validation_prompts=[(p, str(preparer.prompt_path(p))) for p in validation],
         negative_prompt=str(preparer.prompt_path("")),
         report=[*report, {"summary": summary}],
     )

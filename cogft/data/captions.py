@@ -24,6 +24,19 @@ def count_tokens(tokenizer, captions: list[str]) -> dict[str, int]:
     return {text: len(ids) for text, ids in zip(unique, tokenizer(unique).input_ids)}
 
 
+def prefixed(caption: str | None, prefix: str) -> str | None:
+    """`prefix` (a trigger word) in front of a caption; a missing or empty caption stays as it is, so the clip is
+    still skipped for it rather than trained on the trigger word alone."""
+    return f"{prefix.rstrip()} {caption}" if prefix.strip() and caption else caption
+
+
+def validation_texts(config) -> list[str]:
+    """The validation prompts as they are embedded: with `data.caption_prefix` unless `validation.prefix_prompts`
+    is off."""
+    prefix = config.data.caption_prefix if config.validation.prefix_prompts else ""
+    return [prefixed(prompt, prefix) for prompt in config.validation.prompts]
+
+
 def truncation_note(tokens: int, limit: int) -> str | None:
     if tokens <= limit:
         return None

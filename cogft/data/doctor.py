@@ -18,7 +18,7 @@ from ..models.spec import Variant, frame_buckets
 from .captions import count_tokens, load_tokenizer, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem
 from .images import read_image
-from .sources import read_clips
+from .sources import read_dataset
 from .video import ClipProbe, DecodeSpec, geometry_notes, probe_clip
 from .workers import isolated_map
 
@@ -107,7 +107,7 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     data = config.data if config else DataConfig(path=str(target))
     buckets = (variant.frame_buckets if variant else frame_buckets)(data.num_frames, data.shortest_bucket)
     spec = DecodeSpec(buckets, data.height, data.width, data.fps, data.resize)
-    clips = read_clips(data.path, data.video_column, data.caption_column, data.image_column)
+    clips = read_dataset(data)
     duplicates = byte_duplicates(clips)
     admission = admission_problems(clips, duplicates)
     rows = [{"clip": str(clip.video), "listed_at": clip.line, "problems": list(admission[clip.line]), "notes": []}

@@ -17,8 +17,10 @@ import csv
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .captions import prefixed
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .wmv .flv .3gp .ogv .gif".split()
@@ -136,6 +138,12 @@ def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: 
         raise DatasetLayoutError(f"{file}: no {what} has a {caption_column!r} column (columns: {', '.join(rows[0])}); "
                                  "set data.caption_column")
     return clips
+
+
+def read_dataset(data) -> list[Clip]:
+    """The clips of a `data` config section: its layout and columns, each caption behind `data.caption_prefix`."""
+    clips = read_clips(data.path, data.video_column, data.caption_column, data.image_column)
+    return [replace(clip, caption=prefixed(clip.caption, data.caption_prefix)) for clip in clips]
 
 
 def read_clips(path: str | Path, video_column: str = "video", caption_column: str = "caption",

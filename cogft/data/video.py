@@ -4,8 +4,12 @@
 there. `decode_clip` continues to the pixels, and has ffmpeg decode the selected range once more to
 catch damage that decord conceals. Where decord cannot open or decode a clip (AV1, GIF, Theora...), the
 bundled ffmpeg binary indexes and decodes it instead (`ffmpeg_decode.py`), with a note in the report.
-Both run inside worker processes (see `workers.py`), so a decoder that crashes in native code takes
-down one worker, not the whole prepare. Imports nothing heavier than numpy and decord, and never raises for a bad file: problems are returned.
+Where decord is not installed or does not import (it has wheels for Linux x86_64, macOS x86_64 and
+Windows only), or `COGFT_DECODER=ffmpeg` asks for it, ffmpeg reads every clip: the same frames and the
+same problems, one log line per process instead of a note per clip, and `"decoder"` in each clip's
+`source`. Both run inside worker processes (see `workers.py`), so a decoder that crashes in native code
+takes down one worker, not the whole prepare. Imports nothing heavier than numpy (decord when used), and
+never raises for a bad file: problems are returned.
 
 Frames are picked by timestamp, so variable-frame-rate clips sample real time evenly. Display
 rotation (phone clips) and non-square pixels: decord 0.6.0 applies the rotation itself and resizes
@@ -15,15 +19,23 @@ target size is computed from the displayed size that `ffmpeg -i` reports.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
 from . import ffmpeg_decode
 from .checks import Problem
 from .probe import MediaInfo, probe_media
+
+logger = logging.getLogger(__name__)
+
+DECODER_VARIABLE = "COGFT_DECODER"  # auto (default): decord where it imports, else ffmpeg; or decord, ffmpeg
+_DECODERS = ("auto", "decord", "ffmpeg")
 
 
 @dataclass(frozen=True)
@@ -57,18 +69,19 @@ class Selection:
 class ClipProbe:
     problem: Problem | None = None
     info: MediaInfo | None = None
-    frames: int | None = None          # frames in the file, once decord could index it
+    frames: int | None = None          # frames in the file, once decord or ffmpeg could index it
     selection: Selection | None = None
     seconds: float = 0.0
-    decord_error: str | None = None    # why decord could not index the clip (ffmpeg did instead)
+    decord_error: str | None = None    # why decord could not read the clip (ffmpeg did instead)
+    decoder: str | None = None         # which decoder indexed (and decodes) the clip: "decord" or "ffmpeg"
 
     def source(self) -> dict:
-        """The clip as found, for reports."""
+        """The clip as found, and the decoder that read it, for reports."""
         if self.info is None:
             return {}
         return {"codec": self.info.codec, "width": self.info.width, "height": self.info.height,
                 "fps": self.info.fps, "frames": self.frames, "duration": self.info.duration,
-                "rotation": self.info.rotation}
+                "rotation": self.info.rotation, "decoder": self.decoder}
 
 
 @dataclass
@@ -194,6 +207,48 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {message[:200]}"
 
 
+def _decord_import_error() -> str | None:
+    """Why `import decord` fails here (not installed, no wheel for this platform, a broken build); None if it works."""
+    try:
+        import decord  # noqa: F401
+    except Exception as error:  # ImportError, or OSError/RuntimeError from a broken native library
+        return _first_line(error)
+    return None
+
+
+@lru_cache(maxsize=1)
+def decoder() -> str:
+    """The decoder this process reads clips with ("decord" or "ffmpeg"), chosen and logged once.
+
+    decord is the fast path where it imports; the bundled ffmpeg picks and scales the same frames, so
+    a platform without decord (macOS arm64, Linux aarch64) or a broken decord install still trains,
+    and `COGFT_DECODER=ffmpeg` forces it. Workers inherit the variable, so prepare and doctor agree.
+    """
+    asked = os.environ.get(DECODER_VARIABLE, "auto").strip().lower() or "auto"
+    if asked not in _DECODERS:
+        from ..config import ConfigError  # only on this path: workers stay free of pydantic
+
+        raise ConfigError(f"{DECODER_VARIABLE}={asked!r} is not a decoder: use one of {', '.join(_DECODERS)}, "
+                          f"or unset {DECODER_VARIABLE} to use decord where it imports and ffmpeg elsewhere")
+    missing = None if asked == "ffmpeg" else _decord_import_error()
+    if asked == "decord" and missing is not None:
+        from ..config import ConfigError
+
+        raise ConfigError(f"{DECODER_VARIABLE}=decord, but decord does not import ({missing}): `pip install decord` "
+                          f"(wheels for Linux x86_64, macOS x86_64 and Windows), or unset {DECODER_VARIABLE} to "
+                          "decode with the bundled ffmpeg")
+    if asked == "ffmpeg":
+        logger.info("decoding clips with the bundled ffmpeg (%s=ffmpeg): the same frames as decord, slower", DECODER_VARIABLE)
+        return "ffmpeg"
+    if missing is not None:
+        logger.info("decoding clips with the bundled ffmpeg: decord does not import (%s); the same frames, slower; "
+                    "`pip install decord` where it has wheels (Linux x86_64, macOS x86_64, Windows) for the fast path",
+                    missing)
+        return "ffmpeg"
+    logger.info("decoding clips with decord (ffmpeg for clips it cannot read; %s=ffmpeg forces ffmpeg)", DECODER_VARIABLE)
+    return "decord"
+
+
 def _decord_index(path: str) -> tuple[np.ndarray, float]:
     """Frame start times and the end of the last frame from decord's index; raises as decord does."""
     import decord
@@ -213,22 +268,31 @@ def _probe_with_index(path: str, spec: DecodeSpec) -> tuple[ClipProbe, np.ndarra
     return probe, starts
 
 
+def _frame_index(path: str, probe: ClipProbe) -> tuple[np.ndarray, float] | Problem:
+    """Frame start times and end from decord's index, or from ffmpeg's packets where decord is not used or fails."""
+    if decoder() == "decord":
+        probe.decoder = "decord"
+        try:
+            return _decord_index(path)
+        except Exception as error:  # decord raises RuntimeError and DECORDError (not a RuntimeError)
+            probe.decord_error = _first_line(error)
+    probe.decoder = "ffmpeg"
+    index = ffmpeg_decode.frame_index(path)  # demuxing only: doctor stays fast
+    return index if isinstance(index, Problem) else (index.starts, index.end)
+
+
 def _fill_probe(path: str, spec: DecodeSpec, probe: ClipProbe) -> np.ndarray:
-    """Fill `probe` from ffmpeg's stream info and decord's frame index (ffmpeg's packets where decord fails)."""
+    """Fill `probe` from ffmpeg's stream info and the frame index (decord's, or ffmpeg's packets)."""
     info = probe_media(path)
     if isinstance(info, Problem):
         probe.problem = info
         return np.zeros(0)
     probe.info = info
-    try:
-        starts, end = _decord_index(path)
-    except Exception as error:  # decord raises RuntimeError and DECORDError (not a RuntimeError)
-        probe.decord_error = _first_line(error)
-        index = ffmpeg_decode.frame_index(path)  # demuxing only: doctor stays fast
-        if isinstance(index, Problem):
-            probe.problem = index
-            return np.zeros(0)
-        starts, end = index.starts, index.end
+    index = _frame_index(path, probe)
+    if isinstance(index, Problem):
+        probe.problem = index
+        return np.zeros(0)
+    starts, end = index
     probe.frames = len(starts)
     selection = select_frames(starts, end, spec)
     if isinstance(selection, Problem):
@@ -281,16 +345,19 @@ def _decord_frames(path: str, wanted: list[int], height: int, width: int) -> np.
 
 def _decode_pixels(path: str, probe: ClipProbe, starts: np.ndarray, wanted: list[int],
                    size: tuple[int, int]) -> tuple[np.ndarray | Problem, list[str]]:
-    """The frames at `wanted` by decord, checked for damage by ffmpeg; by ffmpeg alone where decord fails."""
-    frames = _decord_frames(path, wanted, *size) if probe.decord_error is None else probe.decord_error
-    if isinstance(frames, np.ndarray):
-        return stream_problem(ffmpeg_decode.check_range(path, wanted[-1]), wanted[-1], starts) or frames, []
+    """The frames at `wanted` by decord, checked for damage by ffmpeg; by ffmpeg alone where decord is not used or fails."""
+    notes = []  # decord's failure to index was noted by the probe; decord not being used is logged once
+    if probe.decoder == "decord":
+        frames = _decord_frames(path, wanted, *size)
+        if isinstance(frames, np.ndarray):
+            return stream_problem(ffmpeg_decode.check_range(path, wanted[-1]), wanted[-1], starts) or frames, []
+        probe.decoder, probe.decord_error, notes = "ffmpeg", frames, [_ffmpeg_note(probe.info)]
     run = ffmpeg_decode.decode_frames(path, wanted, *size)
     problem = stream_problem(run, wanted[-1], starts)
     if problem is None and len(run.frames) != len(wanted):
-        problem = Problem("decode_failed", f"ffmpeg decoded {len(run.frames)} of the {len(wanted)} frames selected "
-                                           f"(decord: {frames}); re-export the file")
-    notes = [] if probe.decord_error is not None else [_ffmpeg_note(probe.info)]  # the probe noted it already
+        decord = f" (decord: {probe.decord_error})" if probe.decord_error is not None else ""
+        problem = Problem("decode_failed", f"ffmpeg decoded {len(run.frames)} of the {len(wanted)} frames selected"
+                                           f"{decord}; re-export the file")
     return problem or run.frames, notes
 
 

@@ -5,10 +5,14 @@ Native decoders can segfault or abort on hostile files; in a worker that kills o
 is then retried alone in a fresh process: if that process dies too, the clip is the culprit and
 gets `on_crash(item)`; otherwise it was a bystander and its result stands. The pool is rebuilt for
 the rest, so one bad clip costs a restart, never the run.
+
+Spawned workers start with Python's default logging (warnings only, unformatted); each is set up
+like the parent's root logger, so what a worker logs (which decoder it uses) reads like the rest.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -17,6 +21,26 @@ from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def _parent_logging() -> tuple[int, str | None, str | None] | None:
+    """The root logger's level and first format (None where logging was never set up: keep the default)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return None
+    formatter = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+    return root.level, formatter and formatter._fmt, formatter and formatter.datefmt
+
+
+def _log_like(level: int, fmt: str | None, datefmt: str | None) -> None:
+    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT, datefmt=datefmt)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned processes (no fork of a process holding threads or CUDA), logging like this one."""
+    setup = _parent_logging()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               initializer=_log_like if setup else None, initargs=setup or ())
 
 
 def isolated_map(
@@ -30,7 +54,7 @@ def isolated_map(
     ahead = 2 * workers
     position = 0
     while position < len(items):
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        with _pool(workers) as pool:
             pending: deque = deque()
             submitted = position
             try:
@@ -47,7 +71,7 @@ def isolated_map(
 
 
 def _run_alone(fn: Callable[[T], R], item: T, on_crash: Callable[[T], R]) -> R:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    with _pool(1) as pool:
         try:
             return pool.submit(fn, item).result()
         except BrokenProcessPool:

@@ -89,11 +89,13 @@ def apply_optimizer_settings(config: Config, optimizer, lr_scheduler) -> None:
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def assemble_step(accelerator, transformer, config: Config, variant: Variant, noise_scheduler, loader=None):
+def assemble_step(accelerator, transformer, config: Config, variant: Variant, noise_scheduler, loader=None,
+                  empty_prompt: torch.Tensor | None = None):
     """Trainable weights, speed levers, AdamW, schedule, accelerate, loss scaler and checkpoint hooks around
     `transformer`: everything a `TrainingStep` needs. The trainer and `cogft bench` both build it here.
 
-    Returns (step, progress, the prepared loader or None).
+    `empty_prompt`: the embedding of "" that `data.caption_dropout` trains on. Returns (step, progress, the
+    prepared loader or None).
     """
     device = accelerator.device
     configure_backend(accelerator, config, variant)
@@ -121,5 +123,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     parts = StepParts(accelerator=accelerator, transformer=transformer, params=params, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, scaler=scaler, noise_scheduler=noise_scheduler, variant=variant,
                       max_grad_norm=config.train.max_grad_norm, height=config.data.height, width=config.data.width,
-                      block_settings=(checkpointing, offload), image_dropout=config.data.image_dropout)
+                      block_settings=(checkpointing, offload), image_dropout=config.data.image_dropout,
+                      caption_dropout=config.data.caption_dropout,
+                      empty_prompt=None if empty_prompt is None else empty_prompt.to(device))
     return TrainingStep(parts), progress, loader

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -130,8 +131,9 @@ class Trainer:
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
                             num_workers=config.data.dataloader_workers)
         scheduler = load_scheduler(config.model.path, self.variant, config.model.revision)
+        empty_prompt = load_file(prepared.negative_prompt)["prompt_embeds"]  # "" (caption dropout's)
         self.step, self.progress, self.loader = assemble_step(accelerator, transformer, config, self.variant,
-                                                              scheduler, loader)
+                                                              scheduler, loader, empty_prompt)
         if resume_from is not None:
             load_checkpoint(accelerator, resume_from)
             apply_optimizer_settings(config, self.step.optimizer, self.step.lr_scheduler)

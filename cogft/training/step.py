@@ -44,6 +44,16 @@ class StepParts:
     width: int
     block_settings: tuple[bool | float, bool] = (False, False)  # (checkpointing, offload) the blocks were set up with
     image_dropout: float = 0.0                       # image-to-video: share of samples whose image latents are zeroed
+    caption_dropout: float = 0.0                     # share of samples trained on the empty prompt
+    empty_prompt: torch.Tensor | None = None         # its embedding [L, D], on the device (with caption_dropout)
+
+
+def drop_captions(prompt_embeds: torch.Tensor, empty: torch.Tensor, fraction: float,
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """Each sample's prompt replaced by the empty prompt with probability `fraction` (one draw from its generator,
+    on the device: no step waits for the host), so the model also learns the unconditional half of guidance."""
+    dropped = torch.stack([torch.rand((), generator=g, device=g.device) < fraction for g in generators])
+    return torch.where(dropped.to(prompt_embeds.device)[:, None, None], empty.to(prompt_embeds.dtype), prompt_embeds)
 
 
 class TrainingStep:
@@ -65,6 +75,8 @@ class TrainingStep:
                                 and not uses_fsdp(parts.accelerator))
         self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.image_scale = image_latent_scale(self.variant.configs.vae) if self.variant.spec.image_conditioned else None
+        if parts.caption_dropout and parts.empty_prompt is None:
+            raise ValueError("caption dropout needs the empty prompt's embedding")
 
     def rotary_for(self, latent_frames: int):
         """3D RoPE for this many latent frames (frame buckets differ), computed once per count; None for sincos."""
@@ -82,6 +94,9 @@ class TrainingStep:
             image_latents = draw_image_latents(batch["image_mean"], batch["image_logvar"], self.image_scale,
                                                inputs.x0.shape[1], self.parts.image_dropout, generators)
         prompt_embeds = batch["prompt_embeds"]
+        if self.parts.caption_dropout:  # drawn last: runs without it draw as before
+            prompt_embeds = drop_captions(prompt_embeds, self.parts.empty_prompt, self.parts.caption_dropout,
+                                          generators)
         rotary = self.rotary_for(inputs.x0.shape[1])
         autocast = self.variant.dtype != torch.float32
         if self.deepspeed:  # its engine holds the model in fp16/bf16 and turns autocast off inside forward

@@ -108,6 +108,21 @@ def test_fsdp_on_a_cpu_machine_is_refused_by_name(shared_cache, tmp_path):
     assert "deepspeed_zero3.yaml" in result.stderr
 
 
+def test_a_deepspeed_launch_without_deepspeed_is_refused_by_name(monkeypatch):
+    """deepspeed is installed by default on Linux only: elsewhere a DeepSpeed launch config names the fix."""
+    import importlib.util
+
+    from cogft.training.backends import BackendError, accelerator_on_cpu
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(BackendError, match=r"deepspeed is not installed: `pip install \"cogft\[deepspeed\]\"`"):
+        accelerator_on_cpu()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    assert accelerator_on_cpu() in (True, False)  # without a DeepSpeed launch nothing is asked of it
+
+
 def _deepspeed_accelerator(ds_config: dict):
     from accelerate.utils import DistributedType
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,138 @@ def test_truncated_file_names_ffmpeg_error(tmp_path, clips):
     decoded = decode_clip(str(tmp_path / "cut.mp4"), DecodeSpec((9,), 64, 96, 8.0))
     assert decoded.problem.code == "decode_failed"
     assert 'ffmpeg reports "' in decoded.problem.detail and "damaged or truncated" in decoded.problem.detail
+
+
+# Without decord (macOS arm64, Linux aarch64, a broken install): ffmpeg reads every clip, with the same result.
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_SPECS = [DecodeSpec((9,), 64, 96, 8.0), DecodeSpec((17, 9), 96, 128, None, resize="fit"),
+                DecodeSpec((9,), 480, 720, 8.0, windows=3)]
+HOSTILE_SPEC = DecodeSpec((9, 5), 64, 96, 8.0)  # the tiny config with data.min_frames=5, as in test_hostile.py
+
+
+@pytest.fixture
+def pick_decoder(monkeypatch):
+    """Re-make the process's decoder choice; `pick_decoder(False)` hides decord as a platform without its wheels does."""
+    from cogft.data import video
+
+    def pick(with_decord: bool) -> None:
+        if with_decord:
+            if "decord" in sys.modules and sys.modules["decord"] is None:
+                monkeypatch.delitem(sys.modules, "decord")  # the real module imports again
+        else:
+            monkeypatch.setitem(sys.modules, "decord", None)  # `import decord` raises ImportError
+        video.decoder.cache_clear()
+
+    monkeypatch.delenv("COGFT_DECODER", raising=False)
+    yield pick
+    video.decoder.cache_clear()  # before monkeypatch restores decord: the next test chooses again
+
+
+def decode_both(pick_decoder, path: Path, spec: DecodeSpec):
+    """`decode_clip` with decord importable, then without it."""
+    pick_decoder(True)
+    with_decord = decode_clip(str(path), spec)
+    pick_decoder(False)
+    return with_decord, decode_clip(str(path), spec)
+
+
+def assert_same_result(with_decord, without) -> None:
+    """The same problem (code and reason) or the same frames, selection and notes; only the decoder differs."""
+    assert without.probe.decord_error is None and without.probe.source()["decoder"] == "ffmpeg"  # decord not tried
+    assert (without.problem is None) == (with_decord.problem is None), (with_decord.problem, without.problem)
+    if with_decord.problem is not None:
+        assert without.problem == with_decord.problem  # code and detail, word for word
+        return
+    assert without.probe.source() == {**with_decord.probe.source(), "decoder": "ffmpeg"}
+    assert without.probe.selection == with_decord.probe.selection and without.notes == with_decord.notes
+    assert not any("decoded by ffmpeg" in note for note in without.notes)  # said once in the log instead
+    assert len(without.windows) == len(with_decord.windows)
+    for ours, theirs in zip(without.windows, with_decord.windows):
+        assert np.array_equal(ours, theirs)  # measured: bit-exact on every sample and hostile clip
+
+
+@pytest.mark.parametrize("spec", SAMPLE_SPECS)
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "data" / "videos").glob("*.mp4")))
+def test_without_decord_sample_clips_decode_to_decords_frames(pick_decoder, name, spec):
+    with_decord, without = decode_both(pick_decoder, REPO / "data" / "videos" / name, spec)
+    assert with_decord.problem is None and with_decord.probe.source()["decoder"] == "decord"
+    assert_same_result(with_decord, without)
+
+
+@pytest.mark.parametrize("name", ["good.mp4", "short.mp4", "single_frame.mp4", "vfr.mp4", "rotated_phone.mp4",
+                                  "odd_size.mov", "large_4k.mp4", "vp9.webm", "mpeg4.avi", "truncated.mp4"])
+def test_without_decord_hostile_clips_keep_their_problems(pick_decoder, hostile_clips, name):
+    with_decord, without = decode_both(pick_decoder, hostile_clips / name, HOSTILE_SPEC)
+    assert_same_result(with_decord, without)
+    expected = {"single_frame.mp4": "too_short", "truncated.mp4": "decode_failed"}  # the rest decode
+    assert (without.problem and without.problem.code) == expected.get(name)
+
+
+def test_without_decord_damage_is_found_and_located_the_same(pick_decoder, clips):
+    with_decord, without = decode_both(pick_decoder, clips / "damaged.mp4", DecodeSpec((9,), 64, 96, 8.0))
+    assert with_decord.problem.code == "damaged_stream"
+    assert_same_result(with_decord, without)
+
+
+def test_without_decord_doctor_probes_with_ffmpegs_index(pick_decoder, hostile_clips):
+    for name in ("good.mp4", "short.mp4", "vfr.mp4", "single_frame.mp4", "truncated.mp4"):
+        pick_decoder(True)
+        with_decord = probe_clip(str(hostile_clips / name), HOSTILE_SPEC)
+        pick_decoder(False)
+        without = probe_clip(str(hostile_clips / name), HOSTILE_SPEC)
+        assert (without.problem, without.frames, without.selection) == \
+               (with_decord.problem, with_decord.frames, with_decord.selection), name
+        assert without.source()["decoder"] == "ffmpeg"
+
+
+def test_without_decord_the_choice_is_logged_once(pick_decoder, caplog):
+    pick_decoder(False)
+    with caplog.at_level(logging.INFO, logger="cogft.data.video"):
+        for name in ("test_pattern.mp4", "bouncing_square.mp4"):
+            assert decode_clip(str(REPO / "data" / "videos" / name), SAMPLE_SPECS[0]).problem is None
+    said = [r.getMessage() for r in caplog.records if r.name == "cogft.data.video"]
+    assert len(said) == 1 and "decoding clips with the bundled ffmpeg: decord does not import" in said[0], said
+
+
+def test_cogft_decoder_forces_ffmpeg_and_names_bad_values(pick_decoder, monkeypatch):
+    from cogft.config import ConfigError
+    from cogft.data import video
+
+    pick_decoder(True)
+    monkeypatch.setenv("COGFT_DECODER", "ffmpeg")
+    decoded = decode_clip(str(REPO / "data" / "videos" / "test_pattern.mp4"), SAMPLE_SPECS[0])
+    assert decoded.problem is None and decoded.probe.source()["decoder"] == "ffmpeg" and decoded.probe.decord_error is None
+    monkeypatch.setenv("COGFT_DECODER", "ffmpgg")
+    video.decoder.cache_clear()
+    with pytest.raises(ConfigError, match="COGFT_DECODER='ffmpgg' is not a decoder: use one of auto, decord, ffmpeg"):
+        probe_clip(str(REPO / "data" / "videos" / "test_pattern.mp4"), SAMPLE_SPECS[0])
+    monkeypatch.setenv("COGFT_DECODER", "decord")
+    pick_decoder(False)
+    with pytest.raises(ConfigError, match="COGFT_DECODER=decord, but decord does not import.*pip install decord"):
+        probe_clip(str(REPO / "data" / "videos" / "test_pattern.mp4"), SAMPLE_SPECS[0])
+
+
+def test_prepare_with_cogft_decoder_ffmpeg_in_its_workers(pick_decoder, hostile_clips, tmp_path, monkeypatch):
+    """The variable reaches prepare's spawned workers: the hostile set gets the rows it gets with decord."""
+    import torch
+
+    from cogft.config import load_config
+    from cogft.data.cache import prepare
+    from cogft.models.loading import load_variant
+
+    monkeypatch.setenv("COGFT_DECODER", "ffmpeg")
+    config = load_config(REPO / "configs" / "tiny-lora.yaml", [
+        f"data.path={hostile_clips}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_frames=5",
+        f"output_dir={tmp_path / 'run'}", "tracking.report_to=none",
+    ])
+    prepared = prepare(config, load_variant(config.model.path), torch.device("cpu"), show_progress=False)
+    rows = {Path(r["clip"]).name: r for r in prepared.report[:-1]}
+    skipped = {name: row["problem"] for name, row in rows.items() if row["status"] == "skipped"}
+    assert skipped == {"zero_bytes.mp4": "empty_file", "truncated.mp4": "decode_failed", "text_file.mp4": "not_a_video",
+                       "audio_only.mp4": "no_video_stream", "single_frame.mp4": "too_short",
+                       "no_caption.mp4": "missing_caption", "empty_caption.mp4": "empty_caption",
+                       "latin1_caption.mp4": "caption_not_utf8", "same_bytes_as_good.mp4": "duplicate"}
+    kept = [row for row in rows.values() if row["status"] != "skipped"]
+    assert len(kept) == 9 and {row["source"]["decoder"] for row in kept} == {"ffmpeg"}
+    assert rows["short.mp4"]["frames"] == 5 and not any("decoded by ffmpeg" in n for r in kept for n in r["notes"])

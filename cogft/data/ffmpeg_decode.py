@@ -1,5 +1,5 @@
-"""The bundled ffmpeg binary as a second decoder: a frame index and frames where decord fails, and the
-damage check of the range prepare trains on.
+"""The bundled ffmpeg binary as a second decoder: a frame index and frames where decord fails or is not
+installed (`video.decoder`), and the damage check of the range prepare trains on.
 
 decord 0.6.0 ships an old libavcodec without AV1 (and fails on GIF, Theora, animated WebP...), so clips
 that `ffmpeg -i` reads would be skipped as broken. And a stream damaged in the middle often decodes in

@@ -1,6 +1,6 @@
 """One clip → the frames the model trains on: probe, frame selection, resize (crop or fit), decode.
 
-`probe_clip` reads metadata only (ffmpeg's stream info, decord's frame index); `cogft doctor` stops
+`probe_clip` reads metadata only (ffmpeg's stream info, decord's or ffmpeg's frame index); `cogft doctor` stops
 there. `decode_clip` continues to the pixels, and has ffmpeg decode the selected range once more to
 catch damage that decord conceals. Where decord cannot open or decode a clip (AV1, GIF, Theora...), the
 bundled ffmpeg binary indexes and decodes it instead (`ffmpeg_decode.py`), with a note in the report.
@@ -218,9 +218,9 @@ def _decord_import_error() -> str | None:
 
 @lru_cache(maxsize=1)
 def decoder() -> str:
-    """The decoder this process reads clips with ("decord" or "ffmpeg"), chosen and logged once.
+    """The decoder this process reads clips with ("decord" or "ffmpeg"), chosen once; logged once where it is ffmpeg.
 
-    decord is the fast path where it imports; the bundled ffmpeg picks and scales the same frames, so
+    decord is the default where it imports; the bundled ffmpeg picks and scales the same frames, so
     a platform without decord (macOS arm64, Linux aarch64) or a broken decord install still trains,
     and `COGFT_DECODER=ffmpeg` forces it. Workers inherit the variable, so prepare and doctor agree.
     """
@@ -238,14 +238,13 @@ def decoder() -> str:
                           f"(wheels for Linux x86_64, macOS x86_64 and Windows), or unset {DECODER_VARIABLE} to "
                           "decode with the bundled ffmpeg")
     if asked == "ffmpeg":
-        logger.info("decoding clips with the bundled ffmpeg (%s=ffmpeg): the same frames as decord, slower", DECODER_VARIABLE)
+        logger.info("decoding clips with the bundled ffmpeg (%s=ffmpeg): the same frames as decord", DECODER_VARIABLE)
         return "ffmpeg"
     if missing is not None:
-        logger.info("decoding clips with the bundled ffmpeg: decord does not import (%s); the same frames, slower; "
-                    "`pip install decord` where it has wheels (Linux x86_64, macOS x86_64, Windows) for the fast path",
-                    missing)
+        logger.info("decoding clips with the bundled ffmpeg: decord does not import (%s); the frames are the same as "
+                    "decord's (it has wheels for Linux x86_64, macOS x86_64 and Windows only)", missing)
         return "ffmpeg"
-    logger.info("decoding clips with decord (ffmpeg for clips it cannot read; %s=ffmpeg forces ffmpeg)", DECODER_VARIABLE)
+    logger.debug("decoding clips with decord (ffmpeg for clips it cannot read; %s=ffmpeg forces ffmpeg)", DECODER_VARIABLE)
     return "decord"
 
 

@@ -9,6 +9,7 @@ clipping and the fp32 master weights; the trainer's own GradScaler stays off.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -31,7 +32,14 @@ def _launched_with(backend: str) -> bool:
 def accelerator_on_cpu() -> bool:
     """Whether to create the Accelerator with `cpu=True` (no GPU). DeepSpeed, which has a CPU mode, is only
     taken up by accelerate when not told to use the CPU; FSDP only on GPUs, so it is refused here rather
-    than silently training unsharded."""
+    than silently training unsharded. A DeepSpeed launch without deepspeed installed (it is not installed
+    by default off Linux) is refused by name here, before accelerate's bare ImportError."""
+    if _launched_with("DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+        raise BackendError(
+            "the accelerate launch config uses DeepSpeed (distributed_type: DEEPSPEED), but deepspeed is not installed: "
+            "`pip install \"cogft[deepspeed]\"` (it builds on Linux), or launch with accelerate_configs/single_gpu.yaml, "
+            "ddp.yaml or fsdp.yaml"
+        )
     if torch.cuda.is_available():
         return False
     if _launched_with("FSDP"):

@@ -158,6 +158,10 @@ class LoraConfig(_Section):
     alpha: float = Field(64, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    export_dtype: Literal["auto", "fp32"] = Field(
+        "auto", description="precision of the exported LoRA (lora/, cogft export): auto = the model's (fp16 for 2B, "
+        "bf16 for the others: half the size, as the model computes it); fp32 = the trained master weights as they "
+        "are. Checkpoints keep fp32 either way, so a resume is exact")
 
 
 class ValidationConfig(_Section):

@@ -250,3 +250,67 @@ def test_compile_autotune_reaches_every_compiled_block(make_config, monkeypatch,
     cogft_step(config, variant, torch.device("cpu"))
     expected = {"coordinate_descent_tuning": True} if autotune else None
     assert compiled == [expected] * variant.configs.transformer["num_layers"]
+
+
+SAME_OUTPUT = r"""
+import sys, torch
+from diffusers import CogVideoXPipeline
+pipe = CogVideoXPipeline.from_pretrained(sys.argv[1])
+kw = dict(prompt="a red square", num_frames=9, height=64, width=96, num_inference_steps=2, max_sequence_length=16,
+          output_type="latent")
+outputs = []
+for lora in sys.argv[2:]:
+    pipe.load_lora_weights(lora, adapter_name=f"a{len(outputs)}")
+    pipe.set_adapters([f"a{len(outputs)}"])
+    outputs.append(pipe(generator=torch.Generator().manual_seed(0), **kw).frames)
+print((outputs[0] - outputs[1]).abs().max().item(), outputs[0].abs().max().item())
+"""
+
+
+def test_the_exported_lora_is_released_in_the_models_dtype_with_its_metadata(lora_run, tmp_path):
+    """lora/ holds fp16 weights for 2B (half the file) with metadata naming the base model, cogft's version, rank,
+    alpha and targets; the checkpoint of the same step keeps fp32 (exact resume); a stock pipeline gives the same
+    output from both, fp16 rounding aside; `cogft export` releases the same way, and lora.export_dtype=fp32 keeps
+    fp32."""
+    import json
+
+    from safetensors import safe_open
+
+    from cogft import __version__
+    from cogft.inference.export import export
+    from cogft.models.loading import resolve_model_path
+
+    def read(path):
+        with safe_open(str(path), "pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+
+    released, meta = read(lora_run / "lora" / "pytorch_lora_weights.safetensors")
+    kept, _ = read(lora_run / "checkpoints" / "step-000008" / "pytorch_lora_weights.safetensors")
+    assert {t.dtype for t in released.values()} == {torch.float16} and {t.dtype for t in kept.values()} == {torch.float32}
+    assert all(torch.equal(released[k], kept[k].half()) for k in kept)
+    assert (meta["base_model"], meta["cogft_version"], meta["lora_rank"], meta["lora_alpha"], meta["dtype"]) == (
+        "tiny://2b", __version__, "4", "8.0", "float16")
+    assert json.loads(meta["lora_target_modules"]) == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert "lora_adapter_metadata" in meta  # diffusers' own, which carries alpha to a stock pipeline
+
+    result = subprocess.run(
+        [sys.executable, "-c", SAME_OUTPUT, resolve_model_path("tiny://2b"), str(lora_run / "lora"),
+         str(lora_run / "checkpoints" / "step-000008")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, cwd="/",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    difference, scale = map(float, result.stdout.split()[-2:])
+    assert difference <= 2e-3 * scale, (difference, scale)
+
+    copied, copied_meta = read(export(str(lora_run / "checkpoints" / "step-000004"), str(tmp_path / "out"))
+                               / "pytorch_lora_weights.safetensors")
+    assert {t.dtype for t in copied.values()} == {torch.float16} and copied_meta["base_model"] == "tiny://2b"
+
+
+def test_lora_export_dtype_fp32_keeps_the_master_weights(make_config):
+    from safetensors import safe_open
+
+    run = train(make_config(*FAST, "train.max_steps=2", "lora.export_dtype=fp32"))
+    with safe_open(str(run / "lora" / "pytorch_lora_weights.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}
+        assert handle.metadata()["dtype"] == "float32"

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR, resolve_trained
+from ..training.adapters import release_lora
 from .sampling import pipeline_with_weights, trained_variant
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def export(source: str, out: str, merge: bool = False) -> Path:
         pipe.save_pretrained(target)
     elif trained.mode == "lora":
         shutil.copy2(trained.weights_dir / LORA_WEIGHTS, target / LORA_WEIGHTS)
+        release_lora(target / LORA_WEIGHTS, trained.config, trained_variant(trained).dtype)
     else:
         shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)
     logger.info("exported %s weights of %s to %s%s", trained.mode, trained.weights_dir, target,

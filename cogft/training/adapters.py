@@ -69,6 +69,32 @@ def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,
     return Path(out_dir) / LORA_WEIGHTS
 
 
+def release_lora(path: Path, config: Config, model_dtype: torch.dtype) -> Path:
+    """Turn a saved LoRA file into the one that is shared: cast to the model's dtype (`lora.export_dtype`), with
+    safetensors metadata naming the base model, cogft's version, the rank, alpha and target modules beside the
+    adapter config diffusers writes. Checkpoints are never released (their fp32 weights resume exactly)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    dtype = model_dtype if config.lora.export_dtype == "auto" else torch.float32
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key).to(dtype) for key in handle.keys()}
+    metadata.update({"base_model": config.model.path, "base_model_revision": config.model.revision or "",
+                     "cogft_version": __version__, "lora_rank": str(config.lora.rank),
+                     "lora_alpha": str(config.lora.alpha),
+                     "lora_target_modules": json.dumps(list(config.lora.target_modules)),
+                     "dtype": str(dtype).removeprefix("torch.")})
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
 def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path) -> None:
     """Restore adapter weights saved by `save_lora` into a transformer that already has the adapter."""
     from diffusers.loaders import CogVideoXLoraLoaderMixin

@@ -23,7 +23,7 @@ from ..disk import disk_full_error, folder_bytes, is_disk_full
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
                        checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
-from .adapters import load_lora_state, load_transformer_state, save_lora, save_transformer
+from .adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
 from .backends import full_state_dict
 
 logger = logging.getLogger(__name__)
@@ -139,15 +139,16 @@ def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
 
 def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer_parent: Path,
                  dtype: torch.dtype | None = None) -> Path | None:
-    """The trained weights in diffusers format: the LoRA into `lora_dir`, or `transformer_parent/transformer`
-    (cast to `dtype`). Sharded weights (ZeRO-3, FSDP) are gathered first, a collective: every rank calls
+    """The trained weights in diffusers format: the LoRA into `lora_dir`, or `transformer_parent/transformer`;
+    with `dtype` (an export), cast to it (the LoRA as `lora.export_dtype` says, with its release metadata). Sharded weights (ZeRO-3, FSDP) are gathered first, a collective: every rank calls
     this; the main process writes and gets the path, the others None."""
     state = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return None
     module = accelerator.unwrap_model(model)
     if config.train.mode == "lora":
-        return save_lora(module, config, lora_dir, model_state=state)
+        written = save_lora(module, config, lora_dir, model_state=state)
+        return written if dtype is None else release_lora(written, config, dtype)
     return save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
 
 

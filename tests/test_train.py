@@ -314,3 +314,20 @@ def test_lora_export_dtype_fp32_keeps_the_master_weights(make_config):
     with safe_open(str(run / "lora" / "pytorch_lora_weights.safetensors"), "pt") as handle:
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}
         assert handle.metadata()["dtype"] == "float32"
+
+
+def test_a_run_ends_with_a_summary_of_what_it_made_and_the_next_command(make_config, caplog):
+    import logging
+
+    from cogft.training.summary import run_summary
+
+    with caplog.at_level(logging.INFO, logger="cogft.training.loop"):
+        run = train(make_config(*FAST, "train.max_steps=4", "train.checkpoint_every=2"))
+    said = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("finished: tiny://2b, lora"))
+    best = min(json.loads(line)["loss_smoothed"] for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert f"step 4 of 4, in {run}" in said and f"best {best:.4f}" in said
+    assert f"weights: {run / 'lora'} (step 4)" in said
+    assert f"checkpoints: step-000002, step-000004 in {run / 'checkpoints'}" in said
+    assert f'next: cogft sample --from {run} --prompt "..." --out sample.mp4' in said
+    stopped = run_summary(make_config(*FAST, "train.max_steps=4"), run, stopped=True)
+    assert stopped.startswith("stopped:") and "train.resume=latest continues" in stopped and "weights:" not in stopped

@@ -30,6 +30,7 @@ from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
 from .stop import StopRequest
+from .summary import run_summary
 from .timeout import process_group_timeout
 from .validation import ValidationHook
 
@@ -41,9 +42,12 @@ def train(config: Config) -> Path:
     trainer = Trainer(config)
     try:
         trainer.setup()
-        if not trainer.run():
+        stopped = trainer.run()
+        if not stopped:
             trainer.finish()
         trainer.accelerator.end_training()
+        if trainer.accelerator.is_main_process:
+            logger.info("%s", run_summary(trainer.config, trainer.run_dir, stopped))
     finally:
         if trainer.hold is not None:
             trainer.hold.release()

@@ -107,18 +107,22 @@ def check_wandb_login(config: Config) -> None:
     mode = wandb_mode(config)
     if config.tracking.report_to != "wandb" or mode in _NO_LOGIN_NEEDED:
         return
-    from wandb.sdk.lib import wbauth
-    from wandb.sdk.wandb_settings import Settings
+    try:  # wandb's own readers, internal API: where they differ in another wandb version, wandb.init decides later
+        from wandb.sdk.lib import wbauth
+        from wandb.sdk.wandb_settings import Settings
 
-    settings = Settings()  # loaded as wandb_setup loads its own: the global, then the workspace file, then the env
-    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
-    settings.settings_system = str(config_dir / "settings")
-    settings.update_from_system_settings()
-    settings.update_from_env_vars(dict(os.environ))
-    if (mode or settings.mode) in _NO_LOGIN_NEEDED:  # `wandb offline` writes the mode to a settings file
-        return
-    host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
-    if settings.api_key or settings.identity_token_file or wbauth.read_netrc_auth(host=host):
+        settings = Settings()  # loaded as wandb_setup loads its own: the global, then the workspace file, then the env
+        config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+        settings.settings_system = str(config_dir / "settings")
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
+        if (mode or settings.mode) in _NO_LOGIN_NEEDED:  # `wandb offline` writes the mode to a settings file
+            return
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        if settings.api_key or settings.identity_token_file or wbauth.read_netrc_auth(host=host):
+            return
+    except (ImportError, AttributeError, TypeError) as error:
+        logger.debug("W&B login not checked before the run (%s: %s); wandb.init will", type(error).__name__, error)
         return
     why = f"W&B mode {mode}" if mode else "tracking.wandb_mode and WANDB_MODE unset"
     raise ConfigError(

@@ -36,10 +36,18 @@ def lora(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_match_one_rank_with_the_whole_batch_and_resume_exactly(make_config, tmp_path):
+    """Also: the validation prompts are spread over the ranks (prompt i on rank i % 2), every video landing in the
+    run's samples/, so a validation takes the time of its share while the other rank waits; validation changes no
+    training draw, so the losses still match the one-rank run without it."""
     cache = tmp_path / "cache"  # fresh: prepare's split over the ranks is visible in the report
     two = tmp_path / "two"
-    result = torchrun(two, cache, "train.max_steps=4", "train.batch_size=1")
+    result = torchrun(two, cache, "train.max_steps=4", "train.batch_size=1", "validation.every=4",
+                      "validation.num_inference_steps=2", "validation.prompts=[a red square,fractals,cells]")
     assert "world_size=2 process=0" in result.stderr and "world_size=2 process=1" in result.stderr
+    assert "process 0 wrote 2 videos (prompts [0, 2])" in result.stderr
+    assert "process 1 wrote 1 videos (prompts [1])" in result.stderr
+    assert sorted(p.name[:14] for p in (two / "samples").glob("*.mp4")) == [
+        "step-000004-00", "step-000004-01", "step-000004-02"]
     report = [json.loads(line) for line in (two / "prepare_report.jsonl").read_text().splitlines()]
     clips = [row for row in report if "clip" in row]
     assert len(clips) == 6 and all(row["status"] == "encoded" for row in clips)  # each clip once, by one rank
@@ -55,18 +63,6 @@ def test_two_ranks_match_one_rank_with_the_whole_batch_and_resume_exactly(make_c
     torchrun(resumed, cache, "train.max_steps=4", "train.batch_size=1")
     assert losses(resumed) == losses(two)
     assert all(torch.equal(lora(resumed)[k], lora(two)[k]) for k in a)
-
-
-def test_validation_prompts_are_spread_over_the_ranks(tmp_path):
-    """Prompt i renders on rank i % 2 and every video lands in the run's samples/, so a validation takes the time
-    of its share while the other rank waits."""
-    run = tmp_path / "run"
-    result = torchrun(run, tmp_path / "cache", "train.max_steps=2", "train.batch_size=1", "validation.every=2",
-                      "validation.num_inference_steps=2", "validation.prompts=[a red square,fractals,cells]")
-    assert "process 0 wrote 2 videos (prompts [0, 2])" in result.stderr
-    assert "process 1 wrote 1 videos (prompts [1])" in result.stderr
-    assert sorted(p.name[:14] for p in (run / "samples").glob("*.mp4")) == [
-        "step-000002-00", "step-000002-01", "step-000002-02"]
 
 
 def test_the_process_group_waits_as_long_as_the_validation_videos_take(monkeypatch, make_config):

@@ -331,3 +331,35 @@ def test_a_run_ends_with_a_summary_of_what_it_made_and_the_next_command(make_con
     assert f'next: cogft sample --from {run} --prompt "..." --out sample.mp4' in said
     stopped = run_summary(make_config(*FAST, "train.max_steps=4"), run, stopped=True)
     assert stopped.startswith("stopped:") and "train.resume=latest continues" in stopped and "weights:" not in stopped
+
+
+def test_exports_carry_a_model_card_the_hub_reads(make_config, tmp_path):
+    """lora/README.md (and cogft export's) parses as a Hub model card: library, tags, the trigger word, the
+    training settings and the first validation prompt's video beside it; a hub base model gets its id and its
+    license in the front matter (2B Apache-2.0, the 5B family the CogVideoX license)."""
+    from huggingface_hub import ModelCard
+
+    from cogft.config import build_config
+    from cogft.inference.export import export
+    from cogft.inference.model_card import model_card
+    from cogft.models.loading import load_for_config
+
+    run = train(make_config("train.max_steps=2", "validation.every=2", "validation.num_inference_steps=2",
+                            "data.caption_prefix=sks"))
+    card = ModelCard.load(run / "lora" / "README.md")
+    assert card.data.library_name == "diffusers" and {"lora", "text-to-video", "cogvideox-2b"} <= set(card.data.tags)
+    assert card.data.instance_prompt == "sks" and card.data.base_model is None  # tiny://: no Hub repository
+    assert "| steps | 2 |" in card.text and 'prompt="sks a red square bouncing across a blue background"' in card.text
+    videos = sorted((run / "samples").glob("step-000002-00-*.mp4"))
+    assert (run / "lora" / "sample.mp4").read_bytes() == videos[-1].read_bytes()
+    exported = export(str(run / "checkpoints" / "step-000002"), str(tmp_path / "out"))
+    assert ModelCard.load(exported / "README.md").data.instance_prompt == "sks"
+
+    for hub_id, license, name in (("THUDM/CogVideoX-2b", "apache-2.0", None),
+                                  ("THUDM/CogVideoX-5b-I2V", "other", "cogvideox-license")):
+        config, variant = load_for_config(build_config({"model": {"path": hub_id}, "data": {"path": "clips"},
+                                                        "output_dir": "run"}), validates=False)
+        data = model_card(config, variant, 100).data
+        assert (data.base_model, data.license, data.license_name) == (hub_id, license, name)
+    assert data.pipeline_tag == "image-to-video" and "CogVideoXImageToVideoPipeline" in model_card(
+        config, variant, 100).text

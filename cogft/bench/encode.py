@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"figure": "image_encodes_s_per_clip", "value": round(image_seconds, 4),
                               "image_noise_draws": args.image_draws, "share_of_clip_encode":
                               round(image_seconds / seconds, 3), **common}), flush=True)
-        del vae
+        vae = None  # freed before the next one is built
         torch.cuda.empty_cache()
 
     with random_init(device, variant.dtype):

@@ -8,11 +8,20 @@ from pathlib import Path
 
 import torch
 
-from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR, resolve_trained
+from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR, checkpoint_step, exported_step, is_checkpoint, resolve_trained
 from ..training.adapters import release_lora
+from .model_card import write_model_card
 from .sampling import pipeline_with_weights, trained_variant
 
 logger = logging.getLogger(__name__)
+
+
+def trained_step(trained) -> int:
+    """The step the weights are from: a checkpoint's own, else the run's export record (its max_steps before it
+    kept one)."""
+    if is_checkpoint(trained.weights_dir):
+        return checkpoint_step(trained.weights_dir)
+    return exported_step(trained.run_dir) or trained.config.train.max_steps
 
 
 def export(source: str, out: str, merge: bool = False) -> Path:
@@ -34,11 +43,16 @@ def export(source: str, out: str, merge: bool = False) -> Path:
             pipe.fuse_lora(lora_scale=1.0)
             pipe.unload_lora_weights()
         pipe.save_pretrained(target)
-    elif trained.mode == "lora":
-        shutil.copy2(trained.weights_dir / LORA_WEIGHTS, target / LORA_WEIGHTS)
-        release_lora(target / LORA_WEIGHTS, trained.config, trained_variant(trained).dtype)
     else:
-        shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)
+        variant = trained_variant(trained)
+        if trained.mode == "lora":
+            shutil.copy2(trained.weights_dir / LORA_WEIGHTS, target / LORA_WEIGHTS)
+            release_lora(target / LORA_WEIGHTS, trained.config, variant.dtype)
+            card_folder = target
+        else:
+            shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)
+            card_folder = target / TRANSFORMER_DIR
+        write_model_card(card_folder, trained.config, variant, trained_step(trained), trained.run_dir)
     logger.info("exported %s weights of %s to %s%s", trained.mode, trained.weights_dir, target,
                 " (merged)" if merge else "")
     return target

@@ -52,6 +52,7 @@ def _tiny(full: PipelineConfigs) -> PipelineConfigs:
 COGVIDEOX_2B = VariantSpec(
     name="cogvideox-2b", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False, native=_NATIVE_1_0,
     reference=reference.COGVIDEOX_2B, tiny=_tiny(reference.COGVIDEOX_2B),
+    license="apache-2.0", license_name=None, license_link=None,
 )
 COGVIDEOX_5B = VariantSpec(
     name="cogvideox-5b", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True, native=_NATIVE_1_0,

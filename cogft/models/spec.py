@@ -88,6 +88,10 @@ class VariantSpec:
     vae_class: str = "AutoencoderKLCogVideoX"
     scheduler_class: str = "CogVideoXDPMScheduler"
     patch_size_t: int | None = None  # CogVideoX 1.5 patches latent frames in pairs
+    # the base model's license as the Hub names it, for the model card of what is trained from it
+    license: str = "other"
+    license_name: str | None = "cogvideox-license"
+    license_link: str | None = "https://huggingface.co/THUDM/CogVideoX-5b/blob/main/LICENSE"
 
     @property
     def image_conditioned(self) -> bool:

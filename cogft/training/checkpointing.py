@@ -20,6 +20,8 @@ import torch
 
 from ..config import Config, ConfigError, save_config
 from ..disk import disk_full_error, folder_bytes, is_disk_full
+from ..inference.model_card import write_model_card
+from ..models.spec import Variant
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
                        checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
@@ -152,11 +154,13 @@ def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer
     return save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
 
 
-def save_export(accelerator, model, config: Config, run_dir: Path, step: int, dtype: torch.dtype) -> Path | None:
+def save_export(accelerator, model, config: Config, run_dir: Path, step: int, variant: Variant) -> Path | None:
     """The final lora/ or transformer/, written like a checkpoint: staged whole, then renamed into place (a kill
     leaves the previous export or none, never half a file), with its step in RUN/export.json so `--from RUN`
     can tell it from a newer checkpoint. A collective, like `save_weights`; the main process gets the path.
-    A failed write (a full disk) removes the staged files and leaves the previous export as it was."""
+    A failed write (a full disk) removes the staged files and leaves the previous export as it was. The export
+    is in the variant's dtype, with a model card (README.md) and the first validation prompt's latest video."""
+    dtype = variant.dtype
     staging = run_dir / ".export.partial"
     name = LORA_DIR if config.train.mode == "lora" else TRANSFORMER_DIR
     record = run_dir / f".{EXPORT_RECORD}.tmp"
@@ -165,8 +169,9 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, dt
     accelerator.wait_for_everyone()
     try:
         written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, dtype=dtype)
-        if accelerator.is_main_process:  # the last write that needs room, done before anything is moved
-            record.write_text(json.dumps({"step": step, "what": name}))
+        if accelerator.is_main_process:
+            write_model_card(staging / name, config, variant, step, run_dir)
+            record.write_text(json.dumps({"step": step, "what": name}))  # the last write, before anything moves
     except BaseException as error:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)

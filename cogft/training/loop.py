@@ -260,7 +260,6 @@ class Trainer:
         step = self.progress.global_step
         if self.config.validation.at_end or step % self.config.validation.every == 0:
             self.validate(step)
-        path = save_export(self.accelerator, self.step.transformer, self.config, self.run_dir, step,
-                           dtype=self.variant.dtype)
+        path = save_export(self.accelerator, self.step.transformer, self.config, self.run_dir, step, self.variant)
         if path is not None:
             logger.info("exported %s", path)

@@ -1,0 +1,108 @@
+"""The model card (README.md) beside exported weights: the front matter the Hub reads (base model, library,
+tags, the base model's license, trigger words) and what was trained, how to load it, and a validation sample.
+
+Written with huggingface_hub's card helpers, so the Hub and `ModelCard.load` read it as they read any card.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from .. import __version__
+from ..config import Config
+from ..data.captions import prefixed, validation_texts
+from ..models.spec import Variant
+from ..run_dir import SAMPLES_DIR
+
+CARD_FILE = "README.md"
+SAMPLE_FILE = "sample.mp4"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _base_model(config: Config) -> str | None:
+    """The Hub id the weights were trained from; None for a local folder or a built test model (the Hub would
+    reject a base_model that names no repository)."""
+    path = config.model.path
+    return path if _HUB_ID.match(path) and not Path(path).exists() else None
+
+
+def _latest_sample(run_dir: Path, step: int) -> Path | None:
+    """The first validation prompt's video of the exported step, else its newest one."""
+    videos = sorted((run_dir / SAMPLES_DIR).glob("step-*-00-*.mp4"))
+    exact = [v for v in videos if v.name.startswith(f"step-{step:06d}-")]
+    return (exact or videos or [None])[-1]
+
+
+def model_card(config: Config, variant: Variant, step: int, sample: str | None = None):
+    """The card of weights trained by `config` for `step` steps; `sample`: a validation video beside it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    spec, lora = variant.spec, config.train.mode == "lora"
+    task = "image-to-video" if spec.image_conditioned else "text-to-video"
+    trigger = config.data.caption_prefix.strip()
+    data = ModelCardData(
+        base_model=_base_model(config), library_name="diffusers", license=spec.license,
+        license_name=spec.license_name, license_link=spec.license_link, pipeline_tag=task,
+        tags=[task, "diffusers", "cogvideox", spec.name, "lora" if lora else "full-fine-tune", "cogft"],
+        instance_prompt=trigger or None,
+    )
+    what = (f"A LoRA (rank {config.lora.rank}, alpha {config.lora.alpha:g}, on {', '.join(config.lora.target_modules)})"
+            if lora else "A fully fine-tuned transformer")
+    load = ('pipe.load_lora_weights("PATH_OR_REPO")  # this folder' if lora else
+            f'pipe.transformer = {spec.transformer_class}.from_pretrained("PATH_OR_REPO", torch_dtype=dtype)')
+    image = ', image=load_image("start.png")' if spec.image_conditioned else ""
+    prompt = prefixed((config.validation.prompts or ["a prompt"])[0], trigger)
+    validated = (validation_texts(config) or [prompt])[0]  # the first validation prompt, as it was rendered
+    body = [
+        f"# {what} of {config.model.path}",
+        "",
+        f"{what} of {spec.name} (`{config.model.path}`), trained for {step} steps with "
+        f"cogft {__version__}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {spec.pipeline_class}" + (", " + spec.transformer_class if not lora else ""),
+        *(["from diffusers.utils import load_image"] if spec.image_conditioned else []),
+        "",
+        f"dtype = torch.{str(variant.dtype).removeprefix('torch.')}",
+        f'pipe = {spec.pipeline_class}.from_pretrained("{_base_model(config) or config.model.path}", torch_dtype=dtype)',
+        load,
+        f'video = pipe(prompt="{prompt}"{image}).frames[0]',
+        "```",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| steps | {step} |",
+        f"| clip | {config.data.num_frames} frames at {config.data.fps or 'native'} fps, "
+        f"{config.data.height}x{config.data.width} |",
+        f"| batch | {config.train.batch_size} x {config.train.gradient_accumulation_steps} accumulated |",
+        f"| learning rate | {config.train.learning_rate:g} ({config.train.lr_scheduler}, "
+        f"{config.train.lr_warmup_steps} warm-up steps) |",
+        f"| optimizer | {config.train.optimizer} (betas {config.train.adam_beta1}, {config.train.adam_beta2}, weight "
+        f"decay {config.train.weight_decay:g}) |",
+        f"| precision | {str(variant.dtype).removeprefix('torch.')} |",
+        f"| seed | {config.train.seed} |",
+    ]
+    if config.data.caption_dropout:
+        body.append(f"| caption dropout | {config.data.caption_dropout:g} |")
+    if trigger:
+        body += ["", "## Trigger words", "", f"Start prompts with `{trigger}`."]
+    if sample:
+        body += ["", "## Validation sample", "", f"[{SAMPLE_FILE}]({SAMPLE_FILE}): \"{validated}\", step {step}."]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def write_model_card(folder: Path, config: Config, variant: Variant, step: int, run_dir: Path) -> Path:
+    """README.md (and the first validation prompt's video, as sample.mp4) into an export folder."""
+    sample = _latest_sample(run_dir, step)
+    if sample is not None:
+        shutil.copy2(sample, folder / SAMPLE_FILE)
+    card = model_card(config, variant, step, SAMPLE_FILE if sample is not None else None)
+    card.save(folder / CARD_FILE)
+    return folder / CARD_FILE

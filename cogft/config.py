@@ -21,6 +21,14 @@ class ConfigError(ValueError):
 SEED_RANGE = dict(ge=0, lt=2**32)  # what every seeded library takes (numpy's is the narrowest)
 
 
+def frame_count_problem(frames: int) -> str | None:
+    """Why a clip cannot have this many frames, or None: the VAE compresses time by 4 after the first frame."""
+    if (frames - 1) % 4 == 0:
+        return None
+    lower = frames - (frames - 1) % 4
+    return f"must be 4k+1 (the VAE compresses time by 4 after the first frame); try {lower} or {lower + 4}"
+
+
 class _Section(BaseModel):
     # no float key means anything as inf or nan (an inf learning rate once exported an all-NaN LoRA)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -79,9 +87,8 @@ class DataConfig(_Section):
     @field_validator("num_frames", "min_frames")
     @classmethod
     def _frames_4k_plus_1(cls, value: int | None) -> int | None:
-        if value is not None and (value - 1) % 4:
-            lower = value - (value - 1) % 4
-            raise ValueError(f"must be 4k+1 (the VAE compresses time by 4 after the first frame); try {lower} or {lower + 4}")
+        if value is not None and (problem := frame_count_problem(value)):
+            raise ValueError(problem)
         return value
 
     @field_validator("min_frames")

@@ -120,6 +120,13 @@ def _weights_in(folder: Path) -> str | None:
     return None
 
 
+def safetensors_length(header: bytes) -> int:
+    """How long a safetensors file with this JSON header is: the 8-byte length, the header, and its tensors up to
+    where the last one ends. Raises (ValueError, KeyError, ...) for a header that is not one."""
+    ends = [entry["data_offsets"][1] for key, entry in json.loads(header).items() if key != "__metadata__"]
+    return 8 + len(header) + max(ends, default=0)
+
+
 def _safetensors_damage(file: Path) -> str | None:
     """A safetensors file cut short or overwritten: its header says where its last tensor ends. The final export
     records no sizes, so this is what finds a partial copy of it."""
@@ -128,10 +135,9 @@ def _safetensors_damage(file: Path) -> str | None:
         header_size = int.from_bytes(handle.read(8), "little")
         header = handle.read(header_size) if 8 + header_size <= size else b""
     try:
-        ends = [entry["data_offsets"][1] for key, entry in json.loads(header).items() if key != "__metadata__"]
+        expected = safetensors_length(header)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return f"{file} is not a whole safetensors file (its header is cut or unreadable)"
-    expected = 8 + header_size + max(ends, default=0)
     return None if size == expected else f"{file} is truncated or changed ({size} of {expected} bytes)"
 
 

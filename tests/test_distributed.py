@@ -89,9 +89,9 @@ def test_the_process_group_waits_as_long_as_the_validation_videos_take(monkeypat
 
 def test_a_tiny_models_configs_are_read_before_the_process_group_without_building_it(monkeypatch, tmp_path):
     """Every rank asks before the group exists; building there would race. The configs are the spec's own."""
-    from cogft.models.loading import configs_without_building
+    from cogft.models.loading import load_variant
     from cogft.models.registry import spec_named
 
     monkeypatch.setenv("COGFT_HOME", str(tmp_path))
-    assert configs_without_building("tiny://1.5-5b-i2v") == spec_named("1.5-5b-i2v", "tiny://").tiny
+    assert load_variant("tiny://1.5-5b-i2v", build=False).configs == spec_named("1.5-5b-i2v", "tiny://").tiny
     assert not any(tmp_path.iterdir())

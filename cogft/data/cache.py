@@ -36,7 +36,7 @@ from ..disk import disk_full_error, is_disk_full
 from ..models.image_to_video import IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..models.spec import Variant
-from ..run_dir import REPORT_FILE
+from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
 from .images import missing_image, read_image
@@ -155,8 +155,7 @@ def entry_problem(path: Path) -> str | None:
     expected = header.get("__metadata__", {}).get("sha256")
     if expected is not None:
         return None if _payload_sha256(blob) == expected else "its bytes changed since it was written (checksum)"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return None if len(blob) - header_end == max(ends, default=0) else "truncated"
+    return None if len(blob) == safetensors_length(blob[8:header_end]) else "truncated"
 
 
 def _repair(path: Path) -> str | None:
@@ -224,11 +223,11 @@ class Preparer:
         self.repaired: dict[str, list[str]] = {}  # content digest -> notes on damaged entries made again
         rev = config.model.revision
         self.image_conditioned = variant.spec.image_conditioned
-        image_recipe = ({"image_noise_draws": data.image_noise_draws, "log_sigma": [IMAGE_NOISE_LOG_SIGMA_MEAN,
-                                                                                   IMAGE_NOISE_LOG_SIGMA_STD]}
-                        if self.image_conditioned else {})  # text-to-video keys stay as they were
-        self._latent_salt = _digest(self.spec.pixel_key(), component_identity(self.model_path, "vae", rev),
-                                    str(self.dtype), *([image_recipe] if image_recipe else []))
+        latent_key = [self.spec.pixel_key(), component_identity(self.model_path, "vae", rev), str(self.dtype)]
+        if self.image_conditioned:  # text-to-video keys stay as they were
+            latent_key.append({"image_noise_draws": data.image_noise_draws,
+                               "log_sigma": [IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD]})
+        self._latent_salt = _digest(*latent_key)
         self._prompt_salt = _digest(
             component_identity(self.model_path, "text_encoder", rev),
             component_identity(self.model_path, "tokenizer", rev),
@@ -407,7 +406,7 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
         if preparer.image_conditioned:
-            row["image"] = str(clip.image) if clip.image else "first frame"
+            row["image"] = clip.image_source
         if admission[clip.line]:
             problem = admission[clip.line][0]
             row.update(status="skipped", problem=problem.code, reason=problem.detail)

@@ -71,7 +71,7 @@ def _tokens(config: Config, variant: Variant, captions: list[str]) -> tuple[dict
 def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
     """Image-to-video: each clip's conditioning image, read as prepare reads it (missing, unreadable, resized)."""
     for clip, row in zip(clips, rows):
-        row["image"] = str(clip.image) if clip.image else "first frame"
+        row["image"] = clip.image_source
         if clip.image is None:
             continue
         read = read_image(clip.image, spec)

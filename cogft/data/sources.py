@@ -38,6 +38,11 @@ class Clip:
     line: str  # where it was listed, for reports: "videos.txt:3", "meta.csv:row 5", "clips/a.mp4"
     image: Path | None = None  # the conditioning image of image-to-video models; None: the clip's first frame
 
+    @property
+    def image_source(self) -> str:
+        """The conditioning image as reports name it."""
+        return str(self.image) if self.image else "first frame"
+
 
 # UTF-32 LE's mark begins with UTF-16 LE's: longest first
 _BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, frame_count_problem
 from ..data.images import conditioning_image
 from ..models.attention import fa4_unavailable, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
@@ -55,9 +55,8 @@ def _clip_size(trained: TrainedWeights, variant: Variant, frames: int | None, he
     """The video's size: the run's training size unless given; what the variant cannot make is refused by flag."""
     data = trained.config.data
     size = (frames or data.num_frames, height or data.height, width or data.width)
-    if (size[0] - 1) % 4:
-        raise ConfigError(f"--frames {size[0]}: must be 4k+1 (8k+1 decodes back to the same length), e.g. "
-                          f"{size[0] - (size[0] - 1) % 4}")
+    if problem := frame_count_problem(size[0]):
+        raise ConfigError(f"--frames {size[0]}: {problem}")
     variant.check_clip_size(*size, names=("--frames", "--height", "--width", "--frames"))
     return size
 

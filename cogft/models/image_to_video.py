@@ -67,24 +67,3 @@ def image_latent_scale(vae_config: dict) -> float:
     where `invert_scale_latents` is set (CogVideoX 1.5 was trained that way)."""
     factor = float(vae_config["scaling_factor"])
     return 1.0 / factor if vae_config.get("invert_scale_latents") else factor
-
-
-def draw_image_latents(image_mean: torch.Tensor, image_logvar: torch.Tensor, scale: float, frames: int,
-                       dropout: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """The image channels of one training batch, [B, frames, C, h, w]: per sample one of the K cached encodings
-    of the noisy image ([B, K, C, 1, h, w] mean/logvar), sampled, scaled as the pipeline scales it, put at latent
-    frame 0 with zeros after it (the pipeline's layout, padded frames included), and zeroed whole with
-    probability `dropout`. Every draw comes from the sample's generator, after the objective's own draws."""
-    mean, logvar = image_mean.float(), image_logvar.float()
-    draws, device = mean.shape[1], mean.device
-    images = []
-    for b, g in enumerate(generators):  # tensors throughout: no draw waits for the GPU
-        k = torch.randint(0, draws, (1,), generator=g, device=g.device).to(device)
-        eps = torch.randn(mean.shape[2:], generator=g, device=g.device).to(device)
-        kept = (torch.rand((), generator=g, device=g.device) >= dropout).to(device, torch.float32)
-        chosen_mean, chosen_logvar = mean[b].index_select(0, k)[0], logvar[b].index_select(0, k)[0]  # [C, 1, h, w]
-        sample = chosen_mean + torch.exp(0.5 * chosen_logvar.clamp(-30.0, 20.0)) * eps
-        images.append(sample[:, 0] * (scale * kept))
-    latents = torch.zeros((mean.shape[0], frames, *images[0].shape), device=device)
-    latents[:, 0] = torch.stack(images)
-    return latents

@@ -61,17 +61,14 @@ def pipeline_configs(path: str, revision: str | None = None) -> PipelineConfigs:
     return PipelineConfigs(**{part: _read_config(path, part, revision) for part in _CONFIG_FILES})
 
 
-def configs_without_building(path: str, revision: str | None = None) -> PipelineConfigs:
-    """The configs of `path` without building it: before the process group exists every rank would build a
-    `tiny://` model at once, and its configs are the spec's own."""
-    if path.startswith(TINY_SCHEME):
-        return spec_named(path.removeprefix(TINY_SCHEME), TINY_SCHEME).tiny
-    return pipeline_configs(path, revision)
-
-
-def load_variant(path: str, dtype: str = "auto", revision: str | None = None) -> Variant:
-    """The variant of the pipeline at `path`, bound to its configs; an unsupported pipeline is refused by name."""
-    configs = pipeline_configs(path, revision)
+def load_variant(path: str, dtype: str = "auto", revision: str | None = None, build: bool = True) -> Variant:
+    """The variant of the pipeline at `path`, bound to its configs; an unsupported pipeline is refused by name.
+    `build=False`: a `tiny://` model is not built, its configs are the spec's own (before the process group
+    exists, every rank would build it at once)."""
+    if not build and path.startswith(TINY_SCHEME):
+        configs = spec_named(path.removeprefix(TINY_SCHEME), TINY_SCHEME).tiny
+    else:
+        configs = pipeline_configs(path, revision)
     return spec_for(configs, path).bind(configs, dtype)
 
 

@@ -5,8 +5,10 @@
     x0_hat = scheduler.get_velocity(v_hat, x_t, t)          # sqrt(a)·x_t − sqrt(1−a)·v_hat
     loss   = mean_b mean((1 / (1 − alphas_cumprod[t])) · (x0_hat − x0)²)
 
-Random draws come from an explicit generator so that a resumed run sees the same noise as an
-uninterrupted one. The loss is computed in fp32 whatever the model's precision.
+Image-to-video models also draw their image channels here (`draw_image_latents`, the reference recipe's
+noisy image and its dropout); the loss is the same. Random draws come from an explicit generator so that a
+resumed run sees the same noise as an uninterrupted one. The loss is computed in fp32 whatever the model's
+precision.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ class TrainingInputs:
     x0: torch.Tensor         # [B, F, C, H, W], fp32, scaled
     noise: torch.Tensor      # like x0
     timesteps: torch.Tensor  # [B], int64
+
+
+def sample_latent(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """A draw from a cached VAE latent distribution, as the VAE's own `sample()` makes it (log-variance clamped)."""
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
 
 
 def draw_inputs(
@@ -49,7 +56,7 @@ def draw_inputs(
         return torch.stack([draw(g) for g in generators]).to(device)
 
     eps = per_sample(lambda g: torch.randn(mean.shape[1:], generator=g, device=g.device))
-    x0 = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * scaling_factor
+    x0 = sample_latent(mean, logvar, eps) * scaling_factor
     x0 = x0.permute(0, 2, 1, 3, 4).contiguous()
     missing = -x0.shape[1] % frame_multiple
     if missing:
@@ -73,3 +80,24 @@ def diffusion_loss(
     weights = 1.0 / (1.0 - alphas_cumprod[t])
     per_sample = ((x0_hat.float() - x0) ** 2).flatten(1).mean(dim=1)
     return (weights * per_sample).mean()
+
+
+def draw_image_latents(image_mean: torch.Tensor, image_logvar: torch.Tensor, scale: float, frames: int,
+                       dropout: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """The image channels of one training batch, [B, frames, C, h, w]: per sample one of the K cached encodings
+    of the noisy image ([B, K, C, 1, h, w] mean/logvar), sampled, scaled as the pipeline scales it, put at latent
+    frame 0 with zeros after it (the pipeline's layout, padded frames included), and zeroed whole with
+    probability `dropout`. Every draw comes from the sample's generator, after the objective's own draws."""
+    mean, logvar = image_mean.float(), image_logvar.float()
+    draws, device = mean.shape[1], mean.device
+    images = []
+    for b, g in enumerate(generators):  # tensors throughout: no draw waits for the GPU
+        k = torch.randint(0, draws, (1,), generator=g, device=g.device).to(device)
+        eps = torch.randn(mean.shape[2:], generator=g, device=g.device).to(device)
+        kept = (torch.rand((), generator=g, device=g.device) >= dropout).to(device, torch.float32)
+        chosen_mean, chosen_logvar = mean[b].index_select(0, k)[0], logvar[b].index_select(0, k)[0]  # [C, 1, h, w]
+        sample = sample_latent(chosen_mean, chosen_logvar, eps)
+        images.append(sample[:, 0] * (scale * kept))
+    latents = torch.zeros((mean.shape[0], frames, *images[0].shape), device=device)
+    latents[:, 0] = torch.stack(images)
+    return latents

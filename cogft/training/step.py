@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from ..models.image_to_video import draw_image_latents, image_latent_scale
+from ..models.image_to_video import image_latent_scale
 from ..models.spec import Variant
 from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
-from .objective import diffusion_loss, draw_inputs
+from .objective import diffusion_loss, draw_image_latents, draw_inputs
 
 
 @dataclass

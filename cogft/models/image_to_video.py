@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .spec import PipelineConfigs, VariantSpec
+from .spec import VariantSpec
 
 # the reference recipe's pixel noise on the conditioning image: sigma = exp(N(-3, 0.5^2)), per sample
 IMAGE_NOISE_LOG_SIGMA_MEAN = -3.0
@@ -34,14 +34,12 @@ class ImageToVideoSpec(VariantSpec):
     def image_conditioned(self) -> bool:
         return True
 
-    def matches(self, configs: PipelineConfigs) -> bool:
-        t, latent = configs.transformer, configs.vae.get("latent_channels")
-        return (configs.model_index.get("_class_name", self.pipeline_class) == self.pipeline_class
-                and latent is not None and t.get("in_channels") == 2 * latent
-                and bool(t.get("use_rotary_positional_embeddings", False)) == self.rotary
-                and bool(t.get("use_learned_positional_embeddings", False)) == self.learned_positions
-                and t.get("patch_size_t") == self.patch_size_t
-                and (t.get("ofs_embed_dim") is not None) == (self.ofs is not None))
+    def conditioning_matches(self, transformer: dict, latent_channels: int | None) -> bool:
+        """The image latents beside the video's (twice the latent channels), and the learned positions and `ofs`
+        input of this model."""
+        return (latent_channels is not None and transformer.get("in_channels") == 2 * latent_channels
+                and bool(transformer.get("use_learned_positional_embeddings", False)) == self.learned_positions
+                and (transformer.get("ofs_embed_dim") is not None) == (self.ofs is not None))
 
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
                            rotary: tuple[torch.Tensor, torch.Tensor] | None,

@@ -100,13 +100,18 @@ class VariantSpec:
 
     # identity ---------------------------------------------------------------------------------
     def matches(self, configs: PipelineConfigs) -> bool:
-        t, latent = configs.transformer, configs.vae.get("latent_channels")
+        """The pipeline class, positions and frame patching every variant is told by, then its conditioning."""
+        t = configs.transformer
         return (configs.model_index.get("_class_name", self.pipeline_class) == self.pipeline_class
-                and t.get("in_channels") == latent
                 and bool(t.get("use_rotary_positional_embeddings", False)) == self.rotary
-                and not t.get("use_learned_positional_embeddings", False)
                 and t.get("patch_size_t") == self.patch_size_t
-                and t.get("ofs_embed_dim") is None)
+                and self.conditioning_matches(t, configs.vae.get("latent_channels")))
+
+    def conditioning_matches(self, transformer: dict, latent_channels: int | None) -> bool:
+        """Text only: the transformer reads the latents alone, with no learned positions and no `ofs` input."""
+        return (transformer.get("in_channels") == latent_channels
+                and not transformer.get("use_learned_positional_embeddings", False)
+                and transformer.get("ofs_embed_dim") is None)
 
     def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "Variant":
         return Variant(self, configs, DTYPES[self.dtype if dtype == "auto" else dtype])

@@ -90,8 +90,10 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="image-to-video models: the image to start from (cropped to the video's size "
                                         "as the training clips were)")
     parser.add_argument("--frames", type=_positive_int, help="frames, 4k+1 (default: the run's data.num_frames)")
-    parser.add_argument("--height", type=_positive_int, help="pixels (default: the run's data.height)")
-    parser.add_argument("--width", type=_positive_int, help="pixels (default: the run's data.width)")
+    parser.add_argument("--height", type=_positive_int, help="pixels (default: the run's data.height, or its largest "
+                                                             "data.buckets size)")
+    parser.add_argument("--width", type=_positive_int, help="pixels (default: the run's data.width, or its largest "
+                                                            "data.buckets size)")
 
 
 def _sample(args) -> None:
@@ -105,12 +107,29 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--merge", action="store_true", help="write a whole pipeline with the weights fused in")
+    parser.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest held-out eval loss "
+                                                            "(RUN/best.json; needs eval.holdout)")
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME",
+                        help="then upload the export to this Hugging Face model repository (created if missing)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
 
 
 def _export(args) -> None:
+    from .config import ConfigError
     from .inference.export import export
+    from .inference.hub import card_folder, check_hub_push, push
 
-    print(export(args.source, args.out, args.merge))
+    if args.private and not args.push_to_hub:
+        raise ConfigError("--private applies to --push-to-hub OWNER/NAME; add it, or leave out --private")
+    if args.push_to_hub:  # before the export, which can take minutes (--merge)
+        check_hub_push(args.push_to_hub, "--push-to-hub")
+    out = export(args.source, args.out, args.merge, args.best)
+    print(out)
+    if args.push_to_hub:
+        retry = (f"cogft export --from {args.source} --out ANOTHER_DIR{' --merge' if args.merge else ''}"
+                 f"{' --best' if args.best else ''} "
+                 f"--push-to-hub {args.push_to_hub}{' --private' if args.private else ''}")
+        print(push(card_folder(out), args.push_to_hub, True if args.private else None, retry))
 
 
 def _doctor_args(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +168,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
     parser.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save and load")
     parser.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
+    parser.add_argument("--buckets", action="store_true", help="time the step at each size of data.buckets (after all "
+                                                               "have run) against the first size alone, per token")
 
 
 def _bench(args) -> None:
@@ -157,6 +178,10 @@ def _bench(args) -> None:
         from .bench.sampling import bench_sample
 
         bench_sample(config, args.baseline, args.profile, emit=lambda row: print(json.dumps(row), flush=True))
+    elif args.buckets:
+        from .bench.training import bench_buckets
+
+        bench_buckets(config, args.warmup, args.steps)
     else:
         from .bench.training import bench
 
@@ -198,13 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from .config import ConfigError  # the user's errors (a resume or backend mismatch too); light modules only,
     from .data.sources import DatasetLayoutError  # so a bad config fails before torch is imported
 
     user_errors = (ConfigError, DatasetLayoutError, FileNotFoundError, FileExistsError)
     try:
         _setup_logging()
-        COMMANDS[args.command].run(args)
+        with logging_redirect_tqdm():  # log lines above the progress bars, never glued into one
+            COMMANDS[args.command].run(args)
     except user_errors as error:
         print(f"cogft {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ what is allowed, so a typo costs a second instead of a queued GPU job.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,36 @@ def frame_count_problem(frames: int) -> str | None:
     return f"must be 4k+1 (the VAE compresses time by 4 after the first frame); try {lower} or {lower + 4}"
 
 
+SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[x×X]\s*(\d+)\s*$")
+# aspect ratios (width / height) of `data.buckets: auto`: landscape, portrait and square, as phones and cameras shoot
+AUTO_ASPECTS = (16 / 9, 3 / 2, 4 / 3, 1.0, 3 / 4, 2 / 3, 9 / 16)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"480x720" (height x width, as data.height / data.width) -> (480, 720); ValueError naming the form otherwise."""
+    match = SIZE_PATTERN.match(str(text))
+    if match is None:
+        raise ValueError(f"{text!r} is not a size; write HEIGHTxWIDTH, e.g. 480x720")
+    height, width = int(match[1]), int(match[2])
+    for name, value in (("height", height), ("width", width)):
+        if value < 16 or value % 16:
+            raise ValueError(f"{text}: the {name} {value} must be a multiple of 16 (VAE ×8, patch 2); "
+                             f"try {max(16, value - value % 16)}")
+    return height, width
+
+
+def auto_sizes(height: int, width: int) -> tuple[tuple[int, int], ...]:
+    """`data.buckets: auto`: the configured size, then one size per common aspect ratio with about its area
+    (multiples of 16), so every clip trains at about the same cost whatever its shape."""
+    area = height * width
+    sizes = [(height, width)]
+    for aspect in AUTO_ASPECTS:
+        size = (max(16, round((area / aspect) ** 0.5 / 16) * 16), max(16, round((area * aspect) ** 0.5 / 16) * 16))
+        if all(abs(math.log(size[1] / size[0]) - math.log(w / h)) > 0.05 for h, w in sizes):
+            sizes.append(size)
+    return tuple(sizes)
+
+
 class _Section(BaseModel):
     # no float key means anything as inf or nan (an inf learning rate once exported an all-NaN LoRA)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -47,6 +79,9 @@ class ModelConfig(_Section):
         "auto", description="attention kernel: fa4 (FlashAttention-4, Hopper/Blackwell GPUs, pip install "
         "'cogft[fa4]'), sdpa (torch's), auto: fa4 where it can run, sdpa elsewhere"
     )
+    fp8_base: bool = Field(False, description="LoRA: keep the frozen transformer's linear weights in float8 (e4m3) and "
+                                              "upcast each layer's weight for its forward; norms and embeddings stay as "
+                                              "they are. About half the base weights' memory")
 
 
 class DataConfig(_Section):
@@ -83,6 +118,14 @@ class DataConfig(_Section):
                                                                 "the seeded generators")
     caption_prefix: str = Field("", description="put in front of every caption before it is embedded (a trigger word "
                                                 "that summons the subject); part of the cache key")
+    buckets: list[str] | Literal["auto"] | None = Field(
+        None, description="training sizes as HEIGHTxWIDTH (e.g. [480x720, 720x480, 576x576]): each clip or image "
+        "trains at the one nearest its aspect ratio, resized and cropped without distortion; auto: data.height x "
+        "data.width plus one size per common aspect ratio (16:9 to 9:16) at about its area; null: data.height x "
+        "data.width only")
+    image_batch_size: int | None = Field(None, ge=1, description="batch size of still images trained beside the clips "
+                                                                 "(they are single frames, far cheaper); null: "
+                                                                 "train.batch_size")
 
     @field_validator("num_frames", "min_frames")
     @classmethod
@@ -99,6 +142,34 @@ class DataConfig(_Section):
             raise ValueError(f"is larger than data.num_frames={num_frames}; use at most {num_frames} "
                              f"({num_frames} itself means no shorter buckets)")
         return value
+
+    @field_validator("buckets")
+    @classmethod
+    def _sizes_parse(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("is empty; list at least one HEIGHTxWIDTH, or use auto, or null for data.height x "
+                                 "data.width")
+            sizes = [parse_size(item) for item in value]
+            repeated = sorted({f"{h}x{w}" for h, w in sizes if sizes.count((h, w)) > 1})
+            if repeated:
+                raise ValueError(f"lists {', '.join(repeated)} more than once; list each size once")
+            return [f"{h}x{w}" for h, w in sizes]
+        return value
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The training sizes (height, width), in the order given (auto: the configured size first)."""
+        if self.buckets is None:
+            return ((self.height, self.width),)
+        if self.buckets == "auto":
+            return auto_sizes(self.height, self.width)
+        return tuple(parse_size(size) for size in self.buckets)
+
+    @property
+    def largest_size(self) -> tuple[int, int]:
+        """The size with the most pixels (the first of equals): memory budgets and validation plan for it."""
+        return max(self.sizes, key=lambda size: size[0] * size[1])
 
     @property
     def shortest_bucket(self) -> int:
@@ -143,14 +214,28 @@ class TrainConfig(_Section):
         "slightly faster steps for a longer compile at start, cached on disk for later runs; worth it for long runs"
     )
     allow_tf32: bool = True
-    optimizer: Literal["adamw", "adamw_bf16"] = Field(
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the trained "
+                                    "weights (e.g. 0.999; on the GPU for a LoRA, in host memory for full fine-tuning) "
+                                    "and validate and export it, the raw weights exported beside it in raw/; null: off")
+    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit", "prodigy"] = Field(
         "adamw", description="adamw: fp32 master weights and state; adamw_bf16 (SFT, bf16 variant): bf16 weights with "
-        "stochastic rounding and bf16 state, applied during the backward pass (5B SFT on one 80 GB GPU; no clipping)"
+        "stochastic rounding and bf16 state, applied during the backward pass (5B SFT on one 80 GB GPU; no clipping); "
+        "adamw8bit: bitsandbytes' 8-bit AdamW state (CUDA GPUs, pip install 'cogft[bnb]'); prodigy: Prodigy, which "
+        "finds the step size itself (train.learning_rate is its multiplier, 1.0 unless set; pip install "
+        "'cogft[prodigy]')"
     )
     cpu_adam: Literal["auto", "torch"] = Field(
         "auto", description="optimizer in host memory (DeepSpeed offload): auto = DeepSpeed's CPUAdam, compiled on "
         "first use, else torch's AdamW; torch = torch's AdamW, no compiler needed"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prodigy_learning_rate(cls, data: Any) -> Any:
+        """Prodigy's learning rate multiplies the step size it finds: 1.0, not AdamW's 1e-4, unless one is given."""
+        if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "learning_rate" not in data:
+            return {**data, "learning_rate": 1.0}
+        return data
 
     @field_validator("gradient_checkpointing")
     @classmethod
@@ -175,6 +260,8 @@ class ValidationConfig(_Section):
     prompts: list[str] = []
     images: list[str] = Field([], description="image-to-video: one image file per prompt, in order (paths as "
                                               "written, relative to where cogft runs)")
+    sizes: list[str] = Field([], description="one HEIGHTxWIDTH per prompt, in order, to render each at (e.g. a portrait "
+                                             "prompt at 720x480); empty: the largest of data.buckets")
     prefix_prompts: bool = Field(True, description="put data.caption_prefix in front of each validation prompt too")
     every: int = Field(250, ge=1)
     num_inference_steps: int = Field(50, ge=1)
@@ -182,13 +269,68 @@ class ValidationConfig(_Section):
     seed: int = Field(0, **SEED_RANGE)
     fps: int = Field(8, ge=1)
     at_end: bool = True
+    check_export: bool = Field(
+        True, description="at the end of a finished run, load the export into a stock diffusers pipeline in a fresh "
+        "process, render the first validation prompt as the final validation did, and report the pixel difference "
+        "(a warning beyond rounding noise)")
     cache: Literal["none", "pab", "first_block", "taylorseer"] = Field(
         "none", description="approximate inference cache from diffusers (faster, not exact)"
     )
 
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_parse(cls, value: list[str]) -> list[str]:
+        return [f"{h}x{w}" for h, w in map(parse_size, value)]
+
+
+class EvalConfig(_Section):
+    holdout: int | float = Field(
+        0, description="clips kept out of training to measure the eval loss on: a count, or a fraction in (0, 1) of "
+        "the clips (at least one); chosen from train.seed and each clip's cache key, so the same on every rank and "
+        "resume; 0: no eval loss")
+    every: int | None = Field(None, ge=1, description="steps between evaluations besides the one at each checkpoint "
+                                                      "(every checkpoint is evaluated, so the best can be exported); "
+                                                      "null: at checkpoints only")
+    timesteps: list[int] | None = Field(
+        None, min_length=1, description="the timesteps each held-out clip is scored at (each costs one forward pass "
+        "per clip); null: one per clip, the clips' spread evenly over the schedule")
+
+    @field_validator("holdout", mode="before")
+    @classmethod
+    def _not_a_flag(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("is a count of clips (e.g. 8) or a fraction in (0, 1) (e.g. 0.1), not true/false")
+        return value
+
+    @field_validator("holdout")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float) -> int | float:
+        if value == 0:
+            return 0
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError("a fraction of the clips must be in (0, 1), e.g. 0.1; for a count write an integer, "
+                             "e.g. 8")
+        if value < 0:
+            raise ValueError("must be 0 (no eval loss), a count of clips, or a fraction in (0, 1)")
+        return value
+
+    @field_validator("timesteps")
+    @classmethod
+    def _distinct_timesteps(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (min(value) < 0 or len(set(value)) < len(value)):
+            raise ValueError("list distinct timesteps from 0 to the schedule's length - 1 (999 for CogVideoX), "
+                             "e.g. [100, 500, 900]")
+        return value
+
 
 class TrackingConfig(_Section):
-    report_to: Literal["wandb", "none"] = "wandb"
+    report_to: Literal["wandb", "tensorboard", "none"] = Field(
+        "wandb", description="wandb; tensorboard (event files in RUN/tensorboard/, pip install 'cogft[tensorboard]'); "
+        "none. metrics.jsonl and report.html are written either way")
+    push_to_hub: str | None = Field(
+        None, description="OWNER/NAME: upload the final export (weights, model card, sample) to this Hugging Face "
+        "model repository at the end of a finished run, creating it (public) if missing; needs a login "
+        "(hf auth login or HF_TOKEN), checked before training")
     project: str = "cogft"
     run_name: str | None = None
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
@@ -201,6 +343,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
     validation: ValidationConfig = ValidationConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = Field(min_length=1)
 
@@ -214,11 +357,25 @@ class Config(_Section):
         return value
 
     @model_validator(mode="after")
-    def _validation_images_pair(self) -> "Config":
-        images, prompts = self.validation.images, self.validation.prompts
-        if images and len(images) != len(prompts):
-            raise ValueError(f"validation.images has {len(images)} entries for {len(prompts)} validation.prompts; "
-                             "give one image per prompt, in the same order")
+    def _validation_lists_pair(self) -> "Config":
+        prompts = self.validation.prompts
+        for key, what in (("images", "image"), ("sizes", "size")):
+            given = getattr(self.validation, key)
+            if given and len(given) != len(prompts):
+                raise ValueError(f"validation.{key} has {len(given)} entries for {len(prompts)} validation.prompts; "
+                                 f"give one {what} per prompt, in the same order")
+        return self
+
+    def validation_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of validation prompt `index`: its validation.sizes entry, else the largest bucket."""
+        sizes = self.validation.sizes
+        return parse_size(sizes[index]) if sizes else self.data.largest_size
+
+    @model_validator(mode="after")
+    def _fp8_base_is_for_lora(self) -> "Config":
+        if self.model.fp8_base and self.train.mode != "lora":
+            raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning (train.mode="
+                             "sft) trains every weight; use train.mode=lora or model.fp8_base=false")
         return self
 
     @model_validator(mode="after")

@@ -8,6 +8,10 @@
     RUN/checkpoints/step-NNNNNN/             complete checkpoints (marked, renamed into place)
     RUN/lora/pytorch_lora_weights.safetensors   the LoRA export      RUN/transformer/   the SFT export
     RUN/export.json                          the step that export holds (staged and renamed into place)
+    RUN/best.json                            the checkpoint with the lowest held-out eval loss (eval.holdout)
+    RUN/raw/lora/ or RUN/raw/transformer/    with train.ema_decay: the trained weights beside the averaged export
+    RUN/report.html, RUN/curves.png          the end-of-run report: loss and learning-rate curves, validation videos
+    RUN/tensorboard/                         TensorBoard event files (tracking.report_to=tensorboard)
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ COMPLETE_MARKER = "cogft_complete.json"
 LOCK_FILE = ".cogft.lock"  # held by the trainer writing the run; the OS releases it when that process dies
 LORA_DIR = "lora"
 EXPORT_RECORD = "export.json"  # the step the final lora/ or transformer/ holds
+BEST_RECORD = "best.json"  # the checkpoint with the lowest eval loss: its step, loss and folder
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRANSFORMER_DIR = "transformer"
+RAW_EXPORT_DIR = "raw"  # with train.ema_decay: the trained weights without averaging, as raw/lora/ or raw/transformer/
+HTML_REPORT = "report.html"  # written at the end of a run, finished or stopped
+CURVES_IMAGE = "curves.png"  # the report's curves as an image
+TENSORBOARD_DIR = "tensorboard"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -80,6 +89,37 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def is_checkpoint(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
+
+
+def best_record(run_dir: Path) -> dict | None:
+    """RUN/best.json: the step, eval loss and checkpoint folder (relative to the run) of the best so far, or None."""
+    record = run_dir / BEST_RECORD
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint RUN/best.json names (kept through `train.checkpoints_keep` rotation), or None."""
+    record = best_record(run_dir)
+    return None if record is None else run_dir / record["checkpoint"]
+
+
+def best_of_run(source: str | Path) -> Path:
+    """`--best`: the run's checkpoint with the lowest held-out eval loss, as its best.json names it."""
+    run_dir = Path(source)
+    if is_checkpoint(run_dir):
+        raise ConfigError(f"--best picks a checkpoint of a run: give --from the run directory "
+                          f"({run_dir.parent.parent}), not the checkpoint {run_dir.name}")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"--from {source}: not a run directory (no {CONFIG_FILE})")
+    best = best_checkpoint(run_dir)
+    if best is None:
+        raise ConfigError(f"--best: {run_dir} has no best checkpoint (no {BEST_RECORD}); one is recorded when a run "
+                          "measures a held-out eval loss: train with eval.holdout set (e.g. eval.holdout=8), or leave "
+                          "out --best for the newest weights")
+    if not is_checkpoint(best):
+        raise FileNotFoundError(f"--best: {run_dir / BEST_RECORD} names {best}, which is not a complete checkpoint "
+                                "(moved or deleted); leave out --best, or give --from one of the run's checkpoints")
+    return best
 
 
 def checkpoint_damage(path: Path, only: tuple[str, ...] = ()) -> str | None:

@@ -1,4 +1,4 @@
-"""Metrics: W&B through accelerate's tracker, plus a local metrics.jsonl that needs no account."""
+"""Metrics: W&B or TensorBoard through accelerate's trackers, plus a local metrics.jsonl that needs no account."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import os
 import time
 from pathlib import Path
 
-from accelerate.tracking import GeneralTracker, on_main_process
+from accelerate.tracking import GeneralTracker, TensorBoardTracker, on_main_process
 
 from .config import Config, ConfigError
-from .run_dir import METRICS_FILE, WANDB_ID_FILE
+from .run_dir import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,56 @@ class JsonlTracker(GeneralTracker):
             handle.write(json.dumps(row) + "\n")
 
 
+def _last_logged_step(run_dir: Path) -> int | None:
+    """The step of metrics.jsonl's last row, or None when it has none."""
+    path = run_dir / METRICS_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    step = _step_of(lines[-1]) if lines else None
+    return None if step is None or step == float("inf") else int(step)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """A nested config as the flat scalars and strings TensorBoard's hparams take: {"train.learning_rate": 1e-4,
+    "lora.target_modules": "['to_q', ...]"}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+class TensorBoardRun(TensorBoardTracker):
+    """accelerate's TensorBoard tracker, writing RUN/tensorboard/, with two fixes: the nested config is flattened
+    (its hparams refuse dicts and lists), and a resume's redone steps are purged from the view, as metrics.jsonl
+    drops them, so the curves read as one run."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(TENSORBOARD_DIR, run_dir)
+        self.run_dir = run_dir
+
+    @on_main_process
+    def start(self) -> None:
+        # started by init_trackers, after continue_metrics cut metrics.jsonl back to the resume point
+        last = _last_logged_step(self.run_dir)
+        self.init_kwargs.setdefault("purge_step", 0 if last is None else last + 1)
+        super().start()
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        super().store_init_configuration(_flat(values))
+
+
+def check_tensorboard(config: Config) -> None:
+    """Refuse `report_to: tensorboard` without the package now, not after prepare and the model load."""
+    import importlib.util
+
+    if config.tracking.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError('tracking.report_to=tensorboard: the tensorboard package is not installed; '
+                          'pip install "cogft[tensorboard]", or choose tracking.report_to=wandb or none')
+
+
 _NO_LOGIN_NEEDED = ("offline", "dryrun", "disabled")
 
 
@@ -139,6 +189,8 @@ def trackers_for(config: Config, run_dir: Path) -> list:
             os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         trackers.append("wandb")
+    if config.tracking.report_to == "tensorboard":
+        trackers.append(TensorBoardRun(run_dir))
     return trackers
 
 
@@ -158,8 +210,11 @@ def init_trackers(accelerator, config: Config, run_dir: Path, dataset: dict) -> 
     """`dataset`: what training sees (clips, frame buckets, windows), logged beside the config."""
     from . import __version__
 
-    init_kwargs = {"wandb": {"name": config.tracking.run_name or run_dir.name, "dir": str(run_dir),
-                             "id": wandb_run_id(run_dir) if accelerator.is_main_process else None, "resume": "allow"}}
+    wandb = {"name": config.tracking.run_name or run_dir.name, "dir": str(run_dir),
+             "id": wandb_run_id(run_dir) if accelerator.is_main_process else None}
+    if wandb_mode(config) != "offline":  # offline, wandb ignores it with a warning; `wandb sync` joins runs by id
+        wandb["resume"] = "allow"
+    init_kwargs = {"wandb": wandb}
     values = {**config.model_dump(mode="json"), "dataset": dataset, "cogft_version": __version__,
               "cogft_commit": source_commit()}
     accelerator.init_trackers(config.tracking.project, config=values, init_kwargs=init_kwargs)
@@ -176,7 +231,8 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 def log_videos(accelerator, videos: list[tuple[str, str]], step: int) -> None:
-    """Send (prompt, mp4 path) pairs to W&B, when it is one of the trackers."""
+    """Send (prompt, mp4 path) pairs to W&B, when it is one of the trackers. TensorBoard gets none: its add_video
+    wants the frames again and moviepy to encode a GIF; the mp4s are in samples/ and report.html."""
     if not accelerator.is_main_process:
         return
     for tracker in accelerator.trackers:
@@ -184,3 +240,6 @@ def log_videos(accelerator, videos: list[tuple[str, str]], step: int) -> None:
             import wandb
 
             tracker.log({"validation/videos": [wandb.Video(path, caption=prompt, format="mp4") for prompt, path in videos]}, step=step)
+        elif tracker.name == "tensorboard":
+            logger.debug("validation videos of step %d not sent to TensorBoard (no video without moviepy); see "
+                         "samples/ and report.html", step)

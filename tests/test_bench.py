@@ -61,3 +61,15 @@ def test_bench_checkpoint_roundtrip_and_sample(make_config):
         (None, "none"), (None, "pab")]
     assert all(r["figure"] == "sample_speedup_vs_plain" and r["ratio"] > 0 for r in rows[3:])
     assert {r["attention"] for r in rows[:3]} == {"sdpa"}
+
+
+def test_bench_buckets_times_each_size_per_token_against_the_single_size(make_config):
+    from cogft.bench.training import bench_buckets
+
+    rows = bench_buckets(make_config("model.path=tiny://5b", "train.batch_size=1", "data.buckets=[64x96, 80x80]"),
+                         warmup=0, steps=1, emit=lambda row: None)
+    assert [(r.get("variant"), r.get("height"), r.get("width")) for r in rows[:3]] == [
+        ("single_size", 64, 96), ("bucket", 64, 96), ("bucket", 80, 80)]
+    assert rows[0]["tokens"] == rows[1]["tokens"] != rows[2]["tokens"] and rows[1]["compile"] is False  # a CPU
+    assert [r["size"] for r in rows[3:]] == ["64x96", "80x80"]
+    assert all(r["figure"] == "bucket_cost_per_token_vs_single_size" and r["ratio"] > 0 for r in rows[3:])

@@ -20,7 +20,8 @@ def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
 
 def format_estimate(config: Config, result: Estimate) -> str:
     lines = [
-        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{config.data.height}x{config.data.width}, "
+        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{'x'.join(map(str, config.data.largest_size))}"
+        f"{' (the largest bucket)' if len(config.data.sizes) > 1 else ''}, "
         f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
         f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",

@@ -39,6 +39,12 @@ def time_back_to_back(run_step: Callable[[int], None], device: torch.device, fir
     return (time.perf_counter() - started) / steps
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start the peak-memory count from what is allocated now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def free(device: torch.device) -> None:
     """Drop what the last measurement left: garbage, cached blocks, peak statistics, compiled graphs."""
     gc.collect()

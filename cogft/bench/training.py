@@ -27,7 +27,7 @@ from ..models.loading import load_for_config
 from ..models.reference import random_init
 from ..models.spec import Variant
 from ..training.backends import accelerator_on_cpu, backend_name
-from .timing import device_name, free, profile, time_back_to_back, time_steps
+from .timing import device_name, free, profile, reset_peak, time_back_to_back, time_steps
 
 
 def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.device):
@@ -36,12 +36,13 @@ def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.devic
         return variant.spec.diffusers_class("transformer").from_config(variant.configs.transformer)
 
 
-def _synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int):
-    """A batch shaped like the cache's: latent mean/logvar [B, C, F, h, w], T5 embeddings [B, L, D], and for
-    image-to-video models the image encodings [B, K, C, 1, h, w]."""
+def _synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int,
+                     size: tuple[int, int] | None = None):
+    """A batch shaped like the cache's at `size` (default: the config's first): latent mean/logvar [B, C, F, h, w],
+    T5 embeddings [B, L, D], and for image-to-video models the image encodings [B, K, C, 1, h, w]."""
     gen = torch.Generator(device=device).manual_seed(seed)
     b, c = config.train.batch_size, variant.configs.vae["latent_channels"]
-    h, w = config.data.height // variant.vae_scale_spatial, config.data.width // variant.vae_scale_spatial
+    h, w = (side // variant.vae_scale_spatial for side in size or config.data.sizes[0])
     shape = (b, c, variant.latent_frames(config.data.num_frames), h, w)
     batch = {
         "latent_mean": torch.randn(shape, generator=gen, device=device, dtype=variant.dtype),
@@ -66,14 +67,19 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
     transformer = random_transformer(variant, variant.dtype, device)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
-    batch = _synthetic_batch(config, variant, device, config.train.seed)
+    batches = {size: _synthetic_batch(config, variant, device, config.train.seed, size) for size in config.data.sizes}
+    batch = [batches[config.data.sizes[0]]]  # the one `run` trains on; `run.use(size)` switches the bucket
     step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler,
-                               empty_prompt=torch.zeros_like(batch["prompt_embeds"][0]))  # caption dropout's stand-in
+                               empty_prompt=torch.zeros_like(batch[0]["prompt_embeds"][0]))  # caption dropout's
     step.transformer.train()
 
     def run(i: int) -> None:
-        loss = step.forward_backward(batch, sample_generators(config.train.seed, i, 0, 0, config.train.batch_size, device))
+        loss = step.forward_backward(batch[0], sample_generators(config.train.seed, i, 0, 0, config.train.batch_size,
+                                                                 device))
         step.update(loss)
+
+    def use(size: tuple[int, int]) -> None:
+        batch[0] = batches[size]
 
     def checkpoint_roundtrip(folder: Path) -> dict:
         """The trainer's own save and resume of this model, optimizer and scheduler state."""
@@ -87,6 +93,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
                 "checkpoint_mib": round(size / 2**20, 2)}
 
     run.checkpoint_roundtrip = checkpoint_roundtrip
+    run.use = use
     run.backend = backend_name(accelerator)
     run.block_settings = step.parts.block_settings
     run.attention = attention_in_use(accelerator.unwrap_model(step.transformer))
@@ -113,8 +120,7 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
     scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == torch.float16)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
     batch = _synthetic_batch(config, variant, device, config.train.seed)
-    rotary = variant.rotary_embedding(config.data.height, config.data.width,
-                                      variant.padded_latent_frames(config.data.num_frames), device)
+    rotary = variant.rotary_embedding(*config.data.sizes[0], variant.padded_latent_frames(config.data.num_frames), device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     transformer.train()
 
@@ -155,6 +161,7 @@ def _measure(name: str, build, config: Config, variant: Variant, device: torch.d
     extra = {}
     try:
         run = build(config, variant, device)
+        reset_peak(device)  # the training peak: a model built on the GPU in full precision first is not training
         times = time_steps(run, device, warmup, steps)
         back_to_back = time_back_to_back(run, device, warmup + steps, steps)
         if profiled:
@@ -166,23 +173,32 @@ def _measure(name: str, build, config: Config, variant: Variant, device: torch.d
         del error
         free(device)
         return {"variant": name, "error": "out of memory"}
-    flops = step_flops(variant, config.data.num_frames, config.data.height, config.data.width,
-                       config.train.batch_size)
+    row = _row(name, config, variant, device, run, times, back_to_back, config.data.sizes[0])
+    row.update(extra)
+    del run
+    free(device)
+    return row
+
+
+def _row(name: str, config: Config, variant: Variant, device: torch.device, run, times: list[float],
+         back_to_back: float, size: tuple[int, int]) -> dict:
+    """One figure's JSON row: the step time at `size`, its throughput and the memory peak so far."""
+    flops = step_flops(variant, config.data.num_frames, *size, config.train.batch_size)
     checkpointing, offload = run.block_settings
     seconds = statistics.median(times)
     tflop = flops.training(config.train.mode) / 1e12
     row = {
         "variant": name, "model": config.model.path, "model_variant": variant.name, "mode": config.train.mode,
-        "frames": config.data.num_frames, "height": config.data.height, "width": config.data.width,
+        "frames": config.data.num_frames, "height": size[0], "width": size[1],
         "batch_size": config.train.batch_size, "lora_rank": config.lora.rank if config.train.mode == "lora" else None,
         "gradient_checkpointing": checkpointing,
         "offload_checkpoints": offload,
-        "memory_budget_gib": config.train.memory_budget_gib if name == "cogft" else None,
-        "compile": compile_enabled(config, device) if name == "cogft" else False,
+        "memory_budget_gib": config.train.memory_budget_gib if name != "plain" else None,
+        "compile": compile_enabled(config, device) if name != "plain" else False,
         "attention": run.attention,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4),
-        "s_per_step_back_to_back": round(back_to_back, 4), "steps": steps,
-        "tokens": flops.tokens, "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
+        "s_per_step_back_to_back": round(back_to_back, 4), "steps": len(times),
+        "tokens": flops.tokens, "us_per_token": round(seconds / (flops.tokens * config.train.batch_size) * 1e6, 3), "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
         "device": device_name(device),
     }
     if device.type == "cuda":
@@ -191,10 +207,39 @@ def _measure(name: str, build, config: Config, variant: Variant, device: torch.d
         peak = peak_tflops(row["device"])
         row["mfu"] = round(tflop / seconds / peak, 3) if peak else None
     row["backend"] = getattr(run, "backend", "plain")
-    row.update(extra)
+    return row
+
+
+def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
+                  emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+    """What resolution buckets cost: one trainer step, timed first at the first size alone (a single-size run, as
+    compiled for that one shape), then at every size of `data.buckets` after all of them have run, as a bucketed
+    run interleaves them; one row per figure and the cost per token of each bucket against the single size."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config, variant = load_for_config(config, validates=False)
+    free(device)
+    run, sizes = cogft_step(config, variant, device), config.data.sizes
+    reset_peak(device)
+    single = _row("single_size", config, variant, device, run, time_steps(run, device, warmup, steps),
+                  time_back_to_back(run, device, warmup + steps, steps), sizes[0])
+    rows = [single]
+    emit(single)
+    for size in sizes:  # every shape once, so the compiled blocks have seen them all before any is timed
+        run.use(size)
+        time_steps(run, device, warmup, 0)
+    for size in sizes:
+        run.use(size)
+        rows.append(_row("bucket", config, variant, device, run, time_steps(run, device, 1, steps),
+                         time_back_to_back(run, device, steps + 1, steps), size))
+        emit(rows[-1])
+    for row in rows[1:]:
+        ratio = {"figure": "bucket_cost_per_token_vs_single_size", "size": f"{row['height']}x{row['width']}",
+                 "ratio": round(row["us_per_token"] / single["us_per_token"], 3)}
+        rows.append(ratio)
+        emit(ratio)
     del run
     free(device)
-    return row
+    return rows
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,

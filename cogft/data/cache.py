@@ -39,9 +39,9 @@ from ..models.spec import Variant
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
-from .images import missing_image, read_image
+from .images import decode_sample, is_still, missing_image, read_image
 from .sources import Clip, read_dataset
-from .video import ClipProbe, DecodeSpec, Decoded, decode_clip, window_offsets, windows_note
+from .video import ClipProbe, DecodeSpec, Decoded, window_offsets, windows_note
 from .workers import isolated_map
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,27 @@ class CacheEntry:
     prompt: str    # safetensors with prompt_embeds [L, D]
     video: str
     caption: str
-    frames: int    # the clip's frame bucket: batches are drawn from one bucket
+    frames: int    # the clip's frame bucket (1: a still image) and resolution bucket: a batch holds one bucket
+    height: int
+    width: int
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        return self.frames, self.height, self.width
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A clip (or still image) ready to train on: its cache entries (one per window) and its bucket."""
+
+    clip: Clip
+    paths: tuple[Path, ...]
+    frames: int
+    size: tuple[int, int]
+
+
+def _size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 @dataclass
@@ -217,17 +237,18 @@ class Preparer:
         self.model_path = resolve_model_path(config.model.path)
         self.root = cache_root(config)
         data = config.data
-        self.spec = DecodeSpec(variant.frame_buckets(data.num_frames, data.shortest_bucket), data.height, data.width,
-                               data.fps, data.resize, data.windows)
+        self.spec = DecodeSpec(variant.frame_buckets(data.num_frames, data.shortest_bucket), *data.sizes[0], data.fps,
+                               data.resize, data.windows, data.sizes)
         self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
         self.repaired: dict[str, list[str]] = {}  # content digest -> notes on damaged entries made again
         rev = config.model.revision
         self.image_conditioned = variant.spec.image_conditioned
-        latent_key = [self.spec.pixel_key(), component_identity(self.model_path, "vae", rev), str(self.dtype)]
+        encoder = [component_identity(self.model_path, "vae", rev), str(self.dtype)]
         if self.image_conditioned:  # text-to-video keys stay as they were
-            latent_key.append({"image_noise_draws": data.image_noise_draws,
-                               "log_sigma": [IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD]})
-        self._latent_salt = _digest(*latent_key)
+            encoder.append({"image_noise_draws": data.image_noise_draws,
+                            "log_sigma": [IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD]})
+        # one salt per resolution bucket: a bucket added or removed leaves the other buckets' entries as they are
+        self._latent_salts = {size: _digest(self.spec.at(size).pixel_key(), *encoder) for size in data.sizes}
         self._prompt_salt = _digest(
             component_identity(self.model_path, "text_encoder", rev),
             component_identity(self.model_path, "tokenizer", rev),
@@ -235,9 +256,9 @@ class Preparer:
             str(self.dtype),
         )
 
-    def latent_path(self, content_digest: str, frames: int, offset: int = 0) -> Path:
-        """Where a window of `frames` frames starting at frame `offset` (the clip's start: 0) is cached."""
-        parts = (content_digest, self._latent_salt, frames) + ((offset,) if offset else ())
+    def latent_path(self, content_digest: str, frames: int, size: tuple[int, int], offset: int = 0) -> Path:
+        """Where a window of `frames` frames at `size` starting at frame `offset` (the clip's start: 0) is cached."""
+        parts = (content_digest, self._latent_salts[size], frames) + ((offset,) if offset else ())
         key = _digest(*parts)
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
@@ -245,28 +266,38 @@ class Preparer:
         key = _digest(text, self._prompt_salt)
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
-    def find_cached(self, content_digest: str) -> tuple[tuple[Path, ...], tuple[int, ...], dict] | None:
-        """The entries this clip would be encoded to now, if they all exist: the largest bucket its frames
-        fill, one entry per window.
+    def find_cached(self, content_digest: str, still: bool) -> tuple[tuple[Path, ...], tuple[int, ...], dict] | None:
+        """The entries this clip would be encoded to now, if they all exist: the largest frame bucket its frames
+        fill (a still image: one frame) at the resolution bucket nearest its shape, one entry per window.
 
-        The frame count and window start are part of the key and each entry records how many frames
-        the clip had, so a changed bucket list or window count reuses every entry that is still right.
+        The frame count, size and window start are part of the key and each entry records how many frames
+        the clip had and its displayed size, so a changed bucket list or window count reuses every entry
+        that is still right.
         """
-        for frames in self.spec.buckets:
-            path = self.latent_path(content_digest, frames)
+        frame_buckets = (1,) if still else self.spec.buckets
+        for size, frames in ((size, frames) for size in self._latent_salts for frames in frame_buckets):
+            path = self.latent_path(content_digest, frames, size)
             if not path.is_file() or self._damaged(content_digest, path):
                 continue
             with safe_open(str(path), "pt") as handle:
                 meta = handle.metadata() or {}
             available = int(meta["available"])
-            if max(b for b in self.spec.buckets if b <= available) != frames:
+            if max(b for b in frame_buckets if b <= available) != frames or not self._nearest(meta, size):
                 continue
             offsets = window_offsets(available, frames, self.spec.windows)
-            paths = tuple(self.latent_path(content_digest, frames, o) for o in offsets)
+            paths = tuple(self.latent_path(content_digest, frames, size, o) for o in offsets)
             # the first window is `path`, checked above
             if all(p == path or (p.is_file() and not self._damaged(content_digest, p)) for p in paths):
                 return paths, offsets, meta
         return None
+
+    def _nearest(self, meta: dict, size: tuple[int, int]) -> bool:
+        """Whether `size` is still the bucket for the clip an entry was made from (one size: always)."""
+        if len(self._latent_salts) == 1:
+            return True
+        if "source_size" not in meta:  # written before resolution buckets: encode it again
+            return False
+        return self.spec.bucket_for(*map(int, meta["source_size"].split("x"))) == size
 
     def _damaged(self, content_digest: str, path: Path) -> bool:
         """Check an entry (a flipped byte, a truncated write); a damaged one is removed and noted for the clip."""
@@ -276,7 +307,7 @@ class Preparer:
         return problem is not None
 
     def encode_latents(self, todo: list[tuple[Clip, str]], rows: dict[str, dict],
-                       show_progress: bool) -> list[tuple[Clip, tuple[Path, ...], int]]:
+                       show_progress: bool) -> list[Kept]:
         """Decode (in worker processes) and VAE-encode `todo` = [(clip, content digest)]; returns what was written."""
         if not todo:
             return []
@@ -291,7 +322,7 @@ class Preparer:
         self.seconds["load_vae"] += time.perf_counter() - started
         written = []
         bar = tqdm(total=len(todo), desc="prepare: encode clips", unit="clip", disable=not show_progress)
-        results = isolated_map(partial(decode_clip, spec=self.spec), [str(c.video) for c, _ in todo], _crashed,
+        results = isolated_map(partial(decode_sample, spec=self.spec), [str(c.video) for c, _ in todo], _crashed,
                                workers=self.config.data.decode_workers)
         waited = time.perf_counter()
         for index, decoded in results:
@@ -303,17 +334,17 @@ class Preparer:
                 row["source"] = decoded.probe.source()
             problem, given = decoded.problem, None
             if problem is None:
-                given = self.given_image(clip, len(decoded.probe.selection.offsets))
+                given = self.given_image(clip, len(decoded.probe.selection.offsets), decoded.probe.size)
                 problem = given if isinstance(given, Problem) else None
             if problem is not None:
                 row.update(status="skipped", problem=problem.code, reason=problem.detail)
             else:
                 encode_started = time.perf_counter()
-                count = int(decoded.frames.shape[0])
-                selection = decoded.probe.selection
+                count, size = int(decoded.frames.shape[0]), decoded.probe.size
+                selection, info = decoded.probe.selection, decoded.probe.info
                 image, image_notes = given
                 clip_notes = [*decoded.notes, *image_notes]
-                targets = tuple(self.latent_path(digest, count, o) for o in selection.offsets)
+                targets = tuple(self.latent_path(digest, count, size, o) for o in selection.offsets)
                 for frames, offset, target in zip(decoded.windows, selection.offsets, targets):
                     entry = self.variant.spec.clip_entry(encode_frames(vae, frames, self.device, self.dtype))
                     if self.image_conditioned:
@@ -325,24 +356,25 @@ class Preparer:
                         entry,
                         target,
                         {"video": str(clip.video), "frames": str(count), "available": str(selection.available),
-                         "offset": str(offset), "notes": json.dumps(clip_notes),
+                         "offset": str(offset), "size": _size_text(size),
+                         "source_size": _size_text((info.height, info.width)), "notes": json.dumps(clip_notes),
                          "source": json.dumps(row.get("source", {}))},
                     )
                 self.seconds["vae_encode"] += time.perf_counter() - encode_started
                 notes = [*self.repaired.pop(digest, []), *clip_notes, *windows_note(count, selection.offsets)]
-                row.update(status="encoded", frames=count, windows=len(targets), notes=notes)
-                written.append((clip, targets, count))
+                row.update(status="encoded", frames=count, size=_size_text(size), windows=len(targets), notes=notes)
+                written.append(Kept(clip, targets, count, size))
             bar.update(1)
             waited = time.perf_counter()
         bar.close()
         del vae
         return written
 
-    def given_image(self, clip: Clip, windows: int) -> tuple[np.ndarray | None, list[str]] | Problem:
-        """The clip's conditioning image at the training size (None: each window's first frame), with notes."""
+    def given_image(self, clip: Clip, windows: int, size: tuple[int, int]) -> tuple[np.ndarray | None, list[str]] | Problem:
+        """The clip's conditioning image at its bucket's size (None: each window's first frame), with notes."""
         if not self.image_conditioned or clip.image is None:
             return None, []
-        read = read_image(clip.image, self.spec)
+        read = read_image(clip.image, self.spec.at(size))
         if isinstance(read, Problem):
             return read
         image, notes = read
@@ -401,31 +433,37 @@ class Preparer:
 def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Preparer, rows: dict[str, dict]):
     """This rank's share: rows for every clip, the cached entries found, and what must be encoded."""
     admission = admission_problems(clips, byte_duplicates(clips))  # whole list: copies on other ranks count too
-    cached: list[tuple[Clip, tuple[Path, ...], int]] = []
+    no_stills = preparer.variant.single_frame_problem()
+    cached: list[Kept] = []
     todo: list[tuple[Clip, str]] = []
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
         if preparer.image_conditioned:
             row["image"] = clip.image_source
-        if admission[clip.line]:
-            problem = admission[clip.line][0]
+        still = is_still(clip.video)
+        problems = admission[clip.line]
+        if still and no_stills:
+            problems = [Problem("still_unsupported", f"a still image (a one-frame sample): {no_stills}; train it with "
+                                                     "a text-to-video model or leave it out"), *problems]
+        if problems:
+            problem = problems[0]
             row.update(status="skipped", problem=problem.code, reason=problem.detail)
             continue
         digest = preparer.clip_key(clip)
         if isinstance(digest, Problem):
             row.update(status="skipped", problem=digest.code, reason=digest.detail)
             continue
-        hit = preparer.find_cached(digest)
+        hit = preparer.find_cached(digest, still)
         if hit is None:
             todo.append((clip, digest))
             continue
         paths, offsets, meta = hit
-        frames = int(meta["frames"])
-        row.update(status="cached", frames=frames, windows=len(paths),
+        frames, size = int(meta["frames"]), meta.get("size") or _size_text(preparer.spec.sizes[0])
+        row.update(status="cached", frames=frames, size=size, windows=len(paths),
                    notes=[*json.loads(meta.get("notes", "[]")), *windows_note(frames, offsets)])
         if meta.get("source"):
             row["source"] = json.loads(meta["source"])
-        cached.append((clip, paths, frames))
+        cached.append(Kept(clip, paths, frames, tuple(map(int, size.split("x")))))
     return cached, todo
 
 
@@ -442,6 +480,8 @@ def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stage
         "skipped": statuses["skipped"],
         "skipped_by_reason": summarize_problems(rows),
         "buckets": {str(f): n for f, n in sorted(Counter(r["frames"] for r in kept).items(), reverse=True)},
+        "sizes": dict(Counter(r["size"] for r in kept).most_common()),
+        "images": sum(r["frames"] == 1 and is_still(r["clip"]) for r in kept),
         "captions_truncated": sum(any(n.startswith("caption truncated") for n in r.get("notes", [])) for r in kept),
         "seconds": round(seconds, 3),
         "seconds_by_stage": {k: round(v, 3) for k, v in sorted(stages.items())},
@@ -477,30 +517,31 @@ def prepare(
     cached, todo = _check_listed(clips, rank, world_size, preparer, rows)
     kept = cached + preparer.encode_latents(todo, rows, show_progress)
 
-    tokens = preparer.caption_tokens([c.caption for c, _, _ in kept])
+    tokens = preparer.caption_tokens([k.clip.caption for k in kept])
     limit = variant.max_text_seq_length
-    for clip, _, _ in kept:
+    for clip in (k.clip for k in kept):
         row = rows[clip.line]
         row["caption_tokens"] = tokens[clip.caption]
         if note := truncation_note(tokens[clip.caption], limit):
             row["notes"].append(note)
     validation = validation_texts(config)
     extra = [*validation, ""] if rank == 0 else []  # "": guidance's negative prompt, and caption dropout's
-    preparer.encode_prompts([c.caption for c, _, _ in kept] + extra, show_progress)
+    preparer.encode_prompts([k.clip.caption for k in kept] + extra, show_progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    entries = [CacheEntry(tuple(str(p) for p in paths), str(preparer.prompt_path(c.caption)), str(c.video), c.caption,
-                          frames) for c, paths, frames in kept]
+    entries = [CacheEntry(tuple(str(p) for p in k.paths), str(preparer.prompt_path(k.clip.caption)), str(k.clip.video),
+                          k.clip.caption, k.frames, *k.size) for k in kept]
     report = list(rows.values())
     for row in report:
         if row["status"] == "skipped":
             logger.warning("skipped %s (%s): %s", row["clip"], row["listed_at"], row["reason"])
     summary = _summary(report, rank, world_size, time.perf_counter() - started, preparer.seconds)
     logger.info(
-        "prepare (rank %d/%d): %d clips kept (%d encoded now, %d cached), %d skipped %s, buckets (frames: clips) %s, "
-        "%.1f s", rank, world_size, summary["kept"], summary["encoded"], summary["cached"], summary["skipped"],
-        summary["skipped_by_reason"], summary["buckets"], summary["seconds"],
+        "prepare (rank %d/%d): %d clips kept (%d encoded now, %d cached; %d still images), %d skipped %s, buckets "
+        "(frames: clips) %s, sizes %s, %.1f s", rank, world_size, summary["kept"], summary["encoded"], summary["cached"],
+        summary["images"], summary["skipped"], summary["skipped_by_reason"], summary["buckets"], summary["sizes"],
+        summary["seconds"],
     )
     return PreparedData(
         entries=entries,

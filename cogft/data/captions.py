@@ -24,10 +24,18 @@ def count_tokens(tokenizer, captions: list[str]) -> dict[str, int]:
     return {text: len(ids) for text, ids in zip(unique, tokenizer(unique).input_ids)}
 
 
+def starts_with(caption: str, prefix: str) -> bool:
+    """Whether the caption already begins with the prefix as a whole word ("sks" begins "sks, a dog", not "sksa")."""
+    prefix = prefix.strip()
+    return caption.startswith(prefix) and (len(caption) == len(prefix) or not caption[len(prefix)].isalnum())
+
+
 def prefixed(caption: str | None, prefix: str) -> str | None:
-    """`prefix` (a trigger word) in front of a caption; a missing or empty caption stays as it is, so the clip is
-    still skipped for it rather than trained on the trigger word alone."""
-    return f"{prefix.rstrip()} {caption}" if prefix.strip() and caption else caption
+    """`prefix` (a trigger word) in front of a caption, unless the caption already begins with it; a missing or
+    empty caption stays as it is, so the clip is still skipped for it rather than trained on the trigger word alone."""
+    if not prefix.strip() or not caption or starts_with(caption, prefix):
+        return caption
+    return f"{prefix.rstrip()} {caption}"
 
 
 def validation_texts(config) -> list[str]:

@@ -19,7 +19,8 @@ from .sources import Clip
 class Problem:
     code: str    # stable: not_found, empty_file, not_a_video, no_video_stream, decode_failed, damaged_stream
                  # (decode errors inside the frames to train on), decoder_crashed, too_short, missing_caption, empty_caption, caption_not_utf8, duplicate,
-                 # unreadable, image_missing, image_unreadable (image-to-video conditioning images)
+                 # unreadable, image_missing, image_unreadable (conditioning images and still samples),
+                 # still_unsupported (a still image where the model cannot train on one frame)
     detail: str  # what exactly is wrong and what to do about it
 
 

@@ -25,7 +25,7 @@ class LatentDataset(Dataset):
             raise DatasetLayoutError("the dataset is empty: every clip was skipped; prepare_report.jsonl in the run "
                                      "directory says why for each (or run cogft doctor on the config)")
         self.entries = entries
-        self.frames = [e.frames for e in entries]  # the frame bucket of each item, for BucketBatchSampler
+        self.buckets = [e.bucket for e in entries]  # (frames, height, width) of each item, for BucketBatchSampler
         self.seed = seed
         self.epoch = 0
 

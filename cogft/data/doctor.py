@@ -15,11 +15,11 @@ from pathlib import Path
 
 from ..config import Config, DataConfig, load_config
 from ..models.spec import Variant, frame_buckets
-from .captions import count_tokens, load_tokenizer, truncation_note
+from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem
-from .images import read_image
-from .sources import read_dataset
-from .video import ClipProbe, DecodeSpec, geometry_notes, probe_clip
+from .images import is_still, probe_sample, read_image
+from .sources import Clip, read_dataset
+from .video import ClipProbe, DecodeSpec, geometry_notes
 from .workers import isolated_map
 
 FRAME_EDGES = (1, 9, 17, 33, 49, 97, 193, 385)
@@ -68,13 +68,17 @@ def _tokens(config: Config, variant: Variant, captions: list[str]) -> tuple[dict
     return count_tokens(tokenizer, captions), variant.max_text_seq_length, None
 
 
+UPSCALE_NOTE_FROM = 2.0  # a source scaled up more than this much trains on visibly soft frames
+
+
 def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
-    """Image-to-video: each clip's conditioning image, read as prepare reads it (missing, unreadable, resized)."""
+    """Image-to-video: each clip's conditioning image, read as prepare reads it (missing, unreadable, resized to the
+    clip's bucket)."""
     for clip, row in zip(clips, rows):
         row["image"] = clip.image_source
-        if clip.image is None:
+        if clip.image is None or "size" not in row:
             continue
-        read = read_image(clip.image, spec)
+        read = read_image(clip.image, spec.at(tuple(map(int, row["size"].split("x")))))
         if isinstance(read, Problem):
             row["problems"].append(read)
         else:
@@ -82,9 +86,9 @@ def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
 
 
 def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -> None:
-    """Each readable file's metadata (in worker processes): its problems, geometry notes and frame bucket."""
+    """Each readable file's metadata (in worker processes): its problems, geometry notes, frame and size bucket."""
     readable = [i for i, row in enumerate(rows) if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
-    probes = isolated_map(partial(probe_clip, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,
+    probes = isolated_map(partial(probe_sample, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,
                           workers=workers)
     for position, probe in probes:
         row = rows[readable[position]]
@@ -92,10 +96,54 @@ def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -
         if probe.problem is not None:
             row["problems"].append(probe.problem)
         if probe.info is not None:
-            row["notes"].extend(geometry_notes(probe.info, spec))
+            sized = spec.at(probe.size)
+            row["size"] = f"{sized.height}x{sized.width}"
+            row["notes"].extend(geometry_notes(probe.info, sized))
+            upscale = min(sized.height / probe.info.height, sized.width / probe.info.width)
+            if upscale > UPSCALE_NOTE_FROM:
+                row["notes"].append(f"far below the training size: scaled up {upscale:.1f}x to {sized.width}x"
+                                    f"{sized.height}, so its frames train soft; use a larger source if there is one")
         if probe.selection is not None:
             row["frames"] = len(probe.selection.indices)
             row["notes"].extend(probe.selection.notes)
+
+
+def _still_problems(rows: list[dict], clips: list[Clip], variant: Variant | None) -> None:
+    """Still images where the variant cannot train on one frame: prepare skips them, so say so here."""
+    problem = variant.single_frame_problem() if variant is not None else None
+    for clip, row in zip(clips, rows):
+        if problem and is_still(clip.video):
+            row["problems"].insert(0, Problem("still_unsupported", f"a still image (a one-frame sample): {problem}; "
+                                                                   "train it with a text-to-video model or leave it out"))
+
+
+def _trigger_word(data: DataConfig) -> dict | None:
+    """How the captions stand with `data.caption_prefix` and the metadata's id tokens: how many get one put in front,
+    and how many begin with it already (left as they are)."""
+    raw = [clip for clip in read_dataset(data, with_prefix=False) if clip.caption]
+    tokens = sorted({token for token in [data.caption_prefix.strip(), *(c.id_token for c in raw)] if token})
+    if not tokens:
+        return None
+    def words(clip: Clip) -> list[str]:
+        return [w for w in (clip.id_token, data.caption_prefix.strip()) if w]
+    lacking = sum(any(not starts_with(c.caption, w) for w in words(c)) for c in raw)
+    return {"trigger_words": tokens, "captions_given_it": lacking, "captions_already_with_it": len(raw) - lacking}
+
+
+def _native_notes(data: DataConfig, variant: Variant | None) -> list[str]:
+    """Training sizes or a frame rate far from what the model was trained on (it adapts, slowly, at a cost)."""
+    if variant is None:
+        return []
+    native, notes = variant.spec.native, []
+    for height, width in data.sizes:
+        share = height * width / (native.height * native.width)
+        if not 0.5 <= share <= 2:
+            notes.append(f"{height}x{width} has {share:.0%} of the pixels of {variant.name}'s native "
+                         f"{native.height}x{native.width}: expect a longer adaptation, or pick a size nearer it")
+    if data.fps is not None and not 0.5 <= data.fps / native.fps <= 2:
+        notes.append(f"data.fps={data.fps:g} is far from {variant.name}'s native {native.fps:g} fps: motion speed "
+                     "will have to be relearned")
+    return notes
 
 
 def diagnose(target: str | Path, overrides: list[str] | None = None, workers: int | None = None) -> dict:
@@ -106,16 +154,16 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     config, variant, tokens_skipped = _with_model(config)
     data = config.data if config else DataConfig(path=str(target))
     buckets = (variant.frame_buckets if variant else frame_buckets)(data.num_frames, data.shortest_bucket)
-    spec = DecodeSpec(buckets, data.height, data.width, data.fps, data.resize)
+    spec = DecodeSpec(buckets, *data.sizes[0], data.fps, data.resize, sizes=data.sizes)
     clips = read_dataset(data)
     duplicates = byte_duplicates(clips)
     admission = admission_problems(clips, duplicates)
     rows = [{"clip": str(clip.video), "listed_at": clip.line, "problems": list(admission[clip.line]), "notes": []}
             for clip in clips]
+    _still_problems(rows, clips, variant)
+    _add_probes(rows, clips, spec, workers or data.decode_workers)
     if variant is not None and variant.spec.image_conditioned:
         _add_images(rows, clips, spec)
-
-    _add_probes(rows, clips, spec, workers or data.decode_workers)
     tokens, limit = {}, None
     if variant is not None:
         captions = [c.caption for c in clips if caption_problem(c.caption) is None]
@@ -133,13 +181,18 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     return {
         "target": str(target),
         "data_path": data.path,
-        "settings": {"buckets": list(spec.buckets), **spec.pixel_key()},
+        "settings": {"buckets": list(spec.buckets), "sizes": [f"{h}x{w}" for h, w in data.sizes], "fps": data.fps,
+                     "resize": data.resize},
         "clips": len(rows),
         "ok": sum(row["verdict"] == "ok" for row in rows),
         "would_skip": sum(row["verdict"] == "skip" for row in rows),
         "problems": dict(Counter(p["code"] for row in rows for p in row["problems"]).most_common()),
         "buckets": {str(f): n for f, n in sorted(Counter(r["frames"] for r in rows if r["verdict"] == "ok").items(),
                                                  reverse=True)},
+        "sizes": dict(Counter(r["size"] for r in rows if r["verdict"] == "ok").most_common()),
+        "images": sum(r["verdict"] == "ok" and is_still(r["clip"]) for r in rows),
+        "trigger": _trigger_word(data),
+        "far_from_native": _native_notes(data, variant),
         "histograms": {
             "frames": _binned([s["frames"] for s in sources if s["frames"] is not None], FRAME_EDGES),
             "duration_s": _binned([s["duration"] for s in sources if s["duration"] is not None], SECOND_EDGES),
@@ -174,7 +227,13 @@ def format_table(report: dict) -> str:
         said = "; ".join([p["detail"] for p in r["problems"]] or r["notes"])
         lines.append(f"{r['listed_at']:<{width}}  {r['verdict']:<7}  {source.get('frames', '-')!s:>6}  {fps:<5}  "
                      f"{size:<10}  {r.get('caption_tokens', '-')!s:>6}  {said}")
-    lines += ["", f"would skip, by reason: {report['problems'] or 'none'}", f"buckets (frames: clips): {report['buckets']}"]
+    lines += ["", f"would skip, by reason: {report['problems'] or 'none'}", f"buckets (frames: clips): {report['buckets']}",
+              f"sizes (height x width: clips): {report['sizes']}; still images: {report['images']}"]
+    if report["trigger"]:
+        trigger = report["trigger"]
+        lines.append(f"trigger words {trigger['trigger_words']}: put in front of {trigger['captions_given_it']} captions, "
+                     f"{trigger['captions_already_with_it']} begin with them already")
+    lines += [f"far from the model's native clip: {note}" for note in report["far_from_native"]]
     for name, counts in report["histograms"].items():
         lines.append(f"{name}: " + (", ".join(f"{k}: {v}" for k, v in counts.items()) or "-"))
     if report["caption_token_limit"]:

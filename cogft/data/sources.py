@@ -1,13 +1,15 @@
 """Read the clip list of a dataset: (video path, caption) pairs from the supported layouts.
 
 Layouts: a folder with `prompts.txt` + `videos.txt` (one line each, paired, as in the official
-CogVideo fine-tuning), a `.csv` / `.jsonl` metadata file with video and caption columns, or a plain
-folder of clips with a same-named `.txt` caption beside each. Paths are relative to the folder
+CogVideo fine-tuning); a `.csv` / `.jsonl` metadata file with video and caption columns, or a folder
+holding one as `metadata.csv` / `metadata.jsonl` (the Hub's layout, whose `file_name` column is read as
+the video column); or a plain folder of clips and still images with a same-named `.txt` caption beside
+each. Any list may name still images: they train as one-frame samples. Paths are relative to the folder
 holding the list. Image-to-video models may be given a conditioning image per clip: an `images.txt`
 beside `videos.txt` (paired line by line; a blank line means the clip's first frame) or an image column
-in the metadata file; without one they take the clip's first frame. Text is read with `surrogateescape`, so a caption that is not valid UTF-8 reaches
-the per-file checks (and the report) instead of failing the whole list; problems are returned per
-entry, never raised mid-list.
+in the metadata file; without one they take the clip's first frame. Text is read with `surrogateescape`,
+so a caption that is not valid UTF-8 reaches the per-file checks (and the report) instead of failing the
+whole list; problems are returned per entry, never raised mid-list.
 """
 
 from __future__ import annotations
@@ -21,14 +23,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .captions import prefixed
+from .errors import DatasetLayoutError
+from .hub import dataset_folder, is_hub_path
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .wmv .flv .3gp .ogv .gif".split()
 )
+# still images: conditioning images of image-to-video models, and one-frame samples beside the clips
+IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .webp .bmp .tif .tiff".split())
 
 
-class DatasetLayoutError(ValueError):
-    """The dataset path itself is unusable (no list found, unreadable metadata)."""
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # what a folder holds in the Hub's VideoFolder/ImageFolder layout
+HUB_FILE_COLUMN = "file_name"                        # that layout's column naming each file
+ID_TOKEN_COLUMN = "id_token"                         # a metadata column with each clip's trigger word (finetrainers')
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Clip:
     caption: str | None  # None: no caption given at all (vs "" for an empty one)
     line: str  # where it was listed, for reports: "videos.txt:3", "meta.csv:row 5", "clips/a.mp4"
     image: Path | None = None  # the conditioning image of image-to-video models; None: the clip's first frame
+    id_token: str = ""         # the metadata file's `id_token` for this clip (a subject's trigger word), if any
 
     @property
     def image_source(self) -> str:
@@ -105,15 +113,17 @@ def _from_txt_pair(folder: Path) -> list[Clip]:
 
 
 def _from_folder(folder: Path) -> list[Clip]:
-    """Every video file under `folder` (by extension, recursively, sorted), caption from `<stem>.txt`."""
+    """Every video and image file under `folder` (by extension, recursively, sorted), caption from `<stem>.txt`."""
+    kinds = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
     videos = sorted(
         p for p in folder.rglob("*")
-        if p.suffix.lower() in VIDEO_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.suffix.lower() in kinds and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if not videos:
         raise DatasetLayoutError(
-            f"{folder}: no videos.txt + prompts.txt and no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}); "
-            "point data.path at a folder of clips with a .txt caption beside each, or at a .csv/.jsonl file"
+            f"{folder}: no videos.txt + prompts.txt and no video or image files ({', '.join(sorted(kinds))}); "
+            "point data.path at a folder of clips (and images) with a .txt caption beside each, or at a .csv/.jsonl "
+            "file"
         )
     clips = []
     for video in videos:
@@ -125,6 +135,9 @@ def _from_folder(folder: Path) -> list[Clip]:
 
 def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: str, what: str,
                image_column: str) -> list[Clip]:
+    if video_column == "video" and rows and all(isinstance(r, dict) and "video" not in r and HUB_FILE_COLUMN in r
+                                                for r in rows):
+        video_column = HUB_FILE_COLUMN  # a Hub-style metadata file, with the default column name left as it is
     clips = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or video_column not in row:
@@ -138,6 +151,7 @@ def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: 
             None if caption is None else str(caption).strip(),
             f"{file.name}:{what} {i + 1}",
             _listed_path(file.parent, image) if image else None,
+            str(row.get(ID_TOKEN_COLUMN) or "").strip(),
         ))
     if rows and not any(caption_column in row for row in rows):  # a wrong column, not captions missing here and there
         raise DatasetLayoutError(f"{file}: no {what} has a {caption_column!r} column (columns: {', '.join(rows[0])}); "
@@ -145,10 +159,14 @@ def _from_rows(rows: list[dict], file: Path, video_column: str, caption_column: 
     return clips
 
 
-def read_dataset(data) -> list[Clip]:
-    """The clips of a `data` config section: its layout and columns, each caption behind `data.caption_prefix`."""
-    clips = read_clips(data.path, data.video_column, data.caption_column, data.image_column)
-    return [replace(clip, caption=prefixed(clip.caption, data.caption_prefix)) for clip in clips]
+def read_dataset(data, with_prefix: bool = True) -> list[Clip]:
+    """The clips of a `data` config section: its layout and columns (a hf://datasets/ path read from its local
+    snapshot), each caption behind `data.caption_prefix` and the clip's `id_token` (`with_prefix`)."""
+    path = dataset_folder(data.path) if is_hub_path(data.path) else data.path
+    clips = read_clips(path, data.video_column, data.caption_column, data.image_column)
+    if not with_prefix:
+        return clips
+    return [replace(clip, caption=prefixed(prefixed(clip.caption, clip.id_token), data.caption_prefix)) for clip in clips]
 
 
 def read_clips(path: str | Path, video_column: str = "video", caption_column: str = "caption",
@@ -157,6 +175,9 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
     if path.is_dir():
         if (path / "videos.txt").is_file() and (path / "prompts.txt").is_file():
             return _from_txt_pair(path)
+        for name in METADATA_FILES:  # the Hub's folder convention (its file_name column is understood too)
+            if (path / name).is_file():
+                return read_clips(path / name, video_column, caption_column, image_column)
         return _from_folder(path)
     if not path.is_file():
         raise DatasetLayoutError(f"data.path {path} does not exist")

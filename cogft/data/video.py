@@ -46,10 +46,26 @@ class DecodeSpec:
     fps: float | None         # None: consecutive frames at the clip's own rate
     resize: str = "crop"      # "crop": cover the target and centre-crop; "fit": fit inside and pad (letterbox)
     windows: int = 1          # windows per clip, spread evenly over it; training draws one per epoch
+    sizes: tuple[tuple[int, int], ...] = ()  # resolution buckets (height, width); () or one: height x width alone
 
     def pixel_key(self) -> dict:
         """What shapes an entry's pixels apart from its frame count (which is part of the key on its own)."""
         return {"height": self.height, "width": self.width, "fps": self.fps, "resize": self.resize}
+
+    def bucket_for(self, height: int, width: int) -> tuple[int, int]:
+        """The training size for a clip displayed at height x width: the bucket nearest its aspect ratio."""
+        return nearest_size(height, width, self.sizes or ((self.height, self.width),))
+
+    def at(self, size: tuple[int, int]) -> "DecodeSpec":
+        """This spec at one training size (a resolution bucket)."""
+        return replace(self, height=size[0], width=size[1])
+
+
+def nearest_size(height: int, width: int, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The size whose aspect ratio is nearest (in log ratio) to height x width's; the first listed of equals. Cropping
+    to it then loses the least of the picture."""
+    aspect = math.log(width / height)
+    return min(sizes, key=lambda size: abs(math.log(size[1] / size[0]) - aspect))
 
 
 @dataclass(frozen=True)
@@ -73,7 +89,8 @@ class ClipProbe:
     selection: Selection | None = None
     seconds: float = 0.0
     decord_error: str | None = None    # why decord could not read the clip (ffmpeg did instead)
-    decoder: str | None = None         # which decoder indexed (and decodes) the clip: "decord" or "ffmpeg"
+    decoder: str | None = None         # which decoder indexed (and decodes) the clip: "decord", "ffmpeg" (or "pillow")
+    size: tuple[int, int] | None = None  # the resolution bucket (height, width) it trains at
 
     def source(self) -> dict:
         """The clip as found, and the decoder that read it, for reports."""
@@ -287,6 +304,7 @@ def _fill_probe(path: str, spec: DecodeSpec, probe: ClipProbe) -> np.ndarray:
         probe.problem = info
         return np.zeros(0)
     probe.info = info
+    probe.size = spec.bucket_for(info.height, info.width)
     index = _frame_index(path, probe)
     if isinstance(index, Problem):
         probe.problem = index
@@ -361,12 +379,12 @@ def _decode_pixels(path: str, probe: ClipProbe, starts: np.ndarray, wanted: list
 
 
 def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
-    """Probe, select frames, decode them resized, check the range for damage, crop or pad to the target size."""
+    """Probe, select frames, decode them resized to the clip's bucket, check the range for damage, crop or pad."""
     started = time.perf_counter()
     probe, starts = _probe_with_index(path, spec)
     if probe.problem is not None:
         return Decoded(probe)
-    info, selection = probe.info, probe.selection
+    info, selection, spec = probe.info, probe.selection, spec.at(probe.size)
     wanted = sorted(set().union(*selection.windows))  # windows may overlap: decode each frame once
     frames, notes = _decode_pixels(path, probe, starts, wanted, resized_size(info.height, info.width, spec))
     if isinstance(frames, Problem):

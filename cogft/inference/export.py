@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR, checkpoint_step, exported_step, is_checkpoint, resolve_trained
+from ..run_dir import (LORA_WEIGHTS, TRANSFORMER_DIR, best_of_run, checkpoint_step, exported_step, is_checkpoint,
+                       resolve_trained)
 from ..training.adapters import release_lora
 from .model_card import write_model_card
 from .sampling import pipeline_with_weights, trained_variant
@@ -24,13 +25,14 @@ def trained_step(trained) -> int:
     return exported_step(trained.run_dir) or trained.config.train.max_steps
 
 
-def export(source: str, out: str, merge: bool = False) -> Path:
-    """Copy the LoRA file / transformer folder to `out`; with `merge`, write a whole pipeline instead.
+def export(source: str, out: str, merge: bool = False, best: bool = False) -> Path:
+    """Copy the LoRA file / transformer folder to `out`; with `merge`, write a whole pipeline instead; with `best`,
+    of the run's checkpoint with the lowest held-out eval loss (RUN/best.json).
 
     A merged LoRA is fused at its trained scale and the adapter layers removed, so the variant's stock
     pipeline `from_pretrained(out)` samples like base + LoRA with no peft at load time.
     """
-    trained = resolve_trained(source)
+    trained = resolve_trained(best_of_run(source) if best else source)
     target = Path(out)
     if target.is_file():
         raise FileExistsError(f"--out {target} is a file; give a folder to write")

@@ -80,7 +80,7 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
         "|---|---|",
         f"| steps | {step} |",
         f"| clip | {config.data.num_frames} frames at {config.data.fps or 'native'} fps, "
-        f"{config.data.height}x{config.data.width} |",
+        f"{', '.join(f'{h}x{w}' for h, w in config.data.sizes)} |",
         f"| batch | {config.train.batch_size} x {config.train.gradient_accumulation_steps} accumulated |",
         f"| learning rate | {config.train.learning_rate:g} ({config.train.lr_scheduler}, "
         f"{config.train.lr_warmup_steps} warm-up steps) |",

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import ConfigError, frame_count_problem
 from ..data.images import conditioning_image
@@ -52,9 +53,11 @@ def _attention_here(trained: TrainedWeights, device: torch.device, variant: Vari
 
 def _clip_size(trained: TrainedWeights, variant: Variant, frames: int | None, height: int | None,
                width: int | None) -> tuple[int, int, int]:
-    """The video's size: the run's training size unless given; what the variant cannot make is refused by flag."""
+    """The video's size: the run's training size (its largest bucket) unless given; what the variant cannot make is
+    refused by flag."""
     data = trained.config.data
-    size = (frames or data.num_frames, height or data.height, width or data.width)
+    largest = data.largest_size
+    size = (frames or data.num_frames, height or largest[0], width or largest[1])
     if problem := frame_count_problem(size[0]):
         raise ConfigError(f"--frames {size[0]}: {problem}")
     variant.check_clip_size(*size, names=("--frames", "--height", "--width", "--frames"))
@@ -82,12 +85,14 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     set_attention(pipe.transformer, _attention_here(trained, target, variant), target, variant.dtype)
     apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
     cfg = trained.config.validation
+    steps = cfg.num_inference_steps if steps is None else steps
     logger.info("sampling from %s (%s weights in %s)", trained.run_dir, trained.mode, trained.weights_dir)
-    video = render(
-        pipe, variant, target, num_frames=num_frames, height=height, width=width,
-        steps=cfg.num_inference_steps if steps is None else steps,
-        guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-        seed=cfg.seed if seed is None else seed, prompt=prompt, image=start,
-        cache=cfg.cache if cache is None else cache,
-    )
+    pipe.set_progress_bar_config(disable=True)  # one labelled bar instead of the pipeline's bare one
+    with tqdm(total=steps, desc="sample", unit="step") as bar:
+        video = render(
+            pipe, variant, target, num_frames=num_frames, height=height, width=width, steps=steps,
+            guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            seed=cfg.seed if seed is None else seed, prompt=prompt, image=start,
+            cache=cfg.cache if cache is None else cache, on_step=lambda: bar.update(1),
+        )
     return write_mp4(video, Path(out), cfg.fps)

@@ -17,6 +17,7 @@ from ..config import Config, ConfigError
 from .attention import fa4_installed
 from .blocks import checkpointed_block_count
 from .flops import step_flops
+from .fp8 import is_fp8_parameter_name
 from .inference_cache import taylorseer_full_steps
 from .spec import Variant
 
@@ -82,6 +83,12 @@ def _counts(variant: Variant, config: Config) -> tuple[int, int]:
     per_rank = sum(features_in + features_out for name, (features_in, features_out) in linears.items()
                    if name.endswith(targets))
     return total, per_rank * config.lora.rank
+
+
+def fp8_base_parameters(variant: Variant) -> int:
+    """Weights `model.fp8_base` stores in float8: the linear layers outside the embeddings and norms (`fp8.py`)."""
+    return sum(features_in * features_out for name, (features_in, features_out) in variant.transformer_layout[1].items()
+               if is_fp8_parameter_name(name))
 
 
 def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100"):
@@ -151,7 +158,7 @@ def _advice(config: Config, variant: Variant, gpu_name: str, memory_gib: float) 
             return ["full fine-tuning keeps 18 bytes per parameter here: try train.optimizer=adamw_bf16 (6 bytes, "
                     "bf16 models), deepspeed_zero2_offload.yaml, train.mode=lora, or a GPU with more memory"]
         return ["full fine-tuning keeps 6 bytes per parameter here: use train.mode=lora, or a GPU with more memory"]
-    return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width"]
+    return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width (or the largest of data.buckets)"]
 
 
 def attention_kernel(config: Config, gpu: Gpu) -> str:
@@ -168,7 +175,8 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     tcfg = variant.configs.transformer
     total, lora = _counts(variant, config)
     train = config.train
-    flops = step_flops(variant, config.data.num_frames, config.data.height, config.data.width, train.batch_size)
+    # the largest bucket decides the memory (and the slowest step); still images are one frame, far below it
+    flops = step_flops(variant, config.data.num_frames, *config.data.largest_size, train.batch_size)
     layers = tcfg["num_layers"]
     width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     elements = flops.tokens * width * train.batch_size          # one block's token x width
@@ -177,7 +185,8 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     half = 2  # bytes of an fp16/bf16 element
 
     if train.mode == "lora":
-        weights, trainable = total * variant.dtype.itemsize, lora
+        fp8 = fp8_base_parameters(variant) if config.model.fp8_base else 0  # one byte each instead of two
+        weights, trainable = total * variant.dtype.itemsize - fp8 * (variant.dtype.itemsize - 1), lora
         state = trainable * 16                                    # fp32 weight, grad, AdamW m and v
     elif train.optimizer == "adamw_bf16":
         weights, trainable = total * half, total
@@ -223,12 +232,13 @@ def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: f
     other steps predicted by the cache, then the VAE decode."""
     tcfg, data, validation = variant.configs.transformer, config.data, config.validation
     batch = 2 if validation.guidance_scale > 1 else 1
-    flops = step_flops(variant, data.num_frames, data.height, data.width, batch)
+    height, width = data.largest_size  # what validation renders at unless validation.sizes says otherwise
+    flops = step_flops(variant, data.num_frames, height, width, batch)
     scale = gpu.tflops / GPUS["H100"].tflops
     elements = flops.tokens * tcfg["num_attention_heads"] * tcfg["attention_head_dim"] * batch * tcfg["num_layers"]
     forward = (flops.attention / attention_fwd
                + flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale)
                + elements * INFERENCE_OVERHEAD_S_PER_ELEMENT / scale)
     skipped = validation.num_inference_steps - full_steps
-    decode = DECODE_S_PER_PIXEL * data.num_frames * data.height * data.width / scale
+    decode = DECODE_S_PER_PIXEL * data.num_frames * height * width / scale
     return full_steps * forward + skipped * SKIPPED_STEP_S + decode

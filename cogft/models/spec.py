@@ -259,7 +259,31 @@ class Variant:
             config = config.model_copy(update={"data": config.data.model_copy(update=unset)})
         data = config.data
         self.check_clip_size(data.num_frames, data.height, data.width, data.shortest_bucket)
+        self.check_sizes(config)
         return config
+
+    def check_sizes(self, config: Config) -> None:
+        """Refuse, by key, a `data.buckets` or `validation.sizes` entry this variant cannot train or render at."""
+        given = [] if config.data.buckets is None else [(f"data.buckets[{i}]", size)
+                                                          for i, size in enumerate(config.data.sizes)]
+        given += [(f"validation.sizes[{i}]", config.validation_size(i)) for i in range(len(config.validation.sizes))]
+        side, fixed = self.vae_scale_spatial * self.patch_size, self.fixed_clip
+        for key, (height, width) in given:
+            if height % side or width % side:
+                raise ConfigError(f"{key}={height}x{width}: {self.name} needs multiples of {side} "
+                                  f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size})")
+            if fixed is not None and (height, width) != (fixed.height, fixed.width):
+                raise ConfigError(f"{key}={height}x{width}: {self.name} takes only {fixed.height}x{fixed.width} (its "
+                                  "learned position table fits that size alone, and the stock pipeline refuses others); "
+                                  f"leave {key.partition('[')[0]} out")
+
+    def single_frame_problem(self) -> str | None:
+        """Why this variant cannot train on a still image (a one-frame sample), or None where it can."""
+        if self.fixed_clip is not None:
+            return f"{self.name} takes only {self.fixed_clip.num_frames}-frame clips (its learned position table)"
+        if self.spec.image_conditioned:
+            return f"{self.name} makes a video from an image: a still image would be its own conditioning"
+        return None
 
     def check_validation_images(self, prompts: list[str], images: list[str]) -> None:
         """An image-to-video model validates from one image per prompt; a text-to-video one takes none."""

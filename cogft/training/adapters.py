@@ -8,11 +8,14 @@ format together with their adapter config, so `lora_alpha != rank` survives a st
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..config import Config
+from ..models.fp8 import store_in_fp8
 from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR
 
 
@@ -36,6 +39,8 @@ def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: b
     """
     if config.train.mode == "lora":
         transformer.requires_grad_(False)
+        if config.model.fp8_base:  # before the adapter: its own layers stay as they are
+            store_in_fp8(transformer, compute_dtype=transformer.dtype)
         try:
             transformer.add_adapter(lora_config(config))
         except ValueError as error:
@@ -47,6 +52,21 @@ def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: b
         for param in params:
             param.data = param.data.float()
     return params
+
+
+@contextmanager
+def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """The base model inside the block: the LoRA layers bypassed (diffusers' `disable_adapters`), then back on with
+    each weight's requires_grad as it was (peft's re-enabling marks every adapter weight trainable)."""
+    params = list(transformer.parameters())
+    trainable = [p.requires_grad for p in params]
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+        for param, flag in zip(params, trainable):
+            param.requires_grad_(flag)
 
 
 def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,

@@ -18,11 +18,11 @@ from ..models.blocks import apply_block_options, compile_enabled
 from ..models.spec import Variant
 from ..tracking import trackers_for
 from .adapters import setup_trainable
-from .backends import (accelerator_on_cpu, backend_name, configure_backend, cpu_adamw, keep_encoders_whole,
-                       offloads_optimizer, uses_deepspeed)
-from .bf16_adamw import BackwardAdamW
+from .backends import (accelerator_on_cpu, backend_name, configure_backend, keep_encoders_whole, offloads_optimizer,
+                       uses_deepspeed)
 from .budget import block_settings
 from .checkpointing import TrainingProgress, register_weight_hooks
+from .optimizers import build_optimizer
 from .step import StepParts, TrainingStep
 
 logger = logging.getLogger(__name__)
@@ -47,20 +47,6 @@ def make_accelerator(config: Config, run_dir: Path):
     )
     keep_encoders_whole(accelerator)
     return accelerator
-
-
-def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
-                    offloaded: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights: the fused kernel (one launch for all params, and a skip decided on
-    the device), a CPU AdamW when DeepSpeed keeps the optimizer in host memory, or bf16 AdamW inside the
-    backward pass."""
-    settings = dict(lr=config.train.learning_rate, betas=(config.train.adam_beta1, config.train.adam_beta2),
-                    weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
-    if config.train.optimizer == "adamw_bf16":
-        return BackwardAdamW(params, seed=config.train.seed, **settings)
-    if offloaded:
-        return cpu_adamw(params, implementation=config.train.cpu_adam, **settings)
-    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **settings)
 
 
 def build_lr_scheduler(config: Config, optimizer):
@@ -100,7 +86,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     device = accelerator.device
     configure_backend(accelerator, config, variant)
     params = setup_trainable(transformer, config,
-                             fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer == "adamw")
+                             fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer != "adamw_bf16")
     checkpointing, offload = block_settings(config, variant, device)
     attention = set_attention(transformer, config.model.attention, device, variant.dtype)
     apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload,
@@ -122,7 +108,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     register_weight_hooks(accelerator, config)
     parts = StepParts(accelerator=accelerator, transformer=transformer, params=params, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, scaler=scaler, noise_scheduler=noise_scheduler, variant=variant,
-                      max_grad_norm=config.train.max_grad_norm, height=config.data.height, width=config.data.width,
+                      max_grad_norm=config.train.max_grad_norm,
                       block_settings=(checkpointing, offload), image_dropout=config.data.image_dropout,
                       caption_dropout=config.data.caption_dropout,
                       empty_prompt=None if empty_prompt is None else empty_prompt.to(device))

@@ -20,6 +20,12 @@ from ..models.spec import Variant
 
 logger = logging.getLogger(__name__)
 
+# accelerate imports deepspeed wherever it is installed (unwrap_model, PartialState), and deepspeed then says on
+# stdout that it fell back to the CPU (a warning; older releases add an info line): a machine without a GPU can
+# do nothing about it, and where a GPU went undetected the trainer's first line already says device=cpu.
+_DEEPSPEED_ON_CPU = ("Setting accelerator to CPU.", "Setting ds_accelerator to cpu ")
+logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith(_DEEPSPEED_ON_CPU))
+
 
 class BackendError(ConfigError):
     """The launch config's backend cannot run this training as configured."""
@@ -111,6 +117,13 @@ def configure_backend(accelerator, config: Config, variant: Variant) -> None:
             "train.optimizer=adamw_bf16 updates weights inside the backward pass, which DeepSpeed and FSDP own; "
             "use train.optimizer=adamw with these launch configs"
         )
+    if config.model.fp8_base and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
+        raise BackendError("model.fp8_base keeps float8 weights that DeepSpeed and FSDP would cast or shard as their "
+                           "own; launch without them (one GPU, or multi-GPU DDP) or set model.fp8_base=false")
+    if config.train.ema_decay is not None and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
+        raise BackendError("train.ema_decay averages the weights each process holds whole, and DeepSpeed and FSDP "
+                           "shard or own them; launch without them (one GPU, or multi-GPU DDP) or set "
+                           "train.ema_decay=null")
     if uses_deepspeed(accelerator):
         _configure_deepspeed(accelerator, config, variant)
 

@@ -23,7 +23,7 @@ from ..disk import disk_full_error, folder_bytes, is_disk_full
 from ..inference.model_card import write_model_card
 from ..models.spec import Variant
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
-                       checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
+                       best_checkpoint, checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
 from .adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
 from .backends import full_state_dict
@@ -43,16 +43,18 @@ class TrainingProgress:
         self.micro_batches = 0    # batches consumed: the data position (an epoch's last step may be short)
         self.skipped_steps = 0    # non-finite steps
         self.loss_smoothed: float | None = None  # the smoothed loss curve's state, so a resume continues it
+        self.best: dict | None = None  # the best checkpoint so far by eval loss (training/best.py), as of this step
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "micro_batches": self.micro_batches,
-                "skipped_steps": self.skipped_steps, "loss_smoothed": self.loss_smoothed}
+                "skipped_steps": self.skipped_steps, "loss_smoothed": self.loss_smoothed, "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
         self.micro_batches = int(state["micro_batches"])
         self.skipped_steps = int(state["skipped_steps"])
         self.loss_smoothed = state.get("loss_smoothed")  # absent in checkpoints of earlier versions
+        self.best = state.get("best")
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -104,7 +106,8 @@ def _refuse_damaged(checkpoint: Path, found: list[Path]) -> None:
 # Keys whose change makes a checkpoint meaningless (other weights, shapes or data); the rest may change.
 UNSAFE_ON_RESUME = (
     "model.path", "model.revision", "model.dtype", "train.mode", "train.optimizer", "lora.rank", "lora.alpha",
-    "lora.target_modules", "data.num_frames", "data.height", "data.width", "data.fps", "data.resize",
+    "lora.target_modules", "data.num_frames", "data.height", "data.width", "data.fps", "data.resize", "data.buckets",
+    "data.image_batch_size", "train.ema_decay",
 )
 
 
@@ -240,7 +243,8 @@ def register_weight_hooks(accelerator, config: Config) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Config) -> Path:
-    """Write checkpoints/step-N (with the config it was trained under) atomically; prune beyond `keep`."""
+    """Write checkpoints/step-N (with the config it was trained under) atomically; prune beyond `keep`, sparing the
+    one RUN/best.json names."""
     started = time.perf_counter()
     final = step_dir(run_dir, step)
     staging = final.with_name(f".{final.name}.partial")
@@ -258,11 +262,19 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         staging.rename(final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep)
         logger.info("checkpoint %s written in %.2f s", final, time.perf_counter() - started)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the `keep` newest complete checkpoints, sparing the one RUN/best.json names (the best by eval
+    loss outlives the rotation)."""
+    spared = best_checkpoint(run_dir)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        if old != spared:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

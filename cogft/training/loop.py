@@ -3,6 +3,7 @@ train with logging, checkpoints and validation, then validate and export at the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -15,20 +16,27 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, save_config
-from ..data.buckets import BucketBatchSampler
+from ..data.buckets import BucketBatchSampler, bucket_name, still_batch_sizes
 from ..data.cache import PreparedData, prepare, write_report
 from ..data.dataset import LatentDataset, collate
+from ..inference.check_export import check_export
+from ..inference.hub import check_run_push, push_run_export
 from ..models.attention import resolve_attention
 from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..models.spec import Variant
-from ..run_dir import CONFIG_FILE, checkpoint_step, hold
-from ..tracking import check_wandb_login, continue_metrics, init_trackers, log_videos
+from ..run_dir import CONFIG_FILE, LORA_DIR, RAW_EXPORT_DIR, checkpoint_step, hold
+from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, init_trackers, log_videos
 from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
-from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
-from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators, save_checkpoint,
-                            save_export)
+from .backends import accelerator_on_cpu, backend_name, configure_backend, offloads_optimizer, shards_weights
+from .best import best_entry, improves, restored_best, write_best
+from .checkpointing import (check_resume_config, load_checkpoint, prune_checkpoints, resolve_resume, sample_generators,
+                            save_checkpoint, save_export, save_weights)
+from .optimizers import check_optimizer
+from .ema import WeightAverage
+from .evaluation import HeldOutEval, split_holdout
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
+from .report import write_run_report
 from .stop import StopRequest
 from .summary import run_summary
 from .timeout import process_group_timeout
@@ -47,7 +55,10 @@ def train(config: Config) -> Path:
             trainer.finish()
         trainer.accelerator.end_training()
         if trainer.accelerator.is_main_process:
+            write_run_report(trainer.config, trainer.run_dir, stopped)
             logger.info("%s", run_summary(trainer.config, trainer.run_dir, stopped))
+            if not stopped and trainer.config.tracking.push_to_hub:  # last: a failed upload loses nothing local
+                push_run_export(trainer.config, trainer.run_dir)
     finally:
         if trainer.hold is not None:
             trainer.hold.release()
@@ -66,6 +77,7 @@ def load_checked_variant(accelerator, config: Config) -> tuple[Config, Variant]:
         raise ConfigError(f"lora.target_modules: {', '.join(unmatched)} match no linear layer of {variant.name}; "
                           f"each of its blocks has {', '.join(in_a_block)}")
     configure_backend(accelerator, config, variant)
+    check_optimizer(config, accelerator.device, offloads_optimizer(accelerator))
     resolve_attention(config.model.attention, accelerator.device, variant.dtype)
     return config, variant
 
@@ -97,6 +109,8 @@ class Trainer:
         state = PartialState(cpu=accelerator_on_cpu(), timeout=process_group_timeout(config))
         if state.is_main_process:  # wandb.init comes after prepare and the model load: refuse a missing login now
             check_wandb_login(config)
+            check_tensorboard(config)
+            check_run_push(config)
         self.hold = hold(self.run_dir) if state.is_main_process else None
         self.accelerator = make_accelerator(config, self.run_dir)
         accelerator = self.accelerator
@@ -128,31 +142,48 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         resume_from = self._open()
         prepared = gather_prepared(accelerator, config, self.variant, self.run_dir)
-        self.dataset = LatentDataset(prepared.entries, config.train.seed)  # refuses an empty one before the model loads
+        entries, held_out = split_holdout(prepared.entries, config.eval.holdout, config.train.seed)  # never trained on
+        self.dataset = LatentDataset(entries, config.train.seed)  # refuses an empty one before the model loads
         set_seed(config.train.seed)
         transformer = load_transformer(config.model.path, self.variant, config.model.revision)
-        sampler = BucketBatchSampler(self.dataset.frames, config.train.batch_size, config.train.seed)
+        sampler = BucketBatchSampler(self.dataset.buckets, config.train.batch_size, config.train.seed,
+                                     still_batch_sizes(self.dataset.buckets, config.data.image_batch_size))
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
                             num_workers=config.data.dataloader_workers)
         scheduler = load_scheduler(config.model.path, self.variant, config.model.revision)
         empty_prompt = load_file(prepared.negative_prompt)["prompt_embeds"]  # "" (caption dropout's)
         self.step, self.progress, self.loader = assemble_step(accelerator, transformer, config, self.variant,
                                                               scheduler, loader, empty_prompt)
+        self.ema = None
+        if config.train.ema_decay is not None:  # registered before a resume loads its saved state into it
+            self.ema = WeightAverage(self.step.params, config.train.ema_decay, on_host=config.train.mode == "sft")
+            accelerator.register_for_checkpointing(self.ema)
         if resume_from is not None:
             load_checkpoint(accelerator, resume_from)
             apply_optimizer_settings(config, self.step.optimizer, self.step.lr_scheduler)
             self.smoothed.value = self.progress.loss_smoothed
         self.unwrapped = accelerator.unwrap_model(self.step.transformer)
+        self.evaluation = None
+        if held_out:  # spread over the ranks like validation
+            self.evaluation = HeldOutEval(config, self.step, held_out, accelerator.process_index,
+                                          accelerator.num_processes, shards_weights(accelerator))
+        # the best as of the resumed checkpoint: one of the redone steps' is forgotten
+        self.progress.best = restored_best(self.progress.best, self.evaluation and self.evaluation.identity)
+        if accelerator.is_main_process:
+            write_best(self.run_dir, self.progress.best)
         self.validation = None
         if config.validation.prompts:  # spread over the ranks; every rank in every video with sharded weights
             self.validation = ValidationHook(config, self.variant, accelerator.device, prepared.validation_prompts,
                                              prepared.negative_prompt, self.run_dir, accelerator.process_index,
                                              accelerator.num_processes, shards_weights(accelerator))
-        buckets = Counter(self.dataset.frames)
+        buckets = Counter(self.dataset.buckets)
         init_trackers(accelerator, config, self.run_dir, {
-            "clips": len(self.dataset), "windows": sum(len(e.latents) for e in self.dataset.entries),
-            "buckets": {f"{frames} frames": buckets[frames] for frames in sorted(buckets, reverse=True)},
+            "clips": len(self.dataset), "held_out": len(held_out),
+            "windows": sum(len(e.latents) for e in self.dataset.entries),
+            "buckets": {bucket_name(bucket): buckets[bucket] for bucket in sorted(buckets, reverse=True)},
         })
+        # sample ids, for the noise generators, must not overlap between processes whose batches differ in size
+        self.sample_stride = max(config.train.batch_size, config.data.image_batch_size or 0)
         self.guard = NonFiniteGuard(self.progress.skipped_steps)
 
     def run(self) -> bool:
@@ -183,13 +214,15 @@ class Trainer:
             with accelerator.accumulate(self.step.transformer):
                 size = batch["latent_mean"].shape[0]
                 generators = sample_generators(config.train.seed, progress.global_step, micro,
-                                               accelerator.process_index * size, size, accelerator.device)
+                                               accelerator.process_index * self.sample_stride, size, accelerator.device)
                 micro += 1
                 loss = self.step.forward_backward(batch, generators)
                 if not accelerator.sync_gradients:
                     fetch_started = time.perf_counter()
                     continue
                 result = self.step.update(loss)
+                if self.ema is not None:
+                    self.ema.update(result.finite)
             micro = 0
             progress.global_step += 1
             readout = StepReadout(**self._scalars(loss, result))
@@ -232,34 +265,81 @@ class Trainer:
         last = step >= config.train.max_steps
         checkpoint_due = step % config.train.checkpoint_every == 0 or last or stop.requested
         validation_due = step % config.validation.every == 0 and not last
-        if checkpoint_due or validation_due:  # the checkpoint records this step's skip count
+        eval_due = self.evaluation is not None and self.evaluation.due(step, last)
+        if checkpoint_due or validation_due or eval_due:  # the checkpoint records this step's skip count
             self._report(self.pending)
             self.pending = None
+        new_best = eval_due and self.evaluate(step, checkpoint_due)  # before the checkpoint, which records the best
         if checkpoint_due:
             save_checkpoint(self.accelerator, self.run_dir, step, config.train.checkpoints_keep, config)
+            if new_best and self.accelerator.is_main_process:  # once its checkpoint is complete; the old best goes
+                write_best(self.run_dir, self.progress.best)
+                prune_checkpoints(self.run_dir, config.train.checkpoints_keep)
         if validation_due:
             self.validate(step)
         if stop.requested:
             logger.warning("stopped at step %d; resume with train.resume=latest", step)
         return last or stop.requested
 
-    def validate(self, step: int) -> None:
-        """Each rank renders its share of the prompts; the main process logs all of them, in prompt order."""
+    def evaluate(self, step: int, checkpointed: bool) -> bool:
+        """Log the held-out eval loss; True when it makes this step's checkpoint the best so far (every rank agrees:
+        the losses are summed over them)."""
+        with self.averaged():
+            metrics = self.evaluation(self.unwrapped)
+        self.accelerator.log(metrics, step=step)
+        loss = metrics["eval/loss"]
+        logger.info("eval at step %d: loss %.6g%s", step, loss, f" (base model {metrics['eval/loss_base']:.6g}, LoRA "
+                    f"gain {metrics['eval/lora_gain']:+.4g})" if "eval/loss_base" in metrics else "")
+        if not (checkpointed and improves(self.progress.best, loss)):
+            return False
+        self.progress.best = best_entry(step, loss, self.evaluation.identity)
+        return True
+
+    def validate(self, step: int, keep_first: bool = False) -> None:
+        """Each rank renders its share of the prompts; the main process logs all of them, in prompt order.
+        `keep_first`: keep the first prompt's frames for the export check."""
         from accelerate.utils import gather_object
 
         if self.validation is None:  # no prompts: the same on every rank
             return
-        written = self.validation(self.unwrapped, step)
+        with self.averaged():
+            written = self.validation(self.unwrapped, step, keep_first)
         if self.accelerator.num_processes > 1:
             written = gather_object(written)
         log_videos(self.accelerator, [(text, path) for _, text, path in sorted(written)], step)
         self.accelerator.wait_for_everyone()
 
+    def averaged(self):
+        """The weight average in the model (`train.ema_decay`), or the trained weights as they are."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def finish(self) -> None:
         """The last validation (unless it just ran) and the export, in the variant's dtype as diffusers expects."""
         step = self.progress.global_step
         if self.config.validation.at_end or step % self.config.validation.every == 0:
-            self.validate(step)
-        path = save_export(self.accelerator, self.step.transformer, self.config, self.run_dir, step, self.variant)
+            self.validate(step, keep_first=self.config.validation.check_export)
+        with self.averaged():  # with train.ema_decay the export is the average; the trained weights go beside it
+            path = save_export(self.accelerator, self.step.transformer, self.config, self.run_dir, step, self.variant)
         if path is not None:
             logger.info("exported %s", path)
+        if self.ema is not None:
+            raw = self.run_dir / RAW_EXPORT_DIR
+            raw_path = save_weights(self.accelerator, self.step.transformer, self.config, raw / LORA_DIR, raw,
+                                    dtype=self.variant.dtype)
+            if raw_path is not None:
+                logger.info("exported the trained weights without averaging to %s", raw_path)
+        if self.config.validation.check_export:
+            self.check_export(step)
+
+    def check_export(self, step: int) -> None:
+        """The export rendered by a stock pipeline in a fresh process, against the final validation's first video
+        (on the main process, which rendered it). The model is let go first, so that process gets the GPU memory."""
+        frames = None if self.validation is None else self.validation.first_frames
+        if not self.accelerator.is_main_process or frames is None:  # no prompts, or no final video of the first
+            return
+        (prompts, negative), device = self.validation.embedding_files, str(self.accelerator.device)
+        self.step = self.unwrapped = self.evaluation = self.validation = self.ema = self.loader = None
+        self.accelerator.free_memory()  # the run's training is over: its model, optimizer and pipeline go
+        metrics = check_export(self.run_dir, frames, prompts[0], negative, device)
+        if metrics is not None:
+            self.accelerator.log(metrics, step=step)

@@ -31,6 +31,16 @@ def sample_latent(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -
     return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps
 
 
+def frames_first(latents: torch.Tensor, frame_multiple: int = 1) -> torch.Tensor:
+    """Scaled VAE latents [B, C, F, H, W] as the transformer takes them, [B, F, C, H, W], with copies of the first
+    frame in front up to a multiple of `frame_multiple` (see `draw_inputs`)."""
+    x0 = latents.permute(0, 2, 1, 3, 4).contiguous()
+    missing = -x0.shape[1] % frame_multiple
+    if missing:
+        x0 = torch.cat([x0[:, :1].expand(-1, missing, -1, -1, -1), x0], dim=1)
+    return x0
+
+
 def draw_inputs(
     latent_mean: torch.Tensor,
     latent_logvar: torch.Tensor,
@@ -56,11 +66,7 @@ def draw_inputs(
         return torch.stack([draw(g) for g in generators]).to(device)
 
     eps = per_sample(lambda g: torch.randn(mean.shape[1:], generator=g, device=g.device))
-    x0 = sample_latent(mean, logvar, eps) * scaling_factor
-    x0 = x0.permute(0, 2, 1, 3, 4).contiguous()
-    missing = -x0.shape[1] % frame_multiple
-    if missing:
-        x0 = torch.cat([x0[:, :1].expand(-1, missing, -1, -1, -1), x0], dim=1)
+    x0 = frames_first(sample_latent(mean, logvar, eps) * scaling_factor, frame_multiple)
     noise = per_sample(lambda g: torch.randn(x0.shape[1:], generator=g, device=g.device))
     timesteps = per_sample(lambda g: torch.randint(0, num_train_timesteps, (), generator=g, device=g.device))
     return TrainingInputs(x0, noise, timesteps)

@@ -7,7 +7,7 @@ measured by the benchmark is a speed-up of real training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,8 +40,6 @@ class StepParts:
     noise_scheduler: Any
     variant: Variant
     max_grad_norm: float
-    height: int                                      # the training size: rotary positions depend on it
-    width: int
     block_settings: tuple[bool | float, bool] = (False, False)  # (checkpointing, offload) the blocks were set up with
     image_dropout: float = 0.0                       # image-to-video: share of samples whose image latents are zeroed
     caption_dropout: float = 0.0                     # share of samples trained on the empty prompt
@@ -73,17 +71,36 @@ class TrainingStep:
         # FSDP's sharded (DTensor) weights keep the host check, the path measured with them
         self.skips_on_device = (getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
                                 and not uses_fsdp(parts.accelerator))
-        self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._rotary: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.image_scale = image_latent_scale(self.variant.configs.vae) if self.variant.spec.image_conditioned else None
         if parts.caption_dropout and parts.empty_prompt is None:
             raise ValueError("caption dropout needs the empty prompt's embedding")
 
-    def rotary_for(self, latent_frames: int):
-        """3D RoPE for this many latent frames (frame buckets differ), computed once per count; None for sincos."""
-        if latent_frames not in self._rotary:
-            self._rotary[latent_frames] = self.variant.rotary_embedding(
-                self.parts.height, self.parts.width, latent_frames, self.accelerator.device)
-        return self._rotary[latent_frames]
+    def rotary_for(self, latents: torch.Tensor):
+        """3D RoPE for latents [B, F, C, h, w] (buckets differ in frames and size), computed once per shape; None for
+        sincos."""
+        frames, (height, width) = latents.shape[1], (side * self.variant.vae_scale_spatial for side in latents.shape[-2:])
+        key = (frames, height, width)
+        if key not in self._rotary:
+            self._rotary[key] = self.variant.rotary_embedding(height, width, frames, self.accelerator.device)
+        return self._rotary[key]
+
+    def velocity_predictor(self, model: torch.nn.Module, prompt_embeds: torch.Tensor, rotary,
+                           image_latents: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`predict_velocity(x_t, t)` of the objective: `model` (the training step's, or the evaluation's unwrapped
+        one) under the variant's autocast, with the prompt, positions and image bound."""
+        autocast = self.variant.dtype != torch.float32
+        if self.deepspeed:  # its engine holds the model in fp16/bf16 and turns autocast off inside forward
+            prompt_embeds = prompt_embeds.to(self.variant.dtype)
+
+        def predict_velocity(x_t, t):
+            if self.deepspeed:
+                x_t = x_t.to(self.variant.dtype)
+            with torch.autocast(self.device_type, dtype=self.variant.dtype, enabled=autocast):
+                kwargs = self.variant.spec.transformer_inputs(x_t, prompt_embeds, t, rotary, image_latents)
+                return model(**kwargs, return_dict=False)[0]
+
+        return predict_velocity
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
@@ -97,18 +114,8 @@ class TrainingStep:
         if self.parts.caption_dropout:  # drawn last: runs without it draw as before
             prompt_embeds = drop_captions(prompt_embeds, self.parts.empty_prompt, self.parts.caption_dropout,
                                           generators)
-        rotary = self.rotary_for(inputs.x0.shape[1])
-        autocast = self.variant.dtype != torch.float32
-        if self.deepspeed:  # its engine holds the model in fp16/bf16 and turns autocast off inside forward
-            prompt_embeds = prompt_embeds.to(self.variant.dtype)
-
-        def predict_velocity(x_t, t):
-            if self.deepspeed:
-                x_t = x_t.to(self.variant.dtype)
-            with torch.autocast(self.device_type, dtype=self.variant.dtype, enabled=autocast):
-                kwargs = self.variant.spec.transformer_inputs(x_t, prompt_embeds, t, rotary, image_latents)
-                return self.transformer(**kwargs, return_dict=False)[0]
-
+        predict_velocity = self.velocity_predictor(self.transformer, prompt_embeds, self.rotary_for(inputs.x0),
+                                                   image_latents)
         loss = diffusion_loss(predict_velocity, self.parts.noise_scheduler, inputs)
         if self.in_backward is not None:
             self.in_backward.begin(self.accelerator.sync_gradients)

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 
 from ..config import Config
-from ..run_dir import METRICS_FILE, SAMPLES_DIR, complete_checkpoints, exported_step, resolve_trained
+from ..run_dir import (HTML_REPORT, METRICS_FILE, SAMPLES_DIR, best_record, complete_checkpoints, exported_step,
+                       resolve_trained)
 
 
-def _losses(run_dir: Path) -> list[dict]:
+def _rows_with(run_dir: Path, key: str) -> list[dict]:
     rows = []
     path = run_dir / METRICS_FILE
     for line in path.read_text().splitlines() if path.is_file() else []:
@@ -21,20 +22,72 @@ def _losses(run_dir: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             continue
-        if "loss_smoothed" in row:
+        if key in row:
             rows.append(row)
     return rows
 
 
+def logged_steps(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl that report a training step (loss, loss_smoothed, lr, ...), in order."""
+    return _rows_with(run_dir, "loss_smoothed")
+
+
+def logged_evals(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl that report a held-out evaluation (eval/loss, ...), in order."""
+    return _rows_with(run_dir, "eval/loss")
+
+
+def eval_lines(run_dir: Path, evals: list[dict]) -> list[str]:
+    """The held-out eval loss, the best checkpoint, and for a LoRA whether it moved the eval loss at all."""
+    last = evals[-1]
+    first = evals[0]
+    line = (f"  eval loss (held-out clips): {last['eval/loss']:.4f} at the end, {first['eval/loss']:.4f} at step "
+            f"{first['step']}")
+    best = best_record(run_dir)
+    if best is not None:
+        line += (f"; best {best['eval_loss']:.4f} at step {best['step']} "
+                 f"(cogft export --from {run_dir} --out DIR --best)")
+    lines = [line]
+    if "eval/loss_base" in last:
+        base, gain = last["eval/loss_base"], last["eval/lora_gain"]
+        said = f"  LoRA: eval loss {last['eval/loss']:.4f} with the adapter, {base:.4f} without: "
+        if gain > 0:
+            said += f"it lowers the held-out loss by {gain:.4g} ({100 * gain / base:.2f} %)"
+        elif gain < 0:
+            said += (f"it raises the held-out loss by {-gain:.4g} ({-100 * gain / base:.2f} %): it fits the training "
+                     "clips, not the held-out ones (fewer steps or a lower train.learning_rate may help)")
+        else:
+            said += "it does not change the held-out loss at all (raise train.learning_rate or lora.alpha)"
+        lines.append(said)
+    return lines
+
+
+def export_check_line(row: dict) -> str:
+    """What the fresh-process render of the export says (cogft/inference/check_export.py)."""
+    difference, effect = row["export_check/pixel_diff"], row.get("export_check/lora_effect")
+    said = (f"the export in a stock diffusers pipeline (a fresh process) renders the first validation prompt "
+            f"{difference:.2f} pixel levels (mean, of 255) from the in-training video"
+            + ("" if effect is None else f", the LoRA itself changing it by {effect:.2f}"))
+    if difference > row["export_check/tolerance"]:
+        return f"  export check: MISMATCH: {said}; the export does not reproduce the trained model"
+    return f"  export check: {said}: a match"
+
+
 def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     """A few lines for the end of `cogft train` (and a stop by Ctrl-C or SIGTERM)."""
-    rows = _losses(run_dir)
+    rows = logged_steps(run_dir)
     lines = [f"{'stopped' if stopped else 'finished'}: {config.model.path}, {config.train.mode}, "
              f"step {rows[-1]['step'] if rows else 0} of {config.train.max_steps}, in {run_dir}"]
     if rows:
         best = min(rows, key=lambda row: row["loss_smoothed"])
         lines.append(f"  loss (smoothed): {rows[-1]['loss_smoothed']:.4f} at the end, best {best['loss_smoothed']:.4f} "
                      f"at step {best['step']}")
+    evals = logged_evals(run_dir)
+    if evals:
+        lines.extend(eval_lines(run_dir, evals))
+    checks = _rows_with(run_dir, "export_check/pixel_diff")
+    if checks and not stopped:
+        lines.append(export_check_line(checks[-1]))
     step = exported_step(run_dir)
     if step is not None and not stopped:
         weights = resolve_trained(str(run_dir)).weights_dir
@@ -45,6 +98,9 @@ def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     checkpoints = complete_checkpoints(run_dir)
     if checkpoints:
         lines.append(f"  checkpoints: {', '.join(c.name for c in checkpoints)} in {checkpoints[-1].parent}")
+    if (run_dir / HTML_REPORT).is_file():
+        lines.append(f"  report: {run_dir / HTML_REPORT} (loss and learning-rate curves, validation videos; open it in "
+                     "a browser)")
     if stopped:
         lines.append("  next: run the same command again; train.resume=latest continues from the last checkpoint")
     else:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.images import conditioning_image
@@ -37,13 +38,17 @@ class ValidationHook:
                  world_size: int = 1, shared_forward: bool = False):
         self.config, self.variant, self.device, self.run_dir = config, variant, device, run_dir
         self.rank = rank
+        self.shows_progress = rank == 0  # one bar: the main process's share (every share takes about as long)
         self.mine = range(len(prompts)) if shared_forward else range(rank, len(prompts), world_size)
         self.writes_videos = rank == 0 or not shared_forward
         self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
-        data = config.data  # image-to-video: each prompt's image, sized as the training clips were
-        self.images = [conditioning_image(image, data.height, data.width, data.resize, f"validation.images[{i}]")
+        # each prompt's size (validation.sizes, else the largest bucket) and, for image-to-video, its image at that size
+        self.sizes = [config.validation_size(i) for i in range(len(self.prompts))]
+        self.images = [conditioning_image(image, *self.sizes[i], config.data.resize, f"validation.images[{i}]")
                        for i, image in enumerate(config.validation.images)] or [None] * len(self.prompts)
         self.negative = load_file(negative_file)["prompt_embeds"]
+        self.embedding_files = [path for _, path in prompts], negative_file  # (prompts, "") for the export check
+        self.first_frames = None  # the first prompt's frames of the last validation asked to keep them
         self._pipe = None
 
     def _pipeline(self, transformer):
@@ -58,25 +63,30 @@ class ValidationHook:
             self._pipe = assemble_pipeline(self.variant, transformer, vae, scheduler)
         return self._pipe
 
-    def _render(self, pipe, index: int, embeds: torch.Tensor):
-        cfg, data = self.config.validation, self.config.data
+    def _render(self, pipe, index: int, embeds: torch.Tensor, bar: tqdm):
+        cfg, (height, width) = self.config.validation, self.sizes[index]
         return render(
-            pipe, self.variant, self.device, num_frames=data.num_frames, height=data.height, width=data.width,
+            pipe, self.variant, self.device, num_frames=self.config.data.num_frames, height=height, width=width,
             steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + index,
             prompt_embeds=embeds[None].to(self.device), negative_prompt_embeds=self.negative[None].to(self.device),
-            image=self.images[index], cache=cfg.cache,
+            image=self.images[index], cache=cfg.cache, on_step=lambda: bar.update(1),
         )
 
-    def __call__(self, transformer, step: int) -> list[tuple[int, str, str]]:
-        """Render this process's prompts; returns (prompt index, prompt, mp4 path) of the videos it wrote."""
+    def __call__(self, transformer, step: int, keep_first: bool = False) -> list[tuple[int, str, str]]:
+        """Render this process's prompts; returns (prompt index, prompt, mp4 path) of the videos it wrote. With
+        `keep_first`, the process rendering the first prompt keeps its frames (`first_frames`), which the mp4's
+        lossy encoding would blur, for the export check."""
         was_training = transformer.training
         transformer.eval()
         pipe = self._pipeline(transformer)
         written = []
+        steps = self.config.validation.num_inference_steps
+        bar = tqdm(total=len(self.mine) * steps, desc=f"validation at step {step}", unit="step", leave=False,
+                   disable=not self.shows_progress)
         for i in self.mine:
             text, embeds = self.prompts[i]
             try:
-                frames = self._render(pipe, i, embeds)
+                frames = self._render(pipe, i, embeds, bar)
             except torch.OutOfMemoryError:  # a validation video is not worth the run
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -84,9 +94,12 @@ class ValidationHook:
                                "use (train.memory_budget_gib, data.vae_tiling=true) to get validation videos",
                                step, i)
                 continue
+            if keep_first and i == 0:
+                self.first_frames = frames
             if self.writes_videos:
                 path = write_mp4(frames, sample_path(self.run_dir, step, i, text), self.config.validation.fps)
                 written.append((i, text, str(path)))
+        bar.close()
         transformer.train(was_training)
         if self.writes_videos:
             logger.info("validation at step %d: process %d wrote %d videos (prompts %s) in %s", step, self.rank,

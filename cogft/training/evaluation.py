@@ -1,0 +1,168 @@
+"""The held-out eval loss: clips kept out of training, scored with the training objective at fixed timesteps and
+fixed noise, so two evaluations of the same weights give the same numbers and the curve carries no sampling noise
+(the training loss, drawn at random timesteps, swings by more than a run improves).
+
+x0 is the cached latent mean (no sampling). Each (clip, timestep) probe's noise comes from a CPU generator seeded by
+(train.seed, the clip's cache key, the timestep): it depends on neither the training step, the device nor the number
+of processes. The clips are spread over the ranks, and the probe losses summed into one table, so every rank
+computes the same averages. A LoRA run also scores the base model (the adapter off), once: the base is frozen, so
+its loss is the same at every evaluation, and `eval/lora_gain` = base − tuned says whether training moved anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import Config, ConfigError
+from ..data.cache import CacheEntry
+from ..seeding import mixed_seed
+from .adapters import adapter_disabled
+from .objective import TrainingInputs, diffusion_loss, frames_first
+from .step import TrainingStep
+
+RANGES = 3  # the eval loss is also reported per third of the schedule: t < T/3, T/3 <= t < 2T/3, t >= 2T/3
+
+
+def clip_key(entry: CacheEntry) -> str:
+    """A clip's identity: its first cache entry's name, a hash of its bytes and how it was encoded."""
+    return Path(entry.latents[0]).stem
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def split_holdout(entries: list[CacheEntry], holdout: int | float, seed: int) -> tuple[list[CacheEntry],
+                                                                                      list[CacheEntry]]:
+    """(training entries, held-out entries) for `eval.holdout`: the clips ranked by a hash of (train.seed, clip key),
+    so the choice depends on neither the listing order nor the rank, and a resume holds out the same clips. Entries
+    of one clip (the same bytes listed with two captions) go together: a held-out clip is never trained on."""
+    if not holdout or not entries:  # no clips at all: the dataset's own error says why
+        return entries, []
+    keys = sorted({clip_key(e) for e in entries}, key=lambda key: _rank(seed, key))
+    count = holdout if isinstance(holdout, int) else max(1, round(holdout * len(keys)))
+    if len(keys) < 2:
+        raise ConfigError(f"eval.holdout={holdout}: the dataset has 1 clip; holding clips out needs at least 2 (one "
+                          "to train on); add clips, or set eval.holdout=0")
+    if count >= len(keys):
+        raise ConfigError(f"eval.holdout={holdout} holds out {count} of the {len(keys)} clips, leaving none to train "
+                          f"on; hold out at most {len(keys) - 1} (or a fraction such as 0.1)")
+    held = set(keys[:count])
+    held_out = sorted((e for e in entries if clip_key(e) in held), key=lambda e: (_rank(seed, clip_key(e)), e.prompt))
+    return [e for e in entries if clip_key(e) not in held], held_out
+
+
+def probe_timesteps(listed: list[int] | None, clips: int, schedule: int) -> list[list[int]]:
+    """The timesteps each held-out clip is scored at: `eval.timesteps` for every clip, or one per clip with the
+    clips' spread evenly over the schedule (clip i of n at (i + ½)·T/n), one forward pass each."""
+    if listed is None:
+        return [[(2 * i + 1) * schedule // (2 * clips)] for i in range(clips)]
+    beyond = [t for t in listed if t >= schedule]
+    if beyond:
+        raise ConfigError(f"eval.timesteps: {beyond} not in the model's schedule of {schedule} timesteps; use 0 to "
+                          f"{schedule - 1}")
+    return [sorted(listed)] * clips
+
+
+def timestep_ranges(schedule: int) -> list[tuple[int, int]]:
+    edges = [schedule * k // RANGES for k in range(RANGES + 1)]
+    return list(zip(edges, edges[1:]))
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+class HeldOutEval:
+    """Scores the held-out clips with the model being trained, at each checkpoint and every `eval.every` steps.
+
+    Clip i runs on process i % world_size; with weights sharded over the processes (`shared_forward`: ZeRO-3,
+    FSDP) every process takes part in every forward pass and the main one's losses count.
+    """
+
+    def __init__(self, config: Config, step: TrainingStep, clips: list[CacheEntry], rank: int = 0,
+                 world_size: int = 1, shared_forward: bool = False):
+        self.step, self.clips, self.seed = step, clips, config.train.seed
+        schedule = step.num_train_timesteps
+        timesteps = probe_timesteps(config.eval.timesteps, len(clips), schedule)
+        self.probes = [(i, t) for i, listed in enumerate(timesteps) for t in listed]
+        self.ranges = timestep_ranges(schedule)
+        self.mine = range(len(clips)) if shared_forward else range(rank, len(clips), world_size)
+        self.counts = rank == 0 or not shared_forward
+        self.every, self.checkpoint_every = config.eval.every, config.train.checkpoint_every
+        self.lora = config.train.mode == "lora"
+        self.base: list[float] | None = None  # the base model's probe losses (frozen weights: computed once)
+        # what makes two eval losses comparable; a resume measured on another set forgets its best (best.py)
+        self.identity = hashlib.sha256(json.dumps([self.seed, [clip_key(c) for c in clips], [c.prompt for c in clips],
+                                                   self.probes]).encode()).hexdigest()[:16]
+
+    def due(self, step: int, last: bool) -> bool:
+        """At each checkpoint step (the last included; a stop request's own checkpoint is not waited on), and every
+        `eval.every` steps."""
+        return last or step % self.checkpoint_every == 0 or (self.every is not None and step % self.every == 0)
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        """The eval metrics of `model`'s current weights; every process calls it (the losses are summed over them)."""
+        started = time.perf_counter()
+        tuned = self.losses(model)
+        metrics = {"eval/loss": _mean(tuned)}
+        for low, high in self.ranges:
+            inside = [loss for loss, (_, t) in zip(tuned, self.probes) if low <= t < high]
+            if inside:
+                metrics[f"eval/loss_t{low:03d}_{high:03d}"] = _mean(inside)
+        if self.lora:
+            if self.base is None:
+                with adapter_disabled(model):
+                    self.base = self.losses(model)
+            metrics["eval/loss_base"] = _mean(self.base)
+            metrics["eval/lora_gain"] = metrics["eval/loss_base"] - metrics["eval/loss"]
+        metrics["eval/seconds"] = time.perf_counter() - started
+        return metrics
+
+    def losses(self, model: torch.nn.Module) -> list[float]:
+        """Each probe's loss, in probe order, the same on every process."""
+        device = self.step.accelerator.device
+        table = torch.zeros(len(self.probes), device=device)
+        was_training = model.training
+        model.eval()  # no LoRA dropout
+        try:
+            with torch.no_grad():
+                for clip in self.mine:
+                    cached = self._load(clip, device)
+                    for index, (owner, t) in enumerate(self.probes):
+                        if owner == clip:
+                            loss = self._probe(model, cached, clip, t)
+                            if self.counts:
+                                table[index] = loss
+        finally:
+            model.train(was_training)
+        return self.step.accelerator.reduce(table, reduction="sum").tolist()
+
+    def _load(self, clip: int, device: torch.device) -> dict[str, torch.Tensor]:
+        entry = self.clips[clip]
+        cached = load_file(entry.latents[0])  # the clip's start, as data.windows=1 trains it
+        cached["prompt_embeds"] = load_file(entry.prompt)["prompt_embeds"]
+        return {key: value[None].to(device) for key, value in cached.items()}
+
+    def _probe(self, model: torch.nn.Module, cached: dict[str, torch.Tensor], clip: int, t: int) -> torch.Tensor:
+        """The objective's loss of one clip at timestep t, on its latent mean with its own fixed noise."""
+        step, variant = self.step, self.step.variant
+        device = cached["latent_mean"].device
+        x0 = frames_first(cached["latent_mean"].float() * variant.scaling_factor, variant.patch_size_t)
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, int(clip_key(self.clips[clip])[:15], 16), t))
+        noise = torch.randn(x0.shape[1:], generator=generator)[None].to(device)
+        image_latents = None
+        if step.image_scale is not None:  # the first cached encoding of the image, unsampled and never dropped
+            image = cached["image_mean"][:, 0, :, 0].float() * step.image_scale  # [1, C, h, w]
+            image_latents = torch.zeros((1, x0.shape[1], *image.shape[1:]), device=device)
+            image_latents[:, 0] = image
+        predict = step.velocity_predictor(model, cached["prompt_embeds"], step.rotary_for(x0), image_latents)
+        inputs = TrainingInputs(x0, noise, torch.tensor([t], device=device))
+        return diffusion_loss(predict, step.parts.noise_scheduler, inputs)

@@ -168,6 +168,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
     parser.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save and load")
     parser.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
+    parser.add_argument("--eval", type=_positive_int, metavar="CLIPS",
+                        help="time the held-out eval on this many clips against the training step")
     parser.add_argument("--buckets", action="store_true", help="time the step at each size of data.buckets (after all "
                                                                "have run) against the first size alone, per token")
 
@@ -178,6 +180,10 @@ def _bench(args) -> None:
         from .bench.sampling import bench_sample
 
         bench_sample(config, args.baseline, args.profile, emit=lambda row: print(json.dumps(row), flush=True))
+    elif args.eval:
+        from .bench.training import bench_eval
+
+        bench_eval(config, args.eval, args.warmup, args.steps)
     elif args.buckets:
         from .bench.training import bench_buckets
 

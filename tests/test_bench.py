@@ -73,3 +73,12 @@ def test_bench_buckets_times_each_size_per_token_against_the_single_size(make_co
     assert rows[0]["tokens"] == rows[1]["tokens"] != rows[2]["tokens"] and rows[1]["compile"] is False  # a CPU
     assert [r["size"] for r in rows[3:]] == ["64x96", "80x80"]
     assert all(r["figure"] == "bucket_cost_per_token_vs_single_size" and r["ratio"] > 0 for r in rows[3:])
+
+
+def test_bench_eval_times_the_held_out_eval_against_the_step(make_config):
+    from cogft.bench.training import bench_eval
+
+    row = bench_eval(make_config("train.batch_size=1"), clips=3, warmup=0, steps=1, every=100, emit=lambda row: None)
+    assert row["figure"] == "held_out_eval" and row["clips"] == 3
+    assert row["eval_s"] > 0 and row["eval_s_first"] >= row["eval_s"] * 0.5 and row["s_per_step_after_eval"] > 0
+    assert 0 < row["eval_share"] < 1

@@ -94,6 +94,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
 
     run.checkpoint_roundtrip = checkpoint_roundtrip
     run.use = use
+    run.step = step
     run.backend = backend_name(accelerator)
     run.block_settings = step.parts.block_settings
     run.attention = attention_in_use(accelerator.unwrap_model(step.transformer))
@@ -207,6 +208,56 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
         peak = peak_tflops(row["device"])
         row["mfu"] = round(tflop / seconds / peak, 3) if peak else None
     row["backend"] = getattr(run, "backend", "plain")
+    return row
+
+
+def _held_out_entries(config: Config, variant: Variant, folder: Path, count: int) -> list:
+    """`count` cache entries shaped like prepare's (latent distribution [C, F, h, w], prompt embedding [L, D]) with
+    random values, written to `folder`: what the held-out eval reads, without a VAE or a text encoder."""
+    from safetensors.torch import save_file
+
+    from ..data.cache import CacheEntry
+
+    (height, width), frames = config.data.sizes[0], config.data.num_frames
+    entries = []
+    for i in range(count):
+        batch = _synthetic_batch(config, variant, torch.device("cpu"), config.train.seed + i)
+        key = f"{i:032x}"  # named like prepare's entries: a hex key, which the eval seeds each clip's noise from
+        latents, prompt = folder / f"{key}.safetensors", folder / f"prompt-{key}.safetensors"
+        save_file({k: batch[k][0].contiguous() for k in batch if k != "prompt_embeds"}, str(latents))
+        save_file({"prompt_embeds": batch["prompt_embeds"][0].contiguous()}, str(prompt))
+        entries.append(CacheEntry((str(latents),), str(prompt), f"clip-{i}", f"caption {i}", frames, height, width))
+    return entries
+
+
+def bench_eval(config: Config, clips: int = 8, warmup: int = 3, steps: int = 10, every: int = 100,
+               emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> dict:
+    """What the held-out eval costs: the trainer's step timed, then `HeldOutEval` on `clips` clips (the first call
+    scores the base model too, for a LoRA, and compiles what it must), again, and the step once more (an eval
+    must not slow the training that follows); the eval's share of the time between two evaluations `every`
+    steps apart."""
+    from ..training.evaluation import HeldOutEval
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config, variant = load_for_config(config, validates=False)
+    free(device)
+    run = cogft_step(config, variant, device)
+    model = run.step.accelerator.unwrap_model(run.step.transformer)
+    before = statistics.median(time_steps(run, device, warmup, steps))
+    with tempfile.TemporaryDirectory(prefix="cogft-bench-eval-") as folder:
+        evaluation = HeldOutEval(config, run.step, _held_out_entries(config, variant, Path(folder), clips))
+        first = time_steps(lambda _: evaluation(model), device, 0, 1)[0]
+        again = statistics.median(time_steps(lambda _: evaluation(model), device, 0, 3))
+    after = statistics.median(time_steps(run, device, 1, steps))
+    row = {"figure": "held_out_eval", "model": config.model.path, "mode": config.train.mode, "clips": clips,
+           "eval_timesteps": config.eval.timesteps, "frames": config.data.num_frames,
+           "height": config.data.sizes[0][0], "width": config.data.sizes[0][1], "attention": run.attention,
+           "compile": compile_enabled(config, device), "s_per_step": round(before, 4),
+           "s_per_step_after_eval": round(after, 4), "eval_s_first": round(first, 3), "eval_s": round(again, 3),
+           "every": every, "eval_share": round(again / (every * before + again), 4), "device": device_name(device)}
+    emit(row)
+    run = model = evaluation = None  # the model and its optimizer go before the next measurement
+    free(device)
     return row
 
 

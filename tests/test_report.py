@@ -97,3 +97,21 @@ def test_a_stopped_run_gets_its_report_and_the_summary_names_it(make_config, cap
     assert "1 of 5 (stopped early)" in text and "No validation videos" in text and not page.videos
     assert "checkpoints/step-000001/" in page.urls
     assert page.curves == {"loss": 2, "loss_smoothed": 2, "lr": 2}  # one step: drawn as a dot
+
+
+def test_the_held_out_eval_curve_is_shown_when_the_run_has_one(make_config, tmp_path):
+    from PIL import Image
+
+    from cogft.training.report import write_run_report
+
+    config = make_config(out="eval-run")
+    run = Path(config.output_dir)
+    run.mkdir(parents=True)
+    steps = [{"step": s, "loss": 1.0 / s, "loss_smoothed": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3, 4)]
+    evals = [{"step": s, "eval/loss": 0.5 / s, "eval/loss_base": 0.6, "eval/lora_gain": 0.6 - 0.5 / s} for s in (2, 4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in steps + evals))
+    page = Page(write_run_report(config, run, stopped=False).read_text())
+    assert page.curves == {"loss": 4, "loss_smoothed": 4, "lr": 4, "eval/loss": 2, "eval/loss_base": 2}
+    assert "Held-out eval loss" in "".join(page.text)
+    with Image.open(run / "curves.png") as image:
+        assert image.size == (720, 3 * 260)  # the two charts and the eval one, stacked

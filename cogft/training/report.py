@@ -1,6 +1,6 @@
 """report.html: one page a user opens after a run (finished or stopped), offline, from any copy of the run folder.
 
-The loss and learning-rate curves of metrics.jsonl as inline SVG (and curves.png, drawn with Pillow, for a chat or
+The loss and learning-rate curves of metrics.jsonl (and the held-out eval loss, with `eval.holdout`) as inline SVG (and curves.png, drawn with Pillow, for a chat or
 an issue), every validation video of samples/ by relative path, and the run's short facts. No script, no stylesheet
 or font from elsewhere: it opens from a laptop's disk, an archive or a cluster's file browser.
 """
@@ -17,7 +17,7 @@ from ..config import Config, ConfigError
 from ..data.captions import validation_texts
 from ..run_dir import (CURVES_IMAGE, HTML_REPORT, METRICS_FILE, SAMPLES_DIR, TRANSFORMER_DIR, complete_checkpoints,
                        resolve_trained, sample_path)
-from .summary import logged_steps
+from .summary import logged_evals, logged_steps
 
 _WIDTH, _HEIGHT = 720, 260  # one chart; curves.png stacks the two
 _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 16, 30, 34
@@ -57,13 +57,21 @@ class _Chart:
                 (_WIDTH - _RIGHT, bottom + 20, "end", f"step {s1:g}", "black")]
 
 
-def _charts(rows: list[dict]) -> list[_Chart]:
-    def series(key: str) -> list[tuple[float, float]]:
-        return [(row["step"], float(row[key])) for row in rows
+def _charts(rows: list[dict], evals: list[dict]) -> list[_Chart]:
+    """Loss and learning rate; with `eval.holdout`, the held-out eval loss (and the base model's, for a LoRA) too."""
+    def series(key: str, source: list[dict]) -> list[tuple[float, float]]:
+        return [(row["step"], float(row[key])) for row in source
                 if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
 
-    return [_Chart("loss", [("loss", "#9ab8d8", series("loss")), ("loss_smoothed", "#1f4e9c", series("loss_smoothed"))]),
-            _Chart("learning rate", [("lr", "#c05a1c", series("lr"))])]
+    charts = [_Chart("loss", [("loss", "#9ab8d8", series("loss", rows)),
+                              ("loss_smoothed", "#1f4e9c", series("loss_smoothed", rows))]),
+              _Chart("learning rate", [("lr", "#c05a1c", series("lr", rows))])]
+    if evals:
+        held_out = [("eval/loss", "#2a8a3e", series("eval/loss", evals))]
+        if any("eval/loss_base" in row for row in evals):
+            held_out.append(("eval/loss_base", "#999999", series("eval/loss_base", evals)))
+        charts.append(_Chart("held-out eval loss", held_out))
+    return charts
 
 
 def _svg(chart: _Chart) -> str:
@@ -152,11 +160,12 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
     """RUN/report.html and RUN/curves.png, from what the run directory holds now (so a resumed run's report covers
     the whole run)."""
     rows = logged_steps(run_dir)
-    charts = _charts(rows)
+    charts = _charts(rows, logged_evals(run_dir))
     _png(charts, run_dir / CURVES_IMAGE)
     facts = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in
                       _facts(config, run_dir, rows, stopped))
     title = html.escape(f"cogft run {run_dir.name}")
+    held_out = "".join(f"<h2>Held-out eval loss</h2>\n{_svg(chart)}\n" for chart in charts[2:])
     page = f"""<!doctype html>
 <html lang="en">
 <head>
@@ -179,7 +188,7 @@ video {{ max-width: 100% }}
 {_svg(charts[0])}
 <h2>Learning rate</h2>
 {_svg(charts[1])}
-<h2>Validation videos</h2>
+{held_out}<h2>Validation videos</h2>
 {_videos(config, run_dir)}
 </body>
 </html>

@@ -41,8 +41,6 @@ def to_pixels(frames) -> np.ndarray:
     return (np.clip(np.asarray(frames, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
-
-
 def stock_render(run: str, embeds: str, negative: str, device_name: str) -> dict[str, np.ndarray]:
     """The first validation prompt from the run's export through the variant's stock pipeline, with the seed, size,
     steps, guidance and precision of the in-training validation (transformer in the variant's dtype under its

@@ -174,6 +174,8 @@ def test_doctor_counts_buckets_images_trigger_words_and_far_sizes(make_config, m
     folder = diagnose(mixed)
     # no config: the schema's one size and 49 frames, which the 1.5 s clips do not fill; stills need no length
     assert folder["images"] == 3 and folder["sizes"] == {"480x720": 3} and folder["problems"] == {"too_short": 6}
+    wide = next(row for row in folder["files"] if row["clip"].endswith("photo_wide.png"))
+    assert any(note.startswith("far below the training size: scaled up 4.8x") for note in wide["notes"])
 
 
 def hub_snapshot(cache: Path, repo: str, revision: str, files: dict[str, bytes]) -> Path:

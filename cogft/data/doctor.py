@@ -19,7 +19,7 @@ from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem
 from .images import is_still, probe_sample, read_image
 from .sources import Clip, read_dataset
-from .video import ClipProbe, DecodeSpec, geometry_notes
+from .video import ClipProbe, DecodeSpec, geometry_notes, resized_size
 from .workers import isolated_map
 
 FRAME_EDGES = (1, 9, 17, 33, 49, 97, 193, 385)
@@ -99,7 +99,7 @@ def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -
             sized = spec.at(probe.size)
             row["size"] = f"{sized.height}x{sized.width}"
             row["notes"].extend(geometry_notes(probe.info, sized))
-            upscale = min(sized.height / probe.info.height, sized.width / probe.info.width)
+            upscale = resized_size(probe.info.height, probe.info.width, sized)[0] / probe.info.height
             if upscale > UPSCALE_NOTE_FROM:
                 row["notes"].append(f"far below the training size: scaled up {upscale:.1f}x to {sized.width}x"
                                     f"{sized.height}, so its frames train soft; use a larger source if there is one")
@@ -121,12 +121,11 @@ def _trigger_word(data: DataConfig) -> dict | None:
     """How the captions stand with `data.caption_prefix` and the metadata's id tokens: how many get one put in front,
     and how many begin with it already (left as they are)."""
     raw = [clip for clip in read_dataset(data, with_prefix=False) if clip.caption]
-    tokens = sorted({token for token in [data.caption_prefix.strip(), *(c.id_token for c in raw)] if token})
+    prefix = data.caption_prefix.strip()
+    tokens = sorted({token for token in [prefix, *(c.id_token for c in raw)] if token})
     if not tokens:
         return None
-    def words(clip: Clip) -> list[str]:
-        return [w for w in (clip.id_token, data.caption_prefix.strip()) if w]
-    lacking = sum(any(not starts_with(c.caption, w) for w in words(c)) for c in raw)
+    lacking = sum(any(not starts_with(c.caption, word) for word in (c.id_token, prefix) if word) for c in raw)
     return {"trigger_words": tokens, "captions_given_it": lacking, "captions_already_with_it": len(raw) - lacking}
 
 

@@ -271,3 +271,14 @@ def test_an_export_that_lost_its_alpha_is_caught(straight, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cogft.inference.check_export"):
         metrics = compare(renders["export"], renders["base"], frames, tolerance("cpu"))
     assert metrics["export_check/pixel_diff"] > 0.2 and "beyond rounding noise" in caplog.text
+
+
+def test_with_ema_the_trained_weights_decide_the_best_and_the_average_is_scored_beside(tmp_path, shared_cache):
+    """A checkpoint holds the trained weights (what `--best` exports), so they are what eval/loss scores; the average,
+    which the final export holds, is logged as eval/loss_ema."""
+    run = train(config_for(tmp_path / "ema", shared_cache, "train.max_steps=2", "train.ema_decay=0.9"))
+    evals = eval_rows(run)
+    assert [row["step"] for row in evals] == [1, 2]
+    assert all(row["eval/loss_ema"] != row["eval/loss"] for row in evals)  # a decay of 0.9 lags far behind
+    best = json.loads((run / "best.json").read_text())
+    assert best["eval_loss"] == min(row["eval/loss"] for row in evals)

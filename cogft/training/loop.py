@@ -283,9 +283,12 @@ class Trainer:
 
     def evaluate(self, step: int, checkpointed: bool) -> bool:
         """Log the held-out eval loss; True when it makes this step's checkpoint the best so far (every rank agrees:
-        the losses are summed over them)."""
-        with self.averaged():
-            metrics = self.evaluation(self.unwrapped)
+        the losses are summed over them). It scores the trained weights, which a checkpoint holds and `--best`
+        exports; with `train.ema_decay` the average is scored too, as `eval/loss_ema` (the final export's)."""
+        metrics = self.evaluation(self.unwrapped)
+        if self.ema is not None:
+            with self.ema.applied():
+                metrics["eval/loss_ema"] = self.evaluation(self.unwrapped)["eval/loss"]
         self.accelerator.log(metrics, step=step)
         loss = metrics["eval/loss"]
         logger.info("eval at step %d: loss %.6g%s", step, loss, f" (base model {metrics['eval/loss_base']:.6g}, LoRA "

@@ -69,3 +69,17 @@ def test_rotary_run_trains_on_two_buckets(make_config, hostile_clips, tmp_path):
     assert report[-1]["summary"]["buckets"] == {"9": 2, "5": 2}
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 4 and all(loss == loss and abs(loss) < 1e6 for loss in losses)
+
+
+def test_accelerate_reads_the_batch_size_batches_really_have():
+    """Images only, 3 to a batch while train.batch_size is 2: sharding must see complete batches of 3, or it takes
+    every batch for a short last one."""
+    from cogft.data.buckets import still_batch_sizes
+
+    buckets = [(1, 64, 96)] * 6
+    sampler = BucketBatchSampler(buckets, 2, seed=0, batch_sizes=still_batch_sizes(buckets, 3))
+    assert sampler.batch_size == 3
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=r)) for r in (0, 1)]
+    assert [len(shard) for shard in shards] == [1, 1] and all(len(b) == 3 for shard in shards for b in shard)
+    mixed = BucketBatchSampler([(9, 64, 96)] * 2 + buckets, 2, seed=0, batch_sizes=still_batch_sizes(buckets, 3))
+    assert mixed.batch_size is None  # batches of 2 and of 3: accelerate takes each as complete

@@ -60,7 +60,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.counts = {b: self.buckets.count(b) for b in sorted(set(self.buckets), reverse=True)}
         self.size_of = {b: (batch_sizes or {}).get(b, batch_size) for b in self.counts}
         # accelerate's sharding reads `batch_size`; None tells it batches differ in length (all are still complete)
-        self.batch_size = batch_size if len(set(self.size_of.values())) == 1 else None
+        sizes = set(self.size_of.values())
+        self.batch_size = sizes.pop() if len(sizes) == 1 else None
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)

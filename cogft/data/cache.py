@@ -39,8 +39,8 @@ from ..models.spec import Variant
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
-from .images import decode_sample, is_still, missing_image, read_image
-from .sources import Clip, read_dataset
+from .images import decode_sample, missing_image, read_image
+from .sources import Clip, is_still, read_dataset
 from .video import ClipProbe, DecodeSpec, Decoded, window_offsets, windows_note
 from .workers import isolated_map
 
@@ -266,9 +266,11 @@ class Preparer:
         key = _digest(text, self._prompt_salt)
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
-    def find_cached(self, content_digest: str, still: bool) -> tuple[tuple[Path, ...], tuple[int, ...], dict] | None:
+    def find_cached(self, content_digest: str, still: bool) -> tuple[tuple[Path, ...], tuple[int, ...], dict, int,
+                                                                      tuple[int, int]] | None:
         """The entries this clip would be encoded to now, if they all exist: the largest frame bucket its frames
-        fill (a still image: one frame) at the resolution bucket nearest its shape, one entry per window.
+        fill (a still image: one frame) at the resolution bucket nearest its shape, one entry per window; returned
+        with their window starts, the first entry's metadata, the frame bucket and the size.
 
         The frame count, size and window start are part of the key and each entry records how many frames
         the clip had and its displayed size, so a changed bucket list or window count reuses every entry
@@ -288,7 +290,7 @@ class Preparer:
             paths = tuple(self.latent_path(content_digest, frames, size, o) for o in offsets)
             # the first window is `path`, checked above
             if all(p == path or (p.is_file() and not self._damaged(content_digest, p)) for p in paths):
-                return paths, offsets, meta
+                return paths, offsets, meta, frames, size
         return None
 
     def _nearest(self, meta: dict, size: tuple[int, int]) -> bool:
@@ -432,38 +434,32 @@ class Preparer:
 
 def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Preparer, rows: dict[str, dict]):
     """This rank's share: rows for every clip, the cached entries found, and what must be encoded."""
-    admission = admission_problems(clips, byte_duplicates(clips))  # whole list: copies on other ranks count too
-    no_stills = preparer.variant.single_frame_problem()
+    # the whole list: copies on other ranks count too
+    admission = admission_problems(clips, byte_duplicates(clips), preparer.variant.single_frame_problem())
     cached: list[Kept] = []
     todo: list[tuple[Clip, str]] = []
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
         if preparer.image_conditioned:
             row["image"] = clip.image_source
-        still = is_still(clip.video)
-        problems = admission[clip.line]
-        if still and no_stills:
-            problems = [Problem("still_unsupported", f"a still image (a one-frame sample): {no_stills}; train it with "
-                                                     "a text-to-video model or leave it out"), *problems]
-        if problems:
-            problem = problems[0]
+        if admission[clip.line]:
+            problem = admission[clip.line][0]
             row.update(status="skipped", problem=problem.code, reason=problem.detail)
             continue
         digest = preparer.clip_key(clip)
         if isinstance(digest, Problem):
             row.update(status="skipped", problem=digest.code, reason=digest.detail)
             continue
-        hit = preparer.find_cached(digest, still)
+        hit = preparer.find_cached(digest, is_still(clip.video))
         if hit is None:
             todo.append((clip, digest))
             continue
-        paths, offsets, meta = hit
-        frames, size = int(meta["frames"]), meta.get("size") or _size_text(preparer.spec.sizes[0])
-        row.update(status="cached", frames=frames, size=size, windows=len(paths),
+        paths, offsets, meta, frames, size = hit
+        row.update(status="cached", frames=frames, size=_size_text(size), windows=len(paths),
                    notes=[*json.loads(meta.get("notes", "[]")), *windows_note(frames, offsets)])
         if meta.get("source"):
             row["source"] = json.loads(meta["source"])
-        cached.append(Kept(clip, paths, frames, tuple(map(int, size.split("x")))))
+        cached.append(Kept(clip, paths, frames, size))
     return cached, todo
 
 

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sources import Clip
+from .sources import Clip, is_still
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,12 @@ def content_repeats(duplicates: list[list[str]], clips: list[Clip]) -> dict[str,
     return repeats
 
 
-def admission_problems(clips: list[Clip], duplicates: list[list[str]]) -> dict[str, list[Problem]]:
+def admission_problems(clips: list[Clip], duplicates: list[list[str]],
+                       single_frame_problem: str | None = None) -> dict[str, list[Problem]]:
     """The one admission rule before any decode, shared by prepare and `cogft doctor` so they cannot drift
-    apart: {line: problems}, empty where the entry goes on to decoding. `duplicates`: `byte_duplicates(clips)`.
+    apart: {line: problems}, empty where the entry goes on to decoding. `duplicates`: `byte_duplicates(clips)`;
+    `single_frame_problem`: why the model cannot train on one frame (`Variant.single_frame_problem`), which turns
+    every still image away first.
 
     Computed over the whole list, so copies that prepare's ranks would split are still caught.
     """
@@ -131,6 +134,9 @@ def admission_problems(clips: list[Clip], duplicates: list[list[str]]) -> dict[s
     found = {}
     for clip in clips:
         problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption)) if p]
+        if single_frame_problem and is_still(clip.video):
+            problems.insert(0, Problem("still_unsupported", f"a still image (a one-frame sample): {single_frame_problem}"
+                                                            "; train it with a text-to-video model or leave it out"))
         if clip.line in repeats:
             problems.append(Problem("duplicate", f"the same file and caption as {repeats[clip.line]}; "
                                                  "listed once is enough"))

@@ -13,12 +13,12 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from ..config import Config, DataConfig, load_config
+from ..config import Config, DataConfig, load_config, parse_size
 from ..models.spec import Variant, frame_buckets
 from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem
-from .images import is_still, probe_sample, read_image
-from .sources import Clip, read_dataset
+from .images import probe_sample, read_image
+from .sources import Clip, is_still, read_dataset, with_trigger_words
 from .video import ClipProbe, DecodeSpec, geometry_notes, resized_size
 from .workers import isolated_map
 
@@ -78,7 +78,7 @@ def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
         row["image"] = clip.image_source
         if clip.image is None or "size" not in row:
             continue
-        read = read_image(clip.image, spec.at(tuple(map(int, row["size"].split("x")))))
+        read = read_image(clip.image, spec.at(parse_size(row["size"])))
         if isinstance(read, Problem):
             row["problems"].append(read)
         else:
@@ -108,20 +108,11 @@ def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -
             row["notes"].extend(probe.selection.notes)
 
 
-def _still_problems(rows: list[dict], clips: list[Clip], variant: Variant | None) -> None:
-    """Still images where the variant cannot train on one frame: prepare skips them, so say so here."""
-    problem = variant.single_frame_problem() if variant is not None else None
-    for clip, row in zip(clips, rows):
-        if problem and is_still(clip.video):
-            row["problems"].insert(0, Problem("still_unsupported", f"a still image (a one-frame sample): {problem}; "
-                                                                   "train it with a text-to-video model or leave it out"))
-
-
-def _trigger_word(data: DataConfig) -> dict | None:
-    """How the captions stand with `data.caption_prefix` and the metadata's id tokens: how many get one put in front,
-    and how many begin with it already (left as they are)."""
-    raw = [clip for clip in read_dataset(data, with_prefix=False) if clip.caption]
-    prefix = data.caption_prefix.strip()
+def _trigger_word(listed: list[Clip], caption_prefix: str) -> dict | None:
+    """How the captions as written stand with `data.caption_prefix` and the metadata's id tokens: how many get one
+    put in front, and how many begin with it already (left as they are)."""
+    raw = [clip for clip in listed if clip.caption]
+    prefix = caption_prefix.strip()
     tokens = sorted({token for token in [prefix, *(c.id_token for c in raw)] if token})
     if not tokens:
         return None
@@ -154,12 +145,12 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     data = config.data if config else DataConfig(path=str(target))
     buckets = (variant.frame_buckets if variant else frame_buckets)(data.num_frames, data.shortest_bucket)
     spec = DecodeSpec(buckets, *data.sizes[0], data.fps, data.resize, sizes=data.sizes)
-    clips = read_dataset(data)
+    listed = read_dataset(data, with_prefix=False)  # read once: the trigger-word counts need the captions as written
+    clips = with_trigger_words(listed, data.caption_prefix)
     duplicates = byte_duplicates(clips)
-    admission = admission_problems(clips, duplicates)
+    admission = admission_problems(clips, duplicates, variant.single_frame_problem() if variant else None)
     rows = [{"clip": str(clip.video), "listed_at": clip.line, "problems": list(admission[clip.line]), "notes": []}
             for clip in clips]
-    _still_problems(rows, clips, variant)
     _add_probes(rows, clips, spec, workers or data.decode_workers)
     if variant is not None and variant.spec.image_conditioned:
         _add_images(rows, clips, spec)
@@ -190,7 +181,7 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
                                                  reverse=True)},
         "sizes": dict(Counter(r["size"] for r in rows if r["verdict"] == "ok").most_common()),
         "images": sum(r["verdict"] == "ok" and is_still(r["clip"]) for r in rows),
-        "trigger": _trigger_word(data),
+        "trigger": _trigger_word(listed, data.caption_prefix),
         "far_from_native": _native_notes(data, variant),
         "histograms": {
             "frames": _binned([s["frames"] for s in sources if s["frames"] is not None], FRAME_EDGES),

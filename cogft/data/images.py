@@ -15,15 +15,10 @@ import numpy as np
 
 from .checks import Problem
 from .probe import MediaInfo
-from .sources import IMAGE_EXTENSIONS
+from .sources import is_still
 from .video import ClipProbe, DecodeSpec, Decoded, Selection, decode_clip, place, probe_clip, resized_size
 
 STILL_DECODER = "pillow"
-
-
-def is_still(path: str | Path) -> bool:
-    """Whether a listed file is a still image (a one-frame sample), by its extension."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def missing_image(path: Path) -> Problem | None:

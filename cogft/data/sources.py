@@ -33,6 +33,11 @@ VIDEO_EXTENSIONS = frozenset(
 IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .webp .bmp .tif .tiff".split())
 
 
+def is_still(path: str | Path) -> bool:
+    """Whether a listed file is a still image (a one-frame sample), by its extension."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # what a folder holds in the Hub's VideoFolder/ImageFolder layout
 HUB_FILE_COLUMN = "file_name"                        # that layout's column naming each file
 ID_TOKEN_COLUMN = "id_token"                         # a metadata column with each clip's trigger word (finetrainers')
@@ -164,9 +169,12 @@ def read_dataset(data, with_prefix: bool = True) -> list[Clip]:
     snapshot), each caption behind `data.caption_prefix` and the clip's `id_token` (`with_prefix`)."""
     path = dataset_folder(data.path) if is_hub_path(data.path) else data.path
     clips = read_clips(path, data.video_column, data.caption_column, data.image_column)
-    if not with_prefix:
-        return clips
-    return [replace(clip, caption=prefixed(prefixed(clip.caption, clip.id_token), data.caption_prefix)) for clip in clips]
+    return with_trigger_words(clips, data.caption_prefix) if with_prefix else clips
+
+
+def with_trigger_words(clips: list[Clip], caption_prefix: str) -> list[Clip]:
+    """Each caption behind the clip's `id_token` and then `caption_prefix`, as it is embedded."""
+    return [replace(clip, caption=prefixed(prefixed(clip.caption, clip.id_token), caption_prefix)) for clip in clips]
 
 
 def read_clips(path: str | Path, video_column: str = "video", caption_column: str = "caption",

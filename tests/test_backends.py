@@ -127,7 +127,7 @@ def _deepspeed_accelerator(ds_config: dict):
     from accelerate.utils import DistributedType
 
     plugin = SimpleNamespace(deepspeed_config=ds_config)
-    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2, device=torch.device("cuda"),
                            state=SimpleNamespace(deepspeed_plugin=plugin))
 
 

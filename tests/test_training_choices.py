@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from cogft.config import ConfigError, build_config
 from cogft.training.loop import train
-from cogft.training.optimizers import optimizer_problem
+from cogft.training.backends import optimizer_problem
 
 FAST = ["validation.prompts=[]", "train.checkpoint_every=100"]
 

@@ -93,6 +93,27 @@ def backend_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
+# the optimizers whose package is optional: (module, the cogft extra that installs it)
+OPTIONAL_PACKAGES = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodigyopt", "prodigy")}
+
+
+def optimizer_problem(config: Config, device: torch.device, offloaded: bool) -> str | None:
+    """Why `train.optimizer` cannot run in this launch (no GPU, package missing, DeepSpeed owning the optimizer)."""
+    name = config.train.optimizer
+    if name not in OPTIONAL_PACKAGES:
+        return None
+    module, extra = OPTIONAL_PACKAGES[name]
+    if offloaded:
+        return (f"train.optimizer={name}: this DeepSpeed config keeps the optimizer in host memory, where only its "
+                "CPU AdamW runs; use train.optimizer=adamw with it, or a launch config without offload_optimizer")
+    if name == "adamw8bit" and device.type != "cuda":
+        return (f"train.optimizer=adamw8bit: bitsandbytes' 8-bit AdamW runs on CUDA GPUs, and this process trains on "
+                f"{device.type}; use train.optimizer=adamw here")
+    if importlib.util.find_spec(module) is None:
+        return f"train.optimizer={name} needs the {module} package: pip install \"cogft[{extra}]\""
+    return None
+
+
 def configure_backend(accelerator, config: Config, variant: Variant) -> None:
     """Check the launcher's backend and optimizer fit the model variant; write cogft's settings into a
     DeepSpeed config. Idempotent: the trainer calls it early, `assemble_step` again."""
@@ -124,6 +145,8 @@ def configure_backend(accelerator, config: Config, variant: Variant) -> None:
         raise BackendError("train.ema_decay averages the weights each process holds whole, and DeepSpeed and FSDP "
                            "shard or own them; launch without them (one GPU, or multi-GPU DDP) or set "
                            "train.ema_decay=null")
+    if problem := optimizer_problem(config, accelerator.device, offloads_optimizer(accelerator)):
+        raise BackendError(problem)
     if uses_deepspeed(accelerator):
         _configure_deepspeed(accelerator, config, variant)
 

@@ -27,6 +27,7 @@ from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD,
 from ..seeding import mixed_seed
 from .adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
 from .backends import full_state_dict
+from .best import write_best
 
 logger = logging.getLogger(__name__)
 
@@ -242,9 +243,10 @@ def register_weight_hooks(accelerator, config: Config) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Config) -> Path:
-    """Write checkpoints/step-N (with the config it was trained under) atomically; prune beyond `keep`, sparing the
-    one RUN/best.json names."""
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Config, best: dict | None = None) -> Path:
+    """Write checkpoints/step-N (with the config it was trained under) atomically; with `best` (this checkpoint is
+    the new best by eval loss) RUN/best.json names it once it is complete; prune beyond `keep`, sparing the one
+    RUN/best.json names."""
     started = time.perf_counter()
     final = step_dir(run_dir, step)
     staging = final.with_name(f".{final.name}.partial")
@@ -262,6 +264,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         staging.rename(final)
+        if best is not None:
+            write_best(run_dir, best)
         prune_checkpoints(run_dir, keep)
         logger.info("checkpoint %s written in %.2f s", final, time.perf_counter() - started)
     accelerator.wait_for_everyone()

@@ -22,24 +22,28 @@ class WeightAverage:
         self.params, self.decay = params, decay
         self.device = torch.device("cpu") if on_host else None
         self.shadows = [p.detach().to(self.device or p.device, torch.float32, copy=True) for p in params]
+        # host copies of the weights, made once and refilled each step (a full model's worth for SFT); pinned where
+        # they are copied from a GPU
+        pin = on_host and any(p.is_cuda for p in params)
+        self.staged = [torch.empty_like(s, pin_memory=pin) for s in self.shadows] if on_host else None
 
     @torch.no_grad()
     def update(self, finite: torch.Tensor | bool) -> None:
         """Move the average toward the weights, unless the step was skipped (`finite` false)."""
-        if self.device is not None:  # host copies: the skip is read here, once per step
+        if self.staged is not None:  # host copies: the skip is read here, once per step
             if bool(finite):
-                torch._foreach_lerp_(self.shadows, [p.detach().to(self.device, torch.float32) for p in self.params],
-                                     1.0 - self.decay)
+                for staged, param in zip(self.staged, self.params):
+                    staged.copy_(param.detach())
+                torch._foreach_lerp_(self.shadows, self.staged, 1.0 - self.decay)
             return
         weight = (1.0 - self.decay) * torch.as_tensor(finite, dtype=torch.float32, device=self.shadows[0].device)
-        for shadow, param in zip(self.shadows, self.params):
-            shadow.lerp_(param.detach().float(), weight)
+        torch._foreach_lerp_(self.shadows, [p.detach().float() for p in self.params], [weight] * len(self.shadows))
 
     @contextmanager
     @torch.no_grad()
     def applied(self) -> Iterator[None]:
         """The averaged weights in the model for the duration (validation, export); the trained ones after."""
-        trained = [p.detach().clone() for p in self.params]
+        trained = [p.detach().to(self.device or p.device, copy=True) for p in self.params]  # beside the average
         for param, shadow in zip(self.params, self.shadows):
             param.copy_(shadow)
         try:

@@ -76,7 +76,7 @@ def timestep_ranges(schedule: int) -> list[tuple[int, int]]:
     return list(zip(edges, edges[1:]))
 
 
-def _mean(values: list[float]) -> float:
+def mean_loss(values: list[float]) -> float:
     return math.fsum(values) / len(values)
 
 
@@ -112,16 +112,16 @@ class HeldOutEval:
         """The eval metrics of `model`'s current weights; every process calls it (the losses are summed over them)."""
         started = time.perf_counter()
         tuned = self.losses(model)
-        metrics = {"eval/loss": _mean(tuned)}
+        metrics = {"eval/loss": mean_loss(tuned)}
         for low, high in self.ranges:
             inside = [loss for loss, (_, t) in zip(tuned, self.probes) if low <= t < high]
             if inside:
-                metrics[f"eval/loss_t{low:03d}_{high:03d}"] = _mean(inside)
+                metrics[f"eval/loss_t{low:03d}_{high:03d}"] = mean_loss(inside)
         if self.lora:
             if self.base is None:
                 with adapter_disabled(model):
                     self.base = self.losses(model)
-            metrics["eval/loss_base"] = _mean(self.base)
+            metrics["eval/loss_base"] = mean_loss(self.base)
             metrics["eval/lora_gain"] = metrics["eval/loss_base"] - metrics["eval/loss"]
         metrics["eval/seconds"] = time.perf_counter() - started
         return metrics

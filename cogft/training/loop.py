@@ -27,13 +27,12 @@ from ..models.spec import Variant
 from ..run_dir import CONFIG_FILE, LORA_DIR, RAW_EXPORT_DIR, checkpoint_step, hold
 from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, init_trackers, log_videos
 from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
-from .backends import accelerator_on_cpu, backend_name, configure_backend, offloads_optimizer, shards_weights
+from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
 from .best import best_entry, improves, restored_best, write_best
-from .checkpointing import (check_resume_config, load_checkpoint, prune_checkpoints, resolve_resume, sample_generators,
+from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators,
                             save_checkpoint, save_export, save_weights)
-from .optimizers import check_optimizer
 from .ema import WeightAverage
-from .evaluation import HeldOutEval, split_holdout
+from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
 from .report import write_run_report
@@ -77,7 +76,6 @@ def load_checked_variant(accelerator, config: Config) -> tuple[Config, Variant]:
         raise ConfigError(f"lora.target_modules: {', '.join(unmatched)} match no linear layer of {variant.name}; "
                           f"each of its blocks has {', '.join(in_a_block)}")
     configure_backend(accelerator, config, variant)
-    check_optimizer(config, accelerator.device, offloads_optimizer(accelerator))
     resolve_attention(config.model.attention, accelerator.device, variant.dtype)
     return config, variant
 
@@ -270,11 +268,9 @@ class Trainer:
             self._report(self.pending)
             self.pending = None
         new_best = eval_due and self.evaluate(step, checkpoint_due)  # before the checkpoint, which records the best
-        if checkpoint_due:
-            save_checkpoint(self.accelerator, self.run_dir, step, config.train.checkpoints_keep, config)
-            if new_best and self.accelerator.is_main_process:  # once its checkpoint is complete; the old best goes
-                write_best(self.run_dir, self.progress.best)
-                prune_checkpoints(self.run_dir, config.train.checkpoints_keep)
+        if checkpoint_due:  # best.json names a new best once its checkpoint is complete; the old best then goes
+            save_checkpoint(self.accelerator, self.run_dir, step, config.train.checkpoints_keep, config,
+                            best=self.progress.best if new_best else None)
         if validation_due:
             self.validate(step)
         if stop.requested:
@@ -288,7 +284,7 @@ class Trainer:
         metrics = self.evaluation(self.unwrapped)
         if self.ema is not None:
             with self.ema.applied():
-                metrics["eval/loss_ema"] = self.evaluation(self.unwrapped)["eval/loss"]
+                metrics["eval/loss_ema"] = mean_loss(self.evaluation.losses(self.unwrapped))
         self.accelerator.log(metrics, step=step)
         loss = metrics["eval/loss"]
         logger.info("eval at step %d: loss %.6g%s", step, loss, f" (base model {metrics['eval/loss_base']:.6g}, LoRA "

@@ -1,4 +1,5 @@
-"""The optimizer a run steps with, chosen by `train.optimizer`, and why a choice cannot run here.
+"""The optimizer a run steps with, chosen by `train.optimizer` (`backends.optimizer_problem` says why a choice
+cannot run in a launch).
 
 adamw: torch's fused AdamW (fp32 state); adamw_bf16: bf16 weights and state, stepped inside the backward pass
 (`bf16_adamw.py`); adamw8bit: bitsandbytes' block-wise 8-bit AdamW state (about 6 bytes less per trained
@@ -9,40 +10,15 @@ accelerate with the checkpoint, so a resume continues exactly.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
 
 from ..config import Config
-from .backends import BackendError, cpu_adamw
+from .backends import cpu_adamw
 from .bf16_adamw import BackwardAdamW
 
 logger = logging.getLogger(__name__)
-OPTIONAL_PACKAGES = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodigyopt", "prodigy")}
-
-
-def optimizer_problem(config: Config, device: torch.device, offloaded: bool) -> str | None:
-    """Why `train.optimizer` cannot run in this launch (no GPU, package missing, DeepSpeed owning the optimizer)."""
-    name = config.train.optimizer
-    if name not in OPTIONAL_PACKAGES:
-        return None
-    module, extra = OPTIONAL_PACKAGES[name]
-    if offloaded:
-        return (f"train.optimizer={name}: this DeepSpeed config keeps the optimizer in host memory, where only its "
-                "CPU AdamW runs; use train.optimizer=adamw with it, or a launch config without offload_optimizer")
-    if name == "adamw8bit" and device.type != "cuda":
-        return (f"train.optimizer=adamw8bit: bitsandbytes' 8-bit AdamW runs on CUDA GPUs, and this process trains on "
-                f"{device.type}; use train.optimizer=adamw here")
-    if importlib.util.find_spec(module) is None:
-        return f"train.optimizer={name} needs the {module} package: pip install \"cogft[{extra}]\""
-    return None
-
-
-def check_optimizer(config: Config, device: torch.device, offloaded: bool) -> None:
-    """Refuse, before prepare, an optimizer that cannot run here, naming the key and the fix."""
-    if problem := optimizer_problem(config, device, offloaded):
-        raise BackendError(problem)
 
 
 def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
@@ -51,7 +27,6 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: to
     and a skip decided on the device), a CPU AdamW when DeepSpeed keeps the optimizer in host memory, or bf16
     AdamW inside the backward pass."""
     train = config.train
-    check_optimizer(config, device, offloaded)
     settings = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                     weight_decay=train.weight_decay, eps=train.adam_epsilon)
     if train.optimizer == "adamw_bf16":

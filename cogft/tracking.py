@@ -185,7 +185,7 @@ def check_wandb_login(config: Config) -> None:
 def trackers_for(config: Config, run_dir: Path) -> list:
     trackers: list = [JsonlTracker(config.tracking.run_name or run_dir.name, run_dir)]
     if config.tracking.report_to == "wandb":
-        if (mode := wandb_mode(config)) and not os.environ.get("WANDB_MODE"):
+        if mode := wandb_mode(config):  # WANDB_MODE itself where it is set
             os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         trackers.append("wandb")

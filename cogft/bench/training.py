@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..config import Config
+from ..disk import folder_bytes
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
 from ..models.flops import peak_tflops, step_flops
@@ -86,7 +87,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
         started = time.perf_counter()
         path = save_checkpoint(accelerator, folder, 1, 1, config)
         saved = time.perf_counter() - started
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        size = folder_bytes(path)
         started = time.perf_counter()
         load_checkpoint(accelerator, path)
         return {"checkpoint_save_s": round(saved, 2), "checkpoint_load_s": round(time.perf_counter() - started, 2),
@@ -211,6 +212,15 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
     return row
 
 
+def _setup(config: Config) -> tuple[torch.device, Config, Variant]:
+    """The device, the config with its model's defaults and the variant; TF32 matmuls as the trainer sets them."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
+    config, variant = load_for_config(config, validates=False)
+    return device, config, variant
+
+
 def _held_out_entries(config: Config, variant: Variant, folder: Path, count: int) -> list:
     """`count` cache entries shaped like prepare's (latent distribution [C, F, h, w], prompt embedding [L, D]) with
     random values, written to `folder`: what the held-out eval reads, without a VAE or a text encoder."""
@@ -238,8 +248,7 @@ def bench_eval(config: Config, clips: int = 8, warmup: int = 3, steps: int = 10,
     steps apart."""
     from ..training.evaluation import HeldOutEval
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config, variant = load_for_config(config, validates=False)
+    device, config, variant = _setup(config)
     free(device)
     run = cogft_step(config, variant, device)
     model = run.step.accelerator.unwrap_model(run.step.transformer)
@@ -266,8 +275,7 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
     """What resolution buckets cost: one trainer step, timed first at the first size alone (a single-size run, as
     compiled for that one shape), then at every size of `data.buckets` after all of them have run, as a bucketed
     run interleaves them; one row per figure and the cost per token of each bucket against the single size."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config, variant = load_for_config(config, validates=False)
+    device, config, variant = _setup(config)
     free(device)
     run, sizes = cogft_step(config, variant, device), config.data.sizes
     reset_peak(device)
@@ -295,10 +303,7 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
           profiled: bool = False, checkpoint: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
-    config, variant = load_for_config(config, validates=False)
+    device, config, variant = _setup(config)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:

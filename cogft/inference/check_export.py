@@ -36,6 +36,14 @@ def tolerance(device: str) -> float:
     return NOISE.get(device.split(":")[0], NOISE["cuda"])
 
 
+def describe(metrics: dict) -> str:
+    """The check's result in words, for the log and the run's summary."""
+    effect = metrics.get("export_check/lora_effect")
+    return (f"the export in a stock diffusers pipeline (a fresh process) renders the first validation prompt "
+            f"{metrics['export_check/pixel_diff']:.2f} pixel levels (mean, of 255) from the in-training video"
+            + ("" if effect is None else f", the LoRA itself changing it by {effect:.2f}"))
+
+
 def to_pixels(frames) -> np.ndarray:
     """Float frames in [0, 1] (the renderer's) as 8-bit pixels."""
     return (np.clip(np.asarray(frames, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
@@ -75,13 +83,14 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str) -> dict
     if cfg.images:
         image = conditioning_image(cfg.images[0], height, width, config.data.resize, "validation.images[0]")
 
+    prompt_embeds = load_file(embeds)["prompt_embeds"][None].to(device)
+    negative_embeds = load_file(negative)["prompt_embeds"][None].to(device)
+
     def video():
         return to_pixels(render(
             pipe, variant, device, num_frames=config.data.num_frames, height=height, width=width,
             steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
-            prompt_embeds=load_file(embeds)["prompt_embeds"][None].to(device),
-            negative_prompt_embeds=load_file(negative)["prompt_embeds"][None].to(device), image=image,
-            cache=cfg.cache))
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, image=image, cache=cfg.cache))
 
     renders = {"export": video()}
     if trained.mode == "lora":
@@ -123,12 +132,9 @@ def compare(export: np.ndarray, base: np.ndarray | None, frames, noise: float) -
     difference = _pixel_difference(export, trained)
     metrics = {"export_check/pixel_diff": float(difference.mean()),
                "export_check/pixel_diff_max": float(difference.max()), "export_check/tolerance": noise}
-    effect = None
     if base is not None:
-        effect = metrics["export_check/lora_effect"] = float(_pixel_difference(base, trained).mean())
-    said = (f"the export in a stock diffusers pipeline renders the first validation prompt "
-            f"{metrics['export_check/pixel_diff']:.2f} pixel levels (mean, of 255) from the in-training video"
-            + ("" if effect is None else f"; the LoRA itself changes it by {effect:.2f}"))
+        metrics["export_check/lora_effect"] = float(_pixel_difference(base, trained).mean())
+    said = describe(metrics)
     if metrics["export_check/pixel_diff"] > noise:
         logger.warning("export check: %s. That is beyond rounding noise (%.2f): the exported weights do not reproduce "
                        "the trained model (a lost alpha or scale, missing keys?)", said, noise)

@@ -17,7 +17,7 @@ from ..config import Config, ConfigError
 from ..data.captions import validation_texts
 from ..run_dir import (CURVES_IMAGE, HTML_REPORT, METRICS_FILE, SAMPLES_DIR, TRANSFORMER_DIR, complete_checkpoints,
                        resolve_trained, sample_path)
-from .summary import logged_evals, logged_steps
+from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
 
 _WIDTH, _HEIGHT = 720, 260  # one chart; curves.png stacks the two
 _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 16, 30, 34
@@ -138,9 +138,7 @@ def _facts(config: Config, run_dir: Path, rows: list[dict], stopped: bool) -> li
              ("steps", f"{rows[-1]['step'] if rows else 0} of {config.train.max_steps}"
                        f"{' (stopped early)' if stopped else ''}")]
     if rows:
-        best = min(rows, key=lambda row: row["loss_smoothed"])
-        facts.append(("loss (smoothed)", f"{rows[-1]['loss_smoothed']:.4f} at the end, best "
-                                         f"{best['loss_smoothed']:.4f} at step {best['step']}"))
+        facts.append(("loss (smoothed)", loss_progress(rows)))
     try:
         trained = resolve_trained(run_dir)
         folder = trained.weights_dir / TRANSFORMER_DIR if trained.mode == "sft" else trained.weights_dir
@@ -159,8 +157,9 @@ def _facts(config: Config, run_dir: Path, rows: list[dict], stopped: bool) -> li
 def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
     """RUN/report.html and RUN/curves.png, from what the run directory holds now (so a resumed run's report covers
     the whole run)."""
-    rows = logged_steps(run_dir)
-    charts = _charts(rows, logged_evals(run_dir))
+    logged = logged_rows(run_dir)
+    rows = rows_with(logged, STEP_KEY)
+    charts = _charts(rows, rows_with(logged, EVAL_KEY))
     _png(charts, run_dir / CURVES_IMAGE)
     facts = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in
                       _facts(config, run_dir, rows, stopped))

@@ -10,31 +10,40 @@ import json
 from pathlib import Path
 
 from ..config import Config
+from ..inference.check_export import describe
 from ..run_dir import (HTML_REPORT, METRICS_FILE, SAMPLES_DIR, best_record, complete_checkpoints, exported_step,
                        resolve_trained)
 
 
-def _rows_with(run_dir: Path, key: str) -> list[dict]:
+STEP_KEY, EVAL_KEY, CHECK_KEY = "loss_smoothed", "eval/loss", "export_check/pixel_diff"  # what marks each kind of row
+
+
+def logged_rows(run_dir: Path) -> list[dict]:
+    """Every row of metrics.jsonl that parses, in order (read once; `rows_with` picks a kind)."""
     rows = []
     path = run_dir / METRICS_FILE
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except ValueError:
             continue
-        if key in row:
-            rows.append(row)
     return rows
+
+
+def rows_with(rows: list[dict], key: str) -> list[dict]:
+    return [row for row in rows if isinstance(row, dict) and key in row]
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
     """The rows of metrics.jsonl that report a training step (loss, loss_smoothed, lr, ...), in order."""
-    return _rows_with(run_dir, "loss_smoothed")
+    return rows_with(logged_rows(run_dir), STEP_KEY)
 
 
-def logged_evals(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl that report a held-out evaluation (eval/loss, ...), in order."""
-    return _rows_with(run_dir, "eval/loss")
+def loss_progress(steps: list[dict]) -> str:
+    """The smoothed loss at the end and at its best, for the summary and the report."""
+    best = min(steps, key=lambda row: row["loss_smoothed"])
+    return (f"{steps[-1]['loss_smoothed']:.4f} at the end, best {best['loss_smoothed']:.4f} at step "
+            f"{best['step']}")
 
 
 def eval_lines(run_dir: Path, evals: list[dict]) -> list[str]:
@@ -64,28 +73,23 @@ def eval_lines(run_dir: Path, evals: list[dict]) -> list[str]:
 
 def export_check_line(row: dict) -> str:
     """What the fresh-process render of the export says (cogft/inference/check_export.py)."""
-    difference, effect = row["export_check/pixel_diff"], row.get("export_check/lora_effect")
-    said = (f"the export in a stock diffusers pipeline (a fresh process) renders the first validation prompt "
-            f"{difference:.2f} pixel levels (mean, of 255) from the in-training video"
-            + ("" if effect is None else f", the LoRA itself changing it by {effect:.2f}"))
-    if difference > row["export_check/tolerance"]:
-        return f"  export check: MISMATCH: {said}; the export does not reproduce the trained model"
-    return f"  export check: {said}: a match"
+    if row[CHECK_KEY] > row["export_check/tolerance"]:
+        return f"  export check: MISMATCH: {describe(row)}; the export does not reproduce the trained model"
+    return f"  export check: {describe(row)}: a match"
 
 
 def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     """A few lines for the end of `cogft train` (and a stop by Ctrl-C or SIGTERM)."""
-    rows = logged_steps(run_dir)
+    logged = logged_rows(run_dir)
+    rows = rows_with(logged, STEP_KEY)
     lines = [f"{'stopped' if stopped else 'finished'}: {config.model.path}, {config.train.mode}, "
              f"step {rows[-1]['step'] if rows else 0} of {config.train.max_steps}, in {run_dir}"]
     if rows:
-        best = min(rows, key=lambda row: row["loss_smoothed"])
-        lines.append(f"  loss (smoothed): {rows[-1]['loss_smoothed']:.4f} at the end, best {best['loss_smoothed']:.4f} "
-                     f"at step {best['step']}")
-    evals = logged_evals(run_dir)
+        lines.append(f"  loss (smoothed): {loss_progress(rows)}")
+    evals = rows_with(logged, EVAL_KEY)
     if evals:
         lines.extend(eval_lines(run_dir, evals))
-    checks = _rows_with(run_dir, "export_check/pixel_diff")
+    checks = rows_with(logged, CHECK_KEY)
     if checks and not stopped:
         lines.append(export_check_line(checks[-1]))
     step = exported_step(run_dir)

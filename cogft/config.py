@@ -79,9 +79,9 @@ class ModelConfig(_Section):
         "auto", description="attention kernel: fa4 (FlashAttention-4, Hopper/Blackwell GPUs, pip install "
         "'cogft[fa4]'), sdpa (torch's), auto: fa4 where it can run, sdpa elsewhere"
     )
-    fp8_base: bool = Field(False, description="LoRA: keep the frozen transformer's linear weights in float8 (e4m3) and "
-                                              "upcast each layer's weight for its forward; norms and embeddings stay as "
-                                              "they are. About half the base weights' memory")
+    fp8_base: bool = Field(False, description="LoRA: keep the frozen transformer's linear weights in float8 (e4m3, "
+                                              "scaled per row) and upcast each layer's weight for its forward; the "
+                                              "patch embedding stays as it is. About half the base weights' memory")
 
 
 class DataConfig(_Section):

@@ -82,3 +82,12 @@ def test_bench_eval_times_the_held_out_eval_against_the_step(make_config):
     assert row["figure"] == "held_out_eval" and row["clips"] == 3
     assert row["eval_s"] > 0 and row["eval_s_first"] >= row["eval_s"] * 0.5 and row["s_per_step_after_eval"] > 0
     assert 0 < row["eval_share"] < 1
+
+
+def test_bench_fp8_error_compares_the_prediction_before_and_after_float8_storage(make_config):
+    from cogft.bench.fp8 import bench_fp8_error
+
+    row = bench_fp8_error(make_config("model.path=tiny://5b", "train.batch_size=1"), emit=lambda row: None)
+    assert row["figure"] == "fp8_error" and 0 < row["fp8_parameters"] < row["parameters"]
+    assert len(row["relative_error"]) == len(row["cosine"]) == len(row["timesteps"]) == 3
+    assert all(0 < error < 0.1 for error in row["relative_error"]) and all(c > 0.99 for c in row["cosine"])

@@ -37,7 +37,7 @@ def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.devic
         return variant.spec.diffusers_class("transformer").from_config(variant.configs.transformer)
 
 
-def _synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int,
+def synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int,
                      size: tuple[int, int] | None = None):
     """A batch shaped like the cache's at `size` (default: the config's first): latent mean/logvar [B, C, F, h, w],
     T5 embeddings [B, L, D], and for image-to-video models the image encodings [B, K, C, 1, h, w]."""
@@ -68,7 +68,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
     transformer = random_transformer(variant, variant.dtype, device)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
-    batches = {size: _synthetic_batch(config, variant, device, config.train.seed, size) for size in config.data.sizes}
+    batches = {size: synthetic_batch(config, variant, device, config.train.seed, size) for size in config.data.sizes}
     batch = [batches[config.data.sizes[0]]]  # the one `run` trains on; `run.use(size)` switches the bucket
     step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler,
                                empty_prompt=torch.zeros_like(batch[0]["prompt_embeds"][0]))  # caption dropout's
@@ -121,7 +121,7 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
                                   weight_decay=config.train.weight_decay, eps=config.train.adam_epsilon)
     scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == torch.float16)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
-    batch = _synthetic_batch(config, variant, device, config.train.seed)
+    batch = synthetic_batch(config, variant, device, config.train.seed)
     rotary = variant.rotary_embedding(*config.data.sizes[0], variant.padded_latent_frames(config.data.num_frames), device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     transformer.train()
@@ -212,7 +212,7 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
     return row
 
 
-def _setup(config: Config) -> tuple[torch.device, Config, Variant]:
+def bench_setup(config: Config) -> tuple[torch.device, Config, Variant]:
     """The device, the config with its model's defaults and the variant; TF32 matmuls as the trainer sets them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -231,7 +231,7 @@ def _held_out_entries(config: Config, variant: Variant, folder: Path, count: int
     (height, width), frames = config.data.sizes[0], config.data.num_frames
     entries = []
     for i in range(count):
-        batch = _synthetic_batch(config, variant, torch.device("cpu"), config.train.seed + i)
+        batch = synthetic_batch(config, variant, torch.device("cpu"), config.train.seed + i)
         key = f"{i:032x}"  # named like prepare's entries: a hex key, which the eval seeds each clip's noise from
         latents, prompt = folder / f"{key}.safetensors", folder / f"prompt-{key}.safetensors"
         save_file({k: batch[k][0].contiguous() for k in batch if k != "prompt_embeds"}, str(latents))
@@ -248,7 +248,7 @@ def bench_eval(config: Config, clips: int = 8, warmup: int = 3, steps: int = 10,
     steps apart."""
     from ..training.evaluation import HeldOutEval
 
-    device, config, variant = _setup(config)
+    device, config, variant = bench_setup(config)
     free(device)
     run = cogft_step(config, variant, device)
     model = run.step.accelerator.unwrap_model(run.step.transformer)
@@ -275,7 +275,7 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
     """What resolution buckets cost: one trainer step, timed first at the first size alone (a single-size run, as
     compiled for that one shape), then at every size of `data.buckets` after all of them have run, as a bucketed
     run interleaves them; one row per figure and the cost per token of each bucket against the single size."""
-    device, config, variant = _setup(config)
+    device, config, variant = bench_setup(config)
     free(device)
     run, sizes = cogft_step(config, variant, device), config.data.sizes
     reset_peak(device)
@@ -303,7 +303,7 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
           profiled: bool = False, checkpoint: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
-    device, config, variant = _setup(config)
+    device, config, variant = bench_setup(config)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:

@@ -4,7 +4,10 @@ the first validation prompt as the in-training final validation did, and the two
 A fresh process shares nothing with training (no in-memory adapter, no attention or group-norm swaps, no compiled
 blocks), so its video is what a user's `from_pretrained` + `load_lora_weights` gets; a lost alpha, a wrong scale or
 missing keys move it off the trained model's. For a LoRA it also renders with the adapter off, which says how much
-the LoRA changes the video at all. Renders are compared as 8-bit pixels, as a video stores them.
+the LoRA changes the video at all. Renders are compared as 8-bit pixels, as a video stores them. A run with
+`model.fp8_base` rendered its validation on the float8 base, so the stock pipeline's base is stored the same way
+(`store_in_fp8`) before the LoRA is loaded; otherwise float8's rounding (about a level on the tiny model) would
+hide what the check looks for.
 
     python -m cogft.inference.check_export RUN --embeds E.safetensors --negative N.safetensors --out F.npz
 
@@ -57,6 +60,7 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str) -> dict
     from safetensors.torch import load_file
 
     from ..data.images import conditioning_image
+    from ..models.fp8 import store_in_fp8
     from ..models.loading import resolve_model_path
     from ..run_dir import TRANSFORMER_DIR, resolve_trained
     from .render import render
@@ -75,6 +79,8 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str) -> dict
     pipe = variant.spec.diffusers_class("pipeline").from_pretrained(base, revision=revision, dtype=variant.dtype,
                                                                     **parts)
     if trained.mode == "lora":
+        if config.model.fp8_base:  # the base the adapter was trained and rendered against, not a float8 error
+            store_in_fp8(pipe.transformer, compute_dtype=variant.dtype)
         pipe.load_lora_weights(str(trained.weights_dir))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

@@ -86,7 +86,7 @@ def _counts(variant: Variant, config: Config) -> tuple[int, int]:
 
 
 def fp8_base_parameters(variant: Variant) -> int:
-    """Weights `model.fp8_base` stores in float8: the linear layers outside the embeddings and norms (`fp8.py`)."""
+    """Weights `model.fp8_base` stores in float8: the linear layers outside the patch embedding (`fp8.py`)."""
     return sum(features_in * features_out for name, (features_in, features_out) in variant.transformer_layout[1].items()
                if is_fp8_parameter_name(name))
 

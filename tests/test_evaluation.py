@@ -242,11 +242,15 @@ def test_the_export_renders_like_training_in_a_fresh_process(straight):
     run, _, _, _ = straight
     checks = [row for row in rows(run) if "export_check/pixel_diff" in row]
     assert [row["step"] for row in checks] == [4]
-    assert checks[0]["export_check/tolerance"] == 0.05  # on a CPU both renders run the same kernels
-    assert checks[0]["export_check/pixel_diff"] < 0.005 and checks[0]["export_check/lora_effect"] > 1
+    check = checks[0]
+    assert check["export_check/match"] == 1.0
+    assert check["export_check/tolerance"] == max(3 * check["export_check/prediction_noise"], 1e-5)
+    assert check["export_check/prediction_gap"] <= check["export_check/tolerance"]
+    assert check["export_check/prediction_lora_effect"] > 2 * check["export_check/tolerance"]  # the check can tell
+    assert check["export_check/pixel_diff"] < 0.005 and check["export_check/lora_effect"] > 1  # the same kernels
     said = run_summary(config_for(run, run, "train.max_steps=4"), run, stopped=False)
-    assert "export check: the export in a stock diffusers pipeline (a fresh process) renders" in said
-    assert said.count("a match") == 1
+    assert "export check: the export in a stock diffusers pipeline (a fresh process) predicts" in said
+    assert said.count("a match") == 1 and "too little for the check" not in said
 
 
 def test_an_export_that_lost_its_alpha_is_caught(straight, tmp_path, caplog):
@@ -256,9 +260,11 @@ def test_an_export_that_lost_its_alpha_is_caught(straight, tmp_path, caplog):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from cogft.inference.check_export import compare, stock_render, tolerance
+    from safetensors.torch import save_file
 
-    run, _, _, (_, frames, embeds, negative, _) = straight
+    from cogft.inference.check_export import compare, stock_render
+
+    run, _, _, (_, frames, embeds, negative, _, probe) = straight
     broken = tmp_path / "run"
     shutil.copytree(run, broken, ignore=shutil.ignore_patterns("checkpoints", "samples"))
     weights = broken / "lora" / LORA
@@ -267,10 +273,13 @@ def test_an_export_that_lost_its_alpha_is_caught(straight, tmp_path, caplog):
     adapter = json.loads(metadata["lora_adapter_metadata"])
     adapter["transformer.lora_alpha"] = adapter["transformer.r"]
     save_file(tensors, str(weights), metadata={**metadata, "lora_adapter_metadata": json.dumps(adapter)})
-    renders = stock_render(str(broken), embeds, negative, "cpu")
+    save_file(probe, str(tmp_path / "probe.safetensors"))
+    renders = stock_render(str(broken), embeds, negative, "cpu", str(tmp_path / "probe.safetensors"))
     with caplog.at_level(logging.WARNING, logger="cogft.inference.check_export"):
-        metrics = compare(renders["export"], renders["base"], frames, tolerance("cpu"))
-    assert metrics["export_check/pixel_diff"] > 0.2 and "beyond rounding noise" in caplog.text
+        metrics = compare(renders, frames, probe, "cpu")
+    assert metrics["export_check/match"] == 0.0 and "beyond the tolerance" in caplog.text
+    assert metrics["export_check/prediction_gap"] > 10 * metrics["export_check/tolerance"]
+    assert metrics["export_check/pixel_diff"] > 0.2
 
 
 def test_with_ema_the_trained_weights_decide_the_best_and_the_average_is_scored_beside(tmp_path, shared_cache):

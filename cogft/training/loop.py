@@ -33,6 +33,7 @@ from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume
                             save_checkpoint, save_export, save_weights)
 from .ema import WeightAverage
 from .evaluation import HeldOutEval, mean_loss, split_holdout
+from .export_probe import export_probe
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
 from .report import write_run_report
@@ -332,13 +333,18 @@ class Trainer:
 
     def check_export(self, step: int) -> None:
         """The export rendered by a stock pipeline in a fresh process, against the final validation's first video
-        (on the main process, which rendered it). The model is let go first, so that process gets the GPU memory."""
-        frames = None if self.validation is None else self.validation.first_frames
-        if not self.accelerator.is_main_process or frames is None:  # no prompts, or no final video of the first
+        (on the main process, which rendered it) and the trained model's probe prediction (every process makes it).
+        The model is let go first, so that process gets the GPU memory."""
+        if self.validation is None:  # no prompts: the same on every rank
             return
-        (prompts, negative), device = self.validation.embedding_files, str(self.accelerator.device)
+        (prompts, negative), frames = self.validation.embedding_files, self.validation.first_frames
+        with self.averaged():  # the weights the export holds
+            probe = export_probe(self.step, self.unwrapped, self.config, self.variant, prompts[0])
+        if not self.accelerator.is_main_process or frames is None:  # no final video of the first prompt
+            return
+        device = str(self.accelerator.device)
         self.step = self.unwrapped = self.evaluation = self.validation = self.ema = self.loader = None
         self.accelerator.free_memory()  # the run's training is over: its model, optimizer and pipeline go
-        metrics = check_export(self.run_dir, frames, prompts[0], negative, device)
+        metrics = check_export(self.run_dir, frames, prompts[0], negative, device, probe)
         if metrics is not None:
             self.accelerator.log(metrics, step=step)

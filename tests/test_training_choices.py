@@ -102,7 +102,13 @@ def test_fp8_base_stores_the_frozen_weights_in_float8_and_trains(make_config):
 
     config, variant = load_for_config(make_config("model.fp8_base=true", *FAST))
     transformer = load_transformer(config.model.path, variant, config.model.revision)
+    torch.manual_seed(0)
     params = setup_trainable(transformer, config)
+    plain = load_transformer(config.model.path, variant, config.model.revision)
+    torch.manual_seed(0)
+    plain_params = setup_trainable(plain, config.model_copy(update={"model": config.model.model_copy(
+        update={"fp8_base": False})}))
+    assert all(torch.equal(a, b) for a, b in zip(params, plain_params))  # the adapter starts as without float8
     block = transformer.transformer_blocks[0]
     assert block.attn1.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
     assert block.attn1.to_q.lora_A["default"].weight.dtype == torch.float32  # the adapter trains in fp32

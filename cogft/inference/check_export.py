@@ -10,7 +10,7 @@ the verdict comes from the probe, because many denoising steps amplify kernel ro
 than a weak LoRA's effect) while one forward does not, and the probe's adapter-off prediction, made on both
 sides, measures that rounding in place. A run with
 `model.fp8_base` rendered its validation on the float8 base, so the stock pipeline's base is stored the same way
-(`store_in_fp8`) before the LoRA is loaded; otherwise float8's rounding (about a level on the tiny model) would
+(`store_in_fp8`) once the LoRA is loaded; otherwise float8's rounding (about a level on the tiny model) would
 hide what the check looks for.
 
     python -m cogft.inference.check_export RUN --embeds E.safetensors --negative N.safetensors --probe P.safetensors
@@ -97,9 +97,9 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
     pipe = variant.spec.diffusers_class("pipeline").from_pretrained(base, revision=revision, dtype=variant.dtype,
                                                                     **parts)
     if trained.mode == "lora":
+        pipe.load_lora_weights(str(trained.weights_dir))
         if config.model.fp8_base:  # the base the adapter was trained and rendered against, not a float8 error
             store_in_fp8(pipe.transformer, compute_dtype=variant.dtype)
-        pipe.load_lora_weights(str(trained.weights_dir))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     cfg, (height, width) = config.validation, config.validation_size(0)

@@ -11,7 +11,8 @@ The rescale by a power of two is exact in the compute dtype.
 diffusers' hooks also cast each layer's weight back to float8 right after its forward; inside the per-block
 `torch.compile` the checkpointed recompute's backward then met float8 (`expected mat1 and mat2 to have the
 same dtype`, H200, torch 2.11). Here the upcast is an ordinary op in the layer's forward that autograd and
-the compiler see. The adapter's own fp32 weights, added after, are left alone.
+the compiler see. The adapter goes in first and its layers are skipped: peft before 0.19 gives a new adapter its
+base layer's dtype, which would round the adapter to float8.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 FP8_STORAGE = torch.float8_e4m3fn  # e4m3: more mantissa than e5m2, for weights
-SKIPPED = ("patch_embed",)  # the input projections of latents and text
+SKIPPED = ("patch_embed", "lora_")  # the input projections of latents and text; the adapter's layers
 
 
 def _upcast_linear(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -44,12 +45,12 @@ def quantize(weight: torch.Tensor, compute_dtype: torch.dtype) -> tuple[torch.Te
 
 
 def store_in_fp8(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Store every eligible linear weight of the (frozen) transformer in scaled float8."""
+    """Store every eligible linear weight of the (frozen) transformer in scaled float8; after the adapter is added."""
     for name, module in transformer.named_modules():
         if type(module) is torch.nn.Linear and is_fp8_parameter_name(name):
             module.weight.data, scale = quantize(module.weight.data, compute_dtype)
             module.register_buffer("weight_scale", scale, persistent=False)  # not in any state dict
-            module.compute_dtype = compute_dtype  # peft reads it to give the adapter this dtype, not float8
+            module.compute_dtype = compute_dtype
             module.forward = types.MethodType(_upcast_linear, module)
 
 

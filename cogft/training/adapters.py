@@ -39,12 +39,12 @@ def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: b
     """
     if config.train.mode == "lora":
         transformer.requires_grad_(False)
-        if config.model.fp8_base:  # before the adapter: its own layers stay as they are
-            store_in_fp8(transformer, compute_dtype=transformer.dtype)
         try:
             transformer.add_adapter(lora_config(config))
         except ValueError as error:
             raise ValueError(f"lora.target_modules={config.lora.target_modules}: {error}") from None
+        if config.model.fp8_base:  # after the adapter, which keeps the model's dtype (store_in_fp8 skips it)
+            store_in_fp8(transformer, compute_dtype=transformer.dtype)
     else:
         transformer.requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]

@@ -146,6 +146,27 @@ def test_fp8_storage_keeps_every_layer_within_e4m3s_precision_whatever_its_weigh
     assert torch.equal(row_scales(torch.zeros(2, 4), dtype), torch.full((2, 1), torch.finfo(dtype).tiny, dtype=dtype))
 
 
+def test_fp8_layers_keep_no_upcast_copy_for_the_backward_and_give_the_same_gradient():
+    """Autograd would keep each layer's upcast weight until the backward (without checkpointing, all of them: more
+    than the bf16 weights float8 replaced); the float8 layer saves its float8 weight, already in memory."""
+    from cogft.models.fp8 import store_in_fp8
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)).to(torch.bfloat16)
+    store_in_fp8(model, torch.bfloat16)
+    upcast = [layer.weight.to(torch.bfloat16) * layer.weight_scale for layer in (model[0], model[2])]
+    hidden = torch.randn(8, 64, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(hidden).square().sum().backward()
+    assert not [t for t in saved if t.dtype == torch.bfloat16 and t.shape in ((48, 64), (32, 48))]
+    assert [t.dtype for t in saved if t.shape in ((48, 64), (32, 48))] == [torch.float8_e4m3fn] * 2
+    reference = hidden.detach().clone().requires_grad_(True)
+    first = torch.nn.functional.linear(reference, upcast[0], model[0].bias)
+    torch.nn.functional.linear(torch.nn.functional.gelu(first), upcast[1], model[2].bias).square().sum().backward()
+    assert torch.equal(hidden.grad, reference.grad)
+
+
 def test_fp8_base_lowers_the_estimate_and_is_refused_for_full_fine_tuning(make_config):
     from cogft.models.cost import estimate
     from cogft.models.loading import load_for_config

@@ -10,9 +10,9 @@ The rescale by a power of two is exact in the compute dtype.
 
 diffusers' hooks also cast each layer's weight back to float8 right after its forward; inside the per-block
 `torch.compile` the checkpointed recompute's backward then met float8 (`expected mat1 and mat2 to have the
-same dtype`, H200, torch 2.11). Here the upcast is an ordinary op in the layer's forward that autograd and
-the compiler see. The adapter goes in first and its layers are skipped: peft before 0.19 gives a new adapter its
-base layer's dtype, which would round the adapter to float8.
+same dtype`, H200, torch 2.11). Here the upcast is an ordinary op in the layer's forward (and again in its
+backward) that autograd and the compiler see. The adapter goes in first and its layers are skipped: peft before
+0.19 gives a new adapter its base layer's dtype, which would round the adapter to float8.
 """
 
 from __future__ import annotations
@@ -26,8 +26,24 @@ FP8_STORAGE = torch.float8_e4m3fn  # e4m3: more mantissa than e5m2, for weights
 SKIPPED = ("patch_embed", "lora_")  # the input projections of latents and text; the adapter's layers
 
 
+class _Float8Linear(torch.autograd.Function):
+    """`F.linear` on the upcast weight, saving the float8 weight (already in memory) for the backward instead of its
+    upcast copy, which autograd would keep for every layer until the backward: without checkpointing, more than
+    the bf16 weights float8 replaced. The frozen weight and bias get no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(weight, scale)
+        return F.linear(hidden, weight.to(scale.dtype) * scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        return grad_output.to(scale.dtype) @ (weight.to(scale.dtype) * scale), None, None, None
+
+
 def _upcast_linear(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    return F.linear(hidden, self.weight.to(self.compute_dtype) * self.weight_scale, self.bias)
+    return _Float8Linear.apply(hidden, self.weight, self.weight_scale, self.bias)
 
 
 def row_scales(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -49,8 +65,7 @@ def store_in_fp8(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> No
     for name, module in transformer.named_modules():
         if type(module) is torch.nn.Linear and is_fp8_parameter_name(name):
             module.weight.data, scale = quantize(module.weight.data, compute_dtype)
-            module.register_buffer("weight_scale", scale, persistent=False)  # not in any state dict
-            module.compute_dtype = compute_dtype
+            module.register_buffer("weight_scale", scale, persistent=False)  # in the compute dtype; in no state dict
             module.forward = types.MethodType(_upcast_linear, module)
 
 

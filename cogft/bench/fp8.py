@@ -48,9 +48,7 @@ def bench_fp8_error(config: Config, timesteps: tuple[int, ...] = TIMESTEPS,
         for t in timesteps:
             steps = torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
             x_t = scheduler.add_noise(x0, noise, steps)
-            with torch.autocast(device.type, dtype=variant.dtype, enabled=variant.dtype != torch.float32):
-                kwargs = variant.spec.transformer_inputs(x_t, batch["prompt_embeds"], steps, rotary, image_latents)
-                out.append(transformer(**kwargs, return_dict=False)[0].float())
+            out.append(variant.predict(transformer, x_t, batch["prompt_embeds"], steps, rotary, image_latents).float())
         return out
 
     reference = predictions()

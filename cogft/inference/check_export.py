@@ -122,9 +122,8 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
     image_latents = torch.zeros_like(x_t) if variant.spec.image_conditioned else None
 
     def prediction():
-        with torch.no_grad(), torch.autocast(device.type, dtype=variant.dtype, enabled=variant.dtype != torch.float32):
-            kwargs = variant.spec.transformer_inputs(x_t, prompt_embeds, t, rotary, image_latents)
-            return pipe.transformer(**kwargs, return_dict=False)[0].float().cpu().numpy()
+        with torch.no_grad():
+            return variant.predict(pipe.transformer, x_t, prompt_embeds, t, rotary, image_latents).float().cpu().numpy()
 
     renders = {"export": video(), "export_prediction": prediction()}
     if trained.mode == "lora":

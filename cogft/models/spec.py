@@ -332,6 +332,14 @@ class Variant:
         pipeline = self.spec.diffusers_class("pipeline")
         return pipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
 
+    def predict(self, model: torch.nn.Module, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+                rotary, image_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """One transformer forward as training runs it: under the variant's autocast, with the inputs laid out as
+        the stock pipeline lays them out (`transformer_inputs`)."""
+        with torch.autocast(x_t.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            kwargs = self.spec.transformer_inputs(x_t, prompt_embeds, timesteps, rotary, image_latents)
+            return model(**kwargs, return_dict=False)[0]
+
 
 @functools.lru_cache(maxsize=8)
 def _meta_layout(class_name: str, config_json: str) -> tuple[int, dict[str, tuple[int, int]]]:

@@ -63,7 +63,6 @@ class TrainingStep:
         self.optimizer, self.lr_scheduler, self.scaler = parts.optimizer, parts.lr_scheduler, parts.scaler
         self.variant = parts.variant
         self.num_train_timesteps = parts.noise_scheduler.config.num_train_timesteps
-        self.device_type = parts.accelerator.device.type
         self.deepspeed = uses_deepspeed(parts.accelerator)
         self.inner_optimizer = getattr(parts.optimizer, "optimizer", parts.optimizer)  # accelerate's wrapper holds ours
         self.in_backward = self.inner_optimizer if isinstance(self.inner_optimizer, BackwardAdamW) else None
@@ -89,16 +88,13 @@ class TrainingStep:
                            image_latents: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """`predict_velocity(x_t, t)` of the objective: `model` (the training step's, or the evaluation's unwrapped
         one) under the variant's autocast, with the prompt, positions and image bound."""
-        autocast = self.variant.dtype != torch.float32
         if self.deepspeed:  # its engine holds the model in fp16/bf16 and turns autocast off inside forward
             prompt_embeds = prompt_embeds.to(self.variant.dtype)
 
         def predict_velocity(x_t, t):
             if self.deepspeed:
                 x_t = x_t.to(self.variant.dtype)
-            with torch.autocast(self.device_type, dtype=self.variant.dtype, enabled=autocast):
-                kwargs = self.variant.spec.transformer_inputs(x_t, prompt_embeds, t, rotary, image_latents)
-                return model(**kwargs, return_dict=False)[0]
+            return self.variant.predict(model, x_t, prompt_embeds, t, rotary, image_latents)
 
         return predict_velocity
 

@@ -69,6 +69,18 @@ def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no LoRA dropout) and without gradients inside the block, then back in its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,
               model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter in the diffusers LoRA format, with its config as metadata.

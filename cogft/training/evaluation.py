@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ..config import Config, ConfigError
 from ..data.cache import CacheEntry
 from ..seeding import mixed_seed
-from .adapters import adapter_disabled
+from .adapters import adapter_disabled, evaluating
 from .objective import TrainingInputs, diffusion_loss, frames_first
 from .step import TrainingStep
 
@@ -130,19 +130,14 @@ class HeldOutEval:
         """Each probe's loss, in probe order, the same on every process."""
         device = self.step.accelerator.device
         table = torch.zeros(len(self.probes), device=device)
-        was_training = model.training
-        model.eval()  # no LoRA dropout
-        try:
-            with torch.no_grad():
-                for clip in self.mine:
-                    cached = self._load(clip, device)
-                    for index, (owner, t) in enumerate(self.probes):
-                        if owner == clip:
-                            loss = self._probe(model, cached, clip, t)
-                            if self.counts:
-                                table[index] = loss
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            for clip in self.mine:
+                cached = self._load(clip, device)
+                for index, (owner, t) in enumerate(self.probes):
+                    if owner == clip:
+                        loss = self._probe(model, cached, clip, t)
+                        if self.counts:
+                            table[index] = loss
         return self.step.accelerator.reduce(table, reduction="sum").tolist()
 
     def _load(self, clip: int, device: torch.device) -> dict[str, torch.Tensor]:

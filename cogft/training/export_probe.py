@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ..config import Config
 from ..models.spec import Variant
-from .adapters import adapter_disabled
+from .adapters import adapter_disabled, evaluating
 from .objective import frames_first
 from .step import TrainingStep
 
@@ -37,14 +37,9 @@ def export_probe(step: TrainingStep, model: torch.nn.Module, config: Config, var
     embeds = load_file(str(prompt_file))["prompt_embeds"][None].to(device)
     image_latents = torch.zeros_like(x_t) if variant.spec.image_conditioned else None  # the same on both sides
     predict = step.velocity_predictor(model, embeds, step.rotary_for(x_t), image_latents)
-    was_training = model.training
-    model.eval()  # no LoRA dropout
-    try:
-        with torch.no_grad():
-            probe = {"x_t": x_t, "t": t, "trained": predict(x_t, t).float()}
-            if config.train.mode == "lora":
-                with adapter_disabled(model):
-                    probe["base"] = predict(x_t, t).float()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        probe = {"x_t": x_t, "t": t, "trained": predict(x_t, t).float()}
+        if config.train.mode == "lora":
+            with adapter_disabled(model):
+                probe["base"] = predict(x_t, t).float()
     return {key: value.cpu().contiguous() for key, value in probe.items()}

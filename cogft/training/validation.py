@@ -19,6 +19,7 @@ from ..inference.render import assemble_pipeline, render, write_mp4
 from ..models.loading import load_scheduler, load_vae
 from ..models.spec import Variant
 from ..run_dir import SAMPLES_DIR, sample_path
+from .adapters import evaluating
 
 logger = logging.getLogger(__name__)
 
@@ -76,31 +77,29 @@ class ValidationHook:
         """Render this process's prompts; returns (prompt index, prompt, mp4 path) of the videos it wrote. With
         `keep_first`, the process rendering the first prompt keeps its frames (`first_frames`), which the mp4's
         lossy encoding would blur, for the export check."""
-        was_training = transformer.training
-        transformer.eval()
-        pipe = self._pipeline(transformer)
-        written = []
-        steps = self.config.validation.num_inference_steps
-        bar = tqdm(total=len(self.mine) * steps, desc=f"validation at step {step}", unit="step", leave=False,
-                   disable=not self.shows_progress)
-        for i in self.mine:
-            text, embeds = self.prompts[i]
-            try:
-                frames = self._render(pipe, i, embeds, bar)
-            except torch.OutOfMemoryError:  # a validation video is not worth the run
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                logger.warning("validation at step %d: out of GPU memory on prompt %d, skipped; lower the memory "
-                               "use (train.memory_budget_gib, data.vae_tiling=true) to get validation videos",
-                               step, i)
-                continue
-            if keep_first and i == 0:
-                self.first_frames = frames
-            if self.writes_videos:
-                path = write_mp4(frames, sample_path(self.run_dir, step, i, text), self.config.validation.fps)
-                written.append((i, text, str(path)))
-        bar.close()
-        transformer.train(was_training)
+        with evaluating(transformer):
+            pipe = self._pipeline(transformer)
+            written = []
+            steps = self.config.validation.num_inference_steps
+            bar = tqdm(total=len(self.mine) * steps, desc=f"validation at step {step}", unit="step", leave=False,
+                       disable=not self.shows_progress)
+            for i in self.mine:
+                text, embeds = self.prompts[i]
+                try:
+                    frames = self._render(pipe, i, embeds, bar)
+                except torch.OutOfMemoryError:  # a validation video is not worth the run
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    logger.warning("validation at step %d: out of GPU memory on prompt %d, skipped; lower the memory "
+                                   "use (train.memory_budget_gib, data.vae_tiling=true) to get validation videos",
+                                   step, i)
+                    continue
+                if keep_first and i == 0:
+                    self.first_frames = frames
+                if self.writes_videos:
+                    path = write_mp4(frames, sample_path(self.run_dir, step, i, text), self.config.validation.fps)
+                    written.append((i, text, str(path)))
+            bar.close()
         if self.writes_videos:
             logger.info("validation at step %d: process %d wrote %d videos (prompts %s) in %s", step, self.rank,
                         len(written), [i for i, _, _ in written], self.run_dir / SAMPLES_DIR)

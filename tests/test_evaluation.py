@@ -260,8 +260,6 @@ def test_an_export_that_lost_its_alpha_is_caught(straight, tmp_path, caplog):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from safetensors.torch import save_file
-
     from cogft.inference.check_export import compare, stock_render
 
     run, _, _, (_, frames, embeds, negative, _, probe) = straight

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cogft.bench.training import bench
 from cogft.models.flops import step_flops
 from cogft.models.loading import load_variant
@@ -84,10 +86,11 @@ def test_bench_eval_times_the_held_out_eval_against_the_step(make_config):
     assert 0 < row["eval_share"] < 1
 
 
-def test_bench_fp8_error_compares_the_prediction_before_and_after_float8_storage(make_config):
+@pytest.mark.parametrize("model", ["tiny://5b", "tiny://1.5-5b"])  # 1.5: latent frames padded to pairs, as trained
+def test_bench_fp8_error_compares_the_prediction_before_and_after_float8_storage(make_config, model):
     from cogft.bench.fp8 import bench_fp8_error
 
-    row = bench_fp8_error(make_config("model.path=tiny://5b", "train.batch_size=1"), emit=lambda row: None)
+    row = bench_fp8_error(make_config(f"model.path={model}", "train.batch_size=1"), emit=lambda row: None)
     assert row["figure"] == "fp8_error" and 0 < row["fp8_parameters"] < row["parameters"]
     assert len(row["relative_error"]) == len(row["cosine"]) == len(row["timesteps"]) == 3
     assert all(0 < error < 0.1 for error in row["relative_error"]) and all(c > 0.99 for c in row["cosine"])

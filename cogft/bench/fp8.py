@@ -17,6 +17,7 @@ from ..config import Config
 from ..models.build import RANDOM_SCHEME
 from ..models.fp8 import store_in_fp8
 from ..models.loading import load_transformer
+from ..training.objective import frames_first
 from .timing import device_name, free
 from .training import bench_setup, random_transformer, synthetic_batch
 
@@ -36,7 +37,7 @@ def bench_fp8_error(config: Config, timesteps: tuple[int, ...] = TIMESTEPS,
     transformer.eval().requires_grad_(False)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
     batch = synthetic_batch(config, variant, device, config.train.seed)
-    x0 = batch["latent_mean"].transpose(1, 2)  # [B, F, C, h, w], as the transformer takes it
+    x0 = frames_first(batch["latent_mean"], variant.patch_size_t)  # [B, F, C, h, w], padded as training pads it
     noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(config.train.seed + 1),
                         device=device, dtype=x0.dtype)
     rotary = variant.rotary_embedding(*config.data.sizes[0], x0.shape[1], device)
@@ -61,8 +62,7 @@ def bench_fp8_error(config: Config, timesteps: tuple[int, ...] = TIMESTEPS,
     row = {"figure": "fp8_error", "model": config.model.path, "dtype": str(variant.dtype).removeprefix("torch."),
            "frames": config.data.num_frames, "height": config.data.sizes[0][0], "width": config.data.sizes[0][1],
            "fp8_parameters": stored, "parameters": sum(p.numel() for p in transformer.parameters()),
-           "timesteps": list(timesteps),
-           "relative_error": errors, "cosine": cosines, "device": device_name(device)}
+           "timesteps": list(timesteps), "relative_error": errors, "cosine": cosines, "device": device_name(device)}
     emit(row)
     transformer = reference = None
     free(device)

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import Config
-from ..models.spec import Variant
 from .adapters import adapter_disabled, evaluating
 from .objective import frames_first
 from .step import TrainingStep
@@ -23,11 +22,11 @@ from .step import TrainingStep
 PROBE_TIMESTEP = 500  # mid-schedule: the prediction depends on both the noise and the prompt
 
 
-def export_probe(step: TrainingStep, model: torch.nn.Module, config: Config, variant: Variant,
+def export_probe(step: TrainingStep, model: torch.nn.Module, config: Config,
                  prompt_file: str | Path) -> dict[str, torch.Tensor]:
     """{x_t, t, trained} (and `base`, with the adapter off, for a LoRA) at the first validation prompt's size and
     embedding, on the host. Every process calls it (a sharded model's forward needs them all)."""
-    device = step.accelerator.device
+    device, variant = step.accelerator.device, step.variant
     height, width = config.validation_size(0)
     shape = (1, variant.configs.vae["latent_channels"], variant.latent_frames(config.data.num_frames),
              height // variant.vae_scale_spatial, width // variant.vae_scale_spatial)

@@ -339,7 +339,7 @@ class Trainer:
             return
         (prompts, negative), frames = self.validation.embedding_files, self.validation.first_frames
         with self.averaged():  # the weights the export holds
-            probe = export_probe(self.step, self.unwrapped, self.config, self.variant, prompts[0])
+            probe = export_probe(self.step, self.unwrapped, self.config, prompts[0])
         if not self.accelerator.is_main_process or frames is None:  # no final video of the first prompt
             return
         device = str(self.accelerator.device)

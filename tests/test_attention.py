@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from cogft.config import ConfigError
-from cogft.models.attention import (KernelAttnProcessor, attention_in_use, fa4_unavailable, resolve_attention,
-                                    set_attention)
+from cogft.models.attention import attention_in_use, fa4_unavailable, resolve_attention, set_attention
+from cogft.models.cogvideox.attention import KernelAttnProcessor
 from cogft.models.loading import load_transformer
 
 
@@ -72,8 +72,8 @@ def test_attention_choice_is_made_by_name(make_config):
     transformer = _transformer("tiny://2b", "fp32")
     stock = type(next(iter(transformer.attn_processors.values())))
     cpu = torch.device("cpu")
-    assert set_attention(transformer, "auto", cpu, torch.float16) == "sdpa"   # no GPU here: torch's SDPA
-    assert set_attention(transformer, "sdpa", cpu, torch.float16) == "sdpa"
+    assert set_attention(transformer, "auto", cpu, torch.float16, KernelAttnProcessor) == "sdpa"   # no GPU here: torch's SDPA
+    assert set_attention(transformer, "sdpa", cpu, torch.float16, KernelAttnProcessor) == "sdpa"
     assert {type(p) for p in transformer.attn_processors.values()} == {stock}  # diffusers' processor untouched
     assert attention_in_use(transformer) == "sdpa"
     assert "NVIDIA GPUs" in fa4_unavailable(cpu, torch.float16)
@@ -128,7 +128,7 @@ def test_fa4_matches_sdpa_on_the_gpu(family, dtype, compiled):
         transformer = _transformer(f"tiny://{family}", {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]).cuda()
         transformer.transformer_blocks.requires_grad_(False)
         transformer.transformer_blocks[0].attn1.to_q.float().requires_grad_(True)
-        assert set_attention(transformer, attention, torch.device("cuda"), dtype) == attention
+        assert set_attention(transformer, attention, torch.device("cuda"), dtype, KernelAttnProcessor) == attention
         apply_block_options(transformer, False, compiled)
         inputs = _inputs(transformer, "cuda", dtype)
         with torch.autocast("cuda", dtype=dtype):

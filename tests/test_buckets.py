@@ -10,7 +10,7 @@ import pytest
 from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
 
 from cogft.data.buckets import BucketBatchSampler
-from cogft.models.spec import frame_buckets
+from cogft.models.cogvideox.spec import frame_buckets
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = [9] * 5 + [5] * 3 + [1]

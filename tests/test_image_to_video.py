@@ -223,7 +223,7 @@ def test_noisy_image_encodings_are_seeded_and_made_one_image_at_a_time(make_conf
     """The K draws depend only on the seed (the clip's content), and each goes through the VAE alone, as the stock
     pipeline encodes its image: a batch of single frames is split along time by the VAE's memory-safe convolution at
     full size, below its kernel (a crash measured at 768x1360 on an H200)."""
-    from cogft.data.cache import encode_noisy_images
+    from cogft.models.cogvideox.image_to_video import encode_noisy_images
     from cogft.models.loading import load_variant, load_vae
 
     variant = load_variant("tiny://5b-i2v", "fp32")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cogft.training.objective import diffusion_loss, draw_inputs
+from cogft.models.cogvideox.objective import diffusion_loss, draw_inputs
 
 
 def make_scheduler(snr_shift_scale: float):
@@ -41,9 +41,7 @@ def test_loss_matches_reference(snr_shift_scale):
     # a stand-in "transformer": any deterministic function of x_t and t
     predict = lambda x_t, t: torch.einsum("bfchw,cd->bfdhw", x_t, weights_v) + t.view(-1, 1, 1, 1, 1) / 1000
 
-    from cogft.training.objective import TrainingInputs
-
-    loss = diffusion_loss(predict, scheduler, TrainingInputs(x0, noise, timesteps))
+    loss = diffusion_loss(predict, scheduler, x0, noise, timesteps)
 
     a = reference_alphas_cumprod(snr_shift_scale).float()[timesteps].view(-1, 1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise

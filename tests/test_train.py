@@ -160,8 +160,8 @@ def test_loss_goes_down_on_a_fixed_batch(make_config):
     from cogft.data.cache import prepare
     from cogft.data.dataset import LatentDataset, collate
     from cogft.models.loading import load_variant, load_scheduler, load_transformer
-    from cogft.training.adapters import setup_trainable
-    from cogft.training.objective import diffusion_loss, draw_inputs
+    from cogft.models.adapters import setup_trainable
+    from cogft.models.cogvideox.objective import diffusion_loss, draw_inputs
 
     config = make_config("model.dtype=fp32", "lora.rank=8", "lora.alpha=8")
     variant = load_variant(config.model.path, "fp32")
@@ -176,7 +176,7 @@ def test_loss_goes_down_on_a_fixed_batch(make_config):
                                          return_dict=False)[0]
     history = []
     for _ in range(30):
-        loss = diffusion_loss(predict, scheduler, inputs)
+        loss = diffusion_loss(predict, scheduler, inputs.x0, inputs.noise, inputs.timesteps)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -12,8 +12,10 @@ import torch
 from cogft.cli import main
 from cogft.config import ConfigError
 from cogft.models.loading import load_transformer, load_variant, pipeline_configs, resolve_model_path
-from cogft.models.registry import SPECS, spec_named
-from cogft.models.spec import UnsupportedModelError
+from cogft.models.registry import all_specs, spec_named
+
+SPECS = all_specs()
+from cogft.models.family import UnsupportedModelError
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = [(9, 64, 96), (17, 64, 128)]  # the tiny model's native size, and one whose rotary grid is cropped
@@ -60,7 +62,7 @@ def _stock_inputs(path: str, variant, frames: int, height: int, width: int) -> d
     (image-to-video: from the first frame of the clip the training side trains on)."""
     pipe = variant.spec.diffusers_class("pipeline").from_pretrained(resolve_model_path(path))
     pipe.set_progress_bar_config(disable=True)
-    image = {"image": first_frame(frames, height, width)} if variant.spec.image_conditioned else {}
+    image = {"image": first_frame(frames, height, width)} if "image" in variant.conditions else {}
     return _kwargs_of_first_forward(pipe.transformer, lambda: pipe(
         prompt="a red ball", num_frames=frames, height=height, width=width, num_inference_steps=2,
         guidance_scale=6.0, output_type="latent", max_sequence_length=variant.max_text_seq_length,
@@ -107,7 +109,7 @@ def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(ma
     # [B, F, C, H, W] after the permute, F padded to a multiple of patch_size_t as the pipeline pads it (1.5)
     assert ours["hidden_states"].shape[1] == stock["hidden_states"].shape[1] == variant.padded_latent_frames(frames)
     assert ours["timestep"].dtype == torch.int64
-    if variant.spec.image_conditioned:
+    if "image" in variant.conditions:
         _assert_same_image_latents(variant, ours, stock)
         assert (stock.get("ofs") is not None) == (variant.spec.ofs is not None)
         if variant.spec.ofs is not None:

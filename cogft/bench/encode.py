@@ -2,11 +2,11 @@
 
     python -m cogft.bench.encode [--model THUDM/CogVideoX-2b] [--frames 49 --height 480 --width 720]
 
-Builds the real VAE and T5-XXL encoder shapes with random weights (no download) and times the same
-`encode_frames` call prepare makes, on random frames, so it isolates what the GPU bounds; decoding
+Builds the real VAE and text encoder shapes with random weights (no download) and times the same
+`Variant.encode_sample` call prepare makes, on random frames, so it isolates what the GPU bounds; decoding
 runs in parallel CPU workers (measured by `cogft.bench.prepare`). Clips/s per GPU = 1 / (VAE s/clip + T5
 s/prompt), one caption per clip; with the encoder as it is and compiled (what `data.compile_vae` does).
-Image-to-video models also time the `--image-draws` noisy encodings of a clip's conditioning image.
+For image-to-video models that call includes the `--image-draws` noisy encodings of the clip's first frame.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from ..data.cache import encode_frames, encode_noisy_images
+from ..config import build_config
+from ..models.build import random_init, text_encoder_from_config
 from ..models.group_norm import spread_group_norms
 from ..models.loading import load_variant
-from ..models.reference import T5_XXL_ENCODER, random_init
 from .timing import time_steps
 
 
@@ -31,21 +31,26 @@ def _timed(fn, repeat: int) -> float:
     return statistics.median(time_steps(lambda _: fn(), torch.device("cuda"), 1, repeat))
 
 
-def _time_vae(variant, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int,
+def _time_vae(variant, config, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int,
               compile_vae: bool):
-    """(s/clip, peak GiB, compile seconds) of the call prepare makes, the encoder compiled as prepare does."""
+    """(s/clip, peak GiB, compile seconds) of the call prepare makes (`Variant.encode_sample`: for image-to-video
+    models the image's encodings too), the encoder compiled as prepare does."""
     with random_init(device, dtype):
         vae = variant.spec.diffusers_class("vae").from_config(variant.configs.vae).eval()
     spread_group_norms(vae)  # as `load_vae` gives it to prepare
+
+    def encode(vae):
+        return variant.encode_sample(vae, frames, {}, 0, config, device, dtype)
+
     compile_seconds = None
     if compile_vae:
         vae.encoder = torch.compile(vae.encoder)
         started = time.perf_counter()
-        encode_frames(vae, frames, device, dtype)
+        encode(vae)
         torch.cuda.synchronize()
         compile_seconds = round(time.perf_counter() - started, 1)
     torch.cuda.reset_peak_memory_stats(device)
-    seconds = _timed(lambda: encode_frames(vae, frames, device, dtype), repeat)
+    seconds = _timed(lambda: encode(vae), repeat)
     return seconds, round(torch.cuda.max_memory_allocated(device) / 2**30, 2), compile_seconds, vae
 
 
@@ -59,10 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-draws", type=int, default=4, help="image-to-video: data.image_noise_draws")
     args = parser.parse_args(argv)
 
-    from transformers import T5Config, T5EncoderModel
-
     device = torch.device("cuda")
     variant = load_variant(args.model)
+    config = build_config({"model": {"path": args.model}, "data": {"image_noise_draws": args.image_draws}})
     common = {"model": args.model, "frames": args.frames, "height": args.height, "width": args.width,
               "device": torch.cuda.get_device_name(device)}
     frames = np.random.default_rng(0).integers(0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8)
@@ -70,23 +74,19 @@ def main(argv: list[str] | None = None) -> None:
     vae_seconds = {}
     dtype = variant.compute_dtype(device)
     for compile_vae in (False, True):
-        seconds, peak, compile_seconds, vae = _time_vae(variant, frames, dtype, device, args.repeat, compile_vae)
+        seconds, peak, compile_seconds, vae = _time_vae(variant, config, frames, dtype, device, args.repeat,
+                                                        compile_vae)
         vae_seconds[compile_vae] = seconds
         print(json.dumps({"figure": "vae_encode_s_per_clip", "value": round(seconds, 4), "dtype": str(dtype),
-                          "compiled": compile_vae, "compile_s": compile_seconds, "peak_allocated_gib": peak, **common}),
-              flush=True)
-        if variant.spec.image_conditioned and not compile_vae:
-            image_seconds = _timed(lambda: encode_noisy_images(vae, frames[0], args.image_draws, 0, device, dtype),
-                                   args.repeat)
-            print(json.dumps({"figure": "image_encodes_s_per_clip", "value": round(image_seconds, 4),
-                              "image_noise_draws": args.image_draws, "share_of_clip_encode":
-                              round(image_seconds / seconds, 3), **common}), flush=True)
+                          "compiled": compile_vae, "compile_s": compile_seconds, "peak_allocated_gib": peak,
+                          "conditions": list(variant.conditions), **common}), flush=True)
         vae = None  # freed before the next one is built
         torch.cuda.empty_cache()
 
+    text_config = variant.spec.reference.text_encoder
     with random_init(device, variant.dtype):
-        t5 = T5EncoderModel(T5Config(**T5_XXL_ENCODER)).eval()
-    ids = torch.randint(0, T5_XXL_ENCODER["vocab_size"], (16, variant.max_text_seq_length), device=device)
+        t5 = text_encoder_from_config(variant.spec, text_config).eval()
+    ids = torch.randint(0, text_config["vocab_size"], (16, variant.max_text_seq_length), device=device)
     with torch.no_grad():
         t5_seconds = _timed(lambda: t5(ids)[0], args.repeat) / 16
     print(json.dumps({"figure": "t5_prompts_per_s", "value": round(1 / t5_seconds, 1), "batch": 16, **common}))

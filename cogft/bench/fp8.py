@@ -17,7 +17,6 @@ from ..config import Config
 from ..models.build import RANDOM_SCHEME
 from ..models.fp8 import store_in_fp8
 from ..models.loading import load_transformer
-from ..training.objective import frames_first
 from .timing import device_name, free
 from .training import bench_setup, random_transformer, synthetic_batch
 
@@ -37,19 +36,17 @@ def bench_fp8_error(config: Config, timesteps: tuple[int, ...] = TIMESTEPS,
     transformer.eval().requires_grad_(False)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
     batch = synthetic_batch(config, variant, device, config.train.seed)
-    x0 = frames_first(batch["latent_mean"], variant.patch_size_t)  # [B, F, C, h, w], padded as training pads it
-    noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(config.train.seed + 1),
-                        device=device, dtype=x0.dtype)
-    rotary = variant.rotary_embedding(*config.data.sizes[0], x0.shape[1], device)
-    image_latents = torch.zeros_like(x0) if variant.spec.image_conditioned else None
+    # x0 from the batch's latent means, padded as training pads it, with noise fixed by the seed
+    inputs = variant.fixed_inputs(batch, torch.Generator().manual_seed(config.train.seed + 1), 0)
+    x0 = inputs.x0
 
     @torch.no_grad()
     def predictions() -> list[torch.Tensor]:
         out = []
         for t in timesteps:
             steps = torch.full((x0.shape[0],), t, device=device, dtype=torch.long)
-            x_t = scheduler.add_noise(x0, noise, steps)
-            out.append(variant.predict(transformer, x_t, batch["prompt_embeds"], steps, rotary, image_latents).float())
+            x_t = scheduler.add_noise(x0, inputs.noise.to(x0.dtype), steps)
+            out.append(variant.predict(transformer, x_t, steps, inputs).float())
         return out
 
     reference = predictions()

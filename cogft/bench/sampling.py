@@ -2,7 +2,7 @@
 
 Random-weight transformer and VAE of the real configuration (no download, no T5: random prompt
 embeddings of the real shape), the configured `validation.num_inference_steps` with classifier-free
-guidance, VAE decode included. "plain" is the stock `CogVideoXPipeline` as it comes; "cogft" is what
+guidance, VAE decode included. "plain" is the variant's stock pipeline as it comes; "cogft" is what
 validation and `cogft sample` run: per-block compile (`train.compile`), the VAE's spread group norms,
 exact and, when `validation.cache` names one, with that approximate cache. One JSON line per figure.
 """
@@ -15,13 +15,13 @@ from typing import Callable
 import torch
 
 from ..config import Config
-from ..inference.render import assemble_pipeline, render
+from ..inference.render import render
 from ..models.attention import attention_in_use, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.group_norm import spread_group_norms
 from ..models.loading import load_for_config
-from ..models.reference import random_init
-from ..models.spec import Variant
+from ..models.build import random_init
+from ..models.family import Variant
 from .timing import device_name, free, profile as profile_steps, sync
 from .training import random_transformer
 
@@ -35,7 +35,7 @@ def random_pipeline(variant: Variant, device: torch.device):
     with random_init(device, dtype):
         vae = variant.spec.diffusers_class("vae").from_config(variant.configs.vae).eval()
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
-    return assemble_pipeline(variant, transformer, vae, scheduler)
+    return variant.assemble_pipeline(transformer, vae, scheduler)
 
 
 def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
@@ -53,7 +53,7 @@ def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
     negative = torch.randn(shape, generator=gen).to(device, dtype)
     cfg, data = config.validation, config.data
     image = None  # image-to-video: a random start image at the video's size (the pipeline encodes it each render)
-    if variant.spec.image_conditioned:
+    if "image" in variant.conditions:
         from PIL import Image
 
         pixels = torch.randint(0, 256, (data.height, data.width, 3), generator=gen, dtype=torch.uint8)
@@ -76,7 +76,8 @@ def bench_sample(config: Config, baseline: bool = False, profile: bool = False,
     rows, tuned = [], False
     for name, compile_blocks, cache in variants:
         if name == "cogft" and not tuned:  # once: "plain" comes first, the cogft variants share it
-            set_attention(pipe.transformer, config.model.attention, device, variant.dtype)
+            set_attention(pipe.transformer, config.model.attention, device, variant.dtype,
+                          variant.attention_processor)
             apply_block_options(pipe.transformer, False, compile_blocks)
             spread_group_norms(pipe.vae)
             tuned = True

@@ -23,10 +23,9 @@ from ..disk import folder_bytes
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
 from ..models.flops import peak_tflops, step_flops
-from ..models.image_to_video import image_latent_scale
 from ..models.loading import load_for_config
-from ..models.reference import random_init
-from ..models.spec import Variant
+from ..models.build import random_init
+from ..models.family import Variant
 from ..training.backends import accelerator_on_cpu, backend_name
 from .timing import device_name, free, profile, reset_peak, time_back_to_back, time_steps
 
@@ -38,24 +37,12 @@ def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.devic
 
 
 def synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int,
-                     size: tuple[int, int] | None = None):
-    """A batch shaped like the cache's at `size` (default: the config's first): latent mean/logvar [B, C, F, h, w],
-    T5 embeddings [B, L, D], and for image-to-video models the image encodings [B, K, C, 1, h, w]."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    b, c = config.train.batch_size, variant.configs.vae["latent_channels"]
-    h, w = (side // variant.vae_scale_spatial for side in size or config.data.sizes[0])
-    shape = (b, c, variant.latent_frames(config.data.num_frames), h, w)
-    batch = {
-        "latent_mean": torch.randn(shape, generator=gen, device=device, dtype=variant.dtype),
-        "latent_logvar": torch.full(shape, -4.0, device=device, dtype=variant.dtype),
-        "prompt_embeds": torch.randn((b, variant.max_text_seq_length, variant.text_embed_dim),
-                                     generator=gen, device=device, dtype=variant.dtype),
-    }
-    if variant.spec.image_conditioned:
-        image_shape = (b, config.data.image_noise_draws, c, 1, h, w)
-        batch["image_mean"] = torch.randn(image_shape, generator=gen, device=device, dtype=variant.dtype)
-        batch["image_logvar"] = torch.full(image_shape, -4.0, device=device, dtype=variant.dtype)
-    return batch
+                    size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """A batch shaped like the cache's at `size` (default: the config's first), from the family
+    (`Variant.synthetic_batch`)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return variant.synthetic_batch(config, config.train.batch_size, config.data.num_frames,
+                                   *(size or config.data.sizes[0]), generator)
 
 
 def cogft_step(config: Config, variant: Variant, device: torch.device):
@@ -106,7 +93,7 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
     """The plain diffusers + peft recipe, as in the diffusers CogVideoX example script."""
     from diffusers.training_utils import cast_training_params
 
-    from ..training.adapters import lora_config
+    from ..models.adapters import lora_config
 
     transformer = random_transformer(variant, variant.dtype if config.train.mode == "lora" else torch.float32, device)
     if config.train.mode == "lora":
@@ -122,29 +109,10 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
     scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == torch.float16)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
     batch = synthetic_batch(config, variant, device, config.train.seed)
-    rotary = variant.rotary_embedding(*config.data.sizes[0], variant.padded_latent_frames(config.data.num_frames), device)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
     transformer.train()
 
     def run(i: int) -> None:
-        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
-        x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * variant.scaling_factor
-        x0 = x0.permute(0, 2, 1, 3, 4).to(variant.dtype)
-        if x0.shape[1] % variant.patch_size_t:  # CogVideoX 1.5: the first latent frame again, in front
-            x0 = torch.cat([x0[:, :1], x0], dim=1)
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
-        x_t = scheduler.add_noise(x0, noise, t)
-        image_latents = None
-        if variant.spec.image_conditioned:  # the first encoding at latent frame 0, zeros after it
-            image_latents = torch.zeros_like(x0)
-            image_latents[:, 0] = batch["image_mean"][:, 0, :, 0] * image_latent_scale(variant.configs.vae)
-        with torch.autocast(device.type, dtype=variant.dtype):
-            inputs = variant.spec.transformer_inputs(x_t, batch["prompt_embeds"], t, rotary, image_latents)
-            v = transformer(**inputs, return_dict=False)[0]
-        x0_hat = scheduler.get_velocity(v, x_t, t)
-        weights = 1 / (1 - alphas_cumprod[t])
-        loss = (weights * ((x0_hat.float() - x0.float()) ** 2).flatten(1).mean(1)).mean()
+        loss = variant.reference_loss(transformer, batch, scheduler)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)

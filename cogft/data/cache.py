@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 from .. import cogft_home
 from ..config import Config
 from ..disk import disk_full_error, is_disk_full
-from ..models.image_to_video import IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
-from ..models.spec import Variant
+from ..models.family import Variant
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
@@ -203,29 +202,6 @@ def compile_vae_enabled(setting: bool | str, device: torch.device, clips: int) -
     return bool(setting)
 
 
-def encode_frames(vae, frames: np.ndarray, device: torch.device, dtype: torch.dtype):
-    """uint8 frames [F, H, W, 3] → the VAE's latent distribution ([1, C, F', h, w] mean/logvar) on `device`."""
-    pixels = torch.from_numpy(frames).to(device).permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0
-    with torch.no_grad():
-        return vae.encode(pixels).latent_dist
-
-
-def encode_noisy_images(vae, image: np.ndarray, draws: int, seed: int, device: torch.device,
-                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`draws` encodings of one uint8 image [H, W, 3] under pixel noise of sigma = exp(N(-3, 0.5^2)) (the
-    reference recipe), as image_mean / image_logvar [K, C, 1, h, w]. The draws come from `seed` on the CPU,
-    so the same clip gets the same encodings on every machine. One image per encode, as the stock pipeline
-    encodes: the VAE's memory-safe convolution splits a large batch of single frames along time, below
-    its kernel size (a crash at 768x1360 with 4 draws on an H200)."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W] in [-1, 1]
-    sigma = torch.exp(torch.randn(draws, generator=generator) * IMAGE_NOISE_LOG_SIGMA_STD + IMAGE_NOISE_LOG_SIGMA_MEAN)
-    noisy = pixels + sigma[:, None, None, None] * torch.randn((draws, *pixels.shape), generator=generator)
-    with torch.no_grad():
-        dists = [vae.encode(one[None, :, None].to(device, dtype)).latent_dist for one in noisy]
-    return {"image_mean": torch.cat([d.mean for d in dists]), "image_logvar": torch.cat([d.logvar for d in dists])}
-
-
 class Preparer:
     """Holds the keys, stage timings and lazily loaded encoders for one config on one device."""
 
@@ -242,11 +218,9 @@ class Preparer:
         self.seconds: Counter = Counter()  # by stage, for the summary and bench_prepare
         self.repaired: dict[str, list[str]] = {}  # content digest -> notes on damaged entries made again
         rev = config.model.revision
-        self.image_conditioned = variant.spec.image_conditioned
-        encoder = [component_identity(self.model_path, "vae", rev), str(self.dtype)]
-        if self.image_conditioned:  # text-to-video keys stay as they were
-            encoder.append({"image_noise_draws": data.image_noise_draws,
-                            "log_sigma": [IMAGE_NOISE_LOG_SIGMA_MEAN, IMAGE_NOISE_LOG_SIGMA_STD]})
+        self.takes_image = "image" in variant.conditions  # a clip's given image (`data.image_column`) is used
+        # what the family's entries depend on beside the VAE (text-to-video: nothing, so its keys stay as they were)
+        encoder = [component_identity(self.model_path, "vae", rev), str(self.dtype), *variant.cache_identity(config)]
         # one salt per resolution bucket: a bucket added or removed leaves the other buckets' entries as they are
         self._latent_salts = {size: _digest(self.spec.at(size).pixel_key(), *encoder) for size in data.sizes}
         self._prompt_salt = _digest(
@@ -347,13 +321,12 @@ class Preparer:
                 image, image_notes = given
                 clip_notes = [*decoded.notes, *image_notes]
                 targets = tuple(self.latent_path(digest, count, size, o) for o in selection.offsets)
+                conditions = {"image": image} if self.takes_image else {}
                 for frames, offset, target in zip(decoded.windows, selection.offsets, targets):
-                    entry = self.variant.spec.clip_entry(encode_frames(vae, frames, self.device, self.dtype))
-                    if self.image_conditioned:
-                        entry.update(encode_noisy_images(vae, frames[0] if image is None else image,
-                                                         self.config.data.image_noise_draws,
-                                                         int(_digest(digest, offset, "image noise")[:15], 16),
-                                                         self.device, self.dtype))
+                    # the window's own seed for draws made at encoding (an image's pixel noise)
+                    seed = int(_digest(digest, offset, "image noise")[:15], 16)
+                    entry = self.variant.encode_sample(vae, frames, conditions, seed, self.config, self.device,
+                                                       self.dtype)
                     save_atomic(
                         entry,
                         target,
@@ -374,7 +347,7 @@ class Preparer:
 
     def given_image(self, clip: Clip, windows: int, size: tuple[int, int]) -> tuple[np.ndarray | None, list[str]] | Problem:
         """The clip's conditioning image at its bucket's size (None: each window's first frame), with notes."""
-        if not self.image_conditioned or clip.image is None:
+        if not self.takes_image or clip.image is None:
             return None, []
         read = read_image(clip.image, self.spec.at(size))
         if isinstance(read, Problem):
@@ -387,7 +360,7 @@ class Preparer:
     def clip_key(self, clip: Clip) -> str | Problem:
         """What a clip's entries are keyed by: its bytes, and those of its given conditioning image if any."""
         digest = file_digest(clip.video)
-        if not self.image_conditioned or clip.image is None:
+        if not self.takes_image or clip.image is None:
             return digest
         return missing_image(clip.image) or _digest(digest, file_digest(clip.image))
 
@@ -407,27 +380,22 @@ class Preparer:
         pipe = load_pipeline(self.config.model.path, self.variant, self.dtype, self.config.model.revision,
                              transformer=None, vae=None)
         pipe.text_encoder.to(self.device)
-        limit = self.variant.max_text_seq_length
         # the pipeline logs each truncated caption's cut-off tail, padding tokens and all, which no one can act on;
         # the report notes every truncation with its token count instead (`truncation_note`)
         pipeline_log = logging.getLogger(type(pipe).__module__)
         level = pipeline_log.level
         pipeline_log.setLevel(logging.ERROR)
         try:
-            self._embed(pipe, todo, limit, show_progress)
+            self._embed(pipe, todo, show_progress)
         finally:
             pipeline_log.setLevel(level)
         del pipe
         self.seconds["text_encode"] += time.perf_counter() - started
 
-    def _embed(self, pipe, todo: list[str], limit: int, show_progress: bool) -> None:
+    def _embed(self, pipe, todo: list[str], show_progress: bool) -> None:
         for start in tqdm(range(0, len(todo), PROMPT_BATCH), desc="prepare: embed prompts", disable=not show_progress):
             batch = todo[start : start + PROMPT_BATCH]
-            with torch.no_grad():
-                embeds, _ = pipe.encode_prompt(
-                    batch, do_classifier_free_guidance=False, max_sequence_length=limit,
-                    device=self.device, dtype=self.dtype,
-                )
+            embeds = self.variant.embed_prompts(pipe, batch, self.device, self.dtype)
             for text, embed in zip(batch, embeds):
                 save_atomic({"prompt_embeds": embed}, self.prompt_path(text), {"caption": text[:1000]})
 
@@ -440,7 +408,7 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
     todo: list[tuple[Clip, str]] = []
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
-        if preparer.image_conditioned:
+        if preparer.takes_image:
             row["image"] = clip.image_source
         if admission[clip.line]:
             problem = admission[clip.line][0]
@@ -507,7 +475,7 @@ def prepare(
     remove_orphaned_tmp(preparer.root)
     clips = read_dataset(config.data)
     rows: dict[str, dict] = {}
-    if not preparer.image_conditioned and any(clip.image for clip in clips):
+    if not preparer.takes_image and any(clip.image for clip in clips):
         logger.warning("%d clips name a conditioning image; %s is text-to-video, so the images are not used",
                        sum(1 for clip in clips if clip.image), variant.name)
     cached, todo = _check_listed(clips, rank, world_size, preparer, rows)

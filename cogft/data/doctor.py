@@ -14,7 +14,8 @@ from functools import partial
 from pathlib import Path
 
 from ..config import Config, DataConfig, load_config, parse_size
-from ..models.spec import Variant, frame_buckets
+from ..models.family import Variant
+from ..models.registry import default_variant
 from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem
 from .images import probe_sample, read_image
@@ -55,7 +56,7 @@ def _with_model(config: Config | None) -> tuple[Config | None, Variant | None, s
     except (OSError, ValueError) as error:
         return config, None, f"token counts skipped: cannot read the model {config.model.path}: {error}"
     config = variant.resolve(config)
-    variant.check_validation_images(config.validation.prompts, config.validation.images)
+    variant.check_validation_conditions(config.validation.prompts, config.validation.images)
     return config, variant, None
 
 
@@ -143,7 +144,7 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     config = load_config(target, overrides) if target.suffix in (".yaml", ".yml") else None
     config, variant, tokens_skipped = _with_model(config)
     data = config.data if config else DataConfig(path=str(target))
-    buckets = (variant.frame_buckets if variant else frame_buckets)(data.num_frames, data.shortest_bucket)
+    buckets = (variant or default_variant()).frame_buckets(data.num_frames, data.shortest_bucket)
     spec = DecodeSpec(buckets, *data.sizes[0], data.fps, data.resize, sizes=data.sizes)
     listed = read_dataset(data, with_prefix=False)  # read once: the trigger-word counts need the captions as written
     clips = with_trigger_words(listed, data.caption_prefix)
@@ -152,7 +153,7 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     rows = [{"clip": str(clip.video), "listed_at": clip.line, "problems": list(admission[clip.line]), "notes": []}
             for clip in clips]
     _add_probes(rows, clips, spec, workers or data.decode_workers)
-    if variant is not None and variant.spec.image_conditioned:
+    if variant is not None and "image" in variant.conditions:
         _add_images(rows, clips, spec)
     tokens, limit = {}, None
     if variant is not None:

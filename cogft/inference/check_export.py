@@ -78,6 +78,7 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
     from safetensors.torch import load_file
 
     from ..data.images import conditioning_image
+    from ..models.family import ModelInputs
     from ..models.fp8 import store_in_fp8
     from ..models.loading import resolve_model_path
     from ..run_dir import TRANSFORMER_DIR, resolve_trained
@@ -118,12 +119,11 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
 
     probe_input = load_file(probe)
     x_t, t = probe_input["x_t"].to(device), probe_input["t"].to(device)
-    rotary = variant.rotary_embedding(height, width, x_t.shape[1], device)
-    image_latents = torch.zeros_like(x_t) if variant.spec.image_conditioned else None
+    inputs = ModelInputs(x_t, torch.zeros_like(x_t), t, prompt_embeds, variant.neutral_conditions(x_t))
 
     def prediction():
         with torch.no_grad():
-            return variant.predict(pipe.transformer, x_t, prompt_embeds, t, rotary, image_latents).float().cpu().numpy()
+            return variant.predict(pipe.transformer, x_t, t, inputs).float().cpu().numpy()
 
     renders = {"export": video(), "export_prediction": prediction()}
     if trained.mode == "lora":

@@ -10,7 +10,7 @@ import torch
 
 from ..run_dir import (LORA_WEIGHTS, TRANSFORMER_DIR, best_of_run, checkpoint_step, exported_step, is_checkpoint,
                        resolve_trained)
-from ..training.adapters import release_lora
+from ..models.adapters import release_lora
 from .model_card import write_model_card
 from .sampling import pipeline_with_weights, trained_variant
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config
 from ..data.captions import prefixed, validation_texts
-from ..models.spec import Variant
+from ..models.family import Variant
 from ..run_dir import SAMPLES_DIR
 
 CARD_FILE = "README.md"
@@ -40,19 +40,21 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
     from huggingface_hub import ModelCard, ModelCardData
 
     spec, lora = variant.spec, config.train.mode == "lora"
-    task = "image-to-video" if spec.image_conditioned else "text-to-video"
+    from_image = "image" in variant.conditions
+    pipeline_class, transformer_class = spec.class_name("pipeline"), spec.class_name("transformer")
+    task = "image-to-video" if from_image else "text-to-video"
     trigger = config.data.caption_prefix.strip()
     data = ModelCardData(
         base_model=_base_model(config), library_name="diffusers", license=spec.license,
         license_name=spec.license_name, license_link=spec.license_link, pipeline_tag=task,
-        tags=[task, "diffusers", "cogvideox", spec.name, "lora" if lora else "full-fine-tune", "cogft"],
+        tags=[task, "diffusers", spec.family, spec.name, "lora" if lora else "full-fine-tune", "cogft"],
         instance_prompt=trigger or None,
     )
     what = (f"A LoRA (rank {config.lora.rank}, alpha {config.lora.alpha:g}, on {', '.join(config.lora.target_modules)})"
             if lora else "A fully fine-tuned transformer")
     load = ('pipe.load_lora_weights("PATH_OR_REPO")  # this folder' if lora else
-            f'pipe.transformer = {spec.transformer_class}.from_pretrained("PATH_OR_REPO", torch_dtype=dtype)')
-    image = ', image=load_image("start.png")' if spec.image_conditioned else ""
+            f'pipe.transformer = {transformer_class}.from_pretrained("PATH_OR_REPO", torch_dtype=dtype)')
+    image = ', image=load_image("start.png")' if from_image else ""
     prompt = prefixed((config.validation.prompts or ["a prompt"])[0], trigger)
     validated = (validation_texts(config) or [prompt])[0]  # the first validation prompt, as it was rendered
     body = [
@@ -65,11 +67,11 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
         "",
         "```python",
         "import torch",
-        f"from diffusers import {spec.pipeline_class}" + (", " + spec.transformer_class if not lora else ""),
-        *(["from diffusers.utils import load_image"] if spec.image_conditioned else []),
+        f"from diffusers import {pipeline_class}" + (", " + transformer_class if not lora else ""),
+        *(["from diffusers.utils import load_image"] if from_image else []),
         "",
         f"dtype = torch.{str(variant.dtype).removeprefix('torch.')}",
-        f'pipe = {spec.pipeline_class}.from_pretrained("{_base_model(config) or config.model.path}", torch_dtype=dtype)',
+        f'pipe = {pipeline_class}.from_pretrained("{_base_model(config) or config.model.path}", torch_dtype=dtype)',
         load,
         f'video = pipe(prompt="{prompt}"{image}).frames[0]',
         "```",

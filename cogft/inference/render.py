@@ -1,4 +1,5 @@
-"""One video from a stock pipeline: the variant's pipeline call under its autocast, then the VAE decode.
+"""One video from a stock pipeline (`Variant.assemble_pipeline`): the variant's pipeline call under its autocast,
+then the VAE decode.
 
 Validation during training, `cogft sample` and `cogft bench --sample` all render through here.
 """
@@ -12,16 +13,7 @@ from typing import Callable
 import torch
 
 from ..models.inference_cache import cache_config
-from ..models.spec import Variant
-
-
-def assemble_pipeline(variant: Variant, transformer, vae, scheduler):
-    """The variant's stock pipeline around components already in memory, without the text encoder (the
-    prompts come as cached embeddings)."""
-    pipe = variant.spec.diffusers_class("pipeline")(tokenizer=None, text_encoder=None, vae=vae,
-                                                    transformer=transformer, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from ..models.family import Variant
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -38,32 +30,25 @@ def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, hei
     `image`: the conditioning image of image-to-video models (a PIL image at the video's size). `on_step` is
     called after each denoising step (a progress bar's update).
 
-    The seeded generator lives on `device`: the CogVideoX DPM scheduler draws fresh noise every step, and
-    with a CPU generator each draw stalls the GPU.
+    The seeded generator lives on `device`: a scheduler that draws fresh noise every step (CogVideoX's DPM) would
+    stall the GPU on each draw from a CPU generator.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     approximate = cache_config(cache, pipe)
     if approximate is not None:
         pipe.transformer.enable_cache(approximate)
-    conditioning = variant.spec.pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
-                                                negative_prompt_embeds=negative_prompt_embeds, image=image)
+    conditioning = variant.pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
+                                           negative_prompt_embeds=negative_prompt_embeds, image=image)
     if on_step is not None:  # the pipeline's callback hands back its tensors, which must be returned as they are
         conditioning["callback_on_step_end"] = lambda _pipe, _i, _t, tensors: (on_step(), tensors)[1]
     try:
         with torch.no_grad(), _autocast(device, variant.dtype):
-            latents = pipe(
-                **conditioning, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
-                guidance_scale=guidance_scale, generator=generator, output_type="latent",
-                max_sequence_length=variant.max_text_seq_length,
-            ).frames
+            latents = variant.render_latents(pipe, conditioning, num_frames=num_frames, height=height, width=width,
+                                             steps=steps, guidance_scale=guidance_scale, generator=generator)
     finally:
         if approximate is not None:
             pipe.transformer.disable_cache()
-    # the pipeline returns latents with the frames it padded for patch_size_t still in front (CogVideoX 1.5)
-    latents = latents[:, variant.padded_latent_frames(num_frames) - variant.latent_frames(num_frames):]
-    with torch.no_grad():
-        video = pipe.decode_latents(latents.to(pipe.vae.dtype))
-    return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+    return variant.decode(pipe, latents)
 
 
 def write_mp4(frames, path: Path, fps: int) -> Path:

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, frame_count_problem
+from ..config import ConfigError
 from ..data.images import conditioning_image
 from ..models.attention import fa4_unavailable, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.loading import load_pipeline, load_variant
-from ..models.spec import Variant
+from ..models.family import Variant
 from ..run_dir import TRANSFORMER_DIR, TrainedWeights, resolve_trained
 from .render import render, write_mp4
 
@@ -58,7 +58,7 @@ def _clip_size(trained: TrainedWeights, variant: Variant, frames: int | None, he
     data = trained.config.data
     largest = data.largest_size
     size = (frames or data.num_frames, height or largest[0], width or largest[1])
-    if problem := frame_count_problem(size[0]):
+    if problem := variant.frame_count_problem(size[0]):
         raise ConfigError(f"--frames {size[0]}: {problem}")
     variant.check_clip_size(*size, names=("--frames", "--height", "--width", "--frames"))
     return size
@@ -76,13 +76,14 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
         raise ConfigError(f"--device {device}: no CUDA GPU is visible here; leave --device out, or use --device cpu")
     variant = trained_variant(trained)
     num_frames, height, width = _clip_size(trained, variant, frames, height, width)
-    if variant.spec.image_conditioned and image is None:
+    if "image" in variant.conditions and image is None:
         raise ConfigError(f"--image: {variant.name} makes a video from an image and a prompt; give --image FILE")
-    if image is not None and not variant.spec.image_conditioned:
+    if image is not None and "image" not in variant.conditions:
         raise ConfigError(f"--image: {variant.name} is text-to-video and takes no image; leave --image out")
     start = None if image is None else conditioning_image(image, height, width, trained.config.data.resize, "--image")
     pipe = pipeline_with_weights(trained, variant, target)
-    set_attention(pipe.transformer, _attention_here(trained, target, variant), target, variant.dtype)
+    set_attention(pipe.transformer, _attention_here(trained, target, variant), target, variant.dtype,
+                  variant.attention_processor)
     apply_block_options(pipe.transformer, False, compile_enabled(trained.config, target))
     cfg = trained.config.validation
     steps = cfg.num_inference_steps if steps is None else steps

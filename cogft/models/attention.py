@@ -1,14 +1,10 @@
-"""The attention kernel inside CogVideoX's joint text+video attention (`model.attention`).
+"""The attention kernels a family's attention processor can run (`model.attention`).
 
-At 17,776 tokens and head dim 64 attention is most of a step's arithmetic. diffusers' CogVideoX
-processor calls torch's SDPA, which picks cuDNN on Hopper. FlashAttention-4's Hopper/Blackwell kernels
-(the `flash-attn-4` package, module `flash_attn.cute`) compute the same exact attention faster on these
-shapes (docs/performance.md). `auto` takes them where they run and keeps SDPA elsewhere.
-
-The processor below is diffusers' `CogVideoXAttnProcessor2_0` with the SDPA call replaced by a kernel on
-(batch, tokens, heads, head_dim) tensors, the layout the projections produce, so no transposes are made.
-The FlashAttention-4 calls are wrapped as torch custom ops, so the per-block `torch.compile` keeps each
-block in one graph around them.
+FlashAttention-4's Hopper/Blackwell kernels (the `flash-attn-4` package, module `flash_attn.cute`) compute the
+same exact attention as torch's SDPA faster on video-length sequences (docs/performance.md). `auto` takes them
+where they run and keeps SDPA elsewhere. The calls are wrapped as torch custom ops, so the per-block
+`torch.compile` keeps each block in one graph around them. Which processor carries the kernel into the model is
+the family's (`Variant.attention_processor`).
 """
 
 from __future__ import annotations
@@ -28,37 +24,11 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (
 FA4_ARCHS = (9, 10)  # compute capability majors with FlashAttention-4 kernels: Hopper, Blackwell
 
 
-class KernelAttnProcessor:
-    """CogVideoX attention (text tokens first, then video; RoPE on the video part for the 5B variant) through
-    `kernel`. Parameter names and the math are the stock processor's, so weights and LoRA files are unchanged."""
+class KernelProcessor:
+    """What a family's attention processor that runs `kernel` derives from: `attention_in_use` tells it by its name."""
 
     def __init__(self, kernel: Kernel, name: str):
         self.kernel, self.name = kernel, name
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
-        if attention_mask is not None:
-            raise ValueError(f"model.attention={self.name} takes no attention mask (CogVideoX passes none); "
-                             "use model.attention=sdpa")
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        text_length = encoder_hidden_states.size(1)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value = (projection(hidden_states).unflatten(-1, (attn.heads, -1))
-                             for projection in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query[:, text_length:] = apply_rotary_emb(query[:, text_length:], image_rotary_emb, sequence_dim=1)
-            if not attn.is_cross_attention:
-                key[:, text_length:] = apply_rotary_emb(key[:, text_length:], image_rotary_emb, sequence_dim=1)
-        hidden_states = self.kernel(query, key, value).flatten(2)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        encoder_hidden_states, hidden_states = hidden_states.split(
-            [text_length, hidden_states.size(1) - text_length], dim=1)
-        return hidden_states, encoder_hidden_states
 
 
 @functools.cache
@@ -151,12 +121,14 @@ def resolve_attention(setting: str, device: torch.device, dtype: torch.dtype) ->
     return "sdpa"
 
 
-def set_attention(transformer: torch.nn.Module, setting: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Install the kernel `model.attention` resolves to; `sdpa` leaves diffusers' own processor in place."""
+def set_attention(transformer: torch.nn.Module, setting: str, device: torch.device, dtype: torch.dtype,
+                  processor: Callable[[Kernel, str], KernelProcessor]) -> str:
+    """Install the kernel `model.attention` resolves to through the family's `processor` (its
+    `Variant.attention_processor`); `sdpa` leaves diffusers' own processor in place."""
     name = resolve_attention(setting, device, dtype)
     if name == "fa4":
         _register_fa4_ops()
-        transformer.set_attn_processor(KernelAttnProcessor(fa4_attention, "fa4"))
+        transformer.set_attn_processor(processor(fa4_attention, "fa4"))
         logger.info("model.attention=%s: FlashAttention-4 kernels", setting)
     elif setting == "auto":
         logger.info("model.attention=auto: torch SDPA (%s)", fa4_unavailable(device, dtype))
@@ -166,4 +138,4 @@ def set_attention(transformer: torch.nn.Module, setting: str, device: torch.devi
 def attention_in_use(transformer: torch.nn.Module) -> str:
     """The kernel the transformer's attention runs: "fa4" or "sdpa"."""
     processor = next(iter(transformer.attn_processors.values()))
-    return processor.name if isinstance(processor, KernelAttnProcessor) else "sdpa"
+    return processor.name if isinstance(processor, KernelProcessor) else "sdpa"

@@ -1,7 +1,7 @@
-"""Build a CogVideoX pipeline with random weights, tiny or full size, with the real classes.
+"""Build a registered variant's pipeline with random weights, tiny or full size, with the real classes.
 
 `tiny://2b` and `tiny://5b`: toy sizes that run in milliseconds on a CPU, for the tests and the
-quickstart. `random://2b` and `random://5b`: the real configurations at full size (T5-XXL included),
+quickstart. `random://2b` and `random://5b`: the real configurations at full size (the text encoder included),
 for benchmarks and end-to-end runs on a GPU with no download; random weights never make a useful
 model, and the log says so. Either is saved in the diffusers pipeline layout and always loaded back
 with `from_pretrained`, so it goes through exactly the code path of the real checkpoints.
@@ -14,21 +14,17 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .reference import T5_XXL_ENCODER, random_init
+from .family import DTYPES, VariantSpec
 from .registry import spec_named
-from .spec import DTYPES, VariantSpec
 
 logger = logging.getLogger(__name__)
 TINY_SCHEME, RANDOM_SCHEME = "tiny://", "random://"
 SCHEMES = (TINY_SCHEME, RANDOM_SCHEME)
-TINY_T5_ENCODER = {
-    "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8,
-    "feed_forward_proj": "gated-gelu",
-}
 BUILT_MARKER = "cogft_built.json"
 
 # Enough varied text for a 128-piece unigram vocabulary that still splits captions into several tokens.
@@ -93,20 +89,37 @@ def _tokenizer(workdir: Path):
     return T5Tokenizer.from_pretrained(str(spm_dir))
 
 
+@contextmanager
+def random_init(device: torch.device, dtype: torch.dtype):
+    """Build modules straight on `device` in `dtype`: no fp32 host copy of billions of random weights."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def text_encoder_from_config(spec: VariantSpec, config: dict):
+    """The spec's text encoder (a transformers model) with random weights, from its config dict."""
+    encoder_class = spec.diffusers_class("text_encoder")
+    return encoder_class(encoder_class.config_class(**config))
+
+
 def _components(spec: VariantSpec, full_size: bool, seed: int, vocab_size: int, device: torch.device,
                 dtype: torch.dtype) -> dict:
-    """Transformer, VAE, T5 encoder and scheduler from the spec's configs, random weights built on `device`."""
-    from transformers import T5Config, T5EncoderModel
-
+    """Transformer, VAE, text encoder and scheduler from the spec's configs, random weights built on `device`;
+    a tiny text encoder gets the tokenizer's vocabulary."""
     configs = spec.reference if full_size else spec.tiny
-    t5 = T5_XXL_ENCODER if full_size else {**TINY_T5_ENCODER, "vocab_size": vocab_size}
+    text_config = configs.text_encoder if full_size else {**configs.text_encoder, "vocab_size": vocab_size}
     with random_init(device, dtype):
         torch.manual_seed(seed)
         transformer = spec.diffusers_class("transformer").from_config(configs.transformer)
         torch.manual_seed(seed + 1)
         vae = spec.diffusers_class("vae").from_config(configs.vae)
         torch.manual_seed(seed + 2)
-        text_encoder = T5EncoderModel(T5Config(**t5))
+        text_encoder = text_encoder_from_config(spec, text_config)
     scheduler = spec.diffusers_class("scheduler").from_config(configs.scheduler)
     return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 

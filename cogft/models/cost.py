@@ -19,7 +19,7 @@ from .blocks import checkpointed_block_count
 from .flops import step_flops
 from .fp8 import is_fp8_parameter_name
 from .inference_cache import taylorseer_full_steps
-from .spec import Variant
+from .family import Variant
 
 GIB = 2**30
 AUTO_BUDGET_SHARE = 0.9  # of the card's memory for `train.memory_budget_gib: auto`: above the estimate's worst miss

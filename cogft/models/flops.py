@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import Variant
+from .family import Variant
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) by GPU name fragment: the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}

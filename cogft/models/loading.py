@@ -16,7 +16,7 @@ from ..config import Config, ConfigError
 from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
 from .group_norm import spread_group_norms
 from .registry import reference_for, spec_for, spec_named
-from .spec import PipelineConfigs, Variant
+from .family import PipelineConfigs, Variant
 
 _CONFIG_FILES = {"model_index": (None, "model_index.json"), "transformer": ("transformer", "config.json"),
                  "vae": ("vae", "config.json"), "scheduler": ("scheduler", "scheduler_config.json")}
@@ -79,7 +79,7 @@ def load_for_config(config: Config, validates: bool = True) -> tuple[Config, Var
     variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
     config = variant.resolve(config)
     if validates:
-        variant.check_validation_images(config.validation.prompts, config.validation.images)
+        variant.check_validation_conditions(config.validation.prompts, config.validation.images)
     return config, variant
 
 

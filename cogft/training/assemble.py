@@ -15,9 +15,9 @@ import torch
 from ..config import Config
 from ..models.attention import set_attention
 from ..models.blocks import apply_block_options, compile_enabled
-from ..models.spec import Variant
+from ..models.family import Variant
 from ..tracking import trackers_for
-from .adapters import setup_trainable
+from ..models.adapters import setup_trainable
 from .backends import (accelerator_on_cpu, backend_name, configure_backend, keep_encoders_whole, offloads_optimizer,
                        uses_deepspeed)
 from .budget import block_settings
@@ -88,7 +88,8 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer != "adamw_bf16")
     checkpointing, offload = block_settings(config, variant, device)
-    attention = set_attention(transformer, config.model.attention, device, variant.dtype)
+    attention = set_attention(transformer, config.model.attention, device, variant.dtype,
+                              variant.attention_processor)
     apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload,
                         config.train.compile_autotune)
     logger.info("variant=%s dtype=%s backend=%s attention=%s trainable parameters: %s", variant.name, variant.dtype,
@@ -105,11 +106,11 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     scaler = torch.amp.GradScaler(device.type, enabled=variant.needs_loss_scaling and not uses_deepspeed(accelerator))
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scaler, progress)
-    register_weight_hooks(accelerator, config)
+    register_weight_hooks(accelerator, config, variant.lora_format)
     parts = StepParts(accelerator=accelerator, transformer=transformer, params=params, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, scaler=scaler, noise_scheduler=noise_scheduler, variant=variant,
                       max_grad_norm=config.train.max_grad_norm,
-                      block_settings=(checkpointing, offload), image_dropout=config.data.image_dropout,
+                      block_settings=(checkpointing, offload), condition_dropout=config.data.image_dropout,
                       caption_dropout=config.data.caption_dropout,
                       empty_prompt=None if empty_prompt is None else empty_prompt.to(device))
     return TrainingStep(parts), progress, loader

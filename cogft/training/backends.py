@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..config import Config, ConfigError
-from ..models.spec import Variant
+from ..models.family import Variant
 
 logger = logging.getLogger(__name__)
 

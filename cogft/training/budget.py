@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config
 from ..models.cost import AUTO_BUDGET_SHARE, checkpointing_for_budget
-from ..models.spec import Variant
+from ..models.family import Variant
 
 logger = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ import torch
 from ..config import Config, ConfigError, save_config
 from ..disk import disk_full_error, folder_bytes, is_disk_full
 from ..inference.model_card import write_model_card
-from ..models.spec import Variant
+from ..models.family import Variant
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
                        best_checkpoint, checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
-from .adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
+from ..models.adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
 from .backends import full_state_dict
 from .best import write_best
 
@@ -143,9 +143,9 @@ def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
     return changes
 
 
-def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer_parent: Path,
+def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer_parent: Path, lora_format,
                  dtype: torch.dtype | None = None) -> Path | None:
-    """The trained weights in diffusers format: the LoRA into `lora_dir`, or `transformer_parent/transformer`;
+    """The trained weights in diffusers format: the LoRA into `lora_dir` (in `Variant.lora_format`), or `transformer_parent/transformer`;
     with `dtype` (an export), cast to it (the LoRA as `lora.export_dtype` says, with its release metadata). Sharded weights (ZeRO-3, FSDP) are gathered first, a collective: every rank calls
     this; the main process writes and gets the path, the others None."""
     state = full_state_dict(accelerator, model)
@@ -153,7 +153,7 @@ def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer
         return None
     module = accelerator.unwrap_model(model)
     if config.train.mode == "lora":
-        written = save_lora(module, config, lora_dir, model_state=state)
+        written = save_lora(module, config, lora_dir, lora_format, model_state=state)
         return written if dtype is None else release_lora(written, config, dtype)
     return save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
 
@@ -172,7 +172,8 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, va
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, dtype=dtype)
+        written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, variant.lora_format,
+                               dtype=dtype)
         if accelerator.is_main_process:
             write_model_card(staging / name, config, variant, step, run_dir)
             record.write_text(json.dumps({"step": step, "what": name}))  # the last write, before anything moves
@@ -218,7 +219,7 @@ def _export_advice(run_dir: Path, name: str, step: int) -> str:
     return advice
 
 
-def register_weight_hooks(accelerator, config: Config) -> None:
+def register_weight_hooks(accelerator, config: Config, lora_format) -> None:
     """Make accelerate save/load the diffusers-format weights instead of its own model file.
 
     Under DeepSpeed/FSDP accelerate also writes the backend's own (sharded) model and optimizer states,
@@ -227,7 +228,7 @@ def register_weight_hooks(accelerator, config: Config) -> None:
 
     def save_hook(models, weights, output_dir):
         for model in models:
-            save_weights(accelerator, model, config, Path(output_dir), Path(output_dir))
+            save_weights(accelerator, model, config, Path(output_dir), Path(output_dir), lora_format)
             if weights:
                 weights.pop()
 
@@ -235,7 +236,7 @@ def register_weight_hooks(accelerator, config: Config) -> None:
         while models:
             model = models.pop()
             if config.train.mode == "lora":
-                load_lora_state(model, input_dir)
+                load_lora_state(model, input_dir, lora_format)
             else:
                 load_transformer_state(model, input_dir)
 

@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 
 from ..config import Config, ConfigError
 from ..data.cache import CacheEntry
+from ..models.modes import adapter_disabled, evaluating
 from ..seeding import mixed_seed
-from .adapters import adapter_disabled, evaluating
-from .objective import TrainingInputs, diffusion_loss, frames_first
 from .step import TrainingStep
+from .topology import Topology
 
 RANGES = 3  # the eval loss is also reported per third of the schedule: t < T/3, T/3 <= t < 2T/3, t >= 2T/3
 
@@ -83,19 +83,19 @@ def mean_loss(values: list[float]) -> float:
 class HeldOutEval:
     """Scores the held-out clips with the model being trained, at each checkpoint and every `eval.every` steps.
 
-    Clip i runs on process i % world_size; with weights sharded over the processes (`shared_forward`: ZeRO-3,
+    Clip i runs on data rank i % data_parallel_size (`Topology.share`); with weights sharded over the processes (`shared_forward`: ZeRO-3,
     FSDP) every process takes part in every forward pass and the main one's losses count.
     """
 
-    def __init__(self, config: Config, step: TrainingStep, clips: list[CacheEntry], rank: int = 0,
-                 world_size: int = 1, shared_forward: bool = False):
+    def __init__(self, config: Config, step: TrainingStep, clips: list[CacheEntry], topology: Topology = Topology(),
+                 shared_forward: bool = False):
         self.step, self.clips, self.seed = step, clips, config.train.seed
         schedule = step.num_train_timesteps
         timesteps = probe_timesteps(config.eval.timesteps, len(clips), schedule)
         self.probes = [(i, t) for i, listed in enumerate(timesteps) for t in listed]
         self.ranges = timestep_ranges(schedule)
-        self.mine = range(len(clips)) if shared_forward else range(rank, len(clips), world_size)
-        self.counts = rank == 0 or not shared_forward
+        self.mine = topology.share(len(clips), shared_forward)
+        self.counts = topology.data_rank == 0 or not shared_forward
         self.every, self.checkpoint_every = config.eval.every, config.train.checkpoint_every
         self.lora = config.train.mode == "lora"
         self.base: list[float] | None = None  # the base model's probe losses (frozen weights: computed once)
@@ -148,16 +148,5 @@ class HeldOutEval:
 
     def _probe(self, model: torch.nn.Module, cached: dict[str, torch.Tensor], clip: int, t: int) -> torch.Tensor:
         """The objective's loss of one clip at timestep t, on its latent mean with its own fixed noise."""
-        step, variant = self.step, self.step.variant
-        device = cached["latent_mean"].device
-        x0 = frames_first(cached["latent_mean"].float() * variant.scaling_factor, variant.patch_size_t)
         generator = torch.Generator().manual_seed(mixed_seed(self.seed, int(clip_key(self.clips[clip])[:15], 16), t))
-        noise = torch.randn(x0.shape[1:], generator=generator)[None].to(device)
-        image_latents = None
-        if step.image_scale is not None:  # the first cached encoding of the image, unsampled and never dropped
-            image = cached["image_mean"][:, 0, :, 0].float() * step.image_scale  # [1, C, h, w]
-            image_latents = torch.zeros((1, x0.shape[1], *image.shape[1:]), device=device)
-            image_latents[:, 0] = image
-        predict = step.velocity_predictor(model, cached["prompt_embeds"], step.rotary_for(x0), image_latents)
-        inputs = TrainingInputs(x0, noise, torch.tensor([t], device=device))
-        return diffusion_loss(predict, step.parts.noise_scheduler, inputs)
+        return self.step.loss(model, self.step.variant.fixed_inputs(cached, generator, t))

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import Config
-from .adapters import adapter_disabled, evaluating
-from .objective import frames_first
+from ..models.modes import adapter_disabled, evaluating
 from .step import TrainingStep
 
 PROBE_TIMESTEP = 500  # mid-schedule: the prediction depends on both the noise and the prompt
@@ -27,18 +26,17 @@ def export_probe(step: TrainingStep, model: torch.nn.Module, config: Config,
     """{x_t, t, trained} (and `base`, with the adapter off, for a LoRA) at the first validation prompt's size and
     embedding, on the host. Every process calls it (a sharded model's forward needs them all)."""
     device, variant = step.accelerator.device, step.variant
-    height, width = config.validation_size(0)
-    shape = (1, variant.configs.vae["latent_channels"], variant.latent_frames(config.data.num_frames),
-             height // variant.vae_scale_spatial, width // variant.vae_scale_spatial)
-    x_t = frames_first(torch.randn(shape, generator=torch.Generator().manual_seed(config.validation.seed)),
-                       variant.patch_size_t).to(device)
-    t = torch.tensor([PROBE_TIMESTEP], device=device)
     embeds = load_file(str(prompt_file))["prompt_embeds"][None].to(device)
-    image_latents = torch.zeros_like(x_t) if variant.spec.image_conditioned else None  # the same on both sides
-    predict = step.velocity_predictor(model, embeds, step.rotary_for(x_t), image_latents)
+    inputs = variant.probe_inputs(config.data.num_frames, *config.validation_size(0), embeds,
+                                  torch.Generator().manual_seed(config.validation.seed), PROBE_TIMESTEP, device)
+    x_t, t = inputs.x0, inputs.timesteps
+
+    def predict() -> torch.Tensor:
+        return variant.predict(model, x_t, t, inputs, cast_inputs=step.deepspeed).float()
+
     with evaluating(model):
-        probe = {"x_t": x_t, "t": t, "trained": predict(x_t, t).float()}
+        probe = {"x_t": x_t, "t": t, "trained": predict()}
         if config.train.mode == "lora":
             with adapter_disabled(model):
-                probe["base"] = predict(x_t, t).float()
+                probe["base"] = predict()
     return {key: value.cpu().contiguous() for key, value in probe.items()}

@@ -23,7 +23,7 @@ from ..inference.check_export import check_export
 from ..inference.hub import check_run_push, push_run_export
 from ..models.attention import resolve_attention
 from ..models.loading import load_for_config, load_scheduler, load_transformer
-from ..models.spec import Variant
+from ..models.family import Variant
 from ..run_dir import CONFIG_FILE, LORA_DIR, RAW_EXPORT_DIR, checkpoint_step, hold
 from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, init_trackers, log_videos
 from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
@@ -40,6 +40,7 @@ from .report import write_run_report
 from .stop import StopRequest
 from .summary import run_summary
 from .timeout import process_group_timeout
+from .topology import Topology
 from .validation import ValidationHook
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Trainer:
         self.hold = hold(self.run_dir) if state.is_main_process else None
         self.accelerator = make_accelerator(config, self.run_dir)
         accelerator = self.accelerator
+        self.topology = Topology.of(accelerator)
         logger.info("world_size=%d process=%d local_process=%d device=%s backend=%s mode=%s",
                     accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
                     accelerator.device, backend_name(accelerator), config.train.mode)
@@ -164,8 +166,7 @@ class Trainer:
         self.unwrapped = accelerator.unwrap_model(self.step.transformer)
         self.evaluation = None
         if held_out:  # spread over the ranks like validation
-            self.evaluation = HeldOutEval(config, self.step, held_out, accelerator.process_index,
-                                          accelerator.num_processes, shards_weights(accelerator))
+            self.evaluation = HeldOutEval(config, self.step, held_out, self.topology, shards_weights(accelerator))
         # the best as of the resumed checkpoint: one of the redone steps' is forgotten
         self.progress.best = restored_best(self.progress.best, self.evaluation and self.evaluation.identity)
         if accelerator.is_main_process:
@@ -173,8 +174,8 @@ class Trainer:
         self.validation = None
         if config.validation.prompts:  # spread over the ranks; every rank in every video with sharded weights
             self.validation = ValidationHook(config, self.variant, accelerator.device, prepared.validation_prompts,
-                                             prepared.negative_prompt, self.run_dir, accelerator.process_index,
-                                             accelerator.num_processes, shards_weights(accelerator))
+                                             prepared.negative_prompt, self.run_dir, self.topology,
+                                             shards_weights(accelerator))
         buckets = Counter(self.dataset.buckets)
         init_trackers(accelerator, config, self.run_dir, {
             "clips": len(self.dataset), "held_out": len(held_out),
@@ -211,9 +212,9 @@ class Trainer:
             data_wait += time.perf_counter() - fetch_started
             progress.micro_batches += 1
             with accelerator.accumulate(self.step.transformer):
-                size = batch["latent_mean"].shape[0]
+                size = batch["prompt_embeds"].shape[0]
                 generators = sample_generators(config.train.seed, progress.global_step, micro,
-                                               accelerator.process_index * self.sample_stride, size, accelerator.device)
+                                               self.topology.first_sample(self.sample_stride), size, accelerator.device)
                 micro += 1
                 loss = self.step.forward_backward(batch, generators)
                 if not accelerator.sync_gradients:
@@ -226,7 +227,8 @@ class Trainer:
             progress.global_step += 1
             readout = StepReadout(**self._scalars(loss, result))
             self._report(self.pending)  # the previous step's scalars are on the host by now
-            self.pending = FinishedStep(progress.global_step, readout, batch["index"], batch["latent_mean"].shape,
+            self.pending = FinishedStep(progress.global_step, readout, batch["index"],
+                                        self.variant.batch_geometry(batch),
                                         time.perf_counter() - step_started, data_wait,
                                         self.step.lr_scheduler.get_last_lr()[0], epoch)
             self.bar.update(1)
@@ -325,7 +327,7 @@ class Trainer:
         if self.ema is not None:
             raw = self.run_dir / RAW_EXPORT_DIR
             raw_path = save_weights(self.accelerator, self.step.transformer, self.config, raw / LORA_DIR, raw,
-                                    dtype=self.variant.dtype)
+                                    self.variant.lora_format, dtype=self.variant.dtype)
             if raw_path is not None:
                 logger.info("exported the trained weights without averaging to %s", raw_path)
         if self.config.validation.check_export:

@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..models.flops import peak_tflops, step_flops
-from ..models.spec import Variant
+from ..models.family import Variant
 from .readout import StepReadout
 
 logger = logging.getLogger(__name__)
@@ -59,26 +59,25 @@ class FinishedStep:
     step: int
     readout: StepReadout
     sample_ids: torch.Tensor
-    latent_shape: torch.Size
+    geometry: tuple[int, int, int, int]  # the batch's (samples, frames, height, width): `Variant.batch_geometry`
     step_time: float
     data_wait: float
     lr: float
     epoch: int
 
 
-def batch_flops(variant: Variant, latent_shape: torch.Size, accum: int):
-    """Model FLOPs of one optimizer step on this process, from the batch's latent shape [B, C, F, h, w]."""
-    batch, _, frames, height, width = latent_shape
-    return step_flops(variant, (frames - 1) * variant.vae_scale_temporal + 1, height * variant.vae_scale_spatial,
-                      width * variant.vae_scale_spatial, batch * accum)
+def batch_flops(variant: Variant, geometry: tuple[int, int, int, int], accum: int):
+    """Model FLOPs of one optimizer step on this process, from the batch's (samples, frames, height, width)."""
+    batch, frames, height, width = geometry
+    return step_flops(variant, frames, height, width, batch * accum)
 
 
 def step_metrics(accelerator, config: Config, variant: Variant, finished: FinishedStep, values: dict[str, float],
                  skipped_steps: int) -> dict:
     """What one logged step reports to W&B and metrics.jsonl."""
     accum, processes = config.train.gradient_accumulation_steps, accelerator.num_processes
-    flops = batch_flops(variant, finished.latent_shape, accum)
-    samples = finished.latent_shape[0] * accum * processes
+    flops = batch_flops(variant, finished.geometry, accum)
+    samples = finished.geometry[0] * accum * processes
     step_time = finished.step_time
     metrics = {
         "loss": values["mean_loss"],

@@ -7,15 +7,13 @@ measured by the benchmark is a speed-up of real training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..models.image_to_video import image_latent_scale
-from ..models.spec import Variant
+from ..models.family import ModelInputs, TrainingDraws, Variant
 from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
-from .objective import diffusion_loss, draw_image_latents, draw_inputs
 
 
 @dataclass
@@ -41,7 +39,7 @@ class StepParts:
     variant: Variant
     max_grad_norm: float
     block_settings: tuple[bool | float, bool] = (False, False)  # (checkpointing, offload) the blocks were set up with
-    image_dropout: float = 0.0                       # image-to-video: share of samples whose image latents are zeroed
+    condition_dropout: float = 0.0                   # share of samples whose conditions (an image) are zeroed
     caption_dropout: float = 0.0                     # share of samples trained on the empty prompt
     empty_prompt: torch.Tensor | None = None         # its embedding [L, D], on the device (with caption_dropout)
 
@@ -70,49 +68,22 @@ class TrainingStep:
         # FSDP's sharded (DTensor) weights keep the host check, the path measured with them
         self.skips_on_device = (getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
                                 and not uses_fsdp(parts.accelerator))
-        self._rotary: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
-        self.image_scale = image_latent_scale(self.variant.configs.vae) if self.variant.spec.image_conditioned else None
         if parts.caption_dropout and parts.empty_prompt is None:
             raise ValueError("caption dropout needs the empty prompt's embedding")
 
-    def rotary_for(self, latents: torch.Tensor):
-        """3D RoPE for latents [B, F, C, h, w] (buckets differ in frames and size), computed once per shape; None for
-        sincos."""
-        frames, (height, width) = latents.shape[1], (side * self.variant.vae_scale_spatial for side in latents.shape[-2:])
-        key = (frames, height, width)
-        if key not in self._rotary:
-            self._rotary[key] = self.variant.rotary_embedding(height, width, frames, self.accelerator.device)
-        return self._rotary[key]
-
-    def velocity_predictor(self, model: torch.nn.Module, prompt_embeds: torch.Tensor, rotary,
-                           image_latents: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """`predict_velocity(x_t, t)` of the objective: `model` (the training step's, or the evaluation's unwrapped
-        one) under the variant's autocast, with the prompt, positions and image bound."""
-        if self.deepspeed:  # its engine holds the model in fp16/bf16 and turns autocast off inside forward
-            prompt_embeds = prompt_embeds.to(self.variant.dtype)
-
-        def predict_velocity(x_t, t):
-            if self.deepspeed:
-                x_t = x_t.to(self.variant.dtype)
-            return self.variant.predict(model, x_t, prompt_embeds, t, rotary, image_latents)
-
-        return predict_velocity
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
+        """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one)."""
+        # DeepSpeed's engine holds the model in fp16/bf16 and turns autocast off inside forward
+        return self.variant.loss(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
-        inputs = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.variant.scaling_factor,
-                             self.num_train_timesteps, generators, self.variant.patch_size_t)
-        image_latents = None
-        if self.image_scale is not None:  # drawn after the objective's draws: text-to-video runs draw as before
-            image_latents = draw_image_latents(batch["image_mean"], batch["image_logvar"], self.image_scale,
-                                               inputs.x0.shape[1], self.parts.image_dropout, generators)
-        prompt_embeds = batch["prompt_embeds"]
+        draws = TrainingDraws(generators, self.parts.condition_dropout)
+        inputs = self.variant.draw_inputs(batch, draws, self.parts.noise_scheduler)
         if self.parts.caption_dropout:  # drawn last: runs without it draw as before
-            prompt_embeds = drop_captions(prompt_embeds, self.parts.empty_prompt, self.parts.caption_dropout,
-                                          generators)
-        predict_velocity = self.velocity_predictor(self.transformer, prompt_embeds, self.rotary_for(inputs.x0),
-                                                   image_latents)
-        loss = diffusion_loss(predict_velocity, self.parts.noise_scheduler, inputs)
+            inputs.prompt_embeds = drop_captions(inputs.prompt_embeds, self.parts.empty_prompt,
+                                                 self.parts.caption_dropout, generators)
+        loss = self.loss(self.transformer, inputs)
         if self.in_backward is not None:
             self.in_backward.begin(self.accelerator.sync_gradients)
         self.accelerator.backward(self.scaler.scale(loss))

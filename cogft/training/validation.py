@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data.images import conditioning_image
-from ..inference.render import assemble_pipeline, render, write_mp4
+from ..inference.render import render, write_mp4
 from ..models.loading import load_scheduler, load_vae
-from ..models.spec import Variant
+from ..models.family import Variant
 from ..run_dir import SAMPLES_DIR, sample_path
-from .adapters import evaluating
+from ..models.modes import evaluating
+from .topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 class ValidationHook:
     """Samples the configured prompts with the in-memory transformer every `validation.every` steps.
 
-    The prompts are spread over the processes (prompt i on process i % world_size), each writing its own
+    The prompts are spread over the processes (prompt i on data rank i % data_parallel_size: `Topology.share`), each writing its own
     videos, so a validation takes the time of its share, not of all of it, while the other ranks wait in a
     collective. With weights sharded over the processes (`shared_forward`: ZeRO-3, FSDP) every process takes
     part in every video's forward passes and the main one writes them. Each prompt keeps its seed
@@ -35,13 +36,13 @@ class ValidationHook:
     """
 
     def __init__(self, config: Config, variant: Variant, device: torch.device,
-                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path, rank: int = 0,
-                 world_size: int = 1, shared_forward: bool = False):
+                 prompts: list[tuple[str, str]], negative_file: str, run_dir: Path, topology: Topology = Topology(),
+                 shared_forward: bool = False):
         self.config, self.variant, self.device, self.run_dir = config, variant, device, run_dir
-        self.rank = rank
-        self.shows_progress = rank == 0  # one bar: the main process's share (every share takes about as long)
-        self.mine = range(len(prompts)) if shared_forward else range(rank, len(prompts), world_size)
-        self.writes_videos = rank == 0 or not shared_forward
+        self.rank = topology.data_rank
+        self.shows_progress = self.rank == 0  # one bar: the main process's share (every share takes about as long)
+        self.mine = topology.share(len(prompts), shared_forward)
+        self.writes_videos = self.rank == 0 or not shared_forward
         self.prompts = [(text, load_file(path)["prompt_embeds"]) for text, path in prompts]
         # each prompt's size (validation.sizes, else the largest bucket) and, for image-to-video, its image at that size
         self.sizes = [config.validation_size(i) for i in range(len(self.prompts))]
@@ -61,7 +62,7 @@ class ValidationHook:
             if self.config.data.vae_tiling:
                 vae.enable_tiling()
             scheduler = load_scheduler(model.path, self.variant, model.revision)
-            self._pipe = assemble_pipeline(self.variant, transformer, vae, scheduler)
+            self._pipe = self.variant.assemble_pipeline(transformer, vae, scheduler)
         return self._pipe
 
     def _render(self, pipe, index: int, embeds: torch.Tensor, bar: tqdm):

@@ -1,22 +1,21 @@
-"""What is trained: a PEFT LoRA on the frozen transformer, or the whole transformer (SFT).
+"""What is trained: a PEFT LoRA on the frozen transformer, or the whole transformer (SFT), and how it is written
+and read back.
 
 Trainable weights are kept in fp32 (master weights) and the frozen base in the variant's dtype;
 autocast runs the arithmetic in fp16/bf16. LoRA weights are read and written in the diffusers LoRA
-format together with their adapter config, so `lora_alpha != rank` survives a stock
-`CogVideoXPipeline.load_lora_weights`.
+format of the family's pipeline (`Variant.lora_format`) together with their adapter config, so
+`lora_alpha != rank` survives a stock pipeline's `load_lora_weights`.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..config import Config
-from ..models.fp8 import store_in_fp8
 from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR
+from .fp8 import store_in_fp8
 
 
 def lora_config(config: Config):
@@ -54,45 +53,18 @@ def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: b
     return params
 
 
-@contextmanager
-def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
-    """The base model inside the block: the LoRA layers bypassed (diffusers' `disable_adapters`), then back on with
-    each weight's requires_grad as it was (peft's re-enabling marks every adapter weight trainable)."""
-    params = list(transformer.parameters())
-    trainable = [p.requires_grad for p in params]
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
-        for param, flag in zip(params, trainable):
-            param.requires_grad_(flag)
-
-
-@contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """The model in eval mode (no LoRA dropout) and without gradients inside the block, then back in its mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,
+def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path, lora_format,
               model_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the adapter in the diffusers LoRA format, with its config as metadata.
+    """Write the adapter in the diffusers LoRA format of `lora_format` (`Variant.lora_format`), with its config as
+    metadata.
 
     `model_state`: the whole model's gathered weights, when they are sharded (DeepSpeed, FSDP).
     """
-    from diffusers.loaders import CogVideoXLoraLoaderMixin
     from peft.utils import get_peft_model_state_dict
 
     adapter = get_peft_model_state_dict(transformer, state_dict=model_state)
     state = {k: v.detach().float().cpu() for k, v in adapter.items()}
-    CogVideoXLoraLoaderMixin.save_lora_weights(
+    lora_format.save_lora_weights(
         out_dir,
         transformer_lora_layers=state,
         transformer_lora_adapter_metadata=lora_config(config).to_dict(),
@@ -127,12 +99,11 @@ def release_lora(path: Path, config: Config, model_dtype: torch.dtype) -> Path:
     return path
 
 
-def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path) -> None:
+def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path, lora_format) -> None:
     """Restore adapter weights saved by `save_lora` into a transformer that already has the adapter."""
-    from diffusers.loaders import CogVideoXLoraLoaderMixin
     from peft.utils import set_peft_model_state_dict
 
-    state = CogVideoXLoraLoaderMixin.lora_state_dict(str(in_dir), weight_name=LORA_WEIGHTS)
+    state = lora_format.lora_state_dict(str(in_dir), weight_name=LORA_WEIGHTS)
     if isinstance(state, tuple):  # (state_dict, metadata) when metadata is requested/present
         state = state[0]
     state = {k.removeprefix("transformer."): v for k, v in state.items()}

@@ -6,7 +6,7 @@
     loss   = mean_b mean((1 / (1 − alphas_cumprod[t])) · (x0_hat − x0)²)
 
 Image-to-video models also draw their image channels here (`draw_image_latents`, the reference recipe's
-noisy image and its dropout); the loss is the same. Random draws come from an explicit generator so that a
+noisy image and its dropout); the loss is the same (`image_to_video.py` binds them). Random draws come from an explicit generator so that a
 resumed run sees the same noise as an uninterrupted one. The loss is computed in fp32 whatever the model's
 precision.
 """
@@ -75,10 +75,11 @@ def draw_inputs(
 def diffusion_loss(
     predict_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
-    inputs: TrainingInputs,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
 ) -> torch.Tensor:
-    """The weighted x0 loss. `predict_velocity(x_t, t)` runs the transformer (prompt and positions bound)."""
-    x0, noise, t = inputs.x0, inputs.noise, inputs.timesteps
+    """The weighted x0 loss. `predict_velocity(x_t, t)` runs the transformer (prompt, positions, conditions bound)."""
     x_t = scheduler.add_noise(x0, noise, t)
     v_hat = predict_velocity(x_t, t).float()
     x0_hat = scheduler.get_velocity(v_hat, x_t, t)

@@ -8,11 +8,7 @@ published `THUDM/CogVideoX-2b`, `THUDM/CogVideoX-5b`, `THUDM/CogVideoX-5b-I2V`, 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
-import torch
-
-from .spec import PipelineConfigs
+from ..family import PipelineConfigs
 
 _TRANSFORMER_COMMON = {
     "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64, "dropout": 0.0,
@@ -50,6 +46,7 @@ COGVIDEOX_2B = PipelineConfigs(
                  "use_rotary_positional_embeddings": False},
     vae={**_VAE_COMMON, "scaling_factor": 1.15258426},
     scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 3.0},
+    text_encoder=T5_XXL_ENCODER,
 )
 COGVIDEOX_5B = PipelineConfigs(
     model_index=_T2V_INDEX,
@@ -57,6 +54,7 @@ COGVIDEOX_5B = PipelineConfigs(
                  "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
     vae={**_VAE_COMMON, "scaling_factor": 0.7},
     scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+    text_encoder=T5_XXL_ENCODER,
 )
 
 # CogVideoX 1.5: frames patched in pairs (patch_size_t 2, no patch bias), RoPE over a sliced 150x150-patch grid
@@ -67,6 +65,7 @@ COGVIDEOX_1_5_5B = PipelineConfigs(
                  "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
     vae={**_VAE_COMMON, "scaling_factor": 0.7, "invert_scale_latents": True},
     scheduler={**_SCHEDULER_COMMON, "snr_shift_scale": 1.0},
+    text_encoder=T5_XXL_ENCODER,
 )
 
 # 5B-I2V: 5B with a learned position table beside RoPE, sized for 49 frames at 480x720 only
@@ -75,6 +74,7 @@ COGVIDEOX_5B_I2V = PipelineConfigs(
     transformer={**COGVIDEOX_5B.transformer, **_I2V_CHANNELS, "use_learned_positional_embeddings": True},
     vae=COGVIDEOX_5B.vae,
     scheduler=COGVIDEOX_5B.scheduler,
+    text_encoder=T5_XXL_ENCODER,
 )
 # 1.5-I2V: 1.5 with the image channels and an `ofs` embedding (the pipeline passes 2.0)
 COGVIDEOX_1_5_5B_I2V = PipelineConfigs(
@@ -82,16 +82,6 @@ COGVIDEOX_1_5_5B_I2V = PipelineConfigs(
     transformer={**COGVIDEOX_1_5_5B.transformer, **_I2V_CHANNELS, "ofs_embed_dim": 512},
     vae=COGVIDEOX_1_5_5B.vae,
     scheduler=COGVIDEOX_1_5_5B.scheduler,
+    text_encoder=T5_XXL_ENCODER,
 )
 
-
-@contextmanager
-def random_init(device: torch.device, dtype: torch.dtype):
-    """Build modules straight on `device` in `dtype`: no fp32 host copy of billions of random weights."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)

@@ -1,0 +1,363 @@
+"""The CogVideoX family's side of the contract (`models/family.py`): its variants' identity, geometry, what
+prepare caches per clip, the objective's inputs and forward, and the stock pipeline's call.
+
+Text-to-video is `CogVideoXSpec`/`CogVideoXVariant`; the image-to-video models add their image channels in
+`image_to_video.py`. Every number (scale factors, patch sizes, token counts, prompt length) is read from the
+pipeline's configs, never from the path's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...config import Config, ConfigError
+from ..family import (DATA_SIZE_KEYS, ClipSize, ModelInputs, PipelineConfigs, TrainingDraws, Variant,
+                      VariantSpec)
+from .attention import KernelAttnProcessor
+from .objective import diffusion_loss, draw_inputs, frames_first
+
+
+def frame_buckets(num_frames: int, min_frames: int) -> tuple[int, ...]:
+    """The frame counts a clip may be cut to, largest first, e.g. (49, 41, 33, 25, 17) for 49 down to 17.
+
+    `num_frames`, every 8k+1 count below it down to `min_frames`, and `min_frames` itself: 8k+1 frames
+    make an odd number of latent frames, which decode back to the same length.
+    """
+    below = [f for f in range(num_frames - 1, min_frames - 1, -1) if f % 8 == 1]
+    if min_frames < num_frames and min_frames not in below:
+        below.append(min_frames)
+    return (num_frames, *below)
+
+
+def explain_unmatched(configs: PipelineConfigs) -> str:
+    """What the configs say, for the error when no variant matches them."""
+    t, latent = configs.transformer, configs.vae.get("latent_channels")
+    found = (f"Found pipeline {configs.model_index.get('_class_name')}, transformer in_channels "
+             f"{t.get('in_channels')} (VAE latent channels {latent}), rotary positions "
+             f"{bool(t.get('use_rotary_positional_embeddings'))}, patch_size_t {t.get('patch_size_t')}, "
+             f"ofs_embed_dim {t.get('ofs_embed_dim')}")
+    if latent and t.get("in_channels") not in (latent, 2 * latent):
+        return (f"transformer in_channels {t.get('in_channels')} is neither 1x nor 2x the VAE's {latent} latent "
+                f"channels: not a CogVideoX pipeline cogft knows. {found}")
+    return f"a combination no registered variant matches. {found}"
+
+
+@dataclass(frozen=True)
+class CogVideoXSpec(VariantSpec):
+    """Text-to-video CogVideoX: the behaviour of the 1.0 models; other conditionings subclass it."""
+
+    rotary: bool = False              # 3D RoPE (5B) or sincos positions (2B)
+    patch_size_t: int | None = None   # CogVideoX 1.5 patches latent frames in pairs
+    pipeline_class: str = "CogVideoXPipeline"
+    transformer_class: str = "CogVideoXTransformer3DModel"
+    vae_class: str = "AutoencoderKLCogVideoX"
+    scheduler_class: str = "CogVideoXDPMScheduler"
+    license_name: str | None = "cogvideox-license"
+    license_link: str | None = "https://huggingface.co/THUDM/CogVideoX-5b/blob/main/LICENSE"
+
+    def matches(self, configs: PipelineConfigs) -> bool:
+        """The pipeline class, positions and frame patching every variant is told by, then its conditioning."""
+        t = configs.transformer
+        return (configs.model_index.get("_class_name", self.pipeline_class) == self.pipeline_class
+                and bool(t.get("use_rotary_positional_embeddings", False)) == self.rotary
+                and t.get("patch_size_t") == self.patch_size_t
+                and self.conditioning_matches(t, configs.vae.get("latent_channels")))
+
+    def conditioning_matches(self, transformer: dict, latent_channels: int | None) -> bool:
+        """Text only: the transformer reads the latents alone, with no learned positions and no `ofs` input."""
+        return (transformer.get("in_channels") == latent_channels
+                and not transformer.get("use_learned_positional_embeddings", False)
+                and transformer.get("ofs_embed_dim") is None)
+
+    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "CogVideoXVariant":
+        return self.variant_class(self, configs, self.torch_dtype(dtype))
+
+    @property
+    def variant_class(self) -> type["CogVideoXVariant"]:
+        return CogVideoXVariant
+
+    def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+                           rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                           conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The keyword arguments of one training forward, laid out as the stock pipeline lays them out."""
+        return {"hidden_states": x_t, "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
+                "image_rotary_emb": rotary}
+
+    def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
+                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
+        return {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+
+
+@dataclass(frozen=True)
+class CogVideoXVariant(Variant):
+    """A CogVideoX spec bound to one pipeline's configs: geometry from the configs, the reference objective."""
+
+    spec: CogVideoXSpec
+    _rotary: dict = field(default_factory=dict, repr=False, compare=False)  # RoPE per (frames, height, width, device)
+
+    @property
+    def use_rotary(self) -> bool:
+        return bool(self.configs.transformer.get("use_rotary_positional_embeddings", False))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.configs.vae["scaling_factor"])
+
+    @property
+    def max_text_seq_length(self) -> int:
+        return int(self.configs.transformer["max_text_seq_length"])
+
+    @property
+    def text_embed_dim(self) -> int:
+        return int(self.configs.transformer["text_embed_dim"])
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        """Pixels per latent pixel: 2^(VAE blocks - 1)."""
+        return 2 ** (len(self.configs.vae["block_out_channels"]) - 1)
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return int(self.configs.vae.get("temporal_compression_ratio", 4))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.configs.vae["latent_channels"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.configs.transformer["patch_size"])
+
+    @property
+    def patch_size_t(self) -> int:
+        return int(self.configs.transformer.get("patch_size_t") or 1)
+
+    def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
+        return frame_buckets(num_frames, min_frames)
+
+    def frame_count_problem(self, frames: int) -> str | None:
+        """The VAE compresses time by 4 after the first frame: 4k+1 frames."""
+        from ...config import frame_count_problem
+
+        return frame_count_problem(frames)
+
+    @property
+    def fixed_clip(self) -> ClipSize | None:
+        """The only clip a learned position table fits (5B-I2V: 49 frames at 480x720), read from the transformer's
+        sample size; None where positions are computed for any size."""
+        t = self.transformer_config
+        if not t.get("use_learned_positional_embeddings"):
+            return None
+        return ClipSize(num_frames=int(t["sample_frames"]), height=int(t["sample_height"]) * self.vae_scale_spatial,
+                        width=int(t["sample_width"]) * self.vae_scale_spatial, fps=self.spec.native.fps)
+
+    def resolve(self, config: Config) -> Config:
+        """`config` with the variant's native clip for every `data.num_frames/height/width/fps` it leaves unset
+        (CogVideoX 1.5 trains 81 frames at 16 fps, 768x1360, not the schema's 1.0 defaults; a fixed-size model
+        gets no shorter frame buckets); a clip size the variant cannot take is refused by key."""
+        native = self.fixed_clip or self.spec.native
+        unset = {key: getattr(native, key) for key in ("num_frames", "height", "width", "fps")
+                 if key not in config.data.model_fields_set}
+        if self.fixed_clip and "min_frames" not in config.data.model_fields_set:
+            unset["min_frames"] = native.num_frames
+        if unset:
+            config = config.model_copy(update={"data": config.data.model_copy(update=unset)})
+        data = config.data
+        self.check_clip_size(data.num_frames, data.height, data.width, data.shortest_bucket)
+        self.check_sizes(config)
+        return config
+
+    def check_sizes(self, config: Config) -> None:
+        """Refuse, by key, a `data.buckets` or `validation.sizes` entry this variant cannot train or render at."""
+        given = [] if config.data.buckets is None else [(f"data.buckets[{i}]", size)
+                                                          for i, size in enumerate(config.data.sizes)]
+        given += [(f"validation.sizes[{i}]", config.validation_size(i)) for i in range(len(config.validation.sizes))]
+        side, fixed = self.vae_scale_spatial * self.patch_size, self.fixed_clip
+        for key, (height, width) in given:
+            if height % side or width % side:
+                raise ConfigError(f"{key}={height}x{width}: {self.name} needs multiples of {side} "
+                                  f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size})")
+            if fixed is not None and (height, width) != (fixed.height, fixed.width):
+                raise ConfigError(f"{key}={height}x{width}: {self.name} takes only {fixed.height}x{fixed.width} (its "
+                                  "learned position table fits that size alone, and the stock pipeline refuses others); "
+                                  f"leave {key.partition('[')[0]} out")
+
+    def single_frame_problem(self) -> str | None:
+        """Why this variant cannot train on a still image (a one-frame sample), or None where it can."""
+        if self.fixed_clip is not None:
+            return f"{self.name} takes only {self.fixed_clip.num_frames}-frame clips (its learned position table)"
+        if "image" in self.conditions:
+            return f"{self.name} makes a video from an image: a still image would be its own conditioning"
+        return None
+
+    def check_clip_size(self, num_frames: int, height: int, width: int, shortest_bucket: int | None = None,
+                        names: tuple[str, str, str, str] = DATA_SIZE_KEYS) -> None:
+        """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded); the
+        schema has already checked what holds for every variant (4k+1 frames). `names`: what the four values
+        (frames, height, width, shortest bucket) are called where they were given (config keys, or flags)."""
+        side = self.vae_scale_spatial * self.patch_size
+        frames_key, height_key, width_key, shortest_key = names
+        for key, value in ((height_key, height), (width_key, width)):
+            if value % side:
+                raise ConfigError(f"{key}={value}: {self.name} needs a multiple of {side} "
+                                  f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size}); "
+                                  f"try {value - value % side}")
+        fixed = self.fixed_clip
+        if fixed is None:
+            return
+        asked = ((frames_key, num_frames, fixed.num_frames), (height_key, height, fixed.height),
+                 (width_key, width, fixed.width),
+                 (shortest_key, num_frames if shortest_bucket is None else shortest_bucket, fixed.num_frames))
+        for key, value, wanted in asked:
+            if value != wanted:
+                raise ConfigError(
+                    f"{key}={value}: {self.name} takes only {fixed.num_frames} frames at {fixed.height}x{fixed.width} "
+                    f"(its learned position table fits that size alone, and the stock pipeline refuses others); "
+                    f"set {key}={wanted} or leave it out")
+
+    # prepare ------------------------------------------------------------------------------------------
+    def encode_sample(self, vae, frames: np.ndarray, conditions: dict[str, np.ndarray | None], seed: int,
+                      config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The VAE's latent distribution of the window, from which each step samples afresh (latent_mean,
+        latent_logvar [C, F', h, w])."""
+        pixels = torch.from_numpy(frames).to(device).permute(3, 0, 1, 2).unsqueeze(0).to(dtype) / 127.5 - 1.0
+        with torch.no_grad():
+            latent_dist = vae.encode(pixels).latent_dist
+        return {"latent_mean": latent_dist.mean[0], "latent_logvar": latent_dist.logvar[0]}
+
+    def embed_prompts(self, pipe, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False,
+                                           max_sequence_length=self.max_text_seq_length, device=device, dtype=dtype)
+        return embeds
+
+    # training -----------------------------------------------------------------------------------------
+    def rotary_embedding(self, height: int, width: int, latent_frames: int, device: torch.device):
+        """3D RoPE as the stock pipeline computes it at inference (its own helper, its base grid from the
+        transformer config's sample size); None for sincos models."""
+        if not self.use_rotary:
+            return None
+        config = SimpleNamespace(**self.transformer_config)
+        host = SimpleNamespace(transformer=SimpleNamespace(config=config),
+                               vae_scale_factor_spatial=self.vae_scale_spatial)
+        pipeline = self.spec.diffusers_class("pipeline")
+        return pipeline._prepare_rotary_positional_embeddings(host, height, width, latent_frames, device)
+
+    def rotary_for(self, latents: torch.Tensor):
+        """RoPE for latents [B, F, C, h, w] (buckets differ in frames and size), computed once per shape."""
+        frames, (height, width) = latents.shape[1], (side * self.vae_scale_spatial for side in latents.shape[-2:])
+        key = (frames, height, width, latents.device)
+        if key not in self._rotary:
+            self._rotary[key] = self.rotary_embedding(height, width, frames, latents.device)
+        return self._rotary[key]
+
+    def batch_geometry(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+        samples, _, frames, height, width = batch["latent_mean"].shape  # [B, C, F, h, w]
+        return (samples, (frames - 1) * self.vae_scale_temporal + 1, height * self.vae_scale_spatial,
+                width * self.vae_scale_spatial)
+
+    def draw_inputs(self, batch: dict[str, torch.Tensor], draws: TrainingDraws, scheduler) -> ModelInputs:
+        """x0 sampled from the cached latent distribution, the noise and the timesteps (`objective.draw_inputs`),
+        then the conditions' own draws (`draw_conditions`), in that order per sample."""
+        drawn = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.scaling_factor,
+                            scheduler.config.num_train_timesteps, draws.generators, self.patch_size_t)
+        inputs = ModelInputs(drawn.x0, drawn.noise, drawn.timesteps, batch["prompt_embeds"])
+        inputs.conditions = self.draw_conditions(batch, draws, inputs.x0.shape[1])
+        return inputs
+
+    def draw_conditions(self, batch: dict[str, torch.Tensor], draws: TrainingDraws,
+                        frames: int) -> dict[str, torch.Tensor]:
+        """Text-to-video has no conditions besides the prompt."""
+        return {}
+
+    def fixed_inputs(self, batch: dict[str, torch.Tensor], noise_generator: torch.Generator,
+                     timestep: int) -> ModelInputs:
+        x0 = frames_first(batch["latent_mean"].float() * self.scaling_factor, self.patch_size_t)
+        noise = torch.randn(x0.shape[1:], generator=noise_generator)[None].to(x0.device)
+        inputs = ModelInputs(x0, noise, torch.tensor([timestep], device=x0.device), batch["prompt_embeds"])
+        inputs.conditions = self.fixed_conditions(batch, x0.shape[1])
+        return inputs
+
+    def fixed_conditions(self, batch: dict[str, torch.Tensor], frames: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def probe_inputs(self, num_frames: int, height: int, width: int, prompt_embeds: torch.Tensor,
+                     generator: torch.Generator, timestep: int, device: torch.device) -> ModelInputs:
+        shape = (1, self.latent_channels, self.latent_frames(num_frames), height // self.vae_scale_spatial,
+                 width // self.vae_scale_spatial)
+        x = frames_first(torch.randn(shape, generator=generator), self.patch_size_t).to(device)
+        inputs = ModelInputs(x, torch.zeros_like(x), torch.tensor([timestep], device=device), prompt_embeds)
+        inputs.conditions = self.neutral_conditions(x)
+        return inputs
+
+    def predict(self, model: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, inputs: ModelInputs,
+                cast_inputs: bool = False) -> torch.Tensor:
+        prompt_embeds = inputs.prompt_embeds
+        if cast_inputs:
+            x_t, prompt_embeds = x_t.to(self.dtype), prompt_embeds.to(self.dtype)
+        with torch.autocast(x_t.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            kwargs = self.spec.transformer_inputs(x_t, prompt_embeds, timesteps, self.rotary_for(inputs.x0),
+                                                  inputs.conditions)
+            return model(**kwargs, return_dict=False)[0]
+
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False) -> torch.Tensor:
+        return diffusion_loss(lambda x_t, t: self.predict(model, x_t, t, inputs, cast_inputs), scheduler,
+                              inputs.x0, inputs.noise, inputs.timesteps)
+
+    def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
+        """The diffusers CogVideoX example's step: global-RNG draws, the loss in the model's dtype until the end."""
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        x0 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.scaling_factor
+        x0 = x0.permute(0, 2, 1, 3, 4).to(self.dtype)
+        if x0.shape[1] % self.patch_size_t:  # CogVideoX 1.5: the first latent frame again, in front
+            x0 = torch.cat([x0[:, :1], x0], dim=1)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        conditions = self.fixed_conditions(batch, x0.shape[1])  # the first image encoding, unsampled
+        with torch.autocast(x0.device.type, dtype=self.dtype):
+            inputs = self.spec.transformer_inputs(x_t, batch["prompt_embeds"], t, self.rotary_for(x0), conditions)
+            v = transformer(**inputs, return_dict=False)[0]
+        x0_hat = scheduler.get_velocity(v, x_t, t)
+        weights = 1 / (1 - scheduler.alphas_cumprod.to(x0.device)[t])
+        return (weights * ((x0_hat.float() - x0.float()) ** 2).flatten(1).mean(1)).mean()
+
+    def synthetic_batch(self, config: Config, batch_size: int, num_frames: int, height: int, width: int,
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Latent mean/logvar [B, C, F, h, w] and T5 embeddings [B, L, D] in the variant's dtype."""
+        device, b = generator.device, batch_size
+        shape = (b, self.latent_channels, self.latent_frames(num_frames), height // self.vae_scale_spatial,
+                 width // self.vae_scale_spatial)
+        return {
+            "latent_mean": torch.randn(shape, generator=generator, device=device, dtype=self.dtype),
+            "latent_logvar": torch.full(shape, -4.0, device=device, dtype=self.dtype),
+            "prompt_embeds": torch.randn((b, self.max_text_seq_length, self.text_embed_dim),
+                                         generator=generator, device=device, dtype=self.dtype),
+        }
+
+    # sampling -----------------------------------------------------------------------------------------
+    def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
+                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
+        return self.spec.pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
+                                         negative_prompt_embeds=negative_prompt_embeds, image=image)
+
+    def render_latents(self, pipe, conditioning: dict[str, Any], *, num_frames: int, height: int, width: int,
+                       steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+        latents = pipe(**conditioning, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                       guidance_scale=guidance_scale, generator=generator, output_type="latent",
+                       max_sequence_length=self.max_text_seq_length).frames
+        # the pipeline returns latents with the frames it padded for patch_size_t still in front (CogVideoX 1.5)
+        return latents[:, self.padded_latent_frames(num_frames) - self.latent_frames(num_frames):]
+
+    def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            video = pipe.decode_latents(latents.to(pipe.vae.dtype))
+        return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+
+    def attention_processor(self, kernel, name: str) -> KernelAttnProcessor:
+        return KernelAttnProcessor(kernel, name)

@@ -1,0 +1,382 @@
+"""The contract a model family fulfils; nothing outside `cogft/models/` needs more of a model than this.
+
+A family (CogVideoX in `models/cogvideox/`; a test registers a toy one) is a set of `VariantSpec`s, each told
+from a pipeline folder's own configs. A spec bound to one folder's configs and a precision is a `Variant`: the
+trainer, prepare, sampling, export, estimate and bench ask it, and never branch on a model's name.
+
+What a `Variant` answers, by stage:
+- identity and geometry: the clip sizes it takes, latent frames, tokens, the native clip a config defaults to;
+- prepare: what is cached per sample (`encode_sample`: an opaque dict of named tensors, conditions as keys) and
+  the prompt embedding (`embed_prompts`); the cache, dataset and sampler carry those keys without reading them;
+- training: `draw_inputs` turns a cached batch and the step's seeded draws into `ModelInputs`, `fixed_inputs`
+  does it with fixed noise and timesteps (the held-out eval), `probe_inputs` for a given noisy input (the
+  export check, bench); `predict` runs one forward and `loss` the objective, for all of them;
+- sampling: the stock pipeline around in-memory parts (`assemble_pipeline`) and its conditioning arguments;
+- adapters: the diffusers LoRA format the pipeline class loads (`lora_format`);
+- blocks and attention: the transformer's `transformer_blocks` (checkpointing, offload, compile) and the
+  processor that carries another attention kernel (`attention_processor`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DATA_SIZE_KEYS = ("data.num_frames", "data.height", "data.width", "data.min_frames")
+
+
+class UnsupportedModelError(ConfigError):
+    """A pipeline whose configs match no registered variant; names what was found and what is supported."""
+
+
+@dataclass(frozen=True)
+class PipelineConfigs:
+    """A pipeline folder's own configs: model_index.json and the components' config files."""
+
+    model_index: dict
+    transformer: dict
+    vae: dict
+    scheduler: dict
+    text_encoder: dict = field(default_factory=dict)  # built-in configs only (tiny and random builds, bench)
+
+
+@dataclass(frozen=True)
+class ClipSize:
+    """The clip a variant was trained on: the `data.*` defaults a config gets for it unless it says otherwise."""
+
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+
+
+@dataclass
+class ModelInputs:
+    """One batch as the objective sees it: the clean latents, the noise and timesteps, the prompt and the
+    family's conditions (named tensors the family's `predict` lays out for its transformer)."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingDraws:
+    """What a step's seeded draws depend on beyond the batch: one generator per sample (keyed by the sample's place
+    in the global batch, so a resumed run and any split over processes draw alike) and the conditions' dropout."""
+
+    generators: Sequence[torch.Generator]
+    condition_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class VariantSpec(ABC):
+    """One model of a family, as it is published: its names, classes, precision, native clip and configs."""
+
+    name: str                 # "cogvideox-2b"
+    family: str               # "cogvideox": the family's name (a model card's tag)
+    short: str                # the name after tiny:// and random://
+    hub_id: str               # the published checkpoint this spec describes
+    dtype: str                # default precision: weights, autocast (and loss scaling for fp16)
+    native: ClipSize          # what `data.num_frames/height/width/fps` default to for this variant
+    reference: PipelineConfigs = field(repr=False)  # full-size configs of `hub_id` (bench, estimate, random://)
+    tiny: PipelineConfigs = field(repr=False)       # tiny configs of the same classes (tests, quickstart)
+    pipeline_class: str = ""
+    transformer_class: str = ""
+    vae_class: str = ""
+    scheduler_class: str = ""
+    text_encoder_class: str = "T5EncoderModel"  # a transformers class, built from `text_encoder` configs
+    # the base model's license as the Hub names it, for the model card of what is trained from it
+    license: str = "other"
+    license_name: str | None = None
+    license_link: str | None = None
+
+    @abstractmethod
+    def matches(self, configs: PipelineConfigs) -> bool:
+        """Whether a pipeline with these configs is this variant."""
+
+    @abstractmethod
+    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "Variant":
+        """This spec bound to one pipeline's configs, in `dtype` (auto: the spec's)."""
+
+    def torch_dtype(self, dtype: str) -> torch.dtype:
+        return DTYPES[self.dtype if dtype == "auto" else dtype]
+
+    def diffusers_class(self, component: str):
+        """The class of `component` ("pipeline", "transformer", "vae", "scheduler", "text_encoder"): a diffusers (or
+        transformers) name, or the class itself where a family brings its own."""
+        named = getattr(self, f"{component}_class")
+        if not isinstance(named, str):
+            return named
+        import diffusers
+        import transformers
+
+        return getattr(transformers if component == "text_encoder" else diffusers, named)
+
+    def class_name(self, component: str) -> str:
+        named = getattr(self, f"{component}_class")
+        return named if isinstance(named, str) else named.__name__
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A family's registered variants, and what it says of configs that match none of them."""
+
+    name: str
+    specs: tuple[VariantSpec, ...]
+    explain: Callable[[PipelineConfigs], str] = field(default=lambda configs: "", repr=False)
+
+
+@dataclass(frozen=True)
+class Variant(ABC):
+    """A spec bound to one pipeline's configs and a precision: the geometry and behaviour every consumer asks for."""
+
+    spec: VariantSpec
+    configs: PipelineConfigs = field(repr=False)
+    dtype: torch.dtype
+
+    # identity -----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        return self.dtype == torch.float16
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """Encoders and inference run in the variant's dtype on accelerators; CPUs get fp32 (half
+        convolutions are slow there)."""
+        return torch.float32 if device.type == "cpu" else self.dtype
+
+    @functools.cached_property
+    def transformer_config(self) -> dict:
+        """The transformer's config with the class's defaults filled in, as the loaded model sees it."""
+        parameters = inspect.signature(self.spec.diffusers_class("transformer").__init__).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        return {**defaults, **self.configs.transformer}
+
+    @property
+    def transformer_layout(self) -> tuple[int, dict[str, tuple[int, int]]]:
+        """(parameters, {Linear layer name: (in, out) features}) of the transformer, built on the meta device."""
+        return _meta_layout(self.spec.diffusers_class("transformer"), json.dumps(self.configs.transformer,
+                                                                                  sort_keys=True))
+
+    def unmatched_lora_targets(self, targets: list[str]) -> list[str]:
+        """The `lora.target_modules` entries that name no Linear layer (PEFT's rule: the name or its last parts)."""
+        names = self.transformer_layout[1]
+        return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+    # geometry -----------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def max_text_seq_length(self) -> int:
+        """Tokens of a prompt embedding."""
+
+    @property
+    @abstractmethod
+    def text_embed_dim(self) -> int:
+        """Width of a prompt embedding."""
+
+    @property
+    @abstractmethod
+    def vae_scale_spatial(self) -> int:
+        """Pixels per latent pixel."""
+
+    @property
+    @abstractmethod
+    def vae_scale_temporal(self) -> int:
+        """Frames per latent frame (after the first)."""
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of one latent frame."""
+
+    @property
+    @abstractmethod
+    def patch_size(self) -> int:
+        """Latent pixels per token side."""
+
+    @property
+    def patch_size_t(self) -> int:
+        """Latent frames per token (1: every frame its own)."""
+        return 1
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames the VAE makes of `num_frames` frames."""
+        return (num_frames - 1) // self.vae_scale_temporal + 1
+
+    def padded_latent_frames(self, num_frames: int) -> int:
+        """Latent frames the transformer sees: rounded up to a multiple of `patch_size_t`."""
+        frames, p = self.latent_frames(num_frames), self.patch_size_t
+        return -(-frames // p) * p
+
+    def video_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Patches of one clip: padded latent frames / patch_size_t × latent height and width / patch_size."""
+        side = self.vae_scale_spatial * self.patch_size
+        return self.padded_latent_frames(num_frames) // self.patch_size_t * (height // side) * (width // side)
+
+    def tokens(self, num_frames: int, height: int, width: int) -> int:
+        """The transformer's sequence: the prompt's tokens and the clip's patches."""
+        return self.max_text_seq_length + self.video_tokens(num_frames, height, width)
+
+    @abstractmethod
+    def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
+        """The frame counts a clip may be cut to, largest first."""
+
+    @abstractmethod
+    def frame_count_problem(self, frames: int) -> str | None:
+        """Why a clip cannot have this many frames, or None."""
+
+    @abstractmethod
+    def resolve(self, config: Config) -> Config:
+        """`config` with the variant's native clip wherever `data.*` leaves it unset; a size it cannot take refused
+        by key."""
+
+    @abstractmethod
+    def check_clip_size(self, num_frames: int, height: int, width: int, shortest_bucket: int | None = None,
+                        names: tuple[str, str, str, str] = DATA_SIZE_KEYS) -> None:
+        """Refuse, naming the key (or flag) in `names`, a size this variant cannot make."""
+
+    @abstractmethod
+    def single_frame_problem(self) -> str | None:
+        """Why this variant cannot train on a still image (a one-frame sample), or None where it can."""
+
+    # conditions -----------------------------------------------------------------------------------
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """The inputs besides the prompt a video is made from ("image": image-to-video); () for text-to-video."""
+        return ()
+
+    def check_validation_conditions(self, prompts: list[str], images: list[str]) -> None:
+        """Refuse, by key, validation inputs this variant cannot use or lacks."""
+        from pathlib import Path
+
+        takes_image = "image" in self.conditions
+        if takes_image and prompts and not images:
+            raise ConfigError(f"validation.images: {self.name} makes a video from an image and a prompt; give one "
+                              "image per validation prompt (a clip's first frame will do), or set validation.prompts=[]")
+        if images and not takes_image:
+            raise ConfigError(f"validation.images: {self.name} is text-to-video and takes no image; remove the key")
+        for image in images:
+            if not Path(image).is_file():
+                raise ConfigError(f"validation.images: {image} not found (paths are relative to where cogft runs)")
+
+    # prepare --------------------------------------------------------------------------------------
+    def cache_identity(self, config: Config) -> list:
+        """What, beside the VAE and the decode settings, the cached samples depend on (their cache key)."""
+        return []
+
+    @abstractmethod
+    def encode_sample(self, vae, frames: np.ndarray, conditions: dict[str, np.ndarray | None], seed: int,
+                      config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What prepare caches for one window of uint8 frames [F, H, W, 3]: named tensors, one sample each (no batch
+        axis). `conditions`: each of `self.conditions` given for the clip (None: the family's default, e.g. the
+        window's first frame); `seed`: the window's own, for draws made at encoding."""
+
+    @abstractmethod
+    def embed_prompts(self, pipe, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The prompt embeddings [N, L, D] of `texts` through the pipeline's text encoder."""
+
+    # training -------------------------------------------------------------------------------------
+    @abstractmethod
+    def batch_geometry(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+        """(samples, frames, height, width) of a batch of cached samples, read from shapes (no device sync)."""
+
+    @abstractmethod
+    def draw_inputs(self, batch: dict[str, torch.Tensor], draws: TrainingDraws, scheduler) -> ModelInputs:
+        """A training batch's inputs, every random draw from the per-sample generators in a fixed order."""
+
+    @abstractmethod
+    def fixed_inputs(self, batch: dict[str, torch.Tensor], noise_generator: torch.Generator,
+                     timestep: int) -> ModelInputs:
+        """One cached sample's inputs with no sampling: its latent mean, noise from `noise_generator` (CPU), the given
+        timestep, its conditions undropped (the held-out eval)."""
+
+    @abstractmethod
+    def probe_inputs(self, num_frames: int, height: int, width: int, prompt_embeds: torch.Tensor,
+                     generator: torch.Generator, timestep: int, device: torch.device) -> ModelInputs:
+        """A fixed input for one prediction at a clip size: its x0 is the noisy input itself (drawn from the CPU
+        `generator`), with neutral conditions, the same wherever it is built (the export check, bench)."""
+
+    def neutral_conditions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Conditions for a probe input `x` that are the same wherever it is built (zeros where the model takes
+        any); none for a model that takes none."""
+        return {}
+
+    @abstractmethod
+    def predict(self, model: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, inputs: ModelInputs,
+                cast_inputs: bool = False) -> torch.Tensor:
+        """One forward as training runs it (under the variant's autocast, laid out as the stock pipeline lays it
+        out). `cast_inputs`: hand the model its inputs in the variant's dtype (DeepSpeed turns autocast off)."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False) -> torch.Tensor:
+        """The training objective of `model` on `inputs` (fp32)."""
+
+    @abstractmethod
+    def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
+        """The family's published training recipe written plainly (diffusers' example script): the baseline
+        `cogft bench --baseline` times beside cogft's step."""
+
+    @abstractmethod
+    def synthetic_batch(self, config: Config, batch_size: int, num_frames: int, height: int, width: int,
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random tensors shaped and typed as a batch of `encode_sample` entries and prompt embeddings, on the
+        generator's device (bench)."""
+
+    # sampling -------------------------------------------------------------------------------------
+    def assemble_pipeline(self, transformer, vae, scheduler):
+        """The stock pipeline around components already in memory, without the text encoder (prompts come as
+        cached embeddings)."""
+        pipe = self.spec.diffusers_class("pipeline")(tokenizer=None, text_encoder=None, vae=vae,
+                                                     transformer=transformer, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @abstractmethod
+    def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
+                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
+        """The conditioning part of the pipeline call for a validation video or `cogft sample`."""
+
+    @abstractmethod
+    def render_latents(self, pipe, conditioning: dict[str, Any], *, num_frames: int, height: int, width: int,
+                       steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+        """Denoise through the pipeline to the latents of `num_frames` frames (padding dropped)."""
+
+    @abstractmethod
+    def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
+        """Latents to float frames [F, H, W, 3] in [0, 1]."""
+
+    # adapters, blocks, attention --------------------------------------------------------------------
+    @property
+    def lora_format(self):
+        """The diffusers class whose `save_lora_weights` / `lora_state_dict` write and read this family's LoRA files
+        (the pipeline class, which a stock `load_lora_weights` is called on)."""
+        return self.spec.diffusers_class("pipeline")
+
+    @abstractmethod
+    def attention_processor(self, kernel, name: str):
+        """An attention processor of this family's transformer that runs `kernel` (a `KernelProcessor`)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_layout(transformer_class, config_json: str) -> tuple[int, dict[str, tuple[int, int]]]:
+    with torch.device("meta"):
+        model = transformer_class.from_config(json.loads(config_json))
+    linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    return sum(p.numel() for p in model.parameters()), linears

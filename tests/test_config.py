@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from cogft.config import ConfigError, load_config, parse_overrides
+from cogft.config import ConfigError
+from cogft.config_file import load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 

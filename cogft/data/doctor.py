@@ -13,7 +13,8 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from ..config import Config, DataConfig, load_config, parse_size
+from ..config import Config, DataConfig, parse_size
+from ..config_file import load_config
 from ..models.spec import Variant, frame_buckets
 from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
 from .checks import Problem, admission_problems, byte_duplicates, caption_problem

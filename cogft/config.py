@@ -18,6 +18,9 @@ class ConfigError(ValueError):
 
 
 SEED_RANGE = dict(ge=0, lt=2**32)  # what every seeded library takes (numpy's is the narrowest)
+# stills in one batch, one forward pass: 64 at 480x720 feed about six 49-frame clips' tokens, each with its prompt
+# embedding (about 2 MB of host memory); 100000 ran the host out of memory
+IMAGE_BATCH_LIMIT = 64
 
 
 def frame_count_problem(frames: int) -> str | None:
@@ -123,6 +126,15 @@ class DataConfig(_Section):
     image_batch_size: int | None = Field(None, ge=1, description="batch size of still images trained beside the clips "
                                                                  "(they are single frames, far cheaper); null: "
                                                                  "train.batch_size")
+
+    @field_validator("image_batch_size")
+    @classmethod
+    def _image_batch_bound(cls, value: int | None) -> int | None:
+        if value is not None and value > IMAGE_BATCH_LIMIT:
+            raise ValueError(f"at most {IMAGE_BATCH_LIMIT} stills go in one batch (one forward pass; {IMAGE_BATCH_LIMIT} "
+                             "at 480x720 already feed about six 49-frame clips' tokens); for more stills per optimizer "
+                             "step raise train.gradient_accumulation_steps")
+        return value
 
     @field_validator("num_frames", "min_frames")
     @classmethod
@@ -371,8 +383,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _fp8_base_is_for_lora(self) -> "Config":
         if self.model.fp8_base and self.train.mode != "lora":
-            raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning (train.mode="
-                             "sft) trains every weight; use train.mode=lora or model.fp8_base=false")
+            raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning "
+                             "(train.mode=sft) trains every weight; use train.mode=lora or model.fp8_base=false")
         return self
 
     @model_validator(mode="after")
@@ -380,6 +392,7 @@ class Config(_Section):
         if self.validation.prompts and self.validation.every > self.train.max_steps and not self.validation.at_end:
             raise ValueError(
                 f"validation.every={self.validation.every} > train.max_steps={self.train.max_steps} with "
-                "validation.at_end=false: no validation would ever run"
+                "validation.at_end=false: no validation would ever run; set validation.at_end=true or "
+                f"validation.every to at most {self.train.max_steps}, or leave out validation.prompts"
             )
         return self

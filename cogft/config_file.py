@@ -15,6 +15,8 @@ from pydantic import ValidationError
 
 from .config import Config, ConfigError
 
+SHOWN_VALUE_CHARS = 200  # a longer bad value is cut short in its message (a whole prompt list given as one string)
+
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
@@ -48,6 +50,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _problem(item: dict) -> str:
+    """pydantic's message for one mistake, without the "Value error, " it puts before a validator's own words."""
+    error = item.get("ctx", {}).get("error")
+    return str(error) if item["type"] == "value_error" and error is not None else item["msg"]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else f"{text[:SHOWN_VALUE_CHARS]}... ({len(text)} characters)"
+
+
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid config"]
     for item in error.errors():
@@ -61,8 +74,11 @@ def _format_errors(source: str, error: ValidationError) -> str:
             lines.append(f"  {key}: unknown key; allowed here: {allowed}")
         elif item["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif item["type"] == "value_error" and isinstance(item["input"], dict):
+            # a check across keys: its words name them and their values; the section itself would be a wall of text
+            lines.append(f"  {_problem(item)}" if not item["loc"] else f"  {key}: {_problem(item)}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  {key}: {_problem(item)} (got {_shown(item['input'])})")
     return "\n".join(lines)
 
 

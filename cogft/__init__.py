@@ -14,7 +14,7 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-_API = {"load_config": "cogft.config", "train": "cogft.training.loop", "sample": "cogft.inference.sampling"}
+_API = {"load_config": "cogft.config_file", "train": "cogft.training.loop", "sample": "cogft.inference.sampling"}
 __all__ = ["load_config", "train", "sample", "cogft_home", "__version__"]
 
 

@@ -25,7 +25,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def _config(args):
     """The validated config: fails fast, before any heavy import."""
-    from .config import load_config
+    from .config_file import load_config
 
     return load_config(args.config, args.overrides)
 
@@ -45,7 +45,7 @@ def _tiny(args) -> None:
 
 def run_train(config_path: str, overrides: list[str]) -> Path:
     """Shared by `cogft train` and train.py."""
-    from .config import load_config
+    from .config_file import load_config
 
     config = load_config(config_path, overrides)  # fails fast, before the heavy imports below
     from .training.loop import train

@@ -1,7 +1,7 @@
-"""The typed run configuration: YAML file + `section.key=value` overrides, validated by pydantic.
+"""The schema of a run's configuration: every key, its type, default, bounds and description, validated by pydantic.
 
-Every mistake is reported before any model is loaded, naming the file, the key, the bad value and
-what is allowed, so a typo costs a second instead of a queued GPU job.
+Each key's description is written here, once: docs/configuration.md is rendered from them (`config_reference.py`).
+Reading the config from YAML with overrides, and the messages its mistakes give, are `config_file.py`'s.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -21,6 +19,9 @@ class ConfigError(ValueError):
 
 
 SEED_RANGE = dict(ge=0, lt=2**32)  # what every seeded library takes (numpy's is the narrowest)
+# stills in one batch, one forward pass: 64 at 480x720 feed about six 49-frame clips' tokens, each with its prompt
+# embedding (about 2 MB of host memory); 100000 ran the host out of memory
+IMAGE_BATCH_LIMIT = 64
 
 
 def frame_count_problem(frames: int) -> str | None:
@@ -67,65 +68,117 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(description="a diffusers pipeline folder; a hub id (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b, "
-                                  "THUDM/CogVideoX-5b-I2V, THUDM/CogVideoX1.5-5B, THUDM/CogVideoX1.5-5B-I2V); "
-                                  "tiny://NAME (NAME: 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v): tiny random test models "
-                                  "built on first use under $COGFT_HOME; random://NAME: a full-size pipeline with random "
-                                  "weights built from the built-in real configurations, for benchmarking and end-to-end "
-                                  "checks on a GPU, never for real training (the log says so)")
-    revision: str | None = None
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    attention: Literal["auto", "sdpa", "fa4"] = Field(
-        "auto", description="attention kernel: fa4 (FlashAttention-4, Hopper/Blackwell GPUs, pip install "
-        "'cogft[fa4]'), sdpa (torch's), auto: fa4 where it can run, sdpa elsewhere"
-    )
-    fp8_base: bool = Field(False, description="LoRA: keep the frozen transformer's linear weights in float8 (e4m3, "
-                                              "scaled per row) and upcast each layer's weight for its forward; the "
-                                              "patch embedding stays as it is. About half the base weights' memory")
+    """The pipeline to fine-tune, and how it computes."""
 
+    path: str = Field(description=(
+        "a diffusers pipeline folder; a hub id (`THUDM/CogVideoX-2b`, `THUDM/CogVideoX-5b`, `THUDM/CogVideoX1.5-5B`, "
+        "`THUDM/CogVideoX-5b-I2V`, `THUDM/CogVideoX1.5-5B-I2V`); `tiny://NAME` with NAME one of `2b`, `5b`, `5b-i2v`, "
+        "`1.5-5b`, `1.5-5b-i2v` (tiny random test models, built on first use under `$COGFT_HOME`, default "
+        "`~/.cache/cogft`); or `random://NAME` (a full-size pipeline with random weights built from the built-in real "
+        "configurations, for benchmarking and end-to-end checks on a GPU, never for real training; the log says so). "
+        "The variant is read from the pipeline's own configs, never from its name"))
+    revision: str | None = Field(None, description="the hub revision (branch, tag or commit) of a hub id; null: the "
+                                                   "default branch")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="precision of the frozen weights and of autocast: `auto` = the variant's (fp16 with "
+        "loss scaling for 2B, bf16 for the others); trainable master weights are fp32 either way")
+    attention: Literal["auto", "sdpa", "fa4"] = Field("auto", description=(
+        "attention kernel for training, validation and `cogft sample`: `fa4` (FlashAttention-4, "
+        "`pip install -e \".[fa4]\"`, Hopper/Blackwell GPUs, fp16/bf16; refused by name where it cannot run), `sdpa` "
+        "(torch's; cuDNN on Hopper) or `auto` (fa4 where it can run, else sdpa; logged). Both are exact; `cogft "
+        "sample` of a run trained with fa4 falls back to sdpa with a warning where fa4 cannot run"))
+    fp8_base: bool = Field(False, description=(
+        "LoRA: store the frozen transformer's linear weights in float8 (e4m3), each row scaled by a power of two so "
+        "that small weights keep e4m3's full precision, and read each layer's weight upcast to the model's dtype in "
+        "its forward and again in its backward, which keeps the float8 weight rather than an upcast copy (ordinary "
+        "ops that autograd and `torch.compile` see: diffusers' layerwise-casting hooks broke the compiled, "
+        "checkpointed backward). Every linear layer but the patch embedding's: 99.7 % of the 5B model's weights at "
+        "about 1 byte instead of 2 (`cogft estimate` counts it). The prediction moves by 2.9 % (5B, bf16) and 3.1 % "
+        "(2B, fp16) on random weights, half the 5.8 % of a plain cast that leaves the norm modulation in bf16 as "
+        "diffusers does; `cogft bench --fp8-error` measures it on your `model.path`. The adapter's fp32 weights stay "
+        "as they are. Refused for `train.mode: sft` and under DeepSpeed/FSDP. The export is the LoRA as usual, "
+        "loaded into the stock pipeline in its normal dtype (the export check stores that pipeline's base in float8 "
+        "too, as training rendered it)"))
 
 class DataConfig(_Section):
-    path: str = Field(description="folder with prompts.txt + videos.txt, a folder of clips with a .txt caption "
-                                  "beside each, or a .csv / .jsonl metadata file")
-    video_column: str = "video"
-    caption_column: str = "caption"
-    image_column: str = Field("image", description="image-to-video: the metadata column naming each clip's "
+    """The clips and captions, and how prepare turns them into the cache that training reads (data/README.md)."""
+
+    path: str = Field(description=(
+        "folder with `prompts.txt` + `videos.txt`, a folder of clips (and still images) with a `.txt` caption beside "
+        "each, a folder with `metadata.csv` / `metadata.jsonl`, or a `.csv` / `.jsonl` file; clip paths are relative "
+        "to it. `hf://datasets/OWNER/NAME[@REVISION][/SUBFOLDER]` reads a Hugging Face dataset repo, fetched once "
+        "into the Hub cache (offline runs read the cache)"))
+    video_column: str = Field("video", description="the CSV/JSONL column with each clip's path (a Hub-style "
+                                                   "metadata file's `file_name` column is read when this is left "
+                                                   "`video` and the file has no such column)")
+    caption_column: str = Field("caption", description="the CSV/JSONL column with each clip's caption")
+    image_column: str = Field("image", description="image-to-video: the CSV/JSONL column naming each clip's "
                                                    "conditioning image (empty or absent: the clip's first frame)")
-    num_frames: int = Field(49, ge=1)
-    min_frames: int | None = Field(None, ge=1, description="shortest frame bucket; null: min(17, num_frames)")
-    height: int = Field(480, ge=8)
-    width: int = Field(720, ge=8)
-    fps: float | None = Field(8.0, gt=0, description="resample clips to this rate; null keeps every frame")
-    resize: Literal["crop", "fit"] = Field("crop", description="crop: cover and centre-crop; fit: letterbox")
-    windows: int = Field(1, ge=1, le=64, description="windows per clip, spread evenly over it and encoded once; "
-                                                    "each epoch trains on one, drawn at random. 1: the clip's start")
-    cache_dir: str | None = None
-    vae_tiling: bool = False
-    compile_vae: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the VAE encoder during prepare: faster encoding after a one-time "
-                            "compile; auto: on CUDA when at least 600 clips are to be encoded, where it pays off"
-    )
-    decode_workers: int = Field(2, ge=1, description="processes decoding clips during prepare")
-    dataloader_workers: int = Field(0, ge=0)
-    image_noise_draws: int = Field(
-        4, ge=1, le=64, description="image-to-video: noisy versions of each conditioning image that prepare encodes "
-        "(pixel noise sigma = exp(N(-3, 0.5^2)), the reference recipe); each step trains on one, drawn at random. "
-        "Each costs about one latent frame's encode")
-    image_dropout: float = Field(0.05, ge=0, le=1, description="image-to-video: fraction of steps trained with the "
-                                                              "image latents zeroed (the reference recipe's 0.05)")
-    caption_dropout: float = Field(0.0, ge=0, lt=1, description="fraction of samples trained on the empty prompt "
-                                                                "(as the negative prompt of guidance is), drawn from "
-                                                                "the seeded generators")
-    caption_prefix: str = Field("", description="put in front of every caption before it is embedded (a trigger word "
-                                                "that summons the subject); part of the cache key")
-    buckets: list[str] | Literal["auto"] | None = Field(
-        None, description="training sizes as HEIGHTxWIDTH (e.g. [480x720, 720x480, 576x576]): each clip or image "
-        "trains at the one nearest its aspect ratio, resized and cropped without distortion; auto: data.height x "
-        "data.width plus one size per common aspect ratio (16:9 to 9:16) at about its area; null: data.height x "
-        "data.width only")
-    image_batch_size: int | None = Field(None, ge=1, description="batch size of still images trained beside the clips "
-                                                                 "(they are single frames, far cheaper); null: "
-                                                                 "train.batch_size")
+    num_frames: int = Field(49, ge=1, description=(
+        "frames per clip, 4k+1 (8k+1 such as 9, 17, 49 decode back to the same length): the largest frame bucket. "
+        "Left out: the model's (49; 81 for 1.5; 5B-I2V takes 49 only)"))
+    min_frames: int | None = Field(None, ge=1, description=(
+        "the shortest frame bucket (4k+1, at most `data.num_frames`): shorter clips are skipped, longer ones train "
+        "in the largest bucket they fill (`data.num_frames`, each 8k+1 count below it, `data.min_frames`); null: "
+        "min(17, `data.num_frames`), and `data.num_frames` for 5B-I2V"))
+    height: int = Field(480, ge=8, description="training height, a multiple of 16 (and the base of `data.buckets: "
+                                               "auto`). Left out: the model's (480; 768 for 1.5; 5B-I2V takes 480 "
+                                               "only)")
+    width: int = Field(720, ge=8, description="training width, a multiple of 16. Left out: the model's (720; 1360 "
+                                              "for 1.5; 5B-I2V takes 720 only)")
+    fps: float | None = Field(8.0, gt=0, description="resample clips to this frame rate before taking frames (a "
+                                                     "clip is never sampled faster than its own rate); null takes "
+                                                     "consecutive frames. Left out: the model's (8; 16 for 1.5)")
+    resize: Literal["crop", "fit"] = Field("crop", description="`crop` (cover, then centre-crop) or `fit` (letterbox "
+                                                               "with black bars); no distortion either way")
+    windows: int = Field(1, ge=1, le=64, description=(
+        "windows of `data.num_frames` per clip, spread evenly from its start to its end, each encoded once; each "
+        "epoch trains on one, drawn at random from (seed, epoch, clip), so long clips are seen whole and a resume "
+        "stays exact. 1 = the clip's start; raising it keeps that entry and encodes only the new windows"))
+    cache_dir: str | None = Field(None, description="where prepare keeps latents and prompt embeddings "
+                                                    "(content-hashed, shared by runs); null: `$COGFT_HOME/cache`")
+    vae_tiling: bool = Field(False, description="tile the VAE during prepare's encoding and validation's decoding "
+                                                "(less memory, a little slower)")
+    compile_vae: bool | Literal["auto"] = Field("auto", description=(
+        "`torch.compile` the VAE encoder during prepare: faster encoding after a one-time compile; `auto` = on CUDA "
+        "when at least 600 clips are to be encoded, where it pays off"))
+    decode_workers: int = Field(2, ge=1, description="processes decoding clips during prepare and doctor (a decoder "
+                                                     "crash costs one clip, not the run)")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes reading the cache during "
+                                                         "training")
+    image_noise_draws: int = Field(4, ge=1, le=64, description=(
+        "image-to-video: noisy encodings of each conditioning image that prepare caches (pixel noise of "
+        "σ = exp(N(−3, 0.5²)), the reference recipe); each step trains on one, drawn at random. Each costs about one "
+        "latent frame's encode"))
+    image_dropout: float = Field(0.05, ge=0, le=1, description=(
+        "image-to-video: fraction of samples trained with the image latents zeroed, drawn per sample from the "
+        "seeded generators (the reference recipe's 0.05)"))
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of samples trained on the empty prompt (the one guidance's negative half uses), drawn per sample "
+        "from the seeded generators, so a resume stays exact"))
+    caption_prefix: str = Field("", description=(
+        "put in front of every caption before it is embedded, e.g. a trigger word (`sks,` makes \"a dog runs\" "
+        "\"sks, a dog runs\"), unless the caption begins with it already; a CSV/JSONL `id_token` column adds a "
+        "per-clip trigger word the same way. Part of the cache key. Empty or missing captions are still skipped"))
+    buckets: list[str] | Literal["auto"] | None = Field(None, description=(
+        "resolution buckets as HEIGHTxWIDTH, e.g. `[480x720, 720x480, 576x576]`: each clip or image trains at the one "
+        "nearest its aspect ratio, without distortion (batches hold one bucket; the sampler's order, and so a "
+        "resume, stays exact); `auto`: `data.height`×`data.width` plus one size per common aspect ratio from 16:9 "
+        "to 9:16 at about its area; null: `data.height`×`data.width` only"))
+    image_batch_size: int | None = Field(None, ge=1, description=(
+        f"batch size of still images listed beside the clips (one-frame samples, far cheaper than clips), at most "
+        f"{IMAGE_BATCH_LIMIT}: a batch is one forward pass, and {IMAGE_BATCH_LIMIT} stills at 480×720 already feed "
+        "about six 49-frame clips' tokens (for more per optimizer step, raise `train.gradient_accumulation_steps`); "
+        "null: `train.batch_size`"))
+
+    @field_validator("image_batch_size")
+    @classmethod
+    def _image_batch_bound(cls, value: int | None) -> int | None:
+        if value is not None and value > IMAGE_BATCH_LIMIT:
+            raise ValueError(f"at most {IMAGE_BATCH_LIMIT} stills go in one batch (one forward pass; "
+                             f"{IMAGE_BATCH_LIMIT} at 480x720 already feed about six 49-frame clips' tokens); for more "
+                             "stills per optimizer step raise train.gradient_accumulation_steps")
+        return value
 
     @field_validator("num_frames", "min_frames")
     @classmethod
@@ -184,50 +237,70 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    mode: Literal["lora", "sft"] = "lora"
-    max_steps: int = Field(1000, ge=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    lr_warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = Field(42, **SEED_RANGE)
-    checkpoint_every: int = Field(500, ge=1)
-    checkpoints_keep: int = Field(3, ge=1)
-    resume: str | None = "latest"
-    gradient_checkpointing: bool | float = Field(
-        False, description="true: all blocks; a fraction in (0, 1]: that share of the blocks; false: none"
-    )
-    offload_checkpoints: bool = False
-    memory_budget_gib: PositiveFloat | Literal["auto"] | None = Field(
-        None, description="choose checkpointing/offloading from `cogft estimate` to fit this many GiB; "
-        "auto: 90 % of the GPU's memory"
-    )
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile each block; auto: on CUDA GPUs")
-    compile_autotune: bool = Field(
-        False, description="tune the compiled blocks' fused kernels (inductor's coordinate-descent tuning): "
-        "slightly faster steps for a longer compile at start, cached on disk for later runs; worth it for long runs"
-    )
-    allow_tf32: bool = True
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the trained "
-                                    "weights (e.g. 0.999; on the GPU for a LoRA, in host memory for full fine-tuning) "
-                                    "and validate and export it, the raw weights exported beside it in raw/; null: off")
-    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit", "prodigy"] = Field(
-        "adamw", description="adamw: fp32 master weights and state; adamw_bf16 (SFT, bf16 variant): bf16 weights with "
-        "stochastic rounding and bf16 state, applied during the backward pass (5B SFT on one 80 GB GPU; no clipping); "
-        "adamw8bit: bitsandbytes' 8-bit AdamW state (CUDA GPUs, pip install 'cogft[bnb]'); prodigy: Prodigy, which "
-        "finds the step size itself (train.learning_rate is its multiplier, 1.0 unless set; pip install "
-        "'cogft[prodigy]')"
-    )
-    cpu_adam: Literal["auto", "torch"] = Field(
-        "auto", description="optimizer in host memory (DeepSpeed offload): auto = DeepSpeed's CPUAdam, compiled on "
-        "first use, else torch's AdamW; torch = torch's AdamW, no compiler needed"
-    )
+    """The optimization: mode, steps, optimizer, checkpoints, and what makes a step fast or small."""
+
+    mode: Literal["lora", "sft"] = Field("lora", description="`lora` (adapters on `lora.target_modules`) or `sft` "
+                                                             "(the whole transformer)")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(1, ge=1, description="clips per micro-batch per process")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(1e-4, gt=0, description="the optimizer's learning rate (Prodigy's multiplier of "
+                                                         "the step size it finds: 1.0 unless set)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant_with_warmup", description="the learning rate's schedule over `train.max_steps`")
+    lr_warmup_steps: int = Field(0, ge=0, description="warm-up steps")
+    weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay (every optimizer)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="the first moment's decay (every optimizer)")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="the second moment's decay (every optimizer)")
+    adam_epsilon: float = Field(1e-8, gt=0, description="the optimizer's epsilon")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping (not with `adamw_bf16`, which updates "
+                                                        "during the backward pass; the norm is still logged)")
+    seed: int = Field(42, **SEED_RANGE, description="seeds data order, windows, noise and timesteps (per step and "
+                                                     "rank, so a resume is exact) and the held-out clips")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (also written at the end and on "
+                                                         "SIGINT/SIGTERM)")
+    checkpoints_keep: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted, except the "
+                                                       "one `best.json` names")
+    resume: str | None = Field("latest", description=(
+        "`latest` (the newest complete checkpoint, or a fresh start when there is none), null (start fresh; refused "
+        "when the run dir holds checkpoints) or a checkpoint folder"))
+    gradient_checkpointing: bool | float = Field(False, description=(
+        "recompute activations in the backward pass: `true` (all blocks), `false`, or a fraction of the blocks in "
+        "(0, 1] such as `0.25` (only as much memory saving as you need)"))
+    offload_checkpoints: bool = Field(False, description=(
+        "keep the checkpointed blocks' inputs in pinned host memory until the backward pass (with "
+        "`train.gradient_checkpointing: true`: lean mode for small GPUs)"))
+    memory_budget_gib: PositiveFloat | Literal["auto"] | None = Field(None, description=(
+        "when set, ignore the two keys above and use the fastest checkpointing/offloading that `cogft estimate` "
+        "predicts fits this many GiB (logged at start); `auto` = 90 % of the GPU's memory (on a CPU, the two keys as "
+        "written). `cogft estimate --gpu G` shows what a budget picks on that GPU"))
+    compile: bool | Literal["auto"] = Field("auto", description="`torch.compile` each transformer block; `auto` = on "
+                                                                "CUDA GPUs (a compile at start, faster steps)")
+    compile_autotune: bool = Field(False, description=(
+        "tune the compiled blocks' fused kernels (inductor's coordinate-descent tuning): slightly faster steps for a "
+        "longer compile at start, cached on disk for later runs; worth it for long runs"))
+    allow_tf32: bool = Field(True, description="TF32 matmuls on NVIDIA GPUs")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description=(
+        "keep an exponential moving average of the trained weights (e.g. 0.999; fp32, on the GPU for a LoRA, in host "
+        "memory for full fine-tuning), updated after every step the optimizer took and saved in checkpoints (a resume "
+        "stays exact); validation videos and the export use it, and the trained weights are exported beside it in "
+        "`raw/lora/` or `raw/transformer/`. Checkpoints hold the trained weights. Not with DeepSpeed or FSDP (refused "
+        "by key); null: off"))
+    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit", "prodigy"] = Field("adamw", description=(
+        "`adamw`: fp32 master weights, gradients and AdamW state (18 bytes per trained parameter with the half "
+        "copies). `adamw_bf16` (bf16 variants, full fine-tuning): bf16 weights updated during the backward pass as "
+        "each gradient is ready, bf16 moments, stochastic rounding so small updates survive: 6 bytes per parameter, "
+        "5B SFT on one 80 GB GPU; no gradient clipping (the norm is still logged); one process only, refused under "
+        "DeepSpeed/FSDP. `adamw8bit`: bitsandbytes' 8-bit AdamW (block-wise quantised moments, about 6 bytes less per "
+        "trained parameter; CUDA GPUs; `pip install \"cogft[bnb]\"`). `prodigy`: Prodigy, which finds the step size "
+        "itself (`train.learning_rate` is its multiplier: 1.0 unless the config sets one, a warning below 0.1; "
+        "`pip install \"cogft[prodigy]\"`). Every optimizer's state is in each checkpoint, so a resume is exact; one "
+        "that cannot run here (no GPU for `adamw8bit`, the package missing, a DeepSpeed config that offloads the "
+        "optimizer) is refused before prepare, naming the fix"))
+    cpu_adam: Literal["auto", "torch"] = Field("auto", description=(
+        "with `accelerate_configs/deepspeed_zero2_offload.yaml` (the optimizer in host memory): `auto` = DeepSpeed's "
+        "CPUAdam, compiled on first use (needs g++ and the Python headers), else torch's AdamW with a warning; "
+        "`torch` = torch's AdamW, no compiler needed"))
 
     @model_validator(mode="before")
     @classmethod
@@ -246,36 +319,55 @@ class TrainConfig(_Section):
 
 
 class LoraConfig(_Section):
-    rank: int = Field(128, ge=1)
-    alpha: float = Field(64, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
-    export_dtype: Literal["auto", "fp32"] = Field(
-        "auto", description="precision of the exported LoRA (lora/, cogft export): auto = the model's (fp16 for 2B, "
-        "bf16 for the others: half the size, as the model computes it); fp32 = the trained master weights as they "
-        "are. Checkpoints keep fp32 either way, so a resume is exact")
+    """The adapters of `train.mode: lora`."""
 
+    rank: int = Field(128, ge=1, description="LoRA rank (saved with the weights)")
+    alpha: float = Field(64, gt=0, description="LoRA alpha: the update is scaled by alpha / rank (saved with the "
+                                               "weights)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description=(
+        "transformer modules that get adapters; names that match no linear layer are refused before prepare"))
+    export_dtype: Literal["auto", "fp32"] = Field("auto", description=(
+        "precision of the shared LoRA (`lora/`, `cogft export`): `auto` = the model's (fp16 for 2B, bf16 for the "
+        "others; half the size of fp32, as the model computes it), `fp32` = the trained master weights. Its "
+        "safetensors metadata names the base model, cogft's version, the rank, alpha and target modules. "
+        "Checkpoints keep fp32 either way, so a resume is exact"))
 
 class ValidationConfig(_Section):
-    prompts: list[str] = []
-    images: list[str] = Field([], description="image-to-video: one image file per prompt, in order (paths as "
-                                              "written, relative to where cogft runs)")
-    sizes: list[str] = Field([], description="one HEIGHTxWIDTH per prompt, in order, to render each at (e.g. a portrait "
-                                             "prompt at 720x480); empty: the largest of data.buckets")
-    prefix_prompts: bool = Field(True, description="put data.caption_prefix in front of each validation prompt too")
-    every: int = Field(250, ge=1)
-    num_inference_steps: int = Field(50, ge=1)
-    guidance_scale: float = Field(6.0, ge=1)
-    seed: int = Field(0, **SEED_RANGE)
-    fps: int = Field(8, ge=1)
-    at_end: bool = True
-    check_export: bool = Field(
-        True, description="at the end of a finished run, load the export into a stock diffusers pipeline in a fresh "
-        "process, render the first validation prompt as the final validation did, and report the pixel difference "
-        "(a warning beyond rounding noise)")
-    cache: Literal["none", "pab", "first_block", "taylorseer"] = Field(
-        "none", description="approximate inference cache from diffusers (faster, not exact)"
-    )
+    """Videos rendered during training from the model being trained, and the check of the export at the end; the
+    rendering keys are also `cogft sample`'s defaults."""
+
+    prompts: list[str] = Field([], description="prompts rendered during training (embedded during prepare)")
+    images: list[str] = Field([], description=(
+        "image-to-video (required there with prompts): one start image per prompt, in order, cropped to the "
+        "training size as the clips are; paths relative to where cogft runs"))
+    sizes: list[str] = Field([], description=(
+        "one HEIGHTxWIDTH per prompt, in order, to render it at (a portrait prompt at `720x480`); empty: the largest "
+        "of `data.buckets` (or `data.height`×`data.width`)"))
+    prefix_prompts: bool = Field(True, description="put `data.caption_prefix` in front of each validation prompt too")
+    every: int = Field(250, ge=1, description="steps between validations")
+    num_inference_steps: int = Field(50, ge=1, description="denoising steps")
+    guidance_scale: float = Field(6.0, ge=1, description="classifier-free guidance scale")
+    seed: int = Field(0, **SEED_RANGE, description="seed of the first prompt (the next ones use seed+1, ...)")
+    fps: int = Field(8, ge=1, description="frame rate of the written mp4")
+    at_end: bool = Field(True, description="also validate after the last step")
+    check_export: bool = Field(True, description=(
+        "at the end of a finished run with validation prompts, load the export (`lora/` or `transformer/`) into a "
+        "stock diffusers pipeline in a fresh process; render the first prompt with the final validation's seed, "
+        "size, steps and guidance and compare with the in-training frames (not the lossy mp4), and predict once on a "
+        "fixed input (the first prompt, timestep 500, noise from `validation.seed`) that the trained model predicted "
+        "on before it was let go. The verdict is the prediction's: within 3× the kernel noise, which a LoRA run "
+        "measures in place with the adapter off on both sides (at least 0.001 %), or within 2 % for full "
+        "fine-tuning on GPUs (0.001 % on CPUs). Renders are reported, not judged: 50 denoising steps amplify kernel "
+        "rounding (a correct tiny-5B export renders 1.4 levels off on an H200, more than its weak LoRA's effect). "
+        "It warns when the export does not reproduce the trained model. With `model.fp8_base` the stock base is "
+        "stored in float8 too, as training had it. Needs the final validation (`validation.at_end`); costs two "
+        "forwards in training, then one process start, two renders of one video and two forwards, after the trainer "
+        "has let go of its model. Off in the tiny configs"))
+    cache: Literal["none", "pab", "first_block", "taylorseer"] = Field("none", description=(
+        "approximate inference cache from diffusers, faster and not exact: `taylorseer` (the whole transformer on "
+        "steps 0-2 and every 4th step, the rest predicted by a first-order Taylor expansion), `pab` (pyramid "
+        "attention broadcast), `first_block` (first-block cache). Check a sample against `none` first"))
 
     @field_validator("sizes")
     @classmethod
@@ -284,16 +376,22 @@ class ValidationConfig(_Section):
 
 
 class EvalConfig(_Section):
-    holdout: int | float = Field(
-        0, description="clips kept out of training to measure the eval loss on: a count, or a fraction in (0, 1) of "
-        "the clips (at least one); chosen from train.seed and each clip's cache key, so the same on every rank and "
-        "resume; 0: no eval loss")
-    every: int | None = Field(None, ge=1, description="steps between evaluations besides the one at each checkpoint "
-                                                      "(every checkpoint is evaluated, so the best can be exported); "
-                                                      "null: at checkpoints only")
-    timesteps: list[int] | None = Field(
-        None, min_length=1, description="the timesteps each held-out clip is scored at (each costs one forward pass "
-        "per clip); null: one per clip, the clips' spread evenly over the schedule")
+    """The held-out eval loss: clips kept out of training, scored at fixed timesteps with fixed noise."""
+
+    holdout: int | float = Field(0, description=(
+        "clips kept out of training to measure a held-out eval loss on: a count (`8`) or a fraction in (0, 1) "
+        "(`0.1`, at least one clip); chosen from `train.seed` and each clip's cache key (its bytes and encoding), not "
+        "the listing order, so the same on every rank and on resume; the same video listed twice goes out whole. "
+        "Refused when it would leave no clip to train on. 0: off"))
+    every: int | None = Field(None, ge=1, description=(
+        "steps between evaluations besides the one at each checkpoint (every checkpoint, the last included, is "
+        "evaluated, so the best can be exported; a Ctrl-C's checkpoint is not); null: at checkpoints only"))
+    timesteps: list[int] | None = Field(None, min_length=1, description=(
+        "the timesteps each held-out clip is scored at, e.g. `[100, 300, 500, 700, 900]` (each costs one forward pass "
+        "per clip and evaluation); null: one per clip, the clips' spread evenly over the schedule, so 8 clips cost 8 "
+        "forward passes (a LoRA's base model is scored once more, at the first evaluation: its weights do not "
+        "change). The noise is fixed per "
+        "clip and timestep, independent of the training step"))
 
     @field_validator("holdout", mode="before")
     @classmethod
@@ -324,18 +422,26 @@ class EvalConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    report_to: Literal["wandb", "tensorboard", "none"] = Field(
-        "wandb", description="wandb; tensorboard (event files in RUN/tensorboard/, pip install 'cogft[tensorboard]'); "
-        "none. metrics.jsonl and report.html are written either way")
-    push_to_hub: str | None = Field(
-        None, description="OWNER/NAME: upload the final export (weights, model card, sample) to this Hugging Face "
-        "model repository at the end of a finished run, creating it (public) if missing; needs a login "
-        "(hf auth login or HF_TOKEN), checked before training")
-    project: str = "cogft"
-    run_name: str | None = None
-    wandb_mode: Literal["online", "offline", "disabled"] | None = None
-    log_every: int = Field(1, ge=1)
+    """Where the metrics go besides `metrics.jsonl` and `report.html`, which are always written, and the Hub push."""
 
+    report_to: Literal["wandb", "tensorboard", "none"] = Field("wandb", description=(
+        "`wandb`, `tensorboard` (event files in `RUN/tensorboard/`: scalars and the config; needs "
+        "`pip install \"cogft[tensorboard]\"`, refused before prepare without it) or `none`. With `wandb` online and "
+        "no W&B login the run is refused before prepare (fixes: `wandb login`, `tracking.wandb_mode=offline`, "
+        "`tracking.report_to=none`)"))
+    push_to_hub: str | None = Field(None, description=(
+        "`OWNER/NAME`: at the end of a finished run, upload the final export (weights, model card, `sample.mp4`) to "
+        "this Hugging Face model repository, created public if it does not exist (create it private first to keep it "
+        "private). The login (`hf auth login`, `huggingface-cli login` before huggingface_hub 1.0, or `HF_TOKEN`) is "
+        "checked before training; a failed upload keeps the local export and says how to push it with "
+        "`cogft export --push-to-hub`"))
+    project: str = Field("cogft", description="W&B project")
+    run_name: str | None = Field(None, description="the run's name in W&B and the trackers; null: the run "
+                                                   "directory's name")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description=(
+        "the W&B mode, unless the `WANDB_MODE` environment variable is set (it wins; a true `WANDB_DISABLED` means "
+        "`disabled`); null: wandb's own settings"))
+    log_every: int = Field(1, ge=1, description="steps between metric logs (the last step is always logged)")
 
 class Config(_Section):
     model: ModelConfig
@@ -345,7 +451,8 @@ class Config(_Section):
     validation: ValidationConfig = ValidationConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
-    output_dir: str = Field(min_length=1)
+    output_dir: str = Field(min_length=1, description="the run directory (`config.yaml`, checkpoints, samples, "
+                                                      "metrics, the export); a run in it resumes")
 
     @field_validator("output_dir")
     @classmethod
@@ -374,8 +481,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _fp8_base_is_for_lora(self) -> "Config":
         if self.model.fp8_base and self.train.mode != "lora":
-            raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning (train.mode="
-                             "sft) trains every weight; use train.mode=lora or model.fp8_base=false")
+            raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning "
+                             "(train.mode=sft) trains every weight; use train.mode=lora or model.fp8_base=false")
         return self
 
     @model_validator(mode="after")
@@ -383,102 +490,7 @@ class Config(_Section):
         if self.validation.prompts and self.validation.every > self.train.max_steps and not self.validation.at_end:
             raise ValueError(
                 f"validation.every={self.validation.every} > train.max_steps={self.train.max_steps} with "
-                "validation.at_end=false: no validation would ever run"
+                "validation.at_end=false: no validation would ever run; set validation.at_end=true or "
+                f"validation.every to at most {self.train.max_steps}, or leave out validation.prompts"
             )
         return self
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
-        node = child
-    node[leaf] = value
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`section.key=value` strings → a nested dict; values are YAML-typed (3 → int, [a, b] → list)."""
-    tree: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=100")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _format_errors(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid config"]
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            section = Config
-            for part in item["loc"][:-1]:
-                field = section.model_fields.get(str(part))
-                section = field.annotation if field else section
-            allowed = ", ".join(sorted(getattr(section, "model_fields", {})))
-            lines.append(f"  {key}: unknown key; allowed here: {allowed}")
-        elif item["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
-        else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
-
-
-def build_config(raw: dict[str, Any], source: str = "config") -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(_format_errors(source, error)) from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key written twice in one mapping (PyYAML keeps the last one without a word)."""
-
-
-def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    first_line: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
-        if key in first_line:
-            raise ConfigError(f"line {line}: {key!r} is written a second time (first on line {first_line[key]}); "
-                              "merge the two, the second would silently replace the first")
-        first_line[key] = line
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply overrides, validate. Relative data/model/output paths stay as written."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
-    raw = _merge(raw, parse_overrides(overrides or []))
-    return build_config(raw, source=str(path))
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
+from .config_file import load_config
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def shared_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_config(tmp_path, shared_cache):
     """The tiny-lora config, pointed at tmp dirs, with `section.key=value` overrides."""
-    from cogft.config import load_config
+    from cogft.config_file import load_config
 
     def build(*overrides: str, base: str = "tiny-lora.yaml", out: str = "run"):
         defaults = [

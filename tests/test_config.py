@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from cogft.config import ConfigError, load_config, parse_overrides
+from cogft.config import ConfigError
+from cogft.config_file import load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,7 +72,8 @@ def test_missing_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("override,said", [
     ("train.learning_rate=.inf", "train.learning_rate"), ("train.learning_rate=.nan", "train.learning_rate"),
-    ("train.learning_rate=0", "greater than 0"), ("train.seed=-1", "train.seed"), ("train.seed=4294967296", "train.seed"),
+    ("train.learning_rate=0", "greater than 0"), ("train.seed=-1", "train.seed"),
+    ("train.seed=4294967296", "train.seed"),
     ("lora.target_modules=[]", "lora.target_modules"), ("output_dir=", "output_dir"),
 ])
 def test_values_the_run_cannot_use_are_refused_by_key(tmp_path, override, said):
@@ -101,3 +103,32 @@ def test_lora_targets_that_match_nothing_are_refused_before_prepare(make_config,
     with pytest.raises(ConfigError, match="lora.target_modules: attn_q match no linear layer of cogvideox-2b"):
         train(config)
     assert not (tmp_path / "cache").exists()  # nothing was encoded
+
+
+@pytest.mark.parametrize("overrides,said", [
+    (["validation.prompts=[a, b]", "validation.images=[x.png]"],
+     ["validation.images has 1 entries for 2 validation.prompts", "give one image per prompt"]),
+    (["model.fp8_base=true", "train.mode=sft"], ["model.fp8_base", "train.mode=sft", "use train.mode=lora"]),
+    (["validation.prompts=[a]", "validation.every=50", "validation.at_end=false", "train.max_steps=10"],
+     ["validation.every=50 > train.max_steps=10", "validation.at_end=true"]),
+])
+def test_cross_field_errors_name_the_keys_values_and_fix_without_the_whole_config(tmp_path, overrides, said):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL), overrides)
+    message = str(info.value)
+    assert all(part in message for part in said), message
+    assert "'model':" not in message and "Value error" not in message, message  # no dump of the resolved config
+    assert len(message) < 400, message
+
+
+def test_a_long_bad_value_is_shortened_in_the_message(tmp_path):
+    with pytest.raises(ConfigError, match="validation.prompts: Input should be a valid list") as info:
+        load_config(write(tmp_path, MINIMAL), [f"validation.prompts={'a long prompt, ' * 500}"])  # not a list
+    assert len(str(info.value)) < 400
+
+
+def test_image_batch_size_has_a_bound_that_names_the_key_and_the_fix(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), ["data.image_batch_size=64"]).data.image_batch_size == 64
+    with pytest.raises(ConfigError, match=r"data\.image_batch_size: at most 64 .*"
+                                          r"train\.gradient_accumulation_steps \(got 100000\)"):
+        load_config(write(tmp_path, MINIMAL), ["data.image_batch_size=100000"])

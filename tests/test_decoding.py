@@ -221,7 +221,7 @@ def test_prepare_with_cogft_decoder_ffmpeg_in_its_workers(pick_decoder, hostile_
     """The variable reaches prepare's spawned workers: the hostile set gets the rows it gets with decord."""
     import torch
 
-    from cogft.config import load_config
+    from cogft.config_file import load_config
     from cogft.data.cache import prepare
     from cogft.models.loading import load_variant
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cogft.config import load_config
+from cogft.config_file import load_config
 from cogft.models.cost import as_trained, estimate
 from cogft.models.loading import load_variant
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogft.config import ConfigError, load_config
+from cogft.config import ConfigError
+from cogft.config_file import load_config
 from cogft.data.cache import CacheEntry
 from cogft.training.evaluation import clip_key, split_holdout
 from cogft.training.loop import Trainer, train

@@ -46,7 +46,7 @@ def decode_or_die(path: str, spec: DecodeSpec):
 
 @pytest.fixture(scope="module")
 def hostile_run(hostile_clips, tmp_path_factory):
-    from cogft.config import load_config
+    from cogft.config_file import load_config
     from cogft.data.cache import prepare
     from cogft.models.loading import load_variant
 

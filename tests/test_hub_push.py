@@ -47,7 +47,7 @@ class FakeHub:
 
 
 def run_config(out: Path, cache: Path, *overrides: str):
-    from cogft.config import load_config
+    from cogft.config_file import load_config
 
     return load_config(REPO / "configs" / "tiny-lora.yaml", [
         f"data.path={REPO / 'data'}", f"data.cache_dir={cache}", f"output_dir={out}", "tracking.report_to=none",

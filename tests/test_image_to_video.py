@@ -101,7 +101,7 @@ def test_what_an_image_to_video_run_cannot_use_is_refused_by_key_before_any_work
 
 
 def test_the_real_5b_i2v_is_fixed_to_its_native_clip_and_1_5_i2v_follows_1_5():
-    from cogft.config import build_config
+    from cogft.config_file import build_config
     from cogft.models.loading import load_for_config
 
     raw = {"model": {"path": "THUDM/CogVideoX-5b-I2V"}, "data": {"path": "clips"}, "output_dir": "run"}

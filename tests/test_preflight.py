@@ -75,7 +75,7 @@ def test_wandb_disabled_turns_wandb_off(no_wandb_login, make_config, monkeypatch
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, shared_cache) -> Path:
     """4 LoRA steps, checkpoints at 2 and 4, the final export at 4."""
-    from cogft.config import load_config
+    from cogft.config_file import load_config
     from cogft.training.loop import train
 
     return train(load_config(REPO / "configs" / "tiny-lora.yaml", [

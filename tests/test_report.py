@@ -39,7 +39,7 @@ class Page(HTMLParser):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, shared_cache):
     """3 LoRA steps, 2 validation prompts rendered at steps 2 and 3 (the end)."""
-    from cogft.config import load_config
+    from cogft.config_file import load_config
 
     out = tmp_path_factory.mktemp("report") / "run"
     root = Path(__file__).resolve().parent.parent

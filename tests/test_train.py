@@ -32,7 +32,7 @@ def frames_of(path: Path):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, shared_cache):
     """8 LoRA steps with alpha != rank, checkpoints every 4, validation every 4 (2 denoising steps)."""
-    from cogft.config import load_config
+    from cogft.config_file import load_config
 
     out = tmp_path_factory.mktemp("lora") / "run"
     config = load_config(REPO / "configs" / "tiny-lora.yaml", [
@@ -339,7 +339,7 @@ def test_exports_carry_a_model_card_the_hub_reads(make_config, tmp_path):
     license in the front matter (2B Apache-2.0, the 5B family the CogVideoX license)."""
     from huggingface_hub import ModelCard
 
-    from cogft.config import build_config
+    from cogft.config_file import build_config
     from cogft.inference.export import export
     from cogft.inference.model_card import model_card
     from cogft.models.loading import load_for_config

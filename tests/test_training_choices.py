@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cogft.config import ConfigError, build_config
+from cogft.config import ConfigError
+from cogft.config_file import build_config
 from cogft.training.loop import train
 from cogft.training.backends import optimizer_problem
 

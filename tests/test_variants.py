@@ -196,7 +196,7 @@ def test_token_counts_follow_the_configs_including_patch_size_t():
 
 def test_the_clip_size_defaults_follow_the_variant(make_config, tmp_path):
     """1.5 trains 81 frames at 16 fps, 768x1360 unless the config says otherwise; what it says is kept."""
-    from cogft.config import build_config
+    from cogft.config_file import build_config
     from cogft.models.loading import load_for_config
 
     raw = {"model": {"path": "THUDM/CogVideoX1.5-5B"}, "data": {"path": "clips", "height": 480}, "output_dir": "run"}

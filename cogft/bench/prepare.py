@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..config import load_config
+from ..config_file import load_config
 from ..data.cache import prepare
 from ..models.loading import load_for_config
 

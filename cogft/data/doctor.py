@@ -13,7 +13,8 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from ..config import Config, DataConfig, load_config, parse_size
+from ..config import Config, DataConfig, parse_size
+from ..config_file import load_config
 from ..models.family import Variant
 from ..models.registry import default_variant
 from .captions import count_tokens, load_tokenizer, starts_with, truncation_note

@@ -18,7 +18,8 @@ from typing import Iterator
 
 import torch
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError
+from ..config_file import save_config
 from ..disk import disk_full_error, folder_bytes, is_disk_full
 from ..inference.model_card import write_model_card
 from ..models.family import Variant

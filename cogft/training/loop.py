@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, save_config
+from ..config import Config, ConfigError
+from ..config_file import save_config
 from ..data.buckets import BucketBatchSampler, bucket_name, still_batch_sizes
 from ..data.cache import PreparedData, prepare, write_report
 from ..data.dataset import LatentDataset, collate

@@ -15,6 +15,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from .training.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
@@ -217,13 +219,8 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the trained "
                                     "weights (e.g. 0.999; on the GPU for a LoRA, in host memory for full fine-tuning) "
                                     "and validate and export it, the raw weights exported beside it in raw/; null: off")
-    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit", "prodigy"] = Field(
-        "adamw", description="adamw: fp32 master weights and state; adamw_bf16 (SFT, bf16 variant): bf16 weights with "
-        "stochastic rounding and bf16 state, applied during the backward pass (5B SFT on one 80 GB GPU; no clipping); "
-        "adamw8bit: bitsandbytes' 8-bit AdamW state (CUDA GPUs, pip install 'cogft[bnb]'); prodigy: Prodigy, which "
-        "finds the step size itself (train.learning_rate is its multiplier, 1.0 unless set; pip install "
-        "'cogft[prodigy]')"
-    )
+    optimizer: Literal[tuple(OPTIMIZERS)] = Field(  # the names of the optimizer table
+        DEFAULT_OPTIMIZER, description="; ".join(entry.describe() for entry in OPTIMIZERS.values()))
     cpu_adam: Literal["auto", "torch"] = Field(
         "auto", description="optimizer in host memory (DeepSpeed offload): auto = DeepSpeed's CPUAdam, compiled on "
         "first use, else torch's AdamW; torch = torch's AdamW, no compiler needed"
@@ -231,10 +228,13 @@ class TrainConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _prodigy_learning_rate(cls, data: Any) -> Any:
-        """Prodigy's learning rate multiplies the step size it finds: 1.0, not AdamW's 1e-4, unless one is given."""
-        if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "learning_rate" not in data:
-            return {**data, "learning_rate": 1.0}
+    def _optimizer_learning_rate(cls, data: Any) -> Any:
+        """An optimizer whose learning rate means something else brings its default (Prodigy's multiplies the step
+        size it finds: 1.0, not AdamW's 1e-4), unless one is given."""
+        name = data.get("optimizer") if isinstance(data, dict) else None
+        entry = OPTIMIZERS.get(name) if isinstance(name, str) else None
+        if entry is not None and entry.learning_rate is not None and "learning_rate" not in data:
+            return {**data, "learning_rate": entry.learning_rate}
         return data
 
     @field_validator("gradient_checkpointing")

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
+from .training.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
@@ -286,17 +288,11 @@ class TrainConfig(_Section):
         "stays exact); validation videos and the export use it, and the trained weights are exported beside it in "
         "`raw/lora/` or `raw/transformer/`. Checkpoints hold the trained weights. Not with DeepSpeed or FSDP (refused "
         "by key); null: off"))
-    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit", "prodigy"] = Field("adamw", description=(
-        "`adamw`: fp32 master weights, gradients and AdamW state (18 bytes per trained parameter with the half "
-        "copies). `adamw_bf16` (bf16 variants, full fine-tuning): bf16 weights updated during the backward pass as "
-        "each gradient is ready, bf16 moments, stochastic rounding so small updates survive: 6 bytes per parameter, "
-        "5B SFT on one 80 GB GPU; no gradient clipping (the norm is still logged); one process only, refused under "
-        "DeepSpeed/FSDP. `adamw8bit`: bitsandbytes' 8-bit AdamW (block-wise quantised moments, about 6 bytes less per "
-        "trained parameter; CUDA GPUs; `pip install \"cogft[bnb]\"`). `prodigy`: Prodigy, which finds the step size "
-        "itself (`train.learning_rate` is its multiplier: 1.0 unless the config sets one, a warning below 0.1; "
-        "`pip install \"cogft[prodigy]\"`). Every optimizer's state is in each checkpoint, so a resume is exact; one "
-        "that cannot run here (no GPU for `adamw8bit`, the package missing, a DeepSpeed config that offloads the "
-        "optimizer) is refused before prepare, naming the fix"))
+    optimizer: Literal[tuple(OPTIMIZERS)] = Field(  # the names of the optimizer table
+        DEFAULT_OPTIMIZER, description=" ".join(entry.describe() for entry in OPTIMIZERS.values()) + (
+            " Every optimizer's state is in each checkpoint, so a resume is exact; one that cannot run here (no GPU "
+            "for `adamw8bit`, the package missing, a DeepSpeed config that offloads the optimizer) is refused before "
+            "prepare, naming the fix"))
     cpu_adam: Literal["auto", "torch"] = Field("auto", description=(
         "with `accelerate_configs/deepspeed_zero2_offload.yaml` (the optimizer in host memory): `auto` = DeepSpeed's "
         "CPUAdam, compiled on first use (needs g++ and the Python headers), else torch's AdamW with a warning; "
@@ -304,10 +300,13 @@ class TrainConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _prodigy_learning_rate(cls, data: Any) -> Any:
-        """Prodigy's learning rate multiplies the step size it finds: 1.0, not AdamW's 1e-4, unless one is given."""
-        if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "learning_rate" not in data:
-            return {**data, "learning_rate": 1.0}
+    def _optimizer_learning_rate(cls, data: Any) -> Any:
+        """An optimizer whose learning rate means something else brings its default (Prodigy's multiplies the step
+        size it finds: 1.0, not AdamW's 1e-4), unless one is given."""
+        name = data.get("optimizer") if isinstance(data, dict) else None
+        entry = OPTIMIZERS.get(name) if isinstance(name, str) else None
+        if entry is not None and entry.learning_rate is not None and "learning_rate" not in data:
+            return {**data, "learning_rate": entry.learning_rate}
         return data
 
     @field_validator("gradient_checkpointing")

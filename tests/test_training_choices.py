@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from cogft.config import ConfigError
 from cogft.config_file import build_config
 from cogft.training.loop import train
-from cogft.training.backends import optimizer_problem
+from cogft.training.optimizers import OPTIMIZERS, Launch
 
 FAST = ["validation.prompts=[]", "train.checkpoint_every=100"]
 
@@ -183,12 +184,11 @@ def test_fp8_base_lowers_the_estimate_and_is_refused_for_full_fine_tuning(make_c
 
 
 def test_optimizers_that_cannot_run_here_are_refused_before_prepare(make_config, monkeypatch, tmp_path):
-    config = make_config("train.optimizer=adamw8bit")
-    assert "runs on CUDA GPUs" in optimizer_problem(config, torch.device("cpu"), offloaded=False)
-    assert "host memory" in optimizer_problem(make_config("train.optimizer=prodigy"), torch.device("cuda"), True)
+    cpu = Launch(device="cpu", variant="cogvideox-2b", dtype=torch.float16)
+    assert "runs on CUDA GPUs" in OPTIMIZERS["adamw8bit"].problem(cpu)
+    assert "host memory" in OPTIMIZERS["prodigy"].problem(dataclasses.replace(cpu, device="cuda", offloaded=True))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "prodigyopt" else object())
-    assert 'pip install "cogft[prodigy]"' in optimizer_problem(make_config("train.optimizer=prodigy"),
-                                                              torch.device("cpu"), offloaded=False)
+    assert 'pip install "cogft[prodigy]"' in OPTIMIZERS["prodigy"].problem(cpu)
     with pytest.raises(ConfigError, match="train.optimizer=adamw8bit: .* CUDA GPUs"):
         train(make_config("train.optimizer=adamw8bit", out="refused"))
     assert not (tmp_path / "refused" / "prepare_report.jsonl").exists()  # refused before any clip was read

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
+from ..training.optimizers import OPTIMIZERS, OptimizerEntry
 from .attention import fa4_installed
 from .blocks import checkpointed_block_count
 from .flops import step_flops
@@ -154,11 +155,21 @@ def _advice(config: Config, variant: Variant, gpu_name: str, memory_gib: float) 
                 + (" train.offload_checkpoints=true" if offload else "")
                 + f" (estimated {result.peak_allocated_gib} GiB, {result.seconds_per_step} s/step)"]
     if config.train.mode == "sft":
-        if config.train.optimizer == "adamw":
-            return ["full fine-tuning keeps 18 bytes per parameter here: try train.optimizer=adamw_bf16 (6 bytes, "
-                    "bf16 models), deepspeed_zero2_offload.yaml, train.mode=lora, or a GPU with more memory"]
-        return ["full fine-tuning keeps 6 bytes per parameter here: use train.mode=lora, or a GPU with more memory"]
+        optimizer = OPTIMIZERS[config.train.optimizer]
+        leanest = min(OPTIMIZERS.values(), key=_full_bytes)
+        kept = f"full fine-tuning keeps {_full_bytes(optimizer):.0f} bytes per parameter here"
+        if _full_bytes(leanest) >= _full_bytes(optimizer):
+            return [f"{kept}: use train.mode=lora, or a GPU with more memory"]
+        lean = f"train.optimizer={leanest.name} ({_full_bytes(leanest):.0f} bytes" + (
+            ", bf16 models)" if leanest.bf16_weights else ")")
+        offload = "deepspeed_zero2_offload.yaml, " if optimizer.runs_offloaded else ""
+        return [f"{kept}: try {lean}, {offload}train.mode=lora, or a GPU with more memory"]
     return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width (or the largest of data.buckets)"]
+
+
+def _full_bytes(optimizer: OptimizerEntry) -> float:
+    """Bytes per parameter of full fine-tuning: the optimizer's, and autocast's half copy beside an fp32 master."""
+    return optimizer.bytes_per_parameter + (0 if optimizer.bf16_weights else 2)
 
 
 def attention_kernel(config: Config, gpu: Gpu) -> str:
@@ -184,16 +195,17 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     compiled = train.compile is True or train.compile == "auto"
     half = 2  # bytes of an fp16/bf16 element
 
+    optimizer = OPTIMIZERS[train.optimizer]
     if train.mode == "lora":
         fp8 = fp8_base_parameters(variant) if config.model.fp8_base else 0  # one byte each instead of two
         weights, trainable = total * variant.dtype.itemsize - fp8 * (variant.dtype.itemsize - 1), lora
-        state = trainable * 16                                    # fp32 weight, grad, AdamW m and v
-    elif train.optimizer == "adamw_bf16":
-        weights, trainable = total * half, total
-        state = total * 2 * half                                  # AdamW m and v in bf16; gradients freed in backward
+        state = trainable * optimizer.bytes_per_parameter         # trained weight, its gradient, optimizer state
+    elif optimizer.bf16_weights:
+        weights, trainable = total * half, total                  # the model's own weights are the trained ones
+        state = total * (_full_bytes(optimizer) - half)
     else:
         weights, trainable = 0, total
-        state = total * 16 + total * half                         # + autocast's half copies of the weights
+        state = total * _full_bytes(optimizer)
     per_block = elements * (ACTIVATION_BYTES_COMPILED if compiled else ACTIVATION_BYTES_EAGER)
     kept = (layers - checkpointed) * per_block
     saved_inputs = 0 if train.offload_checkpoints else checkpointed * elements * half

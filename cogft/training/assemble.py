@@ -22,7 +22,7 @@ from .backends import (accelerator_on_cpu, backend_name, configure_backend, keep
                        uses_deepspeed)
 from .budget import block_settings
 from .checkpointing import TrainingProgress, register_weight_hooks
-from .optimizers import build_optimizer
+from .optimizers import OPTIMIZERS, build_optimizer
 from .step import StepParts, TrainingStep
 
 logger = logging.getLogger(__name__)
@@ -58,23 +58,6 @@ def build_lr_scheduler(config: Config, optimizer):
     )
 
 
-def apply_optimizer_settings(config: Config, optimizer, lr_scheduler) -> None:
-    """Re-apply the config's optimizer settings after a resume (the checkpoint carries the old ones).
-
-    The schedule's shape (warm-up, length) already comes from the new config; its base learning rate
-    and AdamW's betas, eps and weight decay are restored from the checkpoint and overwritten here.
-    """
-    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    schedule.base_lrs = [config.train.learning_rate] * len(schedule.base_lrs)
-    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
-        group.update(
-            initial_lr=config.train.learning_rate, lr=config.train.learning_rate * factor(schedule.last_epoch),
-            betas=(config.train.adam_beta1, config.train.adam_beta2), eps=config.train.adam_epsilon,
-            weight_decay=config.train.weight_decay,
-        )
-    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
 def assemble_step(accelerator, transformer, config: Config, variant: Variant, noise_scheduler, loader=None,
                   empty_prompt: torch.Tensor | None = None):
     """Trainable weights, speed levers, AdamW, schedule, accelerate, loss scaler and checkpoint hooks around
@@ -86,7 +69,8 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     device = accelerator.device
     configure_backend(accelerator, config, variant)
     params = setup_trainable(transformer, config,
-                             fp32_master=not uses_deepspeed(accelerator) and config.train.optimizer != "adamw_bf16")
+                             fp32_master=not uses_deepspeed(accelerator)
+                             and not OPTIMIZERS[config.train.optimizer].bf16_weights)
     checkpointing, offload = block_settings(config, variant, device)
     attention = set_attention(transformer, config.model.attention, device, variant.dtype,
                               variant.attention_processor)
@@ -94,7 +78,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
                         config.train.compile_autotune)
     logger.info("variant=%s dtype=%s backend=%s attention=%s trainable parameters: %s", variant.name, variant.dtype,
                 backend_name(accelerator), attention, f"{sum(p.numel() for p in params):,}")
-    optimizer = build_optimizer(config, params, device, offloaded=offloads_optimizer(accelerator))
+    optimizer = build_optimizer(config.train, params, device, offloaded=offloads_optimizer(accelerator))
     lr_scheduler = build_lr_scheduler(config, optimizer)
     if loader is None:
         transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)

@@ -17,6 +17,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..models.family import Variant
+from .optimizers import OPTIMIZERS, Launch
 
 logger = logging.getLogger(__name__)
 
@@ -93,25 +94,12 @@ def backend_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-# the optimizers whose package is optional: (module, the cogft extra that installs it)
-OPTIONAL_PACKAGES = {"adamw8bit": ("bitsandbytes", "bnb"), "prodigy": ("prodigyopt", "prodigy")}
-
-
-def optimizer_problem(config: Config, device: torch.device, offloaded: bool) -> str | None:
-    """Why `train.optimizer` cannot run in this launch (no GPU, package missing, DeepSpeed owning the optimizer)."""
-    name = config.train.optimizer
-    if name not in OPTIONAL_PACKAGES:
-        return None
-    module, extra = OPTIONAL_PACKAGES[name]
-    if offloaded:
-        return (f"train.optimizer={name}: this DeepSpeed config keeps the optimizer in host memory, where only its "
-                "CPU AdamW runs; use train.optimizer=adamw with it, or a launch config without offload_optimizer")
-    if name == "adamw8bit" and device.type != "cuda":
-        return (f"train.optimizer=adamw8bit: bitsandbytes' 8-bit AdamW runs on CUDA GPUs, and this process trains on "
-                f"{device.type}; use train.optimizer=adamw here")
-    if importlib.util.find_spec(module) is None:
-        return f"train.optimizer={name} needs the {module} package: pip install \"cogft[{extra}]\""
-    return None
+def launch_of(accelerator, variant: Variant) -> Launch:
+    """What the optimizer's refusals look at in this launch."""
+    return Launch(device=accelerator.device.type, variant=variant.name, dtype=variant.dtype,
+                  processes=accelerator.num_processes,
+                  deepspeed_or_fsdp=uses_deepspeed(accelerator) or uses_fsdp(accelerator),
+                  offloaded=offloads_optimizer(accelerator))
 
 
 def configure_backend(accelerator, config: Config, variant: Variant) -> None:
@@ -122,22 +110,8 @@ def configure_backend(accelerator, config: Config, variant: Variant) -> None:
             f"FSDP with the {variant.name} variant's fp16 weights: fp16 loss scaling is not supported under FSDP here; "
             "launch with accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml, or set model.dtype=bf16"
         )
-    if config.train.optimizer == "adamw_bf16" and variant.dtype != torch.bfloat16:
-        raise BackendError(
-            f"train.optimizer=adamw_bf16 trains bf16 weights, but the {variant.name} variant runs in {variant.dtype}: "
-            "set model.dtype=bf16 or use train.optimizer=adamw"
-        )
-    if config.train.optimizer == "adamw_bf16" and accelerator.num_processes > 1:
-        raise BackendError(
-            "train.optimizer=adamw_bf16 updates each weight inside the backward pass, before the gradients of "
-            f"{accelerator.num_processes} processes could be averaged: it is for one GPU; with several use "
-            "train.optimizer=adamw (with deepspeed_zero2/zero3 or fsdp when it does not fit)"
-        )
-    if config.train.optimizer == "adamw_bf16" and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
-        raise BackendError(
-            "train.optimizer=adamw_bf16 updates weights inside the backward pass, which DeepSpeed and FSDP own; "
-            "use train.optimizer=adamw with these launch configs"
-        )
+    if problem := OPTIMIZERS[config.train.optimizer].problem(launch_of(accelerator, variant)):
+        raise BackendError(problem)
     if config.model.fp8_base and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
         raise BackendError("model.fp8_base keeps float8 weights that DeepSpeed and FSDP would cast or shard as their "
                            "own; launch without them (one GPU, or multi-GPU DDP) or set model.fp8_base=false")
@@ -145,8 +119,6 @@ def configure_backend(accelerator, config: Config, variant: Variant) -> None:
         raise BackendError("train.ema_decay averages the weights each process holds whole, and DeepSpeed and FSDP "
                            "shard or own them; launch without them (one GPU, or multi-GPU DDP) or set "
                            "train.ema_decay=null")
-    if problem := optimizer_problem(config, accelerator.device, offloads_optimizer(accelerator)):
-        raise BackendError(problem)
     if uses_deepspeed(accelerator):
         _configure_deepspeed(accelerator, config, variant)
 
@@ -189,22 +161,6 @@ def keep_encoders_whole(accelerator) -> None:
         from transformers.integrations import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
-
-
-def cpu_adamw(params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-              implementation: str = "auto"):
-    """DeepSpeed's vectorised CPUAdam (AdamW mode); torch's AdamW when asked or when the native op cannot be
-    built here."""
-    if implementation == "torch":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
-    except Exception as error:  # the op is compiled on first use and needs g++ and the Python headers
-        logger.warning("DeepSpeed CPUAdam unavailable (%s: %s); the offloaded optimizer runs torch's AdamW on the CPU",
-                       type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..models.family import Variant
 from ..run_dir import CONFIG_FILE, LORA_DIR, RAW_EXPORT_DIR, checkpoint_step, hold
 from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, init_trackers, log_videos
-from .assemble import apply_optimizer_settings, assemble_step, make_accelerator
+from .assemble import assemble_step, make_accelerator
 from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
 from .best import best_entry, improves, restored_best, write_best
 from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators,
@@ -36,6 +36,7 @@ from .ema import WeightAverage
 from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .export_probe import export_probe
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
+from .optimizers import reapply_settings
 from .readout import StepReadout
 from .report import write_run_report
 from .stop import StopRequest
@@ -162,7 +163,7 @@ class Trainer:
             accelerator.register_for_checkpointing(self.ema)
         if resume_from is not None:
             load_checkpoint(accelerator, resume_from)
-            apply_optimizer_settings(config, self.step.optimizer, self.step.lr_scheduler)
+            reapply_settings(config.train, self.step.optimizer, self.step.lr_scheduler)
             self.smoothed.value = self.progress.loss_smoothed
         self.unwrapped = accelerator.unwrap_model(self.step.transformer)
         self.evaluation = None

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
-from .training.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+from .optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -24,14 +24,6 @@ SEED_RANGE = dict(ge=0, lt=2**32)  # what every seeded library takes (numpy's is
 # stills in one batch, one forward pass: 64 at 480x720 feed about six 49-frame clips' tokens, each with its prompt
 # embedding (about 2 MB of host memory); 100000 ran the host out of memory
 IMAGE_BATCH_LIMIT = 64
-
-
-def frame_count_problem(frames: int) -> str | None:
-    """Why a clip cannot have this many frames, or None: the VAE compresses time by 4 after the first frame."""
-    if (frames - 1) % 4 == 0:
-        return None
-    lower = frames - (frames - 1) % 4
-    return f"must be 4k+1 (the VAE compresses time by 4 after the first frame); try {lower} or {lower + 4}"
 
 
 SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[x×X]\s*(\d+)\s*$")
@@ -45,10 +37,8 @@ def parse_size(text: str) -> tuple[int, int]:
     if match is None:
         raise ValueError(f"{text!r} is not a size; write HEIGHTxWIDTH, e.g. 480x720")
     height, width = int(match[1]), int(match[2])
-    for name, value in (("height", height), ("width", width)):
-        if value < 16 or value % 16:
-            raise ValueError(f"{text}: the {name} {value} must be a multiple of 16 (VAE ×8, patch 2); "
-                             f"try {max(16, value - value % 16)}")
+    if min(height, width) < 8:
+        raise ValueError(f"{text}: a side under 8 pixels; the model's own rule (checked when it loads) is stricter")
     return height, width
 
 
@@ -182,13 +172,6 @@ class DataConfig(_Section):
                              "stills per optimizer step raise train.gradient_accumulation_steps")
         return value
 
-    @field_validator("num_frames", "min_frames")
-    @classmethod
-    def _frames_4k_plus_1(cls, value: int | None) -> int | None:
-        if value is not None and (problem := frame_count_problem(value)):
-            raise ValueError(problem)
-        return value
-
     @field_validator("min_frames")
     @classmethod
     def _min_frames_fits(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -229,13 +212,6 @@ class DataConfig(_Section):
     @property
     def shortest_bucket(self) -> int:
         return self.min_frames if self.min_frames is not None else min(17, self.num_frames)
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_16(cls, value: int) -> int:
-        if value % 16:
-            raise ValueError(f"must be a multiple of 16 (VAE ×8, patch 2); try {value - value % 16}")
-        return value
 
 
 class TrainConfig(_Section):
@@ -415,7 +391,7 @@ class EvalConfig(_Section):
     @classmethod
     def _distinct_timesteps(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and (min(value) < 0 or len(set(value)) < len(value)):
-            raise ValueError("list distinct timesteps from 0 to the schedule's length - 1 (999 for CogVideoX), "
+            raise ValueError("list distinct timesteps from 0 to the schedule's length - 1 (999 for 1000 steps), "
                              "e.g. [100, 500, 900]")
         return value
 

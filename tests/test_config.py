@@ -35,9 +35,22 @@ def test_unknown_key_names_key_and_allowed(tmp_path):
 
 def test_bad_value_names_value_and_fix(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, MINIMAL), ["data.num_frames=48"])
+        load_config(write(tmp_path, MINIMAL), ["train.max_steps=0"])
     message = str(info.value)
-    assert "data.num_frames" in message and "48" in message and "4k+1" in message and "49" in message
+    assert "train.max_steps" in message and "0" in message and "greater than or equal to 1" in message
+
+
+def test_a_frame_count_the_model_cannot_take_names_the_key_and_the_fix(tmp_path):
+    """The 4k+1 rule is the model's (its VAE's time compression), checked when the model's configs are read."""
+    from cogft.models.loading import load_for_config
+
+    config = load_config(write(tmp_path, MINIMAL), ["data.num_frames=48", "model.path=THUDM/CogVideoX-2b"])
+    with pytest.raises(ConfigError) as info:
+        load_for_config(config)
+    message = str(info.value)
+    assert "data.num_frames=48" in message and "4k+1" in message and "try 45 or 49" in message
+    with pytest.raises(ConfigError, match=r"data.min_frames=10: must be 4k\+1"):
+        load_for_config(load_config(write(tmp_path, MINIMAL), ["data.min_frames=10", "model.path=THUDM/CogVideoX-2b"]))
 
 
 def test_bad_choice_lists_allowed(tmp_path):

@@ -58,8 +58,10 @@ def test_auto_buckets_keep_the_area_and_cover_portrait_and_square():
 
 
 def test_bucket_and_validation_size_keys_are_checked_by_name(make_config):
-    with pytest.raises(ConfigError, match=r"data.buckets: .*480x721.*multiple of 16"):
-        make_config("data.buckets=[480x720, 480x721]")
+    from cogft.models.loading import load_for_config
+
+    with pytest.raises(ConfigError, match=r"data.buckets\[1\]=480x721: cogvideox-2b needs multiples of 16"):
+        load_for_config(make_config("data.buckets=[480x720, 480x721]"))
     with pytest.raises(ConfigError, match="data.buckets: .*more than once"):
         make_config("data.buckets=[64x96, 64x96]")
     with pytest.raises(ConfigError, match="validation.sizes has 1 entries for 2 validation.prompts"):

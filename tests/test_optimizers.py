@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogft.config import ConfigError, TrainConfig, build_config, load_config
+from cogft.config import ConfigError, TrainConfig
+from cogft.config_file import build_config, load_config
 from cogft.models.cost import estimate
 from cogft.models.loading import load_variant
-from cogft.training.optimizers import OPTIMIZERS, Launch, build_optimizer, reapply_settings
+from cogft.optimizers import OPTIMIZERS, Launch, build_optimizer, reapply_settings
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"model": {"path": "tiny://2b"}, "data": {"path": "data"}, "output_dir": "run"}

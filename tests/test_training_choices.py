@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cogft.config import ConfigError
 from cogft.config_file import build_config
 from cogft.training.loop import train
-from cogft.training.optimizers import OPTIMIZERS, Launch
+from cogft.optimizers import OPTIMIZERS, Launch
 
 FAST = ["validation.prompts=[]", "train.checkpoint_every=100"]
 

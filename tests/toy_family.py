@@ -153,9 +153,6 @@ class ToyVariant(Variant):
     def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
         return tuple(range(num_frames, min_frames - 1, -4))
 
-    def frame_count_problem(self, frames: int) -> str | None:
-        return None
-
     def resolve(self, config: Config) -> Config:
         data = config.data
         self.check_clip_size(data.num_frames, data.height, data.width)

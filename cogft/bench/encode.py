@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from ..config import build_config
+from ..config_file import build_config
 from ..models.build import random_init, text_encoder_from_config
 from ..models.group_norm import spread_group_norms
 from ..models.loading import load_variant

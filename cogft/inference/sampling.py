@@ -58,8 +58,6 @@ def _clip_size(trained: TrainedWeights, variant: Variant, frames: int | None, he
     data = trained.config.data
     largest = data.largest_size
     size = (frames or data.num_frames, height or largest[0], width or largest[1])
-    if problem := variant.frame_count_problem(size[0]):
-        raise ConfigError(f"--frames {size[0]}: {problem}")
     variant.check_clip_size(*size, names=("--frames", "--height", "--width", "--frames"))
     return size
 

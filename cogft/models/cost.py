@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
-from ..training.optimizers import OPTIMIZERS, OptimizerEntry
+from ..optimizers import OPTIMIZERS, OptimizerEntry
 from .attention import fa4_installed
 from .blocks import checkpointed_block_count
 from .flops import step_flops

@@ -238,10 +238,6 @@ class Variant(ABC):
         """The frame counts a clip may be cut to, largest first."""
 
     @abstractmethod
-    def frame_count_problem(self, frames: int) -> str | None:
-        """Why a clip cannot have this many frames, or None."""
-
-    @abstractmethod
     def resolve(self, config: Config) -> Config:
         """`config` with the variant's native clip wherever `data.*` leaves it unset; a size it cannot take refused
         by key."""

@@ -22,7 +22,7 @@ from .backends import (accelerator_on_cpu, backend_name, configure_backend, keep
                        uses_deepspeed)
 from .budget import block_settings
 from .checkpointing import TrainingProgress, register_weight_hooks
-from .optimizers import OPTIMIZERS, build_optimizer
+from ..optimizers import OPTIMIZERS, build_optimizer
 from .step import StepParts, TrainingStep
 
 logger = logging.getLogger(__name__)

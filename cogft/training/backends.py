@@ -17,7 +17,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..models.family import Variant
-from .optimizers import OPTIMIZERS, Launch
+from ..optimizers import OPTIMIZERS, Launch
 
 logger = logging.getLogger(__name__)
 

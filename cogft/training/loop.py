@@ -36,7 +36,7 @@ from .ema import WeightAverage
 from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .export_probe import export_probe
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
-from .optimizers import reapply_settings
+from ..optimizers import reapply_settings
 from .readout import StepReadout
 from .report import write_run_report
 from .stop import StopRequest

@@ -34,6 +34,14 @@ def frame_buckets(num_frames: int, min_frames: int) -> tuple[int, ...]:
     return (num_frames, *below)
 
 
+def frame_count_problem(frames: int) -> str | None:
+    """Why a clip cannot have this many frames, or None: the VAE compresses time by 4 after the first frame."""
+    if (frames - 1) % 4 == 0:
+        return None
+    lower = frames - (frames - 1) % 4
+    return f"must be 4k+1 (the VAE compresses time by 4 after the first frame); try {lower} or {lower + 4}"
+
+
 def explain_unmatched(configs: PipelineConfigs) -> str:
     """What the configs say, for the error when no variant matches them."""
     t, latent = configs.transformer, configs.vae.get("latent_channels")
@@ -140,12 +148,6 @@ class CogVideoXVariant(Variant):
     def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
         return frame_buckets(num_frames, min_frames)
 
-    def frame_count_problem(self, frames: int) -> str | None:
-        """The VAE compresses time by 4 after the first frame: 4k+1 frames."""
-        from ...config import frame_count_problem
-
-        return frame_count_problem(frames)
-
     @property
     def fixed_clip(self) -> ClipSize | None:
         """The only clip a learned position table fits (5B-I2V: 49 frames at 480x720), read from the transformer's
@@ -197,11 +199,14 @@ class CogVideoXVariant(Variant):
 
     def check_clip_size(self, num_frames: int, height: int, width: int, shortest_bucket: int | None = None,
                         names: tuple[str, str, str, str] = DATA_SIZE_KEYS) -> None:
-        """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded); the
-        schema has already checked what holds for every variant (4k+1 frames). `names`: what the four values
-        (frames, height, width, shortest bucket) are called where they were given (config keys, or flags)."""
+        """Refuse, naming the key, a training size this variant cannot take (before any clip is encoded): 4k+1 frames,
+        sides the latent grid divides, a learned position table's one size. `names`: what the four values (frames,
+        height, width, shortest bucket) are called where they were given (config keys, or flags)."""
         side = self.vae_scale_spatial * self.patch_size
         frames_key, height_key, width_key, shortest_key = names
+        for key, value in ((frames_key, num_frames), (shortest_key, shortest_bucket)):
+            if value is not None and (problem := frame_count_problem(value)):
+                raise ConfigError(f"{key}={value}: {problem}")
         for key, value in ((height_key, height), (width_key, width)):
             if value % side:
                 raise ConfigError(f"{key}={value}: {self.name} needs a multiple of {side} "

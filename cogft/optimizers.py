@@ -142,7 +142,7 @@ def _adamw(params, settings, train, device, offloaded):
 
 
 def _adamw_bf16(params, settings, train, device, offloaded):
-    from .bf16_adamw import BackwardAdamW
+    from .training.bf16_adamw import BackwardAdamW
 
     return BackwardAdamW(params, seed=train.seed, **settings)
 

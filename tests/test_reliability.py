@@ -205,9 +205,9 @@ def test_a_crash_during_the_final_export_keeps_the_previous_one(make_config, mon
     before = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
     real_save = checkpointing.save_lora
 
-    def dies_half_way(transformer, config, out_dir, model_state=None):
+    def dies_half_way(transformer, config, out_dir, lora_format, model_state=None):
         if ".export.partial" not in str(out_dir):  # checkpoints write as usual
-            return real_save(transformer, config, out_dir, model_state)
+            return real_save(transformer, config, out_dir, lora_format, model_state)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "pytorch_lora_weights.safetensors").write_bytes(b"half a file")
         raise OSError(28, "No space left on device")

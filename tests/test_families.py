@@ -6,47 +6,71 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import toy_family  # noqa: F401  (registers the family)
 from cogft.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "cogft"
 
 
+@pytest.fixture(autouse=True)
+def toy_registered():
+    """The toy family registered for this module's tests only (importing it registers it, as a plugin named in
+    `COGFT_FAMILIES` would be): other tests see CogVideoX alone."""
+    from cogft.models import registry
+
+    before = list(registry._FAMILIES)
+    import toy_family
+
+    registry.register_family(toy_family.FAMILY)
+    yield toy_family
+    registry._FAMILIES[:] = before
+
+
 def _sources(root: Path) -> dict[Path, str]:
     return {path: path.read_text() for path in sorted(root.rglob("*.py"))}
 
 
-def _toy_config(tmp_path: Path, shared_cache: Path, out: str) -> list[str]:
-    return ["--config", str(REPO / "configs" / "tiny-lora.yaml"), "model.path=tiny://toy", f"data.path={REPO / 'data'}",
-            f"data.cache_dir={shared_cache}", f"output_dir={tmp_path / out}", "tracking.report_to=none",
-            "validation.prompts=[a red square]", "validation.every=2", "validation.num_inference_steps=2",
-            "train.checkpoint_every=2", "lora.rank=4", "lora.alpha=4", "train.learning_rate=1e-2"]
+def _toy_config(tmp_path: Path, out: str) -> list[str]:
+    """Two of the sample clips (a small dataset keeps the test fast), validated at the end of each run."""
+    data = tmp_path / "clips"
+    if not data.exists():
+        videos = (REPO / "data" / "videos.txt").read_text().splitlines()[:2]
+        (data / "videos").mkdir(parents=True)
+        for video in videos:
+            shutil.copy(REPO / "data" / video, data / video)
+        (data / "videos.txt").write_text("\n".join(videos))
+        (data / "prompts.txt").write_text("\n".join((REPO / "data" / "prompts.txt").read_text().splitlines()[:2]))
+    return ["--config", str(REPO / "configs" / "tiny-lora.yaml"), "model.path=tiny://toy", f"data.path={data}",
+            f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / out}", "tracking.report_to=none",
+            "validation.prompts=[a red square]", "validation.every=100", "validation.num_inference_steps=2",
+            "train.checkpoint_every=2", "train.batch_size=1", "lora.rank=4", "lora.alpha=4",
+            "train.learning_rate=1e-2"]
 
 
 def _losses(run: Path) -> list[float]:
     return [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
 
 
-def test_a_family_registered_from_outside_trains_resumes_samples_and_exports(tmp_path, shared_cache):
+def test_a_family_registered_from_outside_trains_resumes_samples_and_exports(tmp_path):
     from toy_family import ToyPipeline
 
     from cogft.models.loading import resolve_model_path
 
     straight, resumed = (tmp_path / name for name in ("straight", "resumed"))
-    assert main(["prepare", *_toy_config(tmp_path, shared_cache, "straight")]) == 0
-    assert main(["train", *_toy_config(tmp_path, shared_cache, "straight"), "train.max_steps=4"]) == 0
-    assert main(["train", *_toy_config(tmp_path, shared_cache, "resumed"), "train.max_steps=2"]) == 0
-    assert main(["train", *_toy_config(tmp_path, shared_cache, "resumed"), "train.max_steps=4"]) == 0
+    assert main(["prepare", *_toy_config(tmp_path, "straight")]) == 0
+    assert main(["train", *_toy_config(tmp_path, "straight"), "train.max_steps=4"]) == 0
+    assert main(["train", *_toy_config(tmp_path, "resumed"), "train.max_steps=2"]) == 0
+    assert main(["train", *_toy_config(tmp_path, "resumed"), "train.max_steps=4"]) == 0
     assert len(_losses(straight)) == 4 and _losses(straight) == _losses(resumed)  # the resume is bit-exact
     assert sorted(p.name for p in (straight / "samples").glob("*.mp4"))  # validation rendered through its pipeline
-    cached = load_file(next((shared_cache / "latents").rglob("*.safetensors")))
+    cached = load_file(next((tmp_path / "cache" / "latents").rglob("*.safetensors")))
     assert {"toy_mean", "toy_logvar"} <= set(cached)  # the family's own keys, carried by the cache untouched
 
     video = tmp_path / "sample.mp4"

@@ -12,9 +12,10 @@ import torch
 from cogft.cli import main
 from cogft.config import ConfigError
 from cogft.models.loading import load_transformer, load_variant, pipeline_configs, resolve_model_path
-from cogft.models.registry import all_specs, spec_named
+from cogft.models.cogvideox import FAMILY
+from cogft.models.registry import spec_named
 
-SPECS = all_specs()
+SPECS = FAMILY.specs  # the CogVideoX variants (a test may register another family for itself)
 from cogft.models.family import UnsupportedModelError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,13 +7,14 @@ import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "PIL", "filelock", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -32,7 +33,8 @@ def _config(args):
 
 def _tiny_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="folder to write (default: where tiny://NAME resolves)")
-    parser.add_argument("--family", default="2b", help="the variant, as in tiny://NAME: 2b, 5b, 5b-i2v, 1.5-5b or 1.5-5b-i2v")
+    parser.add_argument("--family", default="2b",
+                        help="the variant, as in tiny://NAME: 2b, 5b, 5b-i2v, 1.5-5b or 1.5-5b-i2v")
     parser.add_argument("--seed", type=int, default=0)
 
 

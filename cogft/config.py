@@ -439,7 +439,7 @@ class Config(_Section):
         return value
 
     @model_validator(mode="after")
-    def _validation_lists_pair(self) -> "Config":
+    def _validation_lists_pair(self) -> Config:
         prompts = self.validation.prompts
         for key, what in (("images", "image"), ("sizes", "size")):
             given = getattr(self.validation, key)
@@ -454,14 +454,14 @@ class Config(_Section):
         return parse_size(sizes[index]) if sizes else self.data.largest_size
 
     @model_validator(mode="after")
-    def _fp8_base_is_for_lora(self) -> "Config":
+    def _fp8_base_is_for_lora(self) -> Config:
         if self.model.fp8_base and self.train.mode != "lora":
             raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning "
                              "(train.mode=sft) trains every weight; use train.mode=lora or model.fp8_base=false")
         return self
 
     @model_validator(mode="after")
-    def _validation_can_run(self) -> "Config":
+    def _validation_can_run(self) -> Config:
         if self.validation.prompts and self.validation.every > self.train.max_steps and not self.validation.at_end:
             raise ValueError(
                 f"validation.every={self.validation.every} > train.max_steps={self.train.max_steps} with "

@@ -102,7 +102,8 @@ def _flat(values: dict, prefix: str = "") -> dict:
         if isinstance(value, dict):
             flat.update(_flat(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+            plain = value is None or isinstance(value, (bool, int, float, str))
+            flat[f"{prefix}{key}"] = value if plain else str(value)
     return flat
 
 
@@ -239,7 +240,8 @@ def log_videos(accelerator, videos: list[tuple[str, str]], step: int) -> None:
         if tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation/videos": [wandb.Video(path, caption=prompt, format="mp4") for prompt, path in videos]}, step=step)
+            tracker.log({"validation/videos": [wandb.Video(path, caption=prompt, format="mp4")
+                                               for prompt, path in videos]}, step=step)
         elif tracker.name == "tensorboard":
             logger.debug("validation videos of step %d not sent to TensorBoard (no video without moviepy); see "
                          "samples/ and report.html", step)

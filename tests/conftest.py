@@ -70,8 +70,8 @@ def hostile_clips(tmp_path_factory) -> Path:
     lavfi("vfr.mp4", "testsrc2=size=160x120:rate=30", "-t", "3", "-vf",                    # 30 fps for 1 s, then 6 fps
           "setpts='if(lt(N,30),N/30,1+(N-30)/6)/TB'", "-fps_mode", "vfr", *h264)
     stored = lavfi("landscape.mp4", "testsrc2=size=96x64:rate=24", "-t", "1.5", *h264)
-    subprocess.run([*ffmpeg, "-display_rotation", "90", "-i", str(stored), "-c", "copy", str(folder / "rotated_phone.mp4")],
-                   check=True)
+    subprocess.run([*ffmpeg, "-display_rotation", "90", "-i", str(stored), "-c", "copy",
+                    str(folder / "rotated_phone.mp4")], check=True)
     stored.unlink()
     lavfi("odd_size.mov", "testsrc2=size=720x480:rate=24", "-t", "1.5", "-vf", "scale=719:481,setsar=1",
           "-pix_fmt", "yuv444p", "-c:v", "libx264", "-preset", "ultrafast")

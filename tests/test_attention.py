@@ -72,7 +72,8 @@ def test_attention_choice_is_made_by_name(make_config):
     transformer = _transformer("tiny://2b", "fp32")
     stock = type(next(iter(transformer.attn_processors.values())))
     cpu = torch.device("cpu")
-    assert set_attention(transformer, "auto", cpu, torch.float16, KernelAttnProcessor) == "sdpa"   # no GPU here: torch's SDPA
+    # no GPU here: torch's SDPA
+    assert set_attention(transformer, "auto", cpu, torch.float16, KernelAttnProcessor) == "sdpa"
     assert set_attention(transformer, "sdpa", cpu, torch.float16, KernelAttnProcessor) == "sdpa"
     assert {type(p) for p in transformer.attn_processors.values()} == {stock}  # diffusers' processor untouched
     assert attention_in_use(transformer) == "sdpa"

@@ -84,8 +84,9 @@ def test_zero3_sft_checkpoints_shards_exports_gathered_weights_and_validates(sha
     assert all(torch.equal(exported[k].float(), in_checkpoint[k].float()) for k in exported)
     assert len(list((out / "samples").glob("step-000002-*.mp4"))) == 1
 
-    sample = subprocess.run([sys.executable, "-m", "cogft.cli", "sample", "--from", str(out), "--prompt", "a red square",
-                             "--out", str(tmp_path / "x.mp4"), "--steps", "2"], cwd=REPO, capture_output=True, text=True)
+    sample = subprocess.run([sys.executable, "-m", "cogft.cli", "sample", "--from", str(out),
+                             "--prompt", "a red square", "--out", str(tmp_path / "x.mp4"), "--steps", "2"],
+                            cwd=REPO, capture_output=True, text=True)
     assert sample.returncode == 0, sample.stderr[-2000:]
 
 
@@ -115,7 +116,8 @@ def test_a_deepspeed_launch_without_deepspeed_is_refused_by_name(monkeypatch):
     from cogft.training.backends import BackendError, accelerator_on_cpu
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(BackendError, match=r"deepspeed is not installed: `pip install \"cogft\[deepspeed\]\"`"):
         accelerator_on_cpu()

@@ -69,7 +69,7 @@ def test_caption_dropout_trains_the_fraction_it_says_on_the_empty_prompt(make_co
                                    load_scheduler(config.model.path, variant), empty_prompt=empty)
         seen = []
         transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].detach()) or None,
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs["encoder_hidden_states"].detach()) or None,
             with_kwargs=True)
         for i in range(60):
             step.forward_backward(batch, sample_generators(config.train.seed, i, 0, 0, 2, torch.device("cpu")))

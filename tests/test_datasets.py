@@ -44,7 +44,8 @@ def mixed(tmp_path_factory) -> Path:
                             "-c:v", "libx264", "-preset", "ultrafast", str(folder / f"{name}.mp4")], check=True)
             (folder / f"{name}.txt").write_text(f"a {shape} clip number {n}")
     rng = np.random.default_rng(0)
-    for name, (h, w) in (("photo_wide.png", (100, 150)), ("photo_tall.jpg", (150, 100)), ("photo_tall2.webp", (140, 90))):
+    for name, (h, w) in (("photo_wide.png", (100, 150)), ("photo_tall.jpg", (150, 100)),
+                         ("photo_tall2.webp", (140, 90))):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
         (folder / name).with_suffix(".txt").write_text(f"a still photo {Path(name).stem}")
     return folder
@@ -82,8 +83,8 @@ def test_mixed_folder_trains_in_buckets_and_resumes_bit_exactly(make_config, mix
     summary = report_summary(straight)
     assert summary["sizes"] == {"64x96": 3, "96x64": 4, "80x80": 2} and summary["images"] == 3
     assert summary["buckets"] == {"9": 6, "1": 3}
-    rows = {Path(r["clip"]).name: r for r in map(json.loads, (straight / "prepare_report.jsonl").read_text().splitlines())
-            if "clip" in r}
+    report = (straight / "prepare_report.jsonl").read_text().splitlines()
+    rows = {Path(r["clip"]).name: r for r in map(json.loads, report) if "clip" in r}
     assert rows["portrait_0.mp4"]["size"] == "96x64" and rows["photo_wide.png"]["size"] == "64x96"
     assert rows["photo_tall.jpg"]["frames"] == 1 and rows["square_1.mp4"]["size"] == "80x80"
 
@@ -94,12 +95,12 @@ def test_mixed_folder_trains_in_buckets_and_resumes_bit_exactly(make_config, mix
 
 
 def test_batches_hold_one_bucket_with_the_image_batch_size(make_config, mixed):
+    import torch
+
     from cogft.data.buckets import BucketBatchSampler, still_batch_sizes
     from cogft.data.cache import prepare
     from cogft.data.dataset import LatentDataset
     from cogft.models.loading import load_for_config
-
-    import torch
 
     config, variant = load_for_config(make_config(f"data.path={mixed}", BUCKETS, *FAST))
     entries = prepare(config, variant, torch.device("cpu"), show_progress=False).entries
@@ -114,10 +115,10 @@ def test_batches_hold_one_bucket_with_the_image_batch_size(make_config, mixed):
 
 
 def test_adding_a_bucket_keeps_the_other_buckets_cached(make_config, mixed, tmp_path):
+    import torch
+
     from cogft.data.cache import prepare
     from cogft.models.loading import load_for_config
-
-    import torch
 
     def run(buckets: str) -> dict:
         config, variant = load_for_config(make_config(f"data.path={mixed}", f"data.cache_dir={tmp_path / 'c'}",
@@ -199,15 +200,16 @@ def test_hub_dataset_is_read_from_the_local_cache(make_config, mixed, tmp_path, 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     clip = (mixed / "landscape_0.mp4").read_bytes()
     rows = "file_name,caption\nclips/a.mp4,a wide clip\nclips/b.mp4,another wide clip\n"
-    hub_snapshot(cache, "me/clips", "main", {"metadata.csv": rows.encode(), "clips/a.mp4": clip, "clips/b.mp4": clip[:-1]
-                                             + b"\0"})
+    hub_snapshot(cache, "me/clips", "main", {"metadata.csv": rows.encode(), "clips/a.mp4": clip,
+                                             "clips/b.mp4": clip[:-1] + b"\0"})
     hub_snapshot(cache, "me/clips", "v2", {"train/videos.txt": b"x.mp4\n", "train/prompts.txt": b"a prompt\n",
                                            "train/x.mp4": clip})
     config = make_config("data.path=hf://datasets/me/clips")
     clips = read_dataset(config.data)
     assert [c.caption for c in clips] == ["a wide clip", "another wide clip"]
     assert clips[0].video.read_bytes() == clip
-    assert [c.caption for c in read_dataset(make_config("data.path=hf://datasets/me/clips@v2/train").data)] == ["a prompt"]
+    v2 = read_dataset(make_config("data.path=hf://datasets/me/clips@v2/train").data)
+    assert [c.caption for c in v2] == ["a prompt"]
 
     with pytest.raises(DatasetLayoutError, match="me/missing is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         read_dataset(make_config("data.path=hf://datasets/me/missing").data)
@@ -221,6 +223,7 @@ def test_hub_dataset_is_read_from_the_local_cache(make_config, mixed, tmp_path, 
     from cogft.data.cache import prepare
     from cogft.models.loading import load_for_config
 
-    config, variant = load_for_config(make_config("data.path=hf://datasets/me/clips", f"data.cache_dir={tmp_path / 'c'}"))
+    config, variant = load_for_config(make_config("data.path=hf://datasets/me/clips",
+                                                  f"data.cache_dir={tmp_path / 'c'}"))
     summary = prepare(config, variant, torch.device("cpu"), show_progress=False).summary
     assert summary["kept"] == summary["encoded"] == 2  # offline (conftest sets HF_HUB_OFFLINE=1), from the cache

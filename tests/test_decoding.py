@@ -25,7 +25,8 @@ def clips(tmp_path_factory) -> Path:
 
     def encode(name: str, seconds: float, *codec: str) -> None:
         subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-                        "-i", SOURCE, "-t", str(seconds), "-pix_fmt", "yuv420p", *codec, str(folder / name)], check=True)
+                        "-i", SOURCE, "-t", str(seconds), "-pix_fmt", "yuv420p", *codec, str(folder / name)],
+                       check=True)
 
     x264 = ("-c:v", "libx264", "-preset", "ultrafast")
     encode("av1.mp4", 1.5, "-c:v", "libaom-av1", "-cpu-used", "8", "-crf", "10")
@@ -117,7 +118,8 @@ HOSTILE_SPEC = DecodeSpec((9, 5), 64, 96, 8.0)  # the tiny config with data.min_
 
 @pytest.fixture
 def pick_decoder(monkeypatch):
-    """Re-make the process's decoder choice; `pick_decoder(False)` hides decord as a platform without its wheels does."""
+    """Re-make the process's decoder choice; `pick_decoder(False)` hides decord as a platform without its wheels
+    does."""
     from cogft.data import video
 
     def pick(with_decord: bool) -> None:
@@ -206,7 +208,8 @@ def test_cogft_decoder_forces_ffmpeg_and_names_bad_values(pick_decoder, monkeypa
     pick_decoder(True)
     monkeypatch.setenv("COGFT_DECODER", "ffmpeg")
     decoded = decode_clip(str(REPO / "data" / "videos" / "test_pattern.mp4"), SAMPLE_SPECS[0])
-    assert decoded.problem is None and decoded.probe.source()["decoder"] == "ffmpeg" and decoded.probe.decord_error is None
+    assert decoded.problem is None and decoded.probe.source()["decoder"] == "ffmpeg"
+    assert decoded.probe.decord_error is None
     monkeypatch.setenv("COGFT_DECODER", "ffmpgg")
     video.decoder.cache_clear()
     with pytest.raises(ConfigError, match="COGFT_DECODER='ffmpgg' is not a decoder: use one of auto, decord, ffmpeg"):

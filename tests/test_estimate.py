@@ -1,4 +1,5 @@
-"""`cogft estimate` against every configuration measured with `cogft bench` on one H100 or H200 (docs/performance.md)."""
+"""`cogft estimate` against every configuration measured with `cogft bench` on one H100 or H200
+(docs/performance.md)."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,7 +83,8 @@ MEASURED_ROWS = [(*row, "sdpa", "H100") for row in MEASURED] + [(*row, "fa4", "H
 @pytest.mark.parametrize("name,cache,seconds,attention,gpu", SAMPLED_ROWS,
                          ids=[f"{m[0]}-{m[1]}-{m[3]}" for m in SAMPLED_ROWS])
 def test_estimate_of_a_validation_video_within_15_percent(name, cache, seconds, attention, gpu):
-    config = load_config(REPO / "configs" / f"{name}.yaml", [f"validation.cache={cache}", f"model.attention={attention}"])
+    config = load_config(REPO / "configs" / f"{name}.yaml",
+                         [f"validation.cache={cache}", f"model.attention={attention}"])
     result = estimate(config, _variant(config), gpu)
     predicted = result.sample_seconds if cache == "none" else result.sample_seconds_cached
     assert result.attention == attention
@@ -155,9 +157,11 @@ def test_memory_budget_auto_fits_the_card(monkeypatch):
     from cogft.training.budget import block_settings
 
     def card(gib):
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gib * 2**30))
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device: SimpleNamespace(total_memory=gib * 2**30))
 
-    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["train.memory_budget_gib=auto", "train.compile=true"])
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml",
+                         ["train.memory_budget_gib=auto", "train.compile=true"])
     variant, gpu = _variant(config), torch.device("cuda")
     card(79.2)  # an H100 80GB: a tenth of the card kept free, so not the 74 GiB of no checkpointing
     assert block_settings(config, variant, gpu) == (0.1, False)          # measured 2.200 s, 67.4 GiB

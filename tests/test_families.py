@@ -59,9 +59,8 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_a_family_registered_from_outside_trains_resumes_samples_and_exports(tmp_path):
-    from toy_family import ToyPipeline
-
     from cogft.models.loading import resolve_model_path
+    from toy_family import ToyPipeline
 
     straight, resumed = (tmp_path / name for name in ("straight", "resumed"))
     assert main(["prepare", *_toy_config(tmp_path, "straight")]) == 0

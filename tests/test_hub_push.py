@@ -25,7 +25,7 @@ class FakeHub:
     def __init__(self, root: Path, fail: bool = False):
         self.root, self.fail, self.repos, self.uploads = root, fail, [], []
 
-    def install(self, patch: pytest.MonkeyPatch) -> "FakeHub":
+    def install(self, patch: pytest.MonkeyPatch) -> FakeHub:
         hub = self
 
         def create_repo(self, repo_id, **kwargs):

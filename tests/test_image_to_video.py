@@ -183,7 +183,7 @@ def test_a_tiny_i2v_lora_trained_on_one_clip_starts_its_video_closer_to_the_imag
     assert float(result.stdout.split()[-1]) > 1e-4
 
 
-def test_validation_and_sample_render_from_the_configured_images(make_config, tmp_path):
+def test_validation_and_sample_render_from_the_configured_images(make_config, tmp_path, capsys):
     """Validation videos start from validation.images; `cogft sample --image` from any checkpoint, and refuses a
     missing image, a size the model cannot make, and an image-to-video model without an image."""
     import decord
@@ -205,6 +205,7 @@ def test_validation_and_sample_render_from_the_configured_images(make_config, tm
                        (["--image", "data/images/fractal_zoom.jpg", "--frames", "17"],
                         "--frames=17: cogvideox-5b-i2v takes only 9 frames")):
         assert main(["sample", "--from", str(run), "--prompt", "x", "--out", str(out), *args]) == 2, args
+        assert said in capsys.readouterr().err
 
 
 def test_a_1_5_i2v_prepare_report_names_each_clips_image(make_config, tmp_path):
@@ -224,7 +225,7 @@ def test_noisy_image_encodings_are_seeded_and_made_one_image_at_a_time(make_conf
     pipeline encodes its image: a batch of single frames is split along time by the VAE's memory-safe convolution at
     full size, below its kernel (a crash measured at 768x1360 on an H200)."""
     from cogft.models.cogvideox.image_to_video import encode_noisy_images
-    from cogft.models.loading import load_variant, load_vae
+    from cogft.models.loading import load_vae, load_variant
 
     variant = load_variant("tiny://5b-i2v", "fp32")
     vae = load_vae("tiny://5b-i2v", variant, torch.float32)

@@ -166,8 +166,8 @@ def test_many_non_finite_steps_in_a_row_stop_the_run_with_advice():
 
 def test_tiny_updates_move_sft_weights_of_a_bf16_model(make_config):
     """SFT keeps fp32 master weights: an update of 1e-6 moves a bf16-family model (bf16 alone would drop it)."""
-    from cogft.models.loading import load_transformer, load_variant
     from cogft.models.adapters import setup_trainable
+    from cogft.models.loading import load_transformer, load_variant
 
     transformer = load_transformer("tiny://5b", load_variant("tiny://5b", "bf16"))
     params = setup_trainable(transformer, make_config("train.mode=sft"))

@@ -142,13 +142,14 @@ def test_export_merge_samples_like_base_plus_lora(lora_run, tmp_path):
 def test_sft_run_exports_a_loadable_transformer(make_config, tmp_path):
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogft.models.loading import resolve_model_path
     from cogft.inference.sampling import sample
+    from cogft.models.loading import resolve_model_path
 
     run = train(make_config("train.max_steps=3", "validation.num_inference_steps=2", base="tiny-sft.yaml"))
     tuned = CogVideoXTransformer3DModel.from_pretrained(run / "transformer")
     base = CogVideoXTransformer3DModel.from_pretrained(resolve_model_path("tiny://2b"), subfolder="transformer")
-    assert {t.dtype for t in load_file(run / "transformer" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    exported = load_file(run / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.float16}
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert len(changed) > 10
     checkpoint = run / "checkpoints" / "step-000003" / "transformer"
@@ -159,13 +160,14 @@ def test_sft_run_exports_a_loadable_transformer(make_config, tmp_path):
 def test_loss_goes_down_on_a_fixed_batch(make_config):
     from cogft.data.cache import prepare
     from cogft.data.dataset import LatentDataset, collate
-    from cogft.models.loading import load_variant, load_scheduler, load_transformer
     from cogft.models.adapters import setup_trainable
     from cogft.models.cogvideox.objective import diffusion_loss, draw_inputs
+    from cogft.models.loading import load_scheduler, load_transformer, load_variant
 
     config = make_config("model.dtype=fp32", "lora.rank=8", "lora.alpha=8")
     variant = load_variant(config.model.path, "fp32")
-    batch = collate([LatentDataset(prepare(config, variant, torch.device("cpu"), show_progress=False).entries)[i] for i in range(2)])
+    entries = prepare(config, variant, torch.device("cpu"), show_progress=False).entries
+    batch = collate([LatentDataset(entries)[i] for i in range(2)])
     transformer = load_transformer(config.model.path, variant)
     params = setup_trainable(transformer, config)
     scheduler = load_scheduler(config.model.path, variant)
@@ -218,7 +220,8 @@ def test_offloaded_checkpointing_keeps_the_numbers(make_config):
         offloaded = train(make_config(*FAST, "train.max_steps=2", "train.gradient_checkpointing=true",
                                       "train.offload_checkpoints=true", base=base, out=f"{mode}-offloaded"))
         torch.testing.assert_close(torch.tensor(losses(plain)), torch.tensor(losses(offloaded)), rtol=1e-5, atol=1e-6)
-        name = "lora/pytorch_lora_weights.safetensors" if mode == "lora" else "transformer/diffusion_pytorch_model.safetensors"
+        name = ("lora/pytorch_lora_weights.safetensors" if mode == "lora"
+                else "transformer/diffusion_pytorch_model.safetensors")
         a, b = load_file(plain / name), load_file(offloaded / name)
         for key in a:
             torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
@@ -282,11 +285,12 @@ def test_the_exported_lora_is_released_in_the_models_dtype_with_its_metadata(lor
 
     def read(path):
         with safe_open(str(path), "pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()  # noqa: SIM118 (a safe_open handle has keys() but no __iter__)
 
     released, meta = read(lora_run / "lora" / "pytorch_lora_weights.safetensors")
     kept, _ = read(lora_run / "checkpoints" / "step-000008" / "pytorch_lora_weights.safetensors")
-    assert {t.dtype for t in released.values()} == {torch.float16} and {t.dtype for t in kept.values()} == {torch.float32}
+    assert {t.dtype for t in released.values()} == {torch.float16}
+    assert {t.dtype for t in kept.values()} == {torch.float32}
     assert all(torch.equal(released[k], kept[k].half()) for k in kept)
     assert (meta["base_model"], meta["cogft_version"], meta["lora_rank"], meta["lora_alpha"], meta["dtype"]) == (
         "tiny://2b", __version__, "4", "8.0", "float16")
@@ -312,7 +316,7 @@ def test_lora_export_dtype_fp32_keeps_the_master_weights(make_config):
 
     run = train(make_config(*FAST, "train.max_steps=2", "lora.export_dtype=fp32"))
     with safe_open(str(run / "lora" / "pytorch_lora_weights.safetensors"), "pt") as handle:
-        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}  # noqa: SIM118 (a safe_open handle has keys() but no __iter__)
         assert handle.metadata()["dtype"] == "float32"
 
 

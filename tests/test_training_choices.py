@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from cogft.config import ConfigError
 from cogft.config_file import build_config
-from cogft.training.loop import train
 from cogft.optimizers import OPTIMIZERS, Launch
+from cogft.training.loop import train
 
 FAST = ["validation.prompts=[]", "train.checkpoint_every=100"]
 
@@ -99,8 +99,8 @@ def test_ema_update_follows_the_formula_and_skips_non_finite_steps():
 
 
 def test_fp8_base_stores_the_frozen_weights_in_float8_and_trains(make_config):
-    from cogft.models.loading import load_for_config, load_transformer
     from cogft.models.adapters import setup_trainable
+    from cogft.models.loading import load_for_config, load_transformer
 
     config, variant = load_for_config(make_config("model.fp8_base=true", *FAST))
     transformer = load_transformer(config.model.path, variant, config.model.revision)

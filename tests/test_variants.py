@@ -11,12 +11,12 @@ import torch
 
 from cogft.cli import main
 from cogft.config import ConfigError
-from cogft.models.loading import load_transformer, load_variant, pipeline_configs, resolve_model_path
 from cogft.models.cogvideox import FAMILY
+from cogft.models.family import UnsupportedModelError
+from cogft.models.loading import load_transformer, load_variant, pipeline_configs, resolve_model_path
 from cogft.models.registry import spec_named
 
 SPECS = FAMILY.specs  # the CogVideoX variants (a test may register another family for itself)
-from cogft.models.family import UnsupportedModelError
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = [(9, 64, 96), (17, 64, 128)]  # the tiny model's native size, and one whose rotary grid is cropped
@@ -54,7 +54,8 @@ def first_frame(frames: int, height: int, width: int):
 
     from cogft.data.video import DecodeSpec, decode_clip
 
-    decoded = decode_clip(str(REPO / "data" / "videos" / "bouncing_square.mp4"), DecodeSpec((frames,), height, width, 8.0))
+    decoded = decode_clip(str(REPO / "data" / "videos" / "bouncing_square.mp4"),
+                          DecodeSpec((frames,), height, width, 8.0))
     return Image.fromarray(decoded.frames[0])
 
 
@@ -165,15 +166,18 @@ def test_an_unsupported_pipeline_is_refused_at_load_with_what_was_found(tmp_path
 
 
 def test_offered_names_only(tmp_path):
-    with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b, tiny://5b-i2v, tiny://1.5-5b, "
-                                          "tiny://1.5-5b-i2v"):
+    with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b, "
+                                          "tiny://5b-i2v, tiny://1.5-5b, tiny://1.5-5b-i2v"):
         resolve_model_path("tiny://nope")
-    with pytest.raises(ConfigError, match="random://2b, random://5b, random://5b-i2v, random://1.5-5b, random://1.5-5b-i2v"):
+    with pytest.raises(ConfigError,
+                       match="random://2b, random://5b, random://5b-i2v, random://1.5-5b, random://1.5-5b-i2v"):
         load_variant("random://xl")
 
 
-@pytest.mark.parametrize("path,said", [("/no/such/folder", "no such folder, and not a hub id"),
-                                       ("someone/not-in-the-offline-cache", "cannot read model_index.json from the hub")])
+@pytest.mark.parametrize("path,said", [
+    ("/no/such/folder", "no such folder, and not a hub id"),
+    ("someone/not-in-the-offline-cache", "cannot read model_index.json from the hub"),
+])
 def test_a_model_path_that_cannot_be_read_is_a_named_error(tmp_path, capsys, path, said):
     code = main(["prepare", "--config", "configs/tiny-lora.yaml", f"model.path={path}", f"output_dir={tmp_path}"])
     assert code == 2 and f"cogft prepare: error: model.path {path}: {said}" in capsys.readouterr().err

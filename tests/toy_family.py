@@ -23,8 +23,16 @@ from torch import nn
 
 from cogft.config import Config, ConfigError
 from cogft.models.attention import KernelProcessor
-from cogft.models.family import (DATA_SIZE_KEYS, ClipSize, ModelFamily, ModelInputs, PipelineConfigs, TrainingDraws,
-                                 Variant, VariantSpec)
+from cogft.models.family import (
+    DATA_SIZE_KEYS,
+    ClipSize,
+    ModelFamily,
+    ModelInputs,
+    PipelineConfigs,
+    TrainingDraws,
+    Variant,
+    VariantSpec,
+)
 from cogft.models.registry import register_family
 
 
@@ -63,7 +71,8 @@ class ToyKernelProcessor(KernelProcessor):
     """The blocks' self-attention through another kernel (`model.attention`)."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **_):
-        query, key, value = (p(hidden_states).unflatten(-1, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        query, key, value = (p(hidden_states).unflatten(-1, (attn.heads, -1))
+                             for p in (attn.to_q, attn.to_k, attn.to_v))
         return attn.to_out[1](attn.to_out[0](self.kernel(query, key, value).flatten(2)))
 
 
@@ -120,7 +129,7 @@ class ToySpec(VariantSpec):
     def matches(self, configs: PipelineConfigs) -> bool:
         return configs.model_index.get("_class_name") == "ToyPipeline"
 
-    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "ToyVariant":
+    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> ToyVariant:
         return ToyVariant(self, configs, self.torch_dtype(dtype))
 
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"figure": "vae_encode_s_per_clip", "value": round(seconds, 4), "dtype": str(dtype),
                           "compiled": compile_vae, "compile_s": compile_seconds, "peak_allocated_gib": peak,
                           "conditions": list(variant.conditions), **common}), flush=True)
-        vae = None  # freed before the next one is built
+        del vae  # freed before the next one is built
         torch.cuda.empty_cache()
 
     text_config = variant.spec.reference.text_encoder
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"figure": "t5_prompts_per_s", "value": round(1 / t5_seconds, 1), "batch": 16, **common}))
     for compile_vae, seconds in vae_seconds.items():
         print(json.dumps({"figure": "prepare_gpu_clips_per_s", "value": round(1 / (seconds + t5_seconds), 3),
-                          "compiled": compile_vae, "what": "1 / (VAE s/clip + T5 s/prompt); decode overlaps in CPU workers",
-                          **common}))
+                          "compiled": compile_vae,
+                          "what": "1 / (VAE s/clip + T5 s/prompt); decode overlaps in CPU workers", **common}))
 
 
 if __name__ == "__main__":

@@ -19,18 +19,23 @@ def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
 
 
 def format_estimate(config: Config, result: Estimate) -> str:
+    size = "x".join(map(str, config.data.largest_size))
+    largest = " (the largest bucket)" if len(config.data.sizes) > 1 else ""
+    extrapolated = " (extrapolated from H100 measurements)" if result.extrapolated else ""
+    budget = config.train.memory_budget_gib
+    chosen = f", chosen for train.memory_budget_gib={budget}" if budget else ""
     lines = [
-        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{'x'.join(map(str, config.data.largest_size))}"
-        f"{' (the largest bucket)' if len(config.data.sizes) > 1 else ''}, "
-        f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
+        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{size}{largest}, "
+        f"batch {config.train.batch_size} on {result.gpu}{extrapolated}",
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
         f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
-        f"  checkpointing   {config.train.gradient_checkpointing} (offload_checkpoints={config.train.offload_checkpoints}"
-        f"{f', chosen for train.memory_budget_gib={config.train.memory_budget_gib}' if config.train.memory_budget_gib else ''})",
+        f"  checkpointing   {config.train.gradient_checkpointing} "
+        f"(offload_checkpoints={config.train.offload_checkpoints}{chosen})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
     cached = "" if result.sample_seconds_cached is None else f"; {result.sample_seconds_cached:.1f} s with taylorseer"
-    lines.append(f"  validation video {result.sample_seconds:6.1f} s exact ({config.validation.num_inference_steps} steps, "
+    lines.append(f"  validation video {result.sample_seconds:6.1f} s exact "
+                 f"({config.validation.num_inference_steps} steps, "
                  f"guidance {config.validation.guidance_scale:g}, decode included){cached}")
     lines += [f"  try: {advice}" for advice in result.advice]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ this measures what a user's LoRA will train against.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -10,7 +10,7 @@ exact and, when `validation.cache` names one, with that approximate cache. One J
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -18,10 +18,10 @@ from ..config import Config
 from ..inference.render import render
 from ..models.attention import attention_in_use, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
-from ..models.group_norm import spread_group_norms
-from ..models.loading import load_for_config
 from ..models.build import random_init
 from ..models.family import Variant
+from ..models.group_norm import spread_group_norms
+from ..models.loading import load_for_config
 from .timing import device_name, free, profile as profile_steps, sync
 from .training import random_transformer
 

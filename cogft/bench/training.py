@@ -13,8 +13,8 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -22,10 +22,10 @@ from ..config import Config
 from ..disk import folder_bytes
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
-from ..models.flops import peak_tflops, step_flops
-from ..models.loading import load_for_config
 from ..models.build import random_init
 from ..models.family import Variant
+from ..models.flops import peak_tflops, step_flops
+from ..models.loading import load_for_config
 from ..training.backends import accelerator_on_cpu, backend_name
 from .timing import device_name, free, profile, reset_peak, time_back_to_back, time_steps
 
@@ -168,7 +168,8 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
         "attention": run.attention,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4),
         "s_per_step_back_to_back": round(back_to_back, 4), "steps": len(times),
-        "tokens": flops.tokens, "us_per_token": round(seconds / (flops.tokens * config.train.batch_size) * 1e6, 3), "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
+        "tokens": flops.tokens, "us_per_token": round(seconds / (flops.tokens * config.train.batch_size) * 1e6, 3),
+        "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
         "device": device_name(device),
     }
     if device.type == "cuda":
@@ -270,7 +271,8 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
-          profiled: bool = False, checkpoint: bool = False, emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+          profiled: bool = False, checkpoint: bool = False,
+          emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
     device, config, variant = bench_setup(config)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []

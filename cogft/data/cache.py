@@ -33,14 +33,14 @@ from tqdm.auto import tqdm
 from .. import cogft_home
 from ..config import Config
 from ..disk import disk_full_error, is_disk_full
-from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..models.family import Variant
+from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
 from .images import decode_sample, missing_image, read_image
 from .sources import Clip, is_still, read_dataset
-from .video import ClipProbe, DecodeSpec, Decoded, window_offsets, windows_note
+from .video import ClipProbe, Decoded, DecodeSpec, window_offsets, windows_note
 from .workers import isolated_map
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,8 @@ class Preparer:
         del vae
         return written
 
-    def given_image(self, clip: Clip, windows: int, size: tuple[int, int]) -> tuple[np.ndarray | None, list[str]] | Problem:
+    def given_image(self, clip: Clip, windows: int,
+                    size: tuple[int, int]) -> tuple[np.ndarray | None, list[str]] | Problem:
         """The clip's conditioning image at its bucket's size (None: each window's first frame), with notes."""
         if not self.takes_image or clip.image is None:
             return None, []
@@ -462,7 +463,8 @@ def write_report(rows: list[dict], run_dir: str | Path) -> Path:
 
 
 def prepare(
-    config: Config, variant: Variant, device: torch.device, rank: int = 0, world_size: int = 1, show_progress: bool = True
+    config: Config, variant: Variant, device: torch.device, rank: int = 0, world_size: int = 1,
+    show_progress: bool = True,
 ) -> PreparedData:
     """Fill the cache for this rank's share of the clips and return the entries of that share.
 
@@ -503,9 +505,9 @@ def prepare(
     summary = _summary(report, rank, world_size, time.perf_counter() - started, preparer.seconds)
     logger.info(
         "prepare (rank %d/%d): %d clips kept (%d encoded now, %d cached; %d still images), %d skipped %s, buckets "
-        "(frames: clips) %s, sizes %s, %.1f s", rank, world_size, summary["kept"], summary["encoded"], summary["cached"],
-        summary["images"], summary["skipped"], summary["skipped_by_reason"], summary["buckets"], summary["sizes"],
-        summary["seconds"],
+        "(frames: clips) %s, sizes %s, %.1f s", rank, world_size, summary["kept"], summary["encoded"],
+        summary["cached"], summary["images"], summary["skipped"], summary["skipped_by_reason"], summary["buckets"],
+        summary["sizes"], summary["seconds"],
     )
     return PreparedData(
         entries=entries,

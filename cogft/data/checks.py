@@ -18,7 +18,8 @@ from .sources import Clip, is_still
 @dataclass(frozen=True)
 class Problem:
     code: str    # stable: not_found, empty_file, not_a_video, no_video_stream, decode_failed, damaged_stream
-                 # (decode errors inside the frames to train on), decoder_crashed, too_short, missing_caption, empty_caption, caption_not_utf8, duplicate,
+                 # (decode errors inside the frames to train on), decoder_crashed, too_short, missing_caption,
+                 # empty_caption, caption_not_utf8, duplicate,
                  # unreadable, image_missing, image_unreadable (conditioning images and still samples),
                  # still_unsupported (a still image where the model cannot train on one frame)
     detail: str  # what exactly is wrong and what to do about it
@@ -135,8 +136,9 @@ def admission_problems(clips: list[Clip], duplicates: list[list[str]],
     for clip in clips:
         problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption)) if p]
         if single_frame_problem and is_still(clip.video):
-            problems.insert(0, Problem("still_unsupported", f"a still image (a one-frame sample): {single_frame_problem}"
-                                                            "; train it with a text-to-video model or leave it out"))
+            problems.insert(0, Problem("still_unsupported",
+                                       f"a still image (a one-frame sample): {single_frame_problem}"
+                                       "; train it with a text-to-video model or leave it out"))
         if clip.line in repeats:
             problems.append(Problem("duplicate", f"the same file and caption as {repeats[clip.line]}; "
                                                  "listed once is enough"))

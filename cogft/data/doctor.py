@@ -89,7 +89,8 @@ def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
 
 def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -> None:
     """Each readable file's metadata (in worker processes): its problems, geometry notes, frame and size bucket."""
-    readable = [i for i, row in enumerate(rows) if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
+    readable = [i for i, row in enumerate(rows)
+                if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
     probes = isolated_map(partial(probe_sample, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,
                           workers=workers)
     for position, probe in probes:
@@ -188,7 +189,8 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
         "histograms": {
             "frames": _binned([s["frames"] for s in sources if s["frames"] is not None], FRAME_EDGES),
             "duration_s": _binned([s["duration"] for s in sources if s["duration"] is not None], SECOND_EDGES),
-            "fps": dict(sorted(Counter(f"{s['fps']:g}" for s in sources if s["fps"]).items(), key=lambda kv: float(kv[0]))),
+            "fps": dict(sorted(Counter(f"{s['fps']:g}" for s in sources if s["fps"]).items(),
+                               key=lambda kv: float(kv[0]))),
             "size": dict(Counter(f"{s['width']}x{s['height']}" for s in sources).most_common()),
             "caption_tokens": _binned([r["caption_tokens"] for r in rows if "caption_tokens" in r], TOKEN_EDGES),
         },
@@ -219,11 +221,13 @@ def format_table(report: dict) -> str:
         said = "; ".join([p["detail"] for p in r["problems"]] or r["notes"])
         lines.append(f"{r['listed_at']:<{width}}  {r['verdict']:<7}  {source.get('frames', '-')!s:>6}  {fps:<5}  "
                      f"{size:<10}  {r.get('caption_tokens', '-')!s:>6}  {said}")
-    lines += ["", f"would skip, by reason: {report['problems'] or 'none'}", f"buckets (frames: clips): {report['buckets']}",
+    lines += ["", f"would skip, by reason: {report['problems'] or 'none'}",
+              f"buckets (frames: clips): {report['buckets']}",
               f"sizes (height x width: clips): {report['sizes']}; still images: {report['images']}"]
     if report["trigger"]:
         trigger = report["trigger"]
-        lines.append(f"trigger words {trigger['trigger_words']}: put in front of {trigger['captions_given_it']} captions, "
+        lines.append(f"trigger words {trigger['trigger_words']}: "
+                     f"put in front of {trigger['captions_given_it']} captions, "
                      f"{trigger['captions_already_with_it']} begin with them already")
     lines += [f"far from the model's native clip: {note}" for note in report["far_from_native"]]
     for name, counts in report["histograms"].items():

@@ -67,7 +67,8 @@ def frame_index(path: str | Path) -> FrameIndex | Problem:
     A demuxer error here (a truncated file, a corrupt packet) means the container itself is damaged.
     """
     result = subprocess.run(
-        _command(path, ["-loglevel", "level+error"], ["-c", "copy", "-f", "framecrc", "-"]), capture_output=True, timeout=300,
+        _command(path, ["-loglevel", "level+error"], ["-c", "copy", "-f", "framecrc", "-"]),
+        capture_output=True, timeout=300,
     )
     error = first_error(result.stderr.decode("utf-8", errors="replace"))
     if error is not None:

@@ -28,17 +28,23 @@ def dataset_folder(path: str) -> Path:
     match = _DATASET.match(path)
     if match is None:
         raise DatasetLayoutError(f"data.path {path}: write hf://datasets/OWNER/NAME, optionally with @REVISION and "
-                                 "/SUBFOLDER (e.g. hf://datasets/me/my-clips@main/train); only dataset repos hold clips")
+                                 "/SUBFOLDER (e.g. hf://datasets/me/my-clips@main/train); "
+                                 "only dataset repos hold clips")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo, revision, sub = match["repo"], match["revision"], (match["sub"] or "").strip("/")
     try:
         folder = Path(snapshot_download(repo, repo_type="dataset", revision=revision))
     except LocalEntryNotFoundError:
         raise DatasetLayoutError(
-            f"data.path {path}: dataset {repo}{'@' + revision if revision else ''} is not in the Hugging Face cache and "
+            f"data.path {path}: dataset {repo}{'@' + revision if revision else ''} "
+            "is not in the Hugging Face cache and "
             "the Hub cannot be reached (HF_HUB_OFFLINE=1, or no network); fetch it once where there is network "
             f"(`huggingface-cli download --repo-type dataset {repo}`) or unset HF_HUB_OFFLINE") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
@@ -46,7 +52,8 @@ def dataset_folder(path: str) -> Path:
                                  "does not exist, or it is private or gated: check the name and log in with "
                                  "`huggingface-cli login`") from None
     except HfHubHTTPError as error:
-        raise DatasetLayoutError(f"data.path {path}: the Hub refused the download ({str(error).splitlines()[0]})") from None
+        raise DatasetLayoutError(
+            f"data.path {path}: the Hub refused the download ({str(error).splitlines()[0]})") from None
     logger.info("data.path %s: reading the dataset snapshot in %s", path, folder)
     target = folder / sub if sub else folder
     if not target.exists():

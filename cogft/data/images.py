@@ -16,7 +16,7 @@ import numpy as np
 from .checks import Problem
 from .probe import MediaInfo
 from .sources import is_still
-from .video import ClipProbe, DecodeSpec, Decoded, Selection, decode_clip, place, probe_clip, resized_size
+from .video import ClipProbe, Decoded, DecodeSpec, Selection, decode_clip, place, probe_clip, resized_size
 
 STILL_DECODER = "pillow"
 

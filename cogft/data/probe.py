@@ -96,7 +96,8 @@ def parse_ffmpeg_info(stderr: str) -> MediaInfo | Problem:
         stored_height=stored_h,
         rotation=rotation,
         fps=float(fps.group(1)) if fps else None,
-        duration=int(duration.group(1)) * 3600 + int(duration.group(2)) * 60 + float(duration.group(3)) if duration else None,
+        duration=(int(duration.group(1)) * 3600 + int(duration.group(2)) * 60 + float(duration.group(3))
+                  if duration else None),
         has_audio=has_audio,
     )
 

@@ -26,11 +26,12 @@ from .captions import prefixed
 from .errors import DatasetLayoutError
 from .hub import dataset_folder, is_hub_path
 
-VIDEO_EXTENSIONS = frozenset(
-    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .wmv .flv .3gp .ogv .gif".split()
-)
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp",
+    ".ogv", ".gif",
+})
 # still images: conditioning images of image-to-video models, and one-frame samples beside the clips
-IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .webp .bmp .tif .tiff".split())
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 
 def is_still(path: str | Path) -> bool:
@@ -73,8 +74,9 @@ def _read_text(path: Path, whole_list: bool = True) -> str:
             try:
                 return data.decode(encoding)
             except UnicodeDecodeError as error:
-                raise DatasetLayoutError(f"{path}: starts with a {encoding} byte-order mark but is not valid {encoding} "
-                                         f"({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+                raise DatasetLayoutError(f"{path}: starts with a {encoding} byte-order mark but is not valid "
+                                         f"{encoding} ({error.reason} at byte {error.start}); re-save it as UTF-8"
+                                         ) from None
     if whole_list and b"\0" in data:
         raise DatasetLayoutError(f"{path}: contains NUL bytes, so it is not UTF-8 text (UTF-16 without a byte-order "
                                  "mark?); re-save it as UTF-8")
@@ -103,7 +105,8 @@ def _from_txt_pair(folder: Path) -> list[Clip]:
     videos, prompts = _lines(folder / "videos.txt"), _lines(folder / "prompts.txt")
     if len(videos) != len(prompts):
         raise DatasetLayoutError(
-            f"{folder}: videos.txt has {len(videos)} lines but prompts.txt has {len(prompts)}; they must pair line by line"
+            f"{folder}: videos.txt has {len(videos)} lines but prompts.txt has {len(prompts)}; "
+            "they must pair line by line"
         )
     images = _lines(folder / "images.txt") if (folder / "images.txt").is_file() else [""] * len(videos)
     if len(images) != len(videos):

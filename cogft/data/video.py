@@ -56,7 +56,7 @@ class DecodeSpec:
         """The training size for a clip displayed at height x width: the bucket nearest its aspect ratio."""
         return nearest_size(height, width, self.sizes or ((self.height, self.width),))
 
-    def at(self, size: tuple[int, int]) -> "DecodeSpec":
+    def at(self, size: tuple[int, int]) -> DecodeSpec:
         """This spec at one training size (a resolution bucket)."""
         return replace(self, height=size[0], width=size[1])
 
@@ -157,7 +157,8 @@ def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection
         elif 1.0 / spec.fps < native * 0.999:
             notes.append(f"clip runs at {1 / native:.3g} fps, below data.fps={spec.fps:g}: kept every frame")
     if n > 2 and gaps.max() - gaps.min() > 0.25 * native:
-        notes.append(f"variable frame rate ({1 / gaps.max():.3g}-{1 / max(gaps.min(), 1e-6):.3g} fps): frames picked by timestamp")
+        notes.append(f"variable frame rate ({1 / gaps.max():.3g}-{1 / max(gaps.min(), 1e-6):.3g} fps): "
+                     "frames picked by timestamp")
     fitting = [b for b in spec.buckets if b <= available]
     if not fitting:
         need = spec.buckets[-1]
@@ -261,7 +262,8 @@ def decoder() -> str:
         logger.info("decoding clips with the bundled ffmpeg: decord does not import (%s); the frames are the same as "
                     "decord's (it has wheels for Linux x86_64, macOS x86_64 and Windows only)", missing)
         return "ffmpeg"
-    logger.debug("decoding clips with decord (ffmpeg for clips it cannot read; %s=ffmpeg forces ffmpeg)", DECODER_VARIABLE)
+    logger.debug("decoding clips with decord (ffmpeg for clips it cannot read; %s=ffmpeg forces ffmpeg)",
+                 DECODER_VARIABLE)
     return "decord"
 
 
@@ -362,7 +364,8 @@ def _decord_frames(path: str, wanted: list[int], height: int, width: int) -> np.
 
 def _decode_pixels(path: str, probe: ClipProbe, starts: np.ndarray, wanted: list[int],
                    size: tuple[int, int]) -> tuple[np.ndarray | Problem, list[str]]:
-    """The frames at `wanted` by decord, checked for damage by ffmpeg; by ffmpeg alone where decord is not used or fails."""
+    """The frames at `wanted` by decord, checked for damage by ffmpeg; by ffmpeg alone where decord is not used or
+    fails."""
     notes = []  # decord's failure to index was noted by the probe; decord not being used is logged once
     if probe.decoder == "decord":
         frames = _decord_frames(path, wanted, *size)

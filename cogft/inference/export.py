@@ -8,9 +8,16 @@ from pathlib import Path
 
 import torch
 
-from ..run_dir import (LORA_WEIGHTS, TRANSFORMER_DIR, best_of_run, checkpoint_step, exported_step, is_checkpoint,
-                       resolve_trained)
 from ..models.adapters import release_lora
+from ..run_dir import (
+    LORA_WEIGHTS,
+    TRANSFORMER_DIR,
+    best_of_run,
+    checkpoint_step,
+    exported_step,
+    is_checkpoint,
+    resolve_trained,
+)
 from .model_card import write_model_card
 from .sampling import pipeline_with_weights, trained_variant
 

@@ -7,13 +7,13 @@ Validation during training, `cogft sample` and `cogft bench --sample` all render
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..models.inference_cache import cache_config
 from ..models.family import Variant
+from ..models.inference_cache import cache_config
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

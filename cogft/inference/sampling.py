@@ -12,8 +12,8 @@ from ..config import ConfigError
 from ..data.images import conditioning_image
 from ..models.attention import fa4_unavailable, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
-from ..models.loading import load_pipeline, load_variant
 from ..models.family import Variant
+from ..models.loading import load_pipeline, load_variant
 from ..run_dir import TRANSFORMER_DIR, TrainedWeights, resolve_trained
 from .render import render, write_mp4
 

@@ -87,7 +87,7 @@ def release_lora(path: Path, config: Config, model_dtype: torch.dtype) -> Path:
     dtype = model_dtype if config.lora.export_dtype == "auto" else torch.float32
     with safe_open(str(path), "pt") as handle:
         metadata = dict(handle.metadata() or {})
-        tensors = {key: handle.get_tensor(key).to(dtype) for key in handle.keys()}
+        tensors = {key: handle.get_tensor(key).to(dtype) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle has keys() but no __iter__)
     metadata.update({"base_model": config.model.path, "base_model_revision": config.model.revision or "",
                      "cogft_version": __version__, "lora_rank": str(config.lora.rank),
                      "lora_alpha": str(config.lora.alpha),

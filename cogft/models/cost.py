@@ -17,10 +17,10 @@ from ..config import Config, ConfigError
 from ..optimizers import OPTIMIZERS, OptimizerEntry
 from .attention import fa4_installed
 from .blocks import checkpointed_block_count
+from .family import Variant
 from .flops import step_flops
 from .fp8 import is_fp8_parameter_name
 from .inference_cache import taylorseer_full_steps
-from .family import Variant
 
 GIB = 2**30
 AUTO_BUDGET_SHARE = 0.9  # of the card's memory for `train.memory_budget_gib: auto`: above the estimate's worst miss
@@ -164,7 +164,8 @@ def _advice(config: Config, variant: Variant, gpu_name: str, memory_gib: float) 
             ", bf16 models)" if leanest.bf16_weights else ")")
         offload = "deepspeed_zero2_offload.yaml, " if optimizer.runs_offloaded else ""
         return [f"{kept}: try {lean}, {offload}train.mode=lora, or a GPU with more memory"]
-    return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width (or the largest of data.buckets)"]
+    return ["nothing fits this GPU at this size: lower data.num_frames / data.height / data.width "
+            "(or the largest of data.buckets)"]
 
 
 def _full_bytes(optimizer: OptimizerEntry) -> float:

@@ -23,8 +23,9 @@ import functools
 import inspect
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class VariantSpec(ABC):
         """Whether a pipeline with these configs is this variant."""
 
     @abstractmethod
-    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "Variant":
+    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> Variant:
         """This spec bound to one pipeline's configs, in `dtype` (auto: the spec's)."""
 
     def torch_dtype(self, dtype: str) -> torch.dtype:
@@ -264,7 +265,8 @@ class Variant(ABC):
         takes_image = "image" in self.conditions
         if takes_image and prompts and not images:
             raise ConfigError(f"validation.images: {self.name} makes a video from an image and a prompt; give one "
-                              "image per validation prompt (a clip's first frame will do), or set validation.prompts=[]")
+                              "image per validation prompt (a clip's first frame will do), "
+                              "or set validation.prompts=[]")
         if images and not takes_image:
             raise ConfigError(f"validation.images: {self.name} is text-to-video and takes no image; remove the key")
         for image in images:

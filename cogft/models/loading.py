@@ -14,9 +14,9 @@ import torch
 
 from ..config import Config, ConfigError
 from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
+from .family import PipelineConfigs, Variant
 from .group_norm import spread_group_norms
 from .registry import reference_for, spec_for, spec_named
-from .family import PipelineConfigs, Variant
 
 _CONFIG_FILES = {"model_index": (None, "model_index.json"), "transformer": ("transformer", "config.json"),
                  "vae": ("vae", "config.json"), "scheduler": ("scheduler", "scheduler_config.json")}

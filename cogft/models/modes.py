@@ -3,8 +3,8 @@ export probe) and the base model with its adapter switched off. Training and inf
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

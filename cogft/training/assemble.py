@@ -13,16 +13,22 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..models.adapters import setup_trainable
 from ..models.attention import set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.family import Variant
+from ..optimizers import OPTIMIZERS, build_optimizer
 from ..tracking import trackers_for
-from ..models.adapters import setup_trainable
-from .backends import (accelerator_on_cpu, backend_name, configure_backend, keep_encoders_whole, offloads_optimizer,
-                       uses_deepspeed)
+from .backends import (
+    accelerator_on_cpu,
+    backend_name,
+    configure_backend,
+    keep_encoders_whole,
+    offloads_optimizer,
+    uses_deepspeed,
+)
 from .budget import block_settings
 from .checkpointing import TrainingProgress, register_weight_hooks
-from ..optimizers import OPTIMIZERS, build_optimizer
 from .step import StepParts, TrainingStep
 
 logger = logging.getLogger(__name__)

@@ -43,9 +43,9 @@ def accelerator_on_cpu() -> bool:
     by default off Linux) is refused by name here, before accelerate's bare ImportError."""
     if _launched_with("DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
         raise BackendError(
-            "the accelerate launch config uses DeepSpeed (distributed_type: DEEPSPEED), but deepspeed is not installed: "
-            "`pip install \"cogft[deepspeed]\"` (it builds on Linux), or launch with accelerate_configs/single_gpu.yaml, "
-            "ddp.yaml or fsdp.yaml"
+            "the accelerate launch config uses DeepSpeed (distributed_type: DEEPSPEED), "
+            "but deepspeed is not installed: `pip install \"cogft[deepspeed]\"` (it builds on Linux), "
+            "or launch with accelerate_configs/single_gpu.yaml, ddp.yaml or fsdp.yaml"
         )
     if torch.cuda.is_available():
         return False
@@ -78,7 +78,8 @@ def zero_stage(accelerator) -> int | None:
 
 
 def offloads_optimizer(accelerator) -> bool:
-    return uses_deepspeed(accelerator) and _zero(accelerator).get("offload_optimizer", {}).get("device", "none") != "none"
+    return (uses_deepspeed(accelerator)
+            and _zero(accelerator).get("offload_optimizer", {}).get("device", "none") != "none")
 
 
 def shards_weights(accelerator) -> bool:
@@ -141,7 +142,8 @@ def _configure_deepspeed(accelerator, config: Config, variant: Variant) -> None:
         ds["fp16"] = {"enabled": False}
     accumulation = config.train.gradient_accumulation_steps
     if ds.get("gradient_accumulation_steps", "auto") not in ("auto", accumulation):
-        logger.warning("DeepSpeed config gradient_accumulation_steps=%s replaced by train.gradient_accumulation_steps=%d",
+        logger.warning("DeepSpeed config gradient_accumulation_steps=%s replaced by "
+                       "train.gradient_accumulation_steps=%d",
                        ds["gradient_accumulation_steps"], accumulation)
     ds["gradient_accumulation_steps"] = accumulation
     ds["gradient_clipping"] = config.train.max_grad_norm

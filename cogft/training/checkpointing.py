@@ -12,9 +12,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -22,11 +22,22 @@ from ..config import Config, ConfigError
 from ..config_file import save_config
 from ..disk import disk_full_error, folder_bytes, is_disk_full
 from ..inference.model_card import write_model_card
-from ..models.family import Variant
-from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
-                       best_checkpoint, checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
-from ..seeding import mixed_seed
 from ..models.adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
+from ..models.family import Variant
+from ..run_dir import (
+    CHECKPOINTS,
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    EXPORT_RECORD,
+    LORA_DIR,
+    TRANSFORMER_DIR,
+    best_checkpoint,
+    checkpoint_damage,
+    complete_checkpoints,
+    is_checkpoint,
+    step_dir,
+)
+from ..seeding import mixed_seed
 from .backends import full_state_dict
 from .best import write_best
 
@@ -146,8 +157,9 @@ def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
 
 def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer_parent: Path, lora_format,
                  dtype: torch.dtype | None = None) -> Path | None:
-    """The trained weights in diffusers format: the LoRA into `lora_dir` (in `Variant.lora_format`), or `transformer_parent/transformer`;
-    with `dtype` (an export), cast to it (the LoRA as `lora.export_dtype` says, with its release metadata). Sharded weights (ZeRO-3, FSDP) are gathered first, a collective: every rank calls
+    """The trained weights in diffusers format: the LoRA into `lora_dir` (in `Variant.lora_format`), or
+    `transformer_parent/transformer`; with `dtype` (an export), cast to it (the LoRA as `lora.export_dtype` says,
+    with its release metadata). Sharded weights (ZeRO-3, FSDP) are gathered first, a collective: every rank calls
     this; the main process writes and gets the path, the others None."""
     state = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:

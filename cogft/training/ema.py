@@ -9,8 +9,8 @@ videos and the final export, whose raw weights are exported beside it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -83,8 +83,8 @@ def mean_loss(values: list[float]) -> float:
 class HeldOutEval:
     """Scores the held-out clips with the model being trained, at each checkpoint and every `eval.every` steps.
 
-    Clip i runs on data rank i % data_parallel_size (`Topology.share`); with weights sharded over the processes (`shared_forward`: ZeRO-3,
-    FSDP) every process takes part in every forward pass and the main one's losses count.
+    Clip i runs on data rank i % data_parallel_size (`Topology.share`); with weights sharded over the processes
+    (`shared_forward`: ZeRO-3, FSDP) every process takes part in every forward pass and the main one's losses count.
     """
 
     def __init__(self, config: Config, step: TrainingStep, clips: list[CacheEntry], topology: Topology = Topology(),

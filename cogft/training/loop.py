@@ -23,20 +23,27 @@ from ..data.dataset import LatentDataset, collate
 from ..inference.check_export import check_export
 from ..inference.hub import check_run_push, push_run_export
 from ..models.attention import resolve_attention
-from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..models.family import Variant
+from ..models.loading import load_for_config, load_scheduler, load_transformer
+from ..optimizers import reapply_settings
 from ..run_dir import CONFIG_FILE, LORA_DIR, RAW_EXPORT_DIR, checkpoint_step, hold
 from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, init_trackers, log_videos
 from .assemble import assemble_step, make_accelerator
 from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
 from .best import best_entry, improves, restored_best, write_best
-from .checkpointing import (check_resume_config, load_checkpoint, resolve_resume, sample_generators,
-                            save_checkpoint, save_export, save_weights)
+from .checkpointing import (
+    check_resume_config,
+    load_checkpoint,
+    resolve_resume,
+    sample_generators,
+    save_checkpoint,
+    save_export,
+    save_weights,
+)
 from .ema import WeightAverage
 from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .export_probe import export_probe
 from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
-from ..optimizers import reapply_settings
 from .readout import StepReadout
 from .report import write_run_report
 from .stop import StopRequest

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
-from ..models.flops import peak_tflops, step_flops
 from ..models.family import Variant
+from ..models.flops import peak_tflops, step_flops
 from .readout import StepReadout
 
 logger = logging.getLogger(__name__)

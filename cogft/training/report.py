@@ -1,8 +1,9 @@
 """report.html: one page a user opens after a run (finished or stopped), offline, from any copy of the run folder.
 
-The loss and learning-rate curves of metrics.jsonl (and the held-out eval loss, with `eval.holdout`) as inline SVG (and curves.png, drawn with Pillow, for a chat or
-an issue), every validation video of samples/ by relative path, and the run's short facts. No script, no stylesheet
-or font from elsewhere: it opens from a laptop's disk, an archive or a cluster's file browser.
+The loss and learning-rate curves of metrics.jsonl (and the held-out eval loss, with `eval.holdout`) as inline SVG
+(and curves.png, drawn with Pillow, for a chat or an issue), every validation video of samples/ by relative path,
+and the run's short facts. No script, no stylesheet or font from elsewhere: it opens from a laptop's disk, an
+archive or a cluster's file browser.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 from ..data.captions import validation_texts
-from ..run_dir import (CURVES_IMAGE, HTML_REPORT, METRICS_FILE, SAMPLES_DIR, TRANSFORMER_DIR, complete_checkpoints,
-                       resolve_trained, sample_path)
+from ..run_dir import (
+    CURVES_IMAGE,
+    HTML_REPORT,
+    METRICS_FILE,
+    SAMPLES_DIR,
+    TRANSFORMER_DIR,
+    complete_checkpoints,
+    resolve_trained,
+    sample_path,
+)
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
 
 _WIDTH, _HEIGHT = 720, 260  # one chart; curves.png stacks the two
@@ -120,7 +129,8 @@ def _videos(config: Config, run_dir: Path) -> str:
         match = _SAMPLE.match(video.name)
         step, index = (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
         text = texts[index] if 0 <= index < len(texts) else None
-        caption = text if text is not None and sample_path(run_dir, step, index, text).name == video.name else video.name
+        named = text is not None and sample_path(run_dir, step, index, text).name == video.name
+        caption = text if named else video.name
         by_step.setdefault(step, []).append(
             f'<figure><video controls preload="metadata" src="{html.escape(f"{SAMPLES_DIR}/{video.name}")}"></video>'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -150,7 +160,8 @@ def _facts(config: Config, run_dir: Path, rows: list[dict], stopped: bool) -> li
     checkpoints = complete_checkpoints(run_dir)
     if checkpoints:
         facts.append(("checkpoints", ", ".join(html.escape(c.name) for c in checkpoints)))
-    facts.append(("metrics", f'<a href="{METRICS_FILE}">{METRICS_FILE}</a>, <a href="{CURVES_IMAGE}">{CURVES_IMAGE}</a>'))
+    facts.append(("metrics",
+                  f'<a href="{METRICS_FILE}">{METRICS_FILE}</a>, <a href="{CURVES_IMAGE}">{CURVES_IMAGE}</a>'))
     return facts
 
 

@@ -11,9 +11,15 @@ from pathlib import Path
 
 from ..config import Config
 from ..inference.check_export import describe
-from ..run_dir import (HTML_REPORT, METRICS_FILE, SAMPLES_DIR, best_record, complete_checkpoints, exported_step,
-                       resolve_trained)
-
+from ..run_dir import (
+    HTML_REPORT,
+    METRICS_FILE,
+    SAMPLES_DIR,
+    best_record,
+    complete_checkpoints,
+    exported_step,
+    resolve_trained,
+)
 
 STEP_KEY, EVAL_KEY, CHECK_KEY = "loss_smoothed", "eval/loss", "export_check/pixel_diff"  # what marks each kind of row
 

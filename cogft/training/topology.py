@@ -19,7 +19,7 @@ class Topology:
     context_parallel_size: int = 1
 
     @classmethod
-    def of(cls, accelerator) -> "Topology":
+    def of(cls, accelerator) -> Topology:
         """Every process a data-parallel rank of its own (no context parallelism yet)."""
         return cls(data_rank=accelerator.process_index, data_parallel_size=accelerator.num_processes)
 

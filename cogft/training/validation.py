@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.images import conditioning_image
 from ..inference.render import render, write_mp4
-from ..models.loading import load_scheduler, load_vae
 from ..models.family import Variant
-from ..run_dir import SAMPLES_DIR, sample_path
+from ..models.loading import load_scheduler, load_vae
 from ..models.modes import evaluating
+from ..run_dir import SAMPLES_DIR, sample_path
 from .topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 class ValidationHook:
     """Samples the configured prompts with the in-memory transformer every `validation.every` steps.
 
-    The prompts are spread over the processes (prompt i on data rank i % data_parallel_size: `Topology.share`), each writing its own
-    videos, so a validation takes the time of its share, not of all of it, while the other ranks wait in a
-    collective. With weights sharded over the processes (`shared_forward`: ZeRO-3, FSDP) every process takes
+    The prompts are spread over the processes (prompt i on data rank i % data_parallel_size: `Topology.share`), each
+    writing its own videos, so a validation takes the time of its share, not of all of it, while the other ranks
+    wait in a collective. With weights sharded over the processes (`shared_forward`: ZeRO-3, FSDP) every process takes
     part in every video's forward passes and the main one writes them. Each prompt keeps its seed
     (validation.seed + its index), so a video does not depend on the number of processes.
     """

@@ -35,7 +35,7 @@ class ImageToVideoSpec(CogVideoXSpec):
     pipeline_class: str = "CogVideoXImageToVideoPipeline"
 
     @property
-    def variant_class(self) -> type["ImageToVideoVariant"]:
+    def variant_class(self) -> type[ImageToVideoVariant]:
         return ImageToVideoVariant
 
     def conditioning_matches(self, transformer: dict, latent_channels: int | None) -> bool:

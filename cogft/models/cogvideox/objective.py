@@ -6,15 +6,15 @@
     loss   = mean_b mean((1 / (1 − alphas_cumprod[t])) · (x0_hat − x0)²)
 
 Image-to-video models also draw their image channels here (`draw_image_latents`, the reference recipe's
-noisy image and its dropout); the loss is the same (`image_to_video.py` binds them). Random draws come from an explicit generator so that a
-resumed run sees the same noise as an uninterrupted one. The loss is computed in fp32 whatever the model's
-precision.
+noisy image and its dropout); the loss is the same (`image_to_video.py` binds them). Random draws come from an
+explicit generator so that a resumed run sees the same noise as an uninterrupted one. The loss is computed in fp32
+whatever the model's precision.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from ...config import Config, ConfigError
-from ..family import (DATA_SIZE_KEYS, ClipSize, ModelInputs, PipelineConfigs, TrainingDraws, Variant,
-                      VariantSpec)
+from ..family import DATA_SIZE_KEYS, ClipSize, ModelInputs, PipelineConfigs, TrainingDraws, Variant, VariantSpec
 from .attention import KernelAttnProcessor
 from .objective import diffusion_loss, draw_inputs, frames_first
 
@@ -82,11 +81,11 @@ class CogVideoXSpec(VariantSpec):
                 and not transformer.get("use_learned_positional_embeddings", False)
                 and transformer.get("ofs_embed_dim") is None)
 
-    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> "CogVideoXVariant":
+    def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> CogVideoXVariant:
         return self.variant_class(self, configs, self.torch_dtype(dtype))
 
     @property
-    def variant_class(self) -> type["CogVideoXVariant"]:
+    def variant_class(self) -> type[CogVideoXVariant]:
         return CogVideoXVariant
 
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
@@ -186,7 +185,8 @@ class CogVideoXVariant(Variant):
                                   f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size})")
             if fixed is not None and (height, width) != (fixed.height, fixed.width):
                 raise ConfigError(f"{key}={height}x{width}: {self.name} takes only {fixed.height}x{fixed.width} (its "
-                                  "learned position table fits that size alone, and the stock pipeline refuses others); "
+                                  "learned position table fits that size alone, and the stock pipeline refuses "
+                                  "others); "
                                   f"leave {key.partition('[')[0]} out")
 
     def single_frame_problem(self) -> str | None:

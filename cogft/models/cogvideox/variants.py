@@ -56,26 +56,27 @@ def _tiny(full: PipelineConfigs) -> PipelineConfigs:
 
 
 COGVIDEOX_2B = CogVideoXSpec(
-    name="cogvideox-2b", family="cogvideox", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False, native=_NATIVE_1_0,
-    reference=reference.COGVIDEOX_2B, tiny=_tiny(reference.COGVIDEOX_2B),
+    name="cogvideox-2b", family="cogvideox", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False,
+    native=_NATIVE_1_0, reference=reference.COGVIDEOX_2B, tiny=_tiny(reference.COGVIDEOX_2B),
     license="apache-2.0", license_name=None, license_link=None,
 )
 COGVIDEOX_5B = CogVideoXSpec(
-    name="cogvideox-5b", family="cogvideox", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True, native=_NATIVE_1_0,
-    reference=reference.COGVIDEOX_5B, tiny=_tiny(reference.COGVIDEOX_5B),
+    name="cogvideox-5b", family="cogvideox", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True,
+    native=_NATIVE_1_0, reference=reference.COGVIDEOX_5B, tiny=_tiny(reference.COGVIDEOX_5B),
 )
 COGVIDEOX_1_5_5B = CogVideoXSpec(
-    name="cogvideox1.5-5b", family="cogvideox", short="1.5-5b", hub_id="THUDM/CogVideoX1.5-5B", dtype="bf16", rotary=True,
-    native=_NATIVE_1_5, patch_size_t=2, reference=reference.COGVIDEOX_1_5_5B, tiny=_tiny(reference.COGVIDEOX_1_5_5B),
+    name="cogvideox1.5-5b", family="cogvideox", short="1.5-5b", hub_id="THUDM/CogVideoX1.5-5B", dtype="bf16",
+    rotary=True, native=_NATIVE_1_5, patch_size_t=2, reference=reference.COGVIDEOX_1_5_5B,
+    tiny=_tiny(reference.COGVIDEOX_1_5_5B),
 )
 COGVIDEOX_5B_I2V = ImageToVideoSpec(
-    name="cogvideox-5b-i2v", family="cogvideox", short="5b-i2v", hub_id="THUDM/CogVideoX-5b-I2V", dtype="bf16", rotary=True,
-    native=_NATIVE_1_0, learned_positions=True, reference=reference.COGVIDEOX_5B_I2V,
+    name="cogvideox-5b-i2v", family="cogvideox", short="5b-i2v", hub_id="THUDM/CogVideoX-5b-I2V", dtype="bf16",
+    rotary=True, native=_NATIVE_1_0, learned_positions=True, reference=reference.COGVIDEOX_5B_I2V,
     tiny=_tiny(reference.COGVIDEOX_5B_I2V),
 )
 COGVIDEOX_1_5_5B_I2V = ImageToVideoSpec(
-    name="cogvideox1.5-5b-i2v", family="cogvideox", short="1.5-5b-i2v", hub_id="THUDM/CogVideoX1.5-5B-I2V", dtype="bf16", rotary=True,
-    native=_NATIVE_1_5, patch_size_t=2, ofs=2.0, reference=reference.COGVIDEOX_1_5_5B_I2V,
+    name="cogvideox1.5-5b-i2v", family="cogvideox", short="1.5-5b-i2v", hub_id="THUDM/CogVideoX1.5-5B-I2V",
+    dtype="bf16", rotary=True, native=_NATIVE_1_5, patch_size_t=2, ofs=2.0, reference=reference.COGVIDEOX_1_5_5B_I2V,
     tiny=_tiny(reference.COGVIDEOX_1_5_5B_I2V),
 )
 

@@ -19,12 +19,15 @@ target size is computed from the displayed size that `ffmpeg -i` reports.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
 
@@ -265,13 +268,29 @@ def decoder() -> str:
     return "decord"
 
 
+@contextlib.contextmanager
+def _decord_path(path: str) -> Iterator[str]:
+    """`path` as decord can open it: decord takes UTF-8 text only, so a file name with other bytes (read as
+    surrogates) is opened through a temporary link with a plain name."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="cogft-") as folder:
+            link = os.path.join(folder, "clip" + "".join(c for c in os.path.splitext(path)[1] if c.isascii()))
+            os.symlink(os.path.abspath(path), link)
+            yield link
+        return
+    yield path
+
+
 def _decord_index(path: str) -> tuple[np.ndarray, float]:
     """Frame start times and the end of the last frame from decord's index; raises as decord does."""
     import decord
 
-    reader = decord.VideoReader(path, num_threads=1)
-    count = len(reader)
-    stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
+    with _decord_path(path) as readable:
+        reader = decord.VideoReader(readable, num_threads=1)
+        count = len(reader)
+        stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
     return stamps[:, 0], float(stamps[-1, 1]) if count else 0.0
 
 
@@ -354,8 +373,9 @@ def _decord_frames(path: str, wanted: list[int], height: int, width: int) -> np.
     try:
         import decord
 
-        reader = decord.VideoReader(path, num_threads=1, width=width, height=height)
-        return reader.get_batch(wanted).asnumpy()
+        with _decord_path(path) as readable:
+            reader = decord.VideoReader(readable, num_threads=1, width=width, height=height)
+            return reader.get_batch(wanted).asnumpy()
     except Exception as error:  # RuntimeError, or DECORDError for damaged streams
         return _first_line(error)
 

@@ -292,9 +292,13 @@ class Variant:
                               "image per validation prompt (a clip's first frame will do), or set validation.prompts=[]")
         if images and not self.spec.image_conditioned:
             raise ConfigError(f"validation.images: {self.name} is text-to-video and takes no image; remove the key")
+        from ..data.images import unusable_image
+
         for image in images:
             if not Path(image).is_file():
                 raise ConfigError(f"validation.images: {image} not found (paths are relative to where cogft runs)")
+            if why := unusable_image(image):
+                raise ConfigError(f"validation.images: {image} cannot be used: {why}; re-save it as PNG or JPEG")
 
     def check_clip_size(self, num_frames: int, height: int, width: int, shortest_bucket: int | None = None,
                         names: tuple[str, str, str, str] = DATA_SIZE_KEYS) -> None:

@@ -84,6 +84,15 @@ class ModelConfig(_Section):
                                               "patch embedding stays as it is. About half the base weights' memory")
 
 
+def folder_can_be_made(value: str, key: str) -> str:
+    """A folder path a key names, refused where a file stands on it (found at the first write, after the work)."""
+    path = Path(value)
+    for place in (path, *path.parents):
+        if place.exists() and not place.is_dir():
+            raise ValueError(f"{place} is a file, not a folder; choose another {key}")
+    return value
+
+
 class DataConfig(_Section):
     path: str = Field(description="folder with prompts.txt + videos.txt, a folder of clips with a .txt caption "
                                   "beside each, or a .csv / .jsonl metadata file")
@@ -126,6 +135,11 @@ class DataConfig(_Section):
     image_batch_size: int | None = Field(None, ge=1, description="batch size of still images trained beside the clips "
                                                                  "(they are single frames, far cheaper); null: "
                                                                  "train.batch_size")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_folder_can_be_made(cls, value: str | None) -> str | None:
+        return value if value is None else folder_can_be_made(value, "data.cache_dir")
 
     @field_validator("num_frames", "min_frames")
     @classmethod
@@ -350,11 +364,7 @@ class Config(_Section):
     @field_validator("output_dir")
     @classmethod
     def _a_folder_can_be_made(cls, value: str) -> str:
-        path = Path(value)
-        for place in (path, *path.parents):
-            if place.exists() and not place.is_dir():
-                raise ValueError(f"{place} is a file, not a folder; choose another output_dir")
-        return value
+        return folder_can_be_made(value, "output_dir")
 
     @model_validator(mode="after")
     def _validation_lists_pair(self) -> "Config":

@@ -14,6 +14,7 @@ import pytest
 from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
 from PIL import Image
 
+from cogft.config import ConfigError
 from cogft.data.buckets import BucketBatchSampler, still_batch_sizes
 from cogft.data.checks import admission_problems, byte_duplicates
 from cogft.data.errors import DatasetLayoutError
@@ -102,6 +103,8 @@ def test_class2_keys_naming_a_column_or_a_file_are_checked_before_any_work(make_
             read_dataset(make_config(f"data.path={tmp_path / 'meta.csv'}", f"data.image_column={column}").data)
     named = read_dataset(make_config(f"data.path={tmp_path / 'meta.csv'}", "data.image_column=Image").data)
     assert [c.image for c in named] == [good]
+    with pytest.raises(ConfigError, match=r"data.cache_dir: .*meta.csv is a file, not a folder"):
+        make_config(f"data.cache_dir={tmp_path / 'meta.csv' / 'cache'}")  # found at the first write, after the work
 
     (tmp_path / "bomb.png").write_bytes(png_header(30000, 30000))
     (tmp_path / "text.png").write_text("not an image")

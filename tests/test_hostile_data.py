@@ -220,6 +220,17 @@ def test_class5_hostile_lists_names_and_files_are_skipped_with_a_reason_never_a_
     assert "Permission denied" in rows["unreadable_caption.mp4"]["problems"][0]["detail"]
     assert "caf\\xe9.mp4" in format_table(report)  # printable: a terminal takes it
 
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "videos.txt").symlink_to(lists / "gone.txt")  # read as a plain folder, it would train on something else
+    (lists / "prompts.txt").write_text("a square\n")
+    with pytest.raises(DatasetLayoutError, match="videos.txt: a symbolic link to .*gone.txt, which cannot be followed"):
+        read_clips(lists)
+    (lists / "videos.txt").unlink()
+    os.mkfifo(lists / "videos.txt")
+    with pytest.raises(DatasetLayoutError, match="videos.txt: not a regular file"):
+        read_clips(lists)
+
     long_caption = "a square " * 20_000  # 180 KB, over the csv module's default field limit
     (tmp_path / "long.csv").write_text(f"video,caption\n{CLIP},{long_caption}\n")
     assert read_clips(tmp_path / "long.csv")[0].caption == long_caption.strip()

@@ -159,6 +159,20 @@ def _outside(within: Path | None, *paths: Path | None) -> tuple[str, str] | None
     return None
 
 
+def _is_list(path: Path) -> bool:
+    """Whether a list file (videos.txt, metadata.csv...) is there; one that is there but cannot be a list (a
+    dangling link, a folder, a pipe that reading would wait on) fails the dataset rather than being passed over."""
+    if path.is_file():
+        return True
+    if path.is_symlink() and not _exists(path):
+        raise DatasetLayoutError(f"{path}: a symbolic link to {os.readlink(path)}, which cannot be followed; fix the "
+                                 "link or remove it")
+    if _exists(path):
+        raise DatasetLayoutError(f"{path}: not a regular file (a folder, a pipe or a device); make it a text file "
+                                 "or remove it")
+    return False
+
+
 def _check_list_file(path: Path, within: Path | None) -> None:
     if within is not None and (why := escapes(path, within)):
         raise DatasetLayoutError(f"{why}; a dataset from the Hub may name only its own files")
@@ -172,7 +186,7 @@ def _from_txt_pair(folder: Path, within: Path | None) -> list[Clip]:
         raise DatasetLayoutError(
             f"{folder}: videos.txt has {len(videos)} lines but prompts.txt has {len(prompts)}; they must pair line by line"
         )
-    images = _lines(folder / "images.txt") if (folder / "images.txt").is_file() else [""] * len(videos)
+    images = _lines(folder / "images.txt") if _is_list(folder / "images.txt") else [""] * len(videos)
     if len(images) != len(videos):
         raise DatasetLayoutError(f"{folder}: images.txt has {len(images)} lines but videos.txt has {len(videos)}; they "
                                  "must pair line by line (a blank line: that clip's first frame)")
@@ -323,10 +337,11 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
     every clip on its first frame."""
     path = Path(path)
     if path.is_dir():
-        if (path / "videos.txt").is_file() and (path / "prompts.txt").is_file():
+        videos, prompts = _is_list(path / "videos.txt"), _is_list(path / "prompts.txt")
+        if videos and prompts:
             return _from_txt_pair(path, within)
         for name in METADATA_FILES:  # the Hub's folder convention (its file_name column is understood too)
-            if (path / name).is_file():
+            if _is_list(path / name):
                 return read_clips(path / name, video_column, caption_column, image_column, within=within,
                                   image_column_given=image_column_given)
         return _from_folder(path, within)

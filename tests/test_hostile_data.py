@@ -199,7 +199,8 @@ def test_class5_hostile_lists_names_and_files_are_skipped_with_a_reason_never_a_
     (folder / "dangling.mp4").symlink_to(folder / "gone.mp4")
     (folder / "loop.mp4").symlink_to(folder / "loop.mp4")
     (folder / "bomb.png").write_bytes(png_header(20000, 20000))
-    for name in ("pipe", "folder", "dangling", "loop", "bomb"):
+    Image.new("RGB", (100_000, 1)).save(folder / "sliver.png")  # 500 bytes; covering a 480x720 bucket would take 69 GB
+    for name in ("pipe", "folder", "dangling", "loop", "bomb", "sliver"):
         (folder / f"{name}.txt").write_text("a caption")
     real_read = Path.read_bytes  # root reads any file whatever its mode, so the refusal is simulated
 
@@ -215,7 +216,7 @@ def test_class5_hostile_lists_names_and_files_are_skipped_with_a_reason_never_a_
     assert codes == {"bomb.png": ["image_unreadable"], "caf\udce9.mp4": [], "dangling.mp4": ["not_found"],
                      "fifo_caption.mp4": ["unreadable"], "folder.mp4": ["not_found"],
                      "folder_caption.mp4": ["unreadable"], "loop.mp4": ["not_found"], "pipe.mp4": ["not_a_video"],
-                     "unreadable_caption.mp4": ["unreadable"]}
+                     "sliver.png": ["extreme_aspect"], "unreadable_caption.mp4": ["unreadable"]}
     assert "too large to decode safely" in rows["bomb.png"]["problems"][0]["detail"]
     assert "Permission denied" in rows["unreadable_caption.mp4"]["problems"][0]["detail"]
     assert "caf\\xe9.mp4" in format_table(report)  # printable: a terminal takes it
@@ -249,6 +250,9 @@ def test_class5_hostile_lists_names_and_files_are_skipped_with_a_reason_never_a_
     assert [[p.code for p in problems[c.line]] for c in clips] == [["invalid_entry"]] * 3 + [["caption_not_utf8"],
                                                                                               ["invalid_entry"]]
     assert "its 'caption' is a number (42), not text" in problems[clips[0].line][0].detail
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetLayoutError, match="deep.jsonl: line 1 nests too deeply"):
+        read_clips(tmp_path / "deep.jsonl")
 
 
 def test_class5_latin1_file_names_are_prepared_and_cogft_sample_refuses_a_non_finite_guidance(make_config, tmp_path):

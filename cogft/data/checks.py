@@ -22,7 +22,8 @@ class Problem:
                  # unreadable, image_missing, image_unreadable (conditioning images and still samples),
                  # still_unsupported (a still image where the model cannot train on one frame),
                  # outside_dataset (a Hub dataset naming a file outside itself), invalid_entry (a list entry that
-                 # is not a file name and a caption: a JSON number, an unquoted comma)
+                 # is not a file name and a caption: a JSON number, an unquoted comma), extreme_aspect (a picture
+                 # data.resize=crop would scale to a huge size to keep a sliver of it)
     detail: str  # what exactly is wrong and what to do about it
 
 

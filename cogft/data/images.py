@@ -19,7 +19,7 @@ import numpy as np
 from .checks import Problem, file_problem
 from .probe import MediaInfo
 from .sources import is_still
-from .video import ClipProbe, DecodeSpec, Decoded, Selection, decode_clip, place, probe_clip, resized_size
+from .video import ClipProbe, Decoded, DecodeSpec, Selection, crop_problem, decode_clip, place, probe_clip, resized_size
 
 STILL_DECODER = "pillow"
 IMAGE_READING = 2  # how images are read (2: true range, transparency on white); part of their cache keys
@@ -145,6 +145,8 @@ def read_image(path: str | Path, spec: DecodeSpec) -> tuple[np.ndarray, list[str
     if isinstance(opened, str):
         return Problem("image_unreadable", f"conditioning image {path} cannot be read ({opened}); re-save it as PNG "
                                            "or JPEG")
+    if problem := crop_problem(opened[0].height, opened[0].width, spec):
+        return Problem("image_unreadable", f"conditioning image {path}: {problem.detail}")
     pixels, notes = fit_image(opened[0], spec, "conditioning image")
     return pixels, [*(f"conditioning image: {note}" for note in opened[2]), *notes]
 
@@ -174,6 +176,9 @@ def _still(path: str, spec: DecodeSpec):
     probe.info = MediaInfo(codec=kind.lower(), width=image.width, height=image.height, stored_width=image.width,
                            stored_height=image.height, rotation=0, fps=None, duration=None, has_audio=False)
     probe.frames, probe.size = 1, spec.bucket_for(image.height, image.width)
+    if problem := crop_problem(image.height, image.width, spec.at(probe.size)):
+        probe.problem = problem
+        return probe, None
     probe.selection = Selection(windows=((0,),), offsets=(0,), available=1, notes=tuple(notes))
     probe.seconds = time.perf_counter() - started
     return probe, image

@@ -365,4 +365,7 @@ def _jsonl_rows(path: Path) -> list:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise DatasetLayoutError(f"{path}: line {n + 1} is not valid JSON: {error}") from None
+            except RecursionError:
+                raise DatasetLayoutError(f"{path}: line {n + 1} nests too deeply to read; each line must be one "
+                                         "object like {\"video\": ..., \"caption\": ...}") from None
     return rows

@@ -193,6 +193,21 @@ def resized_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
     return min(spec.height, max(1, new_h)), min(spec.width, max(1, new_w))
 
 
+MAX_CROP_LOSS = 64  # `crop` scales to cover the target: a picture needing more than this many times its area
+
+
+def crop_problem(height: int, width: int, spec: DecodeSpec) -> Problem | None:
+    """A picture so much wider or taller than its bucket that covering the bucket would scale it to a huge size
+    (a 1x100000 image: gigabytes) and keep a sliver of it; refused before anything is decoded."""
+    new_h, new_w = resized_size(height, width, spec)
+    if spec.resize != "crop" or new_h * new_w <= MAX_CROP_LOSS * spec.height * spec.width:
+        return None
+    kept = new_h * new_w // (spec.height * spec.width)
+    return Problem("extreme_aspect", f"{width}x{height} is too far from the {spec.width}x{spec.height} training "
+                                     f"shape: data.resize=crop would keep 1/{kept} of it; crop it yourself, add a "
+                                     "data.buckets size of its shape, or use data.resize=fit")
+
+
 def place(frames: np.ndarray, spec: DecodeSpec) -> np.ndarray:
     """Centre-crop (crop) or centre-pad with black (fit) [F, h, w, 3] frames to the target size."""
     _, h, w, _ = frames.shape
@@ -324,6 +339,9 @@ def _fill_probe(path: str, spec: DecodeSpec, probe: ClipProbe) -> np.ndarray:
         return np.zeros(0)
     probe.info = info
     probe.size = spec.bucket_for(info.height, info.width)
+    if problem := crop_problem(info.height, info.width, spec.at(probe.size)):
+        probe.problem = problem
+        return np.zeros(0)
     index = _frame_index(path, probe)
     if isinstance(index, Problem):
         probe.problem = index

@@ -103,6 +103,8 @@ def test_class2_keys_naming_a_column_or_a_file_are_checked_before_any_work(make_
             read_dataset(make_config(f"data.path={tmp_path / 'meta.csv'}", f"data.image_column={column}").data)
     named = read_dataset(make_config(f"data.path={tmp_path / 'meta.csv'}", "data.image_column=Image").data)
     assert [c.image for c in named] == [good]
+    with pytest.raises(DatasetLayoutError, match="data.image_column: .* is a videos.txt \\+ prompts.txt folder"):
+        read_dataset(make_config("data.image_column=Image").data)  # the default data.path: data/, videos.txt
     with pytest.raises(ConfigError, match=r"data.cache_dir: .*meta.csv is a file, not a folder"):
         make_config(f"data.cache_dir={tmp_path / 'meta.csv' / 'cache'}")  # found at the first write, after the work
 

@@ -69,6 +69,7 @@ def _animated(path: str, mtime_ns: int, size: int) -> bool:
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # what a folder holds in the Hub's VideoFolder/ImageFolder layout
 HUB_FILE_COLUMN = "file_name"                        # that layout's column naming each file
 ID_TOKEN_COLUMN = "id_token"                         # a metadata column with each clip's trigger word (finetrainers')
+COLUMN_KEYS = ("video_column", "caption_column", "image_column")  # data.* keys naming a column of a .csv / .jsonl
 
 
 def printable(path: str | Path) -> str:
@@ -260,12 +261,12 @@ def _row_refusal(row: dict, columns: tuple[str, ...], header: int | None) -> tup
 
 
 def _from_rows(rows: list, file: Path, video_column: str, caption_column: str, what: str,
-               image_column: str, image_column_given: bool, within: Path | None) -> list[Clip]:
+               image_column: str, given_columns: tuple[str, ...], within: Path | None) -> list[Clip]:
     if video_column == "video" and rows and all(isinstance(r, dict) and "video" not in r and HUB_FILE_COLUMN in r
                                                 for r in rows):
         video_column = HUB_FILE_COLUMN  # a Hub-style metadata file, with the default column name left as it is
     names = list(dict.fromkeys(str(key) for row in rows if isinstance(row, dict) for key in row if key is not None))
-    if image_column_given and rows and image_column not in names:
+    if "data.image_column" in given_columns and rows and image_column not in names:
         raise DatasetLayoutError(f"data.image_column={image_column!r}: no {what} of {file} has that column (columns: "
                                  f"{', '.join(names)}); name one of them, or leave the key out to condition each clip "
                                  "on its first frame")
@@ -319,8 +320,10 @@ def read_dataset(data, with_prefix: bool = True) -> list[Clip]:
     snapshot, every path it names kept inside it), each caption behind `data.caption_prefix` and the clip's
     `id_token` (`with_prefix`)."""
     path, within = dataset_folder(data.path) if is_hub_path(data.path) else (data.path, None)
+    defaults = type(data).model_fields
+    given = tuple(f"data.{key}" for key in COLUMN_KEYS if getattr(data, key) != defaults[key].default)
     clips = read_clips(path, data.video_column, data.caption_column, data.image_column, within=within,
-                       image_column_given=data.image_column != type(data).model_fields["image_column"].default)
+                       given_columns=given)
     return with_trigger_words(clips, data.caption_prefix) if with_prefix else clips
 
 
@@ -331,19 +334,21 @@ def with_trigger_words(clips: list[Clip], caption_prefix: str) -> list[Clip]:
 
 def read_clips(path: str | Path, video_column: str = "video", caption_column: str = "caption",
                image_column: str = "image", *, within: Path | None = None,
-               image_column_given: bool = False) -> list[Clip]:
-    """`within`: the snapshot of a Hub dataset, which every listed path must stay inside; `image_column_given`:
-    data.image_column names a column of its own choice, so a list without it is refused instead of conditioning
-    every clip on its first frame."""
+               given_columns: tuple[str, ...] = ()) -> list[Clip]:
+    """`within`: the snapshot of a Hub dataset, which every listed path must stay inside; `given_columns`: the
+    column keys set to names of the user's choice, which the list must have (a misspelled data.image_column
+    would otherwise condition every clip on its first frame)."""
     path = Path(path)
     if path.is_dir():
         videos, prompts = _is_list(path / "videos.txt"), _is_list(path / "prompts.txt")
         if videos and prompts:
+            _no_columns(given_columns, path, "a videos.txt + prompts.txt folder (images go in images.txt)")
             return _from_txt_pair(path, within)
         for name in METADATA_FILES:  # the Hub's folder convention (its file_name column is understood too)
             if _is_list(path / name):
                 return read_clips(path / name, video_column, caption_column, image_column, within=within,
-                                  image_column_given=image_column_given)
+                                  given_columns=given_columns)
+        _no_columns(given_columns, path, "a folder of clips with a .txt caption beside each")
         return _from_folder(path, within)
     if not path.is_file():
         raise DatasetLayoutError(f"data.path {path} does not exist")
@@ -354,7 +359,13 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
         rows, what = _jsonl_rows(path), "line"
     else:
         raise DatasetLayoutError(f"data.path {path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
-    return _from_rows(rows, path, video_column, caption_column, what, image_column, image_column_given, within)
+    return _from_rows(rows, path, video_column, caption_column, what, image_column, given_columns, within)
+
+
+def _no_columns(given_columns: tuple[str, ...], path: Path, layout: str) -> None:
+    if given_columns:
+        raise DatasetLayoutError(f"{', '.join(given_columns)}: {path} is {layout}, which has no columns to name; "
+                                 "leave the key out, or point data.path at a .csv / .jsonl list")
 
 
 def _jsonl_rows(path: Path) -> list:

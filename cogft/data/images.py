@@ -46,23 +46,29 @@ def _from_gray(values: np.ndarray):
     return Image.fromarray(np.round(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8), "L").convert("RGB")
 
 
-def _declared_bits(image) -> int | None:
-    """Bits per sample a TIFF declares for its integer pixels (Pillow holds 16-bit and 32-bit ones as mode I)."""
-    bits = getattr(image, "tag_v2", {}).get(258)
+def declared_bits(image) -> int | None:
+    """Bits per sample a TIFF declares for its unsigned integer pixels (Pillow holds 12-bit ones as I;16, signed
+    16-bit and 32-bit ones as I); None where it declares none, or signed samples (no defined black or white)."""
+    tags = getattr(image, "tag_v2", {})
+    bits, sample_format = tags.get(258), tags.get(339, 1)
+    if 2 in (sample_format if isinstance(sample_format, tuple) else (sample_format,)):
+        return None
     return max(bits) if isinstance(bits, tuple) else bits
 
 
-def true_rgb(image) -> tuple[object, list[str]] | str:
-    """The image as 8-bit RGB with its real range, and what was done; or why that cannot be known.
+def true_rgb(image, bits: int | None = None) -> tuple[object, list[str]] | str:
+    """The image as 8-bit RGB with its real range, and what was done; or why that cannot be known. `bits`: the bits
+    per sample its file declares (`declared_bits`), which say the range of integer pixels held as mode I.
 
     Pillow's own `convert("RGB")` clips 16-bit and float values to 0..255 (a 16-bit grey image comes out almost
     white, a 0..1 float one black) and drops transparency, showing whatever colour hides under it."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        bits = 16 if mode != "I" else _declared_bits(image)
+        if mode != "I":
+            bits = bits or 16  # a PNG declares none: 16
         if bits is None or bits > 16:
-            return (f"its pixels are {bits or 32}-bit integers (Pillow mode {mode}), which have no defined white "
-                    "level; re-save it with 8 or 16 bits per channel")
+            return (f"its pixels are {bits or 'signed or 32'}-bit integers (Pillow mode {mode}), which have no "
+                    "defined white level; re-save it with 8 or 16 bits per channel")
         return _from_gray(np.asarray(image).astype(np.float64) / (2**bits - 1)), [f"{bits}-bit grey scaled to 8 bits"]
     if mode == "F":
         values = np.asarray(image, dtype=np.float32)
@@ -111,7 +117,7 @@ def open_upright(path: str | Path) -> tuple[object, str, list[str]] | str:
 
     try:
         with Image.open(path) as opened:
-            converted = true_rgb(ImageOps.exif_transpose(opened))
+            converted = true_rgb(ImageOps.exif_transpose(opened), declared_bits(opened))  # a turned copy has no tags
             kind = opened.format or Path(path).suffix[1:]
     except Image.DecompressionBombError as error:
         return f"too large to decode safely ({str(error).rstrip('.')}); scale it down"

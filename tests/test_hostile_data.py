@@ -18,7 +18,7 @@ from cogft.config import ConfigError
 from cogft.data.buckets import BucketBatchSampler, still_batch_sizes
 from cogft.data.checks import admission_problems, byte_duplicates
 from cogft.data.errors import DatasetLayoutError
-from cogft.data.images import decode_sample
+from cogft.data.images import decode_sample, open_upright
 from cogft.data.sources import is_still, read_clips, read_dataset
 from cogft.data.video import DecodeSpec
 
@@ -34,6 +34,17 @@ def png_header(width: int, height: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def tiff_12bit(values: list[int]) -> bytes:
+    """A one-row 12-bit grey TIFF (Pillow holds it as I;16 with values up to 4095), packed as cameras write it."""
+    packed = int("".join(f"{v:012b}" for v in values) + "0" * (-12 * len(values) % 8), 2)
+    data = packed.to_bytes(-(-12 * len(values) // 8), "big")
+    tags = [(256, len(values)), (257, 1), (258, 12), (259, 1), (262, 1), (273, 8 + 2 + 9 * 12 + 4), (277, 1),
+            (278, 1), (279, len(data))]
+    entries = b"".join(struct.pack("<HHIHH", tag, 3, 1, value, 0) if tag not in (273, 279) else
+                       struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags)
+    return b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + struct.pack("<I", 0) + data
 
 
 def hub_repo(cache: Path, repo: str, revision: str, files: dict[str, bytes | Path]) -> Path:
@@ -171,6 +182,9 @@ def test_class4_every_image_mode_decodes_to_its_true_values_and_animations_are_c
     assert {k: means[k] for k in ("clear.png", "clear_grey.png", "clear_palette.png", "white.bmp")} == {
         "clear.png": 1.0, "clear_grey.png": 1.0, "clear_palette.png": 1.0, "white.bmp": 1.0}
     assert means["black.jpg"] == 0.0
+    (tmp_path / "twelve_bit.tif").write_bytes(tiff_12bit([4095, 2048, 0]))
+    twelve, _, notes = open_upright(tmp_path / "twelve_bit.tif")
+    assert np.asarray(twelve)[0, :, 0].tolist() == [255, 128, 0] and notes == ["12-bit grey scaled to 8 bits"]
     assert "float pixels run from 0 to 3" in means["float_beyond_1.tif"]
     assert "NaN" in means["float_nan.tif"] and "32-bit integers" in means["int32.tif"]
 

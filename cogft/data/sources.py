@@ -217,8 +217,7 @@ def _caption_beside(video: Path, within: Path | None) -> tuple[str | None, tuple
 
 def _from_folder(folder: Path, within: Path | None) -> list[Clip]:
     """Every video and image file under `folder` (by extension, recursively, sorted), caption from `<stem>.txt`."""
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise DatasetLayoutError(f"{folder}: the folder cannot be read; give the user running cogft read access")
+    os.scandir(folder).close()  # an unreadable folder fails here, not as "no clips"
     kinds = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
     videos = sorted(
         p for p in folder.rglob("*")
@@ -337,8 +336,17 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
                given_columns: tuple[str, ...] = ()) -> list[Clip]:
     """`within`: the snapshot of a Hub dataset, which every listed path must stay inside; `given_columns`: the
     column keys set to names of the user's choice, which the list must have (a misspelled data.image_column
-    would otherwise condition every clip on its first frame)."""
-    path = Path(path)
+    would otherwise condition every clip on its first frame). A folder or list that cannot be read stops with an
+    error naming it."""
+    try:
+        return _read_clips(Path(path), video_column, caption_column, image_column, within, given_columns)
+    except OSError as error:  # a folder without read access, a list file gone meanwhile...
+        raise DatasetLayoutError(f"{error.filename or path}: cannot be read ({error.strerror or error}); give the "
+                                 "user running cogft access to it") from None
+
+
+def _read_clips(path: Path, video_column: str, caption_column: str, image_column: str, within: Path | None,
+                given_columns: tuple[str, ...]) -> list[Clip]:
     if path.is_dir():
         videos, prompts = _is_list(path / "videos.txt"), _is_list(path / "prompts.txt")
         if videos and prompts:
@@ -346,8 +354,7 @@ def read_clips(path: str | Path, video_column: str = "video", caption_column: st
             return _from_txt_pair(path, within)
         for name in METADATA_FILES:  # the Hub's folder convention (its file_name column is understood too)
             if _is_list(path / name):
-                return read_clips(path / name, video_column, caption_column, image_column, within=within,
-                                  given_columns=given_columns)
+                return _read_clips(path / name, video_column, caption_column, image_column, within, given_columns)
         _no_columns(given_columns, path, "a folder of clips with a .txt caption beside each")
         return _from_folder(path, within)
     if not path.is_file():

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,9 +61,11 @@ def _prepare(args) -> None:
     import torch
 
     from .data.cache import prepare, write_report
+    from .data.images import check_validation_images
     from .models.loading import load_for_config
 
     config, variant = load_for_config(config)
+    check_validation_images(config.validation.images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prepared = prepare(config, variant, device)
     report = write_report(prepared.report, config.output_dir)
@@ -79,13 +82,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a number") from None
+    if not math.isfinite(value):  # inf renders a black video, nan turns guidance off, each with exit 0
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
+
+
 def _sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, help="run directory or checkpoint folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", required=True, help="output .mp4 path")
     parser.add_argument("--steps", type=_positive_int, help="inference steps (default: validation.num_inference_steps)")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--guidance-scale", type=_finite_float)
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--cache", choices=["none", "pab", "first_block", "taylorseer"],
                         help="approximate inference cache (default: validation.cache of the run)")

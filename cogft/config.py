@@ -92,6 +92,15 @@ class ModelConfig(_Section):
         "loaded into the stock pipeline in its normal dtype (the export check stores that pipeline's base in float8 "
         "too, as training rendered it)"))
 
+def folder_can_be_made(value: str, key: str) -> str:
+    """A folder path a key names, refused where a file stands on it (found at the first write, after the work)."""
+    path = Path(value)
+    for place in (path, *path.parents):
+        if place.exists() and not place.is_dir():
+            raise ValueError(f"{place} is a file, not a folder; choose another {key}")
+    return value
+
+
 class DataConfig(_Section):
     """The clips and captions, and how prepare turns them into the cache that training reads (data/README.md)."""
 
@@ -105,7 +114,8 @@ class DataConfig(_Section):
                                                    "`video` and the file has no such column)")
     caption_column: str = Field("caption", description="the CSV/JSONL column with each clip's caption")
     image_column: str = Field("image", description="image-to-video: the CSV/JSONL column naming each clip's "
-                                                   "conditioning image (empty or absent: the clip's first frame)")
+                                                   "conditioning image (empty or absent: the clip's first frame); a "
+                                                   "name other than `image` must be a column the list has")
     num_frames: int = Field(49, ge=1, description=(
         "frames per clip, 4k+1 (8k+1 such as 9, 17, 49 decode back to the same length): the largest frame bucket. "
         "Left out: the model's (49; 81 for 1.5; 5B-I2V takes 49 only)"))
@@ -162,6 +172,11 @@ class DataConfig(_Section):
         f"{IMAGE_BATCH_LIMIT}: a batch is one forward pass, and {IMAGE_BATCH_LIMIT} stills at 480×720 already feed "
         "about six 49-frame clips' tokens (for more per optimizer step, raise `train.gradient_accumulation_steps`); "
         "null: `train.batch_size`"))
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_folder_can_be_made(cls, value: str | None) -> str | None:
+        return value if value is None else folder_can_be_made(value, "data.cache_dir")
 
     @field_validator("image_batch_size")
     @classmethod
@@ -432,11 +447,7 @@ class Config(_Section):
     @field_validator("output_dir")
     @classmethod
     def _a_folder_can_be_made(cls, value: str) -> str:
-        path = Path(value)
-        for place in (path, *path.parents):
-            if place.exists() and not place.is_dir():
-                raise ValueError(f"{place} is a file, not a folder; choose another output_dir")
-        return value
+        return folder_can_be_made(value, "output_dir")
 
     @model_validator(mode="after")
     def _validation_lists_pair(self) -> Config:

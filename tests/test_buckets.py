@@ -23,12 +23,15 @@ def test_frame_buckets(num, minimum, expected):
     assert frame_buckets(num, minimum) == expected
 
 
-def test_batches_are_full_single_length_and_cover_the_epoch():
+def test_batches_hold_one_length_and_every_sample_once():
+    """5 + 3 + 1 items in batches of 2: each bucket's remainder is a short batch, nothing is repeated."""
     sampler = BucketBatchSampler(FRAMES, batch_size=2, seed=3)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 3 + 2 + 1
-    assert all(len(b) == 2 and len({FRAMES[i] for i in b}) == 1 for b in batches)
-    assert {i for b in batches for i in b} == set(range(len(FRAMES)))
+    assert all(len({FRAMES[i] for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(FRAMES)))
+    assert sorted(len(b) for b in batches) == [1, 1, 1, 2, 2, 2] and sampler.batch_size is None
+    assert sampler.describe() == {"9": "5 in batches of 2, 2, 1", "5": "3 in batches of 2, 1", "1": "1 in batches of 1"}
 
 
 def test_order_is_a_function_of_seed_and_epoch():
@@ -47,8 +50,8 @@ def test_accelerate_skips_and_shards_whole_batches():
     assert list(SkipBatchSampler(sampler, 2)) == list(sampler)[2:]
     shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=r)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 3
-    assert all(len(b) == 2 and len({FRAMES[i] for i in b}) == 1 for shard in shards for b in shard)
-    assert {i for shard in shards for b in shard for i in b} == set(range(len(FRAMES)))
+    assert all(len({FRAMES[i] for i in b}) == 1 for shard in shards for b in shard)
+    assert sorted(i for shard in shards for b in shard for i in b) == list(range(len(FRAMES)))
 
 
 def test_rotary_run_trains_on_two_buckets(make_config, hostile_clips, tmp_path):

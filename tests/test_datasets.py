@@ -107,11 +107,12 @@ def test_batches_hold_one_bucket_with_the_image_batch_size(make_config, mixed):
     dataset = LatentDataset(entries)
     sampler = BucketBatchSampler(dataset.buckets, 2, seed=1, batch_sizes=still_batch_sizes(dataset.buckets, 3))
     batches = list(sampler)
-    assert {i for b in batches for i in b} == set(range(len(entries)))
+    assert sorted(i for b in batches for i in b) == list(range(len(entries)))  # each once: a short batch is not filled
     for batch in batches:
         shapes = {tuple(dataset[i]["latent_mean"].shape) for i in batch}
         assert len(shapes) == 1
-        assert len(batch) == (3 if next(iter(shapes))[1] == 1 else 2)
+        assert len(batch) <= (3 if next(iter(shapes))[1] == 1 else 2)
+    assert sorted(map(len, batches)) == [1, 2, 2, 2, 2]  # images: one alone at 64x96, two at 96x64
 
 
 def test_adding_a_bucket_keeps_the_other_buckets_cached(make_config, mixed, tmp_path):

@@ -4,18 +4,20 @@ or distorted.
 A bucket is (frames, height, width). Which lengths are frame buckets is the variant's rule
 (`Variant.frame_buckets`, models/spec.py), which sizes are resolution buckets the config's (`data.buckets`),
 and still images are one-frame samples. A batch must hold one shape, so the batch sampler draws each batch
-from one bucket. Its order is a pure function of (seed, epoch), which is what the bit-exact resume
-(`set_epoch` + accelerate's `skip_first_batches`) relies on.
+from one bucket, and every sample once per epoch (a bucket's remainder is a short batch). Its order is a pure
+function of (seed, epoch), which is what the bit-exact resume (`set_epoch` + accelerate's `skip_first_batches`)
+relies on.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Sampler
+
+from .errors import DatasetLayoutError
 
 
 class EpochShuffle(Sampler[int]):
@@ -40,53 +42,80 @@ class EpochShuffle(Sampler[int]):
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Full batches of indices that share a bucket, shuffled per epoch.
+    """Batches of indices that share a bucket, shuffled per epoch: every item exactly once per epoch.
 
-    Batches fill in the order of the epoch's permutation (the grouping of torchvision's
-    GroupedBatchSampler); a bucket's last, short batch is topped up with that bucket's first items
-    of the epoch, so every batch of a bucket has its batch size: accelerate shards whole batches over
-    processes and assumes only the last one may be short, which would mix shapes. `batch_sizes` gives
-    some buckets their own size (still images: `data.image_batch_size`).
+    Batches fill in the order of the epoch's permutation (the grouping of torchvision's GroupedBatchSampler).
+    A bucket whose items do not divide into its batch size ends in a short batch (never topped up with copies:
+    a clip alone in its bucket would train `batch_size` times an epoch). With several processes, accelerate
+    deals whole batches round-robin and repeats the first ones to give every process a batch at the last step,
+    so the plan halves its largest batches until their count is a multiple of `processes`; where the items are
+    too few for that the sampler refuses (`batch_plan`). Which batches are short depends only on the bucket counts,
+    their order only on (seed, epoch): every rank computes the same batches, and a resume skips to the same place.
+    `batch_sizes` gives some buckets their own size (still images: `data.image_batch_size`).
     """
 
     drop_last = False
 
     def __init__(self, buckets: Sequence[Hashable], batch_size: int, seed: int,
-                 batch_sizes: Mapping[Hashable, int] | None = None):
+                 batch_sizes: Mapping[Hashable, int] | None = None, processes: int = 1):
         if not buckets:
             raise ValueError("BucketBatchSampler needs at least one item")
         self.buckets = list(buckets)
         self.sampler = EpochShuffle(len(self.buckets), seed)
         self.counts = {b: self.buckets.count(b) for b in sorted(set(self.buckets), reverse=True)}
         self.size_of = {b: (batch_sizes or {}).get(b, batch_size) for b in self.counts}
-        # accelerate's sharding reads `batch_size`; None tells it batches differ in length (all are still complete)
-        sizes = set(self.size_of.values())
-        self.batch_size = sizes.pop() if len(sizes) == 1 else None
+        self.plan = batch_plan(self.counts, self.size_of, processes)
+        # accelerate's sharding reads `batch_size`; None tells it batches differ in length (each is still whole)
+        lengths = {length for plan in self.plan.values() for length in plan}
+        self.batch_size = lengths.pop() if len(lengths) == 1 else None
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return sum(math.ceil(n / self.size_of[b]) for b, n in self.counts.items())
+        return sum(len(plan) for plan in self.plan.values())
 
     def __iter__(self) -> Iterator[list[int]]:
         open_batches: dict[Hashable, list[int]] = defaultdict(list)
-        first_seen: dict[Hashable, list[int]] = defaultdict(list)
+        done: dict[Hashable, int] = defaultdict(int)  # batches of the bucket yielded so far
         for index in self.sampler:
             bucket = self.buckets[index]
-            size = self.size_of[bucket]
-            if len(first_seen[bucket]) < size:
-                first_seen[bucket].append(index)
             batch = open_batches[bucket]
             batch.append(index)
-            if len(batch) == size:
+            if len(batch) == self.plan[bucket][done[bucket]]:
                 yield batch
                 open_batches[bucket] = []
-        for bucket in self.counts:  # largest first: a fixed order, independent of dict history
-            batch = open_batches[bucket]
-            if batch:
-                fill = first_seen[bucket]
-                yield batch + [fill[i % len(fill)] for i in range(self.size_of[bucket] - len(batch))]
+                done[bucket] += 1
+
+    def describe(self) -> dict[str, str]:
+        """Per bucket, its items and the batches an epoch makes of them, e.g. {"9x64x96": "5 in batches of 2, 2, 1"}."""
+        return {bucket_name(b) if isinstance(b, tuple) else str(b): f"{self.counts[b]} in batches of "
+                f"{', '.join(map(str, self.plan[b]))}" for b in self.counts}
+
+    def short_batches(self) -> int:
+        return sum(length < self.size_of[b] for b, plan in self.plan.items() for length in plan)
+
+
+def batch_plan(counts: Mapping[Hashable, int], size_of: Mapping[Hashable, int],
+               processes: int = 1) -> dict[Hashable, list[int]]:
+    """The length of each batch an epoch makes of each bucket, longest first: full batches, then the remainder.
+
+    With several processes every step needs one batch per process, so the count of batches must be a multiple
+    of `processes` (accelerate would otherwise repeat items to fill the last step): the longest batches are halved
+    until it is. Too few items for that is an error that says so, never a silent repeat.
+    """
+    plan = {b: [size_of[b]] * (n // size_of[b]) + ([n % size_of[b]] if n % size_of[b] else [])
+            for b, n in counts.items()}
+    missing = -sum(map(len, plan.values())) % processes
+    for _ in range(missing):
+        bucket = max(plan, key=lambda b: (plan[b][0], -list(plan).index(b)))  # the first bucket's of equals
+        longest = plan[bucket].pop(0)
+        if longest < 2:
+            items = sum(counts.values())
+            raise DatasetLayoutError(f"{items} samples cannot give each of {processes} processes a batch of its own at "
+                                     "every step without repeating samples; train on fewer processes, or add samples")
+        plan[bucket] = sorted([*plan[bucket], longest // 2, longest - longest // 2], reverse=True)
+    return plan
 
 
 def bucket_name(bucket: tuple[int, int, int]) -> str:

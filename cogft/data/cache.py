@@ -38,8 +38,8 @@ from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
-from .images import decode_sample, missing_image, read_image
-from .sources import Clip, is_still, read_dataset
+from .images import IMAGE_READING, decode_sample, image_problem, read_image
+from .sources import Clip, is_still, printable, read_dataset
 from .video import ClipProbe, Decoded, DecodeSpec, window_offsets, windows_note
 from .workers import isolated_map
 
@@ -330,7 +330,7 @@ class Preparer:
                     save_atomic(
                         entry,
                         target,
-                        {"video": str(clip.video), "frames": str(count), "available": str(selection.available),
+                        {"video": printable(clip.video), "frames": str(count), "available": str(selection.available),
                          "offset": str(offset), "size": _size_text(size),
                          "source_size": _size_text((info.height, info.width)), "notes": json.dumps(clip_notes),
                          "source": json.dumps(row.get("source", {}))},
@@ -359,11 +359,14 @@ class Preparer:
         return image, notes
 
     def clip_key(self, clip: Clip) -> str | Problem:
-        """What a clip's entries are keyed by: its bytes, and those of its given conditioning image if any."""
+        """What a clip's entries are keyed by: its bytes, and those of its given conditioning image if any (with how
+        images are read, so a still read differently now is encoded again)."""
         digest = file_digest(clip.video)
+        if is_still(clip.video):
+            digest = _digest(digest, IMAGE_READING)
         if not self.takes_image or clip.image is None:
             return digest
-        return missing_image(clip.image) or _digest(digest, file_digest(clip.image))
+        return image_problem(clip.image) or _digest(digest, file_digest(clip.image), IMAGE_READING)
 
     def caption_tokens(self, captions: list[str]) -> dict[str, int]:
         if not captions:

@@ -21,13 +21,28 @@ class Problem:
                  # (decode errors inside the frames to train on), decoder_crashed, too_short, missing_caption,
                  # empty_caption, caption_not_utf8, duplicate,
                  # unreadable, image_missing, image_unreadable (conditioning images and still samples),
-                 # still_unsupported (a still image where the model cannot train on one frame)
+                 # still_unsupported (a still image where the model cannot train on one frame),
+                 # outside_dataset (a Hub dataset naming a file outside itself), invalid_entry (a list entry that
+                 # is not a file name and a caption: a JSON number, an unquoted comma), extreme_aspect (a picture
+                 # data.resize=crop would scale to a huge size to keep a sliver of it)
     detail: str  # what exactly is wrong and what to do about it
+
+
+# problems that leave nothing to open: the file's metadata is not read after one of these
+NO_FILE = frozenset(("not_found", "empty_file", "not_a_video", "unreadable", "outside_dataset", "invalid_entry"))
 
 
 def file_problem(path: Path) -> Problem | None:
     """A reason the file cannot be a clip, checked before any decode: missing (or a link to nothing), not a
     regular file (a folder; a pipe or device, which a reader would wait on forever), empty, or not readable."""
+    try:
+        return _file_problem(path)
+    except (OSError, ValueError) as error:  # a name too long, a link loop, a file gone meanwhile
+        return Problem("unreadable", f"cannot be examined ({getattr(error, 'strerror', None) or error}); fix the "
+                                     "name or the file")
+
+
+def _file_problem(path: Path) -> Problem | None:
     if not path.exists():
         if path.is_symlink():
             return Problem("not_found", f"a symbolic link to {os.readlink(path)}, which cannot be followed; "
@@ -58,10 +73,13 @@ def caption_problem(caption: str | None) -> Problem | None:
     try:
         caption.encode("utf-8")
     except UnicodeEncodeError as error:
-        bad = caption[error.start].encode("utf-8", "surrogateescape")
+        try:
+            bad = f"byte 0x{caption[error.start].encode('utf-8', 'surrogateescape').hex()}"
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape, not a byte of the file
+            bad = f"a lone surrogate \\u{ord(caption[error.start]):x}"
         return Problem(
             "caption_not_utf8",
-            f"the caption is not valid UTF-8 (byte 0x{bad.hex()} at character {error.start}); re-save it as UTF-8",
+            f"the caption is not valid UTF-8 ({bad} at character {error.start}); re-save it as UTF-8",
         )
     return None
 
@@ -82,7 +100,12 @@ def repeated_entries(clips: list[Clip]) -> dict[str, str]:
     first: dict[tuple[Path, str | None], str] = {}
     repeats = {}
     for clip in clips:
-        key = (clip.video.resolve(), clip.caption)
+        if clip.refused:
+            continue
+        try:
+            key = (clip.video.resolve(), clip.caption)
+        except (OSError, RuntimeError, ValueError):  # a link loop, a name no file system takes: file_problem says so
+            continue
         if key in first:
             repeats[clip.line] = first[key]
         else:
@@ -94,7 +117,7 @@ def byte_duplicates(clips: list[Clip]) -> list[list[str]]:
     """Groups of listed entries whose files have the same bytes; only files of equal size are hashed."""
     by_size = defaultdict(list)
     for clip in clips:
-        if file_problem(clip.video) is None:
+        if not clip.refused and file_problem(clip.video) is None:
             by_size[clip.video.stat().st_size].append(clip)
     groups = defaultdict(list)
     for same_size in by_size.values():
@@ -134,6 +157,9 @@ def admission_problems(clips: list[Clip], duplicates: list[list[str]],
     same_content = content_repeats(duplicates, clips)
     found = {}
     for clip in clips:
+        if clip.refused:  # nothing it names is opened
+            found[clip.line] = [Problem(*clip.refused)]
+            continue
         problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption)) if p]
         if single_frame_problem and is_still(clip.video):
             problems.insert(0, Problem("still_unsupported",

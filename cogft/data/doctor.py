@@ -17,10 +17,11 @@ from ..config import Config, DataConfig, parse_size
 from ..config_file import load_config
 from ..models.family import Variant
 from ..models.registry import default_variant
+from .buckets import BucketBatchSampler, still_batch_sizes
 from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
-from .checks import Problem, admission_problems, byte_duplicates, caption_problem
-from .images import probe_sample, read_image
-from .sources import Clip, is_still, read_dataset, with_trigger_words
+from .checks import NO_FILE, Problem, admission_problems, byte_duplicates, caption_problem
+from .images import check_validation_images, probe_sample, read_image
+from .sources import Clip, is_still, printable, read_dataset, with_trigger_words
 from .video import ClipProbe, DecodeSpec, geometry_notes, resized_size
 from .workers import isolated_map
 
@@ -58,6 +59,7 @@ def _with_model(config: Config | None) -> tuple[Config | None, Variant | None, s
         return config, None, f"token counts skipped: cannot read the model {config.model.path}: {error}"
     config = variant.resolve(config)
     variant.check_validation_conditions(config.validation.prompts, config.validation.images)
+    check_validation_images(config.validation.images)
     return config, variant, None
 
 
@@ -89,8 +91,7 @@ def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
 
 def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -> None:
     """Each readable file's metadata (in worker processes): its problems, geometry notes, frame and size bucket."""
-    readable = [i for i, row in enumerate(rows)
-                if not any(p.code in ("not_found", "empty_file") for p in row["problems"])]
+    readable = [i for i, row in enumerate(rows) if not any(p.code in NO_FILE for p in row["problems"])]
     probes = isolated_map(partial(probe_sample, spec=spec), [str(clips[i].video) for i in readable], _probe_crashed,
                           workers=workers)
     for position, probe in probes:
@@ -139,6 +140,15 @@ def _native_notes(data: DataConfig, variant: Variant | None) -> list[str]:
     return notes
 
 
+def _batches(rows: list[dict], config: Config | None) -> dict[str, str]:
+    """The batches an epoch makes of each bucket on one process (every sample once: a remainder is a short batch)."""
+    kept = [(r["frames"], *parse_size(r["size"])) for r in rows if r["verdict"] == "ok" and "frames" in r]
+    if not kept:
+        return {}
+    batch_size, image_batch_size = (config.train.batch_size, config.data.image_batch_size) if config else (1, None)
+    return BucketBatchSampler(kept, batch_size, 0, still_batch_sizes(kept, image_batch_size)).describe()
+
+
 def diagnose(target: str | Path, overrides: list[str] | None = None, workers: int | None = None) -> dict:
     """The doctor's report for a config file or a dataset path (folder, .csv, .jsonl)."""
     started = time.perf_counter()
@@ -184,6 +194,7 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
                                                  reverse=True)},
         "sizes": dict(Counter(r["size"] for r in rows if r["verdict"] == "ok").most_common()),
         "images": sum(r["verdict"] == "ok" and is_still(r["clip"]) for r in rows),
+        "batches": _batches(rows, config),
         "trigger": _trigger_word(listed, data.caption_prefix),
         "far_from_native": _native_notes(data, variant),
         "histograms": {
@@ -223,7 +234,9 @@ def format_table(report: dict) -> str:
                      f"{size:<10}  {r.get('caption_tokens', '-')!s:>6}  {said}")
     lines += ["", f"would skip, by reason: {report['problems'] or 'none'}",
               f"buckets (frames: clips): {report['buckets']}",
-              f"sizes (height x width: clips): {report['sizes']}; still images: {report['images']}"]
+              f"sizes (height x width: clips): {report['sizes']}; still images: {report['images']}",
+              f"batches per epoch on one process (every sample once; a bucket's remainder is a short batch): "
+              f"{report['batches'] or '-'}"]
     if report["trigger"]:
         trigger = report["trigger"]
         lines.append(f"trigger words {trigger['trigger_words']}: "
@@ -238,4 +251,4 @@ def format_table(report: dict) -> str:
         lines.append(report["token_counts_skipped"])
     for group in report["duplicates"]:
         lines.append("same bytes: " + " = ".join(group))
-    return "\n".join(lines)
+    return printable("\n".join(lines))  # file names that are not UTF-8 shown with \\x escapes

@@ -19,10 +19,13 @@ target size is computed from the displayed size that `ffmpeg -i` reports.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -191,6 +194,21 @@ def resized_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
     return min(spec.height, max(1, new_h)), min(spec.width, max(1, new_w))
 
 
+MAX_CROP_LOSS = 64  # `crop` scales to cover the target: a picture needing more than this many times its area
+
+
+def crop_problem(height: int, width: int, spec: DecodeSpec) -> Problem | None:
+    """A picture so much wider or taller than its bucket that covering the bucket would scale it to a huge size
+    (a 1x100000 image: gigabytes) and keep a sliver of it; refused before anything is decoded."""
+    new_h, new_w = resized_size(height, width, spec)
+    if spec.resize != "crop" or new_h * new_w <= MAX_CROP_LOSS * spec.height * spec.width:
+        return None
+    kept = new_h * new_w // (spec.height * spec.width)
+    return Problem("extreme_aspect", f"{width}x{height} is too far from the {spec.width}x{spec.height} training "
+                                     f"shape: data.resize=crop would keep 1/{kept} of it; crop it yourself, add a "
+                                     "data.buckets size of its shape, or use data.resize=fit")
+
+
 def place(frames: np.ndarray, spec: DecodeSpec) -> np.ndarray:
     """Centre-crop (crop) or centre-pad with black (fit) [F, h, w, 3] frames to the target size."""
     _, h, w, _ = frames.shape
@@ -267,13 +285,29 @@ def decoder() -> str:
     return "decord"
 
 
+@contextlib.contextmanager
+def _decord_path(path: str) -> Iterator[str]:
+    """`path` as decord can open it: decord takes UTF-8 text only, so a file name with other bytes (read as
+    surrogates) is opened through a temporary link with a plain name."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="cogft-") as folder:
+            link = os.path.join(folder, "clip" + "".join(c for c in os.path.splitext(path)[1] if c.isascii()))
+            os.symlink(os.path.abspath(path), link)
+            yield link
+        return
+    yield path
+
+
 def _decord_index(path: str) -> tuple[np.ndarray, float]:
     """Frame start times and the end of the last frame from decord's index; raises as decord does."""
     import decord
 
-    reader = decord.VideoReader(path, num_threads=1)
-    count = len(reader)
-    stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
+    with _decord_path(path) as readable:
+        reader = decord.VideoReader(readable, num_threads=1)
+        count = len(reader)
+        stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
     return stamps[:, 0], float(stamps[-1, 1]) if count else 0.0
 
 
@@ -307,6 +341,9 @@ def _fill_probe(path: str, spec: DecodeSpec, probe: ClipProbe) -> np.ndarray:
         return np.zeros(0)
     probe.info = info
     probe.size = spec.bucket_for(info.height, info.width)
+    if problem := crop_problem(info.height, info.width, spec.at(probe.size)):
+        probe.problem = problem
+        return np.zeros(0)
     index = _frame_index(path, probe)
     if isinstance(index, Problem):
         probe.problem = index
@@ -356,8 +393,9 @@ def _decord_frames(path: str, wanted: list[int], height: int, width: int) -> np.
     try:
         import decord
 
-        reader = decord.VideoReader(path, num_threads=1, width=width, height=height)
-        return reader.get_batch(wanted).asnumpy()
+        with _decord_path(path) as readable:
+            reader = decord.VideoReader(readable, num_threads=1, width=width, height=height)
+            return reader.get_batch(wanted).asnumpy()
     except Exception as error:  # RuntimeError, or DECORDError for damaged streams
         return _first_line(error)
 

@@ -20,6 +20,7 @@ from ..config_file import save_config
 from ..data.buckets import BucketBatchSampler, bucket_name, still_batch_sizes
 from ..data.cache import PreparedData, prepare, write_report
 from ..data.dataset import LatentDataset, collate
+from ..data.images import check_validation_images
 from ..inference.check_export import check_export
 from ..inference.hub import check_run_push, push_run_export
 from ..models.attention import resolve_attention
@@ -80,6 +81,7 @@ def load_checked_variant(accelerator, config: Config) -> tuple[Config, Variant]:
     run before prepare's long work."""
     with accelerator.main_process_first():  # a tiny:// or random:// model is built once, by the main process
         config, variant = load_for_config(config)
+    check_validation_images(config.validation.images)
     unmatched = variant.unmatched_lora_targets(config.lora.target_modules) if config.train.mode == "lora" else []
     if unmatched:
         block = "transformer_blocks.0."
@@ -154,10 +156,13 @@ class Trainer:
         prepared = gather_prepared(accelerator, config, self.variant, self.run_dir)
         entries, held_out = split_holdout(prepared.entries, config.eval.holdout, config.train.seed)  # never trained on
         self.dataset = LatentDataset(entries, config.train.seed)  # refuses an empty one before the model loads
+        sampler = BucketBatchSampler(self.dataset.buckets, config.train.batch_size, config.train.seed,
+                                     still_batch_sizes(self.dataset.buckets, config.data.image_batch_size),
+                                     accelerator.num_processes)  # refuses too few samples before the model loads
+        logger.info("batches per epoch: %d (%d short: every sample once per epoch); per bucket: %s", len(sampler),
+                    sampler.short_batches(), sampler.describe())
         set_seed(config.train.seed)
         transformer = load_transformer(config.model.path, self.variant, config.model.revision)
-        sampler = BucketBatchSampler(self.dataset.buckets, config.train.batch_size, config.train.seed,
-                                     still_batch_sizes(self.dataset.buckets, config.data.image_batch_size))
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
                             num_workers=config.data.dataloader_workers)
         scheduler = load_scheduler(config.model.path, self.variant, config.model.revision)
@@ -190,6 +195,7 @@ class Trainer:
             "clips": len(self.dataset), "held_out": len(held_out),
             "windows": sum(len(e.latents) for e in self.dataset.entries),
             "buckets": {bucket_name(bucket): buckets[bucket] for bucket in sorted(buckets, reverse=True)},
+            "batches": sampler.describe(),
         })
         # sample ids, for the noise generators, must not overlap between processes whose batches differ in size
         self.sample_stride = max(config.train.batch_size, config.data.image_batch_size or 0)

@@ -135,29 +135,7 @@ class ToySpec(VariantSpec):
 
 @dataclass(frozen=True)
 class ToyVariant(Variant):
-    @property
-    def max_text_seq_length(self) -> int:
-        return int(self.configs.transformer["max_text_seq_length"])
-
-    @property
-    def text_embed_dim(self) -> int:
-        return int(self.configs.transformer["text_embed_dim"])
-
-    @property
-    def vae_scale_spatial(self) -> int:
-        return 2 ** (len(self.configs.vae["block_out_channels"]) - 1)
-
-    @property
-    def vae_scale_temporal(self) -> int:
-        return 1  # an image VAE: every frame its own latent frame
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.configs.vae["latent_channels"])
-
-    @property
-    def patch_size(self) -> int:
-        return 1
+    """Geometry from the configs by diffusers' conventions (the base's); the rest is the toy's own."""
 
     def frame_buckets(self, num_frames: int, min_frames: int) -> tuple[int, ...]:
         return tuple(range(num_frames, min_frames - 1, -4))

@@ -180,36 +180,36 @@ class Variant(ABC):
         names = self.transformer_layout[1]
         return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
-    # geometry -----------------------------------------------------------------------------------
+    # geometry (read from the configs by diffusers' conventions; a family whose configs differ overrides) ---------
     @property
-    @abstractmethod
     def max_text_seq_length(self) -> int:
         """Tokens of a prompt embedding."""
+        return int(self.configs.transformer["max_text_seq_length"])
 
     @property
-    @abstractmethod
     def text_embed_dim(self) -> int:
         """Width of a prompt embedding."""
+        return int(self.configs.transformer["text_embed_dim"])
 
     @property
-    @abstractmethod
     def vae_scale_spatial(self) -> int:
-        """Pixels per latent pixel."""
+        """Pixels per latent pixel: 2^(VAE blocks - 1)."""
+        return 2 ** (len(self.configs.vae["block_out_channels"]) - 1)
 
     @property
-    @abstractmethod
     def vae_scale_temporal(self) -> int:
         """Frames per latent frame (after the first)."""
+        return int(self.configs.vae.get("temporal_compression_ratio", 1))
 
     @property
-    @abstractmethod
     def latent_channels(self) -> int:
         """Channels of one latent frame."""
+        return int(self.configs.vae["latent_channels"])
 
     @property
-    @abstractmethod
     def patch_size(self) -> int:
         """Latent pixels per token side."""
+        return int(self.configs.transformer["patch_size"])
 
     @property
     def patch_size_t(self) -> int:

@@ -116,29 +116,9 @@ class CogVideoXVariant(Variant):
         return float(self.configs.vae["scaling_factor"])
 
     @property
-    def max_text_seq_length(self) -> int:
-        return int(self.configs.transformer["max_text_seq_length"])
-
-    @property
-    def text_embed_dim(self) -> int:
-        return int(self.configs.transformer["text_embed_dim"])
-
-    @property
-    def vae_scale_spatial(self) -> int:
-        """Pixels per latent pixel: 2^(VAE blocks - 1)."""
-        return 2 ** (len(self.configs.vae["block_out_channels"]) - 1)
-
-    @property
     def vae_scale_temporal(self) -> int:
+        """4: the CogVideoX VAE's configs name it, and it compresses time by 4 where they do not."""
         return int(self.configs.vae.get("temporal_compression_ratio", 4))
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.configs.vae["latent_channels"])
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.configs.transformer["patch_size"])
 
     @property
     def patch_size_t(self) -> int:

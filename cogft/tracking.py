@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, on_main_process
 
 from .config import Config, ConfigError
+from .records import damaged, is_kind
 from .run_dir import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 logger = logging.getLogger(__name__)
+_WANDB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what `wandb_run_id` writes, or a user's own id
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -38,7 +41,7 @@ def continue_metrics(run_dir: Path, resumed_step: int | None) -> None:
         path.rename(aside)
         logger.warning("%s held rows of an earlier attempt that wrote no checkpoint; moved to %s", path, aside.name)
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text(errors="replace").splitlines(keepends=True)  # a damaged row goes, as below
     kept = [line for line in lines if _step_of(line) <= resumed_step]
     if len(kept) < len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
@@ -49,11 +52,13 @@ def continue_metrics(run_dir: Path, resumed_step: int | None) -> None:
 
 
 def _step_of(line: str) -> float:
-    """A metrics row's step; a row that does not parse (a damaged file) sorts after every step, so it goes."""
+    """A metrics row's step; a row that does not parse or has no whole-number step (a damaged file) sorts after every
+    step, so it goes."""
     try:
-        return json.loads(line).get("step", 0)
+        step = json.loads(line).get("step")
     except (ValueError, AttributeError):
         return float("inf")
+    return step if is_kind(step, int) else float("inf")
 
 
 class JsonlTracker(GeneralTracker):
@@ -89,7 +94,7 @@ class JsonlTracker(GeneralTracker):
 def _last_logged_step(run_dir: Path) -> int | None:
     """The step of metrics.jsonl's last row, or None when it has none."""
     path = run_dir / METRICS_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     step = _step_of(lines[-1]) if lines else None
     return None if step is None or step == float("inf") else int(step)
 
@@ -227,7 +232,12 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / WANDB_ID_FILE
     if not path.is_file():
         path.write_text(uuid.uuid4().hex[:12])
-    return path.read_text().strip()
+    run_id = path.read_bytes().decode("utf-8", errors="replace").strip()
+    if not _WANDB_ID.match(run_id):
+        raise damaged(path, f"{run_id[:40]!r} is no W&B run id", "write the run's id back (the last part of its "
+                            "wandb/run-DATE-ID folder name), or delete the file to log the rest of the run as a new "
+                            "W&B run")
+    return run_id
 
 
 def log_videos(accelerator, videos: list[tuple[str, str]], step: int) -> None:

@@ -172,10 +172,29 @@ def entry_problem(path: Path) -> str | None:
         header = json.loads(blob[8:header_end])
     except (OSError, ValueError) as error:
         return f"unreadable ({error})"
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        return "unreadable (its header is not a safetensors header)"
     expected = header.get("__metadata__", {}).get("sha256")
     if expected is not None:
         return None if _payload_sha256(blob) == expected else "its bytes changed since it was written (checksum)"
-    return None if len(blob) == safetensors_length(blob[8:header_end]) else "truncated"
+    try:
+        return None if len(blob) == safetensors_length(blob[8:header_end]) else "truncated"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "unreadable (its header is not a safetensors header)"
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """What in an entry's metadata does not read as `encode_latents` wrote it, or None."""
+    try:
+        int(meta["available"])
+        if "source_size" in meta:
+            _height, _width = map(int, meta["source_size"].split("x"))
+        notes, source = json.loads(meta.get("notes", "[]")), json.loads(meta.get("source") or "{}")
+    except (KeyError, ValueError, TypeError) as error:
+        return f"its metadata does not read ({type(error).__name__}: {error})"
+    if not isinstance(notes, list) or not isinstance(source, dict):
+        return "its metadata does not read (notes or source of the wrong type)"
+    return None
 
 
 def _repair(path: Path) -> str | None:
@@ -283,6 +302,11 @@ class Preparer:
                 continue
             with safe_open(str(path), "pt") as handle:
                 meta = handle.metadata() or {}
+            if problem := _metadata_problem(meta):  # the checksum covers the tensors, not the header
+                logger.warning("cache entry %s: %s; making it again", path, problem)
+                path.unlink(missing_ok=True)
+                self.repaired.setdefault(content_digest, []).append(f"damaged cache entry made again: {problem}")
+                continue
             available = int(meta["available"])
             if max(b for b in frame_buckets if b <= available) != frames or not self._nearest(meta, size):
                 continue

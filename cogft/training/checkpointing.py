@@ -22,6 +22,7 @@ from ..config import Config, ConfigError, save_config
 from ..disk import disk_full_error, folder_bytes, is_disk_full
 from ..inference.model_card import write_model_card
 from ..models.spec import Variant
+from ..records import DamagedRecordError, read_yaml
 from ..run_dir import (CHECKPOINTS, COMPLETE_MARKER, CONFIG_FILE, EXPORT_RECORD, LORA_DIR, TRANSFORMER_DIR,
                        best_checkpoint, checkpoint_damage, complete_checkpoints, is_checkpoint, step_dir)
 from ..seeding import mixed_seed
@@ -128,10 +129,10 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
 
 def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
     """Refuse a resume whose config changed an unsafe key; return the safe changes to log."""
-    import yaml
-
     saved = checkpoint / CONFIG_FILE
-    old = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    old = read_yaml(saved, "resume from another checkpoint with train.resume=PATH, or restore the file from "
+                           f"{checkpoint.parent.parent / CONFIG_FILE} if the config did not change since") \
+        if saved.is_file() else {}
     changes = config_changes(old, config.model_dump(mode="json"))
     unsafe = {k: v for k, v in changes.items() if k in UNSAFE_ON_RESUME}
     if unsafe:
@@ -275,7 +276,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the `keep` newest complete checkpoints, sparing the one RUN/best.json names (the best by eval
     loss outlives the rotation)."""
-    spared = best_checkpoint(run_dir)
+    try:
+        spared = best_checkpoint(run_dir)
+    except DamagedRecordError as error:  # which checkpoint is best is unknown: losing it cannot be undone
+        logger.warning("no checkpoint pruned: %s", error)
+        return
     for old in complete_checkpoints(run_dir)[:-keep]:
         if old != spared:
             shutil.rmtree(old, ignore_errors=True)

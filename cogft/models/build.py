@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..disk import follow_umask
 from .reference import T5_XXL_ENCODER, random_init
 from .registry import spec_named
 from .spec import DTYPES, VariantSpec
@@ -133,6 +134,7 @@ def build_pipeline(out_dir: str | os.PathLike, spec: VariantSpec, full_size: boo
         pipe.save_pretrained(staged)
         del pipe, components
         (staged / BUILT_MARKER).write_text(json.dumps({"variant": spec.name, "full_size": full_size, "seed": seed}))
+        follow_umask(staged)  # safetensors writes 0600
         staged.rename(out)
     return out
 

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..config import Config, ConfigError, save_config
-from ..disk import disk_full_error, folder_bytes, is_disk_full
+from ..disk import disk_full_error, folder_bytes, follow_umask, is_disk_full
 from ..inference.model_card import write_model_card
 from ..models.spec import Variant
 from ..records import DamagedRecordError, read_yaml
@@ -155,8 +155,11 @@ def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer
     module = accelerator.unwrap_model(model)
     if config.train.mode == "lora":
         written = save_lora(module, config, lora_dir, model_state=state)
-        return written if dtype is None else release_lora(written, config, dtype)
-    return save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
+        written = written if dtype is None else release_lora(written, config, dtype)
+    else:
+        written = save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
+    follow_umask(Path(written))  # safetensors writes 0600
+    return written
 
 
 def save_export(accelerator, model, config: Config, run_dir: Path, step: int, variant: Variant) -> Path | None:

@@ -111,10 +111,38 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def cut_events(folder: Path, first_dropped: int) -> None:
+    """Remove the summaries of steps >= `first_dropped` from every TensorBoard event file under `folder` (and a
+    record cut short by a kill), rewriting the files that change. `purge_step` alone only asks readers to hide
+    them: TensorBoard's Python reader does, but the files keep both copies of each redone step for any other."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        events = [Event.FromString(record) for record in records]
+        kept = [r for r, e in zip(records, events) if not e.HasField("summary") or e.step < first_dropped]
+        if not any(Event.FromString(record).HasField("summary") for record in kept):
+            path.unlink()  # nothing of the run left in it (a fresh start, or a file of the redone steps only)
+            continue
+        if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
+            continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as handle:
+            writer = RecordWriter(handle)
+            for record in kept:
+                writer.write(record)
+        os.replace(tmp, path)
+    for sub in sorted(folder.glob("*/"), reverse=True):  # accelerate's hparams folders, emptied above
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+
+
 class TensorBoardRun(TensorBoardTracker):
     """accelerate's TensorBoard tracker, writing RUN/tensorboard/, with two fixes: the nested config is flattened
-    (its hparams refuse dicts and lists), and a resume's redone steps are purged from the view, as metrics.jsonl
-    drops them, so the curves read as one run."""
+    (its hparams refuse dicts and lists), and a resume's redone steps are cut from the event files, as metrics.jsonl
+    drops them, so the curves read as one run in any reader."""
 
     def __init__(self, run_dir: Path):
         super().__init__(TENSORBOARD_DIR, run_dir)
@@ -124,7 +152,9 @@ class TensorBoardRun(TensorBoardTracker):
     def start(self) -> None:
         # started by init_trackers, after continue_metrics cut metrics.jsonl back to the resume point
         last = _last_logged_step(self.run_dir)
-        self.init_kwargs.setdefault("purge_step", 0 if last is None else last + 1)
+        first_dropped = 0 if last is None else last + 1
+        cut_events(self.run_dir / TENSORBOARD_DIR, first_dropped)
+        self.init_kwargs.setdefault("purge_step", first_dropped)
         super().start()
 
     @on_main_process

@@ -5,8 +5,11 @@ TensorBoard log that reads as one run, a model card that holds hostile prompts, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 DAMAGED_JSON = {
     "truncated": b'{"step": 2, "eval_loss": 0.5, "checkpoi',
@@ -89,3 +92,141 @@ def test_other_damaged_records_are_named(run_with_checkpoints, tmp_path, caplog)
     assert "3 damaged rows" in caplog.text
     continue_metrics(run, 3)  # the resume's cut: damaged rows go with the redone ones
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 3]
+
+
+def test_decode_workers_die_with_a_killed_parent():
+    """kill -9 of the process running `isolated_map` (as of `cogft prepare`) ends its workers mid-task."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = ("import time\nfrom cogft.data.workers import isolated_map\n"
+              "list(isolated_map(time.sleep, [60] * 4, lambda item: None, workers=2))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = [p for p in psutil.Process(parent.pid).children()
+                       if any("spawn_main" in part for part in p.cmdline())]
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(0.5)  # well into their task
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]  # dead, not yet reaped by PID 1
+        assert not alive, f"workers outlived their parent: {[p.pid for p in alive]}"
+    finally:
+        for process in workers:
+            if process.is_running():
+                process.kill()
+
+
+def test_tensorboard_files_hold_each_step_once_after_a_kill_and_resume(tmp_path):
+    """A killed run's event file holds steps 1-8, its metrics.jsonl (cut back to the checkpoint) steps 1-4 and a
+    record cut short; the resumed tracker logs 5-6 again: every event file together holds each step once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cogft.tracking import TensorBoardRun
+
+    run = tmp_path / "run"
+    killed = SummaryWriter(str(run / "tensorboard"))
+    for step in range(1, 9):
+        killed.add_scalar("loss", 1.0 / step, step)
+    killed.close()
+    event_file = next((run / "tensorboard").glob("events.out.tfevents.*"))
+    event_file.write_bytes(event_file.read_bytes() + b"\x20\x00\x00\x00\x00")  # the kill cut a record short
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
+    resumed = TensorBoardRun(run)
+    resumed.start()
+    for step in (5, 6):
+        resumed.log({"loss": 0.5}, step=step)
+    resumed.finish()
+    steps = [event.step for path in sorted((run / "tensorboard").rglob("events.out.tfevents.*"))
+             for event in EventFileLoader(str(path)).Load()
+             if event.HasField("summary") and any(v.tag == "loss" for v in event.summary.value)]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+
+
+def test_written_weights_follow_the_umask(make_config, tmp_path, capsys):
+    """Checkpointed, exported (by the run and by `cogft export`) and built safetensors are 0644 under umask 022, as
+    any file written with open() is, not the 0600 of the temporary files safetensors writes through."""
+    import os
+    import stat
+
+    from cogft.cli import main
+    from cogft.models.build import build_pipeline
+    from cogft.models.registry import spec_named
+    from cogft.training.loop import train
+
+    old = os.umask(0o022)
+    try:
+        run = train(make_config("train.max_steps=2", "train.checkpoint_every=2", "validation.prompts=[]"))
+        assert main(["export", "--from", str(run), "--out", str(tmp_path / "export")]) == 0
+        built = build_pipeline(tmp_path / "built", spec_named("2b", "tiny://"))
+    finally:
+        os.umask(old)
+    files = [*run.rglob("*.safetensors"), *(tmp_path / "export").rglob("*"), *built.rglob("*"), built]
+    assert len([f for f in files if f.suffix == ".safetensors"]) >= 6
+    modes = {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+    wrong = {f: mode for f, mode in modes.items() if mode != (oct(0o755) if Path(f).is_dir() else oct(0o644))}
+    assert not wrong
+
+
+def test_the_held_out_set_is_chosen_by_the_clips_not_by_how_they_were_encoded():
+    """A resume with data.image_noise_draws changed encodes every clip to new cache entries (their names hash the
+    encoding); the held-out clips, picked by the clips' own bytes, stay the same, and so does the eval set."""
+    from cogft.data.cache import CacheEntry
+    from cogft.training.evaluation import split_holdout
+
+    def entries(encoding: str) -> list[CacheEntry]:
+        return [CacheEntry((f"/cache/latents/{encoding}-{n}.safetensors",), f"/cache/prompts/{n}.safetensors",
+                           f"{n}.mp4", f"caption {n}", 9, 64, 96, clip=f"{n:064x}") for n in range(12)]
+
+    before, after = (split_holdout(entries(encoding), 3, seed=0)[1] for encoding in ("draws4", "draws2"))
+    assert [e.video for e in before] == [e.video for e in after] and len(before) == 3
+
+
+def test_the_estimate_counts_a_batch_of_stills_with_more_tokens_than_the_clips():
+    """At 480x720, 12 stills (data.image_batch_size) feed more tokens than one 49-frame clip: the estimate and the
+    budget's choice count them; 2 stills feed fewer, and the clip's batch stands."""
+    from cogft.bench.estimate import format_estimate
+    from cogft.config import load_config
+    from cogft.models.cost import estimate
+    from cogft.models.loading import load_variant
+
+    config = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.batch_size=1"])
+    variant = load_variant(config.model.path, config.model.dtype)
+    clips = estimate(config, variant)
+    with_stills = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml",
+                              ["train.batch_size=1", "data.image_batch_size=12"])
+    stills = estimate(with_stills, variant)
+    assert stills.batch == (1, 12) and stills.peak_allocated_gib > clips.peak_allocated_gib
+    assert "a batch of 12 still images" in format_estimate(with_stills, stills)
+    few = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.batch_size=1", "data.image_batch_size=2"])
+    assert estimate(few, variant) == clips
+
+
+def test_data_wait_is_the_devices_idle_time_not_the_hosts_fetch():
+    """On a GPU the host fetches the next batch while the previous step still runs: data_wait_s is the distance of
+    the events around each fetch on the GPU's clock (0.005 s here), data_fetch_s the host's 0.23 s."""
+    from cogft.training.metrics import Waited
+
+    class Event:
+        def __init__(self, ms: float) -> None:
+            self.ms = ms
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.ms - self.ms
+
+    waited = Waited(host_s=0.23, events=[(Event(100.0), Event(103.0)), (Event(200.0), Event(202.0))])
+    assert waited.device_s() == pytest.approx(0.005)
+    assert Waited(host_s=0.23).device_s() == 0.23  # no GPU: the host's wait is the computation's

@@ -19,10 +19,14 @@ def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
 
 
 def format_estimate(config: Config, result: Estimate) -> str:
+    frames, samples = result.batch
+    what = (f"batch {samples}" if frames == config.data.num_frames and samples == config.train.batch_size else
+            f"a batch of {samples} still images (data.image_batch_size: more tokens than {config.train.batch_size} "
+            f"clip{'s' if config.train.batch_size > 1 else ''})")
     lines = [
-        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{'x'.join(map(str, config.data.largest_size))}"
+        f"{config.model.path} {config.train.mode}, {frames}x{'x'.join(map(str, config.data.largest_size))}"
         f"{' (the largest bucket)' if len(config.data.sizes) > 1 else ''}, "
-        f"batch {config.train.batch_size} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
+        f"{what} on {result.gpu}{' (extrapolated from H100 measurements)' if result.extrapolated else ''}",
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
         f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
         f"  checkpointing   {config.train.gradient_checkpointing} (offload_checkpoints={config.train.offload_checkpoints}"

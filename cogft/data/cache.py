@@ -57,6 +57,7 @@ class CacheEntry:
     frames: int    # the clip's frame bucket (1: a still image) and resolution bucket: a batch holds one bucket
     height: int
     width: int
+    clip: str = ""  # the clip's content key (its bytes, and its given image's): how it is encoded changes it not
 
     @property
     def bucket(self) -> tuple[int, int, int]:
@@ -71,6 +72,7 @@ class Kept:
     paths: tuple[Path, ...]
     frames: int
     size: tuple[int, int]
+    digest: str  # Preparer.clip_key
 
 
 def _size_text(size: tuple[int, int]) -> str:
@@ -389,7 +391,7 @@ class Preparer:
                 self.seconds["vae_encode"] += time.perf_counter() - encode_started
                 notes = [*self.repaired.pop(digest, []), *clip_notes, *windows_note(count, selection.offsets)]
                 row.update(status="encoded", frames=count, size=_size_text(size), windows=len(targets), notes=notes)
-                written.append(Kept(clip, targets, count, size))
+                written.append(Kept(clip, targets, count, size, digest))
             bar.update(1)
             waited = time.perf_counter()
         bar.close()
@@ -483,7 +485,7 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
                    notes=[*json.loads(meta.get("notes", "[]")), *windows_note(frames, offsets)])
         if meta.get("source"):
             row["source"] = json.loads(meta["source"])
-        cached.append(Kept(clip, paths, frames, size))
+        cached.append(Kept(clip, paths, frames, size, digest))
     return cached, todo
 
 
@@ -551,7 +553,7 @@ def prepare(
         torch.cuda.empty_cache()
 
     entries = [CacheEntry(tuple(str(p) for p in k.paths), str(preparer.prompt_path(k.clip.caption)), str(k.clip.video),
-                          k.clip.caption, k.frames, *k.size) for k in kept]
+                          k.clip.caption, k.frames, *k.size, k.digest) for k in kept]
     report = list(rows.values())
     for row in report:
         if row["status"] == "skipped":

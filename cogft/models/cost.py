@@ -74,6 +74,7 @@ class Estimate:
     extrapolated: bool
     sample_seconds: float                 # one validation video, exact
     sample_seconds_cached: float | None   # with `validation.cache: taylorseer`; None for other settings
+    batch: tuple[int, int]                # (frames, samples) of the batch estimated: the one with the most tokens
 
 
 def _counts(variant: Variant, config: Config) -> tuple[int, int]:
@@ -167,6 +168,17 @@ def attention_kernel(config: Config, gpu: Gpu) -> str:
     return "fa4" if gpu.fa4 and wanted else "sdpa"
 
 
+def largest_batch(config: Config, variant: Variant) -> tuple[int, int]:
+    """(frames, samples) of the batch that feeds the model the most tokens at the largest size: the clips' batch,
+    or with `data.image_batch_size` the stills' (one frame each, yet at 480x720 twelve of them are more tokens
+    than one 49-frame clip)."""
+    height, width = config.data.largest_size
+    batches = [(config.data.num_frames, config.train.batch_size)]
+    if config.data.image_batch_size:
+        batches.append((1, config.data.image_batch_size))
+    return max(batches, key=lambda batch: variant.tokens(batch[0], height, width) * batch[1])
+
+
 def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: bool = True) -> Estimate:
     gpu = _gpu(gpu_name)
     attention = attention_kernel(config, gpu)
@@ -175,11 +187,12 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     tcfg = variant.configs.transformer
     total, lora = _counts(variant, config)
     train = config.train
-    # the largest bucket decides the memory (and the slowest step); still images are one frame, far below it
-    flops = step_flops(variant, config.data.num_frames, *config.data.largest_size, train.batch_size)
+    # the largest bucket's batch with the most tokens decides the memory (and the slowest step)
+    frames, samples = largest_batch(config, variant)
+    flops = step_flops(variant, frames, *config.data.largest_size, samples)
     layers = tcfg["num_layers"]
     width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
-    elements = flops.tokens * width * train.batch_size          # one block's token x width
+    elements = flops.tokens * width * samples                   # one block's token x width
     checkpointed = checkpointed_block_count(train.gradient_checkpointing, layers)
     compiled = train.compile is True or train.compile == "auto"
     half = 2  # bytes of an fp16/bf16 element
@@ -224,7 +237,7 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     cached = sample(taylorseer_full_steps(steps)) if config.validation.cache == "taylorseer" else None
     return Estimate(gpu.name, attention, round(peak, 2), round(seconds, 3), fits,
                     {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"],
-                    round(sample(steps), 1), None if cached is None else round(cached, 1))
+                    round(sample(steps), 1), None if cached is None else round(cached, 1), (frames, samples))
 
 
 def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: float, full_steps: int) -> float:

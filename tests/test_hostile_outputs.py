@@ -230,3 +230,71 @@ def test_data_wait_is_the_devices_idle_time_not_the_hosts_fetch():
     waited = Waited(host_s=0.23, events=[(Event(100.0), Event(103.0)), (Event(200.0), Event(202.0))])
     assert waited.device_s() == pytest.approx(0.005)
     assert Waited(host_s=0.23).device_s() == 0.23  # no GPU: the host's wait is the computation's
+
+
+HOSTILE_PROMPT = 'a "quoted" <script>alert(1)</script> <img src=x onerror=alert(2)> ```\n# Heading [link](http://x) \\'
+
+
+def test_the_model_card_holds_hostile_prompts_and_names_the_base_of_a_local_download(tmp_path):
+    """Prompts and the caption prefix reach the card's body as text (no HTML, no markup, no broken fence), the load
+    snippet is valid Python with the prompt's exact value, and a local folder of an official checkpoint names its
+    Hub id as the base model."""
+    import ast
+    import re
+
+    from cogft.config import build_config
+    from cogft.inference.model_card import model_card
+    from cogft.models.loading import load_for_config
+
+    local = tmp_path / "CogVideoX-2b"  # a download of THUDM/CogVideoX-2b: its configs, as the Hub has them
+    config, variant = load_for_config(build_config({"model": {"path": "THUDM/CogVideoX-2b"}, "data": {"path": "c"},
+                                                    "output_dir": "run"}), validates=False)
+    for part, (sub, name) in {"model_index": ("", "model_index.json"), "transformer": ("transformer", "config.json"),
+                              "vae": ("vae", "config.json"),
+                              "scheduler": ("scheduler", "scheduler_config.json")}.items():
+        (local / sub).mkdir(parents=True, exist_ok=True)
+        (local / sub / name).write_text(json.dumps(getattr(variant.spec.reference, part)))
+    raw = {"model": {"path": str(local)}, "data": {"path": "c", "caption_prefix": "<b>sks</b> `x`"},
+           "validation": {"prompts": [HOSTILE_PROMPT]}, "output_dir": "run"}
+    config, variant = load_for_config(build_config(raw), validates=False)
+    card = model_card(config, variant, 10, sample="sample.mp4")
+    assert card.data.base_model == "THUDM/CogVideoX-2b"
+    body = card.text  # the card without its front matter
+    snippet = re.search(r"^(`{3,})python\n(.*?)^\1$", body, re.S | re.M)
+    tree = ast.parse(snippet.group(2))  # valid Python
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.keyword) and node.arg == "prompt")
+    assert ast.literal_eval(call.value) == "<b>sks</b> `x` " + HOSTILE_PROMPT
+    prose = body.replace(snippet.group(0), "")
+    assert "<script" not in prose and "<img" not in prose and "<b>" not in prose and "\n# Heading" not in prose
+    assert "[link](" not in prose
+
+
+def test_messages_say_the_right_thing(tmp_path, capsys):
+    """--image and validation.images name a missing file or a folder as what it is, with advice that applies; the
+    bare hf://datasets/OWNER/NAME keeps its //; data.buckets=auto sizes are named as auto's, not as entries."""
+    from cogft.cli import main
+    from cogft.config import ConfigError, build_config
+    from cogft.data.images import conditioning_image
+    from cogft.models.loading import load_for_config
+
+    with pytest.raises(ConfigError) as missing:
+        conditioning_image(tmp_path / "nope.png", 64, 96, "crop", "--image")
+    assert "not found" in str(missing.value) and "leave it out" not in str(missing.value)
+    with pytest.raises(ConfigError, match="is a folder, not an image file") as folder:
+        conditioning_image(tmp_path, 64, 96, "crop", "--image")
+    assert "leave it out" not in str(folder.value)
+
+    raw = {"model": {"path": "THUDM/CogVideoX-5b-I2V"}, "data": {"path": "c", "buckets": "auto"}, "output_dir": "r"}
+    with pytest.raises(ConfigError) as auto:
+        load_for_config(build_config(raw), validates=False)
+    said = str(auto.value)
+    del raw["data"]["buckets"]
+    config, variant = load_for_config(build_config(raw), validates=False)
+    assert said.startswith("data.buckets=auto derives ") and "data.buckets[" not in said
+    assert "leave data.buckets out" in said
+    with pytest.raises(ConfigError, match=f"validation.images: {tmp_path} is a folder, not an image file"):
+        variant.check_validation_images(["a prompt"], [str(tmp_path)])
+
+    assert main(["doctor", "hf://datasets/someone/no-such-clips"]) == 2
+    err = capsys.readouterr().err
+    assert "hf://datasets/someone/no-such-clips" in err and "hf:/datasets" not in err.replace("hf://", "")

@@ -21,11 +21,13 @@ from .video import ClipProbe, DecodeSpec, Decoded, Selection, decode_clip, place
 STILL_DECODER = "pillow"
 
 
-def missing_image(path: Path) -> Problem | None:
+def missing_image(path: Path, fix: str = "fix the path, or leave it out to condition on the clip's first "
+                                         "frame") -> Problem | None:
+    """Why `path` is no image file (missing, or a folder), with `fix`; None where it is one."""
     if path.is_file():
         return None
-    return Problem("image_missing", f"conditioning image {path} not found; fix the path, or leave it out to "
-                                    "condition on the clip's first frame")
+    what = "is a folder, not an image file" if path.is_dir() else "not found"
+    return Problem("image_missing", f"conditioning image {path} {what}; {fix}")
 
 
 def open_upright(path: str | Path):
@@ -53,10 +55,12 @@ def fit_image(image, spec: DecodeSpec, what: str) -> tuple[np.ndarray, list[str]
     return place(pixels[None], spec)[0], notes
 
 
-def read_image(path: str | Path, spec: DecodeSpec) -> tuple[np.ndarray, list[str]] | Problem:
-    """A conditioning image at the spec's size with notes; a Problem when it is missing or cannot be read."""
+def read_image(path: str | Path, spec: DecodeSpec, missing_fix: str | None = None
+               ) -> tuple[np.ndarray, list[str]] | Problem:
+    """A conditioning image at the spec's size with notes; a Problem when it is missing or cannot be read (the
+    advice `missing_fix` for a missing one, where the default, to leave it out, does not apply)."""
     path = Path(path)
-    if problem := missing_image(path):
+    if problem := (missing_image(path) if missing_fix is None else missing_image(path, missing_fix)):
         return problem
     opened = open_upright(path)
     if isinstance(opened, str):
@@ -71,7 +75,8 @@ def conditioning_image(path: str | Path, height: int, width: int, resize: str, k
 
     from ..config import ConfigError
 
-    read = read_image(path, DecodeSpec((1,), height, width, None, resize))
+    read = read_image(path, DecodeSpec((1,), height, width, None, resize),
+                      "give the path of an image file (PNG, JPEG, WebP, ...); it is required here")
     if isinstance(read, Problem):
         raise ConfigError(f"{key}: {read.detail}")
     return Image.fromarray(read[0])

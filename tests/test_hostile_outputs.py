@@ -93,6 +93,14 @@ def test_other_damaged_records_are_named(run_with_checkpoints, tmp_path, caplog)
     continue_metrics(run, 3)  # the resume's cut: damaged rows go with the redone ones
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 3]
 
+    from cogft.models.loading import pipeline_configs
+
+    merged = tmp_path / "merged"  # a `cogft export --merge` cut short
+    merged.mkdir()
+    (merged / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline", ')
+    with pytest.raises(DamagedRecordError, match=r"model_index.json is damaged \(not JSON.*export or build it again"):
+        pipeline_configs(str(merged))
+
 
 def test_decode_workers_die_with_a_killed_parent():
     """kill -9 of the process running `isolated_map` (as of `cogft prepare`) ends its workers mid-task."""
@@ -298,3 +306,20 @@ def test_messages_say_the_right_thing(tmp_path, capsys):
     assert main(["doctor", "hf://datasets/someone/no-such-clips"]) == 2
     err = capsys.readouterr().err
     assert "hf://datasets/someone/no-such-clips" in err and "hf:/datasets" not in err.replace("hf://", "")
+
+
+def test_a_checkpoint_whose_states_do_not_load_is_named(make_config, tmp_path):
+    """Bytes changed in place (the sizes the marker recorded still hold): the resume names the checkpoint and the
+    intact one before it, not a traceback from torch.load."""
+    from accelerate import Accelerator
+
+    from cogft.training.checkpointing import ResumeError, TrainingProgress, load_checkpoint, save_checkpoint
+
+    run, accelerator = tmp_path / "run", Accelerator(cpu=True)
+    accelerator.register_for_checkpointing(TrainingProgress())
+    for step in (1, 2):
+        save_checkpoint(accelerator, run, step, 5, make_config())
+    progress = run / "checkpoints" / "step-000002" / "custom_checkpoint_0.pkl"
+    progress.write_bytes(b"\x00" * progress.stat().st_size)
+    with pytest.raises(ResumeError, match=r"step-000002 is damaged: its states do not load .*takes step-000001"):
+        load_checkpoint(accelerator, run / "checkpoints" / "step-000002")

@@ -44,8 +44,8 @@ def _parent_logging() -> tuple[int, str | None, str | None] | None:
     return root.level, formatter and formatter._fmt, formatter and formatter.datefmt
 
 
-def _die_with(parent: int) -> None:
-    """End this worker when `parent` ends: the kernel's signal on Linux, and everywhere a thread that watches
+def die_with(parent: int) -> None:
+    """End this process when `parent` ends: the kernel's signal on Linux, and everywhere a thread that watches
     for the parent to go (this process is then handed to another parent)."""
     if sys.platform.startswith("linux"):
         try:
@@ -64,7 +64,7 @@ def _die_with(parent: int) -> None:
 
 
 def _start_worker(parent: int, setup: tuple[int, str | None, str | None] | None) -> None:
-    _die_with(parent)
+    die_with(parent)
     if setup is not None:
         level, fmt, datefmt = setup
         logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT, datefmt=datefmt)

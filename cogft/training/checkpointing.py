@@ -329,8 +329,25 @@ def _checkpoint_bytes(accelerator, found: list[Path]) -> int:
 
 
 def load_checkpoint(accelerator, path: Path) -> None:
+    """Load a checkpoint's states; one whose files do not load (bytes changed in place, which the recorded sizes
+    cannot see) is named with the intact one before it, never a traceback."""
+    import pickle
+
+    from safetensors import SafetensorError
+
     started = time.perf_counter()
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError, OSError,
+            pickle.UnpicklingError, SafetensorError) as error:
+        found = complete_checkpoints(path.parent.parent)
+        intact = [p for p in found if p.name < path.name and checkpoint_damage(p) is None]
+        fix = (f"move it out of {path.parent} and rerun: train.resume=latest then takes {intact[-1].name}" if intact
+               else "no earlier intact checkpoint: move it away and start again")
+        raise ResumeError(f"checkpoint {path} is damaged: its states do not load ({type(error).__name__}: "
+                          f"{str(error)[:300]}); {fix}") from error
     logger.info("resumed from %s in %.2f s", path, time.perf_counter() - started)
 
 

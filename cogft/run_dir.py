@@ -118,6 +118,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 def best_of_run(source: str | Path) -> Path:
     """`--best`: the run's checkpoint with the lowest held-out eval loss, as its best.json names it."""
     run_dir = Path(source)
+    _must_exist(run_dir)
     if is_checkpoint(run_dir):
         raise ConfigError(f"--best picks a checkpoint of a run: give --from the run directory "
                           f"({run_dir.parent.parent}), not the checkpoint {run_dir.name}")
@@ -246,6 +247,7 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
     checkpoint gives itself, and a damaged one is refused with the run's newest intact weights offered: it names
     exact weights, so no others are taken in silence. Damaged weights are never loaded."""
     path = Path(source)
+    _must_exist(path)
     if is_checkpoint(path):
         run_dir = path.parent.parent
         config_file = path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else run_dir / CONFIG_FILE
@@ -280,6 +282,15 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
     for damage in damaged:
         logger.warning("--from %s: skipping damaged weights: %s; using %s", source, damage, intact[0])
     return TrainedWeights(path, _run_config(config_file), *intact)
+
+
+def _must_exist(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"--from {path}: no such folder; give a run directory (output_dir of a run) or one "
+                                f"of its checkpoints (RUN/{CHECKPOINTS}/step-NNNNNN)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--from {path}: a file, not a folder; give a run directory (output_dir of a run) or "
+                                f"one of its checkpoints (RUN/{CHECKPOINTS}/step-NNNNNN)")
 
 
 def _run_config(path: Path) -> Config:

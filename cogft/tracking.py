@@ -120,20 +120,24 @@ def cut_events(folder: Path, first_dropped: int) -> None:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     for path in sorted(folder.rglob("events.out.tfevents.*")):
-        records = list(RawEventFileLoader(str(path)).Load())
+        records = list(RawEventFileLoader(str(path)).Load())  # up to a record cut short or damaged
         events = [Event.FromString(record) for record in records]
         kept = [r for r, e in zip(records, events) if not e.HasField("summary") or e.step < first_dropped]
-        if not any(Event.FromString(record).HasField("summary") for record in kept):
-            path.unlink()  # nothing of the run left in it (a fresh start, or a file of the redone steps only)
-            continue
-        if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
-            continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as handle:
-            writer = RecordWriter(handle)
-            for record in kept:
-                writer.write(record)
-        os.replace(tmp, path)
+        try:
+            if not any(Event.FromString(record).HasField("summary") for record in kept):
+                path.unlink()  # nothing of the run left in it (a fresh start, or a file of the redone steps only)
+                continue
+            if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
+                continue
+            tmp = path.with_name(f".{path.name}.tmp")
+            with tmp.open("wb") as handle:
+                writer = RecordWriter(handle)
+                for record in kept:
+                    writer.write(record)
+            os.replace(tmp, path)
+        except OSError as error:  # the run goes on; only the view of the redone steps suffers
+            logger.warning("TensorBoard: could not cut the redone steps from %s (%s); its curves may show them "
+                           "twice", path, error)
     for sub in sorted(folder.glob("*/"), reverse=True):  # accelerate's hparams folders, emptied above
         if sub.is_dir() and not any(sub.iterdir()):
             sub.rmdir()

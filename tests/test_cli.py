@@ -69,7 +69,7 @@ def test_accelerate_launch_trains_with_wandb_offline(tmp_path, shared_cache):
     assert (tmp_path / "x.mp4").stat().st_size > 1000
 
     missing = run(sys.executable, "-m", "cogft.cli", "export", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "e"))
-    assert missing.returncode == 2 and "neither a run directory" in missing.stderr
+    assert missing.returncode == 2 and "nothing: no such folder; give a run directory" in missing.stderr
 
 
 def test_shipped_accelerate_configs_load():

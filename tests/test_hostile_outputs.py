@@ -323,3 +323,21 @@ def test_a_checkpoint_whose_states_do_not_load_is_named(make_config, tmp_path):
     progress.write_bytes(b"\x00" * progress.stat().st_size)
     with pytest.raises(ResumeError, match=r"step-000002 is damaged: its states do not load .*takes step-000001"):
         load_checkpoint(accelerator, run / "checkpoints" / "step-000002")
+
+
+def test_missing_and_misplaced_paths_are_called_what_they_are(tmp_path, make_config):
+    """--from, train.resume and --config name a missing path as missing and a file or folder as what it is."""
+    from cogft.config import ConfigError, load_config
+    from cogft.run_dir import resolve_trained
+    from cogft.training.checkpointing import ResumeError, resolve_resume
+
+    afile = tmp_path / "a.txt"
+    afile.write_text("x")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resolve_trained(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="a file, not a folder"):
+        resolve_trained(afile)
+    with pytest.raises(ResumeError, match="no such folder"):
+        resolve_resume(str(tmp_path / "nothing"), tmp_path)
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)

@@ -78,6 +78,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             _refuse_damaged(found[-1], found)
         return found[-1] if found else None
     path = Path(resume)
+    if not path.is_dir():
+        raise ResumeError(f"train.resume={resume!r}: {'a file, not a folder' if path.exists() else 'no such folder'}; "
+                          f"use 'latest', null, or a checkpoint folder like {step_dir(run_dir, 500)}")
     if not is_checkpoint(path):
         raise ResumeError(
             f"train.resume={resume!r}: not a complete cogft checkpoint (no {COMPLETE_MARKER}); "

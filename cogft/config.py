@@ -286,7 +286,7 @@ class ValidationConfig(_Section):
 class EvalConfig(_Section):
     holdout: int | float = Field(
         0, description="clips kept out of training to measure the eval loss on: a count, or a fraction in (0, 1) of "
-        "the clips (at least one); chosen from train.seed and each clip's cache key, so the same on every rank and "
+        "the clips (at least one); chosen from train.seed and each clip's bytes, so the same on every rank and "
         "resume; 0: no eval loss")
     every: int | None = Field(None, ge=1, description="steps between evaluations besides the one at each checkpoint "
                                                       "(every checkpoint is evaluated, so the best can be exported); "

@@ -64,7 +64,8 @@ def read_yaml(path: Path, fix: str) -> dict:
 def has_fields(value: Any, path: Path, fix: str, **fields: type) -> dict:
     """`value` if it is an object with each of `fields` of its type, else the error naming the first that is not."""
     if not isinstance(value, dict):
-        raise damaged(path, f"{_kind_of(value)} where an object with {', '.join(fields)} belongs", fix)
+        wanted = f"an object with {', '.join(fields)}" if fields else "an object"
+        raise damaged(path, f"{_kind_of(value)} where {wanted} belongs", fix)
     for key, kind in fields.items():
         if key not in value:
             raise damaged(path, f"no {key!r}", fix)

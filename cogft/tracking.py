@@ -122,9 +122,9 @@ def cut_events(folder: Path, first_dropped: int) -> None:
     for path in sorted(folder.rglob("events.out.tfevents.*")):
         records = list(RawEventFileLoader(str(path)).Load())  # up to a record cut short or damaged
         events = [Event.FromString(record) for record in records]
-        kept = [r for r, e in zip(records, events) if not e.HasField("summary") or e.step < first_dropped]
+        kept = [(r, e) for r, e in zip(records, events) if not e.HasField("summary") or e.step < first_dropped]
         try:
-            if not any(Event.FromString(record).HasField("summary") for record in kept):
+            if not any(event.HasField("summary") for _, event in kept):
                 path.unlink()  # nothing of the run left in it (a fresh start, or a file of the redone steps only)
                 continue
             if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
@@ -132,7 +132,7 @@ def cut_events(folder: Path, first_dropped: int) -> None:
             tmp = path.with_name(f".{path.name}.tmp")
             with tmp.open("wb") as handle:
                 writer = RecordWriter(handle)
-                for record in kept:
+                for record, _ in kept:
                     writer.write(record)
             os.replace(tmp, path)
         except OSError as error:  # the run goes on; only the view of the redone steps suffers

@@ -319,10 +319,13 @@ def test_a_checkpoint_whose_states_do_not_load_is_named(make_config, tmp_path):
     accelerator.register_for_checkpointing(TrainingProgress())
     for step in (1, 2):
         save_checkpoint(accelerator, run, step, 5, make_config())
-    progress = run / "checkpoints" / "step-000002" / "custom_checkpoint_0.pkl"
-    progress.write_bytes(b"\x00" * progress.stat().st_size)
-    with pytest.raises(ResumeError, match=r"step-000002 is damaged: its states do not load .*takes step-000001"):
-        load_checkpoint(accelerator, run / "checkpoints" / "step-000002")
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):  # the second, accelerate would skip silently
+        states = run / "checkpoints" / "step-000002" / name
+        kept = states.read_bytes()
+        states.write_bytes(b"\x00" * len(kept))
+        with pytest.raises(ResumeError, match=r"step-000002 is damaged: its states do not load .*takes step-000001"):
+            load_checkpoint(accelerator, run / "checkpoints" / "step-000002")
+        states.write_bytes(kept)
 
 
 def test_missing_and_misplaced_paths_are_called_what_they_are(tmp_path, make_config):

@@ -340,6 +340,9 @@ def load_checkpoint(accelerator, path: Path) -> None:
 
     started = time.perf_counter()
     try:
+        states = path / f"random_states_{accelerator.process_index}.pkl"
+        if states.is_file():  # accelerate goes on without them, logging "Could not load random states" at info
+            torch.load(states, weights_only=False)
         accelerator.load_state(str(path))
     except torch.OutOfMemoryError:
         raise

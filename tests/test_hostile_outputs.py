@@ -308,6 +308,25 @@ def test_messages_say_the_right_thing(tmp_path, capsys):
     assert "hf://datasets/someone/no-such-clips" in err and "hf:/datasets" not in err.replace("hf://", "")
 
 
+def test_doctor_reads_a_bare_hub_dataset_from_the_cache(tmp_path, monkeypatch, capsys):
+    """`cogft doctor hf://datasets/OWNER/NAME`, the form data.path takes, checks the cached snapshot."""
+    from huggingface_hub import constants
+
+    from cogft.cli import main
+
+    snapshot = tmp_path / "hub" / "datasets--me--clips" / "snapshots" / ("0" * 40)
+    (snapshot / "clips").mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    clip = next((REPO / "data" / "videos").glob("*.mp4"))
+    (snapshot / "clips" / "a.mp4").write_bytes(clip.read_bytes())
+    (snapshot / "metadata.csv").write_text("file_name,caption\nclips/a.mp4,a clip\n")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["doctor", "hf://datasets/me/clips", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["target"] == "hf://datasets/me/clips" and len(report["files"]) == 1
+
+
 def test_a_checkpoint_whose_states_do_not_load_is_named(make_config, tmp_path):
     """Bytes changed in place (the sizes the marker recorded still hold): the resume names the checkpoint and the
     intact one before it, not a traceback from torch.load."""

@@ -21,7 +21,8 @@ class DamagedRecordError(ConfigError):
 
 
 def damaged(path: Path, why: str, fix: str) -> DamagedRecordError:
-    return DamagedRecordError(f"{path} is damaged ({why}); {fix}")
+    """The error naming `path`, what is wrong and `fix` (empty: the caller says what to do)."""
+    return DamagedRecordError(f"{path} is damaged ({why})" + (f"; {fix}" if fix else ""))
 
 
 def _text(path: Path, fix: str) -> str:

@@ -143,7 +143,7 @@ def checkpoint_damage(path: Path, only: tuple[str, ...] = ()) -> str | None:
     try:
         recorded = has_fields(read_json(marker, ""), marker, "").get("files", {})
     except DamagedRecordError as error:
-        return str(error).removesuffix("; ")
+        return str(error)
     if not isinstance(recorded, dict) or not all(is_kind(size, int) for size in recorded.values()):
         return f"{marker} is damaged (its 'files' is not a map of file names to sizes)"
     for name, size in sorted(recorded.items()):
@@ -210,10 +210,16 @@ def _safetensors_damage(file: Path) -> str | None:
 
 def _weights_damage(folder: Path) -> str | None:
     """What is wrong with the weights `sample` and `export` would load from `folder` (a checkpoint, RUN/lora or, for
-    SFT, RUN), or None: the checkpoint's recorded sizes (the check a resume makes), then each safetensors file."""
+    SFT, RUN), or None: the checkpoint's recorded sizes (the check a resume makes), the JSON files beside the
+    weights (an SFT transformer's config and shard index), then each safetensors file."""
     if is_checkpoint(folder) and (damage := checkpoint_damage(folder, only=(LORA_WEIGHTS, TRANSFORMER_DIR,
                                                                               CONFIG_FILE))):
         return damage
+    for record in sorted((folder / TRANSFORMER_DIR).glob("*.json")):
+        try:
+            has_fields(read_json(record, ""), record, "")
+        except DamagedRecordError as error:
+            return str(error)
     files = [folder / LORA_WEIGHTS] if (folder / LORA_WEIGHTS).is_file() else []
     for file in [*files, *sorted((folder / TRANSFORMER_DIR).glob("*.safetensors"))]:
         if damage := _safetensors_damage(file):

@@ -363,3 +363,16 @@ def test_missing_and_misplaced_paths_are_called_what_they_are(tmp_path, make_con
         resolve_resume(str(tmp_path / "nothing"), tmp_path)
     with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
         load_config(tmp_path)
+
+
+def test_an_sft_exports_damaged_config_is_named(make_config, tmp_path):
+    """RUN/transformer/config.json cut short: `--from RUN` names it (and takes no damaged weights)."""
+    from cogft.config import ConfigError, save_config
+    from cogft.run_dir import resolve_trained
+
+    run = tmp_path / "run"
+    (run / "transformer").mkdir(parents=True)
+    save_config(make_config("train.mode=sft"), run / "config.yaml")
+    (run / "transformer" / "config.json").write_text('{"_class_name": "CogVideoXTransformer3DModel", "num_')
+    with pytest.raises(ConfigError, match=r"transformer/config.json is damaged \(not JSON"):
+        resolve_trained(run)

@@ -266,7 +266,7 @@ def test_the_model_card_holds_hostile_prompts_and_names_the_base_of_a_local_down
            "validation": {"prompts": [HOSTILE_PROMPT]}, "output_dir": "run"}
     config, variant = load_for_config(build_config(raw), validates=False)
     card = model_card(config, variant, 10, sample="sample.mp4")
-    assert card.data.base_model == "THUDM/CogVideoX-2b"
+    assert card.data.base_model == "THUDM/CogVideoX-2b" and str(local) not in card.text
     body = card.text  # the card without its front matter
     snippet = re.search(r"^(`{3,})python\n(.*?)^\1$", body, re.S | re.M)
     tree = ast.parse(snippet.group(2))  # valid Python

@@ -76,21 +76,22 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
     image = ', image=load_image("start.png")' if spec.image_conditioned else ""
     prompt = prefixed((config.validation.prompts or ["a prompt"])[0], trigger)
     validated = (validation_texts(config) or [prompt])[0]  # the first validation prompt, as it was rendered
+    source = base or config.model.path  # a local download is named by its Hub id, not by a path on one machine
     snippet = [
         "import torch",
         f"from diffusers import {spec.pipeline_class}" + (", " + spec.transformer_class if not lora else ""),
         *(["from diffusers.utils import load_image"] if spec.image_conditioned else []),
         "",
         f"dtype = torch.{str(variant.dtype).removeprefix('torch.')}",
-        f"pipe = {spec.pipeline_class}.from_pretrained({_literal(base or config.model.path)}, torch_dtype=dtype)",
+        f"pipe = {spec.pipeline_class}.from_pretrained({_literal(source)}, torch_dtype=dtype)",
         load,
         f"video = pipe(prompt={_literal(prompt)}{image}).frames[0]",
     ]
     fence = "`" * max([3, *(len(run) + 1 for line in snippet for run in re.findall(r"`{3,}", line))])
     body = [
-        f"# {what} of {_text(config.model.path)}",
+        f"# {what} of {_text(source)}",
         "",
-        f"{what} of {spec.name} ({_text(config.model.path)}), trained for {step} steps with "
+        f"{what} of {spec.name} ({_text(source)}), trained for {step} steps with "
         f"cogft {__version__}.",
         "",
         "## Use",

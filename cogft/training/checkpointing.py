@@ -266,6 +266,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
     if accelerator.is_main_process:
         with _partial_removed_on_failure(accelerator, run_dir, final, staging):
             save_config(config, staging / CONFIG_FILE)
+            follow_umask(staging)  # whatever each writer (accelerate, a backend, safetensors) made of the modes
             files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
             (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "files": files}))
         if final.exists():  # a checkpoint of the same step from an earlier attempt

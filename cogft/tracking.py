@@ -264,8 +264,10 @@ def wandb_run_id(run_dir: Path) -> str:
     import uuid
 
     path = run_dir / WANDB_ID_FILE
-    if not path.is_file():
-        path.write_text(uuid.uuid4().hex[:12])
+    if not path.is_file():  # written whole or not at all: a kill leaves no empty id behind
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(uuid.uuid4().hex[:12])
+        os.replace(tmp, path)
     run_id = path.read_bytes().decode("utf-8", errors="replace").strip()
     if not _WANDB_ID.match(run_id):
         raise damaged(path, f"{run_id[:40]!r} is no W&B run id", "write the run's id back (the last part of its "

@@ -156,9 +156,14 @@ class TensorBoardRun(TensorBoardTracker):
     def start(self) -> None:
         # started by init_trackers, after continue_metrics cut metrics.jsonl back to the resume point
         last = _last_logged_step(self.run_dir)
-        first_dropped = 0 if last is None else last + 1
-        cut_events(self.run_dir / TENSORBOARD_DIR, first_dropped)
-        self.init_kwargs.setdefault("purge_step", first_dropped)
+        folder = self.run_dir / TENSORBOARD_DIR
+        if last is None and any(folder.rglob("events.out.tfevents.*")):  # as continue_metrics moves their rows
+            aside = folder.with_name(f"{TENSORBOARD_DIR}.replaced-{int(time.time())}")
+            folder.rename(aside)
+            logger.warning("%s held events of an earlier attempt with no logged step to continue; moved to %s",
+                           folder, aside.name)
+        cut_events(folder, 0 if last is None else last + 1)
+        self.init_kwargs.setdefault("purge_step", 0 if last is None else last + 1)
         super().start()
 
     @on_main_process

@@ -163,6 +163,12 @@ def test_tensorboard_files_hold_each_step_once_after_a_kill_and_resume(tmp_path)
              if event.HasField("summary") and any(v.tag == "loss" for v in event.summary.value)]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
 
+    (run / "metrics.jsonl").unlink()  # a fresh start: the earlier attempt's events go aside, as its rows do
+    fresh = TensorBoardRun(run)
+    fresh.start()
+    fresh.finish()
+    assert len(list(run.glob("tensorboard.replaced-*/events.out.tfevents.*"))) == 2  # the killed and resumed ones
+
 
 def test_written_weights_follow_the_umask(make_config, tmp_path, capsys):
     """Checkpointed, exported (by the run and by `cogft export`) and built safetensors are 0644 under umask 022, as

@@ -96,7 +96,7 @@ def best_record(run_dir: Path) -> dict | None:
     """RUN/best.json: the step, eval loss and checkpoint folder (relative to the run) of the best so far, or None.
     Raises DamagedRecordError for one that is not what `write_best` writes."""
     path = run_dir / BEST_RECORD
-    if not path.is_file():
+    if not path.exists():  # a folder in its place is named below
         return None
     fix = (f"choose a checkpoint yourself (metrics.jsonl's eval/loss rows say which step was best) and give it as "
            f"--from {run_dir / CHECKPOINTS}/step-NNNNNN without --best; or delete {path.name} (the next checkpoint "
@@ -169,7 +169,7 @@ def exported_step(run_dir: Path) -> int | None:
     """The step of the run's final export, or None (no export, or one written before the step was recorded).
     Raises DamagedRecordError for a record that is not what `save_export` writes."""
     path = run_dir / EXPORT_RECORD
-    if not path.is_file():
+    if not path.exists():
         return None
     fix = (f"it says which step {LORA_DIR}/ or {TRANSFORMER_DIR}/ holds: give --from one of the run's checkpoints "
            f"instead, or delete {path.name} (the export is then taken as the run's newest weights)")

@@ -370,7 +370,7 @@ class EvalConfig(_Section):
 
     holdout: int | float = Field(0, description=(
         "clips kept out of training to measure a held-out eval loss on: a count (`8`) or a fraction in (0, 1) "
-        "(`0.1`, at least one clip); chosen from `train.seed` and each clip's cache key (its bytes and encoding), not "
+        "(`0.1`, at least one clip); chosen from `train.seed` and each clip's bytes (and its given image's), not "
         "the listing order, so the same on every rank and on resume; the same video listed twice goes out whole. "
         "Refused when it would leave no clip to train on. 0: off"))
     every: int | None = Field(None, ge=1, description=(

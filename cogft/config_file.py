@@ -111,7 +111,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply overrides, validate. Relative data/model/output paths stay as written."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
+        raise ConfigError(f"config file {path} {'is a folder, not a YAML file' if path.is_dir() else 'not found'}")
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:

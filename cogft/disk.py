@@ -11,6 +11,7 @@ data/0: file write failed" (earlier versions).
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -68,3 +69,27 @@ def disk_full_error(what: str, folder: Path, needed: int, advice: str) -> DiskFu
     """The error to raise once the partial write is removed, so the free space it reports is what a retry gets."""
     return DiskFullError(f"no space left on device writing {what}: {human_bytes(free_bytes(folder))} free in {folder}, "
                          f"about {human_bytes(needed)} needed. {advice}")
+
+
+def current_umask() -> int:
+    """The process's umask: read where the OS tells it (Linux), else set and put straight back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (a file, or a folder and all in it) the permissions a plain open() or mkdir() gives under the
+    umask. Writers that stage through mkstemp or mkdtemp (safetensors 0.8's save_file, TemporaryDirectory) leave
+    0600 files and 0700 folders, which others on a shared machine cannot load."""
+    mask = current_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            executable = item.is_dir() or item.stat().st_mode & 0o111
+            item.chmod((0o777 if executable else 0o666) & ~mask)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError
 from .config_file import load_config
+from .records import DamagedRecordError, damaged, has_fields, is_kind, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,20 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def best_record(run_dir: Path) -> dict | None:
-    """RUN/best.json: the step, eval loss and checkpoint folder (relative to the run) of the best so far, or None."""
-    record = run_dir / BEST_RECORD
-    return json.loads(record.read_text()) if record.is_file() else None
+    """RUN/best.json: the step, eval loss and checkpoint folder (relative to the run) of the best so far, or None.
+    Raises DamagedRecordError for one that is not what `write_best` writes."""
+    path = run_dir / BEST_RECORD
+    if not path.exists():  # a folder in its place is named below
+        return None
+    fix = (f"choose a checkpoint yourself (metrics.jsonl's eval/loss rows say which step was best) and give it as "
+           f"--from {run_dir / CHECKPOINTS}/step-NNNNNN without --best; or delete {path.name} (the next checkpoint "
+           "that improves the eval loss writes it again)")
+    record = read_json(path, fix, step=int, eval_loss=float, checkpoint=str)
+    expected = str(step_dir(run_dir, record["step"]).relative_to(run_dir))
+    if record["step"] < 0 or Path(record["checkpoint"]) != Path(expected):
+        raise damaged(path, f"'checkpoint' is {record['checkpoint'][:80]!r}, not {expected!r} of its step "
+                            f"{record['step']}", fix)
+    return record
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
@@ -107,6 +119,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 def best_of_run(source: str | Path) -> Path:
     """`--best`: the run's checkpoint with the lowest held-out eval loss, as its best.json names it."""
     run_dir = Path(source)
+    _must_exist(run_dir)
     if is_checkpoint(run_dir):
         raise ConfigError(f"--best picks a checkpoint of a run: give --from the run directory "
                           f"({run_dir.parent.parent}), not the checkpoint {run_dir.name}")
@@ -127,7 +140,13 @@ def checkpoint_damage(path: Path, only: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a complete checkpoint's files against the sizes its marker recorded (a file deleted
     or truncated since), or None. Markers of earlier versions record no sizes and pass. `only`: the top-level
     files and folders to check (sampling reads the weights, not the optimizer states)."""
-    recorded = json.loads((path / COMPLETE_MARKER).read_text()).get("files", {})
+    marker = path / COMPLETE_MARKER
+    try:
+        recorded = has_fields(read_json(marker, ""), marker, "").get("files", {})
+    except DamagedRecordError as error:
+        return str(error)
+    if not isinstance(recorded, dict) or not all(is_kind(size, int) for size in recorded.values()):
+        return f"{marker} is damaged (its 'files' is not a map of file names to sizes)"
     for name, size in sorted(recorded.items()):
         if only and Path(name).parts[0] not in only:
             continue
@@ -148,9 +167,17 @@ class TrainedWeights:
 
 
 def exported_step(run_dir: Path) -> int | None:
-    """The step of the run's final export, or None (no export, or one written before the step was recorded)."""
-    record = run_dir / EXPORT_RECORD
-    return json.loads(record.read_text())["step"] if record.is_file() else None
+    """The step of the run's final export, or None (no export, or one written before the step was recorded).
+    Raises DamagedRecordError for a record that is not what `save_export` writes."""
+    path = run_dir / EXPORT_RECORD
+    if not path.exists():
+        return None
+    fix = (f"it says which step {LORA_DIR}/ or {TRANSFORMER_DIR}/ holds: give --from one of the run's checkpoints "
+           f"instead, or delete {path.name} (the export is then taken as the run's newest weights)")
+    step = read_json(path, fix, step=int)["step"]
+    if step < 0:
+        raise damaged(path, f"'step' is {step}", fix)
+    return step
 
 
 def _weights_in(folder: Path) -> str | None:
@@ -184,10 +211,16 @@ def _safetensors_damage(file: Path) -> str | None:
 
 def _weights_damage(folder: Path) -> str | None:
     """What is wrong with the weights `sample` and `export` would load from `folder` (a checkpoint, RUN/lora or, for
-    SFT, RUN), or None: the checkpoint's recorded sizes (the check a resume makes), then each safetensors file."""
+    SFT, RUN), or None: the checkpoint's recorded sizes (the check a resume makes), the JSON files beside the
+    weights (an SFT transformer's config and shard index), then each safetensors file."""
     if is_checkpoint(folder) and (damage := checkpoint_damage(folder, only=(LORA_WEIGHTS, TRANSFORMER_DIR,
                                                                               CONFIG_FILE))):
         return damage
+    for record in sorted((folder / TRANSFORMER_DIR).glob("*.json")):
+        try:
+            has_fields(read_json(record, ""), record, "")
+        except DamagedRecordError as error:
+            return str(error)
     files = [folder / LORA_WEIGHTS] if (folder / LORA_WEIGHTS).is_file() else []
     for file in [*files, *sorted((folder / TRANSFORMER_DIR).glob("*.safetensors"))]:
         if damage := _safetensors_damage(file):
@@ -221,6 +254,7 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
     checkpoint gives itself, and a damaged one is refused with the run's newest intact weights offered: it names
     exact weights, so no others are taken in silence. Damaged weights are never loaded."""
     path = Path(source)
+    _must_exist(path)
     if is_checkpoint(path):
         run_dir = path.parent.parent
         config_file = path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else run_dir / CONFIG_FILE
@@ -245,7 +279,7 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
                 offer = intact[0] if is_checkpoint(intact[0]) else run_dir
                 fix = f"use the newest intact weights of its run with --from {offer}"
             raise ConfigError(f"--from {source}: the checkpoint is damaged: {damage}; {fix}")
-        return TrainedWeights(run_dir, load_config(config_file), path, mode)
+        return TrainedWeights(run_dir, _run_config(config_file), path, mode)
     intact, damaged = _newest_intact(path)
     if intact is None and damaged:
         raise ConfigError(f"--from {source}: all of the run's trained weights are damaged: {'; '.join(damaged)}")
@@ -254,5 +288,27 @@ def resolve_trained(source: str | Path) -> TrainedWeights:
             f"--from {source}: no trained weights yet (no {LORA_DIR}/, {TRANSFORMER_DIR}/ or checkpoint)")
     for damage in damaged:
         logger.warning("--from %s: skipping damaged weights: %s; using %s", source, damage, intact[0])
-    return TrainedWeights(path, load_config(config_file), *intact)
+    return TrainedWeights(path, _run_config(config_file), *intact)
+
+
+def _must_exist(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"--from {path}: no such folder; give a run directory (output_dir of a run) or one "
+                                f"of its checkpoints (RUN/{CHECKPOINTS}/step-NNNNNN)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--from {path}: a file, not a folder; give a run directory (output_dir of a run) or "
+                                f"one of its checkpoints (RUN/{CHECKPOINTS}/step-NNNNNN)")
+
+
+def _run_config(path: Path) -> Config:
+    """The config a run or checkpoint was trained under, as cogft saved it; a damaged copy is named as such."""
+    fix = ("it is the config the weights were trained under: restore it from a copy (each checkpoint and the run "
+           "directory hold one), or write it again from the YAML you trained with")
+    try:
+        path.read_bytes().decode("utf-8")
+        return load_config(path)
+    except UnicodeDecodeError as error:
+        raise damaged(path, f"not UTF-8 text: byte {error.start}", fix) from None
+    except ConfigError as error:
+        raise DamagedRecordError(f"the run's saved config does not load: {error}; {fix}") from None
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, on_main_process
 
 from .config import Config, ConfigError
+from .records import damaged, is_kind
 from .run_dir import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 logger = logging.getLogger(__name__)
+_WANDB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what `wandb_run_id` writes, or a user's own id
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -38,7 +41,7 @@ def continue_metrics(run_dir: Path, resumed_step: int | None) -> None:
         path.rename(aside)
         logger.warning("%s held rows of an earlier attempt that wrote no checkpoint; moved to %s", path, aside.name)
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text(errors="replace").splitlines(keepends=True)  # a damaged row goes, as below
     kept = [line for line in lines if _step_of(line) <= resumed_step]
     if len(kept) < len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
@@ -49,11 +52,13 @@ def continue_metrics(run_dir: Path, resumed_step: int | None) -> None:
 
 
 def _step_of(line: str) -> float:
-    """A metrics row's step; a row that does not parse (a damaged file) sorts after every step, so it goes."""
+    """A metrics row's step; a row that does not parse or has no whole-number step (a damaged file) sorts after every
+    step, so it goes."""
     try:
-        return json.loads(line).get("step", 0)
+        step = json.loads(line).get("step")
     except (ValueError, AttributeError):
         return float("inf")
+    return step if is_kind(step, int) else float("inf")
 
 
 class JsonlTracker(GeneralTracker):
@@ -89,7 +94,7 @@ class JsonlTracker(GeneralTracker):
 def _last_logged_step(run_dir: Path) -> int | None:
     """The step of metrics.jsonl's last row, or None when it has none."""
     path = run_dir / METRICS_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     step = _step_of(lines[-1]) if lines else None
     return None if step is None or step == float("inf") else int(step)
 
@@ -107,10 +112,42 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def cut_events(folder: Path, first_dropped: int) -> None:
+    """Remove the summaries of steps >= `first_dropped` from every TensorBoard event file under `folder` (and a
+    record cut short by a kill), rewriting the files that change. `purge_step` alone only asks readers to hide
+    them: TensorBoard's Python reader does, but the files keep both copies of each redone step for any other."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        records = list(RawEventFileLoader(str(path)).Load())  # up to a record cut short or damaged
+        events = [Event.FromString(record) for record in records]
+        kept = [(r, e) for r, e in zip(records, events) if not e.HasField("summary") or e.step < first_dropped]
+        try:
+            if not any(event.HasField("summary") for _, event in kept):
+                path.unlink()  # nothing of the run left in it (a fresh start, or a file of the redone steps only)
+                continue
+            if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
+                continue
+            tmp = path.with_name(f".{path.name}.tmp")
+            with tmp.open("wb") as handle:
+                writer = RecordWriter(handle)
+                for record, _ in kept:
+                    writer.write(record)
+            os.replace(tmp, path)
+        except OSError as error:  # the run goes on; only the view of the redone steps suffers
+            logger.warning("TensorBoard: could not cut the redone steps from %s (%s); its curves may show them "
+                           "twice", path, error)
+    for sub in sorted(folder.glob("*/"), reverse=True):  # accelerate's hparams folders, emptied above
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+
+
 class TensorBoardRun(TensorBoardTracker):
     """accelerate's TensorBoard tracker, writing RUN/tensorboard/, with two fixes: the nested config is flattened
-    (its hparams refuse dicts and lists), and a resume's redone steps are purged from the view, as metrics.jsonl
-    drops them, so the curves read as one run."""
+    (its hparams refuse dicts and lists), and a resume's redone steps are cut from the event files, as metrics.jsonl
+    drops them, so the curves read as one run in any reader."""
 
     def __init__(self, run_dir: Path):
         super().__init__(TENSORBOARD_DIR, run_dir)
@@ -120,6 +157,13 @@ class TensorBoardRun(TensorBoardTracker):
     def start(self) -> None:
         # started by init_trackers, after continue_metrics cut metrics.jsonl back to the resume point
         last = _last_logged_step(self.run_dir)
+        folder = self.run_dir / TENSORBOARD_DIR
+        if last is None and any(folder.rglob("events.out.tfevents.*")):  # as continue_metrics moves their rows
+            aside = folder.with_name(f"{TENSORBOARD_DIR}.replaced-{int(time.time())}")
+            folder.rename(aside)
+            logger.warning("%s held events of an earlier attempt with no logged step to continue; moved to %s",
+                           folder, aside.name)
+        cut_events(folder, 0 if last is None else last + 1)
         self.init_kwargs.setdefault("purge_step", 0 if last is None else last + 1)
         super().start()
 
@@ -226,9 +270,16 @@ def wandb_run_id(run_dir: Path) -> str:
     import uuid
 
     path = run_dir / WANDB_ID_FILE
-    if not path.is_file():
-        path.write_text(uuid.uuid4().hex[:12])
-    return path.read_text().strip()
+    if not path.is_file():  # written whole or not at all: a kill leaves no empty id behind
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(uuid.uuid4().hex[:12])
+        os.replace(tmp, path)
+    run_id = path.read_bytes().decode("utf-8", errors="replace").strip()
+    if not _WANDB_ID.match(run_id):
+        raise damaged(path, f"{run_id[:40]!r} is no W&B run id", "write the run's id back (the last part of its "
+                            "wandb/run-DATE-ID folder name), or delete the file to log the rest of the run as a new "
+                            "W&B run")
+    return run_id
 
 
 def log_videos(accelerator, videos: list[tuple[str, str]], step: int) -> None:

@@ -70,7 +70,7 @@ def test_accelerate_launch_trains_with_wandb_offline(tmp_path, shared_cache):
 
     missing = run(sys.executable, "-m", "cogft.cli", "export", "--from", str(tmp_path / "nothing"),
                   "--out", str(tmp_path / "e"))
-    assert missing.returncode == 2 and "neither a run directory" in missing.stderr
+    assert missing.returncode == 2 and "nothing: no such folder; give a run directory" in missing.stderr
 
 
 def test_shipped_accelerate_configs_load():

@@ -42,7 +42,7 @@ class FakeHub:
         patch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
         patch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")  # logged in
         patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests' env sets it; nothing goes out
-        patch.setattr("cogft.inference.model_card._base_model", lambda config: BASE)
+        patch.setattr("cogft.inference.model_card._base_model", lambda config, variant: BASE)
         return self
 
 

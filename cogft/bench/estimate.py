@@ -19,14 +19,17 @@ def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
 
 
 def format_estimate(config: Config, result: Estimate) -> str:
+    frames, samples = result.batch
+    what = (f"batch {samples}" if frames == config.data.num_frames and samples == config.train.batch_size else
+            f"a batch of {samples} still images (data.image_batch_size: more tokens than {config.train.batch_size} "
+            f"clip{'s' if config.train.batch_size > 1 else ''})")
     size = "x".join(map(str, config.data.largest_size))
     largest = " (the largest bucket)" if len(config.data.sizes) > 1 else ""
     extrapolated = " (extrapolated from H100 measurements)" if result.extrapolated else ""
     budget = config.train.memory_budget_gib
     chosen = f", chosen for train.memory_budget_gib={budget}" if budget else ""
     lines = [
-        f"{config.model.path} {config.train.mode}, {config.data.num_frames}x{size}{largest}, "
-        f"batch {config.train.batch_size} on {result.gpu}{extrapolated}",
+        f"{config.model.path} {config.train.mode}, {frames}x{size}{largest}, {what} on {result.gpu}{extrapolated}",
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
         f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
         f"  checkpointing   {config.train.gradient_checkpointing} "

@@ -56,6 +56,7 @@ class CacheEntry:
     frames: int    # the clip's frame bucket (1: a still image) and resolution bucket: a batch holds one bucket
     height: int
     width: int
+    clip: str = ""  # the clip's content key (its bytes, and its given image's): how it is encoded changes it not
 
     @property
     def bucket(self) -> tuple[int, int, int]:
@@ -70,6 +71,7 @@ class Kept:
     paths: tuple[Path, ...]
     frames: int
     size: tuple[int, int]
+    digest: str  # Preparer.clip_key
 
 
 def _size_text(size: tuple[int, int]) -> str:
@@ -171,10 +173,29 @@ def entry_problem(path: Path) -> str | None:
         header = json.loads(blob[8:header_end])
     except (OSError, ValueError) as error:
         return f"unreadable ({error})"
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        return "unreadable (its header is not a safetensors header)"
     expected = header.get("__metadata__", {}).get("sha256")
     if expected is not None:
         return None if _payload_sha256(blob) == expected else "its bytes changed since it was written (checksum)"
-    return None if len(blob) == safetensors_length(blob[8:header_end]) else "truncated"
+    try:
+        return None if len(blob) == safetensors_length(blob[8:header_end]) else "truncated"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "unreadable (its header is not a safetensors header)"
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """What in an entry's metadata does not read as `encode_latents` wrote it, or None."""
+    try:
+        int(meta["available"])
+        if "source_size" in meta:
+            _height, _width = map(int, meta["source_size"].split("x"))
+        notes, source = json.loads(meta.get("notes", "[]")), json.loads(meta.get("source") or "{}")
+    except (KeyError, ValueError, TypeError) as error:
+        return f"its metadata does not read ({type(error).__name__}: {error})"
+    if not isinstance(notes, list) or not isinstance(source, dict):
+        return "its metadata does not read (notes or source of the wrong type)"
+    return None
 
 
 def _repair(path: Path) -> str | None:
@@ -257,6 +278,11 @@ class Preparer:
                 continue
             with safe_open(str(path), "pt") as handle:
                 meta = handle.metadata() or {}
+            if problem := _metadata_problem(meta):  # the checksum covers the tensors, not the header
+                logger.warning("cache entry %s: %s; making it again", path, problem)
+                path.unlink(missing_ok=True)
+                self.repaired.setdefault(content_digest, []).append(f"damaged cache entry made again: {problem}")
+                continue
             available = int(meta["available"])
             if max(b for b in frame_buckets if b <= available) != frames or not self._nearest(meta, size):
                 continue
@@ -338,7 +364,7 @@ class Preparer:
                 self.seconds["vae_encode"] += time.perf_counter() - encode_started
                 notes = [*self.repaired.pop(digest, []), *clip_notes, *windows_note(count, selection.offsets)]
                 row.update(status="encoded", frames=count, size=_size_text(size), windows=len(targets), notes=notes)
-                written.append(Kept(clip, targets, count, size))
+                written.append(Kept(clip, targets, count, size, digest))
             bar.update(1)
             waited = time.perf_counter()
         bar.close()
@@ -431,7 +457,7 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
                    notes=[*json.loads(meta.get("notes", "[]")), *windows_note(frames, offsets)])
         if meta.get("source"):
             row["source"] = json.loads(meta["source"])
-        cached.append(Kept(clip, paths, frames, size))
+        cached.append(Kept(clip, paths, frames, size, digest))
     return cached, todo
 
 
@@ -500,7 +526,7 @@ def prepare(
         torch.cuda.empty_cache()
 
     entries = [CacheEntry(tuple(str(p) for p in k.paths), str(preparer.prompt_path(k.clip.caption)), str(k.clip.video),
-                          k.clip.caption, k.frames, *k.size) for k in kept]
+                          k.clip.caption, k.frames, *k.size, k.digest) for k in kept]
     report = list(rows.values())
     for row in report:
         if row["status"] == "skipped":

@@ -152,10 +152,11 @@ def _batches(rows: list[dict], config: Config | None) -> dict[str, str]:
 def diagnose(target: str | Path, overrides: list[str] | None = None, workers: int | None = None) -> dict:
     """The doctor's report for a config file or a dataset path (folder, .csv, .jsonl)."""
     started = time.perf_counter()
+    given = str(target)  # as written: Path() would turn hf://datasets/... into hf:/datasets/...
     target = Path(target)
     config = load_config(target, overrides) if target.suffix in (".yaml", ".yml") else None
     config, variant, tokens_skipped = _with_model(config)
-    data = config.data if config else DataConfig(path=str(target))
+    data = config.data if config else DataConfig(path=given)
     buckets = (variant or default_variant()).frame_buckets(data.num_frames, data.shortest_bucket)
     spec = DecodeSpec(buckets, *data.sizes[0], data.fps, data.resize, sizes=data.sizes)
     listed = read_dataset(data, with_prefix=False)  # read once: the trigger-word counts need the captions as written
@@ -182,7 +183,7 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
         row["problems"] = [{"code": p.code, "detail": p.detail} for p in row["problems"]]
     sources = [row["source"] for row in rows if row.get("source")]
     return {
-        "target": str(target),
+        "target": given,
         "data_path": data.path,
         "settings": {"buckets": list(spec.buckets), "sizes": [f"{h}x{w}" for h, w in data.sizes], "fps": data.fps,
                      "resize": data.resize},

@@ -26,11 +26,13 @@ STILL_DECODER = "pillow"
 IMAGE_READING = 2  # how images are read (2: true range, transparency on white); part of their cache keys
 
 
-def missing_image(path: Path) -> Problem | None:
+def missing_image(path: Path, fix: str = "fix the path, or leave it out to condition on the clip's first "
+                                         "frame") -> Problem | None:
+    """Why `path` is no image file (missing, or a folder), with `fix`; None where it is one."""
     if path.is_file():
         return None
-    return Problem("image_missing", f"conditioning image {path} not found; fix the path, or leave it out to "
-                                    "condition on the clip's first frame")
+    what = "is a folder, not an image file" if path.is_dir() else "not found"
+    return Problem("image_missing", f"conditioning image {path} {what}; {fix}")
 
 
 # modes Pillow converts to RGB with their real range as they are, and those with an alpha band
@@ -93,9 +95,10 @@ def true_rgb(image, bits: int | None = None) -> tuple[object, list[str]] | str:
     return image.convert("RGB"), []
 
 
-def image_problem(path: Path) -> Problem | None:
-    """Why a conditioning image cannot be used, before it is decoded: missing, empty or not readable."""
-    if problem := missing_image(path):
+def image_problem(path: Path, missing_fix: str | None = None) -> Problem | None:
+    """Why a conditioning image cannot be used, before it is decoded: missing (with `missing_fix` as the advice,
+    where leaving it out does not apply), empty or not readable."""
+    if problem := (missing_image(path) if missing_fix is None else missing_image(path, missing_fix)):
         return problem
     if problem := file_problem(path):
         return Problem("image_unreadable", f"conditioning image {path}: {problem.detail}")
@@ -151,10 +154,12 @@ def fit_image(image, spec: DecodeSpec, what: str) -> tuple[np.ndarray, list[str]
     return place(pixels[None], spec)[0], notes
 
 
-def read_image(path: str | Path, spec: DecodeSpec) -> tuple[np.ndarray, list[str]] | Problem:
-    """A conditioning image at the spec's size with notes; a Problem when it is missing or cannot be read."""
+def read_image(path: str | Path, spec: DecodeSpec, missing_fix: str | None = None
+               ) -> tuple[np.ndarray, list[str]] | Problem:
+    """A conditioning image at the spec's size with notes; a Problem when it is missing or cannot be read (the
+    advice `missing_fix` for a missing one, where the default, to leave it out, does not apply)."""
     path = Path(path)
-    if problem := image_problem(path):
+    if problem := image_problem(path, missing_fix):
         return problem
     opened = open_upright(path)
     if isinstance(opened, str):
@@ -172,7 +177,8 @@ def conditioning_image(path: str | Path, height: int, width: int, resize: str, k
 
     from ..config import ConfigError
 
-    read = read_image(path, DecodeSpec((1,), height, width, None, resize))
+    read = read_image(path, DecodeSpec((1,), height, width, None, resize),
+                      "give the path of an image file (PNG, JPEG, WebP, ...); it is required here")
     if isinstance(read, Problem):
         raise ConfigError(f"{key}: {read.detail}")
     return Image.fromarray(read[0])

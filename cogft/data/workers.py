@@ -8,11 +8,20 @@ the rest, so one bad clip costs a restart, never the run.
 
 Spawned workers start with Python's default logging (warnings only, unformatted); each is set up
 like the parent's root logger, so what a worker logs (which decoder it uses) reads like the rest.
+Workers die with their parent (a `kill -9` of `cogft prepare` leaves no decoder running): on Linux the kernel
+kills them (PR_SET_PDEATHSIG), elsewhere, and as a second guard, a thread in each exits once the parent is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -20,8 +29,12 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import TypeVar
 
+import psutil
+
 T = TypeVar("T")
 R = TypeVar("R")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+ORPHAN_CHECK_S = 1.0  # how often a worker's thread looks for its parent
 
 
 def _parent_logging() -> tuple[int, str | None, str | None] | None:
@@ -33,15 +46,34 @@ def _parent_logging() -> tuple[int, str | None, str | None] | None:
     return root.level, formatter and formatter._fmt, formatter and formatter.datefmt
 
 
-def _log_like(level: int, fmt: str | None, datefmt: str | None) -> None:
-    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT, datefmt=datefmt)
+def die_with(parent: int) -> None:
+    """End this process when `parent` ends: the kernel's signal on Linux, and everywhere a thread that watches
+    for the parent to go (this process is then handed to another parent)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no prctl in this libc: the thread below still holds
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:  # Windows hands no orphan to another parent: ask whether the parent still runs
+        while os.getppid() == parent and psutil.pid_exists(parent):
+            time.sleep(ORPHAN_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cogft-orphan-watch", daemon=True).start()
+
+
+def _start_worker(parent: int, setup: tuple[int, str | None, str | None] | None) -> None:
+    die_with(parent)
+    if setup is not None:
+        level, fmt, datefmt = setup
+        logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT, datefmt=datefmt)
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    """Spawned processes (no fork of a process holding threads or CUDA), logging like this one."""
-    setup = _parent_logging()
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                               initializer=_log_like if setup else None, initargs=setup or ())
+    """Spawned processes (no fork of a process holding threads or CUDA), logging like this one, dying with it."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                               initargs=(os.getpid(), _parent_logging()))
 
 
 def isolated_map(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -142,7 +143,7 @@ def check_export(run_dir: Path, frames, embeds: str, negative: str, device: str,
         out, probe_file = Path(folder) / "renders.npz", Path(folder) / "probe.safetensors"
         save_file(probe, str(probe_file))
         command = [sys.executable, "-m", __name__, str(run_dir), "--embeds", embeds, "--negative", negative,
-                   "--probe", str(probe_file), "--device", device, "--out", str(out)]
+                   "--probe", str(probe_file), "--device", device, "--out", str(out), "--parent", str(os.getpid())]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0 or not out.is_file():
             logger.warning("export check: the fresh process rendering the export failed (exit %d), so the export is "
@@ -208,7 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", required=True, help="the trained model's probe input (export_probe)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True, help="where to write the renders (.npz of 8-bit frames)")
+    parser.add_argument("--parent", type=int, help="end with this process (the trainer): a killed run leaves no "
+                                                   "render holding the GPU")
     args = parser.parse_args(argv)
+    if args.parent is not None:
+        from ..data.workers import die_with
+
+        die_with(args.parent)
     np.savez(args.out, **stock_render(args.run, args.embeds, args.negative, args.device, args.probe))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..disk import follow_umask
 from ..models.adapters import release_lora
 from ..run_dir import (
     LORA_WEIGHTS,
@@ -62,6 +63,7 @@ def export(source: str, out: str, merge: bool = False, best: bool = False) -> Pa
             shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)
             card_folder = target / TRANSFORMER_DIR
         write_model_card(card_folder, trained.config, variant, trained_step(trained), trained.run_dir)
+    follow_umask(target)  # safetensors writes 0600, and a copy keeps the mode of a run written before this fix
     logger.info("exported %s weights of %s to %s%s", trained.mode, trained.weights_dir, target,
                 " (merged)" if merge else "")
     return target

@@ -6,6 +6,8 @@ Written with huggingface_hub's card helpers, so the Hub and `ModelCard.load` rea
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 from pathlib import Path
@@ -19,13 +21,31 @@ from ..run_dir import SAMPLES_DIR
 CARD_FILE = "README.md"
 SAMPLE_FILE = "sample.mp4"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
 
 
-def _base_model(config: Config) -> str | None:
-    """The Hub id the weights were trained from; None for a local folder or a built test model (the Hub would
+def _base_model(config: Config, variant: Variant) -> str | None:
+    """The Hub id the weights were trained from: `model.path` where it is one, the variant's published checkpoint
+    for a local folder holding its architecture (a download of it); None for a built test model (the Hub would
     reject a base_model that names no repository)."""
     path = config.model.path
-    return path if _HUB_ID.match(path) and not Path(path).exists() else None
+    if _HUB_ID.match(path) and not Path(path).exists():
+        return path
+    reference = variant.spec.reference.transformer
+    if Path(path).is_dir() and all(variant.configs.transformer.get(key) == value for key, value in reference.items()
+                                   if not key.startswith("_")):
+        return variant.spec.hub_id
+    return None
+
+
+def _literal(text: str) -> str:
+    """`text` as a Python string literal, whatever quotes, backslashes or line breaks it holds."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _text(text: str) -> str:
+    """`text` (a prompt, a caption prefix, a path) as literal words in Markdown: no HTML, no markup, one line."""
+    return _MARKDOWN.sub(r"\\\1", html.escape(" ".join(text.split()), quote=False))
 
 
 def _latest_sample(run_dir: Path, step: int) -> Path | None:
@@ -44,8 +64,9 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
     pipeline_class, transformer_class = spec.class_name("pipeline"), spec.class_name("transformer")
     task = "image-to-video" if from_image else "text-to-video"
     trigger = config.data.caption_prefix.strip()
+    base = _base_model(config, variant)
     data = ModelCardData(
-        base_model=_base_model(config), library_name="diffusers", license=spec.license,
+        base_model=base, library_name="diffusers", license=spec.license,
         license_name=spec.license_name, license_link=spec.license_link, pipeline_tag=task,
         tags=[task, "diffusers", spec.family, spec.name, "lora" if lora else "full-fine-tune", "cogft"],
         instance_prompt=trigger or None,
@@ -57,24 +78,29 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
     image = ', image=load_image("start.png")' if from_image else ""
     prompt = prefixed((config.validation.prompts or ["a prompt"])[0], trigger)
     validated = (validation_texts(config) or [prompt])[0]  # the first validation prompt, as it was rendered
-    body = [
-        f"# {what} of {config.model.path}",
-        "",
-        f"{what} of {spec.name} (`{config.model.path}`), trained for {step} steps with "
-        f"cogft {__version__}.",
-        "",
-        "## Use",
-        "",
-        "```python",
+    source = base or config.model.path  # a local download is named by its Hub id, not by a path on one machine
+    snippet = [
         "import torch",
         f"from diffusers import {pipeline_class}" + (", " + transformer_class if not lora else ""),
         *(["from diffusers.utils import load_image"] if from_image else []),
         "",
         f"dtype = torch.{str(variant.dtype).removeprefix('torch.')}",
-        f'pipe = {pipeline_class}.from_pretrained("{_base_model(config) or config.model.path}", torch_dtype=dtype)',
+        f"pipe = {pipeline_class}.from_pretrained({_literal(source)}, torch_dtype=dtype)",
         load,
-        f'video = pipe(prompt="{prompt}"{image}).frames[0]',
-        "```",
+        f"video = pipe(prompt={_literal(prompt)}{image}).frames[0]",
+    ]
+    fence = "`" * max([3, *(len(run) + 1 for line in snippet for run in re.findall(r"`{3,}", line))])
+    body = [
+        f"# {what} of {_text(source)}",
+        "",
+        f"{what} of {spec.name} ({_text(source)}), trained for {step} steps with "
+        f"cogft {__version__}.",
+        "",
+        "## Use",
+        "",
+        f"{fence}python",
+        *snippet,
+        fence,
         "",
         "## Training",
         "",
@@ -94,9 +120,10 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
     if config.data.caption_dropout:
         body.append(f"| caption dropout | {config.data.caption_dropout:g} |")
     if trigger:
-        body += ["", "## Trigger words", "", f"Start prompts with `{trigger}`."]
+        body += ["", "## Trigger words", "", f"Start prompts with **{_text(trigger)}**."]
     if sample:
-        body += ["", "## Validation sample", "", f"[{SAMPLE_FILE}]({SAMPLE_FILE}): \"{validated}\", step {step}."]
+        body += ["", "## Validation sample", "",
+                 f"[{SAMPLE_FILE}]({SAMPLE_FILE}): \"{_text(validated)}\", step {step}."]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 

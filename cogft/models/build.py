@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..disk import follow_umask
 from .family import DTYPES, VariantSpec
 from .registry import spec_named
 
@@ -146,6 +147,7 @@ def build_pipeline(out_dir: str | os.PathLike, spec: VariantSpec, full_size: boo
         pipe.save_pretrained(staged)
         del pipe, components
         (staged / BUILT_MARKER).write_text(json.dumps({"variant": spec.name, "full_size": full_size, "seed": seed}))
+        follow_umask(staged)  # safetensors writes 0600
         staged.rename(out)
     return out
 

@@ -9,6 +9,7 @@ tensor-core peak and memory bandwidth: an extrapolation, labelled as such.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class Estimate:
     extrapolated: bool
     sample_seconds: float                 # one validation video, exact
     sample_seconds_cached: float | None   # with `validation.cache: taylorseer`; None for other settings
+    batch: tuple[int, int]                # (frames, samples) of the batch whose memory is the peak
 
 
 def _counts(variant: Variant, config: Config) -> tuple[int, int]:
@@ -179,7 +181,26 @@ def attention_kernel(config: Config, gpu: Gpu) -> str:
     return "fa4" if gpu.fa4 and wanted else "sdpa"
 
 
+def batch_shapes(config: Config) -> list[tuple[int, int]]:
+    """(frames, samples) of each batch a run can train: the clips', and with `data.image_batch_size` the stills'
+    (one frame each, yet at 480x720 twelve of them are more tokens than one 49-frame clip)."""
+    return [(config.data.num_frames, config.train.batch_size)] + (
+        [(1, config.data.image_batch_size)] if config.data.image_batch_size else [])
+
+
 def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: bool = True) -> Estimate:
+    """The peak of the batch shape with the most memory (the most tokens) at the largest size, and the time of the
+    slowest shape's step."""
+    results = [_estimate(config, variant, gpu_name, advise, batch) for batch in batch_shapes(config)]
+    peak = max(results, key=lambda result: result.peak_allocated_gib)
+    advice = peak.advice
+    if advise and not peak.fits and peak.batch[0] == 1:
+        advice = [f"lower data.image_batch_size ({peak.batch[1]} still images are the largest batch)", *advice]
+    return dataclasses.replace(peak, seconds_per_step=max(result.seconds_per_step for result in results),
+                               advice=advice)
+
+
+def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, batch: tuple[int, int]) -> Estimate:
     gpu = _gpu(gpu_name)
     attention = attention_kernel(config, gpu)
     scale = gpu.tflops / GPUS["H100"].tflops
@@ -187,11 +208,12 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     tcfg = variant.configs.transformer
     total, lora = _counts(variant, config)
     train = config.train
-    # the largest bucket decides the memory (and the slowest step); still images are one frame, far below it
-    flops = step_flops(variant, config.data.num_frames, *config.data.largest_size, train.batch_size)
+    # the largest bucket decides the memory (and the slowest step)
+    frames, samples = batch
+    flops = step_flops(variant, frames, *config.data.largest_size, samples)
     layers = tcfg["num_layers"]
     width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
-    elements = flops.tokens * width * train.batch_size          # one block's token x width
+    elements = flops.tokens * width * samples                   # one block's token x width
     checkpointed = checkpointed_block_count(train.gradient_checkpointing, layers)
     compiled = train.compile is True or train.compile == "auto"
     half = 2  # bytes of an fp16/bf16 element
@@ -237,7 +259,7 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     cached = sample(taylorseer_full_steps(steps)) if config.validation.cache == "taylorseer" else None
     return Estimate(gpu.name, attention, round(peak, 2), round(seconds, 3), fits,
                     {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"],
-                    round(sample(steps), 1), None if cached is None else round(cached, 1))
+                    round(sample(steps), 1), None if cached is None else round(cached, 1), (frames, samples))
 
 
 def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: float, full_steps: int) -> float:

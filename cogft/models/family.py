@@ -271,7 +271,8 @@ class Variant(ABC):
             raise ConfigError(f"validation.images: {self.name} is text-to-video and takes no image; remove the key")
         for image in images:
             if not Path(image).is_file():
-                raise ConfigError(f"validation.images: {image} not found (paths are relative to where cogft runs)")
+                what = "is a folder, not an image file" if Path(image).is_dir() else "not found"
+                raise ConfigError(f"validation.images: {image} {what} (paths are relative to where cogft runs)")
 
     # prepare --------------------------------------------------------------------------------------
     def cache_identity(self, config: Config) -> list:

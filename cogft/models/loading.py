@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
+from ..records import has_fields, read_json
 from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
 from .family import PipelineConfigs, Variant
 from .group_norm import spread_group_norms
@@ -30,8 +31,9 @@ def resolve_model_path(path: str) -> str:
 def _read_config(path: str, part: str, revision: str | None) -> dict:
     subfolder, filename = _CONFIG_FILES[part]
     local = Path(path) / (subfolder or "") / filename
-    if local.is_file():
-        return json.loads(local.read_text())
+    if local.is_file():  # a download, or a folder cogft wrote (a merged export, a tiny model): named if damaged
+        fix = f"{path} is not a whole diffusers pipeline folder: download, export or build it again"
+        return has_fields(read_json(local, fix), local, fix)
     if Path(path).exists():
         raise FileNotFoundError(f"{local} not found: {path} is not a diffusers CogVideoX pipeline folder")
     from huggingface_hub import hf_hub_download

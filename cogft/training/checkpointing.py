@@ -20,10 +20,11 @@ import torch
 
 from ..config import Config, ConfigError
 from ..config_file import save_config
-from ..disk import disk_full_error, folder_bytes, is_disk_full
+from ..disk import disk_full_error, folder_bytes, follow_umask, is_disk_full
 from ..inference.model_card import write_model_card
 from ..models.adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
 from ..models.family import Variant
+from ..records import DamagedRecordError, read_yaml
 from ..run_dir import (
     CHECKPOINTS,
     COMPLETE_MARKER,
@@ -89,6 +90,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             _refuse_damaged(found[-1], found)
         return found[-1] if found else None
     path = Path(resume)
+    if not path.is_dir():
+        raise ResumeError(f"train.resume={resume!r}: {'a file, not a folder' if path.exists() else 'no such folder'}; "
+                          f"use 'latest', null, or a checkpoint folder like {step_dir(run_dir, 500)}")
     if not is_checkpoint(path):
         raise ResumeError(
             f"train.resume={resume!r}: not a complete cogft checkpoint (no {COMPLETE_MARKER}); "
@@ -140,10 +144,10 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
 
 def check_resume_config(config: Config, checkpoint: Path) -> dict[str, tuple]:
     """Refuse a resume whose config changed an unsafe key; return the safe changes to log."""
-    import yaml
-
     saved = checkpoint / CONFIG_FILE
-    old = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    old = read_yaml(saved, "resume from another checkpoint with train.resume=PATH, or restore the file from "
+                           f"{checkpoint.parent.parent / CONFIG_FILE} if the config did not change since") \
+        if saved.is_file() else {}
     changes = config_changes(old, config.model_dump(mode="json"))
     unsafe = {k: v for k, v in changes.items() if k in UNSAFE_ON_RESUME}
     if unsafe:
@@ -167,8 +171,11 @@ def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer
     module = accelerator.unwrap_model(model)
     if config.train.mode == "lora":
         written = save_lora(module, config, lora_dir, lora_format, model_state=state)
-        return written if dtype is None else release_lora(written, config, dtype)
-    return save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
+        written = written if dtype is None else release_lora(written, config, dtype)
+    else:
+        written = save_transformer(module, transformer_parent, dtype=dtype, model_state=state)
+    follow_umask(Path(written))  # safetensors writes 0600
+    return written
 
 
 def save_export(accelerator, model, config: Config, run_dir: Path, step: int, variant: Variant) -> Path | None:
@@ -273,6 +280,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
     if accelerator.is_main_process:
         with _partial_removed_on_failure(accelerator, run_dir, final, staging):
             save_config(config, staging / CONFIG_FILE)
+            follow_umask(staging)  # whatever each writer (accelerate, a backend, safetensors) made of the modes
             files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
             (staging / COMPLETE_MARKER).write_text(json.dumps({"step": step, "time": time.time(), "files": files}))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
@@ -289,7 +297,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the `keep` newest complete checkpoints, sparing the one RUN/best.json names (the best by eval
     loss outlives the rotation)."""
-    spared = best_checkpoint(run_dir)
+    try:
+        spared = best_checkpoint(run_dir)
+    except DamagedRecordError as error:  # which checkpoint is best is unknown: losing it cannot be undone
+        logger.warning("no checkpoint pruned: %s", error)
+        return
     for old in complete_checkpoints(run_dir)[:-keep]:
         if old != spared:
             shutil.rmtree(old, ignore_errors=True)
@@ -335,8 +347,28 @@ def _checkpoint_bytes(accelerator, found: list[Path]) -> int:
 
 
 def load_checkpoint(accelerator, path: Path) -> None:
+    """Load a checkpoint's states; one whose files do not load (bytes changed in place, which the recorded sizes
+    cannot see) is named with the intact one before it, never a traceback."""
+    import pickle
+
+    from safetensors import SafetensorError
+
     started = time.perf_counter()
-    accelerator.load_state(str(path))
+    try:
+        states = path / f"random_states_{accelerator.process_index}.pkl"
+        if states.is_file():  # accelerate goes on without them, logging "Could not load random states" at info
+            torch.load(states, weights_only=False)
+        accelerator.load_state(str(path))
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError, OSError,
+            pickle.UnpicklingError, SafetensorError) as error:
+        found = complete_checkpoints(path.parent.parent)
+        intact = [p for p in found if p.name < path.name and checkpoint_damage(p) is None]
+        fix = (f"move it out of {path.parent} and rerun: train.resume=latest then takes {intact[-1].name}" if intact
+               else "no earlier intact checkpoint: move it away and start again")
+        raise ResumeError(f"checkpoint {path} is damaged: its states do not load ({type(error).__name__}: "
+                          f"{str(error)[:300]}); {fix}") from error
     logger.info("resumed from %s in %.2f s", path, time.perf_counter() - started)
 
 

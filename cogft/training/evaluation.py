@@ -31,8 +31,9 @@ RANGES = 3  # the eval loss is also reported per third of the schedule: t < T/3,
 
 
 def clip_key(entry: CacheEntry) -> str:
-    """A clip's identity: its first cache entry's name, a hash of its bytes and how it was encoded."""
-    return Path(entry.latents[0]).stem
+    """A clip's identity: a hash of its bytes (and its given image's), so a resume that encodes it otherwise
+    (data.image_noise_draws changed) holds out the same clips; entries made by hand: their first file's name."""
+    return entry.clip or Path(entry.latents[0]).stem
 
 
 def _rank(seed: int, key: str) -> str:

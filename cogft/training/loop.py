@@ -44,7 +44,7 @@ from .checkpointing import (
 from .ema import WeightAverage
 from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .export_probe import export_probe
-from .metrics import FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
+from .metrics import DataWait, FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
 from .report import write_run_report
 from .stop import StopRequest
@@ -131,6 +131,7 @@ class Trainer:
                     accelerator.device, backend_name(accelerator), config.train.mode)
         self.pending: FinishedStep | None = None  # the last launched step, reported during the next one
         self.smoothed = SmoothedLoss()
+        self.data_wait = DataWait(accelerator.device)
 
     def _open(self) -> Path | None:
         """Check the resume point against the resolved config, and save that config."""
@@ -221,10 +222,10 @@ class Trainer:
         self.dataset.set_epoch(epoch)
         batches = accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         micro = 0  # micro-batch within the optimizer step (checkpoints fall on step boundaries)
-        step_started = fetch_started = time.perf_counter()
-        data_wait = 0.0
+        step_started = time.perf_counter()
+        self.data_wait.fetching()
         for batch in batches:
-            data_wait += time.perf_counter() - fetch_started
+            self.data_wait.fetched()
             progress.micro_batches += 1
             with accelerator.accumulate(self.step.transformer):
                 size = batch["prompt_embeds"].shape[0]
@@ -233,7 +234,7 @@ class Trainer:
                 micro += 1
                 loss = self.step.forward_backward(batch, generators)
                 if not accelerator.sync_gradients:
-                    fetch_started = time.perf_counter()
+                    self.data_wait.fetching()
                     continue
                 result = self.step.update(loss)
                 if self.ema is not None:
@@ -244,13 +245,13 @@ class Trainer:
             self._report(self.pending)  # the previous step's scalars are on the host by now
             self.pending = FinishedStep(progress.global_step, readout, batch["index"],
                                         self.variant.batch_geometry(batch),
-                                        time.perf_counter() - step_started, data_wait,
+                                        time.perf_counter() - step_started, self.data_wait.take(),
                                         self.step.lr_scheduler.get_last_lr()[0], epoch)
             self.bar.update(1)
             if self._step_boundary(stop):
                 return True
-            step_started = fetch_started = time.perf_counter()
-            data_wait = 0.0
+            step_started = time.perf_counter()
+            self.data_wait.fetching()
         return False
 
     def _scalars(self, loss: torch.Tensor, result) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +54,47 @@ class SmoothedLoss:
 
 
 @dataclass
+class Waited:
+    """One step's waits for its batches: the host's time in the data loader, and on CUDA a pair of events around
+    each fetch, whose distance on the GPU's clock is how long the GPU sat idle for want of that batch (the host
+    fetches while the GPU still runs the previous step's work, so host time alone overstates it)."""
+
+    host_s: float = 0.0
+    events: list = field(default_factory=list)
+
+    def device_s(self) -> float:
+        """The GPU's idle time (the events have run once the step's scalars are read); the host's without a GPU."""
+        if not self.events:
+            return self.host_s
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1000
+
+
+class DataWait:
+    """Times each fetch of a batch, `fetching()` before it and `fetched()` after; `take()` hands over a step's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.waited, self._started, self._mark = Waited(), 0.0, None
+
+    def fetching(self) -> None:
+        self._started = time.perf_counter()
+        if self.cuda:  # runs on the GPU once the work queued so far is done
+            self._mark = torch.cuda.Event(enable_timing=True)
+            self._mark.record()
+
+    def fetched(self) -> None:
+        self.waited.host_s += time.perf_counter() - self._started
+        if self.cuda:  # runs as soon as it is queued if the GPU is idle: the distance is the GPU's wait
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.waited.events.append((self._mark, end))
+
+    def take(self) -> Waited:
+        waited, self.waited = self.waited, Waited()
+        return waited
+
+
+@dataclass
 class FinishedStep:
     """A launched optimizer step, reported once its scalars reach the host (while the next step runs)."""
 
@@ -61,7 +103,7 @@ class FinishedStep:
     sample_ids: torch.Tensor
     geometry: tuple[int, int, int, int]  # the batch's (samples, frames, height, width): `Variant.batch_geometry`
     step_time: float
-    data_wait: float
+    data_wait: Waited
     lr: float
     epoch: int
 
@@ -88,7 +130,8 @@ def step_metrics(accelerator, config: Config, variant: Variant, finished: Finish
         "step_time": step_time,
         "samples_per_s": samples / step_time,
         "tokens_per_s": flops.tokens * samples / step_time,
-        "data_wait_s": finished.data_wait,
+        "data_wait_s": finished.data_wait.device_s(),  # the device idle for want of data (the host's, on a CPU)
+        "data_fetch_s": finished.data_wait.host_s,      # the host in the data loader, mostly while the GPU computes
         "epoch": finished.epoch,
     }
     device = accelerator.device

@@ -7,10 +7,12 @@ disk, and the same after a resume as after one uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..config import Config
 from ..inference.check_export import describe
+from ..records import DamagedRecordError, is_kind
 from ..run_dir import (
     HTML_REPORT,
     METRICS_FILE,
@@ -21,23 +23,36 @@ from ..run_dir import (
     resolve_trained,
 )
 
+logger = logging.getLogger(__name__)
+
 STEP_KEY, EVAL_KEY, CHECK_KEY = "loss_smoothed", "eval/loss", "export_check/pixel_diff"  # what marks each kind of row
 
 
 def logged_rows(run_dir: Path) -> list[dict]:
-    """Every row of metrics.jsonl that parses, in order (read once; `rows_with` picks a kind)."""
-    rows = []
+    """Every row of metrics.jsonl that parses as a row (an object with a whole-number step), in order (read once;
+    `rows_with` picks a kind); the others (a damaged file) are counted in a warning."""
+    rows, damaged = [], 0
     path = run_dir / METRICS_FILE
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        if not line.strip():
             continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and is_kind(row.get("step"), int):
+            rows.append(row)
+        else:
+            damaged += 1
+    if damaged:
+        logger.warning("%s: %d damaged rows (not a JSON object with a step) left out", path, damaged)
     return rows
 
 
-def rows_with(rows: list[dict], key: str) -> list[dict]:
-    return [row for row in rows if isinstance(row, dict) and key in row]
+def rows_with(rows: list[dict], *keys: str) -> list[dict]:
+    """The rows that report each of `keys` as a number."""
+    return [row for row in rows if all(isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool)
+                                       for key in keys)]
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
@@ -58,12 +73,16 @@ def eval_lines(run_dir: Path, evals: list[dict]) -> list[str]:
     first = evals[0]
     line = (f"  eval loss (held-out clips): {last['eval/loss']:.4f} at the end, {first['eval/loss']:.4f} at step "
             f"{first['step']}")
-    best = best_record(run_dir)
+    try:
+        best = best_record(run_dir)
+    except DamagedRecordError as error:
+        logger.warning("%s", error)
+        best = None
     if best is not None:
         line += (f"; best {best['eval_loss']:.4f} at step {best['step']} "
                  f"(cogft export --from {run_dir} --out DIR --best)")
     lines = [line]
-    if "eval/loss_base" in last:
+    if rows_with([last], "eval/loss_base", "eval/lora_gain"):
         base, gain = last["eval/loss_base"], last["eval/lora_gain"]
         said = f"  LoRA: eval loss {last['eval/loss']:.4f} with the adapter, {base:.4f} without: "
         if gain > 0:
@@ -79,7 +98,7 @@ def eval_lines(run_dir: Path, evals: list[dict]) -> list[str]:
 
 def export_check_line(row: dict) -> str:
     """What the fresh-process render of the export says (cogft/inference/check_export.py)."""
-    if not row["export_check/match"]:
+    if not row.get("export_check/match"):
         return f"  export check: MISMATCH: {describe(row)}; the export does not reproduce the trained model"
     return f"  export check: {describe(row)}: a match"
 
@@ -95,10 +114,14 @@ def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     evals = rows_with(logged, EVAL_KEY)
     if evals:
         lines.extend(eval_lines(run_dir, evals))
-    checks = rows_with(logged, CHECK_KEY)
+    checks = rows_with(logged, CHECK_KEY, "export_check/prediction_gap", "export_check/tolerance")
     if checks and not stopped:
         lines.append(export_check_line(checks[-1]))
-    step = exported_step(run_dir)
+    try:
+        step = exported_step(run_dir)
+    except DamagedRecordError as error:
+        logger.warning("%s", error)
+        step = None
     if step is not None and not stopped:
         weights = resolve_trained(str(run_dir)).weights_dir
         lines.append(f"  weights: {weights} (step {step})")

@@ -154,20 +154,24 @@ class CogVideoXVariant(Variant):
         return config
 
     def check_sizes(self, config: Config) -> None:
-        """Refuse, by key, a `data.buckets` or `validation.sizes` entry this variant cannot train or render at."""
-        given = [] if config.data.buckets is None else [(f"data.buckets[{i}]", size)
-                                                          for i, size in enumerate(config.data.sizes)]
-        given += [(f"validation.sizes[{i}]", config.validation_size(i)) for i in range(len(config.validation.sizes))]
+        """Refuse, by key, a `data.buckets` or `validation.sizes` entry this variant cannot train or render at; a
+        size `data.buckets: auto` derived is named as such, not as an entry the user never wrote."""
+        sizes, auto = config.data.sizes, config.data.buckets == "auto"
+        derived = ", ".join(f"{h}x{w}" for h, w in sizes)
+        given = [] if config.data.buckets is None else [
+            (f"data.buckets=auto derives {h}x{w} from data.height x data.width (all: {derived}):" if auto
+             else f"data.buckets[{i}]={h}x{w}:", "data.buckets", (h, w)) for i, (h, w) in enumerate(sizes)]
+        given += [(f"validation.sizes[{i}]={h}x{w}:", "validation.sizes", (h, w))
+                  for i, (h, w) in ((i, config.validation_size(i)) for i in range(len(config.validation.sizes)))]
         side, fixed = self.vae_scale_spatial * self.patch_size, self.fixed_clip
-        for key, (height, width) in given:
+        for where, key, (height, width) in given:
             if height % side or width % side:
-                raise ConfigError(f"{key}={height}x{width}: {self.name} needs multiples of {side} "
+                raise ConfigError(f"{where} {self.name} needs multiples of {side} "
                                   f"(VAE ×{self.vae_scale_spatial}, patch {self.patch_size})")
             if fixed is not None and (height, width) != (fixed.height, fixed.width):
-                raise ConfigError(f"{key}={height}x{width}: {self.name} takes only {fixed.height}x{fixed.width} (its "
+                raise ConfigError(f"{where} {self.name} takes only {fixed.height}x{fixed.width} (its "
                                   "learned position table fits that size alone, and the stock pipeline refuses "
-                                  "others); "
-                                  f"leave {key.partition('[')[0]} out")
+                                  f"others); leave {key} out")
 
     def single_frame_problem(self) -> str | None:
         """Why this variant cannot train on a still image (a one-frame sample), or None where it can."""

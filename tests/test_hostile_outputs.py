@@ -29,7 +29,7 @@ def run_with_checkpoints(make_config, tmp_path):
     """A run directory with its config and two complete (model-less) checkpoints, made in well under a second."""
     from accelerate import Accelerator
 
-    from cogft.config import save_config
+    from cogft.config_file import save_config
     from cogft.training.checkpointing import save_checkpoint
 
     config, run = make_config(), tmp_path / "run"
@@ -213,7 +213,7 @@ def test_the_estimate_counts_a_batch_of_stills_with_more_tokens_than_the_clips()
     """At 480x720, 12 stills (data.image_batch_size) feed more tokens than one 49-frame clip: the estimate and the
     budget's choice count them; 2 stills feed fewer, and the clip's batch stands."""
     from cogft.bench.estimate import format_estimate
-    from cogft.config import load_config
+    from cogft.config_file import load_config
     from cogft.models.cost import estimate
     from cogft.models.loading import load_variant
 
@@ -256,7 +256,7 @@ def test_the_model_card_holds_hostile_prompts_and_names_the_base_of_a_local_down
     import ast
     import re
 
-    from cogft.config import build_config
+    from cogft.config_file import build_config
     from cogft.inference.model_card import model_card
     from cogft.models.loading import load_for_config
 
@@ -287,7 +287,8 @@ def test_messages_say_the_right_thing(tmp_path, capsys):
     """--image and validation.images name a missing file or a folder as what it is, with advice that applies; the
     bare hf://datasets/OWNER/NAME keeps its //; data.buckets=auto sizes are named as auto's, not as entries."""
     from cogft.cli import main
-    from cogft.config import ConfigError, build_config
+    from cogft.config import ConfigError
+    from cogft.config_file import build_config
     from cogft.data.images import conditioning_image
     from cogft.models.loading import load_for_config
 
@@ -307,7 +308,7 @@ def test_messages_say_the_right_thing(tmp_path, capsys):
     assert said.startswith("data.buckets=auto derives ") and "data.buckets[" not in said
     assert "leave data.buckets out" in said
     with pytest.raises(ConfigError, match=f"validation.images: {tmp_path} is a folder, not an image file"):
-        variant.check_validation_images(["a prompt"], [str(tmp_path)])
+        variant.check_validation_conditions(["a prompt"], [str(tmp_path)])
 
     assert main(["doctor", "hf://datasets/someone/no-such-clips"]) == 2
     err = capsys.readouterr().err
@@ -355,7 +356,8 @@ def test_a_checkpoint_whose_states_do_not_load_is_named(make_config, tmp_path):
 
 def test_missing_and_misplaced_paths_are_called_what_they_are(tmp_path, make_config):
     """--from, train.resume and --config name a missing path as missing and a file or folder as what it is."""
-    from cogft.config import ConfigError, load_config
+    from cogft.config import ConfigError
+    from cogft.config_file import load_config
     from cogft.run_dir import resolve_trained
     from cogft.training.checkpointing import ResumeError, resolve_resume
 
@@ -373,7 +375,8 @@ def test_missing_and_misplaced_paths_are_called_what_they_are(tmp_path, make_con
 
 def test_an_sft_exports_damaged_config_is_named(make_config, tmp_path):
     """RUN/transformer/config.json cut short: `--from RUN` names it (and takes no damaged weights)."""
-    from cogft.config import ConfigError, save_config
+    from cogft.config import ConfigError
+    from cogft.config_file import save_config
     from cogft.run_dir import resolve_trained
 
     run = tmp_path / "run"

@@ -241,6 +241,9 @@ def test_data_wait_is_the_devices_idle_time_not_the_hosts_fetch():
         def elapsed_time(self, end: Event) -> float:
             return end.ms - self.ms
 
+        def synchronize(self) -> None:  # a recorded CUDA event: done once the step's scalars were read
+            pass
+
     waited = Waited(host_s=0.23, events=[(Event(100.0), Event(103.0)), (Event(200.0), Event(202.0))])
     assert waited.device_s() == pytest.approx(0.005)
     assert Waited(host_s=0.23).device_s() == 0.23  # no GPU: the host's wait is the computation's

@@ -45,24 +45,6 @@ class ImageToVideoSpec(CogVideoXSpec):
                 and bool(transformer.get("use_learned_positional_embeddings", False)) == self.learned_positions
                 and (transformer.get("ofs_embed_dim") is not None) == (self.ofs is not None))
 
-    def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
-                           rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                           conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
-        image_latents = conditions.get("image_latents")
-        if image_latents is None:
-            raise ValueError(f"{self.name} needs image latents for every training forward")
-        inputs = super().transformer_inputs(torch.cat([x_t, image_latents.to(x_t.dtype)], dim=2), prompt_embeds,
-                                            timesteps, rotary, {})
-        if self.ofs is not None:
-            inputs["ofs"] = x_t.new_full((1,), self.ofs)
-        return inputs
-
-    def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
-                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
-        if image is None:
-            raise ValueError(f"{self.name} makes a video from an image: give one")
-        return {**super().pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds), "image": image}
 
 
 @dataclass(frozen=True)
@@ -75,6 +57,25 @@ class ImageToVideoVariant(CogVideoXVariant):
     @property
     def conditions(self) -> tuple[str, ...]:
         return ("image",)
+
+    def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+                           rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                           conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
+        image_latents = conditions.get("image_latents")
+        if image_latents is None:
+            raise ValueError(f"{self.name} needs image latents for every training forward")
+        inputs = super().transformer_inputs(torch.cat([x_t, image_latents.to(x_t.dtype)], dim=2), prompt_embeds,
+                                            timesteps, rotary, {})
+        if self.spec.ofs is not None:
+            inputs["ofs"] = x_t.new_full((1,), self.spec.ofs)
+        return inputs
+
+    def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
+                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
+        if image is None:
+            raise ValueError(f"{self.name} makes a video from an image: give one")
+        return {**super().pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
+                                          negative_prompt_embeds=negative_prompt_embeds), "image": image}
 
     @property
     def image_scale(self) -> float:

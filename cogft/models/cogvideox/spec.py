@@ -88,17 +88,6 @@ class CogVideoXSpec(VariantSpec):
     def variant_class(self) -> type[CogVideoXVariant]:
         return CogVideoXVariant
 
-    def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
-                           rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                           conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The keyword arguments of one training forward, laid out as the stock pipeline lays them out."""
-        return {"hidden_states": x_t, "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
-                "image_rotary_emb": rotary}
-
-    def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
-                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
-        return {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-
 
 @dataclass(frozen=True)
 class CogVideoXVariant(Variant):
@@ -290,7 +279,7 @@ class CogVideoXVariant(Variant):
         if cast_inputs:
             x_t, prompt_embeds = x_t.to(self.dtype), prompt_embeds.to(self.dtype)
         with torch.autocast(x_t.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            kwargs = self.spec.transformer_inputs(x_t, prompt_embeds, timesteps, self.rotary_for(inputs.x0),
+            kwargs = self.transformer_inputs(x_t, prompt_embeds, timesteps, self.rotary_for(inputs.x0),
                                                   inputs.conditions)
             return model(**kwargs, return_dict=False)[0]
 
@@ -310,7 +299,7 @@ class CogVideoXVariant(Variant):
         x_t = scheduler.add_noise(x0, noise, t)
         conditions = self.fixed_conditions(batch, x0.shape[1])  # the first image encoding, unsampled
         with torch.autocast(x0.device.type, dtype=self.dtype):
-            inputs = self.spec.transformer_inputs(x_t, batch["prompt_embeds"], t, self.rotary_for(x0), conditions)
+            inputs = self.transformer_inputs(x_t, batch["prompt_embeds"], t, self.rotary_for(x0), conditions)
             v = transformer(**inputs, return_dict=False)[0]
         x0_hat = scheduler.get_velocity(v, x_t, t)
         weights = 1 / (1 - scheduler.alphas_cumprod.to(x0.device)[t])
@@ -330,10 +319,16 @@ class CogVideoXVariant(Variant):
         }
 
     # sampling -----------------------------------------------------------------------------------------
+    def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+                           rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                           conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The keyword arguments of one training forward, laid out as the stock pipeline lays them out."""
+        return {"hidden_states": x_t, "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
+                "image_rotary_emb": rotary}
+
     def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
                         negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
-        return self.spec.pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
-                                         negative_prompt_embeds=negative_prompt_embeds, image=image)
+        return {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
 
     def render_latents(self, pipe, conditioning: dict[str, Any], *, num_frames: int, height: int, width: int,
                        steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:

@@ -104,6 +104,8 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
                         help="approximate inference cache (default: validation.cache of the run)")
     parser.add_argument("--image", help="image-to-video models: the image to start from (cropped to the video's size "
                                         "as the training clips were)")
+    parser.add_argument("--control", help="control models: the control video (read as the run read its clips' "
+                                          "controls: the run's data.control extractor, if any, runs on it)")
     parser.add_argument("--frames", type=_positive_int, help="frames, 4k+1 (default: the run's data.num_frames)")
     parser.add_argument("--height", type=_positive_int, help="pixels (default: the run's data.height, or its largest "
                                                              "data.buckets size)")
@@ -115,7 +117,8 @@ def _sample(args) -> None:
     from .inference.sampling import sample
 
     print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device,
-                 args.cache, image=args.image, frames=args.frames, height=args.height, width=args.width))
+                 args.cache, image=args.image, control=args.control, frames=args.frames, height=args.height,
+                 width=args.width))
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:

@@ -91,6 +91,16 @@ class ModelConfig(_Section):
         "as they are. Refused for `train.mode: sft` and under DeepSpeed/FSDP. The export is the LoRA as usual, "
         "loaded into the stock pipeline in its normal dtype (the export check stores that pipeline's base in float8 "
         "too, as training rendered it)"))
+    control: bool = Field(False, description=(
+        "train a control model from a text-to-video one (2B, 5B, 1.5-5B): the patch embedding gets input channels for "
+        "a control video's latents, placed after the video's as the stock `CogVideoXFunControlPipeline` places them, "
+        "with zero weights (step 0 predicts exactly what the base model does), and trains whole beside the LoRA (or "
+        "with the rest in `sft`). Each clip needs a control video (`data.control`, `controls.txt`, "
+        "`data.control_column`) and each validation prompt one (`validation.controls`). The export holds the LoRA "
+        "and the widened embedding (`trained_modules.safetensors`); `cogft export --merge` writes a "
+        "`CogVideoXFunControlPipeline` folder. CogVideoX 1.5 then takes 8k+5 frames (an even latent count: that "
+        "pipeline pads none). A CogVideoX-Fun Control folder (`alibaba-pai/CogVideoX-Fun-V1.1-5b-Pose`) already takes "
+        "control videos: leave this out for it"))
 
 def folder_can_be_made(value: str, key: str) -> str:
     """A folder path a key names, refused where a file stands on it (found at the first write, after the work)."""
@@ -116,6 +126,19 @@ class DataConfig(_Section):
     image_column: str = Field("image", description="image-to-video: the CSV/JSONL column naming each clip's "
                                                    "conditioning image (empty or absent: the clip's first frame); a "
                                                    "name other than `image` must be a column the list has")
+    control_column: str = Field("control", description="control models: the CSV/JSONL column naming each clip's "
+                                                       "control video; a name other than `control` must be a column "
+                                                       "the list has")
+    control: Literal["canny"] | None = Field(None, description=(
+        "control models: make each clip's control video from the clip itself in prepare, from the very frames it "
+        "trains on: `canny` (edges, kornia's Canny on the prepare device; `pip install cogft[control]`). null: each "
+        "clip's control video is given, in `controls.txt` (paired line by line with `videos.txt`) or the "
+        "`data.control_column` column; it is read like its clip (same frames by time, same resize and crop) and must "
+        "cover the clip's frames and have its aspect ratio. With an extractor, `validation.controls` and `cogft sample "
+        "--control` are source videos it runs on"))
+    canny_thresholds: tuple[float, float] = Field((0.1, 0.2), description=(
+        "`data.control: canny`: the low and high hysteresis thresholds on the gradient magnitude of frames in [0, 1] "
+        "(kornia's); lower finds more edges"))
     num_frames: int = Field(49, ge=1, description=(
         "frames per clip, 4k+1 (8k+1 such as 9, 17, 49 decode back to the same length): the largest frame bucket. "
         "Left out: the model's (49; 81 for 1.5; 5B-I2V takes 49 only)"))
@@ -177,6 +200,15 @@ class DataConfig(_Section):
     @classmethod
     def _cache_folder_can_be_made(cls, value: str | None) -> str | None:
         return value if value is None else folder_can_be_made(value, "data.cache_dir")
+
+    @field_validator("canny_thresholds")
+    @classmethod
+    def _thresholds_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low < high < 1:
+            raise ValueError(f"[{low}, {high}]: give [low, high] with 0 < low < high < 1 (gradient magnitudes of "
+                             "frames in [0, 1]), e.g. [0.1, 0.2]")
+        return value
 
     @field_validator("image_batch_size")
     @classmethod
@@ -331,6 +363,10 @@ class ValidationConfig(_Section):
     images: list[str] = Field([], description=(
         "image-to-video (required there with prompts): one start image per prompt, in order, cropped to the "
         "training size as the clips are; paths relative to where cogft runs"))
+    controls: list[str] = Field([], description=(
+        "control models (required there with prompts): one control video per prompt, in order, read at the prompt's "
+        "size and frame count as clips are (with `data.control` set: a source video the extractor runs on); paths "
+        "relative to where cogft runs"))
     sizes: list[str] = Field([], description=(
         "one HEIGHTxWIDTH per prompt, in order, to render it at (a portrait prompt at `720x480`); empty: the largest "
         "of `data.buckets` (or `data.height`×`data.width`)"))
@@ -452,7 +488,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _validation_lists_pair(self) -> Config:
         prompts = self.validation.prompts
-        for key, what in (("images", "image"), ("sizes", "size")):
+        for key, what in (("images", "image"), ("controls", "control video"), ("sizes", "size")):
             given = getattr(self.validation, key)
             if given and len(given) != len(prompts):
                 raise ValueError(f"validation.{key} has {len(given)} entries for {len(prompts)} validation.prompts; "

@@ -311,7 +311,7 @@ def test_messages_say_the_right_thing(tmp_path, capsys):
     assert said.startswith("data.buckets=auto derives ") and "data.buckets[" not in said
     assert "leave data.buckets out" in said
     with pytest.raises(ConfigError, match=f"validation.images: {tmp_path} is a folder, not an image file"):
-        variant.check_validation_conditions(["a prompt"], [str(tmp_path)])
+        variant.check_validation_conditions(["a prompt"], [str(tmp_path)], [])
 
     assert main(["doctor", "hf://datasets/someone/no-such-clips"]) == 2
     err = capsys.readouterr().err

@@ -17,6 +17,8 @@ from cogft.models.loading import load_transformer, load_variant, pipeline_config
 from cogft.models.registry import spec_named
 
 SPECS = FAMILY.specs  # the CogVideoX variants (a test may register another family for itself)
+# the text-to-video models widened by model.control, beside the published control models among SPECS
+WIDENED = ["2b+control", "5b+control", "1.5-5b+control"]
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = [(9, 64, 96), (17, 64, 128)]  # the tiny model's native size, and one whose rotary grid is cropped
@@ -59,16 +61,41 @@ def first_frame(frames: int, height: int, width: int):
     return Image.fromarray(decoded.frames[0])
 
 
+def control_frames(frames: int, height: int, width: int):
+    """The Canny edges of the first sample clip's training frames, as prepare makes them with `data.control: canny`
+    (the control the training side trains on)."""
+    from PIL import Image
+
+    from cogft.config import DataConfig
+    from cogft.data.control import extract_control
+    from cogft.data.video import DecodeSpec, decode_clip
+
+    decoded = decode_clip(str(REPO / "data" / "videos" / "bouncing_square.mp4"),
+                          DecodeSpec((frames,), height, width, 8.0))
+    edges = extract_control(decoded.frames, DataConfig(path="data", control="canny"), torch.device("cpu"))
+    return [Image.fromarray(frame) for frame in edges]
+
+
 def _stock_inputs(path: str, variant, frames: int, height: int, width: int) -> dict:
     """What the stock pipeline gives its transformer: two denoising steps with guidance, as a user would call it
-    (image-to-video: from the first frame of the clip the training side trains on)."""
-    pipe = variant.spec.diffusers_class("pipeline").from_pretrained(resolve_model_path(path))
+    (image-to-video: from the first frame of the clip the training side trains on; control: from that clip's edges,
+    and a widened model's transformer and scheduler as cogft loads them, around the stock pipeline)."""
+    from cogft.models.loading import load_pipeline
+
+    if variant.spec.name.endswith("-control") and getattr(variant.spec, "widened", False):
+        pipe = load_pipeline(path, variant, torch.float32)
+    else:
+        pipe = variant.spec.diffusers_class("pipeline").from_pretrained(resolve_model_path(path))
     pipe.set_progress_bar_config(disable=True)
-    image = {"image": first_frame(frames, height, width)} if "image" in variant.conditions else {}
+    conditions = {"num_frames": frames}
+    if "image" in variant.conditions:
+        conditions["image"] = first_frame(frames, height, width)
+    if "control" in variant.conditions:  # the control video's length is the video's
+        conditions = {"control_video": control_frames(frames, height, width)}
     return _kwargs_of_first_forward(pipe.transformer, lambda: pipe(
-        prompt="a red ball", num_frames=frames, height=height, width=width, num_inference_steps=2,
+        prompt="a red ball", height=height, width=width, num_inference_steps=2,
         guidance_scale=6.0, output_type="latent", max_sequence_length=variant.max_text_seq_length,
-        generator=torch.Generator().manual_seed(0), **image))
+        generator=torch.Generator().manual_seed(0), **conditions))
 
 
 def _training_inputs(make_config, path: str, variant, frames: int, height: int, width: int) -> dict:
@@ -81,9 +108,11 @@ def _training_inputs(make_config, path: str, variant, frames: int, height: int, 
     from cogft.training.assemble import assemble_step
     from cogft.training.checkpointing import sample_generators
 
+    control = ["model.control=true"] * getattr(variant.spec, "widened", False)
+    control += ["data.control=canny"] * ("control" in variant.conditions)
     config = make_config(f"model.path={path}", "model.dtype=fp32", f"data.num_frames={frames}",
-                         f"data.height={height}", f"data.width={width}", "data.min_frames=9", "validation.prompts=[]",
-                         "data.image_dropout=0")
+                         f"data.height={height}", f"data.width={width}", f"data.min_frames={frames}",
+                         "validation.prompts=[]", "data.image_dropout=0", *control)
     entries = prepare(config, variant, torch.device("cpu"), show_progress=False).entries
     batch = collate([LatentDataset(entries)[0]])
     transformer = load_transformer(path, variant)
@@ -94,11 +123,17 @@ def _training_inputs(make_config, path: str, variant, frames: int, height: int, 
 
 
 @pytest.mark.parametrize("frames,height,width", SIZES)
-@pytest.mark.parametrize("short", [spec.short for spec in SPECS])
+@pytest.mark.parametrize("short", [spec.short for spec in SPECS] + WIDENED)
 def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(make_config, short, frames, height,
                                                                               width):
+    short, widened = short.removesuffix("+control"), short.endswith("+control")
     path = f"tiny://{short}"
-    variant = load_variant(path, "fp32")  # both sides in fp32 on the CPU, so dtypes compare as they are
+    variant = load_variant(path, "fp32", control=widened)  # fp32 on both sides, so dtypes compare as they are
+    if "control" in variant.conditions:
+        if (frames, height, width) != SIZES[0]:
+            pytest.skip("control models add channels, not positions: the rotary crop is checked for their base models")
+        if variant.patch_size_t > 1:
+            frames += 4  # the control pipeline pads no latent frame: 8k+5 frames, an even latent count
     if variant.fixed_clip and (frames, height, width) != (9, 64, 96):  # 5B-I2V: one size, refused on both sides
         with pytest.raises(ValueError, match="not possible to generate videos at a different resolution"):
             _stock_inputs(path, variant, frames, height, width)
@@ -116,6 +151,10 @@ def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(ma
         assert (stock.get("ofs") is not None) == (variant.spec.ofs is not None)
         if variant.spec.ofs is not None:
             torch.testing.assert_close(ours["ofs"], stock["ofs"][:1], rtol=0, atol=0)  # 2.0 for 1.5-I2V
+    if "control" in variant.conditions:  # the same control latents: channel order, scale and frames
+        channels = variant.latent_channels
+        torch.testing.assert_close(ours["hidden_states"][:, :, channels:], stock["hidden_states"][:1, :, channels:],
+                                   rtol=1e-3, atol=1e-3)  # 0.7 against 1.15, or the video's channels: far off
     if variant.use_rotary:  # the same 3D RoPE values, not only the same shapes
         for a, b in zip(ours["image_rotary_emb"], stock["image_rotary_emb"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -167,7 +206,7 @@ def test_an_unsupported_pipeline_is_refused_at_load_with_what_was_found(tmp_path
 
 def test_offered_names_only(tmp_path):
     with pytest.raises(ConfigError, match="tiny://nope: not offered; choose one of tiny://2b, tiny://5b, "
-                                          "tiny://5b-i2v, tiny://1.5-5b, tiny://1.5-5b-i2v"):
+                                          "tiny://5b-i2v, tiny://1.5-5b, tiny://1.5-5b-i2v, tiny://fun-2b-control"):
         resolve_model_path("tiny://nope")
     with pytest.raises(ConfigError,
                        match="random://2b, random://5b, random://5b-i2v, random://1.5-5b, random://1.5-5b-i2v"):

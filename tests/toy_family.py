@@ -217,7 +217,8 @@ class ToyVariant(Variant):
                 "prompt_embeds": torch.randn((batch_size, self.max_text_seq_length, self.text_embed_dim),
                                              generator=generator)}
 
-    def pipeline_inputs(self, *, prompt, prompt_embeds, negative_prompt_embeds, image=None) -> dict[str, Any]:
+    def pipeline_inputs(self, *, prompt, prompt_embeds, negative_prompt_embeds, image=None,
+                        control=None) -> dict[str, Any]:
         return {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
 
     def render_latents(self, pipe, conditioning: dict[str, Any], *, num_frames: int, height: int, width: int,

@@ -38,7 +38,15 @@ from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
-from .images import IMAGE_READING, decode_sample, image_problem, read_image
+from .control import (
+    PairedDecode,
+    check_control_settings,
+    control_problem,
+    decode_with_control,
+    extract_control,
+    extractor_identity,
+)
+from .images import IMAGE_READING, image_problem, read_image
 from .sources import Clip, is_still, printable, read_dataset
 from .video import ClipProbe, Decoded, DecodeSpec, window_offsets, windows_note
 from .workers import isolated_map
@@ -207,10 +215,11 @@ def _repair(path: Path) -> str | None:
     return problem
 
 
-def _crashed(path: str) -> Decoded:
-    return Decoded(ClipProbe(problem=Problem(
-        "decoder_crashed", "the decoder crashed on this file (its worker process died); re-encode it with ffmpeg"
-    )))
+def _crashed(item: tuple[str, str | None]) -> PairedDecode:
+    return PairedDecode(Decoded(ClipProbe(problem=Problem(
+        "decoder_crashed", "the decoder crashed on this file or its control video (its worker process died); "
+                           "re-encode it with ffmpeg"
+    ))))
 
 
 COMPILE_VAE_FROM_CLIPS = 600  # where the encoder's one-time compile pays for itself (docs/performance.md)
@@ -240,8 +249,12 @@ class Preparer:
         self.repaired: dict[str, list[str]] = {}  # content digest -> notes on damaged entries made again
         rev = config.model.revision
         self.takes_image = "image" in variant.conditions  # a clip's given image (`data.image_column`) is used
+        self.takes_control = "control" in variant.conditions  # each clip's control video, given or extracted
+        check_control_settings(config, variant.conditions, variant.name)
         # what the family's entries depend on beside the VAE (text-to-video: nothing, so its keys stay as they were)
         encoder = [component_identity(self.model_path, "vae", rev), str(self.dtype), *variant.cache_identity(config)]
+        if self.takes_control:
+            encoder.append(extractor_identity(data))
         # one salt per resolution bucket: a bucket added or removed leaves the other buckets' entries as they are
         self._latent_salts = {size: _digest(self.spec.at(size).pixel_key(), *encoder) for size in data.sizes}
         self._prompt_salt = _digest(
@@ -324,10 +337,12 @@ class Preparer:
         self.seconds["load_vae"] += time.perf_counter() - started
         written = []
         bar = tqdm(total=len(todo), desc="prepare: encode clips", unit="clip", disable=not show_progress)
-        results = isolated_map(partial(decode_sample, spec=self.spec), [str(c.video) for c, _ in todo], _crashed,
+        results = isolated_map(partial(decode_with_control, spec=self.spec),
+                               [(str(c.video), self._given_control(c)) for c, _ in todo], _crashed,
                                workers=self.config.data.decode_workers)
         waited = time.perf_counter()
-        for index, decoded in results:
+        for index, paired in results:
+            decoded = paired.clip
             self.seconds["decode_wait"] += time.perf_counter() - waited
             self.seconds["decode_in_workers"] += decoded.probe.seconds
             clip, digest = todo[index]
@@ -335,6 +350,8 @@ class Preparer:
             if decoded.probe.info is not None:
                 row["source"] = decoded.probe.source()
             problem, given = decoded.problem, None
+            if problem is None and isinstance(paired.control, Problem):
+                problem = paired.control
             if problem is None:
                 given = self.given_image(clip, len(decoded.probe.selection.offsets), decoded.probe.size)
                 problem = given if isinstance(given, Problem) else None
@@ -348,7 +365,10 @@ class Preparer:
                 clip_notes = [*decoded.notes, *image_notes]
                 targets = tuple(self.latent_path(digest, count, size, o) for o in selection.offsets)
                 conditions = {"image": image} if self.takes_image else {}
-                for frames, offset, target in zip(decoded.windows, selection.offsets, targets):
+                for window, (frames, offset, target) in enumerate(zip(decoded.windows, selection.offsets, targets)):
+                    if self.takes_control:
+                        conditions["control"] = (paired.control[window] if paired.control is not None
+                                                 else extract_control(frames, self.config.data, self.device))
                     # the window's own seed for draws made at encoding (an image's pixel noise)
                     seed = int(_digest(digest, offset, "image noise")[:15], 16)
                     entry = self.variant.encode_sample(vae, frames, conditions, seed, self.config, self.device,
@@ -384,12 +404,24 @@ class Preparer:
             notes.append(f"the given conditioning image {clip.image.name} conditions all {windows} windows")
         return image, notes
 
+    def _given_control(self, clip: Clip) -> str | None:
+        """The control video read beside a clip: its listed one, unless the model takes none or an extractor makes
+        it."""
+        if not self.takes_control or self.config.data.control is not None or clip.control is None:
+            return None
+        return str(clip.control)
+
     def clip_key(self, clip: Clip) -> str | Problem:
-        """What a clip's entries are keyed by: its bytes, and those of its given conditioning image if any (with how
-        images are read, so a still read differently now is encoded again)."""
+        """What a clip's entries are keyed by: its bytes, and those of its given conditioning image or control video
+        if any (with how images are read, so a still read differently now is encoded again)."""
         digest = file_digest(clip.video)
         if is_still(clip.video):
             digest = _digest(digest, IMAGE_READING)
+        if self.takes_control:
+            if problem := control_problem(clip.control, self.config.data):
+                return problem
+            if (control := self._given_control(clip)) is not None:
+                digest = _digest(digest, file_digest(Path(control)), "control")
         if not self.takes_image or clip.image is None:
             return digest
         return image_problem(clip.image) or _digest(digest, file_digest(clip.image), IMAGE_READING)
@@ -440,6 +472,9 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
         if preparer.takes_image:
             row["image"] = clip.image_source
+        if preparer.takes_control:
+            row["control"] = (f"data.control={config_control}" if (config_control := preparer.config.data.control)
+                              else str(clip.control) if clip.control else None)
         if admission[clip.line]:
             problem = admission[clip.line][0]
             row.update(status="skipped", problem=problem.code, reason=problem.detail)
@@ -509,6 +544,11 @@ def prepare(
     if not preparer.takes_image and any(clip.image for clip in clips):
         logger.warning("%d clips name a conditioning image; %s is text-to-video, so the images are not used",
                        sum(1 for clip in clips if clip.image), variant.name)
+    if any(clip.control for clip in clips) and (not preparer.takes_control or config.data.control is not None):
+        why = (f"data.control={config.data.control} makes each clip's control" if preparer.takes_control
+               else f"{variant.name} takes no control video (model.control: true makes a control model)")
+        logger.warning("%d clips name a control video; %s, so they are not used", sum(1 for c in clips if c.control),
+                       why)
     cached, todo = _check_listed(clips, rank, world_size, preparer, rows)
     kept = cached + preparer.encode_latents(todo, rows, show_progress)
 

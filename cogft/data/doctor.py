@@ -51,14 +51,15 @@ def _with_model(config: Config | None) -> tuple[Config | None, Variant | None, s
     that cannot be read here); a clip size the variant cannot take is refused by key."""
     if config is None:
         return None, None, "no config given: pass a config to count caption tokens with its model's tokenizer"
-    from ..models.loading import load_variant
+    from ..models.loading import variant_of
 
     try:
-        variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+        variant = variant_of(config.model)
     except (OSError, ValueError) as error:
         return config, None, f"token counts skipped: cannot read the model {config.model.path}: {error}"
     config = variant.resolve(config)
-    variant.check_validation_conditions(config.validation.prompts, config.validation.images)
+    variant.check_validation_conditions(config.validation.prompts, config.validation.images,
+                                        config.validation.controls)
     check_validation_images(config.validation.images)
     return config, variant, None
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -147,14 +148,9 @@ def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection
     if n == 0:
         return Problem("decode_failed", "the video stream has no frames")
     gaps = np.diff(starts)
-    native = float(starts[-1] - starts[0]) / (n - 1) if n > 1 else float(end - starts[0])  # mean: webm rounds to ms
-    native = max(native, 1e-6)
+    native, step, available = _timing(starts, end, spec.fps)
     notes = []
-    if spec.fps is None:
-        step, available = native, n
-    else:
-        step = max(1.0 / spec.fps, native)
-        available = max(1, math.ceil((end - starts[0]) / step - 1e-6))
+    if spec.fps is not None:
         if step > native * 1.001:
             notes.append(f"resampled {1 / native:.3g} -> {spec.fps:g} fps")
         elif 1.0 / spec.fps < native * 0.999:
@@ -174,14 +170,28 @@ def select_frames(starts: np.ndarray, end: float, spec: DecodeSpec) -> Selection
         notes.append(f"shorter than data.num_frames={spec.buckets[0]}: put in the {bucket}-frame bucket "
                      f"({available} frames at {1 / step:.3g} fps)")
     offsets = window_offsets(available, bucket, spec.windows)
+    windows = tuple(_window(starts, end, spec.fps, o, bucket) for o in offsets)
+    return Selection(windows, offsets, available, tuple(notes))
 
-    def window(offset: int) -> tuple[int, ...]:
-        if spec.fps is None:
-            return tuple(range(offset, offset + bucket))
-        ticks = starts[0] + step * (offset + np.arange(bucket)) + 0.01 * native
-        return tuple(int(i) for i in np.searchsorted(starts, ticks, side="right") - 1)
 
-    return Selection(tuple(window(o) for o in offsets), offsets, available, tuple(notes))
+def _timing(starts: np.ndarray, end: float, fps: float | None) -> tuple[float, float, int]:
+    """(the clip's mean frame interval, the interval frames are taken at, frames available at that interval)."""
+    n = len(starts)
+    native = float(starts[-1] - starts[0]) / (n - 1) if n > 1 else float(end - starts[0])  # mean: webm rounds to ms
+    native = max(native, 1e-6)
+    if fps is None:
+        return native, native, n
+    step = max(1.0 / fps, native)
+    return native, step, max(1, math.ceil((end - starts[0]) / step - 1e-6))
+
+
+def _window(starts: np.ndarray, end: float, fps: float | None, offset: int, bucket: int) -> tuple[int, ...]:
+    """The frame indices of `bucket` frames from `offset` (counted at the target rate), picked by timestamp."""
+    if fps is None:
+        return tuple(range(offset, offset + bucket))
+    native, step, _ = _timing(starts, end, fps)
+    ticks = starts[0] + step * (offset + np.arange(bucket)) + 0.01 * native
+    return tuple(int(i) for i in np.searchsorted(starts, ticks, side="right") - 1)
 
 
 def resized_size(height: int, width: int, spec: DecodeSpec) -> tuple[int, int]:
@@ -436,3 +446,44 @@ def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
     windows = tuple(np.ascontiguousarray(frames[[row[i] for i in w]]) for w in selection.windows)
     probe.seconds = time.perf_counter() - started
     return Decoded(probe, windows, (*geometry_notes(info, spec), *selection.notes, *notes))
+
+
+ASPECT_TOLERANCE = 0.01  # log aspect ratio: a paired video this close to its clip's shape crops alike
+
+
+def decode_aligned(path: str, clip: ClipProbe, spec: DecodeSpec) -> tuple[np.ndarray, ...] | Problem:
+    """A clip's paired video (a control video) read as the clip was read: the frames at the same times (each of the
+    clip's windows, counted at the target rate on the paired video's own timestamps), resized and cropped to the
+    clip's bucket. It must have the clip's aspect ratio (cropped otherwise, the two would not line up) and cover
+    the clip's windows; its own frame rate may differ."""
+    name = Path(path).name
+    info = probe_media(path)
+    if isinstance(info, Problem):
+        return Problem("control_unreadable", f"its control video {name}: {info.detail}")
+    shape, clip_shape = info.width / info.height, clip.info.width / clip.info.height
+    if abs(math.log(shape / clip_shape)) > ASPECT_TOLERANCE:
+        return Problem("control_mismatch", (
+            f"its control video {name} is {info.width}x{info.height} and the clip {clip.info.width}x"
+            f"{clip.info.height}: another aspect ratio would not line up with the clip after the crop; render the "
+            "control at the clip's size"))
+    probe = ClipProbe(info=info)
+    index = _frame_index(path, probe)
+    if isinstance(index, Problem):
+        return Problem("control_unreadable", f"its control video {name}: {index.detail}")
+    starts, end = index
+    bucket, offsets = len(clip.selection.windows[0]), clip.selection.offsets
+    available = _timing(starts, end, spec.fps)[2] if len(starts) else 0
+    if available < offsets[-1] + bucket:
+        rate = f" at data.fps={spec.fps:g}" if spec.fps else ""
+        return Problem("control_too_short", (
+            f"its control video {name} has {available} frames{rate}, and the clip's frames need "
+            f"{offsets[-1] + bucket}: a control video must cover its clip; make it as long as the clip"))
+    windows = [_window(starts, end, spec.fps, offset, bucket) for offset in offsets]
+    wanted = sorted(set().union(*windows))
+    at = spec.at(clip.size)
+    frames, _ = _decode_pixels(path, probe, starts, wanted, resized_size(info.height, info.width, at))
+    if isinstance(frames, Problem):
+        return Problem("control_unreadable", f"its control video {name}: {frames.detail}")
+    frames = place(frames, at)
+    row = {index: i for i, index in enumerate(wanted)}
+    return tuple(np.ascontiguousarray(frames[[row[i] for i in w]]) for w in windows)

@@ -78,10 +78,12 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
     import torch
     from safetensors.torch import load_file
 
+    from ..data.control import read_control
     from ..data.images import conditioning_image
     from ..models.family import ModelInputs
     from ..models.fp8 import store_in_fp8
-    from ..models.loading import resolve_model_path
+    from ..models.loading import load_scheduler, load_transformer, resolve_model_path
+    from ..models.trained_modules import load_trained_whole
     from ..run_dir import TRANSFORMER_DIR, resolve_trained
     from .render import render
     from .sampling import trained_variant
@@ -96,18 +98,25 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
     if trained.mode == "sft":
         parts["transformer"] = variant.spec.diffusers_class("transformer").from_pretrained(
             str(trained.weights_dir / TRANSFORMER_DIR), dtype=variant.dtype)
+    elif variant.trained_with_adapter:  # a widened control model: its base transformer and scheduler, as the card says
+        parts["transformer"] = load_transformer(base, variant, revision)
+        parts["scheduler"] = load_scheduler(base, variant, revision)
     pipe = variant.spec.diffusers_class("pipeline").from_pretrained(base, revision=revision, dtype=variant.dtype,
                                                                     **parts)
     if trained.mode == "lora":
         pipe.load_lora_weights(str(trained.weights_dir))
+        load_trained_whole(pipe.transformer, trained.weights_dir)
         if config.model.fp8_base:  # the base the adapter was trained and rendered against, not a float8 error
             store_in_fp8(pipe.transformer, compute_dtype=variant.dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     cfg, (height, width) = config.validation, config.validation_size(0)
-    image = None
+    image = control = None
     if cfg.images:
         image = conditioning_image(cfg.images[0], height, width, config.data.resize, "validation.images[0]")
+    if cfg.controls:
+        control = read_control(cfg.controls[0], config.data.num_frames, height, width, config.data,
+                               "validation.controls[0]", device)
 
     prompt_embeds = load_file(embeds)["prompt_embeds"][None].to(device)
     negative_embeds = load_file(negative)["prompt_embeds"][None].to(device)
@@ -116,7 +125,8 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
         return to_pixels(render(
             pipe, variant, device, num_frames=config.data.num_frames, height=height, width=width,
             steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, image=image, cache=cfg.cache))
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, image=image, control=control,
+            cache=cfg.cache))
 
     probe_input = load_file(probe)
     x_t, t = probe_input["x_t"].to(device), probe_input["t"].to(device)

@@ -10,6 +10,7 @@ import torch
 
 from ..disk import follow_umask
 from ..models.adapters import release_lora
+from ..models.trained_modules import TRAINED_MODULES
 from ..run_dir import (
     LORA_WEIGHTS,
     TRANSFORMER_DIR,
@@ -57,6 +58,8 @@ def export(source: str, out: str, merge: bool = False, best: bool = False) -> Pa
         variant = trained_variant(trained)
         if trained.mode == "lora":
             shutil.copy2(trained.weights_dir / LORA_WEIGHTS, target / LORA_WEIGHTS)
+            if (trained.weights_dir / TRAINED_MODULES).is_file():  # a control model's widened input
+                shutil.copy2(trained.weights_dir / TRAINED_MODULES, target / TRAINED_MODULES)
             release_lora(target / LORA_WEIGHTS, trained.config, variant.dtype)
             card_folder = target
         else:

@@ -25,9 +25,10 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, height: int, width: int,
            steps: int, guidance_scale: float, seed: int, prompt: str | None = None,
            prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-           image=None, cache: str = "none", on_step: Callable[[], None] | None = None):
+           image=None, control=None, cache: str = "none", on_step: Callable[[], None] | None = None):
     """Denoise under the variant's autocast, then decode outside it; returns float frames [F, H, W, 3].
-    `image`: the conditioning image of image-to-video models (a PIL image at the video's size). `on_step` is
+    `image`: the conditioning image of image-to-video models (a PIL image at the video's size); `control`: a
+    control model's control video (PIL frames at the video's size and length). `on_step` is
     called after each denoising step (a progress bar's update).
 
     The seeded generator lives on `device`: a scheduler that draws fresh noise every step (CogVideoX's DPM) would
@@ -38,7 +39,8 @@ def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, hei
     if approximate is not None:
         pipe.transformer.enable_cache(approximate)
     conditioning = variant.pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,
-                                           negative_prompt_embeds=negative_prompt_embeds, image=image)
+                                           negative_prompt_embeds=negative_prompt_embeds, image=image,
+                                           control=control)
     if on_step is not None:  # the pipeline's callback hands back its tensors, which must be returned as they are
         conditioning["callback_on_step_end"] = lambda _pipe, _i, _t, tensors: (on_step(), tensors)[1]
     try:

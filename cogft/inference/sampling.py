@@ -9,11 +9,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..data.control import read_control
 from ..data.images import conditioning_image
 from ..models.attention import fa4_unavailable, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.family import Variant
-from ..models.loading import load_pipeline, load_variant
+from ..models.loading import load_pipeline, variant_of
+from ..models.trained_modules import load_trained_whole
 from ..run_dir import TRANSFORMER_DIR, TrainedWeights, resolve_trained
 from .render import render, write_mp4
 
@@ -21,8 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def trained_variant(trained: TrainedWeights) -> Variant:
-    model = trained.config.model
-    return load_variant(model.path, model.dtype, model.revision)
+    return variant_of(trained.config.model)
 
 
 def pipeline_with_weights(trained: TrainedWeights, variant: Variant, device: torch.device, release_dtype: bool = False):
@@ -34,6 +35,7 @@ def pipeline_with_weights(trained: TrainedWeights, variant: Variant, device: tor
     if trained.mode == "lora":
         pipe = load_pipeline(config.model.path, variant, dtype, config.model.revision)
         pipe.load_lora_weights(str(trained.weights_dir))
+        load_trained_whole(pipe.transformer, trained.weights_dir)  # a control model's widened input, if any
     else:
         transformer = variant.spec.diffusers_class("transformer").from_pretrained(
             str(trained.weights_dir / TRANSFORMER_DIR), dtype=dtype)
@@ -64,10 +66,10 @@ def _clip_size(trained: TrainedWeights, variant: Variant, frames: int | None, he
 
 def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: int | None = None,
            guidance_scale: float | None = None, device: str | None = None, cache: str | None = None, *,
-           image: str | None = None, frames: int | None = None, height: int | None = None,
+           image: str | None = None, control: str | None = None, frames: int | None = None, height: int | None = None,
            width: int | None = None) -> Path:
     """One video from `--from RUN_OR_CHECKPOINT`, at the run's training size unless told otherwise; image-to-video
-    models start from `image`."""
+    models start from `image`, control models follow `control`."""
     trained = resolve_trained(source)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -79,6 +81,13 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
     if image is not None and "image" not in variant.conditions:
         raise ConfigError(f"--image: {variant.name} is text-to-video and takes no image; leave --image out")
     start = None if image is None else conditioning_image(image, height, width, trained.config.data.resize, "--image")
+    if "control" in variant.conditions and control is None:
+        raise ConfigError(f"--control: {variant.name} makes a video from a control video and a prompt; give --control "
+                          "VIDEO")
+    if control is not None and "control" not in variant.conditions:
+        raise ConfigError(f"--control: {variant.name} takes no control video; leave --control out")
+    follow = None if control is None else read_control(control, num_frames, height, width, trained.config.data,
+                                                       "--control", target)
     pipe = pipeline_with_weights(trained, variant, target)
     set_attention(pipe.transformer, _attention_here(trained, target, variant), target, variant.dtype,
                   variant.attention_processor)
@@ -91,7 +100,7 @@ def sample(source: str, prompt: str, out: str, steps: int | None = None, seed: i
         video = render(
             pipe, variant, target, num_frames=num_frames, height=height, width=width, steps=steps,
             guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-            seed=cfg.seed if seed is None else seed, prompt=prompt, image=start,
+            seed=cfg.seed if seed is None else seed, prompt=prompt, image=start, control=follow,
             cache=cfg.cache if cache is None else cache, on_step=lambda: bar.update(1),
         )
     return write_mp4(video, Path(out), cfg.fps)

@@ -16,6 +16,7 @@ import torch
 from ..config import Config
 from ..run_dir import LORA_WEIGHTS, TRANSFORMER_DIR
 from .fp8 import store_in_fp8
+from .trained_modules import load_trained_whole, mark_trained_whole, release_trained_whole, save_trained_whole
 
 
 def lora_config(config: Config):
@@ -30,11 +31,13 @@ def lora_config(config: Config):
     )
 
 
-def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: bool = True) -> list[torch.nn.Parameter]:
+def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: bool = True,
+                    whole_modules: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
     """Freeze/unfreeze, add the adapter, move trainable weights to fp32; returns the trainable params.
 
     `fp32_master=False` leaves them in the model's dtype: under DeepSpeed, whose optimizer keeps the fp32
-    copy, and for `train.optimizer=adamw_bf16`, which trains bf16 weights directly.
+    copy, and for `train.optimizer=adamw_bf16`, which trains bf16 weights directly. `whole_modules`
+    (`Variant.trained_with_adapter`): modules a LoRA run trains whole, written beside the LoRA.
     """
     if config.train.mode == "lora":
         transformer.requires_grad_(False)
@@ -42,6 +45,7 @@ def setup_trainable(transformer: torch.nn.Module, config: Config, fp32_master: b
             transformer.add_adapter(lora_config(config))
         except ValueError as error:
             raise ValueError(f"lora.target_modules={config.lora.target_modules}: {error}") from None
+        mark_trained_whole(transformer, whole_modules)
         if config.model.fp8_base:  # after the adapter, which keeps the model's dtype (store_in_fp8 skips it)
             store_in_fp8(transformer, compute_dtype=transformer.dtype)
     else:
@@ -70,6 +74,7 @@ def save_lora(transformer: torch.nn.Module, config: Config, out_dir: str | Path,
         transformer_lora_adapter_metadata=lora_config(config).to_dict(),
         weight_name=LORA_WEIGHTS,
     )
+    save_trained_whole(transformer, out_dir, model_state)
     return Path(out_dir) / LORA_WEIGHTS
 
 
@@ -96,6 +101,7 @@ def release_lora(path: Path, config: Config, model_dtype: torch.dtype) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
+    release_trained_whole(path.parent, dtype)
     return path
 
 
@@ -110,6 +116,7 @@ def load_lora_state(transformer: torch.nn.Module, in_dir: str | Path, lora_forma
     result = set_peft_model_state_dict(transformer, state)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{in_dir}: LoRA weights do not match this model: unexpected {result.unexpected_keys[:4]}")
+    load_trained_whole(transformer, in_dir)
 
 
 def save_transformer(transformer: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,

@@ -112,6 +112,12 @@ class VariantSpec(ABC):
     def bind(self, configs: PipelineConfigs, dtype: str = "auto") -> Variant:
         """This spec bound to one pipeline's configs, in `dtype` (auto: the spec's)."""
 
+    def with_control(self, configs: PipelineConfigs) -> tuple[VariantSpec, PipelineConfigs]:
+        """The spec and configs of this model widened to also read a control video (`model.control: true`); the
+        widened variant's `prepare_loaded` makes its transformer so. Refused by key where the family has no such
+        form."""
+        raise ConfigError(f"model.control: {self.name} cannot be widened to take control videos; leave it out")
+
     def torch_dtype(self, dtype: str) -> torch.dtype:
         return DTYPES[self.dtype if dtype == "auto" else dtype]
 
@@ -255,13 +261,12 @@ class Variant(ABC):
     # conditions -----------------------------------------------------------------------------------
     @property
     def conditions(self) -> tuple[str, ...]:
-        """The inputs besides the prompt a video is made from ("image": image-to-video); () for text-to-video."""
+        """The inputs besides the prompt a video is made from ("image": image-to-video, "control": a control video);
+        () for text-to-video."""
         return ()
 
-    def check_validation_conditions(self, prompts: list[str], images: list[str]) -> None:
+    def check_validation_conditions(self, prompts: list[str], images: list[str], controls: list[str]) -> None:
         """Refuse, by key, validation inputs this variant cannot use or lacks."""
-        from pathlib import Path
-
         takes_image = "image" in self.conditions
         if takes_image and prompts and not images:
             raise ConfigError(f"validation.images: {self.name} makes a video from an image and a prompt; give one "
@@ -269,10 +274,30 @@ class Variant(ABC):
                               "or set validation.prompts=[]")
         if images and not takes_image:
             raise ConfigError(f"validation.images: {self.name} is text-to-video and takes no image; remove the key")
-        for image in images:
-            if not Path(image).is_file():
-                what = "is a folder, not an image file" if Path(image).is_dir() else "not found"
-                raise ConfigError(f"validation.images: {image} {what} (paths are relative to where cogft runs)")
+        if controls and "control" not in self.conditions:
+            raise ConfigError(f"validation.controls: {self.name} takes no control video; remove the key, or train a "
+                              "control model (model.control: true)")
+        self._check_files("validation.images", images)
+
+    @staticmethod
+    def _check_files(key: str, paths: list[str]) -> None:
+        from pathlib import Path
+
+        for path in paths:
+            if not Path(path).is_file():
+                what = "is a folder, not a file" if Path(path).is_dir() else "not found"
+                raise ConfigError(f"{key}: {path} {what} (paths are relative to where cogft runs)")
+
+    # loading --------------------------------------------------------------------------------------
+    def prepare_loaded(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """The transformer loaded from the pipeline folder, made into this variant's (a control model widened from a
+        text-to-video one gets its new inputs); as loaded for the others."""
+        return transformer
+
+    @property
+    def trained_with_adapter(self) -> tuple[str, ...]:
+        """Modules trained whole beside the adapter in LoRA mode (a widened input), saved beside the LoRA."""
+        return ()
 
     # prepare --------------------------------------------------------------------------------------
     def cache_identity(self, config: Config) -> list:
@@ -348,8 +373,9 @@ class Variant(ABC):
 
     @abstractmethod
     def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
-                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
-        """The conditioning part of the pipeline call for a validation video or `cogft sample`."""
+                        negative_prompt_embeds: torch.Tensor | None, image=None, control=None) -> dict[str, Any]:
+        """The conditioning part of the pipeline call for a validation video or `cogft sample`: `image` a PIL
+        image, `control` a list of PIL frames, each at the video's size, for variants with those conditions."""
 
     @abstractmethod
     def render_latents(self, pipe, conditioning: dict[str, Any], *, num_frames: int, height: int, width: int,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, ModelConfig
 from ..records import has_fields, read_json
 from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
 from .family import PipelineConfigs, Variant
@@ -63,32 +63,46 @@ def pipeline_configs(path: str, revision: str | None = None) -> PipelineConfigs:
     return PipelineConfigs(**{part: _read_config(path, part, revision) for part in _CONFIG_FILES})
 
 
-def load_variant(path: str, dtype: str = "auto", revision: str | None = None, build: bool = True) -> Variant:
+def load_variant(path: str, dtype: str = "auto", revision: str | None = None, build: bool = True,
+                 control: bool = False) -> Variant:
     """The variant of the pipeline at `path`, bound to its configs; an unsupported pipeline is refused by name.
     `build=False`: a `tiny://` model is not built, its configs are the spec's own (before the process group
-    exists, every rank would build it at once)."""
+    exists, every rank would build it at once). `control`: the model widened to read a control video too
+    (`model.control`)."""
     if not build and path.startswith(TINY_SCHEME):
         configs = spec_named(path.removeprefix(TINY_SCHEME), TINY_SCHEME).tiny
     else:
         configs = pipeline_configs(path, revision)
-    return spec_for(configs, path).bind(configs, dtype)
+    spec = spec_for(configs, path)
+    if control:
+        spec, configs = spec.with_control(configs)
+    return spec.bind(configs, dtype)
+
+
+def variant_of(model: ModelConfig, build: bool = True) -> Variant:
+    """The variant a config's `model` section names (see `load_variant`)."""
+    return load_variant(model.path, model.dtype, model.revision, build=build, control=model.control)
 
 
 def load_for_config(config: Config, validates: bool = True) -> tuple[Config, Variant]:
     """The config's variant, and the config with the variant's native clip wherever `data.*` leaves it unset;
-    a clip size the variant cannot take, and (for work that `validates`) validation images it cannot use, are
-    refused by key before any work. Benchmarks and estimates render no validation prompt."""
-    variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
+    a clip size the variant cannot take, and (for work that `validates`) validation images or control videos it
+    cannot use or lacks, are refused by key before any work. Benchmarks and estimates render no validation
+    prompt."""
+    variant = variant_of(config.model)
     config = variant.resolve(config)
     if validates:
-        variant.check_validation_conditions(config.validation.prompts, config.validation.images)
+        variant.check_validation_conditions(config.validation.prompts, config.validation.images,
+                                            config.validation.controls)
     return config, variant
 
 
-def load_transformer(path: str, variant: Variant, revision: str | None = None):
-    return variant.spec.diffusers_class("transformer").from_pretrained(
-        resolve_model_path(path), subfolder="transformer", dtype=variant.dtype, revision=revision
-    )
+def load_transformer(path: str, variant: Variant, revision: str | None = None, dtype: torch.dtype | None = None):
+    """The pipeline folder's transformer as the variant takes it (`Variant.prepare_loaded`), in `dtype` (None: the
+    variant's)."""
+    return variant.prepare_loaded(variant.spec.diffusers_class("transformer").from_pretrained(
+        resolve_model_path(path), subfolder="transformer", dtype=dtype or variant.dtype, revision=revision
+    ))
 
 
 def load_vae(path: str, variant: Variant, dtype: torch.dtype, revision: str | None = None):
@@ -105,9 +119,13 @@ def load_scheduler(path: str, variant: Variant, revision: str | None = None):
 
 
 def load_pipeline(path: str, variant: Variant, dtype: torch.dtype, revision: str | None = None, **components):
-    """The variant's stock pipeline around `load_vae`'s VAE; pass `transformer=None` / `vae=None` to skip loading
+    """The variant's stock pipeline around `load_vae`'s VAE, and the transformer and scheduler as the variant takes
+    them (a widened control model's are not the folder's); pass `transformer=None` / `vae=None` to skip loading
     what is not needed."""
     if "vae" not in components:
         components["vae"] = load_vae(path, variant, dtype, revision)
+    if "transformer" not in components:
+        components["transformer"] = load_transformer(path, variant, revision, dtype)
+    components.setdefault("scheduler", load_scheduler(path, variant, revision))
     return variant.spec.diffusers_class("pipeline").from_pretrained(resolve_model_path(path), dtype=dtype,
                                                                     revision=revision, **components)

@@ -76,7 +76,8 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     configure_backend(accelerator, config, variant)
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator)
-                             and not OPTIMIZERS[config.train.optimizer].bf16_weights)
+                             and not OPTIMIZERS[config.train.optimizer].bf16_weights,
+                             whole_modules=variant.trained_with_adapter)
     checkpointing, offload = block_settings(config, variant, device)
     attention = set_attention(transformer, config.model.attention, device, variant.dtype,
                               variant.attention_processor)

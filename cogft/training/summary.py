@@ -137,7 +137,8 @@ def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     if stopped:
         lines.append("  next: run the same command again; train.resume=latest continues from the last checkpoint")
     else:
-        image = " --image START.png" if config.validation.images else ""
+        image = (" --image START.png" if config.validation.images else "") + (
+            " --control CONTROL.mp4" if config.validation.controls else "")
         lines.append(f'  next: cogft sample --from {run_dir} --prompt "..."{image} --out sample.mp4'
                      f"   (or cogft export --from {run_dir} --out DIR)")
     return "\n".join(lines)

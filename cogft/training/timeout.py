@@ -18,7 +18,7 @@ import torch
 
 from ..config import Config
 from ..models.cost import GPUS, estimate
-from ..models.loading import load_variant
+from ..models.loading import variant_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def process_group_timeout(config: Config) -> timedelta:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1 or not config.validation.prompts or not torch.cuda.is_available():
         return DEFAULT_TIMEOUT  # no collective to time out, or CPU ranks (gloo) whose tiny videos take seconds
-    variant = load_variant(config.model.path, config.model.dtype, config.model.revision, build=False)
+    variant = variant_of(config.model, build=False)
     per_video = estimate(variant.resolve(config), variant, _gpu_name(), advise=False).sample_seconds
     needed = timedelta(seconds=math.ceil(SAFETY * len(config.validation.prompts) * per_video + FIXED_S))
     timeout = max(DEFAULT_TIMEOUT, needed)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..data.control import read_control
 from ..data.images import conditioning_image
 from ..inference.render import render, write_mp4
 from ..models.family import Variant
@@ -48,6 +49,10 @@ class ValidationHook:
         self.sizes = [config.validation_size(i) for i in range(len(self.prompts))]
         self.images = [conditioning_image(image, *self.sizes[i], config.data.resize, f"validation.images[{i}]")
                        for i, image in enumerate(config.validation.images)] or [None] * len(self.prompts)
+        # control models: each prompt's control video at its size and the training frame count (extracted as clips are)
+        self.controls = [read_control(control, config.data.num_frames, *self.sizes[i], config.data,
+                                      f"validation.controls[{i}]", device)
+                         for i, control in enumerate(config.validation.controls)] or [None] * len(self.prompts)
         self.negative = load_file(negative_file)["prompt_embeds"]
         self.embedding_files = [path for _, path in prompts], negative_file  # (prompts, "") for the export check
         self.first_frames = None  # the first prompt's frames of the last validation asked to keep them
@@ -71,7 +76,7 @@ class ValidationHook:
             pipe, self.variant, self.device, num_frames=self.config.data.num_frames, height=height, width=width,
             steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed + index,
             prompt_embeds=embeds[None].to(self.device), negative_prompt_embeds=self.negative[None].to(self.device),
-            image=self.images[index], cache=cfg.cache, on_step=lambda: bar.update(1),
+            image=self.images[index], control=self.controls[index], cache=cfg.cache, on_step=lambda: bar.update(1),
         )
 
     def __call__(self, transformer, step: int, keep_first: bool = False) -> list[tuple[int, str, str]]:

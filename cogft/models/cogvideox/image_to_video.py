@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...config import Config
+from ...config import Config, ConfigError
 from ..family import TrainingDraws
 from .objective import draw_image_latents
 from .spec import CogVideoXSpec, CogVideoXVariant
@@ -37,6 +37,10 @@ class ImageToVideoSpec(CogVideoXSpec):
     @property
     def variant_class(self) -> type[ImageToVideoVariant]:
         return ImageToVideoVariant
+
+    def with_control(self, configs):
+        raise ConfigError(f"model.control: {self.name} already conditions on an image; control models widen the "
+                          "text-to-video ones (CogVideoX-2B, 5B, 1.5-5B)")
 
     def conditioning_matches(self, transformer: dict, latent_channels: int | None) -> bool:
         """The image latents beside the video's (twice the latent channels), and the learned positions and `ofs`
@@ -71,7 +75,7 @@ class ImageToVideoVariant(CogVideoXVariant):
         return inputs
 
     def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
-                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
+                        negative_prompt_embeds: torch.Tensor | None, image=None, control=None) -> dict[str, Any]:
         if image is None:
             raise ValueError(f"{self.name} makes a video from an image: give one")
         return {**super().pipeline_inputs(prompt=prompt, prompt_embeds=prompt_embeds,

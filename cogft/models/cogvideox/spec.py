@@ -51,6 +51,11 @@ def explain_unmatched(configs: PipelineConfigs) -> str:
     if latent and t.get("in_channels") not in (latent, 2 * latent):
         return (f"transformer in_channels {t.get('in_channels')} is neither 1x nor 2x the VAE's {latent} latent "
                 f"channels: not a CogVideoX pipeline cogft knows. {found}")
+    if latent and t.get("in_channels") == 2 * latent and not t.get("use_learned_positional_embeddings") \
+            and t.get("ofs_embed_dim") is None:
+        return (f"a combination no registered variant matches (twice the latent channels without an image model's "
+                f"learned positions or ofs is a control model: its model_index.json names "
+                f"CogVideoXFunControlPipeline). {found}")
     return f"a combination no registered variant matches. {found}"
 
 
@@ -87,6 +92,11 @@ class CogVideoXSpec(VariantSpec):
     @property
     def variant_class(self) -> type[CogVideoXVariant]:
         return CogVideoXVariant
+
+    def with_control(self, configs: PipelineConfigs):
+        from .control import widened_spec
+
+        return widened_spec(self, configs)
 
 
 @dataclass(frozen=True)
@@ -327,7 +337,7 @@ class CogVideoXVariant(Variant):
                 "image_rotary_emb": rotary}
 
     def pipeline_inputs(self, *, prompt: str | None, prompt_embeds: torch.Tensor | None,
-                        negative_prompt_embeds: torch.Tensor | None, image=None) -> dict[str, Any]:
+                        negative_prompt_embeds: torch.Tensor | None, image=None, control=None) -> dict[str, Any]:
         return {"prompt": prompt, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
 
     def render_latents(self, pipe, conditioning: dict[str, Any], *, num_frames: int, height: int, width: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..family import ClipSize, ModelFamily, PipelineConfigs
 from . import reference
+from .control import ControlSpec
 from .image_to_video import ImageToVideoSpec
 from .spec import CogVideoXSpec, explain_unmatched
 
@@ -46,7 +47,7 @@ def _tiny(full: PipelineConfigs) -> PipelineConfigs:
     transformer = {**_TINY_TRANSFORMER, **kept}
     if transformer.get("patch_size_t"):
         transformer.update(_TINY_1_5_GRID)
-    if full.transformer["in_channels"] == 2 * full.vae["latent_channels"]:  # image-to-video: image latents beside
+    if full.transformer["in_channels"] == 2 * full.vae["latent_channels"]:  # image or control latents beside
         transformer["in_channels"] = 2 * _TINY_VAE["latent_channels"]
     if full.transformer.get("ofs_embed_dim"):  # added to the time embedding, so of its width
         transformer["ofs_embed_dim"] = transformer["time_embed_dim"]
@@ -80,8 +81,22 @@ COGVIDEOX_1_5_5B_I2V = ImageToVideoSpec(
     tiny=_tiny(reference.COGVIDEOX_1_5_5B_I2V),
 )
 
+# CogVideoX-Fun's control models train and sample in bf16, as they were made
+COGVIDEOX_FUN_2B_CONTROL = ControlSpec(
+    name="cogvideox-fun-2b-control", family="cogvideox", short="fun-2b-control",
+    hub_id="alibaba-pai/CogVideoX-Fun-V1.1-2b-Pose", dtype="bf16", rotary=False, native=_NATIVE_1_0,
+    reference=reference.COGVIDEOX_FUN_2B_CONTROL, tiny=_tiny(reference.COGVIDEOX_FUN_2B_CONTROL),
+    license="apache-2.0", license_name=None, license_link=None,
+)
+COGVIDEOX_FUN_5B_CONTROL = ControlSpec(
+    name="cogvideox-fun-5b-control", family="cogvideox", short="fun-5b-control",
+    hub_id="alibaba-pai/CogVideoX-Fun-V1.1-5b-Pose", dtype="bf16", rotary=True, native=_NATIVE_1_0,
+    reference=reference.COGVIDEOX_FUN_5B_CONTROL, tiny=_tiny(reference.COGVIDEOX_FUN_5B_CONTROL),
+)
+
 FAMILY = ModelFamily(
     name="cogvideox",
-    specs=(COGVIDEOX_2B, COGVIDEOX_5B, COGVIDEOX_5B_I2V, COGVIDEOX_1_5_5B, COGVIDEOX_1_5_5B_I2V),
+    specs=(COGVIDEOX_2B, COGVIDEOX_5B, COGVIDEOX_5B_I2V, COGVIDEOX_1_5_5B, COGVIDEOX_1_5_5B_I2V,
+           COGVIDEOX_FUN_2B_CONTROL, COGVIDEOX_FUN_5B_CONTROL),
     explain=explain_unmatched,
 )

@@ -187,6 +187,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
                         help="time the held-out eval on this many clips against the training step")
     parser.add_argument("--buckets", action="store_true", help="time the step at each size of data.buckets (after all "
                                                                "have run) against the first size alone, per token")
+    parser.add_argument("--prior", action="store_true", help="time the LoRA step on a kind: prior batch (one more "
+                                                             "forward, the adapter off) against a clip batch")
     parser.add_argument("--fp8-error", action="store_true", help="how far model.fp8_base moves the model's prediction "
                                                                  "(random:// weights, or the model.path given)")
 
@@ -205,6 +207,10 @@ def _bench(args) -> None:
         from .bench.training import bench_buckets
 
         bench_buckets(config, args.warmup, args.steps)
+    elif args.prior:
+        from .bench.training import bench_prior
+
+        bench_prior(config, args.warmup, args.steps)
     elif args.fp8_error:
         from .bench.fp8 import bench_fp8_error
 

@@ -167,8 +167,8 @@ class DataConfig(_Section):
         "left out): the one-set shorthand"))
     sets: list[DataSetConfig] | None = Field(None, min_length=1, description=(
         "several sources mixed into one epoch (instead of `data.path`), each with its own `path`, `repeats` or "
-        "`weight`, `caption_prefix`, `buckets` and `kind` (`clips` or `prior`): e.g. `[{path: data/subject, "
-        "repeats: 4}, {path: data/style, weight: 0.2}, {path: data/prior, kind: prior, caption_prefix: \"\"}]`. "
+        "`weight`, `caption_prefix`, `buckets` and `kind` (`clips` or `prior`): e.g. `[{path: clips/subject, "
+        "repeats: 4}, {path: clips/style, weight: 0.2}, {path: clips/prior, kind: prior, caption_prefix: \"\"}]`. "
         "Each set is prepared on its own (the report and `cogft doctor` count per set) and a batch holds one set "
         "kind and one bucket; the order stays a pure function of (seed, epoch), so a resume is exact. "
         "data/README.md, \"Several sets and a prior\""))

@@ -360,7 +360,7 @@ def read_set(data_set: DataSet, with_prefix: bool = True) -> list[Clip]:
     except DatasetLayoutError as error:
         if data_set.key == "data":
             raise
-        raise DatasetLayoutError(f"{data_set.key}.path: {error}") from None
+        raise DatasetLayoutError(f"{data_set.key}.path: {str(error).removeprefix('data.path ')}") from None
     if not clips and data_set.key != "data":  # data.path alone: the dataset's own "empty" error says more
         raise DatasetLayoutError(f"{data_set.key}.path: {data_set.data.path} has no clips; list at least one, or "
                                  f"remove the set")

@@ -73,6 +73,9 @@ def _prepare(args) -> None:
     print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
           f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
           f"report: {report}")
+    for key, counts in summary.get("sets", {}).items():  # data.sets: each set's count
+        print(f"  {key} ({counts['kind']}, {counts['path']}): {counts['kept']} of {counts['clips']} ready, "
+              f"{counts['skipped']} skipped")
 
 
 def _positive_int(text: str) -> int:

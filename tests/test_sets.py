@@ -198,3 +198,20 @@ def test_doctor_counts_per_set(tmp_path, prior_list):
         ("data.sets[0]", "clips", 6, 6), ("data.sets[1]", "prior", 3, 3)]
     table = format_table(report)
     assert "== data.sets[1] (kind: prior, weight 0.25): 3 clips, 3 ok, 0 would be skipped ==" in table
+
+
+def test_estimate_knows_a_prior_steps_extra_forward(tmp_path, prior_list):
+    from cogft.bench.estimate import format_estimate
+    from cogft.config_file import load_config
+    from cogft.models.cost import estimate
+    from cogft.models.loading import load_variant
+
+    fastest = ["model.attention=sdpa", "train.gradient_checkpointing=false", "train.compile=true"]
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [*fastest, "lora.rank=128", "data.path=null",
+                                                                        two_sets(prior_list)])
+    result = estimate(config, load_variant(config.model.path, config.model.dtype), "H100")
+    # one forward more: about a third of a LoRA step without checkpointing (forward + backward of ~2 forwards)
+    assert 1.25 < result.prior_seconds_per_step / result.seconds_per_step < 1.45
+    assert "prior step" in format_estimate(config, result)
+    sft = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [*fastest, "train.mode=sft"])
+    assert estimate(sft, load_variant(sft.model.path, sft.model.dtype), "H100").prior_seconds_per_step is None

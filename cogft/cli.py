@@ -73,6 +73,9 @@ def _prepare(args) -> None:
     print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
           f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
           f"report: {report}")
+    for key, counts in summary.get("sets", {}).items():  # data.sets: each set's count
+        print(f"  {key} ({counts['kind']}, {counts['path']}): {counts['kept']} of {counts['clips']} ready, "
+              f"{counts['skipped']} skipped")
 
 
 def _positive_int(text: str) -> int:
@@ -190,6 +193,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
                         help="time the held-out eval on this many clips against the training step")
     parser.add_argument("--buckets", action="store_true", help="time the step at each size of data.buckets (after all "
                                                                "have run) against the first size alone, per token")
+    parser.add_argument("--prior", action="store_true", help="time the LoRA step on a kind: prior batch (one more "
+                                                             "forward, the adapter off) against a clip batch")
     parser.add_argument("--fp8-error", action="store_true", help="how far model.fp8_base moves the model's prediction "
                                                                  "(random:// weights, or the model.path given)")
 
@@ -208,6 +213,10 @@ def _bench(args) -> None:
         from .bench.training import bench_buckets
 
         bench_buckets(config, args.warmup, args.steps)
+    elif args.prior:
+        from .bench.training import bench_prior
+
+        bench_prior(config, args.warmup, args.steps)
     elif args.fp8_error:
         from .bench.fp8 import bench_fp8_error
 

@@ -111,14 +111,80 @@ def folder_can_be_made(value: str, key: str) -> str:
     return value
 
 
+BucketsValue = list[str] | Literal["auto"] | None
+
+
+def bucket_list(value: list[str] | str | None) -> list[str] | str | None:
+    """A `buckets` key's sizes as HEIGHTxWIDTH, each once (`auto` and null as they are)."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("is empty; list at least one HEIGHTxWIDTH, or use auto, or null for data.height x "
+                             "data.width")
+        sizes = [parse_size(item) for item in value]
+        repeated = sorted({f"{h}x{w}" for h, w in sizes if sizes.count((h, w)) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once; list each size once")
+        return [f"{h}x{w}" for h, w in sizes]
+    return value
+
+
+class DataSetConfig(_Section):
+    """One source of `data.sets`: its own clips, how often an epoch draws them, and what they train towards."""
+
+    path: str = Field(description="what `data.path` takes: a folder, a `.csv` / `.jsonl` list or an "
+                                  "`hf://datasets/...` path; the set's columns are `data.*_column`'s")
+    kind: Literal["clips", "prior"] = Field("clips", description=(
+        "`clips`: trained towards its clips, as `data.path` is; `prior` (LoRA only): its samples train the adapter "
+        "towards the base model's own prediction for them (the adapter switched off, no gradient), so the LoRA "
+        "keeps the base model on prompts without the trigger word. Logged as `loss/prior`, weighted by "
+        "`data.prior_weight`"))
+    repeats: int | None = Field(None, ge=1, description=(
+        "each sample of the set this many times an epoch (musubi-tuner's `num_repeats`); null: 1 unless `weight` "
+        "is given. Not with `weight`"))
+    weight: float | None = Field(None, gt=0, description=(
+        "the set's share of an epoch's samples instead of a count: where every set has a weight they are relative "
+        "shares of as many samples as the sets hold together; beside sets with repeats, a share of the whole epoch "
+        "(the weights then sum to less than 1, the sets with repeats fill the rest). Drawn without replacement, a "
+        "different subset each epoch from (seed, epoch); per bucket in proportion, so an epoch's batches stay the "
+        "same. Not with `repeats`"))
+    caption_prefix: str | None = Field(None, description="put in front of this set's captions, as "
+                                                         "`data.caption_prefix` (null: that key's; `\"\"` for none, "
+                                                         "e.g. a prior set without the trigger word)")
+    buckets: BucketsValue = Field(None, description="this set's resolution buckets, as `data.buckets` takes them; "
+                                                    "null (or left out): `data.buckets`")
+
+    @field_validator("buckets")
+    @classmethod
+    def _sizes_parse(cls, value: list[str] | str | None) -> list[str] | str | None:
+        return bucket_list(value)
+
+    @model_validator(mode="after")
+    def _one_count(self) -> DataSetConfig:
+        if self.repeats is not None and self.weight is not None:
+            raise ValueError(f"repeats={self.repeats} and weight={self.weight}: give one (repeats: a count per sample "
+                             "and epoch; weight: the set's share of the epoch)")
+        return self
+
+
 class DataConfig(_Section):
     """The clips and captions, and how prepare turns them into the cache that training reads (data/README.md)."""
 
-    path: str = Field(description=(
+    path: str | None = Field(None, description=(
         "folder with `prompts.txt` + `videos.txt`, a folder of clips (and still images) with a `.txt` caption beside "
         "each, a folder with `metadata.csv` / `metadata.jsonl`, or a `.csv` / `.jsonl` file; clip paths are relative "
         "to it. `hf://datasets/OWNER/NAME[@REVISION][/SUBFOLDER]` reads a Hugging Face dataset repo, fetched once "
-        "into the Hub cache (offline runs read the cache)"))
+        "into the Hub cache (offline runs read the cache). Required unless `data.sets` lists the sources (then "
+        "left out): the one-set shorthand"))
+    sets: list[DataSetConfig] | None = Field(None, min_length=1, description=(
+        "several sources mixed into one epoch (instead of `data.path`), each with its own `path`, `repeats` or "
+        "`weight`, `caption_prefix`, `buckets` and `kind` (`clips` or `prior`): e.g. `[{path: clips/subject, "
+        "repeats: 4}, {path: clips/style, weight: 0.2}, {path: clips/prior, kind: prior, caption_prefix: \"\"}]`. "
+        "Each set is prepared on its own (the report and `cogft doctor` count per set) and a batch holds one set "
+        "kind and one bucket; the order stays a pure function of (seed, epoch), so a resume is exact. "
+        "data/README.md, \"Several sets and a prior\""))
+    prior_weight: float = Field(1.0, gt=0, description=(
+        "the loss of a `kind: prior` batch is multiplied by this before its backward pass: the step trains on "
+        "`loss` (clip batches) + `prior_weight` × `loss/prior` (prior batches), each logged unweighted"))
     video_column: str = Field("video", description="the CSV/JSONL column with each clip's path (a Hub-style "
                                                    "metadata file's `file_name` column is read when this is left "
                                                    "`video` and the file has no such column)")
@@ -185,7 +251,7 @@ class DataConfig(_Section):
         "put in front of every caption before it is embedded, e.g. a trigger word (`sks,` makes \"a dog runs\" "
         "\"sks, a dog runs\"), unless the caption begins with it already; a CSV/JSONL `id_token` column adds a "
         "per-clip trigger word the same way. Part of the cache key. Empty or missing captions are still skipped"))
-    buckets: list[str] | Literal["auto"] | None = Field(None, description=(
+    buckets: BucketsValue = Field(None, description=(
         "resolution buckets as HEIGHTxWIDTH, e.g. `[480x720, 720x480, 576x576]`: each clip or image trains at the one "
         "nearest its aspect ratio, without distortion (batches hold one bucket; the sampler's order, and so a "
         "resume, stays exact); `auto`: `data.height`×`data.width` plus one size per common aspect ratio from 16:9 "
@@ -231,25 +297,44 @@ class DataConfig(_Section):
     @field_validator("buckets")
     @classmethod
     def _sizes_parse(cls, value: list[str] | str | None) -> list[str] | str | None:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("is empty; list at least one HEIGHTxWIDTH, or use auto, or null for data.height x "
-                                 "data.width")
-            sizes = [parse_size(item) for item in value]
-            repeated = sorted({f"{h}x{w}" for h, w in sizes if sizes.count((h, w)) > 1})
-            if repeated:
-                raise ValueError(f"lists {', '.join(repeated)} more than once; list each size once")
-            return [f"{h}x{w}" for h, w in sizes]
-        return value
+        return bucket_list(value)
+
+    @model_validator(mode="after")
+    def _path_or_sets(self) -> DataConfig:
+        if self.sets is None and self.path is None:
+            raise ValueError("data.path: required key is missing (or list the sources in data.sets)")
+        if self.sets is not None and self.path is not None:
+            raise ValueError("data.path and data.sets are both given: list data.path's source as one of data.sets "
+                             "(data.path is the one-set shorthand)")
+        if self.sets is not None:
+            weighted = [s.weight for s in self.sets if s.weight is not None]
+            if weighted and len(weighted) < len(self.sets) and sum(weighted) >= 1:
+                raise ValueError(f"data.sets: the weights sum to {sum(weighted):g}, but beside sets with repeats a "
+                                 "weight is a share of the whole epoch and the sets with repeats fill the rest; "
+                                 "make the weights sum to less than 1, or give every set a weight")
+            if all(s.kind == "prior" for s in self.sets):
+                raise ValueError("data.sets: every set is kind: prior, which only keeps the base model; add a set of "
+                                 "kind: clips to train on")
+        return self
+
+    def sizes_of(self, buckets: list[str] | str | None) -> tuple[tuple[int, int], ...]:
+        """The training sizes (height, width) a `buckets` value gives, in the order given (auto: the configured size
+        first)."""
+        if buckets is None:
+            return ((self.height, self.width),)
+        if buckets == "auto":
+            return auto_sizes(self.height, self.width)
+        return tuple(parse_size(size) for size in buckets)
 
     @property
     def sizes(self) -> tuple[tuple[int, int], ...]:
-        """The training sizes (height, width), in the order given (auto: the configured size first)."""
-        if self.buckets is None:
-            return ((self.height, self.width),)
-        if self.buckets == "auto":
-            return auto_sizes(self.height, self.width)
-        return tuple(parse_size(size) for size in self.buckets)
+        """The training sizes (height, width), in the order given (auto: the configured size first); with
+        `data.sets`, every set's, `data.buckets`' first."""
+        sizes = self.sizes_of(self.buckets)
+        for data_set in self.sets or ():
+            if data_set.buckets is not None:
+                sizes += tuple(s for s in self.sizes_of(data_set.buckets) if s not in sizes)
+        return sizes
 
     @property
     def largest_size(self) -> tuple[int, int]:
@@ -499,6 +584,15 @@ class Config(_Section):
         """(height, width) of validation prompt `index`: its validation.sizes entry, else the largest bucket."""
         sizes = self.validation.sizes
         return parse_size(sizes[index]) if sizes else self.data.largest_size
+
+    @model_validator(mode="after")
+    def _prior_is_for_lora(self) -> Config:
+        priors = [i for i, s in enumerate(self.data.sets or ()) if s.kind == "prior"]
+        if priors and self.train.mode != "lora":
+            raise ValueError(f"data.sets[{priors[0]}].kind: prior trains the adapter towards the base model with the "
+                             "adapter switched off, and full fine-tuning (train.mode=sft) has no adapter; use "
+                             "train.mode=lora, or make the set kind: clips")
+        return self
 
     @model_validator(mode="after")
     def _fp8_base_is_for_lora(self) -> Config:

@@ -8,10 +8,10 @@ allowed, so a typo costs a second instead of a queued GPU job.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .config import Config, ConfigError
 
@@ -61,15 +61,24 @@ def _shown(value: Any) -> str:
     return text if len(text) <= SHOWN_VALUE_CHARS else f"{text[:SHOWN_VALUE_CHARS]}... ({len(text)} characters)"
 
 
+def _listed(annotation: Any) -> Any:
+    """The section a list of sections holds (`data.sets`: DataSetConfig), else the annotation itself."""
+    for arg in (a for union in (annotation, *get_args(annotation)) for a in get_args(union) or (union,)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid config"]
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        # a list's entry as the docs write it: data.sets[1].path
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".") or "(top level)"
         if item["type"] == "extra_forbidden":
             section = Config
             for part in item["loc"][:-1]:
-                field = section.model_fields.get(str(part))
-                section = field.annotation if field else section
+                field = section.model_fields.get(str(part)) if hasattr(section, "model_fields") else None
+                section = _listed(field.annotation) if field else section
             allowed = ", ".join(sorted(getattr(section, "model_fields", {})))
             lines.append(f"  {key}: unknown key; allowed here: {allowed}")
         elif item["type"] == "missing":

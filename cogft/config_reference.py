@@ -29,6 +29,14 @@ def _section(annotation: object) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
+def _listed_section(annotation: object) -> type[BaseModel] | None:
+    """The section a list key holds entries of (`data.sets`), if any."""
+    for member in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(member) is list and _section(typing.get_args(member)[0]):
+            return typing.get_args(member)[0]
+    return None
+
+
 def _bounds(metadata: list) -> str:
     """A number's bounds as written in maths: ≥ 1, > 0, in [0, 1], in (0, 1)."""
     low = next((("[", m.ge) for m in metadata if isinstance(m, at.Ge)), None) or next(
@@ -57,8 +65,11 @@ def type_text(annotation: object, metadata: list) -> str:
     if annotation is type(None):
         return "null"
     min_length = next((m.min_length for m in metadata if isinstance(m, at.MinLen)), 0)
+    if origin is tuple:
+        return f"a pair [{type_text(args[0], [])}, {type_text(args[1], [])}]"
     if origin is list:
-        return f"list of {type_text(args[0], [])}s" + (f", at least {min_length}" if min_length else "")
+        entries = "entries (their keys below)" if _section(args[0]) else f"{type_text(args[0], [])}s"
+        return f"list of {entries}" + (f", at least {min_length}" if min_length else "")
     name = _NAMES[annotation]
     if annotation is str:
         return f"{name}, not empty" if min_length else name
@@ -72,7 +83,7 @@ def default_text(field: FieldInfo) -> str:
     value = field.default
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return f"[{', '.join(map(str, value))}]"
     if isinstance(value, float):  # as YAML reads it back: 1.0, 0.0001, 1e-8
         text = f"{value:g}".replace("e-0", "e-")
@@ -97,7 +108,11 @@ def render(schema: type[BaseModel] = Config) -> str:
         if section is None:
             top_level.append(_row(name, field))
             continue
-        keys = [_row(f"{name}.{key}", f) for key, f in section.model_fields.items()]
+        keys = []
+        for key, f in section.model_fields.items():
+            keys.append(_row(f"{name}.{key}", f))
+            entry = _listed_section(f.annotation)  # a list of entries: each entry's keys as `data.sets[].path`
+            keys += [_row(f"{name}.{key}[].{sub}", g) for sub, g in (entry.model_fields if entry else {}).items()]
         lines += [f"### `{name}`", "", " ".join(section.__doc__.split()), "", *_table(keys), ""]
     lines += ["### Top level", "", *_table(top_level)]
     return "\n".join(lines)

@@ -198,11 +198,15 @@ class ToyVariant(Variant):
     def predict(self, model, x_t, timesteps, inputs: ModelInputs, cast_inputs: bool = False) -> torch.Tensor:
         return model(x_t, inputs.prompt_embeds, timesteps, return_dict=False)[0]
 
-    def loss(self, model, inputs: ModelInputs, scheduler, cast_inputs: bool = False) -> torch.Tensor:
+    def loss(self, model, inputs: ModelInputs, scheduler, cast_inputs: bool = False, target=None) -> torch.Tensor:
         sigma = (inputs.timesteps.float() / 1000).view(-1, 1, 1, 1, 1)
         x_t = (1 - sigma) * inputs.x0 + sigma * inputs.noise
+        wanted = inputs.noise - inputs.x0
+        if target is not None:  # a prior sample: the base model's own velocity
+            with torch.no_grad():
+                wanted = target(x_t, inputs.timesteps).float()
         velocity = self.predict(model, x_t, inputs.timesteps, inputs).float()
-        return ((velocity - (inputs.noise - inputs.x0)) ** 2).mean()
+        return ((velocity - wanted) ** 2).mean()
 
     def reference_loss(self, transformer, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
         x0 = self._x0(batch, torch.randn_like(batch["toy_mean"].float()))

@@ -32,6 +32,8 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"{config.model.path} {config.train.mode}, {frames}x{size}{largest}, {what} on {result.gpu}{extrapolated}",
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
         f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
+        *([f"  prior step      {result.prior_seconds_per_step:7.3f} s (a kind: prior batch: one more forward, the "
+           "adapter off)"] if any(s.kind == "prior" for s in config.data.sets or ()) else []),
         f"  checkpointing   {config.train.gradient_checkpointing} "
         f"(offload_checkpoints={config.train.offload_checkpoints}{chosen})",
     ]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
+from ..data.dataset import PRIOR
 from ..disk import folder_bytes
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
@@ -66,8 +67,9 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
                                                                  device))
         step.update(loss)
 
-    def use(size: tuple[int, int]) -> None:
-        batch[0] = batches[size]
+    def use(size: tuple[int, int], prior: bool = False) -> None:
+        """Train on the batch of `size`; `prior`: as a `kind: prior` set's (towards the base model)."""
+        batch[0] = {**batches[size], PRIOR: True} if prior else batches[size]
 
     def checkpoint_roundtrip(folder: Path) -> dict:
         """The trainer's own save and resume of this model, optimizer and scheduler state."""
@@ -265,6 +267,37 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
                  "ratio": round(row["us_per_token"] / single["us_per_token"], 3)}
         rows.append(ratio)
         emit(ratio)
+    del run
+    free(device)
+    return rows
+
+
+def bench_prior(config: Config, warmup: int = 3, steps: int = 10,
+                emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+    """What a `kind: prior` batch costs (`data.sets`): the trainer's LoRA step timed on a clip batch, then on the same
+    batch as a prior set's (one more forward with the adapter off, without gradient), on the same model, with their
+    ratio. Both kinds run before either is timed, so the compiled blocks have seen the adapter on and off."""
+    if config.train.mode != "lora":
+        raise ConfigError("cogft bench --prior: a prior set trains the adapter towards the base model, and "
+                          "train.mode=sft has none; use train.mode=lora")
+    device, config, variant = bench_setup(config)
+    free(device)
+    run, size = cogft_step(config, variant, device), config.data.sizes[0]
+    rows = []
+    for prior in (False, True):
+        run.use(size, prior)
+        time_steps(run, device, warmup, 0)
+    for name, prior in (("clip_step", False), ("prior_step", True)):
+        run.use(size, prior)
+        reset_peak(device)
+        rows.append(_row(name, config, variant, device, run, time_steps(run, device, 1, steps),
+                         time_back_to_back(run, device, steps + 1, steps), size))
+        emit(rows[-1])
+    ratio = {"figure": "prior_step_vs_clip_step", "ratio": round(rows[1]["s_per_step"] / rows[0]["s_per_step"], 3)}
+    if device.type == "cuda":
+        ratio["peak_allocated_ratio"] = round(rows[1]["peak_allocated_gib"] / rows[0]["peak_allocated_gib"], 3)
+    rows.append(ratio)
+    emit(ratio)
     del run
     free(device)
     return rows

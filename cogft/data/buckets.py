@@ -57,12 +57,16 @@ class BucketBatchSampler(Sampler[list[int]]):
     drop_last = False
 
     def __init__(self, buckets: Sequence[Hashable], batch_size: int, seed: int,
-                 batch_sizes: Mapping[Hashable, int] | None = None, processes: int = 1):
+                 batch_sizes: Mapping[Hashable, int] | None = None, processes: int = 1,
+                 mix: Sampler[int] | None = None):
+        """`mix`: the epoch's draws from several sets (`mixing.EpochMix`: repeats, weights) instead of each item
+        once."""
         if not buckets:
             raise ValueError("BucketBatchSampler needs at least one item")
         self.buckets = list(buckets)
-        self.sampler = EpochShuffle(len(self.buckets), seed)
-        self.counts = {b: self.buckets.count(b) for b in sorted(set(self.buckets), reverse=True)}
+        self.sampler = mix if mix is not None else EpochShuffle(len(self.buckets), seed)
+        drawn = mix.counts() if mix is not None else {b: self.buckets.count(b) for b in set(self.buckets)}
+        self.counts = {b: drawn[b] for b in sorted(drawn, reverse=True)}
         self.size_of = {b: (batch_sizes or {}).get(b, batch_size) for b in self.counts}
         self.plan = batch_plan(self.counts, self.size_of, processes)
         # accelerate's sharding reads `batch_size`; None tells it batches differ in length (each is still whole)
@@ -118,8 +122,9 @@ def batch_plan(counts: Mapping[Hashable, int], size_of: Mapping[Hashable, int],
     return plan
 
 
-def bucket_name(bucket: tuple[int, int, int]) -> str:
-    """"49x480x720" (frames x height x width), as reports and trackers count buckets."""
+def bucket_name(bucket: tuple) -> str:
+    """"49x480x720" (frames x height x width), as reports and trackers count buckets ("49x480x720xprior": a prior
+    set's)."""
     return "x".join(map(str, bucket))
 
 

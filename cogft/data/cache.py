@@ -47,7 +47,7 @@ from .control import (
     extractor_identity,
 )
 from .images import IMAGE_READING, image_problem, read_image
-from .sources import Clip, is_still, printable, read_dataset
+from .sources import Clip, DataSet, data_sets, is_still, printable, read_set
 from .video import ClipProbe, Decoded, DecodeSpec, window_offsets, windows_note
 from .workers import isolated_map
 
@@ -65,6 +65,8 @@ class CacheEntry:
     height: int
     width: int
     clip: str = ""  # the clip's content key (its bytes, and its given image's): how it is encoded changes it not
+    set: int = 0    # its source's place in `data.sets` (0 for `data.path`)
+    prior: bool = False  # a `kind: prior` set's: trained towards the base model's prediction
 
     @property
     def bucket(self) -> tuple[int, int, int]:
@@ -535,11 +537,39 @@ def prepare(
     Shares are disjoint (clip i goes to rank i % world_size), so no clip is encoded twice; the
     caller gathers the shares. Validation prompts and the empty prompt are embedded on rank 0.
     Every listed clip of the share gets a report row; the last row is this rank's summary.
+    Each of `data.sets` is prepared as a run with it alone would prepare it (its buckets, its caption prefix);
+    every set's list is read, and a set without clips refused by key, before anything is encoded.
     """
+    sets = data_sets(config.data)
+    listed = [read_set(data_set) for data_set in sets]
+    if len(sets) == 1:
+        return _prepare_set(config, variant, device, rank, world_size, show_progress, sets[0], listed[0],
+                            validation_texts(config))
+    parts = [_prepare_set(config.model_copy(update={"data": data_set.data}), variant, device, rank, world_size,
+                          show_progress, data_set, clips, validation_texts(config) if data_set is sets[-1] else None)
+             for data_set, clips in zip(sets, listed)]
+    summaries = [part.summary for part in parts]
+    summary = {**_summary([row for part in parts for row in part.report if "summary" not in row], rank, world_size,
+                          sum(s["seconds"] for s in summaries), sum((Counter(s["seconds_by_stage"]) for s in summaries),
+                                                                    Counter())),
+               "sets": {data_set.key: {"path": data_set.data.path, "kind": "prior" if data_set.prior else "clips",
+                                       **{k: s[k] for k in ("clips", "kept", "encoded", "cached", "skipped")}}
+                        for data_set, s in zip(sets, summaries)}}
+    last = parts[-1]
+    return PreparedData(entries=[e for part in parts for e in part.entries],
+                        validation_prompts=last.validation_prompts, negative_prompt=last.negative_prompt,
+                        report=[*(row for part in parts for row in part.report if "summary" not in row),
+                                {"summary": summary}])
+
+
+def _prepare_set(config: Config, variant: Variant, device: torch.device, rank: int, world_size: int,
+                 show_progress: bool, data_set: DataSet, clips: list[Clip],
+                 validation: list[str] | None) -> PreparedData:
+    """`prepare` of one set (`config.data` is the set's); `validation`: the validation prompts to embed with the
+    empty prompt (the last set's turn; None: not this set's)."""
     started = time.perf_counter()
     preparer = Preparer(config, variant, device)
     remove_orphaned_tmp(preparer.root)
-    clips = read_dataset(config.data)
     rows: dict[str, dict] = {}
     if not preparer.takes_image and any(clip.image for clip in clips):
         logger.warning("%d clips name a conditioning image; %s is text-to-video, so the images are not used",
@@ -559,15 +589,18 @@ def prepare(
         row["caption_tokens"] = tokens[clip.caption]
         if note := truncation_note(tokens[clip.caption], limit):
             row["notes"].append(note)
-    validation = validation_texts(config)
-    extra = [*validation, ""] if rank == 0 else []  # "": guidance's negative prompt, and caption dropout's
+    extra = [*validation, ""] if rank == 0 and validation is not None else []
+    validation = validation or []  # "": guidance's negative prompt, and caption dropout's
     preparer.encode_prompts([k.clip.caption for k in kept] + extra, show_progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     entries = [CacheEntry(tuple(str(p) for p in k.paths), str(preparer.prompt_path(k.clip.caption)), str(k.clip.video),
-                          k.clip.caption, k.frames, *k.size, k.digest) for k in kept]
+                          k.clip.caption, k.frames, *k.size, k.digest, data_set.index, data_set.prior) for k in kept]
     report = list(rows.values())
+    if data_set.key != "data":
+        for row in report:
+            row["set"] = data_set.key
     for row in report:
         if row["status"] == "skipped":
             logger.warning("skipped %s (%s): %s", row["clip"], row["listed_at"], row["reason"])

@@ -25,7 +25,8 @@ class LatentDataset(Dataset):
             raise DatasetLayoutError("the dataset is empty: every clip was skipped; prepare_report.jsonl in the run "
                                      "directory says why for each (or run cogft doctor on the config)")
         self.entries = entries
-        self.buckets = [e.bucket for e in entries]  # (frames, height, width) of each item, for BucketBatchSampler
+        # (frames, height, width) of each item, for BucketBatchSampler; a prior set's apart (a batch holds one kind)
+        self.buckets = [(*e.bucket, "prior") if e.prior else e.bucket for e in entries]
         self.seed = seed
         self.epoch = 0
 
@@ -44,12 +45,20 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = self.entries[index]
-        return {
+        item = {
             **load_file(entry.latents[self.window(index)]),  # what the variant's spec caches per clip
             "prompt_embeds": load_file(entry.prompt)["prompt_embeds"],
             "index": torch.tensor(index),
         }
+        if entry.prior:  # a host-side flag (no device sync to read it): the step trains it towards the base model
+            item[PRIOR] = True
+        return item
 
 
-def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+PRIOR = "prior"  # the batch key of a `kind: prior` set's batch
+
+
+def collate(items: list[dict]) -> dict:
+    """The items' tensors stacked; a flag (PRIOR) as it is, the same for every item of a batch."""
+    return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
+            else items[0][key] for key in items[0]}

@@ -21,7 +21,7 @@ from .buckets import BucketBatchSampler, still_batch_sizes
 from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
 from .checks import NO_FILE, Problem, admission_problems, byte_duplicates, caption_problem
 from .images import check_validation_images, probe_sample, read_image
-from .sources import Clip, is_still, printable, read_dataset, with_trigger_words
+from .sources import Clip, data_sets, is_still, printable, read_dataset, read_set, with_trigger_words
 from .video import ClipProbe, DecodeSpec, geometry_notes, resized_size
 from .workers import isolated_map
 
@@ -157,7 +157,31 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
     target = Path(target)
     config = load_config(target, overrides) if target.suffix in (".yaml", ".yml") else None
     config, variant, tokens_skipped = _with_model(config)
+    if config is not None and config.data.sets:
+        return _per_set(config, variant, tokens_skipped, given, workers, started)
     data = config.data if config else DataConfig(path=given)
+    return _report(config, variant, tokens_skipped, data, given, workers, started)
+
+
+def _per_set(config: Config, variant: Variant | None, tokens_skipped: str | None, given: str, workers: int | None,
+             started: float) -> dict:
+    """`data.sets`: each set's report as its own (its buckets and caption prefix), with the totals over them; every
+    set's list is read (a set without clips refused by key) before any is probed."""
+    sets = data_sets(config.data)
+    for data_set in sets:
+        read_set(data_set, with_prefix=False)
+    parts = [{"set": data_set.key, "kind": "prior" if data_set.prior else "clips",
+              **({"weight": data_set.weight} if data_set.weight is not None else {"repeats": data_set.repeats}),
+              **_report(config.model_copy(update={"data": data_set.data}), variant, tokens_skipped, data_set.data,
+                        given, workers, started)} for data_set in sets]
+    return {"target": given, "sets": parts, **{key: sum(part[key] for part in parts)
+                                               for key in ("clips", "ok", "would_skip")},
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _report(config: Config | None, variant: Variant | None, tokens_skipped: str | None, data: DataConfig, given: str,
+            workers: int | None, started: float) -> dict:
+    """The doctor's report on one source (`data`)."""
     buckets = (variant or default_variant()).frame_buckets(data.num_frames, data.shortest_bucket)
     spec = DecodeSpec(buckets, *data.sizes[0], data.fps, data.resize, sizes=data.sizes)
     listed = read_dataset(data, with_prefix=False)  # read once: the trigger-word counts need the captions as written
@@ -217,7 +241,15 @@ def diagnose(target: str | Path, overrides: list[str] | None = None, workers: in
 
 
 def format_table(report: dict) -> str:
-    """The report for people: one line per file, then totals and histograms."""
+    """The report for people: one line per file, then totals and histograms (with `data.sets`, per set)."""
+    if "sets" in report:
+        lines = [f"cogft doctor: {report['target']}: {len(report['sets'])} sets, {report['clips']} clips, "
+                 f"{report['ok']} ok, {report['would_skip']} would be skipped ({report['seconds']:.1f} s)"]
+        for part in report["sets"]:
+            mixed = f"weight {part['weight']:g}" if "weight" in part else f"repeats {part['repeats']}"
+            lines += ["", f"== {part['set']} (kind: {part['kind']}, {mixed}): {part['clips']} clips, {part['ok']} "
+                          f"ok, {part['would_skip']} would be skipped ==", format_table(part)]
+        return "\n".join(lines)
     rows = report["files"]
     width = max([len(r["listed_at"]) for r in rows] + [9])
     lines = [

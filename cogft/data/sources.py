@@ -345,6 +345,44 @@ def read_dataset(data, with_prefix: bool = True) -> list[Clip]:
     return with_trigger_words(clips, data.caption_prefix) if with_prefix else clips
 
 
+@dataclass(frozen=True)
+class DataSet:
+    """One source of the run's data (`data.sets[i]`, or `data.path` alone): its own data section, as a run with it
+    alone would have it, and how it is mixed."""
+
+    key: str           # how messages name it: "data.sets[1]", or "data" for `data.path`
+    data: object       # the `data` section with this set's path, caption prefix and buckets, and no `sets`
+    index: int = 0
+    prior: bool = False           # `kind: prior`: trained towards the base model's prediction, not its clips
+    repeats: int = 1
+    weight: float | None = None   # the set's share of an epoch instead of `repeats`
+
+
+def data_sets(data) -> list[DataSet]:
+    """The sources of a `data` section: each of `data.sets`, or `data.path` as the one set."""
+    if not data.sets:
+        return [DataSet("data", data)]
+    return [DataSet(f"data.sets[{i}]", data.model_copy(update={
+        "path": s.path, "sets": None,
+        "caption_prefix": data.caption_prefix if s.caption_prefix is None else s.caption_prefix,
+        "buckets": data.buckets if s.buckets is None else s.buckets,
+    }), i, s.kind == "prior", s.repeats or 1, s.weight) for i, s in enumerate(data.sets)]
+
+
+def read_set(data_set: DataSet, with_prefix: bool = True) -> list[Clip]:
+    """A set's clips (`read_dataset`), refused by key where its list names none."""
+    try:
+        clips = read_dataset(data_set.data, with_prefix)
+    except DatasetLayoutError as error:
+        if data_set.key == "data":
+            raise
+        raise DatasetLayoutError(f"{data_set.key}.path: {str(error).removeprefix('data.path ')}") from None
+    if not clips and data_set.key != "data":  # data.path alone: the dataset's own "empty" error says more
+        raise DatasetLayoutError(f"{data_set.key}.path: {data_set.data.path} has no clips; list at least one, or "
+                                 f"remove the set")
+    return clips
+
+
 def with_trigger_words(clips: list[Clip], caption_prefix: str) -> list[Clip]:
     """Each caption behind the clip's `id_token` and then `caption_prefix`, as it is embedded."""
     return [replace(clip, caption=prefixed(prefixed(clip.caption, clip.id_token), caption_prefix)) for clip in clips]

@@ -77,6 +77,7 @@ class Estimate:
     sample_seconds: float                 # one validation video, exact
     sample_seconds_cached: float | None   # with `validation.cache: taylorseer`; None for other settings
     batch: tuple[int, int]                # (frames, samples) of the batch whose memory is the peak
+    prior_seconds_per_step: float | None = None  # a `kind: prior` batch's step: one more forward (LoRA; else None)
 
 
 def _counts(variant: Variant, config: Config) -> tuple[int, int]:
@@ -196,8 +197,9 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
     advice = peak.advice
     if advise and not peak.fits and peak.batch[0] == 1:
         advice = [f"lower data.image_batch_size ({peak.batch[1]} still images are the largest batch)", *advice]
-    return dataclasses.replace(peak, seconds_per_step=max(result.seconds_per_step for result in results),
-                               advice=advice)
+    slowest = max(results, key=lambda result: result.seconds_per_step)
+    return dataclasses.replace(peak, seconds_per_step=slowest.seconds_per_step, advice=advice,
+                               prior_seconds_per_step=slowest.prior_seconds_per_step)
 
 
 def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, batch: tuple[int, int]) -> Estimate:
@@ -250,6 +252,11 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
         seconds += 2 * checkpointed * elements * half / (OFFLOAD_GBS * 1e9 * gpu.bandwidth_tbs / 3.35)
     seconds += 28 * trainable / (gpu.bandwidth_tbs * 1e12)      # fused AdamW reads and writes its state
 
+    # a prior batch's target: one more forward, adapter off and without gradient (no activations kept)
+    prior = seconds + (flops.attention / attention_fwd + flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale)
+                       + layers * elements * (COMPILED_OVERHEAD_S_PER_ELEMENT if compiled else
+                                              EAGER_OVERHEAD_S_PER_ELEMENT)) if train.mode == "lora" else None
+
     advice = []
     fits = peak <= gpu.memory_gib
     if not fits and advise:
@@ -259,7 +266,8 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     cached = sample(taylorseer_full_steps(steps)) if config.validation.cache == "taylorseer" else None
     return Estimate(gpu.name, attention, round(peak, 2), round(seconds, 3), fits,
                     {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"],
-                    round(sample(steps), 1), None if cached is None else round(cached, 1), (frames, samples))
+                    round(sample(steps), 1), None if cached is None else round(cached, 1), (frames, samples),
+                    None if prior is None else round(prior, 3))
 
 
 def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: float, full_steps: int) -> float:

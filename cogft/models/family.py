@@ -348,8 +348,11 @@ class Variant(ABC):
         out). `cast_inputs`: hand the model its inputs in the variant's dtype (DeepSpeed turns autocast off)."""
 
     @abstractmethod
-    def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False) -> torch.Tensor:
-        """The training objective of `model` on `inputs` (fp32)."""
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+             target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The training objective of `model` on `inputs` (fp32). `target(x_t, t)`: a prediction, in `predict`'s
+        form, that the model is trained towards instead of the clean latents (a prior sample: the base model's own,
+        made without gradient); None: the clean latents, as always."""
 
     @abstractmethod
     def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:

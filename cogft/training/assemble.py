@@ -103,5 +103,6 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
                       max_grad_norm=config.train.max_grad_norm,
                       block_settings=(checkpointing, offload), condition_dropout=config.data.image_dropout,
                       caption_dropout=config.data.caption_dropout,
-                      empty_prompt=None if empty_prompt is None else empty_prompt.to(device))
+                      empty_prompt=None if empty_prompt is None else empty_prompt.to(device),
+                      prior_weight=config.data.prior_weight)
     return TrainingStep(parts), progress, loader

@@ -19,8 +19,9 @@ from ..config import Config, ConfigError
 from ..config_file import save_config
 from ..data.buckets import BucketBatchSampler, bucket_name, still_batch_sizes
 from ..data.cache import PreparedData, prepare, write_report
-from ..data.dataset import LatentDataset, collate
+from ..data.dataset import PRIOR, LatentDataset, collate
 from ..data.images import check_validation_images
+from ..data.mixing import epoch_mix
 from ..inference.check_export import check_export
 from ..inference.hub import check_run_push, push_run_export
 from ..models.attention import resolve_attention
@@ -155,11 +156,15 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         resume_from = self._open()
         prepared = gather_prepared(accelerator, config, self.variant, self.run_dir)
-        entries, held_out = split_holdout(prepared.entries, config.eval.holdout, config.train.seed)  # never trained on
+        clips = [e for e in prepared.entries if not e.prior]  # a prior set's samples are never held out
+        entries, held_out = split_holdout(clips, config.eval.holdout, config.train.seed)  # never trained on
+        entries += [e for e in prepared.entries if e.prior]
         self.dataset = LatentDataset(entries, config.train.seed)  # refuses an empty one before the model loads
+        mix = epoch_mix([e.set for e in entries], self.dataset.buckets, config.data, config.train.seed)
+        self.has_prior = any(e.prior for e in entries)
         sampler = BucketBatchSampler(self.dataset.buckets, config.train.batch_size, config.train.seed,
                                      still_batch_sizes(self.dataset.buckets, config.data.image_batch_size),
-                                     accelerator.num_processes)  # refuses too few samples before the model loads
+                                     accelerator.num_processes, mix)  # refuses too few samples before the model loads
         logger.info("batches per epoch: %d (%d short: every sample once per epoch); per bucket: %s", len(sampler),
                     sampler.short_batches(), sampler.describe())
         set_seed(config.train.seed)
@@ -194,6 +199,7 @@ class Trainer:
         buckets = Counter(self.dataset.buckets)
         init_trackers(accelerator, config, self.run_dir, {
             "clips": len(self.dataset), "held_out": len(held_out),
+            **({"sets": dict(Counter(f"data.sets[{e.set}]" for e in entries))} if config.data.sets else {}),
             "windows": sum(len(e.latents) for e in self.dataset.entries),
             "buckets": {bucket_name(bucket): buckets[bucket] for bucket in sorted(buckets, reverse=True)},
             "batches": sampler.describe(),
@@ -222,6 +228,7 @@ class Trainer:
         self.dataset.set_epoch(epoch)
         batches = accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         micro = 0  # micro-batch within the optimizer step (checkpoints fall on step boundaries)
+        kinds: dict[str, torch.Tensor] = {}  # the step's last clip batch's and prior batch's loss
         step_started = time.perf_counter()
         self.data_wait.fetching()
         for batch in batches:
@@ -233,6 +240,7 @@ class Trainer:
                                                self.topology.first_sample(self.sample_stride), size, accelerator.device)
                 micro += 1
                 loss = self.step.forward_backward(batch, generators)
+                kinds[PRIOR if batch.get(PRIOR) else "clips"] = loss
                 if not accelerator.sync_gradients:
                     self.data_wait.fetching()
                     continue
@@ -241,7 +249,8 @@ class Trainer:
                     self.ema.update(result.finite)
             micro = 0
             progress.global_step += 1
-            readout = StepReadout(**self._scalars(loss, result))
+            readout = StepReadout(**self._scalars(loss, result, kinds))
+            kinds = {}
             self._report(self.pending)  # the previous step's scalars are on the host by now
             self.pending = FinishedStep(progress.global_step, readout, batch["index"],
                                         self.variant.batch_geometry(batch),
@@ -254,13 +263,22 @@ class Trainer:
             self.data_wait.fetching()
         return False
 
-    def _scalars(self, loss: torch.Tensor, result) -> dict:
+    def _scalars(self, loss: torch.Tensor, result, kinds: dict[str, torch.Tensor]) -> dict:
         """The step's scalars, still on the device; a logged step also averages the loss over processes
-        (every process takes part in that reduction)."""
+        (every process takes part in that reduction). With a prior set, `loss` averages the clip batches' losses and
+        `loss/prior` the prior batches' (`kinds`: each kind's last on this process)."""
         scalars = dict(loss=loss, grad_norm=result.grad_norm, finite=result.finite, loss_scale=result.loss_scale)
         step = self.progress.global_step
         if step % self.config.tracking.log_every == 0 or step == self.config.train.max_steps:
-            scalars["mean_loss"] = self.accelerator.reduce(loss, reduction="mean")
+            if not self.has_prior:
+                scalars["mean_loss"] = self.accelerator.reduce(loss, reduction="mean")
+                return scalars
+            zero = torch.zeros((), device=loss.device)
+            parts = [value for kind in ("clips", PRIOR) for value in
+                     ((kinds[kind], zero + 1) if kind in kinds else (zero, zero))]
+            totals = self.accelerator.reduce(torch.stack(parts), reduction="sum")
+            scalars.update(mean_loss=totals[0] / totals[1], clip_batches=totals[1], prior_loss=totals[2] / totals[3],
+                           prior_batches=totals[3])
         return scalars
 
     def _report(self, finished: FinishedStep | None) -> None:
@@ -272,9 +290,17 @@ class Trainer:
         self.progress.skipped_steps = self.guard.total
         if "mean_loss" in values:
             metrics = step_metrics(self.accelerator, self.config, self.variant, finished, values, self.guard.total)
-            metrics["loss_smoothed"] = self.progress.loss_smoothed = self.smoothed.update(metrics["loss"])
+            if values.get("prior_batches"):
+                metrics["loss/prior"] = values["prior_loss"]
+            if values.get("clip_batches", 1):
+                metrics["loss_smoothed"] = self.progress.loss_smoothed = self.smoothed.update(metrics["loss"])
+            else:  # prior batches only: no clip loss this step, and the smoothed clip loss as it was
+                del metrics["loss"]
+                if self.progress.loss_smoothed is not None:
+                    metrics["loss_smoothed"] = self.progress.loss_smoothed
             self.accelerator.log(metrics, step=finished.step)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            self.bar.set_postfix(loss=f"{metrics.get('loss', metrics.get('loss/prior')):.4f}",
+                                 lr=f"{metrics['lr']:.2e}")
 
     def _step_boundary(self, stop: StopRequest) -> bool:
         """Checkpoint and validate when due; True when the run ends here (last step or a stop request)."""

@@ -73,7 +73,9 @@ def _charts(rows: list[dict], evals: list[dict]) -> list[_Chart]:
                 if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
 
     charts = [_Chart("loss", [("loss", "#9ab8d8", series("loss", rows)),
-                              ("loss_smoothed", "#1f4e9c", series("loss_smoothed", rows))]),
+                              ("loss_smoothed", "#1f4e9c", series("loss_smoothed", rows)),
+                              *([("loss/prior", "#b0489a", series("loss/prior", rows))]  # data.sets' prior batches
+                                if any("loss/prior" in row for row in rows) else [])]),
               _Chart("learning rate", [("lr", "#c05a1c", series("lr", rows))])]
     if evals:
         held_out = [("eval/loss", "#2a8a3e", series("eval/loss", evals))]

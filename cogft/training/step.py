@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from ..data.dataset import PRIOR
 from ..models.family import ModelInputs, TrainingDraws, Variant
+from ..models.modes import adapter_disabled
 from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
 
@@ -42,6 +44,7 @@ class StepParts:
     condition_dropout: float = 0.0                   # share of samples whose conditions (an image) are zeroed
     caption_dropout: float = 0.0                     # share of samples trained on the empty prompt
     empty_prompt: torch.Tensor | None = None         # its embedding [L, D], on the device (with caption_dropout)
+    prior_weight: float = 1.0                        # a prior batch's loss is scaled by it before its backward
 
 
 def drop_captions(prompt_embeds: torch.Tensor, empty: torch.Tensor, fraction: float,
@@ -71,22 +74,35 @@ class TrainingStep:
         if parts.caption_dropout and parts.empty_prompt is None:
             raise ValueError("caption dropout needs the empty prompt's embedding")
 
-    def loss(self, model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
-        """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one)."""
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs, prior: bool = False) -> torch.Tensor:
+        """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one);
+        `prior`: towards the base model's own prediction (`base_prediction`) instead of the clean latents."""
         # DeepSpeed's engine holds the model in fp16/bf16 and turns autocast off inside forward
-        return self.variant.loss(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed)
+        return self.variant.loss(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed,
+                                 target=self.base_prediction(model, inputs) if prior else None)
+
+    def base_prediction(self, model: torch.nn.Module, inputs: ModelInputs):
+        """A prior sample's target: `model`'s prediction at (x_t, t) with its adapter switched off, without
+        gradient (one more forward, no backward)."""
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with adapter_disabled(self.accelerator.unwrap_model(model)), torch.no_grad():
+                return self.variant.predict(model, x_t, t, inputs, self.deepspeed)
+        return predict
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
-        """Loss of one micro-batch (fp32, detached) after its backward pass."""
+        """Loss of one micro-batch (fp32, detached, unweighted) after its backward pass; a prior set's batch
+        (`batch[PRIOR]`) is trained towards the base model, its loss scaled by `prior_weight` for the backward."""
         draws = TrainingDraws(generators, self.parts.condition_dropout)
         inputs = self.variant.draw_inputs(batch, draws, self.parts.noise_scheduler)
         if self.parts.caption_dropout:  # drawn last: runs without it draw as before
             inputs.prompt_embeds = drop_captions(inputs.prompt_embeds, self.parts.empty_prompt,
                                                  self.parts.caption_dropout, generators)
-        loss = self.loss(self.transformer, inputs)
+        prior = bool(batch.get(PRIOR, False))
+        loss = self.loss(self.transformer, inputs, prior)
         if self.in_backward is not None:
             self.in_backward.begin(self.accelerator.sync_gradients)
-        self.accelerator.backward(self.scaler.scale(loss))
+        scaled = loss * self.parts.prior_weight if prior and self.parts.prior_weight != 1 else loss
+        self.accelerator.backward(self.scaler.scale(scaled))
         return loss.detach()
 
     def update(self, loss: torch.Tensor) -> UpdateResult:

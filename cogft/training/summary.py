@@ -16,6 +16,7 @@ from ..records import DamagedRecordError, is_kind
 from ..run_dir import (
     HTML_REPORT,
     METRICS_FILE,
+    REPORT_FILE,
     SAMPLES_DIR,
     best_record,
     complete_checkpoints,
@@ -103,6 +104,27 @@ def export_check_line(row: dict) -> str:
     return f"  export check: {describe(row)}: a match"
 
 
+def set_lines(config: Config, run_dir: Path, logged: list[dict]) -> list[str]:
+    """With `data.sets`: each set's clips as prepare kept them, its kind and mix, and the prior set's last loss."""
+    if not config.data.sets:
+        return []
+    try:
+        kept = json.loads((run_dir / REPORT_FILE).read_text().splitlines()[-1])["summary"]["sets"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):  # no report (yet): the config's sets alone
+        kept = {}
+    parts = []
+    for index, data_set in enumerate(config.data.sets):
+        key = f"data.sets[{index}]"
+        mixed = f"weight {data_set.weight:g}" if data_set.weight is not None else f"repeats {data_set.repeats or 1}"
+        parts.append(f"{key}: {kept.get(key, {}).get('kept', '?')} clips ({data_set.kind}, {mixed})")
+    lines = [f"  sets: {'; '.join(parts)}"]
+    priors = rows_with(logged, "loss/prior")
+    if priors:
+        lines.append(f"  loss/prior (towards the base model; x{config.data.prior_weight:g} in the step): "
+                     f"{priors[-1]['loss/prior']:.4g} at step {priors[-1]['step']}")
+    return lines
+
+
 def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     """A few lines for the end of `cogft train` (and a stop by Ctrl-C or SIGTERM)."""
     logged = logged_rows(run_dir)
@@ -111,6 +133,7 @@ def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
              f"step {rows[-1]['step'] if rows else 0} of {config.train.max_steps}, in {run_dir}"]
     if rows:
         lines.append(f"  loss (smoothed): {loss_progress(rows)}")
+    lines.extend(set_lines(config, run_dir, logged))
     evals = rows_with(logged, EVAL_KEY)
     if evals:
         lines.extend(eval_lines(run_dir, evals))

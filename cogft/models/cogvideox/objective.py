@@ -78,9 +78,15 @@ def diffusion_loss(
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
+    target_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The weighted x0 loss. `predict_velocity(x_t, t)` runs the transformer (prompt, positions, conditions bound)."""
+    """The weighted x0 loss. `predict_velocity(x_t, t)` runs the transformer (prompt, positions, conditions bound).
+    `target_velocity(x_t, t)`: the prediction to train towards instead (a prior sample's, the base model's), whose
+    x0 takes the clean latents' place; run first and without gradient."""
     x_t = scheduler.add_noise(x0, noise, t)
+    if target_velocity is not None:
+        with torch.no_grad():
+            x0 = scheduler.get_velocity(target_velocity(x_t, t).float(), x_t, t).float()
     v_hat = predict_velocity(x_t, t).float()
     x0_hat = scheduler.get_velocity(v_hat, x_t, t)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)

@@ -8,6 +8,7 @@ pipeline's configs, never from the path's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -293,9 +294,10 @@ class CogVideoXVariant(Variant):
                                                   inputs.conditions)
             return model(**kwargs, return_dict=False)[0]
 
-    def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+             target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         return diffusion_loss(lambda x_t, t: self.predict(model, x_t, t, inputs, cast_inputs), scheduler,
-                              inputs.x0, inputs.noise, inputs.timesteps)
+                              inputs.x0, inputs.noise, inputs.timesteps, target)
 
     def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
         """The diffusers CogVideoX example's step: global-RNG draws, the loss in the model's dtype until the end."""

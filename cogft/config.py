@@ -93,12 +93,12 @@ class ModelConfig(_Section):
         "too, as training rendered it)"))
     control: bool = Field(False, description=(
         "train a control model from a text-to-video one (2B, 5B, 1.5-5B): the patch embedding gets input channels for "
-        "a control video's latents, placed after the video's as the stock `CogVideoXFunControlPipeline` places them, "
+        "a control video's latents, placed after the video's as diffusers' CogVideoX-Fun control pipeline places them, "
         "with zero weights (step 0 predicts exactly what the base model does), and trains whole beside the LoRA (or "
         "with the rest in `sft`). Each clip needs a control video (`data.control`, `controls.txt`, "
         "`data.control_column`) and each validation prompt one (`validation.controls`). The export holds the LoRA "
-        "and the widened embedding (`trained_modules.safetensors`); `cogft export --merge` writes a "
-        "`CogVideoXFunControlPipeline` folder. CogVideoX 1.5 then takes 8k+5 frames (an even latent count: that "
+        "and the widened embedding (`trained_modules.safetensors`); `cogft export --merge` writes a folder that "
+        "control pipeline loads. CogVideoX 1.5 then takes 8k+5 frames (an even latent count: that "
         "pipeline pads none). A CogVideoX-Fun Control folder (`alibaba-pai/CogVideoX-Fun-V1.1-5b-Pose`) already takes "
         "control videos: leave this out for it"))
 

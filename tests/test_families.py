@@ -101,7 +101,7 @@ def test_no_file_under_cogft_knows_the_toy_family():
 def test_nothing_outside_models_knows_a_cogvideox_class_or_its_image_latents():
     """The trainer, data stack, inference and bench ask the family; CogVideoX lives in cogft/models/cogvideox/."""
     named = re.compile(r"\bCogVideoX\w*(Pipeline|Model|Mixin|Scheduler|Block|Processor)\b|AutoencoderKLCogVideoX"
-                       r"|image_mean|image_logvar|image_latents?\b")
+                       r"|image_mean|image_logvar|image_latents?\b|control_latents\b")
     found = [f"{path.relative_to(REPO)}: {match.group(0)}" for path, text in _sources(PACKAGE).items()
              if PACKAGE / "models" not in path.parents for match in [named.search(text)] if match]
     assert not found, found

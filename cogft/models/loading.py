@@ -17,6 +17,7 @@ from ..records import has_fields, read_json
 from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
 from .family import PipelineConfigs, Variant
 from .group_norm import spread_group_norms
+from .objective_options import Objective
 from .registry import reference_for, spec_for, spec_named
 
 _CONFIG_FILES = {"model_index": (None, "model_index.json"), "transformer": ("transformer", "config.json"),
@@ -76,10 +77,12 @@ def load_variant(path: str, dtype: str = "auto", revision: str | None = None, bu
 
 def load_for_config(config: Config, validates: bool = True) -> tuple[Config, Variant]:
     """The config's variant, and the config with the variant's native clip wherever `data.*` leaves it unset;
-    a clip size the variant cannot take, and (for work that `validates`) validation images it cannot use, are
-    refused by key before any work. Benchmarks and estimates render no validation prompt."""
+    a clip size the variant cannot take, a timestep range outside its schedule or an objective option it lacks,
+    and (for work that `validates`) validation images it cannot use, are refused by key before any work.
+    Benchmarks and estimates render no validation prompt."""
     variant = load_variant(config.model.path, config.model.dtype, config.model.revision)
     config = variant.resolve(config)
+    variant.check_objective(Objective.of(config.train))
     if validates:
         variant.check_validation_conditions(config.validation.prompts, config.validation.images)
     return config, variant

@@ -17,6 +17,7 @@ from ..models.adapters import setup_trainable
 from ..models.attention import set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.family import Variant
+from ..models.objective_options import Objective
 from ..optimizers import OPTIMIZERS, build_optimizer
 from ..tracking import trackers_for
 from .backends import (
@@ -102,5 +103,6 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
                       max_grad_norm=config.train.max_grad_norm,
                       block_settings=(checkpointing, offload), condition_dropout=config.data.image_dropout,
                       caption_dropout=config.data.caption_dropout,
-                      empty_prompt=None if empty_prompt is None else empty_prompt.to(device))
+                      empty_prompt=None if empty_prompt is None else empty_prompt.to(device),
+                      objective=Objective.of(config.train))
     return TrainingStep(parts), progress, loader

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..models.family import ModelInputs, TrainingDraws, Variant
+from ..models.objective_options import REFERENCE, Objective
 from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
 
@@ -42,6 +43,7 @@ class StepParts:
     condition_dropout: float = 0.0                   # share of samples whose conditions (an image) are zeroed
     caption_dropout: float = 0.0                     # share of samples trained on the empty prompt
     empty_prompt: torch.Tensor | None = None         # its embedding [L, D], on the device (with caption_dropout)
+    objective: Objective = REFERENCE                 # the timesteps drawn, the loss's form and weighting (train.*)
 
 
 def drop_captions(prompt_embeds: torch.Tensor, empty: torch.Tensor, fraction: float,
@@ -71,19 +73,21 @@ class TrainingStep:
         if parts.caption_dropout and parts.empty_prompt is None:
             raise ValueError("caption dropout needs the empty prompt's embedding")
 
-    def loss(self, model: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
-        """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one)."""
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs, objective: Objective = REFERENCE) -> torch.Tensor:
+        """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one),
+        with `objective`'s loss form and weighting (the evaluation's: the reference)."""
         # DeepSpeed's engine holds the model in fp16/bf16 and turns autocast off inside forward
-        return self.variant.loss(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed)
+        return self.variant.loss(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed,
+                                 objective=objective)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached) after its backward pass."""
-        draws = TrainingDraws(generators, self.parts.condition_dropout)
+        draws = TrainingDraws(generators, self.parts.condition_dropout, self.parts.objective)
         inputs = self.variant.draw_inputs(batch, draws, self.parts.noise_scheduler)
         if self.parts.caption_dropout:  # drawn last: runs without it draw as before
             inputs.prompt_embeds = drop_captions(inputs.prompt_embeds, self.parts.empty_prompt,
                                                  self.parts.caption_dropout, generators)
-        loss = self.loss(self.transformer, inputs)
+        loss = self.loss(self.transformer, inputs, self.parts.objective)
         if self.in_backward is not None:
             self.in_backward.begin(self.accelerator.sync_gradients)
         self.accelerator.backward(self.scaler.scale(loss))

@@ -239,3 +239,23 @@ def test_a_family_without_the_options_refuses_them_by_key():
         with pytest.raises(ConfigError, match=rf"{key}: toydit trains only its reference objective"):
             variant.check_objective(objective)
 
+
+def test_bench_times_a_masked_step_with_the_options(make_config, monkeypatch):
+    """`cogft bench --loss-mask`: the trainer's step on batches that carry a mask, with the config's options; the
+    flag is refused where no training step is timed."""
+    from cogft.bench.training import bench_setup, cogft_step
+    from cogft.cli import main
+    from cogft.models.cogvideox.spec import CogVideoXVariant
+
+    seen = []
+    loss = CogVideoXVariant.loss
+    monkeypatch.setattr(CogVideoXVariant, "loss", lambda self, model, inputs, scheduler, cast_inputs=False, **kw: (
+        seen.append((inputs.loss_mask, kw["objective"])) or loss(self, model, inputs, scheduler, cast_inputs, **kw)))
+    device, config, variant = bench_setup(make_config("train.batch_size=1", "train.loss=huber",
+                                                      "train.timestep_sampling=mode"))
+    run = cogft_step(config, variant, device, loss_mask=True)
+    run(0)
+    mask, objective = seen[-1]
+    assert run.loss_mask and mask.shape == (1, 3, 1, 8, 12)  # 9 frames at 64x96: the latent grid, over channels
+    assert objective.loss == "huber" and objective.timestep_sampling == "mode"
+    assert main(["bench", "--config", "configs/tiny-lora.yaml", "--loss-mask", "--sample"]) == 2

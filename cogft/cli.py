@@ -188,6 +188,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
     parser.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save and load")
+    parser.add_argument("--loss-mask", action="store_true", help="the step's batches carry a random loss mask (what "
+                                                                  "a masked dataset's step costs)")
     parser.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
     parser.add_argument("--eval", type=_positive_int, metavar="CLIPS",
                         help="time the held-out eval on this many clips against the training step")
@@ -201,6 +203,12 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
 
 def _bench(args) -> None:
     config = _config(args)
+    others = [flag for flag, on in (("--sample", args.sample), ("--eval", args.eval), ("--buckets", args.buckets),
+                                    ("--fp8-error", args.fp8_error)) if on]
+    if args.loss_mask and others:
+        from .config import ConfigError
+
+        raise ConfigError(f"--loss-mask times the training step with a masked loss; leave out {others[0]}")
     if args.sample:
         from .bench.sampling import bench_sample
 
@@ -224,7 +232,8 @@ def _bench(args) -> None:
     else:
         from .bench.training import bench
 
-        bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint)
+        bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint,
+              args.loss_mask)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ SEED_RANGE = dict(ge=0, lt=2**32)  # what every seeded library takes (numpy's is
 # stills in one batch, one forward pass: 64 at 480x720 feed about six 49-frame clips' tokens, each with its prompt
 # embedding (about 2 MB of host memory); 100000 ran the host out of memory
 IMAGE_BATCH_LIMIT = 64
+MODE_SCALE_MAX = 1.75  # 2/(π−2) ≈ 1.752 rounded down: beyond it `mode` sampling's map from u to t is not monotone
 
 
 SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[x×X]\s*(\d+)\s*$")
@@ -405,6 +406,44 @@ class TrainConfig(_Section):
         "with `accelerate_configs/deepspeed_zero2_offload.yaml` (the optimizer in host memory): `auto` = DeepSpeed's "
         "CPUAdam, compiled on first use (needs g++ and the Python headers), else torch's AdamW with a warning; "
         "`torch` = torch's AdamW, no compiler needed"))
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field("uniform", description=(
+        "which of the scheduler's timesteps (0 to 999 for CogVideoX; larger is noisier) each sample trains on: "
+        "`uniform` (every "
+        "one alike, the reference recipe), `logit_normal` (most in the middle of the range, fewer at both ends, as "
+        "SD3 trains; shaped by `train.logit_mean` / `train.logit_std`) or `mode` (a peak in the middle with heavy "
+        "tails, by `train.mode_scale`). The draw is seeded per sample, so a resume stays exact; the held-out eval "
+        "keeps its own fixed timesteps"))
+    logit_mean: float = Field(0.0, description=(
+        "`logit_normal`'s centre on the logit scale: 0 centres the draws on the middle of the range, a positive value "
+        "moves them towards noisier timesteps (composition and motion), a negative one towards cleaner ones (detail)"))
+    logit_std: float = Field(1.0, gt=0, description=(
+        "`logit_normal`'s spread on the logit scale: smaller concentrates the draws around the centre, larger spreads "
+        "them towards both ends"))
+    mode_scale: float = Field(1.29, ge=-1, le=MODE_SCALE_MAX, description=(
+        "`mode`'s shape: 0 is uniform, positive values favour the middle of the range (1.29, SD3's: the middle about "
+        "9× as often as the ends), negative ones the ends"))
+    min_timestep: int = Field(0, ge=0, description=(
+        "the lowest timestep trained (with `train.max_timestep`: train only part of the schedule, e.g. 0-400 for a "
+        "LoRA of fine detail and texture, 600-999 for coarse motion and composition). The sampler's shape is "
+        "squeezed into the range; a range outside the model's schedule is refused before prepare"))
+    max_timestep: int | None = Field(None, ge=0, description=(
+        "the highest timestep trained (see `train.min_timestep`); null: the schedule's last (999)"))
+    loss: Literal["mse", "huber"] = Field("mse", description=(
+        "the error on each latent element of the predicted clean latents: `mse` (squared, the reference recipe) or "
+        "`huber` (pseudo-Huber 2c·(√(r²+c²)−c): squared for small errors, growing only linearly for large ones, so "
+        "a few odd frames or clips pull the LoRA less)"))
+    huber_c: float = Field(0.1, gt=0, description=(
+        "`huber`'s constant c, in latent units: errors well below it count as squared, above it linearly; larger is "
+        "closer to `mse`"))
+    loss_weighting: Literal["reference", "none", "min_snr"] = Field("reference", description=(
+        "the weight of each sample's error by its timestep t (SNR = ᾱ_t/(1−ᾱ_t)): `reference` 1/(1−ᾱ_t), the "
+        "reference recipe (the velocity's squared error); `none` 1 (the clean latents' error: clean timesteps count "
+        "less); `min_snr` min(SNR, `train.min_snr_gamma`) (Min-SNR-γ for this v-prediction model: the nearly clean "
+        "timesteps, which dominate `reference`, capped: the Min-SNR paper's faster convergence; the last timestep, "
+        "where nothing of the clip is left, weighs 0). The held-out eval "
+        "scores with `mse` and `reference` whatever is set here, so runs that differ here compare on it"))
+    min_snr_gamma: float = Field(5.0, gt=0, description=(
+        "`min_snr`'s cap γ on the weight (5 as in the Min-SNR paper); smaller weighs noisy timesteps relatively more"))
 
     @model_validator(mode="before")
     @classmethod
@@ -423,6 +462,13 @@ class TrainConfig(_Section):
         if not isinstance(value, bool) and not 0 < value <= 1:
             raise ValueError("must be true, false or a fraction of the blocks in (0, 1], e.g. 0.25")
         return value
+
+    @model_validator(mode="after")
+    def _timestep_range(self) -> TrainConfig:
+        if self.max_timestep is not None and self.min_timestep > self.max_timestep:
+            raise ValueError(f"train.min_timestep={self.min_timestep} is above train.max_timestep={self.max_timestep}; "
+                             "give the lowest timestep to train as min and the highest as max (both are trained)")
+        return self
 
 
 class LoraConfig(_Section):

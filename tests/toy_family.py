@@ -33,6 +33,7 @@ from cogft.models.family import (
     Variant,
     VariantSpec,
 )
+from cogft.models.objective_options import REFERENCE, Objective
 from cogft.models.registry import register_family
 
 
@@ -198,7 +199,8 @@ class ToyVariant(Variant):
     def predict(self, model, x_t, timesteps, inputs: ModelInputs, cast_inputs: bool = False) -> torch.Tensor:
         return model(x_t, inputs.prompt_embeds, timesteps, return_dict=False)[0]
 
-    def loss(self, model, inputs: ModelInputs, scheduler, cast_inputs: bool = False, target=None) -> torch.Tensor:
+    def loss(self, model, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+             objective: Objective = REFERENCE, target=None) -> torch.Tensor:  # its own objective only
         sigma = (inputs.timesteps.float() / 1000).view(-1, 1, 1, 1, 1)
         x_t = (1 - sigma) * inputs.x0 + sigma * inputs.noise
         wanted = inputs.noise - inputs.x0

@@ -9,6 +9,7 @@ gradient checkpointing) in the same process, and prints the ratio. One JSON line
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import tempfile
@@ -24,7 +25,7 @@ from ..disk import folder_bytes
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
 from ..models.build import random_init
-from ..models.family import Variant
+from ..models.family import LOSS_MASK, Variant
 from ..models.flops import peak_tflops, step_flops
 from ..models.loading import load_for_config
 from ..training.backends import accelerator_on_cpu, backend_name
@@ -38,16 +39,19 @@ def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.devic
 
 
 def synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int,
-                    size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                    size: tuple[int, int] | None = None, loss_mask: bool = False) -> dict[str, torch.Tensor]:
     """A batch shaped like the cache's at `size` (default: the config's first), from the family
-    (`Variant.synthetic_batch`)."""
+    (`Variant.synthetic_batch`), with a random loss mask where `loss_mask` asks for one."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    return variant.synthetic_batch(config, config.train.batch_size, config.data.num_frames,
-                                   *(size or config.data.sizes[0]), generator)
+    batch = variant.synthetic_batch(config, config.train.batch_size, config.data.num_frames,
+                                    *(size or config.data.sizes[0]), generator)
+    if loss_mask:
+        batch[LOSS_MASK] = variant.synthetic_loss_mask(batch, generator)
+    return batch
 
 
-def cogft_step(config: Config, variant: Variant, device: torch.device):
-    """The trainer's path, assembled by the trainer's own `assemble_step`."""
+def cogft_step(config: Config, variant: Variant, device: torch.device, loss_mask: bool = False):
+    """The trainer's path, assembled by the trainer's own `assemble_step` (`loss_mask`: its batches carry one)."""
     from accelerate import Accelerator
 
     from ..training.assemble import assemble_step
@@ -56,7 +60,8 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
     transformer = random_transformer(variant, variant.dtype, device)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
-    batches = {size: synthetic_batch(config, variant, device, config.train.seed, size) for size in config.data.sizes}
+    batches = {size: synthetic_batch(config, variant, device, config.train.seed, size, loss_mask)
+               for size in config.data.sizes}
     batch = [batches[config.data.sizes[0]]]  # the one `run` trains on; `run.use(size)` switches the bucket
     step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler,
                                empty_prompt=torch.zeros_like(batch[0]["prompt_embeds"][0]))  # caption dropout's
@@ -86,6 +91,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device):
     run.use = use
     run.step = step
     run.backend = backend_name(accelerator)
+    run.loss_mask = loss_mask
     run.block_settings = step.parts.block_settings
     run.attention = attention_in_use(accelerator.unwrap_model(step.transformer))
     return run
@@ -180,6 +186,7 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
         peak = peak_tflops(row["device"])
         row["mfu"] = round(tflop / seconds / peak, 3) if peak else None
     row["backend"] = getattr(run, "backend", "plain")
+    row["loss_mask"] = getattr(run, "loss_mask", False)
     return row
 
 
@@ -304,13 +311,15 @@ def bench_prior(config: Config, warmup: int = 3, steps: int = 10,
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
-          profiled: bool = False, checkpoint: bool = False,
+          profiled: bool = False, checkpoint: bool = False, loss_mask: bool = False,
           emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+    """The plain recipe's step (`baseline`) and cogft's, one row each; `loss_mask`: cogft's batches carry a random
+    loss mask (the plain recipe has none)."""
     device, config, variant = bench_setup(config)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:
-        builds.append(("cogft", cogft_step))
+        builds.append(("cogft", functools.partial(cogft_step, loss_mask=loss_mask)))
     for name, build in builds:
         rows.append(_measure(name, build, config, variant, device, warmup, steps, profiled, checkpoint))
         emit(rows[-1])

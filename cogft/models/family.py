@@ -10,7 +10,9 @@ What a `Variant` answers, by stage:
   the prompt embedding (`embed_prompts`); the cache, dataset and sampler carry those keys without reading them;
 - training: `draw_inputs` turns a cached batch and the step's seeded draws into `ModelInputs`, `fixed_inputs`
   does it with fixed noise and timesteps (the held-out eval), `probe_inputs` for a given noisy input (the
-  export check, bench); `predict` runs one forward and `loss` the objective, for all of them;
+  export check, bench); `predict` runs one forward and `loss` the objective, for all of them; the objective's
+  options (`Objective`: timestep sampling, loss form and weighting) reach the draw through `TrainingDraws` and the
+  loss as its argument, in a family that offers them (`objective_options`), and a loss mask rides in `ModelInputs`;
 - sampling: the stock pipeline around in-memory parts (`assemble_pipeline`) and its conditioning arguments;
 - adapters: the diffusers LoRA format the pipeline class loads (`lora_format`);
 - blocks and attention: the transformer's `transformer_blocks` (checkpointing, offload, compile) and the
@@ -31,9 +33,13 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError
+from .objective_options import REFERENCE, Objective
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DATA_SIZE_KEYS = ("data.num_frames", "data.height", "data.width", "data.min_frames")
+# the batch key of a per-sample loss weight on the latent grid (values in [0, 1]; each family says its layout): the
+# data side caches it with the sample, the family's `draw_inputs` / `fixed_inputs` put it in `ModelInputs.loss_mask`
+LOSS_MASK = "loss_mask"
 
 
 class UnsupportedModelError(ConfigError):
@@ -71,15 +77,20 @@ class ModelInputs:
     timesteps: torch.Tensor
     prompt_embeds: torch.Tensor
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a weight per latent pixel, [B, F, 1, h, w] over x0's channels, values in [0, 1]: the loss is its weighted mean
+    # (`objective_options.masked_mean`), so a zero region gets no gradient; None: every element counts alike
+    loss_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class TrainingDraws:
     """What a step's seeded draws depend on beyond the batch: one generator per sample (keyed by the sample's place
-    in the global batch, so a resumed run and any split over processes draw alike) and the conditions' dropout."""
+    in the global batch, so a resumed run and any split over processes draw alike), the conditions' dropout and the
+    objective's timestep options (`Objective.timestep_sampling`, its parameters and range)."""
 
     generators: Sequence[torch.Generator]
     condition_dropout: float = 0.0
+    objective: Objective = REFERENCE
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,16 @@ class Variant(ABC):
     @property
     def needs_loss_scaling(self) -> bool:
         return self.dtype == torch.float16
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """The length of the training schedule (timesteps 0 .. T-1): the scheduler config's, else its class's
+        default."""
+        configured = self.configs.scheduler.get("num_train_timesteps")
+        if configured is None:
+            init = inspect.signature(self.spec.diffusers_class("scheduler").__init__)
+            configured = init.parameters["num_train_timesteps"].default
+        return int(configured)
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """Encoders and inference run in the variant's dtype on accelerators; CPUs get fp32 (half
@@ -316,6 +337,26 @@ class Variant(ABC):
         """The prompt embeddings [N, L, D] of `texts` through the pipeline's text encoder."""
 
     # training -------------------------------------------------------------------------------------
+    @property
+    def objective_options(self) -> bool:
+        """Whether `draw_inputs` and `loss` honour `Objective`'s options and `ModelInputs.loss_mask`; a family that
+        does not trains its reference objective alone, and any other choice is refused by key."""
+        return False
+
+    def check_objective(self, objective: Objective) -> None:
+        """Refuse, by key and before prepare, a timestep range outside the schedule or an option this family cannot
+        train with."""
+        schedule = self.num_train_timesteps
+        for key in ("min_timestep", "max_timestep"):
+            value = getattr(objective, key)
+            if value is not None and value >= schedule:
+                raise ConfigError(f"train.{key}={value}: {self.name}'s schedule has {schedule} timesteps; use 0 to "
+                                  f"{schedule - 1}")
+        departures = objective.departures()
+        if departures and not self.objective_options:
+            raise ConfigError(f"{departures[0]}: {self.name} trains only its reference objective (uniform timesteps "
+                              "over the whole schedule, its own loss); leave the key out")
+
     @abstractmethod
     def batch_geometry(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
         """(samples, frames, height, width) of a batch of cached samples, read from shapes (no device sync)."""
@@ -349,10 +390,11 @@ class Variant(ABC):
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+             objective: Objective = REFERENCE,
              target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The training objective of `model` on `inputs` (fp32). `target(x_t, t)`: a prediction, in `predict`'s
-        form, that the model is trained towards instead of the clean latents (a prior sample: the base model's own,
-        made without gradient); None: the clean latents, as always."""
+        """The training objective of `model` on `inputs` (fp32), with `objective`'s loss form and weighting.
+        `target(x_t, t)`: a prediction, in `predict`'s form, that the model is trained towards instead of the clean
+        latents (a prior sample: the base model's own, made without gradient); None: the clean latents, as always."""
 
     @abstractmethod
     def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
@@ -364,6 +406,10 @@ class Variant(ABC):
                         generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Random tensors shaped and typed as a batch of `encode_sample` entries and prompt embeddings, on the
         generator's device (bench)."""
+
+    def synthetic_loss_mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """A random `LOSS_MASK` for a synthetic batch, shaped as the cache carries it (`cogft bench --loss-mask`)."""
+        raise ConfigError(f"--loss-mask: {self.name} takes no loss mask")
 
     # sampling -------------------------------------------------------------------------------------
     def assemble_pipeline(self, transformer, vae, scheduler):

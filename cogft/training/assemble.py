@@ -17,6 +17,7 @@ from ..models.adapters import setup_trainable
 from ..models.attention import set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.family import Variant
+from ..models.objective_options import Objective
 from ..optimizers import OPTIMIZERS, build_optimizer
 from ..tracking import trackers_for
 from .backends import (
@@ -104,5 +105,5 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
                       block_settings=(checkpointing, offload), condition_dropout=config.data.image_dropout,
                       caption_dropout=config.data.caption_dropout,
                       empty_prompt=None if empty_prompt is None else empty_prompt.to(device),
-                      prior_weight=config.data.prior_weight)
+                      prior_weight=config.data.prior_weight, objective=Objective.of(config.train))
     return TrainingStep(parts), progress, loader

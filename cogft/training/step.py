@@ -14,6 +14,7 @@ import torch
 from ..data.dataset import PRIOR
 from ..models.family import ModelInputs, TrainingDraws, Variant
 from ..models.modes import adapter_disabled
+from ..models.objective_options import REFERENCE, Objective
 from .backends import uses_deepspeed, uses_fsdp
 from .bf16_adamw import BackwardAdamW
 
@@ -45,6 +46,7 @@ class StepParts:
     caption_dropout: float = 0.0                     # share of samples trained on the empty prompt
     empty_prompt: torch.Tensor | None = None         # its embedding [L, D], on the device (with caption_dropout)
     prior_weight: float = 1.0                        # a prior batch's loss is scaled by it before its backward
+    objective: Objective = REFERENCE                 # the timesteps drawn, the loss's form and weighting (train.*)
 
 
 def drop_captions(prompt_embeds: torch.Tensor, empty: torch.Tensor, fraction: float,
@@ -74,12 +76,14 @@ class TrainingStep:
         if parts.caption_dropout and parts.empty_prompt is None:
             raise ValueError("caption dropout needs the empty prompt's embedding")
 
-    def loss(self, model: torch.nn.Module, inputs: ModelInputs, prior: bool = False) -> torch.Tensor:
-        """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one);
-        `prior`: towards the base model's own prediction (`base_prediction`) instead of the clean latents."""
+    def loss(self, model: torch.nn.Module, inputs: ModelInputs, objective: Objective = REFERENCE,
+             prior: bool = False) -> torch.Tensor:
+        """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one),
+        with `objective`'s loss form and weighting (the evaluation's: the reference); `prior`: towards the base
+        model's own prediction (`base_prediction`) instead of the clean latents."""
         # DeepSpeed's engine holds the model in fp16/bf16 and turns autocast off inside forward
         return self.variant.loss(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed,
-                                 target=self.base_prediction(model, inputs) if prior else None)
+                                 objective=objective, target=self.base_prediction(model, inputs) if prior else None)
 
     def base_prediction(self, model: torch.nn.Module, inputs: ModelInputs):
         """A prior sample's target: `model`'s prediction at (x_t, t) with its adapter switched off, without
@@ -92,13 +96,13 @@ class TrainingStep:
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached, unweighted) after its backward pass; a prior set's batch
         (`batch[PRIOR]`) is trained towards the base model, its loss scaled by `prior_weight` for the backward."""
-        draws = TrainingDraws(generators, self.parts.condition_dropout)
+        draws = TrainingDraws(generators, self.parts.condition_dropout, self.parts.objective)
         inputs = self.variant.draw_inputs(batch, draws, self.parts.noise_scheduler)
         if self.parts.caption_dropout:  # drawn last: runs without it draw as before
             inputs.prompt_embeds = drop_captions(inputs.prompt_embeds, self.parts.empty_prompt,
                                                  self.parts.caption_dropout, generators)
         prior = bool(batch.get(PRIOR, False))
-        loss = self.loss(self.transformer, inputs, prior)
+        loss = self.loss(self.transformer, inputs, self.parts.objective, prior)
         if self.in_backward is not None:
             self.in_backward.begin(self.accelerator.sync_gradients)
         scaled = loss * self.parts.prior_weight if prior and self.parts.prior_weight != 1 else loss

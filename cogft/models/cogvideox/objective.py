@@ -5,6 +5,10 @@
     x0_hat = scheduler.get_velocity(v_hat, x_t, t)          # sqrt(a)·x_t − sqrt(1−a)·v_hat
     loss   = mean_b mean((1 / (1 − alphas_cumprod[t])) · (x0_hat − x0)²)
 
+That is the reference; the options (`objective_options.Objective`, the `train.*` keys) change which t are drawn
+(`draw_timestep`), the elementwise loss (squared or pseudo-Huber), its weighting (`loss_weights`) and, with a loss
+mask, the mean (a weighted mean over the latent grid).
+
 Image-to-video models also draw their image channels here (`draw_image_latents`, the reference recipe's
 noisy image and its dropout); the loss is the same (`image_to_video.py` binds them). Random draws come from an
 explicit generator so that a resumed run sees the same noise as an uninterrupted one. The loss is computed in fp32
@@ -17,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ..objective_options import REFERENCE, Objective, draw_timestep, elementwise_loss, masked_mean
 
 
 @dataclass
@@ -48,6 +54,7 @@ def draw_inputs(
     num_train_timesteps: int,
     generators: Sequence[torch.Generator],
     frame_multiple: int = 1,
+    objective: Objective = REFERENCE,
 ) -> TrainingInputs:
     """Sample x0 from the cached VAE distribution ([B, C, F, H, W]), the noise and the timesteps.
 
@@ -55,7 +62,8 @@ def draw_inputs(
     do not depend on how the batch is split over processes (2 ranks × 1 = 1 rank × 2).
     `frame_multiple` (CogVideoX 1.5's patch_size_t): x0 gets copies of its first latent frame in front
     until its frame count is a multiple, as the stock pipeline denoises one extra frame at the front;
-    the padded frame stays in the loss.
+    the padded frame stays in the loss. The timesteps follow `objective`'s sampling and range (uniform over the
+    whole schedule by default, the draw this always made).
     """
     if len(generators) != latent_mean.shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {latent_mean.shape[0]}")
@@ -68,8 +76,28 @@ def draw_inputs(
     eps = per_sample(lambda g: torch.randn(mean.shape[1:], generator=g, device=g.device))
     x0 = frames_first(sample_latent(mean, logvar, eps) * scaling_factor, frame_multiple)
     noise = per_sample(lambda g: torch.randn(x0.shape[1:], generator=g, device=g.device))
-    timesteps = per_sample(lambda g: torch.randint(0, num_train_timesteps, (), generator=g, device=g.device))
+    timesteps = per_sample(lambda g: draw_timestep(g, objective, num_train_timesteps))
     return TrainingInputs(x0, noise, timesteps)
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, objective: Objective = REFERENCE) -> torch.Tensor:
+    """Each sample's weight w_t on its x0 error, from ᾱ_t = alphas_cumprod[t] (fp32) and SNR_t = ᾱ_t / (1 − ᾱ_t).
+
+    With v-prediction, x0_hat − x0 = −sqrt(1 − ᾱ_t)·(v_hat − v), so w_t·(x0_hat − x0)² = w_t·(1 − ᾱ_t)·(v_hat − v)²:
+    - `reference`: w_t = 1 / (1 − ᾱ_t) = 1 + SNR_t, the reference recipes' weight: the plain v error;
+    - `none`: w_t = 1, the plain x0 error (low-noise timesteps, whose x0 error is small, count less);
+    - `min_snr`: w_t = min(SNR_t, γ), Min-SNR-γ (Hang et al. 2023) for an x0 loss, which on the v error is its
+      v-prediction form min(SNR_t, γ) / (SNR_t + 1): low-noise timesteps capped at γ, and 0 at a zero-terminal-SNR
+      schedule's last timestep (ᾱ = 0: nothing of x0 is left to predict from).
+    """
+    if objective.loss_weighting == "reference":
+        return 1.0 / (1.0 - alphas_cumprod[t])
+    if objective.loss_weighting == "none":
+        return torch.ones_like(alphas_cumprod[t])
+    if objective.loss_weighting == "min_snr":
+        alpha = alphas_cumprod[t]
+        return (alpha / (1.0 - alpha)).clamp(max=objective.min_snr_gamma)
+    raise ValueError(f"unknown loss weighting {objective.loss_weighting!r}")
 
 
 def diffusion_loss(
@@ -78,9 +106,13 @@ def diffusion_loss(
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
+    objective: Objective = REFERENCE,
+    loss_mask: torch.Tensor | None = None,
     target_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The weighted x0 loss. `predict_velocity(x_t, t)` runs the transformer (prompt, positions, conditions bound).
+    """The weighted x0 loss, mean_b w_t · mean(ρ(x0_hat − x0)) with ρ `objective`'s elementwise loss and w_t its
+    weighting (`loss_weights`); with a `loss_mask` [B, F, 1, h, w] each sample's mean is the mask-weighted one
+    (`masked_mean`). `predict_velocity(x_t, t)` runs the transformer (prompt, positions, conditions bound).
     `target_velocity(x_t, t)`: the prediction to train towards instead (a prior sample's, the base model's), whose
     x0 takes the clean latents' place; run first and without gradient."""
     x_t = scheduler.add_noise(x0, noise, t)
@@ -90,8 +122,8 @@ def diffusion_loss(
     v_hat = predict_velocity(x_t, t).float()
     x0_hat = scheduler.get_velocity(v_hat, x_t, t)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
-    weights = 1.0 / (1.0 - alphas_cumprod[t])
-    per_sample = ((x0_hat.float() - x0) ** 2).flatten(1).mean(dim=1)
+    weights = loss_weights(alphas_cumprod, t, objective)
+    per_sample = masked_mean(elementwise_loss(x0_hat.float() - x0, objective), loss_mask)
     return (weights * per_sample).mean()
 
 

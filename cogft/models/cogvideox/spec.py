@@ -17,7 +17,17 @@ import numpy as np
 import torch
 
 from ...config import Config, ConfigError
-from ..family import DATA_SIZE_KEYS, ClipSize, ModelInputs, PipelineConfigs, TrainingDraws, Variant, VariantSpec
+from ..family import (
+    DATA_SIZE_KEYS,
+    LOSS_MASK,
+    ClipSize,
+    ModelInputs,
+    PipelineConfigs,
+    TrainingDraws,
+    Variant,
+    VariantSpec,
+)
+from ..objective_options import REFERENCE, Objective
 from .attention import KernelAttnProcessor
 from .objective import diffusion_loss, draw_inputs, frames_first
 
@@ -250,14 +260,32 @@ class CogVideoXVariant(Variant):
         return (samples, (frames - 1) * self.vae_scale_temporal + 1, height * self.vae_scale_spatial,
                 width * self.vae_scale_spatial)
 
+    @property
+    def objective_options(self) -> bool:
+        return True
+
     def draw_inputs(self, batch: dict[str, torch.Tensor], draws: TrainingDraws, scheduler) -> ModelInputs:
         """x0 sampled from the cached latent distribution, the noise and the timesteps (`objective.draw_inputs`),
-        then the conditions' own draws (`draw_conditions`), in that order per sample."""
+        then the conditions' own draws (`draw_conditions`), in that order per sample; the batch's loss mask, if any."""
         drawn = draw_inputs(batch["latent_mean"], batch["latent_logvar"], self.scaling_factor,
-                            scheduler.config.num_train_timesteps, draws.generators, self.patch_size_t)
-        inputs = ModelInputs(drawn.x0, drawn.noise, drawn.timesteps, batch["prompt_embeds"])
+                            scheduler.config.num_train_timesteps, draws.generators, self.patch_size_t, draws.objective)
+        inputs = ModelInputs(drawn.x0, drawn.noise, drawn.timesteps, batch["prompt_embeds"],
+                             loss_mask=self.loss_mask(batch))
         inputs.conditions = self.draw_conditions(batch, draws, inputs.x0.shape[1])
         return inputs
+
+    def loss_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The batch's `LOSS_MASK` as the loss takes it: cached on the latent grid as the latents are, [B, 1, F', h, w]
+        (values in [0, 1]), it becomes [B, F, 1, h, w] in fp32 with the frames padded in front as x0's
+        (`frames_first`: the padded frame weighs as the first); None without one."""
+        mask = batch.get(LOSS_MASK)
+        if mask is None:
+            return None
+        latents = batch["latent_mean"].shape
+        if mask.shape != (latents[0], 1, *latents[2:]):
+            raise ValueError(f"{LOSS_MASK} {tuple(mask.shape)} does not lie on the latent grid of latents "
+                             f"{tuple(latents)}: expected {(latents[0], 1, *latents[2:])}")
+        return frames_first(mask.float(), self.patch_size_t)
 
     def draw_conditions(self, batch: dict[str, torch.Tensor], draws: TrainingDraws,
                         frames: int) -> dict[str, torch.Tensor]:
@@ -268,7 +296,8 @@ class CogVideoXVariant(Variant):
                      timestep: int) -> ModelInputs:
         x0 = frames_first(batch["latent_mean"].float() * self.scaling_factor, self.patch_size_t)
         noise = torch.randn(x0.shape[1:], generator=noise_generator)[None].to(x0.device)
-        inputs = ModelInputs(x0, noise, torch.tensor([timestep], device=x0.device), batch["prompt_embeds"])
+        inputs = ModelInputs(x0, noise, torch.tensor([timestep], device=x0.device), batch["prompt_embeds"],
+                             loss_mask=self.loss_mask(batch))
         inputs.conditions = self.fixed_conditions(batch, x0.shape[1])
         return inputs
 
@@ -295,9 +324,10 @@ class CogVideoXVariant(Variant):
             return model(**kwargs, return_dict=False)[0]
 
     def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+             objective: Objective = REFERENCE,
              target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         return diffusion_loss(lambda x_t, t: self.predict(model, x_t, t, inputs, cast_inputs), scheduler,
-                              inputs.x0, inputs.noise, inputs.timesteps, target)
+                              inputs.x0, inputs.noise, inputs.timesteps, objective, inputs.loss_mask, target)
 
     def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
         """The diffusers CogVideoX example's step: global-RNG draws, the loss in the model's dtype until the end."""
@@ -329,6 +359,12 @@ class CogVideoXVariant(Variant):
             "prompt_embeds": torch.randn((b, self.max_text_seq_length, self.text_embed_dim),
                                          generator=generator, device=device, dtype=self.dtype),
         }
+
+    def synthetic_loss_mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Weights in [0, 1] on the latent grid, [B, 1, F', h, w] in the variant's dtype."""
+        latents = batch["latent_mean"]
+        shape = (latents.shape[0], 1, *latents.shape[2:])
+        return torch.rand(shape, generator=generator, device=latents.device).to(self.dtype)
 
     # sampling -----------------------------------------------------------------------------------------
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,

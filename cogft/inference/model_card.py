@@ -16,6 +16,7 @@ from .. import __version__
 from ..config import Config
 from ..data.captions import prefixed, validation_texts
 from ..models.family import Variant
+from ..models.trained_modules import TRAINED_MODULES
 from ..run_dir import SAMPLES_DIR
 
 CARD_FILE = "README.md"
@@ -76,19 +77,24 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
     load = ('pipe.load_lora_weights("PATH_OR_REPO")  # this folder' if lora else
             f'pipe.transformer = {transformer_class}.from_pretrained("PATH_OR_REPO", torch_dtype=dtype)')
     image = ', image=load_image("start.png")' if from_image else ""
+    image += ', control_video=load_video("control.mp4")' if "control" in variant.conditions else ""
     prompt = prefixed((config.validation.prompts or ["a prompt"])[0], trigger)
     validated = (validation_texts(config) or [prompt])[0]  # the first validation prompt, as it was rendered
     source = base or config.model.path  # a local download is named by its Hub id, not by a path on one machine
-    snippet = [
-        "import torch",
-        f"from diffusers import {pipeline_class}" + (", " + transformer_class if not lora else ""),
-        *(["from diffusers.utils import load_image"] if from_image else []),
-        "",
-        f"dtype = torch.{str(variant.dtype).removeprefix('torch.')}",
-        f"pipe = {pipeline_class}.from_pretrained({_literal(source)}, torch_dtype=dtype)",
-        load,
-        f"video = pipe(prompt={_literal(prompt)}{image}).frames[0]",
-    ]
+    dtype = f"dtype = torch.{str(variant.dtype).removeprefix('torch.')}"
+    if lora and variant.trained_with_adapter:
+        snippet = _widened_snippet(variant, source, pipeline_class, transformer_class, dtype)
+    else:
+        snippet = [
+            "import torch",
+            f"from diffusers import {pipeline_class}" + (", " + transformer_class if not lora else ""),
+            "",
+            dtype,
+            f"pipe = {pipeline_class}.from_pretrained({_literal(source)}, torch_dtype=dtype)",
+        ]
+    readers = ((from_image, "load_image"), ("control" in variant.conditions, "load_video"))
+    snippet[1:1] = [f"from diffusers.utils import {reader}" for wanted, reader in readers if wanted]
+    snippet += [load, f"video = pipe(prompt={_literal(prompt)}{image}).frames[0]"]
     fence = "`" * max([3, *(len(run) + 1 for line in snippet for run in re.findall(r"`{3,}", line))])
     body = [
         f"# {what} of {_text(source)}",
@@ -125,6 +131,30 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
         body += ["", "## Validation sample", "",
                  f"[{SAMPLE_FILE}]({SAMPLE_FILE}): \"{_text(validated)}\", step {step}."]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _widened_snippet(variant: Variant, source: str, pipeline_class: str, transformer_class: str,
+                     dtype: str) -> list[str]:
+    """How a stock pipeline takes a LoRA whose model was widened (a control LoRA on a text-to-video model): the base
+    transformer with its wider input (left random by diffusers, then overwritten by `TRAINED_MODULES`), the pipeline's
+    scheduler, then the LoRA."""
+    scheduler_class = variant.spec.class_name("scheduler")
+    in_channels = variant.configs.transformer["in_channels"]
+    return [
+        "import torch",
+        f"from diffusers import {pipeline_class}, {scheduler_class}, {transformer_class}",
+        "from safetensors.torch import load_file",
+        "",
+        dtype,
+        f"# the base transformer, its input widened to {in_channels} channels; {TRAINED_MODULES} (this folder) holds",
+        "# the trained input weights",
+        f"transformer = {transformer_class}.from_pretrained({_literal(source)}, subfolder=\"transformer\", "
+        f"in_channels={in_channels}, low_cpu_mem_usage=False, ignore_mismatched_sizes=True, torch_dtype=dtype)",
+        f"transformer.load_state_dict(load_file(\"PATH_OR_REPO/{TRAINED_MODULES}\"), strict=False)",
+        f"scheduler = {scheduler_class}.from_pretrained({_literal(source)}, subfolder=\"scheduler\")",
+        f"pipe = {pipeline_class}.from_pretrained({_literal(source)}, transformer=transformer, scheduler=scheduler, "
+        "torch_dtype=dtype)",
+    ]
 
 
 def write_model_card(folder: Path, config: Config, variant: Variant, step: int, run_dir: Path) -> Path:

@@ -155,8 +155,9 @@ def test_bad_controls_skip_their_clips_with_the_reason(make_config, tmp_path):
     rows = [json.loads(line) for line in (run / "prepare_report.jsonl").read_text().splitlines()][:-1]
     found = {Path(row["clip"]).stem: (row["status"], row.get("problem")) for row in rows}
     assert found == {"bouncing_square": ("encoded", None), "fractal_zoom": ("skipped", "control_mismatch"),
-                     "game_of_life": ("skipped", "control_unreadable"), "test_pattern": ("skipped", "control_too_short"),
-                     "rotating_gradient": ("skipped", "no_control"), "wide_cellular": ("skipped", "control_missing")}
+                     "game_of_life": ("skipped", "control_unreadable"),
+                     "test_pattern": ("skipped", "control_too_short"), "rotating_gradient": ("skipped", "no_control"),
+                     "wide_cellular": ("skipped", "control_missing")}
     assert all("control" in row["reason"] for row in rows if row["status"] == "skipped")
     assert rows[0]["control"].endswith("rotating_gradient.mp4")
     with open(folder / "controls.txt", "a") as lines:

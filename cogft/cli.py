@@ -85,6 +85,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _unit_float(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be above 0 and at most 1")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -109,6 +116,11 @@ def _sample_args(parser: argparse.ArgumentParser) -> None:
                                         "as the training clips were)")
     parser.add_argument("--control", help="control models: the control video (read as the run read its clips' "
                                           "controls: the run's data.control extractor, if any, runs on it)")
+    parser.add_argument("--video", help="text-to-video models: a source video to restyle under the prompt (SDEdit, "
+                                        "through diffusers' video-to-video pipeline; read as the run read its clips)")
+    parser.add_argument("--strength", type=_unit_float, default=0.8,
+                        help="with --video: how far the source is noised before denoising (0: kept, 1: ignored; "
+                             "default 0.8)")
     parser.add_argument("--frames", type=_positive_int, help="frames, 4k+1 (default: the run's data.num_frames)")
     parser.add_argument("--height", type=_positive_int, help="pixels (default: the run's data.height, or its largest "
                                                              "data.buckets size)")
@@ -120,8 +132,8 @@ def _sample(args) -> None:
     from .inference.sampling import sample
 
     print(sample(args.source, args.prompt, args.out, args.steps, args.seed, args.guidance_scale, args.device,
-                 args.cache, image=args.image, control=args.control, frames=args.frames, height=args.height,
-                 width=args.width))
+                 args.cache, image=args.image, control=args.control, video=args.video, strength=args.strength,
+                 frames=args.frames, height=args.height, width=args.width))
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:

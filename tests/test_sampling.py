@@ -47,3 +47,31 @@ def test_render_reports_every_denoising_step_and_keeps_the_video(make_config):
     counted = render(pipe, variant, device, **kwargs, on_step=lambda: ticks.append(1))
     assert len(ticks) == 3
     assert np.array_equal(counted, render(pipe, variant, device, **kwargs))
+
+
+def test_a_source_video_is_restyled_as_far_as_its_strength_says(make_config):
+    """`cogft sample --video`: SDEdit through the stock video-to-video pipeline: the source video shapes the result,
+    `strength` says how many of the denoising steps run, and the models that take conditions have no such route."""
+    from pathlib import Path
+
+    from cogft.config import DataConfig
+    from cogft.data.control import read_frames
+
+    pipe, variant, embeds, negative = tiny_pipeline(make_config)
+    restyle = variant.video_to_video(pipe)
+    videos = Path(__file__).resolve().parent.parent / "data" / "videos"
+    calls = []
+    restyle.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def video(name: str, strength: float) -> np.ndarray:
+        source = read_frames(str(videos / name), 9, 64, 96, DataConfig(path="data"), "--video")
+        calls.clear()
+        return render(restyle, variant, torch.device("cpu"), num_frames=9, height=64, width=96, steps=10,
+                      guidance_scale=1.0, seed=0, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                      source_video=source, strength=strength)
+
+    square = video("bouncing_square.mp4", 0.5)
+    assert len(calls) == 5 and square.shape == (9, 64, 96, 3)
+    assert not np.array_equal(square, video("fractal_zoom.mp4", 0.5))
+    assert len(video("bouncing_square.mp4", 0.3)) == 9 and len(calls) == 3
+    assert load_variant("tiny://5b-i2v").video_to_video(pipe) is None

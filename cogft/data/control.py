@@ -86,17 +86,25 @@ def control_problem(clip_control: Path | None, data: DataConfig) -> Problem | No
     return None
 
 
-def read_control(path: str, num_frames: int, height: int, width: int, data: DataConfig, key: str,
-                 device: torch.device) -> list:
-    """A validation or `cogft sample` control video as PIL frames of the video's size and length: picked by
-    timestamp at `data.fps`, resized and cropped as clips are, and run through `data.control`'s extractor; refused
-    by `key` where it cannot be read or is too short."""
+def read_frames(path: str, num_frames: int, height: int, width: int, data: DataConfig, key: str) -> list:
+    """A video as PIL frames of a video's size and length, picked by timestamp at `data.fps` and resized and cropped
+    as clips are (a validation or `cogft sample` control video, a `--video` to restyle); refused by `key` where it
+    cannot be read or is too short."""
     from PIL import Image
 
     decoded = decode_clip(path, DecodeSpec((num_frames,), height, width, data.fps, data.resize))
     if decoded.problem is not None:
         raise ConfigError(f"{key}: {path}: {decoded.problem.detail}")
-    frames = decoded.frames
-    if data.control is not None:
-        frames = extract_control(frames, data, device)
-    return [Image.fromarray(frame) for frame in frames]
+    return [Image.fromarray(frame) for frame in decoded.frames]
+
+
+def read_control(path: str, num_frames: int, height: int, width: int, data: DataConfig, key: str,
+                 device: torch.device) -> list:
+    """`read_frames`, then `data.control`'s extractor (a source video, read as a clip's control is made)."""
+    from PIL import Image
+
+    frames = read_frames(path, num_frames, height, width, data, key)
+    if data.control is None:
+        return frames
+    extracted = extract_control(np.stack([np.asarray(frame) for frame in frames]), data, device)
+    return [Image.fromarray(frame) for frame in extracted]

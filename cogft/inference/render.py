@@ -25,10 +25,12 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, height: int, width: int,
            steps: int, guidance_scale: float, seed: int, prompt: str | None = None,
            prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-           image=None, control=None, cache: str = "none", on_step: Callable[[], None] | None = None):
+           image=None, control=None, source_video=None, strength: float = 0.8, cache: str = "none",
+           on_step: Callable[[], None] | None = None):
     """Denoise under the variant's autocast, then decode outside it; returns float frames [F, H, W, 3].
     `image`: the conditioning image of image-to-video models (a PIL image at the video's size); `control`: a
-    control model's control video (PIL frames at the video's size and length). `on_step` is
+    control model's control video (PIL frames at the video's size and length); `source_video`: PIL frames to render
+    from (SDEdit to `strength`, through the variant's `video_to_video` pipeline, which `pipe` then is). `on_step` is
     called after each denoising step (a progress bar's update).
 
     The seeded generator lives on `device`: a scheduler that draws fresh noise every step (CogVideoX's DPM) would
@@ -45,8 +47,14 @@ def render(pipe, variant: Variant, device: torch.device, *, num_frames: int, hei
         conditioning["callback_on_step_end"] = lambda _pipe, _i, _t, tensors: (on_step(), tensors)[1]
     try:
         with torch.no_grad(), _autocast(device, variant.dtype):
-            latents = variant.render_latents(pipe, conditioning, num_frames=num_frames, height=height, width=width,
-                                             steps=steps, guidance_scale=guidance_scale, generator=generator)
+            if source_video is not None:
+                latents = variant.render_from_video(pipe, conditioning, source_video, strength, height=height,
+                                                    width=width, steps=steps, guidance_scale=guidance_scale,
+                                                    generator=generator)
+            else:
+                latents = variant.render_latents(pipe, conditioning, num_frames=num_frames, height=height,
+                                                 width=width, steps=steps, guidance_scale=guidance_scale,
+                                                 generator=generator)
     finally:
         if approximate is not None:
             pipe.transformer.disable_cache()

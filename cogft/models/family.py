@@ -431,6 +431,16 @@ class Variant(ABC):
                        steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
         """Denoise through the pipeline to the latents of `num_frames` frames (padding dropped)."""
 
+    def video_to_video(self, pipe):
+        """A pipeline that renders from a source video (SDEdit: the video noised to `strength`, then denoised under
+        the prompt) around `pipe`'s components, for `cogft sample --video`; None where the variant has none."""
+        return None
+
+    def render_from_video(self, pipe, conditioning: dict[str, Any], video: list, strength: float, *, height: int,
+                          width: int, steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+        """Denoise `video_to_video`'s pipeline from `video` (PIL frames at the size) to latents."""
+        raise NotImplementedError(f"{self.name} renders from a prompt, not from a video")
+
     @abstractmethod
     def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
         """Latents to float frames [F, H, W, 3] in [0, 1]."""

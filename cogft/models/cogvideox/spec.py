@@ -77,6 +77,7 @@ class CogVideoXSpec(VariantSpec):
     rotary: bool = False              # 3D RoPE (5B) or sincos positions (2B)
     patch_size_t: int | None = None   # CogVideoX 1.5 patches latent frames in pairs
     pipeline_class: str = "CogVideoXPipeline"
+    video_to_video_class: str = "CogVideoXVideoToVideoPipeline"  # SDEdit from a source video (`cogft sample --video`)
     transformer_class: str = "CogVideoXTransformer3DModel"
     vae_class: str = "AutoencoderKLCogVideoX"
     scheduler_class: str = "CogVideoXDPMScheduler"
@@ -385,6 +386,26 @@ class CogVideoXVariant(Variant):
                        max_sequence_length=self.max_text_seq_length).frames
         # the pipeline returns latents with the frames it padded for patch_size_t still in front (CogVideoX 1.5)
         return latents[:, self.padded_latent_frames(num_frames) - self.latent_frames(num_frames):]
+
+    def video_to_video(self, pipe):
+        """The stock video-to-video pipeline around a text-to-video pipeline's components; None for the models that
+        take an image or a control video beside the prompt."""
+        if self.conditions:
+            return None
+        import diffusers
+
+        video = getattr(diffusers, self.spec.video_to_video_class)(
+            tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, transformer=pipe.transformer,
+            scheduler=pipe.scheduler)
+        video.set_progress_bar_config(disable=True)
+        return video
+
+    def render_from_video(self, pipe, conditioning: dict[str, Any], video: list, strength: float, *, height: int,
+                          width: int, steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+        latents = pipe(**conditioning, video=video, strength=strength, height=height, width=width,
+                       num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                       output_type="latent", max_sequence_length=self.max_text_seq_length).frames
+        return latents[:, self.padded_latent_frames(len(video)) - self.latent_frames(len(video)):]
 
     def decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
         with torch.no_grad():

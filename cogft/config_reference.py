@@ -59,6 +59,8 @@ def type_text(annotation: object, metadata: list) -> str:
     min_length = next((m.min_length for m in metadata if isinstance(m, at.MinLen)), 0)
     if origin is list:
         return f"list of {type_text(args[0], [])}s" + (f", at least {min_length}" if min_length else "")
+    if origin is dict:
+        return "mapping of names to values"
     name = _NAMES[annotation]
     if annotation is str:
         return f"{name}, not empty" if min_length else name
@@ -74,6 +76,8 @@ def default_text(field: FieldInfo) -> str:
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, list):
         return f"[{', '.join(map(str, value))}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
     if isinstance(value, float):  # as YAML reads it back: 1.0, 0.0001, 1e-8
         text = f"{value:g}".replace("e-0", "e-")
         return text if any(c in text for c in ".e") else f"{text}.0"

@@ -17,9 +17,11 @@ is imported here, and torch and the optimizers' packages only inside the builder
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -251,9 +253,15 @@ def probe_state_bytes(cls: type, args: dict[str, Any]) -> float | None:
     return sum(t.numel() * t.element_size() for t in tensors) / weight.numel()
 
 
+@functools.lru_cache(maxsize=8)
+def _measured(path: str, args: str) -> float | None:
+    """`probe_state_bytes` once per optimizer and arguments (the memory planner estimates many settings)."""
+    return probe_state_bytes(imported_class(path), json.loads(args))
+
+
 def _imported_entry(path: str, args: dict[str, Any]) -> OptimizerEntry:
     cls = imported_class(path)
-    measured = probe_state_bytes(cls, args)
+    measured = _measured(path, json.dumps(args, sort_keys=True))
 
     def build(params, settings, train, device, offloaded):
         return cls(params, **settings)

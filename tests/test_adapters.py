@@ -76,44 +76,46 @@ def trained_prediction(run: Path, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 STOCK_PREDICT = r"""
 import sys, torch
 from diffusers import CogVideoXPipeline
+from safetensors.torch import load_file, save_file
 pipe = CogVideoXPipeline.from_pretrained(sys.argv[1], dtype=torch.float32)
-inputs = dict(__import__("safetensors.torch").torch.load_file(sys.argv[3]))
-pipe.load_lora_weights(sys.argv[2])
-layer = pipe.transformer.transformer_blocks[0].attn1.to_q
-adapter = next(iter(layer.scaling))
-with torch.no_grad():
-    tuned = pipe.transformer(**inputs, return_dict=False)[0].float()
+inputs = load_file(sys.argv[2])
+for name, folder in zip(("lora", "dora"), sys.argv[4:]):
+    pipe.load_lora_weights(folder, adapter_name=name)
+    pipe.set_adapters(name)
+    layer = pipe.transformer.transformer_blocks[0].attn1.to_q
+    with torch.no_grad():
+        tuned = pipe.transformer(**inputs, return_dict=False)[0].float()
+    save_file({"tuned": tuned.contiguous()}, f"{sys.argv[3]}/{name}.safetensors")
+    print(layer.scaling[name], bool(layer.use_dora[name]))
 assert "cogft" not in sys.modules
-__import__("safetensors.torch").torch.save_file({"tuned": tuned.contiguous()}, sys.argv[4])
-print(layer.scaling[adapter], bool(getattr(layer, "use_dora", {}).get(adapter)))
 """
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_lora_and_dora_exports_load_in_a_stock_pipeline_without_cogft(runs, kind, tmp_path):
-    """The plain export, read by `CogVideoXPipeline.load_lora_weights` in a process that cannot import cogft,
-    predicts what cogft's own trained model predicts (rsLoRA's alpha/sqrt(r) and DoRA's magnitudes honoured)."""
+def test_lora_and_dora_exports_load_in_a_stock_pipeline_without_cogft(runs, tmp_path):
+    """The plain exports, read by `CogVideoXPipeline.load_lora_weights` in a process that cannot import cogft,
+    predict what cogft's own trained models predict (rsLoRA's alpha/sqrt(r) and DoRA's magnitudes honoured)."""
     from cogft.inference.export import export
     from cogft.models.loading import resolve_model_path
 
-    folder = export(str(runs[kind]), str(tmp_path / "export"))
-    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    folders = [export(str(runs[kind]), str(tmp_path / kind)) for kind in ("lora", "dora")]
+    assert all((folder / "pytorch_lora_weights.safetensors").is_file() for folder in folders)
     inputs = probe_input()
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
     result = subprocess.run(
-        [sys.executable, "-c", STOCK_PREDICT, resolve_model_path("tiny://2b"), str(folder),
-         str(tmp_path / "inputs.safetensors"), str(tmp_path / "out.safetensors")],
+        [sys.executable, "-c", STOCK_PREDICT, resolve_model_path("tiny://2b"), str(tmp_path / "inputs.safetensors"),
+         str(tmp_path), *map(str, folders)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, cwd="/",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    scaling, dora = result.stdout.split()[-2:]
-    assert float(scaling) == pytest.approx(8 / 4 ** 0.5 if kind == "lora" else 8 / 4)  # rsLoRA's / plain scaling
-    assert (dora == "True") == (kind == "dora")
-    stock = load_file(tmp_path / "out.safetensors")["tuned"]
-    trained, base = trained_prediction(runs[kind], inputs)
-    effect = (trained - base).norm()
-    assert effect > 1e-3 * base.norm()  # the adapter changes the output
-    assert (stock - trained).norm() < 0.02 * effect  # the export's weights are fp16 (the 2B's dtype)
+    printed = result.stdout.split()[-4:]
+    assert float(printed[0]) == pytest.approx(8 / 4 ** 0.5) and printed[1] == "False"  # rsLoRA's alpha / sqrt(r)
+    assert float(printed[2]) == pytest.approx(8 / 4) and printed[3] == "True"  # DoRA, alpha / r
+    for kind in ("lora", "dora"):
+        stock = load_file(tmp_path / f"{kind}.safetensors")["tuned"]
+        trained, base = trained_prediction(runs[kind], inputs)
+        effect = (trained - base).norm()
+        assert effect > 1e-3 * base.norm()  # the adapter changes the output
+        assert (stock - trained).norm() < 0.02 * effect  # the export's weights are fp16 (the 2B's dtype)
 
 
 @pytest.mark.parametrize("kind", TYPES)
@@ -168,29 +170,32 @@ def test_sample_and_resume_read_peft_files(runs, tmp_path):
 
 
 def test_lora_plus_gives_b_its_ratio_of_the_learning_rate(make_config):
+    """Read back from each optimizer of the table that runs here (and an import-path one): B at ratio × lr."""
     from diffusers import CogVideoXTransformer3DModel
 
     from cogft.models.adapters import optimizer_groups, setup_trainable
     from cogft.models.loading import resolve_model_path
     from cogft.optimizers import OPTIMIZERS, Launch, build_optimizer
 
-    for kind in ("lora", "dora"):
-        config = make_config("lora.plus_ratio=16", "train.learning_rate=2e-4", f"lora.type={kind}")
-        transformer = CogVideoXTransformer3DModel.from_pretrained(resolve_model_path("tiny://2b"),
-                                                                  subfolder="transformer")
-        params = setup_trainable(transformer, config)
-        names = {id(p): name for name, p in transformer.named_parameters()}
-        for name in ("adamw", "prodigy"):
-            if OPTIMIZERS[name].problem(Launch(device="cpu", variant="tiny", dtype=torch.float16)):
-                continue  # prodigy without its package
-            optimizer = build_optimizer(config.train.model_copy(update={"optimizer": name}),
-                                        optimizer_groups(transformer, config, params), torch.device("cpu"))
-            rest, b = optimizer.param_groups
-            assert b["lr"] == pytest.approx(16 * rest["lr"]) and rest["lr"] == pytest.approx(2e-4)
-            assert {names[id(p)].split(".")[-3] for p in b["params"]} == {"lora_B"}
-            kept = {names[id(p)].split(".")[-3] for p in rest["params"]}
-            assert kept == ({"lora_A", "lora_magnitude_vector"} if kind == "dora" else {"lora_A"})
-            assert len(b["params"]) + len(rest["params"]) == len(params)
+    names = [*OPTIMIZERS, "torch.optim.Adafactor"]
+    for kind, name in [(kind, name) for kind in ("lora", "dora") for name in names]:
+        entry = OPTIMIZERS.get(name)
+        if entry is not None and entry.problem(Launch(device="cpu", variant="tiny", dtype=torch.bfloat16)):
+            continue  # adamw8bit needs a GPU, prodigy its package
+        config = make_config("lora.plus_ratio=16", "train.learning_rate=2e-4", f"lora.type={kind}",
+                             f"train.optimizer={name}")
+        bf16 = entry is not None and entry.bf16_weights
+        transformer = CogVideoXTransformer3DModel.from_pretrained(
+            resolve_model_path("tiny://2b"), subfolder="transformer", dtype=torch.bfloat16 if bf16 else None)
+        params = setup_trainable(transformer, config, fp32_master=not bf16)
+        names_of = {id(p): n for n, p in transformer.named_parameters()}
+        optimizer = build_optimizer(config.train, optimizer_groups(transformer, config, params), torch.device("cpu"))
+        rest, b = optimizer.param_groups
+        assert b["lr"] == pytest.approx(16 * rest["lr"]) and rest["lr"] == pytest.approx(2e-4), name
+        assert {names_of[id(p)].split(".")[-3] for p in b["params"]} == {"lora_B"}
+        kept = {names_of[id(p)].split(".")[-3] for p in rest["params"]}
+        assert kept == ({"lora_A", "lora_magnitude_vector"} if kind == "dora" else {"lora_A"})
+        assert len(b["params"]) + len(rest["params"]) == len(params)
     config = make_config("train.learning_rate=2e-4")
     transformer = CogVideoXTransformer3DModel.from_pretrained(resolve_model_path("tiny://2b"), subfolder="transformer")
     params = setup_trainable(transformer, config)

@@ -13,7 +13,7 @@ for: it refuses the folder rather than loading nothing. peft (or `cogft export -
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -162,8 +162,9 @@ def adapter_in_dtype(transformer: torch.nn.Module, dtype: torch.dtype) -> Iterat
     kept = [p.data for p in trained]
     for param in trained:
         param.data = param.data.to(dtype)
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before it a compiled block recompiles
     try:
-        with torch.compiler.set_stance("force_eager"):
+        with stance("force_eager") if stance is not None else nullcontext():
             yield
     finally:
         for param, data in zip(trained, kept):

@@ -289,7 +289,7 @@ class TrainConfig(_Section):
             "not import or is no `torch.optim.Optimizer`) is refused before prepare, naming the fix"))
     optimizer_args: dict[str, Any] = Field({}, description=(
         "keyword arguments of an import-path `train.optimizer`, e.g. `{beta2_decay: -0.8, eps: [null, 0.001]}` for "
-        "`torch.optim.Adafactor`; checked against its signature before prepare. The named optimizers take their "
+        "`torch.optim.Adafactor`; checked before prepare against its signature and by building it once on a small CPU weight (a value it refuses is refused by key). The named optimizers take their "
         "settings from the `train.*` keys instead (refused here)"))
     cpu_adam: Literal["auto", "torch"] = Field("auto", description=(
         "with `accelerate_configs/deepspeed_zero2_offload.yaml` (the optimizer in host memory): `auto` = DeepSpeed's "
@@ -331,7 +331,7 @@ class TrainConfig(_Section):
                                  "(learning_rate, adam_beta1/2, adam_epsilon, weight_decay); optimizer_args is for an "
                                  "import-path optimizer such as torch.optim.Adafactor: leave it empty")
             return value
-        check_arguments(imported_class(name), value)
+        check_arguments(imported_class(name), value, info.data.get("learning_rate", 1e-4))
         return value
 
     @field_validator("gradient_checkpointing")

@@ -222,17 +222,25 @@ def imported_class(path: str) -> type:
     return found
 
 
-def check_arguments(cls: type, args: dict[str, Any]) -> None:
-    """Refuse keyword arguments `cls` does not take, and those the config sets itself (`params`, `lr`)."""
+def check_arguments(cls: type, args: dict[str, Any], lr: float) -> None:
+    """Refuse keyword arguments `cls` does not take, those the config sets itself (`params`, `lr`), and values its
+    constructor rejects (built once over a small CPU weight; a ValueError or TypeError is an argument's)."""
     own = sorted({"params", "lr"} & set(args))
     if own:
         raise ValueError(f"{', '.join(own)}: set by cogft (the trained weights, train.learning_rate); leave "
                          f"{' and '.join(own)} out")
     try:
-        inspect.signature(cls).bind([], lr=1.0, **args)
+        inspect.signature(cls).bind([], lr=lr, **args)
     except TypeError as error:
         raise ValueError(f"{cls.__module__}.{cls.__name__} does not take these arguments ({error}); it takes "
                          f"{inspect.signature(cls)}") from None
+    import torch
+
+    try:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=lr, **args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{cls.__module__}.{cls.__name__} refuses these arguments with train.learning_rate={lr}: "
+                         f"{error}") from None
 
 
 def probe_state_bytes(cls: type, args: dict[str, Any]) -> float | None:

@@ -239,6 +239,8 @@ def test_an_import_path_optimizer_trains_and_resumes_bit_exactly(make_config):
      "train.optimizer_args", "it takes"),
     (["train.optimizer=torch.optim.Adafactor", "train.optimizer_args={lr: 0.1}"], "train.optimizer_args",
      "train.learning_rate"),
+    (["train.optimizer=torch.optim.Adafactor", "train.optimizer_args={beta2_decay: 0.5}"], "train.optimizer_args",
+     "beta2_decay should be <= 0"),
     (["train.optimizer_args={eps: 0.1}"], "train.optimizer_args", "train.* keys"),
     (["lora.type=loha", "lora.rslora=true"], "lora", "lora.rslora"),
     (["lora.type=lokr", "lora.plus_ratio=16"], "lora", "lora.plus_ratio"),

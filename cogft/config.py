@@ -289,8 +289,9 @@ class TrainConfig(_Section):
             "not import or is no `torch.optim.Optimizer`) is refused before prepare, naming the fix"))
     optimizer_args: dict[str, Any] = Field({}, description=(
         "keyword arguments of an import-path `train.optimizer`, e.g. `{beta2_decay: -0.8, eps: [null, 0.001]}` for "
-        "`torch.optim.Adafactor`; checked before prepare against its signature and by building it once on a small CPU weight (a value it refuses is refused by key). The named optimizers take their "
-        "settings from the `train.*` keys instead (refused here)"))
+        "`torch.optim.Adafactor`; checked before prepare against its signature and by building it once on a small "
+        "CPU weight (a value it refuses is refused by key). The named optimizers take their settings from the "
+        "`train.*` keys instead (refused here)"))
     cpu_adam: Literal["auto", "torch"] = Field("auto", description=(
         "with `accelerate_configs/deepspeed_zero2_offload.yaml` (the optimizer in host memory): `auto` = DeepSpeed's "
         "CPUAdam, compiled on first use (needs g++ and the Python headers), else torch's AdamW with a warning; "

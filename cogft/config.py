@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
-from .optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+from .optimizers import CLASS_PATH, DEFAULT_OPTIMIZER, OPTIMIZERS, check_arguments, imported_class
 
 
 class ConfigError(ValueError):
@@ -397,11 +397,19 @@ class TrainConfig(_Section):
         "stays exact); validation videos and the export use it, and the trained weights are exported beside it in "
         "`raw/lora/` or `raw/transformer/`. Checkpoints hold the trained weights. Not with DeepSpeed or FSDP (refused "
         "by key); null: off"))
-    optimizer: Literal[tuple(OPTIMIZERS)] = Field(  # the names of the optimizer table
+    optimizer: str = Field(  # a name of the optimizer table, or an import path
         DEFAULT_OPTIMIZER, description=" ".join(entry.describe() for entry in OPTIMIZERS.values()) + (
-            " Every optimizer's state is in each checkpoint, so a resume is exact; one that cannot run here (no GPU "
-            "for `adamw8bit`, the package missing, a DeepSpeed config that offloads the optimizer) is refused before "
-            "prepare, naming the fix"))
+            " Or any torch optimizer by its import path `module.Class` (e.g. `torch.optim.Adafactor`), built with "
+            "`train.learning_rate` as its `lr` and `train.optimizer_args` as its other keyword arguments (the "
+            "`train.adam_*` and `train.weight_decay` keys are AdamW's and are not passed to it). "
+            "Every optimizer's state is in each checkpoint, so a resume is exact; one that cannot run here (no GPU "
+            "for `adamw8bit`, the package missing, a DeepSpeed config that offloads the optimizer, a path that does "
+            "not import or is no `torch.optim.Optimizer`) is refused before prepare, naming the fix"))
+    optimizer_args: dict[str, Any] = Field({}, description=(
+        "keyword arguments of an import-path `train.optimizer`, e.g. `{beta2_decay: -0.8, eps: [null, 0.001]}` for "
+        "`torch.optim.Adafactor`; checked before prepare against its signature and by building it once on a small "
+        "CPU weight (a value it refuses is refused by key). The named optimizers take their settings from the "
+        "`train.*` keys instead (refused here)"))
     cpu_adam: Literal["auto", "torch"] = Field("auto", description=(
         "with `accelerate_configs/deepspeed_zero2_offload.yaml` (the optimizer in host memory): `auto` = DeepSpeed's "
         "CPUAdam, compiled on first use (needs g++ and the Python headers), else torch's AdamW with a warning; "
@@ -456,6 +464,33 @@ class TrainConfig(_Section):
             return {**data, "learning_rate": entry.learning_rate}
         return data
 
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value in OPTIMIZERS:
+            return value
+        if not CLASS_PATH.match(value):
+            names = ", ".join(f"'{name}'" for name in OPTIMIZERS)
+            raise ValueError(f"'{value}' is neither one of {names} nor an import path `module.Class` such as "
+                             "torch.optim.Adafactor")
+        imported_class(value)  # imports it: an unknown path or a class that is no optimizer is refused here
+        return value
+
+    @field_validator("optimizer_args")
+    @classmethod
+    def _args_fit(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("optimizer")
+        if name is None:  # the optimizer itself was refused
+            return value
+        if name in OPTIMIZERS:
+            if value:
+                raise ValueError(f"train.optimizer={name} takes its settings from the train.* keys "
+                                 "(learning_rate, adam_beta1/2, adam_epsilon, weight_decay); optimizer_args is for an "
+                                 "import-path optimizer such as torch.optim.Adafactor: leave it empty")
+            return value
+        check_arguments(imported_class(name), value, info.data.get("learning_rate", 1e-4))
+        return value
+
     @field_validator("gradient_checkpointing")
     @classmethod
     def _fraction(cls, value: bool | float) -> bool | float:
@@ -477,7 +512,24 @@ class LoraConfig(_Section):
     rank: int = Field(128, ge=1, description="LoRA rank (saved with the weights)")
     alpha: float = Field(64, gt=0, description="LoRA alpha: the update is scaled by alpha / rank (saved with the "
                                                "weights)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (`lora`/`dora`; LoHa and LoKr have none: "
+                                                        "refused for them)")
+    type: Literal["lora", "dora", "loha", "lokr"] = Field("lora", description=(
+        "the adapter, through peft: `lora` (low-rank B·A), `dora` (LoRA plus a learned magnitude per output row; "
+        "each forward also normalises the adapted weight, a little slower and closer to full fine-tuning), "
+        "`loha` (Hadamard product of two low-rank pairs) or `lokr` (Kronecker product; far fewer weights). "
+        "`lora` and `dora` export in the diffusers format the stock pipeline's `load_lora_weights` reads; `loha` "
+        "and `lokr` export peft's own files (`adapter_model.safetensors` + `adapter_config.json`, which "
+        "`load_lora_weights` refuses rather than loading as nothing) and load with peft, or merged "
+        "(`cogft export --merge`) as a stock pipeline. docs/adapters.md says which to pick"))
+    rslora: bool = Field(False, description=(
+        "rank-stabilised scaling (peft's `use_rslora`): the update is scaled by alpha / sqrt(rank) instead of alpha / "
+        "rank, so a high rank still learns at the rate of a low one. `lora`/`dora` only (saved with the weights)"))
+    plus_ratio: float | None = Field(None, gt=0, description=(
+        "LoRA+: the learning rate of the B matrices (`lora_B`, the ones that start at zero) as a multiple of the A "
+        "matrices' (and DoRA's magnitudes'), which keep `train.learning_rate`; its authors suggest 16. Two "
+        "optimizer param groups; `lora`/`dora` only (LoHa's and LoKr's factors have no A/B roles: refused). null: "
+        "one learning rate"))
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description=(
         "transformer modules that get adapters; names that match no linear layer are refused before prepare"))
     export_dtype: Literal["auto", "fp32"] = Field("auto", description=(
@@ -485,6 +537,18 @@ class LoraConfig(_Section):
         "others; half the size of fp32, as the model computes it), `fp32` = the trained master weights. Its "
         "safetensors metadata names the base model, cogft's version, the rank, alpha and target modules. "
         "Checkpoints keep fp32 either way, so a resume is exact"))
+
+    @model_validator(mode="after")
+    def _lora_keys_fit_the_type(self) -> LoraConfig:
+        if self.type in ("loha", "lokr"):
+            for key, value, off in (("rslora", self.rslora, False), ("plus_ratio", self.plus_ratio, None),
+                                    ("dropout", self.dropout, 0.0)):
+                if value != off:
+                    raise ValueError(f"lora.{key}={value} is for lora.type=lora or dora; peft's {self.type} has no "
+                                     f"such setting (its factors have no A/B roles or input dropout): set "
+                                     f"lora.{key}={'null' if off is None else str(off).lower()} or lora.type=lora")
+        return self
+
 
 class ValidationConfig(_Section):
     """Videos rendered during training from the model being trained, and the check of the export at the end; the
@@ -638,6 +702,17 @@ class Config(_Section):
             raise ValueError(f"data.sets[{priors[0]}].kind: prior trains the adapter towards the base model with the "
                              "adapter switched off, and full fine-tuning (train.mode=sft) has no adapter; use "
                              "train.mode=lora, or make the set kind: clips")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_keys_are_for_lora(self) -> Config:
+        if self.train.mode == "sft" and (self.lora.type != "lora" or self.lora.plus_ratio is not None):
+            raise ValueError("lora.type and lora.plus_ratio shape the adapter of train.mode=lora, and train.mode=sft "
+                             "trains the whole transformer: use train.mode=lora, or leave them out")
+        if self.model.fp8_base and self.lora.type != "lora":
+            raise ValueError(f"model.fp8_base is built for lora.type=lora, not {self.lora.type}: DoRA normalises the "
+                             "base weight itself, which float8 storage would hand it unscaled, and LoHa/LoKr over a "
+                             "float8 base are untested; use lora.type=lora or model.fp8_base=false")
         return self
 
     @model_validator(mode="after")

@@ -70,6 +70,8 @@ def type_text(annotation: object, metadata: list) -> str:
     if origin is list:
         entries = "entries (their keys below)" if _section(args[0]) else f"{type_text(args[0], [])}s"
         return f"list of {entries}" + (f", at least {min_length}" if min_length else "")
+    if origin is dict:
+        return "mapping of names to values"
     name = _NAMES[annotation]
     if annotation is str:
         return f"{name}, not empty" if min_length else name
@@ -85,6 +87,8 @@ def default_text(field: FieldInfo) -> str:
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, (list, tuple)):
         return f"[{', '.join(map(str, value))}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
     if isinstance(value, float):  # as YAML reads it back: 1.0, 0.0001, 1e-8
         text = f"{value:g}".replace("e-0", "e-")
         return text if any(c in text for c in ".e") else f"{text}.0"

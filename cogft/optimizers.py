@@ -7,14 +7,23 @@ resumes through `reapply_settings`). The config validates `train.optimizer` agai
 adds an optimizer. Every optimizer's state is a plain `state_dict`, saved and restored by accelerate with the
 checkpoint, so a resume continues exactly.
 
+Beside the table, `train.optimizer` may name any `torch.optim.Optimizer` subclass by its import path: the schema
+imports it (only then) and checks `train.optimizer_args` against its signature, and `optimizer_entry` makes it an
+entry like the table's, its state bytes measured on a small parameter after one step (`probe_state_bytes`).
+
 The schema imports this module, and the CLI validates a config before importing torch: so nothing from cogft
-is imported here, and torch and the optimizers' packages only inside the builders.
+is imported here, and torch and the optimizers' packages only inside the builders (and for an import path).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
+import inspect
+import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = "adamw"  # what a refusal suggests instead: runs everywhere, needs no extra package
+LR_RATIO = "lr_ratio"  # a param group's learning rate as a multiple of train.learning_rate (LoRA+'s B matrices)
 
 
 class TrainKeys(Protocol):
@@ -39,6 +49,7 @@ class TrainKeys(Protocol):
     lr_warmup_steps: int
     seed: int
     cpu_adam: str
+    optimizer_args: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class OptimizerEntry:
     in_backward: bool = False     # steps each weight inside the backward pass, freeing its gradient there
     runs_offloaded: bool = False  # has a CPU implementation for a DeepSpeed config that offloads the optimizer
     learning_rate: float | None = None  # its own default for train.learning_rate, when it means something else
+    state_measured: bool = True   # False: an import path whose state could not be measured (8 bytes assumed)
 
     @property
     def bytes_per_parameter(self) -> float:
@@ -186,22 +198,113 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {entry.name: entry for entry in (
 )}
 
 
-def build_optimizer(train: TrainKeys, params: list[torch.nn.Parameter], device: torch.device,
+CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")  # `module.Class`: an optimizer by its import path
+PROBE_SHAPE = (256, 64)  # the parameter `probe_state_bytes` steps once: a matrix, as the trained weights are
+
+
+def imported_class(path: str) -> type:
+    """The `torch.optim.Optimizer` subclass `path` names; ValueError naming what is wrong and the fix."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"'{path}': module {module_name} does not import ({error}); check the spelling, or install "
+                         "the package that provides it") from None
+    found = getattr(module, class_name, None)
+    if found is None:
+        raise ValueError(f"'{path}': module {module_name} has no {class_name}; check the spelling (e.g. "
+                         "torch.optim.Adafactor)")
+    import torch
+
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        raise ValueError(f"'{path}' is not a torch.optim.Optimizer subclass; name an optimizer class, or one of "
+                         f"{', '.join(OPTIMIZERS)}")
+    return found
+
+
+def check_arguments(cls: type, args: dict[str, Any], lr: float) -> None:
+    """Refuse keyword arguments `cls` does not take, those the config sets itself (`params`, `lr`), and values its
+    constructor rejects (built once over a small CPU weight; a ValueError or TypeError is an argument's)."""
+    own = sorted({"params", "lr"} & set(args))
+    if own:
+        raise ValueError(f"{', '.join(own)}: set by cogft (the trained weights, train.learning_rate); leave "
+                         f"{' and '.join(own)} out")
+    try:
+        inspect.signature(cls).bind([], lr=lr, **args)
+    except TypeError as error:
+        raise ValueError(f"{cls.__module__}.{cls.__name__} does not take these arguments ({error}); it takes "
+                         f"{inspect.signature(cls)}") from None
+    import torch
+
+    try:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=lr, **args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{cls.__module__}.{cls.__name__} refuses these arguments with train.learning_rate={lr}: "
+                         f"{error}") from None
+
+
+def probe_state_bytes(cls: type, args: dict[str, Any]) -> float | None:
+    """Optimizer-state bytes per parameter of `cls`, measured after one step on a small fp32 matrix on the CPU;
+    None when it cannot step there (a CUDA-only optimizer). Factored states (Adafactor's row and column
+    statistics) shrink per parameter as matrices grow, so for them this is an upper bound."""
+    import torch
+
+    weight = torch.nn.Parameter(torch.zeros(PROBE_SHAPE))
+    weight.grad = torch.full(PROBE_SHAPE, 1e-3)
+    try:
+        optimizer = cls([weight], lr=1e-3, **args)
+        optimizer.step()
+    except Exception as error:  # a third-party optimizer may fail on a CPU in any way
+        logger.info("could not measure %s's state on a CPU (%s: %s)", cls.__name__, type(error).__name__, error)
+        return None
+    tensors = [v for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.numel() > 1]
+    return sum(t.numel() * t.element_size() for t in tensors) / weight.numel()
+
+
+@functools.lru_cache(maxsize=8)
+def _measured(path: str, args: str) -> float | None:
+    """`probe_state_bytes` once per optimizer and arguments (the memory planner estimates many settings)."""
+    return probe_state_bytes(imported_class(path), json.loads(args))
+
+
+def _imported_entry(path: str, args: dict[str, Any]) -> OptimizerEntry:
+    cls = imported_class(path)
+    measured = _measured(path, json.dumps(args, sort_keys=True))
+
+    def build(params, settings, train, device, offloaded):
+        return cls(params, **settings)
+
+    return OptimizerEntry(
+        path, f"{path} (import path)", build, state_bytes=8.0 if measured is None else measured,
+        settings=lambda train: {"lr": train.learning_rate, **train.optimizer_args},
+        state_measured=measured is not None)
+
+
+def optimizer_entry(train: TrainKeys) -> OptimizerEntry:
+    """The entry of `train.optimizer`: the table's row, or one made for an import path (see `imported_class`)."""
+    if train.optimizer in OPTIMIZERS:
+        return OPTIMIZERS[train.optimizer]
+    return _imported_entry(train.optimizer, dict(train.optimizer_args))
+
+
+def build_optimizer(train: TrainKeys, params: list, device: torch.device,
                     offloaded: bool = False) -> torch.optim.Optimizer:
-    """The configured optimizer over the trainable weights (`offloaded`: DeepSpeed keeps it in host memory)."""
-    entry = OPTIMIZERS[train.optimizer]
+    """The configured optimizer over the trainable weights, a list of them or of param groups (LoRA+'s, each with
+    its `lr`); `offloaded`: DeepSpeed keeps it in host memory."""
+    entry = optimizer_entry(train)
     return entry.build(params, entry.settings(train), train, device, offloaded)
 
 
 def reapply_settings(train: TrainKeys, optimizer, lr_scheduler) -> None:
     """After a resume: the checkpoint restored the state (moments, steps, Prodigy's step-size estimate) and the
     param groups as they were saved; write the config's values over those its entry's `settings` names, so a
-    safe change (train.learning_rate, the betas, ...) applies. The schedule keeps its position with the new base
-    rate."""
-    settings = OPTIMIZERS[train.optimizer].settings(train)
+    safe change (train.learning_rate, the betas, ...) applies. A group's `lr_ratio` (LoRA+'s B matrices) keeps
+    its multiple of the rate. The schedule keeps its position with the new base rate."""
+    settings = optimizer_entry(train).settings(train)
     lr = settings["lr"]
     schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    schedule.base_lrs = [lr] * len(schedule.base_lrs)
-    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas):
-        group.update(settings, initial_lr=lr, lr=lr * factor(schedule.last_epoch))
+    ratios = [group.get(LR_RATIO, 1.0) for group in optimizer.param_groups]
+    schedule.base_lrs = [lr * ratio for ratio in ratios]
+    for group, ratio, factor in zip(optimizer.param_groups, ratios, schedule.lr_lambdas):
+        group.update(settings, initial_lr=lr * ratio, lr=lr * ratio * factor(schedule.last_epoch))
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports until a step

@@ -40,6 +40,9 @@ LORA_DIR = "lora"
 EXPORT_RECORD = "export.json"  # the step the final lora/ or transformer/ holds
 BEST_RECORD = "best.json"  # the checkpoint with the lowest eval loss: its step, loss and folder
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# LoHa / LoKr (`lora.type`), which the stock `load_lora_weights` cannot read: peft's own files, under peft's names
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 TRANSFORMER_DIR = "transformer"
 RAW_EXPORT_DIR = "raw"  # with train.ema_decay: the trained weights without averaging, as raw/lora/ or raw/transformer/
 HTML_REPORT = "report.html"  # written at the end of a run, finished or stopped
@@ -180,8 +183,13 @@ def exported_step(run_dir: Path) -> int | None:
     return step
 
 
+def adapter_file(folder: Path) -> Path | None:
+    """The adapter weights in `folder`: the diffusers LoRA file (LoRA, DoRA) or peft's (LoHa, LoKr)."""
+    return next((folder / name for name in (LORA_WEIGHTS, PEFT_WEIGHTS) if (folder / name).is_file()), None)
+
+
 def _weights_in(folder: Path) -> str | None:
-    if (folder / LORA_WEIGHTS).is_file():
+    if adapter_file(folder) is not None:
         return "lora"
     if (folder / TRANSFORMER_DIR / "config.json").is_file():
         return "sft"
@@ -213,7 +221,8 @@ def _weights_damage(folder: Path) -> str | None:
     """What is wrong with the weights `sample` and `export` would load from `folder` (a checkpoint, RUN/lora or, for
     SFT, RUN), or None: the checkpoint's recorded sizes (the check a resume makes), the JSON files beside the
     weights (an SFT transformer's config and shard index), then each safetensors file."""
-    if is_checkpoint(folder) and (damage := checkpoint_damage(folder, only=(LORA_WEIGHTS, TRANSFORMER_DIR,
+    if is_checkpoint(folder) and (damage := checkpoint_damage(folder, only=(LORA_WEIGHTS, PEFT_WEIGHTS,
+                                                                              PEFT_CONFIG, TRANSFORMER_DIR,
                                                                               CONFIG_FILE))):
         return damage
     for record in sorted((folder / TRANSFORMER_DIR).glob("*.json")):
@@ -221,7 +230,7 @@ def _weights_damage(folder: Path) -> str | None:
             has_fields(read_json(record, ""), record, "")
         except DamagedRecordError as error:
             return str(error)
-    files = [folder / LORA_WEIGHTS] if (folder / LORA_WEIGHTS).is_file() else []
+    files = [adapter] if (adapter := adapter_file(folder)) is not None else []
     for file in [*files, *sorted((folder / TRANSFORMER_DIR).glob("*.safetensors"))]:
         if damage := _safetensors_damage(file):
             return damage

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from ..config import Config
 from ..models.cost import Estimate, as_trained, estimate
 from ..models.loading import load_for_config
+from ..optimizers import OPTIMIZERS, optimizer_entry
 
 
 def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
@@ -38,6 +39,11 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"(offload_checkpoints={config.train.offload_checkpoints}{chosen})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
+    if config.train.optimizer not in OPTIMIZERS:  # an import path: its state measured on a CPU, or assumed
+        entry = optimizer_entry(config.train)
+        lines.append(f"  optimizer state {entry.state_bytes:7.2f} bytes per trained parameter "
+                     + ("(measured after one step on a small matrix on the CPU)" if entry.state_measured else
+                        "(unknown: it cannot step on a CPU; AdamW's 8 assumed)"))
     cached = "" if result.sample_seconds_cached is None else f"; {result.sample_seconds_cached:.1f} s with taylorseer"
     lines.append(f"  validation video {result.sample_seconds:6.1f} s exact "
                  f"({config.validation.num_inference_steps} steps, "

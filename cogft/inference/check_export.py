@@ -56,6 +56,9 @@ def describe(metrics: dict) -> str:
             f"model (tolerance {metrics['export_check/tolerance']:.3%}"
             + ("" if noise is None else f": kernel rounding alone measured {noise:.3%}")
             + ("" if effect is None else f"; the LoRA's own effect {effect:.2%}")
+            + ("" if "export_check/adapter_dtype_gap" not in metrics else
+               f"; held to the trained model with its adapter in the model's dtype, as the pipeline holds it, "
+               f"{metrics['export_check/adapter_dtype_gap']:.3%} from it in fp32")
             + f") and renders the first validation prompt {metrics['export_check/pixel_diff']:.2f} pixel levels (mean, "
               f"of 255) from the in-training video"
             + ("" if pixel_effect is None else f", the LoRA itself changing it by {pixel_effect:.2f}"))
@@ -80,6 +83,7 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
 
     from ..data.control import read_control
     from ..data.images import conditioning_image
+    from ..models.adapters import apply_lora
     from ..models.family import ModelInputs
     from ..models.fp8 import store_in_fp8
     from ..models.loading import load_scheduler, load_transformer, resolve_model_path
@@ -104,7 +108,7 @@ def stock_render(run: str, embeds: str, negative: str, device_name: str, probe: 
     pipe = variant.spec.diffusers_class("pipeline").from_pretrained(base, revision=revision, dtype=variant.dtype,
                                                                     **parts)
     if trained.mode == "lora":
-        pipe.load_lora_weights(str(trained.weights_dir))
+        apply_lora(pipe, trained.weights_dir)
         load_trained_whole(pipe.transformer, trained.weights_dir)
         if config.model.fp8_base:  # the base the adapter was trained and rendered against, not a float8 error
             store_in_fp8(pipe.transformer, compute_dtype=variant.dtype)
@@ -180,7 +184,12 @@ def compare(renders: dict[str, np.ndarray], frames, probe: dict[str, torch.Tenso
     warning when the export does not match, or its render has another shape."""
     trained = probe["trained"].numpy()
     scale = float(np.linalg.norm(trained.astype(np.float64))) or 1.0
-    metrics = {"export_check/prediction_gap": _relative(renders["export_prediction"], trained, scale)}
+    # DoRA, LoHa, LoKr: the stock pipeline computes their rescale / factor products in its dtype, which training's
+    # autocast leaves in fp32 (it casts matmul inputs only): held to the trained model with its adapter in that dtype
+    reference = probe["released"].numpy() if "released" in probe else trained
+    metrics = {"export_check/prediction_gap": _relative(renders["export_prediction"], reference, scale)}
+    if "released" in probe:
+        metrics["export_check/adapter_dtype_gap"] = _relative(reference, trained, scale)
     if "base" in probe:
         metrics["export_check/prediction_noise"] = _relative(renders["base_prediction"], probe["base"].numpy(), scale)
         metrics["export_check/prediction_lora_effect"] = _relative(trained, probe["base"].numpy(), scale)

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 
 from ..disk import follow_umask
-from ..models.adapters import release_lora
+from ..models.adapters import adapter_files, release_lora
 from ..models.trained_modules import TRAINED_MODULES
 from ..run_dir import (
-    LORA_WEIGHTS,
     TRANSFORMER_DIR,
     best_of_run,
     checkpoint_step,
@@ -57,10 +56,11 @@ def export(source: str, out: str, merge: bool = False, best: bool = False) -> Pa
     else:
         variant = trained_variant(trained)
         if trained.mode == "lora":
-            shutil.copy2(trained.weights_dir / LORA_WEIGHTS, target / LORA_WEIGHTS)
+            for file in adapter_files(trained.weights_dir):
+                shutil.copy2(file, target / file.name)
             if (trained.weights_dir / TRAINED_MODULES).is_file():  # a control model's widened input
                 shutil.copy2(trained.weights_dir / TRAINED_MODULES, target / TRAINED_MODULES)
-            release_lora(target / LORA_WEIGHTS, trained.config, variant.dtype)
+            release_lora(target / adapter_files(trained.weights_dir)[0].name, trained.config, variant.dtype)
             card_folder = target
         else:
             shutil.copytree(trained.weights_dir / TRANSFORMER_DIR, target / TRANSFORMER_DIR)

@@ -15,9 +15,11 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config
 from ..data.captions import prefixed, validation_texts
+from ..models.adapters import STOCK_LOADABLE
 from ..models.family import Variant
 from ..models.trained_modules import TRAINED_MODULES
-from ..run_dir import SAMPLES_DIR
+from ..optimizers import OPTIMIZERS
+from ..run_dir import PEFT_WEIGHTS, SAMPLES_DIR
 
 CARD_FILE = "README.md"
 SAMPLE_FILE = "sample.mp4"
@@ -56,6 +58,17 @@ def _latest_sample(run_dir: Path, step: int) -> Path | None:
     return (exact or videos or [None])[-1]
 
 
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def _optimizer(config: Config) -> str:
+    train = config.train
+    if train.optimizer not in OPTIMIZERS:  # an import path: its own arguments
+        return f"{train.optimizer} ({', '.join(f'{k}={v!r}' for k, v in train.optimizer_args.items()) or 'defaults'})"
+    return (f"{train.optimizer} (betas {train.adam_beta1}, {train.adam_beta2}, weight decay "
+            f"{train.weight_decay:g})")
+
+
 def model_card(config: Config, variant: Variant, step: int, sample: str | None = None):
     """The card of weights trained by `config` for `step` steps; `sample`: a validation video beside it."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -69,13 +82,20 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
     data = ModelCardData(
         base_model=base, library_name="diffusers", license=spec.license,
         license_name=spec.license_name, license_link=spec.license_link, pipeline_tag=task,
-        tags=[task, "diffusers", spec.family, spec.name, "lora" if lora else "full-fine-tune", "cogft"],
+        tags=[task, "diffusers", spec.family, spec.name, config.lora.type if lora else "full-fine-tune", "cogft"],
         instance_prompt=trigger or None,
     )
-    what = (f"A LoRA (rank {config.lora.rank}, alpha {config.lora.alpha:g}, on {', '.join(config.lora.target_modules)})"
-            if lora else "A fully fine-tuned transformer")
-    load = ('pipe.load_lora_weights("PATH_OR_REPO")  # this folder' if lora else
-            f'pipe.transformer = {transformer_class}.from_pretrained("PATH_OR_REPO", torch_dtype=dtype)')
+    adapter = ADAPTER_NAMES[config.lora.type]
+    rslora = ", rsLoRA scaling" if config.lora.rslora else ""
+    what = (f"A {adapter} (rank {config.lora.rank}, alpha {config.lora.alpha:g}{rslora}, on "
+            f"{', '.join(config.lora.target_modules)})" if lora else "A fully fine-tuned transformer")
+    load = [f'pipe.transformer = {transformer_class}.from_pretrained("PATH_OR_REPO", torch_dtype=dtype)']
+    if lora and config.lora.type in STOCK_LOADABLE:
+        load = ['pipe.load_lora_weights("PATH_OR_REPO")  # this folder']
+    elif lora:  # peft's own files, which load_lora_weights does not read (docs/adapters.md)
+        load = ['folder = "PATH"  # this folder (a Hub repo: huggingface_hub.snapshot_download("REPO"))',
+                "pipe.transformer.add_adapter(PeftConfig.from_pretrained(folder))",
+                f'set_peft_model_state_dict(pipe.transformer, load_file(f"{{folder}}/{PEFT_WEIGHTS}"))']
     image = ', image=load_image("start.png")' if from_image else ""
     image += ', control_video=load_video("control.mp4")' if "control" in variant.conditions else ""
     prompt = prefixed((config.validation.prompts or ["a prompt"])[0], trigger)
@@ -92,9 +112,12 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
             dtype,
             f"pipe = {pipeline_class}.from_pretrained({_literal(source)}, torch_dtype=dtype)",
         ]
-    readers = ((from_image, "load_image"), ("control" in variant.conditions, "load_video"))
-    snippet[1:1] = [f"from diffusers.utils import {reader}" for wanted, reader in readers if wanted]
-    snippet += [load, f"video = pipe(prompt={_literal(prompt)}{image}).frames[0]"]
+    readers = [f"from diffusers.utils import {reader}" for wanted, reader in
+               ((from_image, "load_image"), ("control" in variant.conditions, "load_video")) if wanted]
+    if lora and config.lora.type not in STOCK_LOADABLE:
+        readers += ["from peft import PeftConfig, set_peft_model_state_dict", "from safetensors.torch import load_file"]
+    snippet[1:1] = readers
+    snippet += [*load, f"video = pipe(prompt={_literal(prompt)}{image}).frames[0]"]
     fence = "`" * max([3, *(len(run) + 1 for line in snippet for run in re.findall(r"`{3,}", line))])
     body = [
         f"# {what} of {_text(source)}",
@@ -118,11 +141,12 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
         f"| batch | {config.train.batch_size} x {config.train.gradient_accumulation_steps} accumulated |",
         f"| learning rate | {config.train.learning_rate:g} ({config.train.lr_scheduler}, "
         f"{config.train.lr_warmup_steps} warm-up steps) |",
-        f"| optimizer | {config.train.optimizer} (betas {config.train.adam_beta1}, {config.train.adam_beta2}, weight "
-        f"decay {config.train.weight_decay:g}) |",
+        f"| optimizer | {_optimizer(config)} |",
         f"| precision | {str(variant.dtype).removeprefix('torch.')} |",
         f"| seed | {config.train.seed} |",
     ]
+    if lora and config.lora.plus_ratio is not None:
+        body.append(f"| LoRA+ | B matrices at {config.lora.plus_ratio:g}x the learning rate |")
     if config.data.caption_dropout:
         body.append(f"| caption dropout | {config.data.caption_dropout:g} |")
     if trigger:

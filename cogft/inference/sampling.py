@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError
 from ..data.control import read_control, read_frames
 from ..data.images import conditioning_image
+from ..models.adapters import apply_lora
 from ..models.attention import fa4_unavailable, set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.family import Variant
@@ -27,14 +28,15 @@ def trained_variant(trained: TrainedWeights) -> Variant:
 
 
 def pipeline_with_weights(trained: TrainedWeights, variant: Variant, device: torch.device, release_dtype: bool = False):
-    """The variant's stock pipeline with the trained weights applied: LoRA via load_lora_weights, SFT via a new
+    """The variant's stock pipeline with the trained weights applied: LoRA via load_lora_weights (LoHa/LoKr via peft,
+    `apply_lora`), SFT via a new
     transformer. In the variant's dtype on accelerators (and everywhere with `release_dtype`, as a merged export
     ships), fp32 on CPUs."""
     config = trained.config
     dtype = variant.dtype if release_dtype else variant.compute_dtype(device)
     if trained.mode == "lora":
         pipe = load_pipeline(config.model.path, variant, dtype, config.model.revision)
-        pipe.load_lora_weights(str(trained.weights_dir))
+        apply_lora(pipe, trained.weights_dir)
         load_trained_whole(pipe.transformer, trained.weights_dir)  # a control model's widened input, if any
     else:
         transformer = variant.spec.diffusers_class("transformer").from_pretrained(

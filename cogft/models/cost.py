@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
-from ..optimizers import OPTIMIZERS, OptimizerEntry
+from ..optimizers import OPTIMIZERS, OptimizerEntry, optimizer_entry
+from .adapter_cost import AdapterCost, adapter_cost
 from .attention import fa4_installed
 from .blocks import checkpointed_block_count
 from .family import Variant
@@ -80,13 +81,17 @@ class Estimate:
     prior_seconds_per_step: float | None = None  # a `kind: prior` batch's step: one more forward (LoRA; else None)
 
 
-def _counts(variant: Variant, config: Config) -> tuple[int, int]:
-    """(all transformer parameters, LoRA parameters) from the model built on the meta device."""
-    total, linears = variant.transformer_layout
+def _adapter(variant: Variant, config: Config) -> AdapterCost:
+    """What `lora.type` trains and adds to a step (`adapter_cost.py`), from the model built on the meta device."""
+    _, linears = variant.transformer_layout
     targets = tuple(config.lora.target_modules)
-    per_rank = sum(features_in + features_out for name, (features_in, features_out) in linears.items()
-                   if name.endswith(targets))
-    return total, per_rank * config.lora.rank
+    targeted = [shape for name, shape in linears.items() if name.endswith(targets)]
+    return adapter_cost(config.lora.type, config.lora.rank, targeted, variant.configs.transformer["num_layers"])
+
+
+def _counts(variant: Variant, config: Config) -> tuple[int, int]:
+    """(all transformer parameters, adapter parameters) from the model built on the meta device."""
+    return variant.transformer_layout[0], _adapter(variant, config).parameters
 
 
 def fp8_base_parameters(variant: Variant) -> int:
@@ -158,7 +163,7 @@ def _advice(config: Config, variant: Variant, gpu_name: str, memory_gib: float) 
                 + (" train.offload_checkpoints=true" if offload else "")
                 + f" (estimated {result.peak_allocated_gib} GiB, {result.seconds_per_step} s/step)"]
     if config.train.mode == "sft":
-        optimizer = OPTIMIZERS[config.train.optimizer]
+        optimizer = optimizer_entry(config.train)
         leanest = min(OPTIMIZERS.values(), key=_full_bytes)
         kept = f"full fine-tuning keeps {_full_bytes(optimizer):.0f} bytes per parameter here"
         if _full_bytes(leanest) >= _full_bytes(optimizer):
@@ -220,7 +225,7 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     compiled = train.compile is True or train.compile == "auto"
     half = 2  # bytes of an fp16/bf16 element
 
-    optimizer = OPTIMIZERS[train.optimizer]
+    optimizer = optimizer_entry(train)
     if train.mode == "lora":
         fp8 = fp8_base_parameters(variant) if config.model.fp8_base else 0  # one byte each instead of two
         weights, trainable = total * variant.dtype.itemsize - fp8 * (variant.dtype.itemsize - 1), lora
@@ -231,7 +236,10 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     else:
         weights, trainable = 0, total
         state = total * _full_bytes(optimizer)
-    per_block = elements * (ACTIVATION_BYTES_COMPILED if compiled else ACTIVATION_BYTES_EAGER)
+    adapter = _adapter(variant, config) if train.mode == "lora" else AdapterCost(0)
+    tokens = flops.tokens * samples
+    per_block = (elements * (ACTIVATION_BYTES_COMPILED if compiled else ACTIVATION_BYTES_EAGER)
+                 + adapter.kept_bytes + tokens * adapter.kept_bytes_per_token)
     kept = (layers - checkpointed) * per_block
     saved_inputs = 0 if train.offload_checkpoints else checkpointed * elements * half
     recompute = per_block if checkpointed else 0
@@ -251,6 +259,11 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     if train.offload_checkpoints:
         seconds += 2 * checkpointed * elements * half / (OFFLOAD_GBS * 1e9 * gpu.bandwidth_tbs / 3.35)
     seconds += 28 * trainable / (gpu.bandwidth_tbs * 1e12)      # fused AdamW reads and writes its state
+    matmul, bandwidth = H100_MATMUL_TFLOPS * 1e12 * scale, gpu.bandwidth_tbs * 1e12
+    seconds += passes * ((adapter.forward_flops + tokens * adapter.forward_flops_per_token) / matmul
+                         + (adapter.forward_bytes + tokens * adapter.forward_bytes_per_token) / bandwidth)
+    seconds += layers * (tokens * adapter.backward_flops_per_token / matmul
+                         + tokens * adapter.backward_bytes_per_token / bandwidth)
 
     # a prior batch's target: one more forward, adapter off and without gradient (no activations kept)
     prior = seconds + (flops.attention / attention_fwd + flops.linear / (H100_MATMUL_TFLOPS * 1e12 * scale)

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..models.adapters import setup_trainable
+from ..models.adapters import optimizer_groups, setup_trainable
 from ..models.attention import set_attention
 from ..models.blocks import apply_block_options, compile_enabled
 from ..models.family import Variant
 from ..models.objective_options import Objective
-from ..optimizers import OPTIMIZERS, build_optimizer
+from ..optimizers import build_optimizer, optimizer_entry
 from ..tracking import trackers_for
 from .backends import (
     accelerator_on_cpu,
@@ -77,7 +77,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     configure_backend(accelerator, config, variant)
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator)
-                             and not OPTIMIZERS[config.train.optimizer].bf16_weights,
+                             and not optimizer_entry(config.train).bf16_weights,
                              whole_modules=variant.trained_with_adapter)
     checkpointing, offload = block_settings(config, variant, device)
     attention = set_attention(transformer, config.model.attention, device, variant.dtype,
@@ -86,7 +86,8 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
                         config.train.compile_autotune)
     logger.info("variant=%s dtype=%s backend=%s attention=%s trainable parameters: %s", variant.name, variant.dtype,
                 backend_name(accelerator), attention, f"{sum(p.numel() for p in params):,}")
-    optimizer = build_optimizer(config.train, params, device, offloaded=offloads_optimizer(accelerator))
+    optimizer = build_optimizer(config.train, optimizer_groups(transformer, config, params), device,
+                                offloaded=offloads_optimizer(accelerator))
     lr_scheduler = build_lr_scheduler(config, optimizer)
     if loader is None:
         transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)

@@ -17,7 +17,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..models.family import Variant
-from ..optimizers import OPTIMIZERS, Launch
+from ..optimizers import Launch, optimizer_entry
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def configure_backend(accelerator, config: Config, variant: Variant) -> None:
             f"FSDP with the {variant.name} variant's fp16 weights: fp16 loss scaling is not supported under FSDP here; "
             "launch with accelerate_configs/deepspeed_zero2.yaml or deepspeed_zero3.yaml, or set model.dtype=bf16"
         )
-    if problem := OPTIMIZERS[config.train.optimizer].problem(launch_of(accelerator, variant)):
+    if problem := optimizer_entry(config.train).problem(launch_of(accelerator, variant)):
         raise BackendError(problem)
     if config.model.fp8_base and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
         raise BackendError("model.fp8_base keeps float8 weights that DeepSpeed and FSDP would cast or shard as their "

@@ -38,10 +38,10 @@ class BackwardAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, seed: int):
-        params = list(params)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        params = [p for group in self.param_groups for p in group["params"]]  # a list of weights, or param groups
         if any(p.dtype != torch.bfloat16 for p in params):
             raise ValueError("train.optimizer=adamw_bf16 trains bf16 weights; use model.dtype=bf16 (the 5B variant's)")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
         self.steps_done = 0
         self._applying = False

@@ -125,6 +125,7 @@ UNSAFE_ON_RESUME = (
     "model.path", "model.revision", "model.dtype", "train.mode", "train.optimizer", "lora.rank", "lora.alpha",
     "lora.target_modules", "data.num_frames", "data.height", "data.width", "data.fps", "data.resize", "data.buckets",
     "data.image_batch_size", "train.ema_decay",
+    "lora.type", "lora.rslora", "lora.plus_ratio",  # other weights, their scale, the optimizer's param groups
 )
 
 

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import Config
+from ..models.adapters import adapter_in_dtype
 from ..models.modes import adapter_disabled, evaluating
+from .backends import shards_weights
 from .step import TrainingStep
 
 PROBE_TIMESTEP = 500  # mid-schedule: the prediction depends on both the noise and the prompt
@@ -23,8 +25,9 @@ PROBE_TIMESTEP = 500  # mid-schedule: the prediction depends on both the noise a
 
 def export_probe(step: TrainingStep, model: torch.nn.Module, config: Config,
                  prompt_file: str | Path) -> dict[str, torch.Tensor]:
-    """{x_t, t, trained} (and `base`, with the adapter off, for a LoRA) at the first validation prompt's size and
-    embedding, on the host. Every process calls it (a sharded model's forward needs them all)."""
+    """{x_t, t, trained} (and `base`, with the adapter off, for a LoRA; `released`, with the adapter weights in the
+    model's dtype as the stock pipeline holds them, for DoRA, LoHa and LoKr unless sharded) at the first validation
+    prompt's size and embedding, on the host. Every process calls it (a sharded model's forward needs them all)."""
     device, variant = step.accelerator.device, step.variant
     embeds = load_file(str(prompt_file))["prompt_embeds"][None].to(device)
     inputs = variant.probe_inputs(config.data.num_frames, *config.validation_size(0), embeds,
@@ -39,4 +42,7 @@ def export_probe(step: TrainingStep, model: torch.nn.Module, config: Config,
         if config.train.mode == "lora":
             with adapter_disabled(model):
                 probe["base"] = predict()
+        if config.train.mode == "lora" and config.lora.type != "lora" and not shards_weights(step.accelerator):
+            with adapter_in_dtype(model, variant.dtype):
+                probe["released"] = predict()
     return {key: value.cpu().contiguous() for key, value in probe.items()}

@@ -11,7 +11,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 
@@ -263,10 +272,19 @@ class TrainConfig(_Section):
     offload_checkpoints: bool = Field(False, description=(
         "keep the checkpointed blocks' inputs in pinned host memory until the backward pass (with "
         "`train.gradient_checkpointing: true`: lean mode for small GPUs)"))
+    blocks_to_swap: NonNegativeInt | Literal["auto", "all"] = Field(0, description=(
+        "LoRA: keep the frozen weights of this many transformer blocks (the first ones; `all`: every block) in "
+        "pinned host memory and copy each block's to the GPU on a side stream just before it runs, in the forward "
+        "and again for the backward's recompute, overlapped with the compute (only host-to-device copies: the host "
+        "copy is the master); at most two blocks' weights are on the GPU at once. A swapped block is also "
+        "checkpointed (its inputs offloaded with `train.offload_checkpoints`). The numbers are the same bit for bit; "
+        "the cost is PCIe time the compute does not hide (`cogft estimate` predicts it). `auto`: the fewest that "
+        "`cogft estimate` predicts fit `train.memory_budget_gib` (90 % of the GPU without one; none on a CPU). One "
+        "process only; not for `train.mode: sft` (both refused by key)"))
     memory_budget_gib: PositiveFloat | Literal["auto"] | None = Field(None, description=(
-        "when set, ignore the two keys above and use the fastest checkpointing/offloading that `cogft estimate` "
-        "predicts fits this many GiB (logged at start); `auto` = 90 % of the GPU's memory (on a CPU, the two keys as "
-        "written). `cogft estimate --gpu G` shows what a budget picks on that GPU"))
+        "when set, ignore the three keys above and use the fastest checkpointing/offloading/block swapping that "
+        "`cogft estimate` predicts fits this many GiB (logged at start); `auto` = 90 % of the GPU's memory (on a CPU, "
+        "the three keys as written). `cogft estimate --gpu G` shows what a budget picks on that GPU"))
     compile: bool | Literal["auto"] = Field("auto", description="`torch.compile` each transformer block; `auto` = on "
                                                                 "CUDA GPUs (a compile at start, faster steps)")
     compile_autotune: bool = Field(False, description=(
@@ -469,6 +487,14 @@ class Config(_Section):
         if self.model.fp8_base and self.train.mode != "lora":
             raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning "
                              "(train.mode=sft) trains every weight; use train.mode=lora or model.fp8_base=false")
+        return self
+
+    @model_validator(mode="after")
+    def _blocks_to_swap_is_for_lora(self) -> Config:
+        if self.train.blocks_to_swap and self.train.mode != "lora":
+            raise ValueError("train.blocks_to_swap keeps frozen base weights in host memory with host-to-device copies "
+                             "only, and full fine-tuning (train.mode=sft) trains and updates every weight; use "
+                             "train.mode=lora or train.blocks_to_swap=0")
         return self
 
     @model_validator(mode="after")

@@ -120,7 +120,7 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    run.block_settings = (bool(config.train.gradient_checkpointing), False)  # diffusers' all or nothing
+    run.block_settings = (bool(config.train.gradient_checkpointing), False, 0)  # diffusers' all or nothing
     run.attention = attention_in_use(transformer)
     return run
 
@@ -154,7 +154,7 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
          back_to_back: float, size: tuple[int, int]) -> dict:
     """One figure's JSON row: the step time at `size`, its throughput and the memory peak so far."""
     flops = step_flops(variant, config.data.num_frames, *size, config.train.batch_size)
-    checkpointing, offload = run.block_settings
+    checkpointing, offload, swapped = run.block_settings
     seconds = statistics.median(times)
     tflop = flops.training(config.train.mode) / 1e12
     row = {
@@ -163,6 +163,7 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
         "batch_size": config.train.batch_size, "lora_rank": config.lora.rank if config.train.mode == "lora" else None,
         "gradient_checkpointing": checkpointing,
         "offload_checkpoints": offload,
+        "blocks_to_swap": swapped,
         "memory_budget_gib": config.train.memory_budget_gib if name != "plain" else None,
         "compile": compile_enabled(config, device) if name != "plain" else False,
         "attention": run.attention,

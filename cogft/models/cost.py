@@ -5,6 +5,11 @@ parameter counts come from the transformer built on the meta device, FLOPs from 
 few per-GPU rates and per-activation byte counts measured with `cogft bench` (the calibration table
 below; the runs behind it are in docs/performance.md). Other GPUs scale the H100 rates by their dense
 tensor-core peak and memory bandwidth: an extrapolation, labelled as such.
+
+Swapped blocks (`train.blocks_to_swap`): their frozen weights leave the GPU but for the two blocks resident at a
+time, and each is copied host-to-device twice a step (the forward, the backward's recompute) at the card's
+achieved PCIe rate (`Gpu.pcie_gbs`), on a side stream while the previous block computes: only the part of a
+copy longer than that block's compute (its forward; its recompute and backward) adds to the step.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from ..config import Config, ConfigError
 from ..optimizers import OPTIMIZERS, OptimizerEntry
 from .attention import fa4_installed
-from .blocks import checkpointed_block_count
+from .blocks import checkpointed_block_count, swapped_block_count
 from .family import Variant
 from .flops import step_flops
 from .fp8 import is_fp8_parameter_name
@@ -34,14 +39,23 @@ class Gpu:
     tflops: float        # dense fp16/bf16 tensor-core peak
     bandwidth_tbs: float
     fa4: bool            # FlashAttention-4 has kernels for it (Hopper, Blackwell)
+    pcie_gbs: float = 25.0  # achieved pinned host-to-device GB/s: PCIe 4.0 x16 (the H100's is 5.0, measured)
 
 
+# Consumer and workstation cards by their published dense fp16/bf16 tensor peak (fp32 accumulate) and bandwidth.
 GPUS = {
-    "H100": Gpu("H100 80GB", 79.1, 989.0, 3.35, True),
-    "H200": Gpu("H200 141GB", 139.8, 989.0, 4.8, True),
+    "H100": Gpu("H100 80GB", 79.1, 989.0, 3.35, True, 41.0),
+    "H200": Gpu("H200 141GB", 139.8, 989.0, 4.8, True, 41.0),
     "A100": Gpu("A100 80GB", 79.1, 312.0, 2.0, False),
     "L40S": Gpu("L40S 48GB", 44.4, 362.0, 0.86, False),
+    "A6000": Gpu("RTX A6000 48GB", 47.5, 155.0, 0.77, False),
     "4090": Gpu("RTX 4090 24GB", 23.6, 165.0, 1.0, False),
+    "4080": Gpu("RTX 4080 16GB", 15.6, 97.0, 0.72, False),
+    "3090": Gpu("RTX 3090 24GB", 23.6, 71.0, 0.94, False),
+    "4070": Gpu("RTX 4070 12GB", 11.7, 58.0, 0.5, False),
+    "4060TI": Gpu("RTX 4060 Ti 16GB", 15.7, 44.0, 0.29, False, 12.5),  # PCIe 4.0 x8
+    "L4": Gpu("L4 24GB", 22.0, 121.0, 0.3, False),
+    "A10": Gpu("A10 24GB", 22.0, 125.0, 0.6, False),
 }
 
 # Measured on one H100 with `cogft bench` (2026-11-25): achieved rates of the pieces of a step.
@@ -55,6 +69,8 @@ H100_MATMUL_TFLOPS = 620.0            # projections and feed-forward, fp16/bf16
 COMPILED_OVERHEAD_S_PER_ELEMENT = 7.8e-11   # norms, activations, LoRA glue per block per token·width
 EAGER_OVERHEAD_S_PER_ELEMENT = 2.85e-10     # the same without torch.compile
 OFFLOAD_GBS = 41.0                    # host<->device copies of offloaded block inputs, pinned memory
+SWAP_BLOCK_S = 5e-4                   # a swapped block's copy launches and stream wait, per pass (an estimate: ~40
+                                      # copies of ~10 us each; not yet measured)
 ACTIVATION_BYTES_COMPILED = 29.5      # bytes kept per token·width element of a block for its backward
 ACTIVATION_BYTES_EAGER = 41.5
 WORKSPACE_GIB = 0.6                   # attention workspace, loss tensors, allocator slack
@@ -94,13 +110,47 @@ def fp8_base_parameters(variant: Variant) -> int:
                if is_fp8_parameter_name(name))
 
 
-def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100"):
-    """The fastest checkpointing/offloading setting whose estimated peak fits `budget_gib`.
+def block_weight_bytes(config: Config, variant: Variant) -> int:
+    """The frozen weights of one transformer block (its linear layers, float8 ones at a byte): what a swap moves."""
+    itemsize, fp8 = variant.dtype.itemsize, config.model.fp8_base
+    return sum(features_in * features_out * (1 if fp8 and is_fp8_parameter_name(name) else itemsize)
+               + features_out * itemsize
+               for name, (features_in, features_out) in variant.transformer_layout[1].items()
+               if name.startswith("transformer_blocks.0."))
 
-    Returns (gradient_checkpointing, offload_checkpoints, Estimate), or None when even lean mode
-    (every block checkpointed, inputs offloaded) does not fit.
+
+@dataclass(frozen=True)
+class Plan:
+    """What the trainer runs under a memory budget: the block settings and their estimate (None: nothing fits)."""
+
+    gradient_checkpointing: bool | float
+    offload_checkpoints: bool
+    blocks_to_swap: int
+    estimate: Estimate | None
+
+    def applied(self, config: Config) -> Config:
+        return config.model_copy(update={"train": config.train.model_copy(update={
+            "gradient_checkpointing": self.gradient_checkpointing, "offload_checkpoints": self.offload_checkpoints,
+            "blocks_to_swap": self.blocks_to_swap})})
+
+    def describe(self) -> str:
+        """The settings as a person types them."""
+        text = (f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}"
+                + (" train.offload_checkpoints=true" if self.offload_checkpoints else ""))
+        return text + (f" train.blocks_to_swap={self.blocks_to_swap}" if self.blocks_to_swap else "")
+
+
+def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100",
+                  swap: bool = True) -> Plan | None:
+    """The fastest checkpointing/offloading/block swapping whose estimated peak fits `budget_gib`.
+
+    For each checkpointed count (a fraction a person can read) and offloading, the fewest swapped blocks that fit
+    (swapping only adds time; a swapped block is a checkpointed one): swapping is weighed against checkpointing
+    more blocks or offloading their inputs. `swap=False` (full fine-tuning, or `train.blocks_to_swap` held at 0)
+    leaves it out. None when even every block checkpointed, offloaded and swapped does not fit.
     """
     layers = variant.configs.transformer["num_layers"]
+    swap = swap and config.train.mode == "lora"
     fits, seen = [], set()
     for wanted in range(0, layers + 1):
         fraction = math.ceil(wanted / layers * 100) / 100  # a setting a person can read and type
@@ -110,52 +160,85 @@ def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name:
         seen.add(blocks)
         setting = False if blocks == 0 else (True if blocks == layers else fraction)
         for offload in ((False,) if blocks == 0 else (False, True)):
-            trial = config.model_copy(update={"train": config.train.model_copy(
-                update={"gradient_checkpointing": setting, "offload_checkpoints": offload})})
-            result = estimate(trial, variant, gpu_name, advise=False)
-            if result.peak_allocated_gib <= budget_gib:
-                fits.append((result.seconds_per_step, blocks, offload, setting, result))
+            for swapped in _swap_counts(config, variant, Plan(setting, offload, 0, None), budget_gib, gpu_name,
+                                        blocks if swap else 0):
+                plan = Plan(setting, offload, swapped, None)
+                result = estimate(plan.applied(config), variant, gpu_name, advise=False)
+                if result.peak_allocated_gib <= budget_gib:
+                    fits.append((result.seconds_per_step, blocks, offload, swapped,
+                                 dataclasses.replace(plan, estimate=result)))
+                    break
     if not fits:
         return None
-    _, _, offload, setting, result = min(fits, key=lambda fit: fit[:3])
-    return setting, offload, result
+    return min(fits, key=lambda fit: fit[:4])[-1]
 
 
-def checkpointing_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100"):
-    """What the trainer runs under a memory budget: the fastest setting that fits, else lean mode (every block
-    checkpointed, inputs offloaded). Returns (gradient_checkpointing, offload_checkpoints, Estimate or None)."""
+def _swap_counts(config: Config, variant: Variant, plan: Plan, budget_gib: float, gpu_name: str,
+                 most: int) -> list[int]:
+    """Swap counts worth trying for `plan`: none, then the fewest whose saving covers the excess (a swapped block
+    saves its weights beyond the two resident ones) and the next, within `most`."""
+    if most == 0:
+        return [0]
+    excess = estimate(plan.applied(config), variant, gpu_name, advise=False).peak_allocated_gib - budget_gib
+    if excess <= 0:
+        return [0]
+    fewest = 2 + math.ceil(excess * GIB / block_weight_bytes(config, variant))
+    return [count for count in (fewest - 1, fewest, fewest + 1) if 2 < count <= most]
+
+
+def plan_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100") -> Plan:
+    """What the trainer runs under a memory budget: the fastest plan that fits, else the leanest (every block
+    checkpointed with its inputs offloaded, and swapped where LoRA allows; its estimate None)."""
     fit = fit_to_budget(config, variant, budget_gib, gpu_name)
-    return (True, True, None) if fit is None else fit
+    if fit is not None:
+        return fit
+    layers = variant.configs.transformer["num_layers"]
+    return Plan(True, True, layers if config.train.mode == "lora" else 0, None)
 
 
 def as_trained(config: Config, variant: Variant, gpu_name: str = "H100") -> Config:
-    """The config with the checkpointing the trainer would pick on `gpu_name` under `train.memory_budget_gib`
-    (`auto`: 90 % of that GPU's memory); unchanged without a budget."""
+    """The config with the block settings the trainer would pick on `gpu_name` under `train.memory_budget_gib`
+    (`auto`: 90 % of that GPU's memory) or for `train.blocks_to_swap: auto`; unchanged otherwise."""
     budget = config.train.memory_budget_gib
-    if budget is None:
+    if budget is None and config.train.blocks_to_swap != "auto":
         return config
-    if budget == "auto":
+    if budget is None or budget == "auto":
         budget = AUTO_BUDGET_SHARE * _gpu(gpu_name).memory_gib
-    setting, offload, _ = checkpointing_for_budget(config, variant, budget, gpu_name)
-    return config.model_copy(update={"train": config.train.model_copy(
-        update={"gradient_checkpointing": setting, "offload_checkpoints": offload})})
+    if config.train.memory_budget_gib is None:  # blocks_to_swap: auto alone: only the swap count is planned
+        return swap_for_budget(config, variant, budget, gpu_name).applied(config)
+    return plan_for_budget(config, variant, budget, gpu_name).applied(config)
+
+
+def swap_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100") -> Plan:
+    """`train.blocks_to_swap: auto` with the checkpointing as configured: the fewest swapped blocks that fit (every
+    block when none does)."""
+    train, layers = config.train, variant.configs.transformer["num_layers"]
+    for swapped in range(layers + 1):
+        plan = Plan(train.gradient_checkpointing, train.offload_checkpoints, swapped, None)
+        result = estimate(plan.applied(config), variant, gpu_name, advise=False)
+        if result.peak_allocated_gib <= budget_gib:
+            return dataclasses.replace(plan, estimate=result)
+    return Plan(train.gradient_checkpointing, train.offload_checkpoints, layers, None)
 
 
 def _gpu(gpu_name: str) -> Gpu:
-    key = next((k for k in GPUS if k.lower() in gpu_name.lower()), None)
+    """A GPU of the table by (part of) its name; `NAME@GIB` is that card with GIB of usable memory."""
+    name, _, memory = gpu_name.partition("@")
+    key = next((k for k in GPUS if k.lower() in name.lower().replace(" ", "")), None)
     if key is None:
-        raise ConfigError(f"--gpu {gpu_name!r}: unknown GPU; choose one of {', '.join(GPUS)}")
-    return GPUS[key]
+        raise ConfigError(f"--gpu {name!r}: unknown GPU; choose one of {', '.join(GPUS)}")
+    if not memory:
+        return GPUS[key]
+    return dataclasses.replace(GPUS[key], name=f"{GPUS[key].name} with {float(memory):g} GiB usable",
+                               memory_gib=float(memory))
 
 
 def _advice(config: Config, variant: Variant, gpu_name: str, memory_gib: float) -> list[str]:
     """The fastest setting that fits, else what else to change."""
     fit = fit_to_budget(config, variant, memory_gib, gpu_name)
     if fit is not None:
-        setting, offload, result = fit
-        return [f"train.gradient_checkpointing={str(setting).lower()}"
-                + (" train.offload_checkpoints=true" if offload else "")
-                + f" (estimated {result.peak_allocated_gib} GiB, {result.seconds_per_step} s/step)"]
+        return [f"{fit.describe()} (estimated {fit.estimate.peak_allocated_gib} GiB, "
+                f"{fit.estimate.seconds_per_step} s/step)"]
     if config.train.mode == "sft":
         optimizer = OPTIMIZERS[config.train.optimizer]
         leanest = min(OPTIMIZERS.values(), key=_full_bytes)
@@ -214,7 +297,8 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     layers = tcfg["num_layers"]
     width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     elements = flops.tokens * width * samples                   # one block's token x width
-    checkpointed = checkpointed_block_count(train.gradient_checkpointing, layers)
+    swapped = 0 if train.blocks_to_swap == "auto" else swapped_block_count(train.blocks_to_swap, layers)
+    checkpointed = max(swapped, checkpointed_block_count(train.gradient_checkpointing, layers))  # swapped: checkpointed
     compiled = train.compile is True or train.compile == "auto"
     half = 2  # bytes of an fp16/bf16 element
 
@@ -233,6 +317,8 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     kept = (layers - checkpointed) * per_block
     saved_inputs = 0 if train.offload_checkpoints else checkpointed * elements * half
     recompute = per_block if checkpointed else 0
+    block_bytes = block_weight_bytes(config, variant) if train.mode == "lora" else 0
+    weights -= (swapped - min(2, swapped)) * block_bytes  # in host memory, but for the two blocks on the GPU
     parts = {"weights": weights, "trainable_state": state, "activations": kept, "checkpoint_inputs": saved_inputs,
              "recompute_peak": recompute, "workspace": WORKSPACE_GIB * GIB}
     peak = sum(parts.values()) / GIB
@@ -249,6 +335,13 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     if train.offload_checkpoints:
         seconds += 2 * checkpointed * elements * half / (OFFLOAD_GBS * 1e9 * gpu.bandwidth_tbs / 3.35)
     seconds += 28 * trainable / (gpu.bandwidth_tbs * 1e12)      # fused AdamW reads and writes its state
+    if swapped:  # each copy overlaps the previous block's compute; only what is longer shows
+        copy = block_bytes / (gpu.pcie_gbs * 1e9)
+        forward = (per_block_attention / attention_fwd + per_block_linear / (H100_MATMUL_TFLOPS * 1e12 * scale)
+                   + elements * (COMPILED_OVERHEAD_S_PER_ELEMENT if compiled else EAGER_OVERHEAD_S_PER_ELEMENT))
+        backward = forward + 2.5 * per_block_attention / attention_bwd + per_block_linear / (
+            H100_MATMUL_TFLOPS * 1e12 * scale)
+        seconds += swapped * (2 * SWAP_BLOCK_S + max(0.0, copy - forward) + max(0.0, copy - backward))
 
     advice = []
     fits = peak <= gpu.memory_gib
@@ -257,8 +350,9 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
     steps = config.validation.num_inference_steps
     sample = functools.partial(_sample_seconds, config, variant, gpu, attention_fwd)
     cached = sample(taylorseer_full_steps(steps)) if config.validation.cache == "taylorseer" else None
+    extrapolated = not gpu.name.startswith(GPUS["H100"].name)
     return Estimate(gpu.name, attention, round(peak, 2), round(seconds, 3), fits,
-                    {k: round(v / GIB, 2) for k, v in parts.items()}, advice, gpu is not GPUS["H100"],
+                    {k: round(v / GIB, 2) for k, v in parts.items()}, advice, extrapolated,
                     round(sample(steps), 1), None if cached is None else round(cached, 1), (frames, samples))
 
 

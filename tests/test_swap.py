@@ -1,0 +1,97 @@
+"""`train.blocks_to_swap`: frozen block weights in host memory, copied in per block, change no number."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogft.training.loop import train
+from test_train import FAST, losses
+
+
+def _lora(run):
+    return load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_swapped_blocks_keep_the_numbers_bit_for_bit(make_config):
+    """One block and every block swapped: the same losses and LoRA tensors as none, bit for bit."""
+    plain = train(make_config(*FAST, "train.max_steps=3", out="plain"))
+    for setting in ("1", "all"):
+        swapped = train(make_config(*FAST, "train.max_steps=3", f"train.blocks_to_swap={setting}",
+                                    out=f"swap-{setting}"))
+        assert losses(swapped) == losses(plain)
+        a, b = _lora(plain), _lora(swapped)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_swapped_blocks_resume_bit_for_bit_with_checkpointing_and_offload(make_config):
+    """Every block swapped with offloaded checkpoints, stopped at step 2 and resumed to 4 == 4 plain steps."""
+    plain = train(make_config(*FAST, "train.max_steps=4", out="plain"))
+    swapped = ["train.blocks_to_swap=all", "train.gradient_checkpointing=true", "train.offload_checkpoints=true"]
+    train(make_config(*FAST, *swapped, "train.max_steps=2", out="resumed"))
+    resumed = train(make_config(*FAST, *swapped, "train.max_steps=4", out="resumed"))
+    assert losses(resumed) == losses(plain)
+    a, b = _lora(plain), _lora(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_swapped_float8_blocks_train_and_validate_as_unswapped(make_config):
+    """float8 storage swapped (the host master in float8), validation's no-grad denoising included."""
+    common = ["model.fp8_base=true", "train.max_steps=2", "train.checkpoint_every=100",
+              "validation.prompts=[a red ball]", "validation.num_inference_steps=2", "validation.every=2"]
+    plain = train(make_config(*common, out="fp8"))
+    swapped = train(make_config(*common, "train.blocks_to_swap=1", out="fp8-swap"))
+    assert losses(swapped) == losses(plain)
+    assert all(torch.equal(_lora(plain)[k], _lora(swapped)[k]) for k in _lora(plain))
+    assert len(list(swapped.glob("samples/*.mp4"))) == 1
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.trained = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, hidden, encoder, temb, image_rotary_emb=None, attention_kwargs=None):
+        return self.frozen(hidden) * self.trained, encoder
+
+
+def test_block_swap_holds_placeholders_outside_a_block_and_two_blocks_at_most():
+    from cogft.models.blocks import apply_block_options
+
+    model = torch.nn.Module()
+    model.transformer_blocks = torch.nn.ModuleList(_Block() for _ in range(4))
+    expected = [block.frozen.weight.clone() for block in model.transformer_blocks]
+    swap = apply_block_options(model, False, False, blocks_to_swap=3, device=torch.device("cpu"))
+    swap.install()
+    assert all(torch.isnan(block.frozen.weight).all() for block in model.transformer_blocks[:3])
+    assert not torch.isnan(model.transformer_blocks[3].frozen.weight).any()  # not swapped
+    seen = []
+    for index, block in enumerate(model.transformer_blocks[:3]):
+        original = block.frozen.forward
+        block.frozen.forward = lambda x, index=index, original=original: (
+            seen.append((index, torch.equal(model.transformer_blocks[index].frozen.weight, expected[index]),
+                         len(swap.pending))) or original(x))
+    hidden, encoder = torch.ones(2, 4, requires_grad=True), torch.zeros(2, 4)
+    for block in model.transformer_blocks:
+        hidden, encoder = block(hidden, encoder, torch.zeros(2))
+    hidden.sum().backward()
+    # forward 0, 1, 2, then the backward's recompute 2, 1, 0: each block's own weights, at most one more pending
+    assert [(i, ok) for i, ok, _ in seen] == [(0, True), (1, True), (2, True), (2, True), (1, True), (0, True)]
+    assert max(pending for *_, pending in seen) <= 1, seen
+    assert all(torch.isnan(block.frozen.weight).all() for block in model.transformer_blocks[:3])
+    assert all(block.trained.grad is not None for block in model.transformer_blocks)
+
+
+def test_blocks_to_swap_refusals_name_the_key(make_config):
+    from cogft.config import ConfigError
+    from cogft.models.loading import load_for_config
+    from cogft.training.budget import block_settings
+
+    with pytest.raises(ConfigError, match="train.blocks_to_swap.*train.mode=sft.*train.mode=lora"):
+        make_config("train.blocks_to_swap=2", base="tiny-sft.yaml")
+    config, variant = load_for_config(make_config("train.blocks_to_swap=99"))
+    with pytest.raises(ConfigError, match="train.blocks_to_swap=99: .* has 2 transformer blocks; use at most 2"):
+        block_settings(config, variant, torch.device("cpu"))

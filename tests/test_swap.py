@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cogft.training.loop import train
 from test_train import FAST, losses
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _lora(run):
@@ -16,9 +22,9 @@ def _lora(run):
 
 def test_swapped_blocks_keep_the_numbers_bit_for_bit(make_config):
     """One block and every block swapped: the same losses and LoRA tensors as none, bit for bit."""
-    plain = train(make_config(*FAST, "train.max_steps=3", out="plain"))
+    plain = train(make_config(*FAST, "train.max_steps=2", out="plain"))
     for setting in ("1", "all"):
-        swapped = train(make_config(*FAST, "train.max_steps=3", f"train.blocks_to_swap={setting}",
+        swapped = train(make_config(*FAST, "train.max_steps=2", f"train.blocks_to_swap={setting}",
                                     out=f"swap-{setting}"))
         assert losses(swapped) == losses(plain)
         a, b = _lora(plain), _lora(swapped)
@@ -95,3 +101,30 @@ def test_blocks_to_swap_refusals_name_the_key(make_config):
     config, variant = load_for_config(make_config("train.blocks_to_swap=99"))
     with pytest.raises(ConfigError, match="train.blocks_to_swap=99: .* has 2 transformer blocks; use at most 2"):
         block_settings(config, variant, torch.device("cpu"))
+
+
+def test_a_run_above_the_hosts_memory_is_refused_before_any_work(make_config, monkeypatch, tmp_path):
+    import psutil
+
+    from cogft.config import ConfigError
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
+    config = make_config(*FAST, "data.dataloader_workers=2", f"data.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match=r"host memory: .* data_workers 1\.0.* try data\.dataloader_workers=0"):
+        train(config)
+    assert not (tmp_path / "cache").exists()  # nothing was encoded
+
+
+def test_estimate_plans_for_a_card_by_its_memory_and_the_hosts_ram(tmp_path):
+    """`cogft estimate --gpu-memory 16 --host-ram GIB`: a plan that fits both; with too little RAM, the advice."""
+    from cogft.bench.estimate import run_estimate
+    from cogft.config_file import load_config
+
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["train.memory_budget_gib=auto"])
+    roomy = json.loads(run_estimate(config, "4080", True, gpu_memory=16, host_ram=64))
+    assert roomy["fits"] and roomy["peak_allocated_gib"] <= 0.9 * 16 and roomy["gpu"].endswith("16 GiB usable")
+    assert roomy["host"]["training_gib"] <= 64 and not roomy["host_advice"]
+    tight = json.loads(run_estimate(config, "4080", True, gpu_memory=16, host_ram=12))
+    assert tight["host"]["training_gib"] > 12 and any("more RAM" in line for line in tight["host_advice"])
+    text = run_estimate(config, "4080", False, gpu_memory=16, host_ram=12)
+    assert "host peak, training" in text and "does NOT fit 12 GiB" in text

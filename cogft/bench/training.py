@@ -27,6 +27,7 @@ from ..models.family import Variant
 from ..models.flops import peak_tflops, step_flops
 from ..models.loading import load_for_config
 from ..training.backends import accelerator_on_cpu, backend_name
+from ..training.budget import apply_gpu_memory_cap, cap_gpu_memory, card_memory_gib
 from .timing import device_name, free, profile, reset_peak, time_back_to_back, time_steps
 
 
@@ -131,6 +132,7 @@ def _measure(name: str, build, config: Config, variant: Variant, device: torch.d
     extra = {}
     try:
         run = build(config, variant, device)
+        apply_gpu_memory_cap(device)  # after the build: the model is made on the GPU whole, then swapped out
         reset_peak(device)  # the training peak: a model built on the GPU in full precision first is not training
         times = time_steps(run, device, warmup, steps)
         back_to_back = time_back_to_back(run, device, warmup + steps, steps)
@@ -165,6 +167,7 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
         "offload_checkpoints": offload,
         "blocks_to_swap": swapped,
         "memory_budget_gib": config.train.memory_budget_gib if name != "plain" else None,
+        "gpu_memory_cap_gib": card_memory_gib(device) if device.type == "cuda" else None,
         "compile": compile_enabled(config, device) if name != "plain" else False,
         "attention": run.attention,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4),
@@ -272,9 +275,11 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
-          profiled: bool = False, checkpoint: bool = False,
+          profiled: bool = False, checkpoint: bool = False, gpu_memory_gib: float | None = None,
           emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+    """`gpu_memory_gib`: train as on a card with that much memory (planned for it, and held to it)."""
     device, config, variant = bench_setup(config)
+    cap_gpu_memory(gpu_memory_gib)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:

@@ -141,13 +141,14 @@ class Plan:
 
 
 def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100",
-                  swap: bool = True) -> Plan | None:
+                  swap: bool = True, host_gib: float | None = None) -> Plan | None:
     """The fastest checkpointing/offloading/block swapping whose estimated peak fits `budget_gib`.
 
     For each checkpointed count (a fraction a person can read) and offloading, the fewest swapped blocks that fit
     (swapping only adds time; a swapped block is a checkpointed one): swapping is weighed against checkpointing
     more blocks or offloading their inputs. `swap=False` (full fine-tuning, or `train.blocks_to_swap` held at 0)
-    leaves it out. None when even every block checkpointed, offloaded and swapped does not fit.
+    leaves it out. `host_gib`: plans whose training host peak (`host_estimate`) is above it do not fit either.
+    None when even every block checkpointed, offloaded and swapped does not fit.
     """
     layers = variant.configs.transformer["num_layers"]
     swap = swap and config.train.mode == "lora"
@@ -164,6 +165,8 @@ def fit_to_budget(config: Config, variant: Variant, budget_gib: float, gpu_name:
                                         blocks if swap else 0):
                 plan = Plan(setting, offload, swapped, None)
                 result = estimate(plan.applied(config), variant, gpu_name, advise=False)
+                if host_gib is not None and host_estimate(plan.applied(config), variant).training_gib > host_gib:
+                    break  # more swapping only needs more host memory
                 if result.peak_allocated_gib <= budget_gib:
                     fits.append((result.seconds_per_step, blocks, offload, swapped,
                                  dataclasses.replace(plan, estimate=result)))
@@ -186,17 +189,18 @@ def _swap_counts(config: Config, variant: Variant, plan: Plan, budget_gib: float
     return [count for count in (fewest - 1, fewest, fewest + 1) if 2 < count <= most]
 
 
-def plan_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100") -> Plan:
-    """What the trainer runs under a memory budget: the fastest plan that fits, else the leanest (every block
-    checkpointed with its inputs offloaded, and swapped where LoRA allows; its estimate None)."""
-    fit = fit_to_budget(config, variant, budget_gib, gpu_name)
+def plan_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100",
+                    host_gib: float | None = None) -> Plan:
+    """What the trainer runs under a memory budget: the fastest plan that fits (the host's memory too), else the
+    leanest (every block checkpointed with its inputs offloaded, and swapped where LoRA allows; its estimate None)."""
+    fit = fit_to_budget(config, variant, budget_gib, gpu_name, host_gib=host_gib)
     if fit is not None:
         return fit
     layers = variant.configs.transformer["num_layers"]
     return Plan(True, True, layers if config.train.mode == "lora" else 0, None)
 
 
-def as_trained(config: Config, variant: Variant, gpu_name: str = "H100") -> Config:
+def as_trained(config: Config, variant: Variant, gpu_name: str = "H100", host_gib: float | None = None) -> Config:
     """The config with the block settings the trainer would pick on `gpu_name` under `train.memory_budget_gib`
     (`auto`: 90 % of that GPU's memory) or for `train.blocks_to_swap: auto`; unchanged otherwise."""
     budget = config.train.memory_budget_gib
@@ -206,7 +210,7 @@ def as_trained(config: Config, variant: Variant, gpu_name: str = "H100") -> Conf
         budget = AUTO_BUDGET_SHARE * _gpu(gpu_name).memory_gib
     if config.train.memory_budget_gib is None:  # blocks_to_swap: auto alone: only the swap count is planned
         return swap_for_budget(config, variant, budget, gpu_name).applied(config)
-    return plan_for_budget(config, variant, budget, gpu_name).applied(config)
+    return plan_for_budget(config, variant, budget, gpu_name, host_gib).applied(config)
 
 
 def swap_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100") -> Plan:
@@ -371,3 +375,79 @@ def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: f
     skipped = validation.num_inference_steps - full_steps
     decode = DECODE_S_PER_PIXEL * data.num_frames * height * width / scale
     return full_steps * forward + skipped * SKIPPED_STEP_S + decode
+
+
+# Host memory (RAM), in bytes unless named otherwise. Process and worker sizes are rough, not yet measured here.
+HOST_PROCESS_GIB = 3.0        # python, torch, CUDA context and libraries of the training or prepare process
+HOST_WORKER_GIB = 0.5         # one DataLoader worker process reading the latent cache
+T5_XXL_ENCODER_PARAMETERS = 4.76e9  # the published CogVideoX text encoder, when no text_encoder config is built in
+VAE_PARAMETERS = 0.22e9
+
+
+@dataclass(frozen=True)
+class HostEstimate:
+    """Peak host memory of prepare and of training (GiB), and what makes up training's."""
+
+    prepare_gib: float
+    training_gib: float
+    parts_gib: dict
+
+
+def _text_encoder_parameters(variant: Variant) -> float:
+    """T5 encoder parameters from its config (embedding, attention and gated feed-forward per layer), else T5-XXL's."""
+    t5 = variant.configs.text_encoder
+    if not t5:
+        return T5_XXL_ENCODER_PARAMETERS
+    width, inner = t5["d_model"], t5["num_heads"] * t5["d_kv"]
+    return t5["vocab_size"] * width + t5["num_layers"] * (4 * width * inner + 3 * width * t5["d_ff"])
+
+
+def host_estimate(config: Config, variant: Variant) -> HostEstimate:
+    """Host memory of the config as it will run (block settings already planned, e.g. by `as_trained`).
+
+    prepare: the text encoder loaded on the host before it goes to the GPU, beside the VAE. Training: the
+    transformer is read whole into host memory first (its loaded dtype), then the GPU takes all but the swapped
+    blocks' frozen weights, which stay as pinned host copies; offloaded checkpoints keep each checkpointed block's
+    input (tokens x width, 2 bytes) on the host until the backward; each DataLoader worker is a process of its own.
+    """
+    total, _ = variant.transformer_layout
+    layers = variant.configs.transformer["num_layers"]
+    tcfg, train = variant.configs.transformer, config.train
+    width, itemsize = tcfg["num_attention_heads"] * tcfg["attention_head_dim"], variant.dtype.itemsize
+    prepare = HOST_PROCESS_GIB * GIB + (_text_encoder_parameters(variant) + VAE_PARAMETERS) * itemsize
+    swapped = 0 if train.blocks_to_swap == "auto" else swapped_block_count(train.blocks_to_swap, layers)
+    checkpointed = max(swapped, checkpointed_block_count(train.gradient_checkpointing, layers))
+    elements = width * max(step_flops(variant, frames, *config.data.largest_size, samples).tokens * samples
+                           for frames, samples in batch_shapes(config))  # the largest batch's, as on the GPU
+    parts = {
+        "process": HOST_PROCESS_GIB * GIB,
+        "data_workers": config.data.dataloader_workers * HOST_WORKER_GIB * GIB,
+        "model_load": total * itemsize,  # read whole before the swapped blocks' weights are split off
+        "swapped_weights": swapped * block_weight_bytes(config, variant) if train.mode == "lora" else 0,
+        "offloaded_checkpoints": checkpointed * elements * 2 if train.offload_checkpoints else 0,
+    }
+    steady = parts["swapped_weights"] + parts["offloaded_checkpoints"]
+    training = parts["process"] + parts["data_workers"] + max(parts["model_load"], steady)
+    return HostEstimate(round(prepare / GIB, 2), round(training / GIB, 2),
+                        {key: round(value / GIB, 2) for key, value in parts.items()})
+
+
+def host_advice(config: Config, variant: Variant, host: HostEstimate, available_gib: float) -> list[str]:
+    """Settings that bring training's host peak under `available_gib`, largest saving first."""
+    parts, over = host.parts_gib, host.training_gib - available_gib
+    advice = []
+    if parts["data_workers"] and over > 0:
+        advice.append("data.dataloader_workers=0")
+    if parts["offloaded_checkpoints"]:
+        advice.append("train.offload_checkpoints=false (the inputs stay on the GPU: plan it with "
+                      "train.memory_budget_gib)")
+    if parts["swapped_weights"]:
+        block = block_weight_bytes(config, variant) / GIB
+        room = available_gib - (host.training_gib - max(parts["model_load"], parts["swapped_weights"]
+                                                        + parts["offloaded_checkpoints"]))
+        fewer = max(0, int((room - parts["offloaded_checkpoints"]) // block)) if block else 0
+        advice.append(f"train.blocks_to_swap={fewer} (each swapped block keeps {block:.2f} GiB in host memory)")
+    if parts["model_load"] + parts["process"] > available_gib:
+        advice.append(f"a machine with more RAM: the {variant.name} transformer alone is read as "
+                      f"{parts['model_load']:.1f} GiB before it goes to the GPU")
+    return advice

@@ -12,10 +12,37 @@ import torch
 
 from ..config import Config, ConfigError
 from ..models.blocks import swapped_block_count
-from ..models.cost import AUTO_BUDGET_SHARE, Plan, plan_for_budget, swap_for_budget
+from ..models.cost import (
+    AUTO_BUDGET_SHARE,
+    HOST_PROCESS_GIB,
+    Plan,
+    host_advice,
+    host_estimate,
+    plan_for_budget,
+    swap_for_budget,
+)
 from ..models.family import Variant
 
 logger = logging.getLogger(__name__)
+_usable_gib: float | None = None  # `cogft bench --gpu-memory`: the card as if it had this much memory
+
+
+def cap_gpu_memory(gib: float | None) -> None:
+    """Plan as if the GPU had `gib` of memory (`cogft bench --gpu-memory`); `apply_gpu_memory_cap` enforces it."""
+    global _usable_gib
+    _usable_gib = gib
+
+
+def apply_gpu_memory_cap(device: torch.device) -> None:
+    """Hold this process's CUDA allocations to the capped memory (torch's per-process memory fraction)."""
+    if _usable_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, _usable_gib * 2**30 / total), device)
+
+
+def card_memory_gib(device: torch.device) -> float:
+    """The CUDA device's memory in GiB, or the cap `cogft bench --gpu-memory` set."""
+    return _usable_gib or torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
 def memory_budget(config: Config, device: torch.device) -> float | None:
@@ -30,7 +57,7 @@ def memory_budget(config: Config, device: torch.device) -> float | None:
         logger.info("train.memory_budget_gib=auto and train.blocks_to_swap=auto apply on CUDA GPUs; using the "
                     "configured checkpointing and no block swapping")
         return None
-    return AUTO_BUDGET_SHARE * torch.cuda.get_device_properties(device).total_memory / 2**30
+    return AUTO_BUDGET_SHARE * card_memory_gib(device)
 
 
 def block_settings(config: Config, variant: Variant, device: torch.device) -> tuple[bool | float, bool, int]:
@@ -47,7 +74,7 @@ def block_settings(config: Config, variant: Variant, device: torch.device) -> tu
     if train.memory_budget_gib is None:
         plan = swap_for_budget(config, variant, budget)
     else:
-        plan = plan_for_budget(config, variant, budget)
+        plan = plan_for_budget(config, variant, budget, host_gib=host_memory_gib())
     log_plan(config, plan, budget)
     return plan.gradient_checkpointing, plan.offload_checkpoints, plan.blocks_to_swap
 
@@ -60,3 +87,26 @@ def log_plan(config: Config, plan: Plan, budget: float) -> None:
         return
     logger.info("%s (%.1f GiB): %s (estimated %.2f GiB, %.3f s/step)", what, budget, plan.describe(),
                 plan.estimate.peak_allocated_gib, plan.estimate.seconds_per_step)
+
+
+def host_memory_gib() -> float:
+    """What this run can hold in host memory: what the system has available now, plus this process (running
+    already, which the estimate counts as `HOST_PROCESS_GIB`)."""
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30 + HOST_PROCESS_GIB
+
+
+def check_host_memory(config: Config, variant: Variant, device: torch.device) -> None:
+    """Refuse, before any work, a run whose planned host memory (the model read whole, pinned swapped weights,
+    offloaded checkpoints, data workers) is above what the host has available, naming what would fit."""
+    checking, offload, swapped = block_settings(config, variant, device)
+    planned = config.model_copy(update={"train": config.train.model_copy(update={
+        "gradient_checkpointing": checking, "offload_checkpoints": offload, "blocks_to_swap": swapped})})
+    host, available = host_estimate(planned, variant), host_memory_gib()
+    if host.training_gib <= available:
+        return
+    parts = ", ".join(f"{name} {gib:.1f}" for name, gib in host.parts_gib.items() if gib)
+    advice = "; or ".join(host_advice(planned, variant, host, available))
+    raise ConfigError(f"host memory: this run needs about {host.training_gib:.1f} GiB ({parts} GiB) and the host has "
+                      f"{available:.1f} GiB available; try {advice} (`cogft estimate --host-ram GIB` plans it)")

@@ -128,3 +128,50 @@ def test_estimate_plans_for_a_card_by_its_memory_and_the_hosts_ram(tmp_path):
     assert tight["host"]["training_gib"] > 12 and any("more RAM" in line for line in tight["host_advice"])
     text = run_estimate(config, "4080", False, gpu_memory=16, host_ram=12)
     assert "host peak, training" in text and "does NOT fit 12 GiB" in text
+
+
+def _out_of_memory_at(monkeypatch, call: int) -> None:
+    """The training step's forward/backward raises a CUDA out-of-memory on its `call`-th call (once)."""
+    from cogft.training.step import TrainingStep
+
+    original, calls = TrainingStep.forward_backward, []
+
+    def forward_backward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingStep, "forward_backward", forward_backward)
+
+
+def test_an_out_of_memory_ends_with_exit_2_naming_the_step_and_what_fits(make_config, monkeypatch, capsys, tmp_path):
+    from cogft.cli import main
+
+    _out_of_memory_at(monkeypatch, 2)
+    config = make_config(*FAST, "train.max_steps=3")
+    code = main(["train", "--config", str(REPO / "configs" / "tiny-lora.yaml"), f"data.path={REPO / 'data'}",
+                 f"data.cache_dir={config.data.cache_dir}", f"output_dir={tmp_path / 'oom'}",
+                 "tracking.report_to=none", *FAST, "train.max_steps=3"])
+    said = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in said
+    assert "out of GPU memory in training step 2 (9x" in said and "batch 2)" in said
+    assert "the estimate says train.gradient_checkpointing=" in said and "train.memory_budget_gib=auto" in said
+
+
+def test_under_a_budget_an_out_of_memory_replans_and_equals_a_run_started_with_that_plan(make_config, monkeypatch):
+    """Out of memory in step 3 of 4 (checkpoints every 2): the run re-plans, goes on from step 2, and ends with the
+    losses and LoRA of a run that had that plan from the start."""
+    from cogft.config_file import load_config
+
+    _out_of_memory_at(monkeypatch, 3)
+    common = [*FAST, "train.max_steps=4", "train.checkpoint_every=100"]
+    replanned = train(make_config(*common, "train.memory_budget_gib=1", out="replanned"))
+    chosen = load_config(replanned / "config.yaml").train
+    assert chosen.memory_budget_gib is None and chosen.gradient_checkpointing is True  # the next saving
+    monkeypatch.undo()
+    planned = train(make_config(*common, f"train.gradient_checkpointing={str(chosen.gradient_checkpointing).lower()}",
+                                f"train.offload_checkpoints={str(chosen.offload_checkpoints).lower()}",
+                                f"train.blocks_to_swap={chosen.blocks_to_swap}", out="planned"))
+    assert len(losses(replanned)) == 4 and losses(replanned) == losses(planned)
+    assert all(torch.equal(_lora(planned)[k], _lora(replanned)[k]) for k in _lora(planned))

@@ -16,6 +16,7 @@ from ..models.cost import (
     AUTO_BUDGET_SHARE,
     HOST_PROCESS_GIB,
     Plan,
+    estimate,
     host_advice,
     host_estimate,
     plan_for_budget,
@@ -110,3 +111,30 @@ def check_host_memory(config: Config, variant: Variant, device: torch.device) ->
     advice = "; or ".join(host_advice(planned, variant, host, available))
     raise ConfigError(f"host memory: this run needs about {host.training_gib:.1f} GiB ({parts} GiB) and the host has "
                       f"{available:.1f} GiB available; try {advice} (`cogft estimate --host-ram GIB` plans it)")
+
+
+class OutOfMemory(ConfigError):
+    """A CUDA out-of-memory, explained: what ran, the peak, and the settings the estimate says fit (exit 2)."""
+
+
+def next_saving(config: Config, variant: Variant, settings: tuple[bool | float, bool, int]) -> Plan:
+    """The plan after `settings` ran out of memory: the fastest the cost model says needs at most 85 % of what it
+    predicted for them (the leanest when none does)."""
+    current = Plan(*settings, None)
+    predicted = estimate(current.applied(config), variant, advise=False).peak_allocated_gib
+    return plan_for_budget(config, variant, 0.85 * predicted, host_gib=host_memory_gib())
+
+
+def explain_out_of_memory(config: Config, variant: Variant, settings: tuple[bool | float, bool, int], doing: str,
+                          device: torch.device) -> OutOfMemory:
+    """The error a run ends with when the GPU's memory ran out while `doing`."""
+    peak = ""
+    if device.type == "cuda":
+        total = card_memory_gib(device)
+        peak = f": peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated of {total:.1f} GiB"
+    plan = next_saving(config, variant, settings)
+    fits = f"the estimate says {plan.describe()} fits" + (
+        f" ({plan.estimate.peak_allocated_gib} GiB, {plan.estimate.seconds_per_step} s/step predicted)"
+        if plan.estimate else " best (nothing is estimated to fit: lower data.num_frames / data.height / data.width)")
+    return OutOfMemory(f"out of GPU memory in {doing}{peak} with {Plan(*settings, None).describe()}; {fits}; or set "
+                       "train.memory_budget_gib=auto to re-plan and go on by itself")

@@ -175,3 +175,10 @@ def test_under_a_budget_an_out_of_memory_replans_and_equals_a_run_started_with_t
                                 f"train.blocks_to_swap={chosen.blocks_to_swap}", out="planned"))
     assert len(losses(replanned)) == 4 and losses(replanned) == losses(planned)
     assert all(torch.equal(_lora(planned)[k], _lora(replanned)[k]) for k in _lora(planned))
+
+
+def test_bench_reports_the_swapped_blocks_and_its_memory_cap(make_config):
+    from cogft.bench.training import bench
+
+    rows = bench(make_config("train.blocks_to_swap=all"), warmup=0, steps=1, gpu_memory_gib=4, emit=lambda row: None)
+    assert rows[0]["blocks_to_swap"] == 2 and rows[0]["gpu_memory_cap_gib"] is None  # a CPU has no cap to hold

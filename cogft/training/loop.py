@@ -276,6 +276,7 @@ class Trainer:
                     self.ema.update(result.finite)
             micro = 0
             progress.global_step += 1
+            self.doing = f"the end of step {progress.global_step} (checkpoint, held-out eval)"
             readout = StepReadout(**self._scalars(loss, result))
             self._report(self.pending)  # the previous step's scalars are on the host by now
             self.pending = FinishedStep(progress.global_step, readout, batch["index"],

@@ -88,7 +88,7 @@ class ModelConfig(_Section):
         "`pip install -e \".[fa4]\"`, Hopper/Blackwell GPUs, fp16/bf16; refused by name where it cannot run), `sdpa` "
         "(torch's; cuDNN on Hopper) or `auto` (fa4 where it can run, else sdpa; logged). Both are exact; `cogft "
         "sample` of a run trained with fa4 falls back to sdpa with a warning where fa4 cannot run"))
-    fp8_base: bool = Field(False, description=(
+    fp8_base: bool | Literal["auto"] = Field(False, description=(
         "LoRA: store the frozen transformer's linear weights in float8 (e4m3), each row scaled by a power of two so "
         "that small weights keep e4m3's full precision, and read each layer's weight upcast to the model's dtype in "
         "its forward and again in its backward, which keeps the float8 weight rather than an upcast copy (ordinary "
@@ -99,7 +99,8 @@ class ModelConfig(_Section):
         "diffusers does; `cogft bench --fp8-error` measures it on your `model.path`. The adapter's fp32 weights stay "
         "as they are. Refused for `train.mode: sft` and under DeepSpeed/FSDP. The export is the LoRA as usual, "
         "loaded into the stock pipeline in its normal dtype (the export check stores that pipeline's base in float8 "
-        "too, as training rendered it)"))
+        "too, as training rendered it). `auto`: float8 only where the memory plan (`train.memory_budget_gib`) is "
+        "faster with it; the run logs and saves the choice"))
 
 def folder_can_be_made(value: str, key: str) -> str:
     """A folder path a key names, refused where a file stands on it (found at the first write, after the work)."""
@@ -484,7 +485,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fp8_base_is_for_lora(self) -> Config:
-        if self.model.fp8_base and self.train.mode != "lora":
+        if self.model.fp8_base is True and self.train.mode != "lora":
             raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning "
                              "(train.mode=sft) trains every weight; use train.mode=lora or model.fp8_base=false")
         return self

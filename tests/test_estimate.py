@@ -229,3 +229,16 @@ def test_the_planner_fits_consumer_cards_and_the_hosts_ram_or_says_nothing_fits(
     assert leanest.estimate is None and leanest.blocks_to_swap == 42
     sft = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml")
     assert fit_to_budget(sft, _variant(sft), 20) is None  # full fine-tuning swaps nothing: 6 bytes a parameter
+
+
+def test_fp8_base_auto_takes_float8_only_where_it_fits_what_bf16_cannot():
+    from cogft.models.cost import fit_to_budget
+
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["model.fp8_base=auto", "train.compile=true"])
+    variant = _variant(config)
+    assert fit_to_budget(config, variant, 40).fp8_base is False  # bf16 fits about as fast
+    unswapped = fit_to_budget(config, variant, 0.9 * 11.7, "4070", swap=False)  # 10.4 GiB of bf16 weights alone
+    assert unswapped.fp8_base is True and unswapped.estimate.peak_allocated_gib <= 0.9 * 11.7
+    assert "model.fp8_base=true" in unswapped.describe()
+    assert as_trained(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["model.fp8_base=auto"]),
+                      variant).model.fp8_base is False  # no memory plan: no float8

@@ -182,3 +182,10 @@ def test_bench_reports_the_swapped_blocks_and_its_memory_cap(make_config):
 
     rows = bench(make_config("train.blocks_to_swap=all"), warmup=0, steps=1, gpu_memory_gib=4, emit=lambda row: None)
     assert rows[0]["blocks_to_swap"] == 2 and rows[0]["gpu_memory_cap_gib"] is None  # a CPU has no cap to hold
+
+
+def test_fp8_base_auto_is_resolved_and_saved_before_training(make_config):
+    from cogft.config_file import load_config
+
+    run = train(make_config(*FAST, "train.max_steps=1", "model.fp8_base=auto", out="fp8-auto"))
+    assert load_config(run / "config.yaml").model.fp8_base is False  # no memory plan on a CPU: no float8

@@ -50,8 +50,8 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"  peak allocated  {result.peak_allocated_gib:7.2f} GiB  ({'fits' if result.fits else 'does NOT fit'})",
         f"  step time       {result.seconds_per_step:7.3f} s (attention: {result.attention})",
         f"  checkpointing   {config.train.gradient_checkpointing} "
-        f"(offload_checkpoints={config.train.offload_checkpoints}, blocks_to_swap={config.train.blocks_to_swap}"
-        f"{chosen})",
+        f"(offload_checkpoints={config.train.offload_checkpoints}, blocks_to_swap={config.train.blocks_to_swap}, "
+        f"fp8_base={config.model.fp8_base}{chosen})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
     cached = "" if result.sample_seconds_cached is None else f"; {result.sample_seconds_cached:.1f} s with taylorseer"

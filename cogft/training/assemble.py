@@ -27,7 +27,7 @@ from .backends import (
     offloads_optimizer,
     uses_deepspeed,
 )
-from .budget import block_settings
+from .budget import block_settings, resolve_fp8_base
 from .checkpointing import TrainingProgress, register_weight_hooks
 from .step import StepParts, TrainingStep
 
@@ -74,6 +74,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     """
     device = accelerator.device
     configure_backend(accelerator, config, variant)
+    config = resolve_fp8_base(config, variant, accelerator)  # `cogft bench`; the trainer resolved it already
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator)
                              and not OPTIMIZERS[config.train.optimizer].bf16_weights)

@@ -113,7 +113,7 @@ def configure_backend(accelerator, config: Config, variant: Variant) -> None:
         )
     if problem := OPTIMIZERS[config.train.optimizer].problem(launch_of(accelerator, variant)):
         raise BackendError(problem)
-    if config.model.fp8_base and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
+    if config.model.fp8_base is True and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
         raise BackendError("model.fp8_base keeps float8 weights that DeepSpeed and FSDP would cast or shard as their "
                            "own; launch without them (one GPU, or multi-GPU DDP) or set model.fp8_base=false")
     if config.train.blocks_to_swap and accelerator.num_processes > 1:

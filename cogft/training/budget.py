@@ -80,6 +80,22 @@ def block_settings(config: Config, variant: Variant, device: torch.device) -> tu
     return plan.gradient_checkpointing, plan.offload_checkpoints, plan.blocks_to_swap
 
 
+def resolve_fp8_base(config: Config, variant: Variant, accelerator) -> Config:
+    """`model.fp8_base: auto` as the memory plan chooses it (`train.memory_budget_gib` on a GPU); false without a
+    budget, for full fine-tuning, and under DeepSpeed or FSDP (which would cast or shard float8 weights)."""
+    from .backends import uses_deepspeed, uses_fsdp
+
+    if config.model.fp8_base != "auto":
+        return config
+    chosen = False
+    budget = memory_budget(config, accelerator.device)
+    allowed = config.train.mode == "lora" and not (uses_deepspeed(accelerator) or uses_fsdp(accelerator))
+    if allowed and budget is not None and config.train.memory_budget_gib is not None:
+        chosen = bool(plan_for_budget(config, variant, budget, host_gib=host_memory_gib()).fp8_base)
+    logger.info("model.fp8_base=auto: %s", "float8 storage (the memory plan is faster with it)" if chosen else "off")
+    return config.model_copy(update={"model": config.model.model_copy(update={"fp8_base": chosen})})
+
+
 def log_plan(config: Config, plan: Plan, budget: float) -> None:
     what = (f"train.memory_budget_gib={config.train.memory_budget_gib}" if config.train.memory_budget_gib is not None
             else "train.blocks_to_swap=auto")

@@ -34,7 +34,7 @@ from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, i
 from .assemble import assemble_step, make_accelerator
 from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
 from .best import best_entry, improves, restored_best, write_best
-from .budget import check_host_memory
+from .budget import check_host_memory, resolve_fp8_base
 from .checkpointing import (
     check_resume_config,
     load_checkpoint,
@@ -183,6 +183,7 @@ class Trainer:
 
         self.config, self.variant = load_checked_variant(self.accelerator, self.config)
         config, accelerator = self.config, self.accelerator
+        self.config = config = resolve_fp8_base(config, self.variant, accelerator)  # saved and checked as chosen
         check_host_memory(config, self.variant, accelerator.device)
         resume_from = self._open()
         prepared = gather_prepared(accelerator, config, self.variant, self.run_dir)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import math
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -72,13 +73,15 @@ class BlockSwap:
         self.placeholders: list[list[torch.Tensor]] = []
         self.pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._registered: list[int] = []  # host buffers pinned in place, unpinned when this goes
+        weakref.finalize(self, _unregister, self._registered)
 
     def install(self) -> None:
         """Move the swapped weights to host memory and leave placeholders on the device (before prepare, which
         moves the rest of the model: the device never holds every block)."""
         pin = self.device.type == "cuda"
         for weights in self.weights:
-            self.masters.append([_host_master(p.data, pin) for p in weights])
+            self.masters.append(_host_masters([p.data for p in weights], pin, self._registered))
             self.placeholders.append([_placeholder(p.data, self.device) for p in weights])
             for p, placeholder in zip(weights, self.placeholders[-1]):
                 p.data = placeholder
@@ -133,13 +136,33 @@ class BlockSwap:
                 p.data = placeholder
 
 
-def _host_master(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """The host copy a swapped weight is read from: pinned where a GPU reads it, the tensor itself on a CPU run."""
-    if not pin:
-        return tensor.cpu()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor)
-    return host
+def _host_masters(tensors: list[torch.Tensor], pin: bool, registered: list[int]) -> list[torch.Tensor]:
+    """The host copies a block's swapped weights are read from: on a CPU run the tensors themselves; for a GPU, views
+    of one host buffer of their exact size pinned in place (torch's pinned allocator rounds each allocation up to a
+    power of two, up to twice the RAM), or torch's pinned tensors where registering fails."""
+    if not pin or not tensors:
+        return [t.cpu() for t in tensors]
+    offsets, total = [], 0
+    for t in tensors:
+        total = -(-total // 64) * 64
+        offsets.append(total)
+        total += t.numel() * t.element_size()
+    buffer = torch.empty(total, dtype=torch.uint8)
+    if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), total, 0)) != 0:
+        logger.warning("train.blocks_to_swap: could not pin %d bytes of host memory in place; using torch's pinned "
+                       "allocator (up to twice the memory)", total)
+        return [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors]
+    registered.append(buffer.data_ptr())
+    masters = []
+    for t, offset in zip(tensors, offsets):
+        master = buffer[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        masters.append(master.copy_(t))
+    return masters
+
+
+def _unregister(pointers: list[int]) -> None:
+    for pointer in pointers:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 def _placeholder(like: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -447,7 +447,9 @@ def host_estimate(config: Config, variant: Variant) -> HostEstimate:
         "data_workers": config.data.dataloader_workers * HOST_WORKER_GIB * GIB,
         "model_load": total * itemsize,  # read whole before the swapped blocks' weights are split off
         "swapped_weights": swapped * block_weight_bytes(config, variant) if train.mode == "lora" else 0,
-        "offloaded_checkpoints": checkpointed * elements * 2 if train.offload_checkpoints else 0,
+        # each block's input in torch's pinned allocator, which rounds an allocation up to a power of two
+        "offloaded_checkpoints": checkpointed * 2 ** math.ceil(math.log2(elements * 2)) if train.offload_checkpoints
+        else 0,
     }
     steady = parts["swapped_weights"] + parts["offloaded_checkpoints"]
     training = parts["process"] + parts["data_workers"] + max(parts["model_load"], steady)

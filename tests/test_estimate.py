@@ -132,9 +132,12 @@ def test_estimate_says_what_to_change_when_it_does_not_fit():
     assert estimate(shipped, _variant(shipped), "H100").peak_allocated_gib < 40
 
 
-def test_memory_budget_picks_the_least_checkpointing_that_fits():
+def test_memory_budget_picks_the_least_checkpointing_that_fits(monkeypatch):
+    import cogft.training.budget
     from cogft.models.cost import fit_to_budget
     from cogft.training.budget import block_settings
+
+    monkeypatch.setattr(cogft.training.budget, "host_memory_gib", lambda: 128.0)  # a GPU server's RAM, not this one's
 
     config = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.compile=true"])
     variant = _variant(config)
@@ -161,7 +164,10 @@ def test_memory_budget_picks_the_least_checkpointing_that_fits():
 
 
 def test_memory_budget_auto_fits_the_card(monkeypatch):
+    import cogft.training.budget
     from cogft.training.budget import block_settings
+
+    monkeypatch.setattr(cogft.training.budget, "host_memory_gib", lambda: 128.0)  # a GPU server's RAM, not this one's
 
     def card(gib):
         monkeypatch.setattr(torch.cuda, "get_device_properties",

@@ -181,7 +181,10 @@ def _doctor(args) -> None:
 
 def _estimate_args(parser: argparse.ArgumentParser) -> None:
     _config_args(parser)
-    parser.add_argument("--gpu", default="H100", help="H100, H200, A100, L40S or 4090")
+    parser.add_argument("--gpu", default="H100", help="H100, H200, A100, L40S, A6000, 4090, 4080, 3090, 4070, "
+                                                      "4060Ti, L4 or A10 (its speed; its memory unless --gpu-memory)")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a card with this much memory")
+    parser.add_argument("--host-ram", type=float, metavar="GIB", help="check the host memory against this much RAM")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
 
 
@@ -189,7 +192,7 @@ def _estimate(args) -> None:
     config = _config(args)
     from .bench.estimate import run_estimate
 
-    print(run_estimate(config, args.gpu, args.json))
+    print(run_estimate(config, args.gpu, args.json, args.gpu_memory, args.host_ram))
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +214,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
                                                              "forward, the adapter off) against a clip batch")
     parser.add_argument("--fp8-error", action="store_true", help="how far model.fp8_base moves the model's prediction "
                                                                  "(random:// weights, or the model.path given)")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB", help="train as on a card with this much memory: "
+                        "planned for it (train.memory_budget_gib: auto, train.blocks_to_swap: auto) and held to it")
 
 
 def _bench(args) -> None:
@@ -245,7 +250,7 @@ def _bench(args) -> None:
         from .bench.training import bench
 
         bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint,
-              args.loss_mask)
+              args.loss_mask, args.gpu_memory)
 
 
 @dataclass(frozen=True)

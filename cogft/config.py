@@ -11,7 +11,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .optimizers import CLASS_PATH, DEFAULT_OPTIMIZER, OPTIMIZERS, check_arguments, imported_class
 
@@ -80,7 +89,7 @@ class ModelConfig(_Section):
         "`pip install -e \".[fa4]\"`, Hopper/Blackwell GPUs, fp16/bf16; refused by name where it cannot run), `sdpa` "
         "(torch's; cuDNN on Hopper) or `auto` (fa4 where it can run, else sdpa; logged). Both are exact; `cogft "
         "sample` of a run trained with fa4 falls back to sdpa with a warning where fa4 cannot run"))
-    fp8_base: bool = Field(False, description=(
+    fp8_base: bool | Literal["auto"] = Field(False, description=(
         "LoRA: store the frozen transformer's linear weights in float8 (e4m3), each row scaled by a power of two so "
         "that small weights keep e4m3's full precision, and read each layer's weight upcast to the model's dtype in "
         "its forward and again in its backward, which keeps the float8 weight rather than an upcast copy (ordinary "
@@ -91,7 +100,8 @@ class ModelConfig(_Section):
         "diffusers does; `cogft bench --fp8-error` measures it on your `model.path`. The adapter's fp32 weights stay "
         "as they are. Refused for `train.mode: sft` and under DeepSpeed/FSDP. The export is the LoRA as usual, "
         "loaded into the stock pipeline in its normal dtype (the export check stores that pipeline's base in float8 "
-        "too, as training rendered it)"))
+        "too, as training rendered it). `auto`: float8 only where the memory plan (`train.memory_budget_gib`) is "
+        "faster with it; the run logs and saves the choice"))
     control: bool = Field(False, description=(
         "train a control model from a text-to-video one (2B, 5B, 1.5-5B): the patch embedding gets input channels for "
         "a control video's latents, placed after the video's as diffusers' CogVideoX-Fun control pipeline places them, "
@@ -381,10 +391,19 @@ class TrainConfig(_Section):
     offload_checkpoints: bool = Field(False, description=(
         "keep the checkpointed blocks' inputs in pinned host memory until the backward pass (with "
         "`train.gradient_checkpointing: true`: lean mode for small GPUs)"))
+    blocks_to_swap: NonNegativeInt | Literal["auto", "all"] = Field(0, description=(
+        "LoRA: keep the frozen weights of this many transformer blocks (the first ones; `all`: every block) in "
+        "pinned host memory and copy each block's to the GPU on a side stream just before it runs, in the forward "
+        "and again for the backward's recompute, overlapped with the compute (only host-to-device copies: the host "
+        "copy is the master); at most two blocks' weights are on the GPU at once. A swapped block is also "
+        "checkpointed (its inputs offloaded with `train.offload_checkpoints`). The numbers are the same bit for bit; "
+        "the cost is PCIe time the compute does not hide (`cogft estimate` predicts it). `auto`: the fewest that "
+        "`cogft estimate` predicts fit `train.memory_budget_gib` (90 % of the GPU without one; none on a CPU). One "
+        "process only; not for `train.mode: sft` (both refused by key)"))
     memory_budget_gib: PositiveFloat | Literal["auto"] | None = Field(None, description=(
-        "when set, ignore the two keys above and use the fastest checkpointing/offloading that `cogft estimate` "
-        "predicts fits this many GiB (logged at start); `auto` = 90 % of the GPU's memory (on a CPU, the two keys as "
-        "written). `cogft estimate --gpu G` shows what a budget picks on that GPU"))
+        "when set, ignore the three keys above and use the fastest checkpointing/offloading/block swapping that "
+        "`cogft estimate` predicts fits this many GiB (logged at start); `auto` = 90 % of the GPU's memory (on a CPU, "
+        "the three keys as written). `cogft estimate --gpu G` shows what a budget picks on that GPU"))
     compile: bool | Literal["auto"] = Field("auto", description="`torch.compile` each transformer block; `auto` = on "
                                                                 "CUDA GPUs (a compile at start, faster steps)")
     compile_autotune: bool = Field(False, description=(
@@ -717,9 +736,17 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fp8_base_is_for_lora(self) -> Config:
-        if self.model.fp8_base and self.train.mode != "lora":
+        if self.model.fp8_base is True and self.train.mode != "lora":
             raise ValueError("model.fp8_base stores the frozen base weights in float8, and full fine-tuning "
                              "(train.mode=sft) trains every weight; use train.mode=lora or model.fp8_base=false")
+        return self
+
+    @model_validator(mode="after")
+    def _blocks_to_swap_is_for_lora(self) -> Config:
+        if self.train.blocks_to_swap and self.train.mode != "lora":
+            raise ValueError("train.blocks_to_swap keeps frozen base weights in host memory with host-to-device copies "
+                             "only, and full fine-tuning (train.mode=sft) trains and updates every weight; use "
+                             "train.mode=lora or train.blocks_to_swap=0")
         return self
 
     @model_validator(mode="after")

@@ -132,29 +132,42 @@ def test_estimate_says_what_to_change_when_it_does_not_fit():
     assert estimate(shipped, _variant(shipped), "H100").peak_allocated_gib < 40
 
 
-def test_memory_budget_picks_the_least_checkpointing_that_fits():
+def test_memory_budget_picks_the_least_checkpointing_that_fits(monkeypatch):
+    import cogft.training.budget
     from cogft.models.cost import fit_to_budget
     from cogft.training.budget import block_settings
 
+    monkeypatch.setattr(cogft.training.budget, "host_memory_gib", lambda: 128.0)  # a GPU server's RAM, not this one's
+
     config = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.compile=true"])
     variant = _variant(config)
-    assert fit_to_budget(config, variant, 40)[:2] == (False, False)      # measured 32.4 GiB unchecked
-    partial, offload, result = fit_to_budget(config, variant, 20)
-    assert 0 < partial < 1 and not offload and result.peak_allocated_gib <= 20
-    assert fit_to_budget(config, variant, 6)[:2] == (True, True)         # lean mode: measured 5.92 GiB
-    assert fit_to_budget(config, variant, 3) is None                     # the fp16 weights alone are 3.15 GiB
+    settings = lambda plan: (plan.gradient_checkpointing, plan.offload_checkpoints, plan.blocks_to_swap)  # noqa: E731
+    assert settings(fit_to_budget(config, variant, 40)) == (False, False, 0)  # measured 32.4 GiB unchecked
+    partial = fit_to_budget(config, variant, 20)
+    assert 0 < partial.gradient_checkpointing < 1 and not partial.offload_checkpoints
+    assert partial.estimate.peak_allocated_gib <= 20
+    assert settings(fit_to_budget(config, variant, 6, swap=False)) == (True, True, 0)  # lean mode: measured 5.92 GiB
+    swapped = fit_to_budget(config, variant, 6)  # swapping weights is cheaper than offloading every block's inputs
+    assert swapped.blocks_to_swap > 2 and swapped.estimate.peak_allocated_gib <= 6
+    assert swapped.estimate.seconds_per_step < fit_to_budget(config, variant, 6, swap=False).estimate.seconds_per_step
+    assert fit_to_budget(config, variant, 3, swap=False) is None          # the fp16 weights alone are 3.15 GiB
+    assert fit_to_budget(config, variant, 3).estimate.parts_gib["weights"] < 1  # swapped: two blocks on the GPU
+    assert fit_to_budget(config, variant, 2) is None                     # activations of one block + workspace
     budgeted = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=6"])
     cpu = torch.device("cpu")
-    assert block_settings(budgeted, variant, cpu) == (True, True)
-    assert block_settings(config, variant, cpu) == (False, False)        # no budget: the config as written
-    starved = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=3"])
-    assert block_settings(starved, variant, cpu) == (True, True)         # nothing fits: lean mode anyway
+    assert block_settings(budgeted, variant, cpu) == settings(swapped)
+    assert block_settings(config, variant, cpu) == (False, False, 0)     # no budget: the config as written
+    starved = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", ["train.memory_budget_gib=2"])
+    assert block_settings(starved, variant, cpu) == (True, True, 30)     # nothing fits: the leanest anyway
     shown = as_trained(starved, variant, "H100").train                    # and `cogft estimate` shows the same
-    assert (shown.gradient_checkpointing, shown.offload_checkpoints) == (True, True)
+    assert (shown.gradient_checkpointing, shown.offload_checkpoints, shown.blocks_to_swap) == (True, True, 30)
 
 
 def test_memory_budget_auto_fits_the_card(monkeypatch):
+    import cogft.training.budget
     from cogft.training.budget import block_settings
+
+    monkeypatch.setattr(cogft.training.budget, "host_memory_gib", lambda: 128.0)  # a GPU server's RAM, not this one's
 
     def card(gib):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -164,22 +177,74 @@ def test_memory_budget_auto_fits_the_card(monkeypatch):
                          ["train.memory_budget_gib=auto", "train.compile=true"])
     variant, gpu = _variant(config), torch.device("cuda")
     card(79.2)  # an H100 80GB: a tenth of the card kept free, so not the 74 GiB of no checkpointing
-    assert block_settings(config, variant, gpu) == (0.1, False)          # measured 2.200 s, 67.4 GiB
+    assert block_settings(config, variant, gpu) == (0.1, False, 0)       # measured 2.200 s, 67.4 GiB
     assert as_trained(config, variant, "H100").train.gradient_checkpointing == 0.1  # `cogft estimate` agrees
     card(44.4)  # an L40S (48 GB): where the shipped quarter (59 GiB) runs out of memory
-    setting, offload = block_settings(config, variant, gpu)
+    setting, offload, swapped = block_settings(config, variant, gpu)
     tried = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [
         f"train.gradient_checkpointing={str(setting).lower()}", f"train.offload_checkpoints={str(offload).lower()}",
-        "train.compile=true"]), variant, "H100")
+        f"train.blocks_to_swap={swapped}", "train.compile=true"]), variant, "H100")
     assert 0.25 < setting <= 1 and tried.peak_allocated_gib <= 0.9 * 44.4
-    assert block_settings(config, variant, torch.device("cpu")) == (0.25, False)  # CPU: the config as written
+    assert block_settings(config, variant, torch.device("cpu")) == (0.25, False, 0)  # CPU: the config as written
 
 
 def test_cogvideox_1_5_on_the_h200_as_measured():
     """The auto budget picks the setting that ran (15 of 42 blocks checkpointed, 9.33 s), and a 10-step video with
     CFG (66.19 s measured, VAE tiled) is predicted within 15 %."""
+    from cogft.models.cost import AUTO_BUDGET_SHARE, GPUS, fit_to_budget
+
     config = load_config(REPO / "configs" / "cogvideox1.5-5b-lora.yaml", ["model.attention=fa4"])
-    assert as_trained(config, _variant(config), "H200").train.gradient_checkpointing == 0.34
+    budget = AUTO_BUDGET_SHARE * GPUS["H200"].memory_gib
+    measured = fit_to_budget(config, _variant(config), budget, "H200", swap=False)
+    assert measured.gradient_checkpointing == 0.34
+    chosen = as_trained(config, _variant(config), "H200")  # swapping a few blocks instead of checkpointing them
+    assert estimate(chosen, _variant(config), "H200").seconds_per_step <= measured.estimate.seconds_per_step
     video = load_config(REPO / "configs" / "cogvideox1.5-5b-lora.yaml",
                         ["model.attention=fa4", "validation.num_inference_steps=10"])
     assert estimate(video, _variant(video), "H200").sample_seconds == pytest.approx(66.19, rel=0.15)
+
+
+def test_swapping_costs_only_the_copies_that_compute_does_not_hide():
+    """A 49x480x720 block computes far longer than its weights take over PCIe: swapping every block costs the copy
+    launches alone; at a 9-frame 240x352 clip the copies show."""
+    swap_all = ["train.gradient_checkpointing=true", "train.compile=true"]
+    full = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml", swap_all)
+    small = load_config(REPO / "configs" / "cogvideox-2b-lora.yaml",
+                        [*swap_all, "data.num_frames=9", "data.height=240", "data.width=352"])
+    for config, most in ((full, 1.05), (small, None)):
+        variant = _variant(config)
+        plain = estimate(config, variant, "H100")
+        swapped = estimate(config.model_copy(update={"train": config.train.model_copy(
+            update={"blocks_to_swap": "all"})}), variant, "H100")
+        assert swapped.parts_gib["weights"] < plain.parts_gib["weights"] / 5  # two blocks' weights left on the GPU
+        ratio = swapped.seconds_per_step / plain.seconds_per_step
+        assert ratio < most if most else ratio > 2
+
+
+def test_the_planner_fits_consumer_cards_and_the_hosts_ram_or_says_nothing_fits():
+    from cogft.models.cost import fit_to_budget, host_estimate, plan_for_budget
+
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml")
+    variant = _variant(config)
+    for card, memory in (("4090", 23.6), ("4080", 15.6), ("4070", 11.7)):
+        plan = fit_to_budget(config, variant, 0.9 * memory, card, host_gib=32)
+        assert plan.estimate.peak_allocated_gib <= 0.9 * memory and plan.estimate.extrapolated
+        assert host_estimate(plan.applied(config), variant).training_gib <= 32
+    assert fit_to_budget(config, variant, 0.9 * 11.7, "4070", host_gib=12) is None  # the model is read whole first
+    leanest = plan_for_budget(config, variant, 0.9 * 11.7, "4070", host_gib=12)
+    assert leanest.estimate is None and leanest.blocks_to_swap == 42
+    sft = load_config(REPO / "configs" / "cogvideox-5b-sft.yaml")
+    assert fit_to_budget(sft, _variant(sft), 20) is None  # full fine-tuning swaps nothing: 6 bytes a parameter
+
+
+def test_fp8_base_auto_takes_float8_only_where_it_fits_what_bf16_cannot():
+    from cogft.models.cost import fit_to_budget
+
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["model.fp8_base=auto", "train.compile=true"])
+    variant = _variant(config)
+    assert fit_to_budget(config, variant, 40).fp8_base is False  # bf16 fits about as fast
+    unswapped = fit_to_budget(config, variant, 0.9 * 11.7, "4070", swap=False)  # 10.4 GiB of bf16 weights alone
+    assert unswapped.fp8_base is True and unswapped.estimate.peak_allocated_gib <= 0.9 * 11.7
+    assert "model.fp8_base=true" in unswapped.describe()
+    assert as_trained(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", ["model.fp8_base=auto"]),
+                      variant).model.fp8_base is False  # no memory plan: no float8

@@ -6,17 +6,34 @@ import json
 from dataclasses import asdict
 
 from ..config import Config
-from ..models.cost import Estimate, as_trained, estimate
+from ..models.cost import Estimate, HostEstimate, as_trained, estimate, host_advice, host_estimate
 from ..models.loading import load_for_config
 from ..optimizers import OPTIMIZERS, optimizer_entry
 
 
-def run_estimate(config: Config, gpu: str, as_json: bool) -> str:
-    """The estimate on `gpu` with the checkpointing the trainer would pick there under the config's budget."""
+def run_estimate(config: Config, gpu: str, as_json: bool, gpu_memory: float | None = None,
+                 host_ram: float | None = None) -> str:
+    """The estimate on `gpu` (with `gpu_memory` GiB usable, any card by its memory) with the block settings the
+    trainer would pick there under the config's budget, and the host memory it needs (against `host_ram` GiB)."""
     config, variant = load_for_config(config, validates=False)
-    config = as_trained(config, variant, gpu)
+    gpu = gpu if gpu_memory is None else f"{gpu}@{gpu_memory}"
+    config = as_trained(config, variant, gpu, host_ram)
     result = estimate(config, variant, gpu)
-    return json.dumps(asdict(result)) if as_json else format_estimate(config, result)
+    host = host_estimate(config, variant)
+    advice = host_advice(config, variant, host, host_ram) if host_ram and host.training_gib > host_ram else []
+    if as_json:
+        return json.dumps({**asdict(result), "host": asdict(host), "host_ram_gib": host_ram, "host_advice": advice})
+    return format_estimate(config, result) + "\n" + format_host(host, host_ram, advice)
+
+
+def format_host(host: HostEstimate, host_ram: float | None, advice: list[str]) -> str:
+    def verdict(gib: float) -> str:
+        return "" if host_ram is None else ("  (fits)" if gib <= host_ram else f"  (does NOT fit {host_ram:g} GiB)")
+
+    lines = [f"  host peak, prepare  {host.prepare_gib:7.2f} GiB{verdict(host.prepare_gib)}",
+             f"  host peak, training {host.training_gib:7.2f} GiB{verdict(host.training_gib)}"]
+    lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in host.parts_gib.items()]
+    return "\n".join(lines + [f"  try: {line}" for line in advice])
 
 
 def format_estimate(config: Config, result: Estimate) -> str:
@@ -36,7 +53,8 @@ def format_estimate(config: Config, result: Estimate) -> str:
         *([f"  prior step      {result.prior_seconds_per_step:7.3f} s (a kind: prior batch: one more forward, the "
            "adapter off)"] if any(s.kind == "prior" for s in config.data.sets or ()) else []),
         f"  checkpointing   {config.train.gradient_checkpointing} "
-        f"(offload_checkpoints={config.train.offload_checkpoints}{chosen})",
+        f"(offload_checkpoints={config.train.offload_checkpoints}, blocks_to_swap={config.train.blocks_to_swap}, "
+        f"fp8_base={config.model.fp8_base}{chosen})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
     if config.train.optimizer not in OPTIMIZERS:  # an import path: its state measured on a CPU, or assumed

@@ -29,6 +29,7 @@ from ..models.family import LOSS_MASK, Variant
 from ..models.flops import peak_tflops, step_flops
 from ..models.loading import load_for_config
 from ..training.backends import accelerator_on_cpu, backend_name
+from ..training.budget import apply_gpu_memory_cap, cap_gpu_memory, card_memory_gib
 from .timing import device_name, free, profile, reset_peak, time_back_to_back, time_steps
 
 
@@ -128,7 +129,7 @@ def plain_step(config: Config, variant: Variant, device: torch.device):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    run.block_settings = (bool(config.train.gradient_checkpointing), False)  # diffusers' all or nothing
+    run.block_settings = (bool(config.train.gradient_checkpointing), False, 0)  # diffusers' all or nothing
     run.attention = attention_in_use(transformer)
     return run
 
@@ -139,6 +140,7 @@ def _measure(name: str, build, config: Config, variant: Variant, device: torch.d
     extra = {}
     try:
         run = build(config, variant, device)
+        apply_gpu_memory_cap(device)  # after the build: the model is made on the GPU whole, then swapped out
         reset_peak(device)  # the training peak: a model built on the GPU in full precision first is not training
         times = time_steps(run, device, warmup, steps)
         back_to_back = time_back_to_back(run, device, warmup + steps, steps)
@@ -162,7 +164,7 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
          back_to_back: float, size: tuple[int, int]) -> dict:
     """One figure's JSON row: the step time at `size`, its throughput and the memory peak so far."""
     flops = step_flops(variant, config.data.num_frames, *size, config.train.batch_size)
-    checkpointing, offload = run.block_settings
+    checkpointing, offload, swapped = run.block_settings
     seconds = statistics.median(times)
     tflop = flops.training(config.train.mode) / 1e12
     row = {
@@ -172,7 +174,9 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
         "lora_type": config.lora.type if config.train.mode == "lora" else None,
         "gradient_checkpointing": checkpointing,
         "offload_checkpoints": offload,
+        "blocks_to_swap": swapped,
         "memory_budget_gib": config.train.memory_budget_gib if name != "plain" else None,
+        "gpu_memory_cap_gib": card_memory_gib(device) if device.type == "cuda" else None,
         "compile": compile_enabled(config, device) if name != "plain" else False,
         "attention": run.attention,
         "s_per_step": round(seconds, 4), "s_per_step_min": round(min(times), 4),
@@ -313,10 +317,13 @@ def bench_prior(config: Config, warmup: int = 3, steps: int = 10,
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
           profiled: bool = False, checkpoint: bool = False, loss_mask: bool = False,
+          gpu_memory_gib: float | None = None,
           emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
     """The plain recipe's step (`baseline`) and cogft's, one row each; `loss_mask`: cogft's batches carry a random
-    loss mask (the plain recipe has none)."""
+    loss mask (the plain recipe has none); `gpu_memory_gib`: train as on a card with that much memory (planned for
+    it, and held to it)."""
     device, config, variant = bench_setup(config)
+    cap_gpu_memory(gpu_memory_gib)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:

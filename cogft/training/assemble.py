@@ -28,7 +28,7 @@ from .backends import (
     offloads_optimizer,
     uses_deepspeed,
 )
-from .budget import block_settings
+from .budget import block_settings, resolve_fp8_base
 from .checkpointing import TrainingProgress, register_weight_hooks
 from .step import StepParts, TrainingStep
 
@@ -75,15 +75,20 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     """
     device = accelerator.device
     configure_backend(accelerator, config, variant)
+    config = resolve_fp8_base(config, variant, accelerator)  # `cogft bench`; the trainer resolved it already
     params = setup_trainable(transformer, config,
                              fp32_master=not uses_deepspeed(accelerator)
                              and not optimizer_entry(config.train).bf16_weights,
                              whole_modules=variant.trained_with_adapter)
-    checkpointing, offload = block_settings(config, variant, device)
+    checkpointing, offload, swapped = block_settings(config, variant, device)
     attention = set_attention(transformer, config.model.attention, device, variant.dtype,
                               variant.attention_processor)
-    apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload,
-                        config.train.compile_autotune)
+    swap = apply_block_options(transformer, checkpointing, compile_enabled(config, device), offload,
+                               config.train.compile_autotune, swapped, device)
+    if swap is not None:  # before prepare moves the model to the device: the swapped weights never go there
+        swap.install()
+        logger.info("train.blocks_to_swap: %d blocks' frozen weights in host memory (%.2f GiB)", swapped,
+                    swap.host_bytes() / 2**30)
     logger.info("variant=%s dtype=%s backend=%s attention=%s trainable parameters: %s", variant.name, variant.dtype,
                 backend_name(accelerator), attention, f"{sum(p.numel() for p in params):,}")
     optimizer = build_optimizer(config.train, optimizer_groups(transformer, config, params), device,
@@ -103,7 +108,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
     parts = StepParts(accelerator=accelerator, transformer=transformer, params=params, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, scaler=scaler, noise_scheduler=noise_scheduler, variant=variant,
                       max_grad_norm=config.train.max_grad_norm,
-                      block_settings=(checkpointing, offload), condition_dropout=config.data.image_dropout,
+                      block_settings=(checkpointing, offload, swapped), condition_dropout=config.data.image_dropout,
                       caption_dropout=config.data.caption_dropout,
                       empty_prompt=None if empty_prompt is None else empty_prompt.to(device),
                       prior_weight=config.data.prior_weight, objective=Objective.of(config.train))

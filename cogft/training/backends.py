@@ -113,9 +113,13 @@ def configure_backend(accelerator, config: Config, variant: Variant) -> None:
         )
     if problem := optimizer_entry(config.train).problem(launch_of(accelerator, variant)):
         raise BackendError(problem)
-    if config.model.fp8_base and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
+    if config.model.fp8_base is True and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
         raise BackendError("model.fp8_base keeps float8 weights that DeepSpeed and FSDP would cast or shard as their "
                            "own; launch without them (one GPU, or multi-GPU DDP) or set model.fp8_base=false")
+    if config.train.blocks_to_swap and accelerator.num_processes > 1:
+        raise BackendError("train.blocks_to_swap keeps frozen weights in this process's host memory, which DDP, "
+                           "DeepSpeed and FSDP would broadcast or shard; launch one process or set "
+                           "train.blocks_to_swap=0")
     if config.train.ema_decay is not None and (uses_deepspeed(accelerator) or uses_fsdp(accelerator)):
         raise BackendError("train.ema_decay averages the weights each process holds whole, and DeepSpeed and FSDP "
                            "shard or own them; launch without them (one GPU, or multi-GPU DDP) or set "

@@ -4,6 +4,7 @@ train with logging, checkpoints and validation, then validate and export at the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from ..data.mixing import epoch_mix
 from ..inference.check_export import check_export
 from ..inference.hub import check_run_push, push_run_export
 from ..models.attention import resolve_attention
+from ..models.cost import Plan
 from ..models.family import Variant
 from ..models.loading import load_for_config, load_scheduler, load_transformer
 from ..optimizers import reapply_settings
@@ -33,6 +35,7 @@ from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, i
 from .assemble import assemble_step, make_accelerator
 from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
 from .best import best_entry, improves, restored_best, write_best
+from .budget import check_host_memory, resolve_fp8_base
 from .checkpointing import (
     check_resume_config,
     load_checkpoint,
@@ -57,14 +60,39 @@ from .validation import ValidationHook
 logger = logging.getLogger(__name__)
 
 
+class _Replan(Exception):
+    """Out of GPU memory under a memory budget: go on from the last step with `config`'s block settings."""
+
+    def __init__(self, config: Config):
+        super().__init__("re-planned after an out-of-memory")
+        self.config = config
+
+
 def train(config: Config) -> Path:
-    """Run (or resume) the training described by `config`; returns the run directory."""
+    """Run (or resume) the training described by `config`; returns the run directory. A CUDA out-of-memory ends it
+    with `OutOfMemory` (what ran, the peak, what fits); under `train.memory_budget_gib` the run instead re-plans
+    once with the next saving and resumes from the last finished step, exactly as a run started with that plan."""
+    try:
+        return _train(config, may_replan=config.train.memory_budget_gib is not None)
+    except _Replan as replan:
+        config = replan.config
+    gc.collect()  # the first attempt's model and optimizer, before the second's
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return _train(config, may_replan=False)
+
+
+def _train(config: Config, may_replan: bool) -> Path:
     trainer = Trainer(config)
     try:
-        trainer.setup()
-        stopped = trainer.run()
-        if not stopped:
-            trainer.finish()
+        try:
+            trainer.setup()
+            stopped = trainer.run()
+            if not stopped:
+                trainer.doing = "the final validation and export"
+                trainer.finish()
+        except torch.OutOfMemoryError:
+            raise trainer.out_of_memory(may_replan) from None
         trainer.accelerator.end_training()
         if trainer.accelerator.is_main_process:
             write_run_report(trainer.config, trainer.run_dir, stopped)
@@ -130,6 +158,8 @@ class Trainer:
         logger.info("world_size=%d process=%d local_process=%d device=%s backend=%s mode=%s",
                     accelerator.num_processes, accelerator.process_index, accelerator.local_process_index,
                     accelerator.device, backend_name(accelerator), config.train.mode)
+        self.doing = "setup (the model, the data)"  # what an out-of-memory interrupts, for its message
+        self.step_start: tuple[int, int] | None = None  # (global step, micro-batches) where the step in flight began
         self.pending: FinishedStep | None = None  # the last launched step, reported during the next one
         self.smoothed = SmoothedLoss()
         self.data_wait = DataWait(accelerator.device)
@@ -154,6 +184,8 @@ class Trainer:
 
         self.config, self.variant = load_checked_variant(self.accelerator, self.config)
         config, accelerator = self.config, self.accelerator
+        self.config = config = resolve_fp8_base(config, self.variant, accelerator)  # saved and checked as chosen
+        check_host_memory(config, self.variant, accelerator.device)
         resume_from = self._open()
         prepared = gather_prepared(accelerator, config, self.variant, self.run_dir)
         clips = [e for e in prepared.entries if not e.prior]  # a prior set's samples are never held out
@@ -233,6 +265,10 @@ class Trainer:
         self.data_wait.fetching()
         for batch in batches:
             self.data_wait.fetched()
+            if micro == 0:
+                self.step_start = (progress.global_step, progress.micro_batches)
+            samples, frames, height, width = self.variant.batch_geometry(batch)
+            self.doing = f"training step {progress.global_step + 1} ({frames}x{height}x{width}, batch {samples})"
             progress.micro_batches += 1
             with accelerator.accumulate(self.step.transformer):
                 size = batch["prompt_embeds"].shape[0]
@@ -249,6 +285,7 @@ class Trainer:
                     self.ema.update(result.finite)
             micro = 0
             progress.global_step += 1
+            self.doing = f"the end of step {progress.global_step} (checkpoint, held-out eval)"
             readout = StepReadout(**self._scalars(loss, result, kinds))
             kinds = {}
             self._report(self.pending)  # the previous step's scalars are on the host by now
@@ -262,6 +299,37 @@ class Trainer:
             step_started = time.perf_counter()
             self.data_wait.fetching()
         return False
+
+    def out_of_memory(self, may_replan: bool) -> Exception:
+        """After a CUDA out-of-memory: with `may_replan`, checkpoint the last finished step (the step in flight is
+        redone from its start) and hand over the next saving's settings; else the explanation to end with."""
+        from .budget import explain_out_of_memory, next_saving
+
+        config, device = self.config, self.accelerator.device
+        step = getattr(self, "step", None)
+        settings = step.parts.block_settings if step is not None else (
+            config.train.gradient_checkpointing, config.train.offload_checkpoints,
+            0 if config.train.blocks_to_swap == "auto" else config.train.blocks_to_swap)
+        if isinstance(settings[2], str):
+            settings = (*settings[:2], self.variant.configs.transformer["num_layers"])
+        if not may_replan or not self.doing.startswith("training step") or self.accelerator.num_processes > 1:
+            return explain_out_of_memory(config, self.variant, settings, self.doing, device)
+        plan = next_saving(config, self.variant, settings)
+        logger.warning("out of GPU memory in %s with %s: re-planned to %s; going on from step %d", self.doing,
+                       Plan(*settings, None).describe(), plan.describe(), self.step_start[0])
+        self.step.optimizer.zero_grad(set_to_none=True)
+        self.progress.global_step, self.progress.micro_batches = self.step_start
+        self._report(self.pending)
+        self.pending = None
+        if self.progress.global_step > 0:
+            save_checkpoint(self.accelerator, self.run_dir, self.progress.global_step,
+                            config.train.checkpoints_keep, config)
+        self.step = self.unwrapped = self.loader = self.ema = self.evaluation = self.validation = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        replanned = plan.applied(config)
+        return _Replan(replanned.model_copy(update={"train": replanned.train.model_copy(update={
+            "memory_budget_gib": None, "resume": "latest"})}))
 
     def _scalars(self, loss: torch.Tensor, result, kinds: dict[str, torch.Tensor]) -> dict:
         """The step's scalars, still on the device; a logged step also averages the loss over processes

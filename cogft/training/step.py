@@ -41,7 +41,7 @@ class StepParts:
     noise_scheduler: Any
     variant: Variant
     max_grad_norm: float
-    block_settings: tuple[bool | float, bool] = (False, False)  # (checkpointing, offload) the blocks were set up with
+    block_settings: tuple[bool | float, bool, int] = (False, False, 0)  # (checkpointing, offload, swapped blocks)
     condition_dropout: float = 0.0                   # share of samples whose conditions (an image) are zeroed
     caption_dropout: float = 0.0                     # share of samples trained on the empty prompt
     empty_prompt: torch.Tensor | None = None         # its embedding [L, D], on the device (with caption_dropout)

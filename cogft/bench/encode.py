@@ -6,7 +6,9 @@ Builds the real VAE and text encoder shapes with random weights (no download) an
 `Variant.encode_sample` call prepare makes, on random frames, so it isolates what the GPU bounds; decoding
 runs in parallel CPU workers (measured by `cogft.bench.prepare`). Clips/s per GPU = 1 / (VAE s/clip + T5
 s/prompt), one caption per clip; with the encoder as it is and compiled (what `data.compile_vae` does).
-For image-to-video models that call includes the `--image-draws` noisy encodings of the clip's first frame.
+For image-to-video models that call includes the `--image-draws` noisy encodings of the clip's first frame; with
+`--control` (a text-to-video model widened by `model.control`) the control video's encoding, and for `canny` its
+extraction from the frames (`data.control: canny`) too; `given` times a control video decoded beside the clip.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from ..config_file import build_config
+from ..data.control import extract_control
 from ..models.build import random_init, text_encoder_from_config
 from ..models.group_norm import spread_group_norms
 from ..models.loading import load_variant
@@ -32,7 +35,7 @@ def _timed(fn, repeat: int) -> float:
 
 
 def _time_vae(variant, config, frames: np.ndarray, dtype: torch.dtype, device: torch.device, repeat: int,
-              compile_vae: bool):
+              compile_vae: bool, control: str):
     """(s/clip, peak GiB, compile seconds) of the call prepare makes (`Variant.encode_sample`: for image-to-video
     models the image's encodings too), the encoder compiled as prepare does."""
     with random_init(device, dtype):
@@ -40,7 +43,10 @@ def _time_vae(variant, config, frames: np.ndarray, dtype: torch.dtype, device: t
     spread_group_norms(vae)  # as `load_vae` gives it to prepare
 
     def encode(vae):
-        return variant.encode_sample(vae, frames, {}, 0, config, device, dtype)
+        conditions = {}
+        if control != "none":
+            conditions["control"] = extract_control(frames, config.data, device) if control == "canny" else frames
+        return variant.encode_sample(vae, frames, conditions, 0, config, device, dtype)
 
     compile_seconds = None
     if compile_vae:
@@ -62,20 +68,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--image-draws", type=int, default=4, help="image-to-video: data.image_noise_draws")
+    parser.add_argument("--control", choices=["none", "given", "canny"], default="none",
+                        help="widen the model to take a control video (model.control) and encode one per clip: given "
+                             "(decoded beside the clip) or made by canny (data.control) on the GPU")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda")
-    variant = load_variant(args.model)
-    config = build_config({"model": {"path": args.model}, "data": {"image_noise_draws": args.image_draws}})
+    variant = load_variant(args.model, control=args.control != "none")
+    data = {"image_noise_draws": args.image_draws, **({"control": "canny"} if args.control == "canny" else {})}
+    config = build_config({"model": {"path": args.model, "control": args.control != "none"}, "data": data})
     common = {"model": args.model, "frames": args.frames, "height": args.height, "width": args.width,
-              "device": torch.cuda.get_device_name(device)}
+              "control": args.control, "device": torch.cuda.get_device_name(device)}
     frames = np.random.default_rng(0).integers(0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8)
 
     vae_seconds = {}
     dtype = variant.compute_dtype(device)
     for compile_vae in (False, True):
         seconds, peak, compile_seconds, vae = _time_vae(variant, config, frames, dtype, device, args.repeat,
-                                                        compile_vae)
+                                                        compile_vae, args.control)
         vae_seconds[compile_vae] = seconds
         print(json.dumps({"figure": "vae_encode_s_per_clip", "value": round(seconds, 4), "dtype": str(dtype),
                           "compiled": compile_vae, "compile_s": compile_seconds, "peak_allocated_gib": peak,

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     variant = load_variant(args.model, control=args.control != "none")
     data = {"image_noise_draws": args.image_draws, **({"control": "canny"} if args.control == "canny" else {})}
-    config = build_config({"model": {"path": args.model, "control": args.control != "none"}, "data": data})
+    config = build_config({"model": {"path": args.model, "control": args.control != "none"},
+                           "data": {"path": ".", **data}, "output_dir": "unused"})  # no clips are read
     common = {"model": args.model, "frames": args.frames, "height": args.height, "width": args.width,
               "control": args.control, "device": torch.cuda.get_device_name(device)}
     frames = np.random.default_rng(0).integers(0, 256, (args.frames, args.height, args.width, 3), dtype=np.uint8)

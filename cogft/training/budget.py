@@ -37,8 +37,9 @@ def cap_gpu_memory(gib: float | None) -> None:
 def apply_gpu_memory_cap(device: torch.device) -> None:
     """Hold this process's CUDA allocations to the capped memory (torch's per-process memory fraction)."""
     if _usable_gib is not None and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, _usable_gib * 2**30 / total), device)
+        index = torch.cuda.current_device() if device.index is None else device.index  # torch wants an index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, _usable_gib * 2**30 / total), index)
 
 
 def card_memory_gib(device: torch.device) -> float:

@@ -56,7 +56,7 @@ def hostile_run(hostile_clips, tmp_path_factory):
         f"output_dir={tmp_path_factory.mktemp('hostile_run')}", "tracking.report_to=none",
     ])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("cogft.data.cache.decode_sample", decode_or_die)
+        patch.setattr("cogft.data.control.decode_sample", decode_or_die)  # what the prepare workers run
         prepared = prepare(config, load_variant(config.model.path), torch.device("cpu"), show_progress=False)
     return prepared, cache
 

@@ -298,15 +298,15 @@ class Variant(ABC):
         if controls and "control" not in self.conditions:
             raise ConfigError(f"validation.controls: {self.name} takes no control video; remove the key, or train a "
                               "control model (model.control: true)")
-        self._check_files("validation.images", images)
+        self._check_files("validation.images", images, "an image file")
 
     @staticmethod
-    def _check_files(key: str, paths: list[str]) -> None:
+    def _check_files(key: str, paths: list[str], kind: str) -> None:
         from pathlib import Path
 
         for path in paths:
             if not Path(path).is_file():
-                what = "is a folder, not a file" if Path(path).is_dir() else "not found"
+                what = f"is a folder, not {kind}" if Path(path).is_dir() else "not found"
                 raise ConfigError(f"{key}: {path} {what} (paths are relative to where cogft runs)")
 
     # loading --------------------------------------------------------------------------------------

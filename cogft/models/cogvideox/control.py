@@ -152,7 +152,7 @@ class ControlVariant(CogVideoXVariant):
             raise ConfigError(f"validation.controls: {self.name} makes a video from a prompt and a control video; give "
                               f"one control video per validation prompt ({len(prompts)} prompts, {len(controls)} "
                               "controls), or set validation.prompts=[]")
-        self._check_files("validation.controls", controls)
+        self._check_files("validation.controls", controls, "a video file")
 
     # prepare ------------------------------------------------------------------------------------------
     def encode_sample(self, vae, frames: np.ndarray, conditions: dict[str, np.ndarray | None], seed: int,

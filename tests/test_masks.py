@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,6 +167,13 @@ def test_bad_masks_skip_their_clips_with_the_reason_and_an_unpaired_list_is_refu
                      "game_of_life": "mask_unreadable", "test_pattern": "mask_unreadable",
                      "rotating_gradient": "mask_missing", "wide_cellular": "mask_unreadable"}
     assert all("mask" in row["reason"] for row in rows)
+    from cogft.data.doctor import diagnose, format_table
+
+    report = diagnose(tmp_path / "clips")  # doctor reads no pixels: it finds the masks that are not files
+    assert {code: report["problems"].get(code) for code in ("mask_missing", "mask_unreadable")} == {
+        "mask_missing": 1, "mask_unreadable": 1} and report["masks"] == 4
+    assert [Path(row["mask"]).name for row in report["files"]][:2] == ["wide.png", "short.mp4"]
+    assert "with a loss mask: 4" in format_table(report)
     with open(tmp_path / "clips" / "masks.txt", "a") as lines:
         lines.write("extra.png\n")
     with pytest.raises(DatasetLayoutError, match="masks.txt has 7 lines but videos.txt has 6"):
@@ -220,3 +228,24 @@ def test_a_black_mask_makes_its_clips_loss_exactly_zero(make_config, tmp_path):
     data = _folder(tmp_path, [("bouncing_square.mp4", "../black.png"), ("fractal_zoom.mp4", "")])
     run = train(make_config(*FAST, f"data.path={data}", "train.max_steps=4", "train.batch_size=1"))
     assert sorted(losses(run))[:2] == [0.0, 0.0] and min(sorted(losses(run))[2:]) > 0
+
+
+def test_a_cut_out_with_transparency_masks_by_its_alpha_and_an_opaque_one_by_its_grey(tmp_path):
+    """A dark subject on a transparent background weighs the subject 1 (its grey would weigh it ~0); an RGBA image
+    with no transparent pixel is read by its grey."""
+    from cogft.data.masks import read_mask
+    from cogft.data.video import ClipProbe, DecodeSpec, Selection
+
+    clip = ClipProbe(info=SimpleNamespace(width=720, height=480), size=(64, 96),
+                     selection=Selection(((0, 1), (2, 3)), (0, 2), 4, ()))
+    spec = DecodeSpec((2,), 64, 96, 8.0)
+    cut_out = np.zeros((64, 96, 4), dtype=np.uint8)
+    cut_out[:, :48] = (20, 10, 5, 255)  # a dark subject on the left, the right transparent
+    Image.fromarray(cut_out, "RGBA").save(tmp_path / "cut_out.png")
+    opaque = np.full((64, 96, 4), 255, dtype=np.uint8)
+    opaque[:, 48:, :3] = 0
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    for name in ("cut_out.png", "opaque.png"):
+        windows = read_mask(str(tmp_path / name), clip, spec)
+        assert len(windows) == 2 and windows[0].shape == (1, 64, 96)
+        assert (windows[0][:, :, :48] == 255).all() and (windows[0][:, :, 48:] == 0).all(), name

@@ -3,7 +3,7 @@
 A clip's mask (`masks.txt` beside `videos.txt`, or `data.mask_column`) is a video, read as the clip is
 (`video.decode_aligned`: the same frames by time, the same resize and crop, the same aspect ratio and at least its
 length), or a still image: one mask for every frame of the clip, sized as the clip's frames are. Grey levels are the
-weights (white 1, black 0; a colour's luma; transparency reads as white, as every image does here). The family maps
+weights (white 1, black 0; a colour's luma), or an image's alpha where it has transparency. The family maps
 each window's pixel mask to its latent grid (`Variant.loss_mask_latents`), cached beside the window's latents under
 `LOSS_MASK`; the mask's bytes are part of the clip's key, so a changed mask re-encodes. A mask that cannot be used
 skips its clip with the reason. A clip without a mask caches none and weighs every pixel alike: where a batch mixes
@@ -28,6 +28,7 @@ from .video import ASPECT_TOLERANCE, ClipProbe, DecodeSpec, decode_aligned
 
 MASK_READING = 1  # how a mask's pixels become weights (BT.601 luma / 255); part of a masked clip's cache key
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_ALPHA_MODES = frozenset(("RGBA", "RGBa", "LA", "La", "PA"))  # Pillow modes with an alpha band
 
 
 def check_masks(variant: Variant, clips: list[Clip], where: str, mask_column: str) -> None:
@@ -62,11 +63,10 @@ def read_mask(path: str, clip: ClipProbe, spec: DecodeSpec) -> tuple[np.ndarray,
             return Problem(read.code, f"{read.detail}; a loss mask is an image or a video (white counts, black not)")
         return read if isinstance(read, Problem) else tuple(grey(window) for window in read)
     name = Path(path).name
-    opened = open_upright(path)
-    if isinstance(opened, str):
-        return Problem("mask_unreadable", f"its loss mask {name} cannot be read as an image or a video ({opened}); "
+    image = _weights_image(path)
+    if isinstance(image, str):
+        return Problem("mask_unreadable", f"its loss mask {name} cannot be read as an image or a video ({image}); "
                                           "save it as a PNG or a video")
-    image = opened[0]
     if abs(math.log(image.width / image.height * clip.info.height / clip.info.width)) > ASPECT_TOLERANCE:
         return Problem("mask_mismatch", (
             f"its loss mask {name} is {image.width}x{image.height} and the clip {clip.info.width}x{clip.info.height}: "
@@ -74,6 +74,25 @@ def read_mask(path: str, clip: ClipProbe, spec: DecodeSpec) -> tuple[np.ndarray,
     pixels, _ = fit_image(image, spec.at(clip.size), "loss mask")
     still = grey(pixels)[None]
     return tuple(still for _ in clip.selection.windows)
+
+
+def _weights_image(path: str):
+    """A mask image as RGB whose grey is the weight: its alpha where some of it is transparent (a cut-out of the
+    subject works as it is), else its pixels as every image is read (`open_upright`); or why it cannot be read."""
+    from PIL import Image, ImageOps
+
+    opened = open_upright(path)  # the checks every image passes (pixel limit, formats with a known range)
+    if isinstance(opened, str):
+        return opened
+    try:
+        with Image.open(path) as image:
+            if image.mode in _ALPHA_MODES or "transparency" in image.info:
+                alpha = ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
+                if alpha.getextrema()[0] < 255:
+                    return alpha.convert("RGB")
+    except Exception as error:  # as open_upright: Pillow raises many kinds on damaged files
+        return f"{type(error).__name__}: {str(error)[:200]}"
+    return opened[0]
 
 
 def decode_with_mask(item: tuple[str, str | None, str | None], spec: DecodeSpec) -> PairedDecode:

@@ -120,8 +120,8 @@ def test_the_family_maps_a_pixel_mask_onto_its_latent_grid():
     finally:
         registry._FAMILIES[:] = before
     check_masks(toy, clips[:1], "data.path", "mask")  # no masks: nothing to refuse
-    with pytest.raises(ConfigError, match=r"data.path: 1 clips name a loss mask .* masks need a family that maps "
-                                          "them and toydit's does not"):
+    with pytest.raises(ConfigError, match=r"data.path: loss masks are listed for 1 of 2 clips .* masks need a "
+                                          "family that maps them and toydit's does not"):
         check_masks(toy, clips, "data.path", "mask")
 
 

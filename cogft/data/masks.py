@@ -35,8 +35,9 @@ def check_masks(variant: Variant, clips: list[Clip], where: str, mask_column: st
     """Refuse, before any clip is read, loss masks the model's family cannot map to its latents or train with."""
     masked = sum(clip.mask is not None for clip in clips)
     if masked and not variant.maps_loss_masks:
-        raise ConfigError(f"{where}: {masked} clips name a loss mask (masks.txt or the {mask_column!r} column), but "
-                          f"masks need a family that maps them and {variant.name}'s does not; remove the masks")
+        raise ConfigError(f"{where}: loss masks are listed for {masked} of {len(clips)} clips (masks.txt or the "
+                          f"{mask_column!r} column), but masks need a family that maps them and {variant.name}'s "
+                          "does not; remove the masks")
 
 
 def mask_problem(mask: Path) -> Problem | None:
@@ -50,8 +51,11 @@ def mask_problem(mask: Path) -> Problem | None:
 
 
 def grey(frames: np.ndarray) -> np.ndarray:
-    """uint8 RGB frames [..., 3] as uint8 grey [...]: their luma (ITU-R BT.601), so grey stays grey."""
-    return np.round(frames.astype(np.float32) @ _LUMA).clip(0, 255).astype(np.uint8)
+    """uint8 RGB frames [..., H, W, 3] as uint8 grey [..., H, W]: their luma (ITU-R BT.601), so grey stays grey;
+    a frame at a time (a whole window in float would take 4x its bytes)."""
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    return np.stack([np.round(frame.astype(np.float32) @ _LUMA).clip(0, 255).astype(np.uint8)
+                     for frame in flat]).reshape(frames.shape[:-1])
 
 
 def read_mask(path: str, clip: ClipProbe, spec: DecodeSpec) -> tuple[np.ndarray, ...] | Problem:

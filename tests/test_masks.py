@@ -88,7 +88,7 @@ def _entry(row: dict, tmp_path: Path) -> dict[str, torch.Tensor]:
     return load_file(preparer.latent_path(preparer.clip_key(clip), row["frames"], (64, 96)))
 
 
-def test_the_family_maps_a_pixel_mask_onto_its_latent_grid():
+def test_the_family_maps_a_pixel_mask_onto_its_latent_grid(tmp_path, capsys):
     """Space: the mean of each 8x8 cell; time: latent frame 0 is frame 0, latent frame k the mean of frames
     4k-3..4k. A family that maps no mask (the toy) is refused before any work."""
     variant = load_variant("tiny://2b")
@@ -123,6 +123,16 @@ def test_the_family_maps_a_pixel_mask_onto_its_latent_grid():
     with pytest.raises(ConfigError, match=r"data.path: loss masks are listed for 1 of 2 clips .* masks need a "
                                           "family that maps them and toydit's does not"):
         check_masks(toy, clips, "data.path", "mask")
+    registry.register_family(toy_family.FAMILY)  # and prepare refuses them before any work
+    try:
+        _left_white(tmp_path / "left.png")
+        folder = _folder(tmp_path, [("bouncing_square.mp4", "../left.png")])
+        code = main(["prepare", "--config", "configs/tiny-lora.yaml", "model.path=tiny://toy", f"data.path={folder}",
+                     f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "validation.prompts=[]"])
+    finally:
+        registry._FAMILIES[:] = before
+    assert code == 2 and "masks need a family that maps them" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "latents").exists()
 
 
 def test_a_still_and_a_video_mask_are_cached_on_the_latent_grid_and_a_changed_mask_re_encodes(tmp_path):

@@ -206,6 +206,12 @@ class DataConfig(_Section):
     control_column: str = Field("control", description="control models: the CSV/JSONL column naming each clip's "
                                                        "control video; a name other than `control` must be a column "
                                                        "the list has")
+    mask_column: str = Field("mask", description=(
+        "the CSV/JSONL column naming each clip's loss mask (empty or absent: none, the whole frame counts), as "
+        "`masks.txt` does beside `videos.txt`: an image (one mask for the whole clip) or a video (read as the clip "
+        "is, frame by frame), grey levels as weights (white 1, black 0) on the loss, so a LoRA learns the subject "
+        "and not the background; a name other than `mask` must be a column the list has. data/README.md, "
+        "\"Loss masks\""))
     control: Literal["canny"] | None = Field(None, description=(
         "control models: make each clip's control video from the clip itself in prepare, from the very frames it "
         "trains on: `canny` (edges, kornia's Canny on the prepare device; `pip install cogft[control]`). null: each "

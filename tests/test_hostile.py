@@ -37,11 +37,14 @@ EXPECTED = {
 }
 
 
-def decode_or_die(path: str, spec: DecodeSpec):
-    """Stands in for decode_clip in the workers and really kills the process on crash.mp4, like a segfault."""
-    if Path(path).name == "crash.mp4":
+def decode_or_die(item: tuple, spec: DecodeSpec):
+    """Stands in for the prepare workers' job (a clip and its paired files) and really kills the process on
+    crash.mp4, like a segfault."""
+    from cogft.data.masks import decode_with_mask
+
+    if Path(item[0]).name == "crash.mp4":
         os._exit(139)
-    return decode_clip(path, spec)
+    return decode_with_mask(item, spec)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def hostile_run(hostile_clips, tmp_path_factory):
         f"output_dir={tmp_path_factory.mktemp('hostile_run')}", "tracking.report_to=none",
     ])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("cogft.data.control.decode_sample", decode_or_die)  # what the prepare workers run
+        patch.setattr("cogft.data.cache.decode_with_mask", decode_or_die)  # what the prepare workers run
         prepared = prepare(config, load_variant(config.model.path), torch.device("cpu"), show_progress=False)
     return prepared, cache
 

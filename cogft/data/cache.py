@@ -6,7 +6,8 @@ identity), so a changed clip or setting re-encodes only what changed, a renamed 
 one cache serves many runs. Image-to-video models get, in each clip's entry, K encodings of its
 conditioning image (the given one or the window's first frame) under seeded pixel noise: the reference
 recipe noises the image before encoding, so one frozen draw would not do, and training must not hold the
-VAE encoder. Each entry is written to a temporary name and renamed, so an interrupted
+VAE encoder. A clip with a loss mask (`masks.py`) gets it on the latent grid in each window's entry, and the mask's
+bytes in its key. Each entry is written to a temporary name and renamed, so an interrupted
 prepare leaves no half entry and a rerun encodes only what is missing.
 """
 
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from .. import cogft_home
 from ..config import Config
 from ..disk import disk_full_error, is_disk_full
-from ..models.family import Variant
+from ..models.family import LOSS_MASK, Variant
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
@@ -42,11 +43,11 @@ from .control import (
     PairedDecode,
     check_control_settings,
     control_problem,
-    decode_with_control,
     extract_control,
     extractor_identity,
 )
 from .images import IMAGE_READING, image_problem, read_image
+from .masks import MASK_READING, check_masks, decode_with_mask, mask_latents, mask_problem
 from .sources import Clip, DataSet, data_sets, is_still, printable, read_set
 from .video import ClipProbe, Decoded, DecodeSpec, window_offsets, windows_note
 from .workers import isolated_map
@@ -217,10 +218,10 @@ def _repair(path: Path) -> str | None:
     return problem
 
 
-def _crashed(item: tuple[str, str | None]) -> PairedDecode:
+def _crashed(item: tuple[str, str | None, str | None]) -> PairedDecode:
     return PairedDecode(Decoded(ClipProbe(problem=Problem(
-        "decoder_crashed", "the decoder crashed on this file or its control video (its worker process died); "
-                           "re-encode it with ffmpeg"
+        "decoder_crashed", "the decoder crashed on this file, its control video or its loss mask (its worker process "
+                           "died); re-encode it with ffmpeg"
     ))))
 
 
@@ -339,8 +340,9 @@ class Preparer:
         self.seconds["load_vae"] += time.perf_counter() - started
         written = []
         bar = tqdm(total=len(todo), desc="prepare: encode clips", unit="clip", disable=not show_progress)
-        results = isolated_map(partial(decode_with_control, spec=self.spec),
-                               [(str(c.video), self._given_control(c)) for c, _ in todo], _crashed,
+        results = isolated_map(partial(decode_with_mask, spec=self.spec),
+                               [(str(c.video), self._given_control(c), c.mask and str(c.mask)) for c, _ in todo],
+                               _crashed,
                                workers=self.config.data.decode_workers)
         waited = time.perf_counter()
         for index, paired in results:
@@ -354,6 +356,8 @@ class Preparer:
             problem, given = decoded.problem, None
             if problem is None and isinstance(paired.control, Problem):
                 problem = paired.control
+            if problem is None and isinstance(paired.mask, Problem):
+                problem = paired.mask
             if problem is None:
                 given = self.given_image(clip, len(decoded.probe.selection.offsets), decoded.probe.size)
                 problem = given if isinstance(given, Problem) else None
@@ -375,6 +379,8 @@ class Preparer:
                     seed = int(_digest(digest, offset, "image noise")[:15], 16)
                     entry = self.variant.encode_sample(vae, frames, conditions, seed, self.config, self.device,
                                                        self.dtype)
+                    if paired.mask is not None:
+                        entry[LOSS_MASK] = mask_latents(self.variant, paired.mask[window], count)
                     save_atomic(
                         entry,
                         target,
@@ -414,8 +420,8 @@ class Preparer:
         return str(clip.control)
 
     def clip_key(self, clip: Clip) -> str | Problem:
-        """What a clip's entries are keyed by: its bytes, and those of its given conditioning image or control video
-        if any (with how images are read, so a still read differently now is encoded again)."""
+        """What a clip's entries are keyed by: its bytes, and those of its given conditioning image, control video or
+        loss mask if any (with how images and masks are read, so one read differently now is encoded again)."""
         digest = file_digest(clip.video)
         if is_still(clip.video):
             digest = _digest(digest, IMAGE_READING)
@@ -424,6 +430,10 @@ class Preparer:
                 return problem
             if (control := self._given_control(clip)) is not None:
                 digest = _digest(digest, file_digest(Path(control)), "control")
+        if clip.mask is not None:
+            if problem := mask_problem(clip.mask):
+                return problem
+            digest = _digest(digest, file_digest(clip.mask), "mask", MASK_READING)
         if not self.takes_image or clip.image is None:
             return digest
         return image_problem(clip.image) or _digest(digest, file_digest(clip.image), IMAGE_READING)
@@ -470,6 +480,7 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
     admission = admission_problems(clips, byte_duplicates(clips), preparer.variant.single_frame_problem())
     cached: list[Kept] = []
     todo: list[tuple[Clip, str]] = []
+    masked = any(clip.mask for clip in clips)
     for clip in clips[rank::world_size]:
         row = rows.setdefault(clip.line, {"clip": str(clip.video), "listed_at": clip.line})
         if preparer.takes_image:
@@ -477,6 +488,8 @@ def _check_listed(clips: list[Clip], rank: int, world_size: int, preparer: Prepa
         if preparer.takes_control:
             row["control"] = (f"data.control={config_control}" if (config_control := preparer.config.data.control)
                               else str(clip.control) if clip.control else None)
+        if masked:
+            row["mask"] = str(clip.mask) if clip.mask else None
         if admission[clip.line]:
             problem = admission[clip.line][0]
             row.update(status="skipped", problem=problem.code, reason=problem.detail)
@@ -513,6 +526,7 @@ def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stage
         "buckets": {str(f): n for f, n in sorted(Counter(r["frames"] for r in kept).items(), reverse=True)},
         "sizes": dict(Counter(r["size"] for r in kept).most_common()),
         "images": sum(r["frames"] == 1 and is_still(r["clip"]) for r in kept),
+        "masks": sum(bool(r.get("mask")) for r in kept),
         "captions_truncated": sum(any(n.startswith("caption truncated") for n in r.get("notes", [])) for r in kept),
         "seconds": round(seconds, 3),
         "seconds_by_stage": {k: round(v, 3) for k, v in sorted(stages.items())},
@@ -542,6 +556,8 @@ def prepare(
     """
     sets = data_sets(config.data)
     listed = [read_set(data_set) for data_set in sets]
+    for data_set, clips in zip(sets, listed):
+        check_masks(variant, clips, f"{data_set.key}.path", config.data.mask_column)
     if len(sets) == 1:
         return _prepare_set(config, variant, device, rank, world_size, show_progress, sets[0], listed[0],
                             validation_texts(config))

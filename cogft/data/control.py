@@ -57,10 +57,11 @@ def extract_control(frames: np.ndarray, data: DataConfig, device: torch.device) 
 @dataclass
 class PairedDecode:
     """A clip's windows, and its given control video's windows at the same frames (None: none given; a Problem:
-    the control cannot be used, so neither can the clip)."""
+    the control cannot be used, so neither can the clip), and its loss mask's likewise (`masks.read_mask`)."""
 
     clip: Decoded
     control: tuple[np.ndarray, ...] | Problem | None = None
+    mask: tuple[np.ndarray, ...] | Problem | None = None
 
 
 def decode_with_control(item: tuple[str, str | None], spec: DecodeSpec) -> PairedDecode:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from ..models.family import LOSS_MASK
 from ..seeding import mixed_seed
 from .cache import CacheEntry
 from .sources import DatasetLayoutError
@@ -59,6 +60,11 @@ PRIOR = "prior"  # the batch key of a `kind: prior` set's batch
 
 
 def collate(items: list[dict]) -> dict:
-    """The items' tensors stacked; a flag (PRIOR) as it is, the same for every item of a batch."""
+    """The items' tensors stacked; a flag (PRIOR) as it is, the same for every item of a batch. Where some items carry
+    a loss mask and others none, those get ones (every element counts alike: the loss they would have without one);
+    the items of a batch share a bucket, so their masks share a shape."""
+    masks = [item[LOSS_MASK] for item in items if LOSS_MASK in item]
+    if masks and len(masks) < len(items):
+        items = [item if LOSS_MASK in item else {**item, LOSS_MASK: torch.ones_like(masks[0])} for item in items]
     return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
             else items[0][key] for key in items[0]}

@@ -21,6 +21,7 @@ from .buckets import BucketBatchSampler, still_batch_sizes
 from .captions import count_tokens, load_tokenizer, starts_with, truncation_note
 from .checks import NO_FILE, Problem, admission_problems, byte_duplicates, caption_problem
 from .images import check_validation_images, probe_sample, read_image
+from .masks import check_masks, mask_problem
 from .sources import Clip, data_sets, is_still, printable, read_dataset, read_set, with_trigger_words
 from .video import ClipProbe, DecodeSpec, geometry_notes, resized_size
 from .workers import isolated_map
@@ -88,6 +89,15 @@ def _add_images(rows: list[dict], clips: list, spec: DecodeSpec) -> None:
             row["problems"].append(read)
         else:
             row["notes"].extend(read[1])
+
+
+def _add_masks(rows: list[dict], clips: list) -> None:
+    """Each clip's loss mask, and why a listed one cannot be used before it is read (missing, empty, unreadable);
+    prepare reads it and checks its shape and length."""
+    for clip, row in zip(clips, rows):
+        row["mask"] = str(clip.mask) if clip.mask else None
+        if clip.mask is not None and (problem := mask_problem(clip.mask)):
+            row["problems"].append(problem)
 
 
 def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -> None:
@@ -193,6 +203,10 @@ def _report(config: Config | None, variant: Variant | None, tokens_skipped: str 
     _add_probes(rows, clips, spec, workers or data.decode_workers)
     if variant is not None and "image" in variant.conditions:
         _add_images(rows, clips, spec)
+    if any(clip.mask for clip in clips):
+        if variant is not None:
+            check_masks(variant, clips, "data.path", data.mask_column)
+        _add_masks(rows, clips)
     tokens, limit = {}, None
     if variant is not None:
         captions = [c.caption for c in clips if caption_problem(c.caption) is None]
@@ -220,6 +234,7 @@ def _report(config: Config | None, variant: Variant | None, tokens_skipped: str 
                                                  reverse=True)},
         "sizes": dict(Counter(r["size"] for r in rows if r["verdict"] == "ok").most_common()),
         "images": sum(r["verdict"] == "ok" and is_still(r["clip"]) for r in rows),
+        "masks": sum(r["verdict"] == "ok" and bool(r.get("mask")) for r in rows),
         "batches": _batches(rows, config),
         "trigger": _trigger_word(listed, data.caption_prefix),
         "far_from_native": _native_notes(data, variant),
@@ -268,7 +283,8 @@ def format_table(report: dict) -> str:
                      f"{size:<10}  {r.get('caption_tokens', '-')!s:>6}  {said}")
     lines += ["", f"would skip, by reason: {report['problems'] or 'none'}",
               f"buckets (frames: clips): {report['buckets']}",
-              f"sizes (height x width: clips): {report['sizes']}; still images: {report['images']}",
+              f"sizes (height x width: clips): {report['sizes']}; still images: {report['images']}; with a loss "
+              f"mask: {report['masks']}",
               f"batches per epoch on one process (every sample once; a bucket's remainder is a short batch): "
               f"{report['batches'] or '-'}"]
     if report["trigger"]:

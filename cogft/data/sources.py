@@ -8,9 +8,10 @@ each. Any list may name still images: they train as one-frame samples. Paths are
 holding the list. Image-to-video models may be given a conditioning image per clip: an `images.txt`
 beside `videos.txt` (paired line by line; a blank line means the clip's first frame) or an image column
 in the metadata file; without one they take the clip's first frame. Control models read a control video per
-clip the same ways: `controls.txt` (paired) or a control column. Text is read with `surrogateescape`,
-so a caption that is not valid UTF-8 reaches the per-file checks (and the report) instead of failing the
-whole list; problems are returned per entry (`Clip.refused`), never raised mid-list. A Hub dataset's entries
+clip the same ways: `controls.txt` (paired) or a control column; and a loss mask per clip (an image or a video
+weighting the loss, white counting whole) the same ways too: `masks.txt` (paired) or a mask column. Text is read with
+`surrogateescape`, so a caption that is not valid UTF-8 reaches the per-file checks (and the report) instead of
+failing the whole list; problems are returned per entry (`Clip.refused`), never raised mid-list. A Hub dataset's entries
 must stay inside its snapshot (`hub.escapes`); a local list may name any file its user can read.
 """
 
@@ -72,7 +73,7 @@ METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # what a folder holds in th
 HUB_FILE_COLUMN = "file_name"                        # that layout's column naming each file
 ID_TOKEN_COLUMN = "id_token"                         # a metadata column with each clip's trigger word (finetrainers')
 # data.* keys naming a column of a .csv / .jsonl
-COLUMN_KEYS = ("video_column", "caption_column", "image_column", "control_column")
+COLUMN_KEYS = ("video_column", "caption_column", "image_column", "control_column", "mask_column")
 
 
 def printable(path: str | Path) -> str:
@@ -95,6 +96,7 @@ class Clip:
     refused: tuple[str, str] | None = None  # (problem code, detail): the entry as listed cannot be used; nothing
                                             # it names is opened
     control: Path | None = None  # the control video of control models (`controls.txt`, `data.control_column`)
+    mask: Path | None = None     # the loss mask, an image or a video (`masks.txt`, `data.mask_column`); None: none
 
     @property
     def image_source(self) -> str:
@@ -185,7 +187,7 @@ def _check_list_file(path: Path, within: Path | None) -> None:
 
 
 def _from_txt_pair(folder: Path, within: Path | None) -> list[Clip]:
-    for name in ("videos.txt", "prompts.txt", "images.txt", "controls.txt"):
+    for name in ("videos.txt", "prompts.txt", "images.txt", "controls.txt", "masks.txt"):
         _check_list_file(folder / name, within)
     videos, prompts = _lines(folder / "videos.txt"), _lines(folder / "prompts.txt")
     if len(videos) != len(prompts):
@@ -201,13 +203,18 @@ def _from_txt_pair(folder: Path, within: Path | None) -> list[Clip]:
     if len(controls) != len(videos):
         raise DatasetLayoutError(f"{folder}: controls.txt has {len(controls)} lines but videos.txt has {len(videos)}; "
                                  "they must pair line by line (a blank line: that clip has no control video)")
+    masks = _lines(folder / "masks.txt") if _is_list(folder / "masks.txt") else [""] * len(videos)
+    if len(masks) != len(videos):
+        raise DatasetLayoutError(f"{folder}: masks.txt has {len(masks)} lines but videos.txt has {len(videos)}; they "
+                                 "must pair line by line (a blank line: that clip has no loss mask)")
     clips = []
-    for i, (v, p, im, c) in enumerate(zip(videos, prompts, images, controls)):
+    for i, (v, p, im, c, m) in enumerate(zip(videos, prompts, images, controls, masks)):
         if v.strip():
             video, image = _listed_path(folder, v.strip()), _listed_path(folder, im.strip()) if im.strip() else None
             control = _listed_path(folder, c.strip()) if c.strip() else None
+            mask = _listed_path(folder, m.strip()) if m.strip() else None
             clips.append(Clip(video, p.strip(), f"videos.txt:{i + 1}", image,
-                              refused=_outside(within, video, image, control), control=control))
+                              refused=_outside(within, video, image, control, mask), control=control, mask=mask))
     return clips
 
 
@@ -273,7 +280,7 @@ def _row_refusal(row: dict, columns: tuple[str, ...], header: int | None) -> tup
 
 def _from_rows(rows: list, file: Path, video_column: str, caption_column: str, what: str,
                image_column: str, given_columns: tuple[str, ...], within: Path | None,
-               control_column: str = "control") -> list[Clip]:
+               control_column: str = "control", mask_column: str = "mask") -> list[Clip]:
     if video_column == "video" and rows and all(isinstance(r, dict) and "video" not in r and HUB_FILE_COLUMN in r
                                                 for r in rows):
         video_column = HUB_FILE_COLUMN  # a Hub-style metadata file, with the default column name left as it is
@@ -285,6 +292,9 @@ def _from_rows(rows: list, file: Path, video_column: str, caption_column: str, w
     if "data.control_column" in given_columns and rows and control_column not in names:
         raise DatasetLayoutError(f"data.control_column={control_column!r}: no {what} of {file} has that column "
                                  f"(columns: {', '.join(names)}); name one of them")
+    if "data.mask_column" in given_columns and rows and mask_column not in names:
+        raise DatasetLayoutError(f"data.mask_column={mask_column!r}: no {what} of {file} has that column "
+                                 f"(columns: {', '.join(names)}); name one of them")
     header = len(rows[0]) - (None in rows[0]) if rows and isinstance(rows[0], dict) else None
     clips = []
     for i, row in enumerate(rows):
@@ -294,8 +304,8 @@ def _from_rows(rows: list, file: Path, video_column: str, caption_column: str, w
                 f"{file}: {what} {i + 1} has no {video_column!r} column (columns: {columns}); set data.video_column"
             )
         line = f"{file.name}:{what} {i + 1}"
-        refused = _row_refusal(row, (video_column, caption_column, image_column, control_column, ID_TOKEN_COLUMN),
-                               header)
+        refused = _row_refusal(row, (video_column, caption_column, image_column, control_column, mask_column,
+                                     ID_TOKEN_COLUMN), header)
         if refused is None and not (row[video_column] or "").strip():
             refused = "invalid_entry", f"names no file in its {video_column!r} column"
         if refused is not None:
@@ -306,8 +316,11 @@ def _from_rows(rows: list, file: Path, video_column: str, caption_column: str, w
         image = _listed_path(file.parent, image) if image else None
         control = (row.get(control_column) or "").strip()
         control = _listed_path(file.parent, control) if control else None
+        mask = (row.get(mask_column) or "").strip()
+        mask = _listed_path(file.parent, mask) if mask else None
         clips.append(Clip(video, None if caption is None else caption.strip(), line, image,
-                          (row.get(ID_TOKEN_COLUMN) or "").strip(), _outside(within, video, image, control), control))
+                          (row.get(ID_TOKEN_COLUMN) or "").strip(), _outside(within, video, image, control, mask),
+                          control, mask))
     if rows and caption_column not in names:  # a wrong column, not captions missing here and there
         raise DatasetLayoutError(f"{file}: no {what} has a {caption_column!r} column (columns: {', '.join(names)}); "
                                  "set data.caption_column")
@@ -341,7 +354,7 @@ def read_dataset(data, with_prefix: bool = True) -> list[Clip]:
     defaults = type(data).model_fields
     given = tuple(f"data.{key}" for key in COLUMN_KEYS if getattr(data, key) != defaults[key].default)
     clips = read_clips(path, data.video_column, data.caption_column, data.image_column, within=within,
-                       given_columns=given, control_column=data.control_column)
+                       given_columns=given, control_column=data.control_column, mask_column=data.mask_column)
     return with_trigger_words(clips, data.caption_prefix) if with_prefix else clips
 
 
@@ -390,31 +403,33 @@ def with_trigger_words(clips: list[Clip], caption_prefix: str) -> list[Clip]:
 
 def read_clips(path: str | Path, video_column: str = "video", caption_column: str = "caption",
                image_column: str = "image", *, within: Path | None = None,
-               given_columns: tuple[str, ...] = (), control_column: str = "control") -> list[Clip]:
+               given_columns: tuple[str, ...] = (), control_column: str = "control",
+               mask_column: str = "mask") -> list[Clip]:
     """`within`: the snapshot of a Hub dataset, which every listed path must stay inside; `given_columns`: the
     column keys set to names of the user's choice, which the list must have (a misspelled data.image_column
     would otherwise condition every clip on its first frame). A folder or list that cannot be read stops with an
     error naming it."""
     try:
         return _read_clips(Path(path), video_column, caption_column, image_column, within, given_columns,
-                           control_column)
+                           control_column, mask_column)
     except OSError as error:  # a folder without read access, a list file gone meanwhile...
         raise DatasetLayoutError(f"{error.filename or path}: cannot be read ({error.strerror or error}); give the "
                                  "user running cogft access to it") from None
 
 
 def _read_clips(path: Path, video_column: str, caption_column: str, image_column: str, within: Path | None,
-                given_columns: tuple[str, ...], control_column: str = "control") -> list[Clip]:
+                given_columns: tuple[str, ...], control_column: str = "control",
+                mask_column: str = "mask") -> list[Clip]:
     if path.is_dir():
         videos, prompts = _is_list(path / "videos.txt"), _is_list(path / "prompts.txt")
         if videos and prompts:
             _no_columns(given_columns, path, "a videos.txt + prompts.txt folder (images go in images.txt, control "
-                                             "videos in controls.txt)")
+                                             "videos in controls.txt, loss masks in masks.txt)")
             return _from_txt_pair(path, within)
         for name in METADATA_FILES:  # the Hub's folder convention (its file_name column is understood too)
             if _is_list(path / name):
                 return _read_clips(path / name, video_column, caption_column, image_column, within, given_columns,
-                                   control_column)
+                                   control_column, mask_column)
         _no_columns(given_columns, path, "a folder of clips with a .txt caption beside each")
         return _from_folder(path, within)
     if not path.is_file():
@@ -427,7 +442,7 @@ def _read_clips(path: Path, video_column: str, caption_column: str, image_column
     else:
         raise DatasetLayoutError(f"data.path {path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
     return _from_rows(rows, path, video_column, caption_column, what, image_column, given_columns, within,
-                      control_column)
+                      control_column, mask_column)
 
 
 def _no_columns(given_columns: tuple[str, ...], path: Path, layout: str) -> None:

@@ -451,39 +451,41 @@ def decode_clip(path: str, spec: DecodeSpec) -> Decoded:
 ASPECT_TOLERANCE = 0.01  # log aspect ratio: a paired video this close to its clip's shape crops alike
 
 
-def decode_aligned(path: str, clip: ClipProbe, spec: DecodeSpec) -> tuple[np.ndarray, ...] | Problem:
-    """A clip's paired video (a control video) read as the clip was read: the frames at the same times (each of the
-    clip's windows, counted at the target rate on the paired video's own timestamps), resized and cropped to the
-    clip's bucket. It must have the clip's aspect ratio (cropped otherwise, the two would not line up) and cover
-    the clip's windows; its own frame rate may differ."""
+def decode_aligned(path: str, clip: ClipProbe, spec: DecodeSpec, role: str = "control",
+                   what: str = "control video") -> tuple[np.ndarray, ...] | Problem:
+    """A clip's paired video (a control video, a mask video) read as the clip was read: the frames at the same times
+    (each of the clip's windows, counted at the target rate on the paired video's own timestamps), resized and cropped
+    to the clip's bucket. It must have the clip's aspect ratio (cropped otherwise, the two would not line up) and cover
+    the clip's windows; its own frame rate may differ. `role` names its problems' codes (`control_unreadable`,
+    `mask_mismatch`...), `what` the video in their details."""
     name = Path(path).name
     info = probe_media(path)
     if isinstance(info, Problem):
-        return Problem("control_unreadable", f"its control video {name}: {info.detail}")
+        return Problem(f"{role}_unreadable", f"its {what} {name}: {info.detail}")
     shape, clip_shape = info.width / info.height, clip.info.width / clip.info.height
     if abs(math.log(shape / clip_shape)) > ASPECT_TOLERANCE:
-        return Problem("control_mismatch", (
-            f"its control video {name} is {info.width}x{info.height} and the clip {clip.info.width}x"
+        return Problem(f"{role}_mismatch", (
+            f"its {what} {name} is {info.width}x{info.height} and the clip {clip.info.width}x"
             f"{clip.info.height}: another aspect ratio would not line up with the clip after the crop; render the "
-            "control at the clip's size"))
+            f"{what} at the clip's size"))
     probe = ClipProbe(info=info)
     index = _frame_index(path, probe)
     if isinstance(index, Problem):
-        return Problem("control_unreadable", f"its control video {name}: {index.detail}")
+        return Problem(f"{role}_unreadable", f"its {what} {name}: {index.detail}")
     starts, end = index
     bucket, offsets = len(clip.selection.windows[0]), clip.selection.offsets
     available = _timing(starts, end, spec.fps)[2] if len(starts) else 0
     if available < offsets[-1] + bucket:
         rate = f" at data.fps={spec.fps:g}" if spec.fps else ""
-        return Problem("control_too_short", (
-            f"its control video {name} has {available} frames{rate}, and the clip's frames need "
-            f"{offsets[-1] + bucket}: a control video must cover its clip; make it as long as the clip"))
+        return Problem(f"{role}_too_short", (
+            f"its {what} {name} has {available} frames{rate}, and the clip's frames need "
+            f"{offsets[-1] + bucket}: a {what} must cover its clip; make it as long as the clip"))
     windows = [_window(starts, end, spec.fps, offset, bucket) for offset in offsets]
     wanted = sorted(set().union(*windows))
     at = spec.at(clip.size)
     frames, _ = _decode_pixels(path, probe, starts, wanted, resized_size(info.height, info.width, at))
     if isinstance(frames, Problem):
-        return Problem("control_unreadable", f"its control video {name}: {frames.detail}")
+        return Problem(f"{role}_unreadable", f"its {what} {name}: {frames.detail}")
     frames = place(frames, at)
     row = {index: i for i, index in enumerate(wanted)}
     return tuple(np.ascontiguousarray(frames[[row[i] for i in w]]) for w in windows)

@@ -411,6 +411,17 @@ class Variant(ABC):
         """A random `LOSS_MASK` for a synthetic batch, shaped as the cache carries it (`cogft bench --loss-mask`)."""
         raise ConfigError(f"--loss-mask: {self.name} takes no loss mask")
 
+    def loss_mask_latents(self, mask: torch.Tensor) -> torch.Tensor:
+        """A window's pixel loss mask [F, H, W] (weights in [0, 1] on its frames at the training size) as prepare
+        caches it under `LOSS_MASK`, on the latent grid `loss_mask` reads; a family without one refuses masks."""
+        raise ConfigError(f"masks need a family that maps them: {self.name} takes no loss mask")
+
+    @property
+    def maps_loss_masks(self) -> bool:
+        """Whether clips may bring loss masks: the family maps them (`loss_mask_latents`) and its loss honours them
+        (`objective_options`)."""
+        return type(self).loss_mask_latents is not Variant.loss_mask_latents and self.objective_options
+
     # sampling -------------------------------------------------------------------------------------
     def assemble_pipeline(self, transformer, vae, scheduler):
         """The stock pipeline around components already in memory, without the text encoder (prompts come as

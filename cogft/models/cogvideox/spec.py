@@ -367,6 +367,20 @@ class CogVideoXVariant(Variant):
         shape = (latents.shape[0], 1, *latents.shape[2:])
         return torch.rand(shape, generator=generator, device=latents.device).to(self.dtype)
 
+    def loss_mask_latents(self, mask: torch.Tensor) -> torch.Tensor:
+        """A window's pixel mask [F, H, W] on the latent grid, [1, F', h, w], as the VAE compresses the frames: in
+        space the mean of each vae_scale_spatial × vae_scale_spatial cell; in time latent frame 0 is frame 0 alone
+        (the causal VAE encodes it by itself) and latent frame k ≥ 1 the mean of the vae_scale_temporal frames it
+        compresses, (k−1)·s+1 … k·s."""
+        frames, height, width = mask.shape
+        side, step = self.vae_scale_spatial, self.vae_scale_temporal
+        if (frames - 1) % step or height % side or width % side:
+            raise ValueError(f"a loss mask of {frames} frames at {height}x{width} does not map onto {self.name}'s "
+                             f"latent grid ({step}k+1 frames, sides multiples of {side})")
+        cells = torch.nn.functional.avg_pool2d(mask.float()[:, None], side)[:, 0]  # [F, h, w]
+        later = cells[1:].unflatten(0, (-1, step)).mean(dim=1)
+        return torch.cat([cells[:1], later])[None]
+
     # sampling -----------------------------------------------------------------------------------------
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
                            rotary: tuple[torch.Tensor, torch.Tensor] | None,

@@ -271,9 +271,10 @@ def test_estimate_knows_each_adapter_and_an_import_path_optimizer(make_config):
     trainable = {name: result.parts_gib["trainable_state"] for name, result in
                  (("lora", lora), ("dora", dora), ("lokr", lokr))}
     assert trainable["lokr"] < trainable["lora"] < trainable["dora"]  # LoKr's factors are far smaller
-    assert lora.seconds_per_step < dora.seconds_per_step < 1.3 * lora.seconds_per_step
+    # measured on an H100 (docs/performance.md): DoRA 1.38x LoRA's step, LoKr 1.30x
+    assert 1.2 * lora.seconds_per_step < dora.seconds_per_step < 1.6 * lora.seconds_per_step
     assert lora.parts_gib["activations"] < dora.parts_gib["activations"]  # the magnitude's kept outputs
-    assert lokr.seconds_per_step > lora.seconds_per_step  # the full delta weight through every targeted layer
+    assert 1.15 * lora.seconds_per_step < lokr.seconds_per_step < 1.5 * lora.seconds_per_step  # the whole delta
     adafactor = optimizer_entry(make_config("train.optimizer=torch.optim.Adafactor").train)
     assert adafactor.state_measured and 0 < adafactor.state_bytes < 1  # factored: row and column statistics
     assert of("train.optimizer=torch.optim.Adafactor").parts_gib["trainable_state"] < trainable["lora"]

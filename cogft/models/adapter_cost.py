@@ -13,8 +13,11 @@ for the backward, and seconds, from the targeted linear layers' shapes and how p
   forward and two in the backward, `DELTA_WEIGHT_BYTES` of traffic per weight element to build it and take its
   gradient apart, and the delta kept in half precision for the backward.
 
-The byte constants are first guesses from the operations' shapes, not yet measured: `cogft bench` rows of DoRA
-and LoKr against LoRA (docs/adapters.md gives the commands) are what calibrates them.
+The constants are calibrated on one H100 (2026-12-06, 5B LoRA r128 at 49x480x720, torch SDPA, per-block compile;
+docs/performance.md): DoRA's step was 1.38x LoRA's at half the blocks checkpointed and kept 12.95 GiB more, LoKr's
+1.30x at a quarter checkpointed with 12.5 GiB more. The shapes alone predicted far less time: peft's DoRA and LoKr
+layers run as many small unfused operations (and break the compiled block's graph), which the "glue" bytes and
+the delta matmul's efficiency stand for.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DORA_WEIGHT_BYTES = 14.0   # per weight element and forward: read W, write and read W + scale·B·A (fp32), the norm
-DORA_KEPT_BYTES = 4.0      # per output element: the base and LoRA outputs (half) the magnitude's gradient needs
-DORA_GLUE_BYTES = 12.0     # per output element and pass: the rescale's elementwise reads and writes
+DORA_KEPT_BYTES = 3.0      # per output element: the base and LoRA outputs the magnitude's gradient needs (measured)
+DORA_GLUE_BYTES = 130.0    # per output element and pass: the rescale's unfused elementwise traffic (measured)
 DELTA_WEIGHT_BYTES = 12.0  # per weight element: build the delta (fp32, then half), then its gradient's reduction
+DELTA_KEPT_BYTES = 2.0     # per output element: the delta linear's output, kept for the backward (measured)
+DELTA_MATMUL_EFFICIENCY = 0.45  # the delta weight's matmuls against dense ones (measured)
 
 
 @dataclass(frozen=True)
@@ -68,5 +73,7 @@ def adapter_cost(kind: str, rank: int, targeted: list[tuple[int, int]], layers: 
                            forward_bytes_per_token=DORA_GLUE_BYTES * outputs,
                            backward_bytes_per_token=DORA_GLUE_BYTES * outputs)
     parameters = 2 * low_rank if kind == "loha" else sum(_lokr_parameters(i, o, rank) for i, o in targeted)
-    return AdapterCost(parameters, kept_bytes=2 * weights, forward_flops_per_token=2 * weights,
-                       backward_flops_per_token=4 * weights, forward_bytes=DELTA_WEIGHT_BYTES * weights)
+    return AdapterCost(parameters, kept_bytes=2 * weights, kept_bytes_per_token=DELTA_KEPT_BYTES * outputs,
+                       forward_flops_per_token=2 * weights / DELTA_MATMUL_EFFICIENCY,
+                       backward_flops_per_token=4 * weights / DELTA_MATMUL_EFFICIENCY,
+                       forward_bytes=DELTA_WEIGHT_BYTES * weights)

@@ -107,8 +107,20 @@ def _adapter(variant: Variant, config: Config) -> AdapterCost:
 
 
 def _counts(variant: Variant, config: Config) -> tuple[int, int]:
-    """(all transformer parameters, adapter parameters) from the model built on the meta device."""
-    return variant.transformer_layout[0], _adapter(variant, config).parameters
+    """(all transformer parameters, trained parameters of a LoRA run: the adapter's, and the modules trained whole
+    beside it, as a control model's widened input) from the model built on the meta device."""
+    return variant.transformer_layout[0], _adapter(variant, config).parameters + _whole_parameters(variant)
+
+
+def _whole_parameters(variant: Variant) -> int:
+    """Parameters of `Variant.trained_with_adapter`'s modules (none for most models)."""
+    import torch
+
+    if not variant.trained_with_adapter:
+        return 0
+    with torch.device("meta"):
+        model = variant.spec.diffusers_class("transformer").from_config(variant.configs.transformer)
+    return sum(p.numel() for name in variant.trained_with_adapter for p in model.get_submodule(name).parameters())
 
 
 def fp8_base_parameters(variant: Variant) -> int:

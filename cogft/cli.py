@@ -286,8 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with `section.key=value` overrides allowed on either side of the flags (argparse alone
+    takes them only as one run: `... a=1 --flag x b=2` would refuse `b=2`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    unknown = [arg for arg in extra if arg not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .config import ConfigError  # the user's errors (a resume or backend mismatch too); light modules only,

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -136,3 +138,14 @@ def test_version_and_the_notebook_api(capsys):
     light = subprocess.run([sys.executable, "-c", "import sys, cogft; print('torch' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert light.stdout.strip() == "False"  # the API loads on first use
+
+
+def test_overrides_may_sit_on_either_side_of_the_flags(capsys):
+    """`--gpu-memory 4 train.max_steps=3` after other overrides: each override is read, a stray word is refused."""
+    from cogft.cli import parse
+
+    args = parse(["estimate", "--config", "configs/tiny-lora.yaml", "train.max_steps=3", "--json", "lora.rank=4"])
+    assert args.overrides == ["train.max_steps=3", "lora.rank=4"] and args.json
+    with pytest.raises(SystemExit):
+        parse(["estimate", "--config", "configs/tiny-lora.yaml", "train.max_steps=3", "--json", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

@@ -78,8 +78,15 @@ torch.save(latents, sys.argv[3])
 
 
 def test_the_control_lora_exports_the_widened_input_and_merges_into_a_stock_control_pipeline(control_run, tmp_path):
+    """The plain export holds the LoRA and the widened input, and its model card's code loads them into a stock
+    control pipeline; the merged export is a control pipeline folder that reproduces cogft's own sample; both in a
+    process without cogft."""
+    import re
+
     from cogft.data.control import read_control
+    from cogft.inference.render import write_mp4
     from cogft.inference.sampling import pipeline_with_weights, trained_variant
+    from cogft.models.loading import resolve_model_path
     from cogft.run_dir import resolve_trained
 
     lora = control_run / "lora"
@@ -108,9 +115,16 @@ def test_the_control_lora_exports_the_widened_input_and_merges_into_a_stock_cont
                                            control=control)
     ours = variant.render_latents(pipe, conditioning, num_frames=9, height=64, width=96, steps=3, guidance_scale=6.0,
                                   generator=torch.Generator().manual_seed(3))
-    result = subprocess.run([sys.executable, "-c", STOCK_CONTROL, str(merged), str(tmp_path / "control.npy"),
+    # one process without cogft: the card's own code on the plain export (the tiny model's prompts are 16 tokens,
+    # not the 226 the pipeline assumes), then the merged export rendered as cogft rendered it
+    card = re.search(r"```python\n(.*?)```", (plain / "README.md").read_text(), re.S).group(1)
+    card = card.replace('"tiny://2b"', repr(resolve_model_path("tiny://2b"))).replace("PATH_OR_REPO", str(plain))
+    card = card.replace(")).frames[0]", "), max_sequence_length=16, num_inference_steps=2).frames[0]")
+    write_mp4(np.stack([np.asarray(frame) for frame in control]) / 255.0, tmp_path / "control.mp4", 8)
+    script = card + "\nassert len(video) == 9\n" + STOCK_CONTROL
+    result = subprocess.run([sys.executable, "-c", script, str(merged), str(tmp_path / "control.npy"),
                              str(tmp_path / "stock.pt")], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, script + result.stderr[-3000:]
     stock = torch.load(tmp_path / "stock.pt")
     # the merged export is in the model's fp16: its sample is cogft's own up to that rounding
     assert ((stock - ours).norm() / ours.norm()).item() < 2e-2
@@ -197,29 +211,6 @@ def test_sampling_a_control_model_needs_its_control_video(control_run, tmp_path)
     written = sample(str(control_run), "a red square", str(tmp_path / "out.mp4"), steps=1,
                      control=str(VIDEOS / "fractal_zoom.mp4"))
     assert written.is_file() and written.stat().st_size > 0
-
-
-def test_the_model_card_loads_the_plain_export_into_a_stock_control_pipeline(control_run, tmp_path):
-    """The card's own code, run without cogft on the tiny base model: the widened input, the scheduler, the LoRA."""
-    import re
-
-    from cogft.config import DataConfig
-    from cogft.data.control import read_control
-    from cogft.inference.render import write_mp4
-    from cogft.models.loading import resolve_model_path
-
-    card = (control_run / "lora" / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    code = code.replace('"tiny://2b"', repr(resolve_model_path("tiny://2b"))).replace("PATH_OR_REPO",
-                                                                                        str(control_run / "lora"))
-    # the tiny model's prompts are 16 tokens long, not the real models' 226 that the pipeline assumes
-    code = code.replace(")).frames[0]", "), max_sequence_length=16, num_inference_steps=2).frames[0]")
-    code += "\nassert len(video) == 9 and 'cogft' not in __import__('sys').modules\n"
-    frames = read_control(str(VIDEOS / "game_of_life.mp4"), 9, 64, 96, DataConfig(path="data", control="canny"),
-                          "test", torch.device("cpu"))
-    write_mp4(np.stack([np.asarray(frame) for frame in frames]) / 255.0, tmp_path / "control.mp4", 8)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, code + result.stderr[-3000:]
 
 
 def test_a_control_lora_follows_its_control_video(make_config, tmp_path):

@@ -254,3 +254,24 @@ def test_a_control_lora_follows_its_control_video(make_config, tmp_path):
     for name, other in (names, names[::-1]):
         mine, theirs = ((samples[name] - clips[clip]).pow(2).mean().item() for clip in (name, other))
         assert mine < theirs, (name, mine, theirs)
+
+
+def test_the_estimate_knows_the_control_latents_a_clip_caches(make_config):
+    """`cogft estimate`'s cache figure against what prepare wrote (stored in fp32 on a CPU, in the model's dtype on a
+    GPU); the control model caches its control video's latents beside the clip's."""
+    from safetensors import safe_open
+
+    from cogft.data.cache import prepare
+    from cogft.models.cost import estimate
+    from cogft.models.loading import load_for_config
+
+    def cached_and_estimated(*overrides):
+        config, variant = load_for_config(make_config(*FAST, *overrides))
+        entry = prepare(config, variant, torch.device("cpu"), show_progress=False).entries[0]
+        with safe_open(entry.latents[0], "pt") as handle:
+            stored = sum(handle.get_tensor(key).numel() for key in handle.keys())  # noqa: SIM118
+        return stored * variant.dtype.itemsize, estimate(config, variant).cache_bytes_per_window
+
+    plain, control = cached_and_estimated(), cached_and_estimated(*CONTROL)
+    assert plain[0] == pytest.approx(plain[1], rel=0.15) and control[0] == pytest.approx(control[1], rel=0.15)
+    assert control[1] == pytest.approx(1.5 * plain[1], rel=0.01)  # mean and logvar, and the control's mode

@@ -96,6 +96,7 @@ class Estimate:
     sample_seconds_cached: float | None   # with `validation.cache: taylorseer`; None for other settings
     batch: tuple[int, int]                # (frames, samples) of the batch whose memory is the peak
     prior_seconds_per_step: float | None = None  # a `kind: prior` batch's step: one more forward (LoRA; else None)
+    cache_bytes_per_window: int = 0       # what prepare caches per window of the largest clip (its conditions too)
 
 
 def _adapter(variant: Variant, config: Config) -> AdapterCost:
@@ -326,7 +327,19 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
         advice = [f"lower data.image_batch_size ({peak.batch[1]} still images are the largest batch)", *advice]
     slowest = max(results, key=lambda result: result.seconds_per_step)
     return dataclasses.replace(peak, seconds_per_step=slowest.seconds_per_step, advice=advice,
-                               prior_seconds_per_step=slowest.prior_seconds_per_step)
+                               prior_seconds_per_step=slowest.prior_seconds_per_step,
+                               cache_bytes_per_window=cache_bytes_per_window(config, variant))
+
+
+def cache_bytes_per_window(config: Config, variant: Variant) -> int:
+    """Bytes of one window's cache entry at the largest size, as prepare writes it on a GPU (the variant's dtype):
+    the family's cached tensors (`synthetic_batch`, shaped as `encode_sample`'s: the latents and the conditions'
+    own, an image's draws or a control video's latents), without the prompt's embedding (one per caption)."""
+    import torch
+
+    batch = variant.synthetic_batch(config, 1, config.data.num_frames, *config.data.largest_size,
+                                    torch.Generator().manual_seed(0))
+    return sum(t.numel() * t.element_size() for key, t in batch.items() if key != "prompt_embeds")
 
 
 def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, batch: tuple[int, int]) -> Estimate:

@@ -57,8 +57,9 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"fp8_base={config.model.fp8_base}{chosen})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
-    lines.append(f"  cache           {result.cache_bytes_per_window / 2**20:7.2f} MiB per clip window (latents and conditions; "
-                 "the prompt's embedding beside it)")
+    cache = result.cache_bytes_per_window / 2**20
+    lines.append(f"  cache           {cache:7.2f} MiB per clip window (latents and conditions; the prompt's embedding "
+                 "beside it)")
     if config.train.optimizer not in OPTIMIZERS:  # an import path: its state measured on a CPU, or assumed
         entry = optimizer_entry(config.train)
         lines.append(f"  optimizer state {entry.state_bytes:7.2f} bytes per trained parameter "

@@ -275,3 +275,28 @@ def test_the_estimate_knows_the_control_latents_a_clip_caches(make_config):
     plain, control = cached_and_estimated(), cached_and_estimated(*CONTROL)
     assert plain[0] == pytest.approx(plain[1], rel=0.15) and control[0] == pytest.approx(control[1], rel=0.15)
     assert control[1] == pytest.approx(1.5 * plain[1], rel=0.01)  # mean and logvar, and the control's mode
+
+
+def test_a_published_control_model_fine_tunes_whole_and_samples_from_its_control(make_config, tmp_path):
+    """Full fine-tuning of a CogVideoX-Fun Control folder (the tiny one): its transformer, control input and all,
+    trains and is exported, and `cogft sample --control` renders from it."""
+    from cogft.inference.sampling import sample
+
+    run = train(make_config(*FAST, "model.path=tiny://fun-2b-control", "data.control=canny", "train.max_steps=2",
+                            base="tiny-sft.yaml"))
+    exported = json.loads((run / "transformer" / "config.json").read_text())
+    assert exported["in_channels"] == 8  # the latents and the control's
+    written = sample(str(run), "a red square", str(tmp_path / "out.mp4"), steps=1,
+                     control=str(VIDEOS / "game_of_life.mp4"))
+    assert written.stat().st_size > 0
+
+
+def test_a_control_column_names_each_clips_control_video(tmp_path):
+    from cogft.data.sources import DatasetLayoutError, read_clips
+
+    (tmp_path / "meta.csv").write_text("video,caption,pose\na.mp4,a dog,a_pose.mp4\nb.mp4,a cat,\n")
+    clips = read_clips(tmp_path / "meta.csv", control_column="pose", given_columns=("data.control_column",))
+    assert [c.control for c in clips] == [tmp_path / "a_pose.mp4", None]
+    assert [c.control for c in read_clips(tmp_path / "meta.csv")] == [None, None]  # no "control" column: none
+    with pytest.raises(DatasetLayoutError, match="data.control_column='skeleton': no row of .* has that column"):
+        read_clips(tmp_path / "meta.csv", control_column="skeleton", given_columns=("data.control_column",))

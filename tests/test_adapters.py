@@ -202,29 +202,29 @@ def test_lora_plus_gives_b_its_ratio_of_the_learning_rate(make_config):
     assert optimizer_groups(transformer, config, params) == params  # off: one group, as before
 
 
-def test_dora_with_lora_plus_resumes_bit_exactly(make_config):
-    overrides = [*FAST, "lora.type=dora", "lora.plus_ratio=4"]
+def straight_and_resumed(make_config, overrides: list[str]) -> tuple[dict, Path]:
+    """5 steps straight and 2 + a resume to 5: their losses and final weights are asserted equal; returns the
+    weights and the resumed run."""
     straight = train(make_config(*overrides, "train.max_steps=5", out="straight"))
     train(make_config(*overrides, "train.max_steps=2", out="resumed"))
     resumed = train(make_config(*overrides, "train.max_steps=5", out="resumed"))
     assert len(losses(straight)) == 5 and losses(straight) == losses(resumed)
     a, b = (load_file(run / "checkpoints" / "step-000005" / "pytorch_lora_weights.safetensors")
             for run in (straight, resumed))
-    assert any("lora_magnitude_vector" in key for key in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a, resumed
+
+
+def test_dora_with_lora_plus_resumes_bit_exactly(make_config):
+    weights, resumed = straight_and_resumed(make_config, [*FAST, "lora.type=dora", "lora.plus_ratio=4"])
+    assert any("lora_magnitude_vector" in key for key in weights)
     groups = torch.load(resumed / "checkpoints" / "step-000005" / "optimizer.bin", weights_only=False)["param_groups"]
     assert [group["lr"] for group in groups] == pytest.approx([1e-2, 4e-2])  # restored with their ratio
 
 
 def test_an_import_path_optimizer_trains_and_resumes_bit_exactly(make_config):
     overrides = [*FAST, "train.optimizer=torch.optim.Adafactor", "train.optimizer_args={beta2_decay: -0.7}"]
-    straight = train(make_config(*overrides, "train.max_steps=5", out="straight"))
-    train(make_config(*overrides, "train.max_steps=2", out="resumed"))
-    resumed = train(make_config(*overrides, "train.max_steps=5", out="resumed"))
-    assert len(losses(straight)) == 5 and losses(straight) == losses(resumed)
-    a, b = (load_file(run / "checkpoints" / "step-000005" / "pytorch_lora_weights.safetensors")
-            for run in (straight, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, resumed = straight_and_resumed(make_config, overrides)
     saved = torch.load(resumed / "checkpoints" / "step-000005" / "optimizer.bin", weights_only=False)
     assert saved["param_groups"][0]["beta2_decay"] == -0.7 and saved["state"]  # Adafactor's own state, with the args
     assert any("row_var" in state for state in saved["state"].values())

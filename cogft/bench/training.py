@@ -305,11 +305,8 @@ def bench_prior(config: Config, warmup: int = 3, steps: int = 10,
         rows.append(_row(name, config, variant, device, run, time_steps(run, device, 1, steps),
                          time_back_to_back(run, device, steps + 1, steps), size))
         emit(rows[-1])
-    ratio = {"figure": "prior_step_vs_clip_step", "ratio": round(rows[1]["s_per_step"] / rows[0]["s_per_step"], 3)}
-    if device.type == "cuda":
-        ratio["peak_allocated_ratio"] = round(rows[1]["peak_allocated_gib"] / rows[0]["peak_allocated_gib"], 3)
-    rows.append(ratio)
-    emit(ratio)
+    rows.append(_ratio("prior_step_vs_clip_step", rows[1]["s_per_step"] / rows[0]["s_per_step"], rows, device))
+    emit(rows[-1])
     del run
     free(device)
     return rows
@@ -332,9 +329,14 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
         rows.append(_measure(name, build, config, variant, device, warmup, steps, profiled, checkpoint))
         emit(rows[-1])
     if len(rows) == 2 and "error" not in rows[0] and "error" not in rows[1]:
-        ratio = {"figure": "speedup_vs_plain", "ratio": round(rows[0]["s_per_step"] / rows[1]["s_per_step"], 3)}
-        if device.type == "cuda":
-            ratio["peak_allocated_ratio"] = round(rows[1]["peak_allocated_gib"] / rows[0]["peak_allocated_gib"], 3)
-        rows.append(ratio)
-        emit(ratio)
+        rows.append(_ratio("speedup_vs_plain", rows[0]["s_per_step"] / rows[1]["s_per_step"], rows, device))
+        emit(rows[-1])
     return rows
+
+
+def _ratio(figure: str, seconds_ratio: float, rows: list[dict], device: torch.device) -> dict:
+    """The row comparing two timed rows: `seconds_ratio`, and on a GPU the second row's peak over the first's."""
+    ratio = {"figure": figure, "ratio": round(seconds_ratio, 3)}
+    if device.type == "cuda":
+        ratio["peak_allocated_ratio"] = round(rows[1]["peak_allocated_gib"] / rows[0]["peak_allocated_gib"], 3)
+    return ratio

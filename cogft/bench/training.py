@@ -51,15 +51,18 @@ def synthetic_batch(config: Config, variant: Variant, device: torch.device, seed
     return batch
 
 
-def cogft_step(config: Config, variant: Variant, device: torch.device, loss_mask: bool = False):
-    """The trainer's path, assembled by the trainer's own `assemble_step` (`loss_mask`: its batches carry one)."""
+def cogft_step(config: Config, variant: Variant, device: torch.device, loss_mask: bool = False,
+               on_host: bool = False):
+    """The trainer's path, assembled by the trainer's own `assemble_step` (`loss_mask`: its batches carry one).
+    `on_host`: the model is built in host memory and placed by `assemble_step`, as the trainer loads it (under a
+    memory cap the whole model never fits the GPU: swapped blocks stay in host memory)."""
     from accelerate import Accelerator
 
     from ..training.assemble import assemble_step
     from ..training.checkpointing import load_checkpoint, sample_generators, save_checkpoint
 
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
-    transformer = random_transformer(variant, variant.dtype, device)
+    transformer = random_transformer(variant, variant.dtype, torch.device("cpu") if on_host else device)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
     batches = {size: synthetic_batch(config, variant, device, config.train.seed, size, loss_mask)
                for size in config.data.sizes}
@@ -324,7 +327,8 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:
-        builds.append(("cogft", functools.partial(cogft_step, loss_mask=loss_mask)))
+        builds.append(("cogft", functools.partial(cogft_step, loss_mask=loss_mask,
+                                                  on_host=gpu_memory_gib is not None)))
     for name, build in builds:
         rows.append(_measure(name, build, config, variant, device, warmup, steps, profiled, checkpoint))
         emit(rows[-1])

@@ -243,3 +243,14 @@ def test_prepare_with_cogft_decoder_ffmpeg_in_its_workers(pick_decoder, hostile_
     kept = [row for row in rows.values() if row["status"] != "skipped"]
     assert len(kept) == 9 and {row["source"]["decoder"] for row in kept} == {"ffmpeg"}
     assert rows["short.mp4"]["frames"] == 5 and not any("decoded by ffmpeg" in n for r in kept for n in r["notes"])
+
+
+def test_the_prepare_workers_job_imports_no_torch():
+    """Each decode worker imports the module of its job: torch there would add seconds and hundreds of MB a worker."""
+    import subprocess
+    import sys
+
+    script = ("import sys, cogft.data.masks, cogft.data.control; "
+              "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

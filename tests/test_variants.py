@@ -98,8 +98,17 @@ def _stock_inputs(path: str, variant, frames: int, height: int, width: int) -> d
         generator=torch.Generator().manual_seed(0), **conditions))
 
 
-def _training_inputs(make_config, path: str, variant, frames: int, height: int, width: int) -> dict:
-    """What cogft's training step gives it for a prepared clip of the same size."""
+@pytest.fixture(scope="module")
+def one_clip(tmp_path_factory) -> Path:
+    """The clip both sides condition on, alone in a list: prepare encodes one clip, not the six sample clips."""
+    folder = tmp_path_factory.mktemp("one_clip")
+    (folder / "videos.txt").write_text(str(REPO / "data" / "videos" / "bouncing_square.mp4") + "\n")
+    (folder / "prompts.txt").write_text("a red ball\n")
+    return folder
+
+
+def _training_inputs(make_config, path: str, variant, frames: int, height: int, width: int, data: Path) -> dict:
+    """What cogft's training step gives it for a prepared clip of the same size (the one clip in `data`)."""
     from accelerate import Accelerator
 
     from cogft.data.cache import prepare
@@ -110,7 +119,7 @@ def _training_inputs(make_config, path: str, variant, frames: int, height: int, 
 
     control = ["model.control=true"] * getattr(variant.spec, "widened", False)
     control += ["data.control=canny"] * ("control" in variant.conditions)
-    config = make_config(f"model.path={path}", "model.dtype=fp32", f"data.num_frames={frames}",
+    config = make_config(f"model.path={path}", f"data.path={data}", "model.dtype=fp32", f"data.num_frames={frames}",
                          f"data.height={height}", f"data.width={width}", f"data.min_frames={frames}",
                          "validation.prompts=[]", "data.image_dropout=0", *control)
     entries = prepare(config, variant, torch.device("cpu"), show_progress=False).entries
@@ -124,8 +133,8 @@ def _training_inputs(make_config, path: str, variant, frames: int, height: int, 
 
 @pytest.mark.parametrize("frames,height,width", SIZES)
 @pytest.mark.parametrize("short", [spec.short for spec in SPECS] + WIDENED)
-def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(make_config, short, frames, height,
-                                                                              width):
+def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(make_config, one_clip, short, frames,
+                                                                              height, width):
     short, widened = short.removesuffix("+control"), short.endswith("+control")
     path = f"tiny://{short}"
     variant = load_variant(path, "fp32", control=widened)  # fp32 on both sides, so dtypes compare as they are
@@ -141,7 +150,7 @@ def test_training_step_gives_the_transformer_what_the_stock_pipeline_gives_it(ma
             variant.check_clip_size(frames, height, width)
         return
     stock = _stock_inputs(path, variant, frames, height, width)
-    ours = _training_inputs(make_config, path, variant, frames, height, width)
+    ours = _training_inputs(make_config, path, variant, frames, height, width, one_clip)
     assert _layout(ours) == _layout(stock)
     # [B, F, C, H, W] after the permute, F padded to a multiple of patch_size_t as the pipeline pads it (1.5)
     assert ours["hidden_states"].shape[1] == stock["hidden_states"].shape[1] == variant.padded_latent_frames(frames)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..config import Config, ConfigError, DataConfig
 from .checks import Problem
 from .images import decode_sample
 from .video import Decoded, DecodeSpec, decode_aligned, decode_clip
+
+if TYPE_CHECKING:  # the prepare workers import this module for `decode_with_control`: they need no torch
+    import torch
 
 
 def check_control_settings(config: Config, conditions: tuple[str, ...], model_name: str) -> None:
@@ -44,6 +47,7 @@ def extractor_identity(data: DataConfig) -> dict:
 
 def extract_control(frames: np.ndarray, data: DataConfig, device: torch.device) -> np.ndarray:
     """The control video of uint8 frames [F, H, W, 3] by `data.control`: white edges on black for `canny`."""
+    import torch
     from kornia.filters import canny
 
     pixels = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float() / 255.0

@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..config import ConfigError
-from ..models.family import Variant
 from .checks import Problem, file_problem
 from .control import PairedDecode, decode_with_control
 from .images import fit_image, open_upright
 from .sources import Clip, is_still
 from .video import ASPECT_TOLERANCE, ClipProbe, DecodeSpec, decode_aligned
+
+if TYPE_CHECKING:  # the prepare workers import this module for `decode_with_mask`: they need no torch
+    import torch
+
+    from ..models.family import Variant
 
 MASK_READING = 1  # how a mask's pixels become weights (BT.601 luma / 255); part of a masked clip's cache key
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -111,5 +115,7 @@ def decode_with_mask(item: tuple[str, str | None, str | None], spec: DecodeSpec)
 
 def mask_latents(variant: Variant, mask: np.ndarray, frames: int) -> torch.Tensor:
     """A window's grey mask as the family caches it (`loss_mask_latents`), in fp32."""
+    import torch
+
     weights = torch.from_numpy(mask).float().div(255).expand(frames, -1, -1)
     return variant.loss_mask_latents(weights).float().contiguous()

@@ -300,3 +300,18 @@ def test_a_control_column_names_each_clips_control_video(tmp_path):
     assert [c.control for c in read_clips(tmp_path / "meta.csv")] == [None, None]  # no "control" column: none
     with pytest.raises(DatasetLayoutError, match="data.control_column='skeleton': no row of .* has that column"):
         read_clips(tmp_path / "meta.csv", control_column="skeleton", given_columns=("data.control_column",))
+
+
+def test_an_extractors_settings_are_part_of_the_cache_key(make_config):
+    """Changed Canny thresholds encode every clip again (its control changed); back to the old ones, all cached."""
+    from cogft.data.cache import prepare
+    from cogft.models.loading import load_for_config
+
+    def statuses(*overrides) -> set[str]:
+        config, variant = load_for_config(make_config(*CONTROL, *FAST, *overrides))
+        report = prepare(config, variant, torch.device("cpu"), show_progress=False).report
+        return {row["status"] for row in report if "status" in row}
+
+    statuses()  # the default thresholds, cached (or encoded once here)
+    assert statuses("data.canny_thresholds=[0.3,0.6]") == {"encoded"}
+    assert statuses() == {"cached"}

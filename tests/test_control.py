@@ -262,7 +262,7 @@ def test_the_estimate_knows_the_control_latents_a_clip_caches(make_config):
     from safetensors import safe_open
 
     from cogft.data.cache import prepare
-    from cogft.models.cost import estimate
+    from cogft.models.cost import cache_bytes_per_window
     from cogft.models.loading import load_for_config
 
     def cached_and_estimated(*overrides):
@@ -270,7 +270,7 @@ def test_the_estimate_knows_the_control_latents_a_clip_caches(make_config):
         entry = prepare(config, variant, torch.device("cpu"), show_progress=False).entries[0]
         with safe_open(entry.latents[0], "pt") as handle:
             stored = sum(handle.get_tensor(key).numel() for key in handle.keys())  # noqa: SIM118
-        return stored * variant.dtype.itemsize, estimate(config, variant).cache_bytes_per_window
+        return stored * variant.dtype.itemsize, cache_bytes_per_window(config, variant)
 
     plain, control = cached_and_estimated(), cached_and_estimated(*CONTROL)
     assert plain[0] == pytest.approx(plain[1], rel=0.15) and control[0] == pytest.approx(control[1], rel=0.15)

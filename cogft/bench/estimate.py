@@ -6,7 +6,15 @@ import json
 from dataclasses import asdict
 
 from ..config import Config
-from ..models.cost import Estimate, HostEstimate, as_trained, estimate, host_advice, host_estimate
+from ..models.cost import (
+    Estimate,
+    HostEstimate,
+    as_trained,
+    cache_bytes_per_window,
+    estimate,
+    host_advice,
+    host_estimate,
+)
 from ..models.loading import load_for_config
 from ..optimizers import OPTIMIZERS, optimizer_entry
 
@@ -21,9 +29,11 @@ def run_estimate(config: Config, gpu: str, as_json: bool, gpu_memory: float | No
     result = estimate(config, variant, gpu)
     host = host_estimate(config, variant)
     advice = host_advice(config, variant, host, host_ram) if host_ram and host.training_gib > host_ram else []
+    cache = cache_bytes_per_window(config, variant)
     if as_json:
-        return json.dumps({**asdict(result), "host": asdict(host), "host_ram_gib": host_ram, "host_advice": advice})
-    return format_estimate(config, result) + "\n" + format_host(host, host_ram, advice)
+        return json.dumps({**asdict(result), "cache_bytes_per_window": cache, "host": asdict(host),
+                           "host_ram_gib": host_ram, "host_advice": advice})
+    return format_estimate(config, result, cache) + "\n" + format_host(host, host_ram, advice)
 
 
 def format_host(host: HostEstimate, host_ram: float | None, advice: list[str]) -> str:
@@ -36,7 +46,9 @@ def format_host(host: HostEstimate, host_ram: float | None, advice: list[str]) -
     return "\n".join(lines + [f"  try: {line}" for line in advice])
 
 
-def format_estimate(config: Config, result: Estimate) -> str:
+def format_estimate(config: Config, result: Estimate, cache_bytes: int | None = None) -> str:
+    """The estimate for a person; `cache_bytes`: what prepare caches per clip window (`cache_bytes_per_window`), shown
+    where given."""
     frames, samples = result.batch
     what = (f"batch {samples}" if frames == config.data.num_frames and samples == config.train.batch_size else
             f"a batch of {samples} still images (data.image_batch_size: more tokens than {config.train.batch_size} "
@@ -57,9 +69,9 @@ def format_estimate(config: Config, result: Estimate) -> str:
         f"fp8_base={config.model.fp8_base}{chosen})",
     ]
     lines += [f"    {name:18s}{gib:7.2f} GiB" for name, gib in result.parts_gib.items()]
-    cache = result.cache_bytes_per_window / 2**20
-    lines.append(f"  cache           {cache:7.2f} MiB per clip window (latents and conditions; the prompt's embedding "
-                 "beside it)")
+    if cache_bytes is not None:
+        lines.append(f"  cache           {cache_bytes / 2**20:7.2f} MiB per clip window (latents and conditions; the "
+                     "prompt's embedding beside it)")
     if config.train.optimizer not in OPTIMIZERS:  # an import path: its state measured on a CPU, or assumed
         entry = optimizer_entry(config.train)
         lines.append(f"  optimizer state {entry.state_bytes:7.2f} bytes per trained parameter "

@@ -96,7 +96,6 @@ class Estimate:
     sample_seconds_cached: float | None   # with `validation.cache: taylorseer`; None for other settings
     batch: tuple[int, int]                # (frames, samples) of the batch whose memory is the peak
     prior_seconds_per_step: float | None = None  # a `kind: prior` batch's step: one more forward (LoRA; else None)
-    cache_bytes_per_window: int = 0       # what prepare caches per window of the largest clip (its conditions too)
 
 
 def _adapter(variant: Variant, config: Config) -> AdapterCost:
@@ -110,18 +109,7 @@ def _adapter(variant: Variant, config: Config) -> AdapterCost:
 def _counts(variant: Variant, config: Config) -> tuple[int, int]:
     """(all transformer parameters, trained parameters of a LoRA run: the adapter's, and the modules trained whole
     beside it, as a control model's widened input) from the model built on the meta device."""
-    return variant.transformer_layout[0], _adapter(variant, config).parameters + _whole_parameters(variant)
-
-
-def _whole_parameters(variant: Variant) -> int:
-    """Parameters of `Variant.trained_with_adapter`'s modules (none for most models)."""
-    import torch
-
-    if not variant.trained_with_adapter:
-        return 0
-    with torch.device("meta"):
-        model = variant.spec.diffusers_class("transformer").from_config(variant.configs.transformer)
-    return sum(p.numel() for name in variant.trained_with_adapter for p in model.get_submodule(name).parameters())
+    return variant.transformer_layout[0], _adapter(variant, config).parameters + variant.trained_with_adapter_parameters
 
 
 def fp8_base_parameters(variant: Variant) -> int:
@@ -327,14 +315,14 @@ def estimate(config: Config, variant: Variant, gpu_name: str = "H100", advise: b
         advice = [f"lower data.image_batch_size ({peak.batch[1]} still images are the largest batch)", *advice]
     slowest = max(results, key=lambda result: result.seconds_per_step)
     return dataclasses.replace(peak, seconds_per_step=slowest.seconds_per_step, advice=advice,
-                               prior_seconds_per_step=slowest.prior_seconds_per_step,
-                               cache_bytes_per_window=cache_bytes_per_window(config, variant))
+                               prior_seconds_per_step=slowest.prior_seconds_per_step)
 
 
 def cache_bytes_per_window(config: Config, variant: Variant) -> int:
     """Bytes of one window's cache entry at the largest size, as prepare writes it on a GPU (the variant's dtype):
     the family's cached tensors (`synthetic_batch`, shaped as `encode_sample`'s: the latents and the conditions'
-    own, an image's draws or a control video's latents), without the prompt's embedding (one per caption)."""
+    own, an image's draws or a control video's latents), without the prompt's embedding (one per caption). Built
+    from random tensors of that size: measured once per `cogft estimate`, never inside the planner's search."""
     import torch
 
     batch = variant.synthetic_batch(config, 1, config.data.num_frames, *config.data.largest_size,

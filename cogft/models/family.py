@@ -202,6 +202,15 @@ class Variant(ABC):
         return _meta_layout(self.spec.diffusers_class("transformer"), json.dumps(self.configs.transformer,
                                                                                   sort_keys=True))
 
+    @property
+    def trained_with_adapter_parameters(self) -> int:
+        """Parameters of the `trained_with_adapter` modules, counted on the meta-device build."""
+        if not self.trained_with_adapter:
+            return 0
+        model = _meta_model(self.spec.diffusers_class("transformer"),
+                            json.dumps(self.configs.transformer, sort_keys=True))
+        return sum(p.numel() for name in self.trained_with_adapter for p in model.get_submodule(name).parameters())
+
     def unmatched_lora_targets(self, targets: list[str]) -> list[str]:
         """The `lora.target_modules` entries that name no Linear layer (PEFT's rule: the name or its last parts)."""
         names = self.transformer_layout[1]
@@ -469,9 +478,15 @@ class Variant(ABC):
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_layout(transformer_class, config_json: str) -> tuple[int, dict[str, tuple[int, int]]]:
+def _meta_model(transformer_class, config_json: str) -> torch.nn.Module:
+    """The transformer of these configs on the meta device: shapes without weights, built once."""
     with torch.device("meta"):
-        model = transformer_class.from_config(json.loads(config_json))
+        return transformer_class.from_config(json.loads(config_json))
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_layout(transformer_class, config_json: str) -> tuple[int, dict[str, tuple[int, int]]]:
+    model = _meta_model(transformer_class, config_json)
     linears = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)}
     return sum(p.numel() for p in model.parameters()), linears

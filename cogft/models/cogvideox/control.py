@@ -3,7 +3,7 @@ latent channels, the control after the video on the channel axis), as the stock 
 lays them out.
 
 Two ways in. A CogVideoX-Fun Control pipeline folder, whose transformer already takes both. Or a stock
-text-to-video model widened by `model.control: true` (`CogVideoXSpec.with_control`): its patch embedding gets
+text-to-video model widened by `model.control: true` (`TextToVideoSpec.with_control`): its patch embedding gets
 input channels for the control whose weights start at zero, so step 0 predicts exactly what the base model
 predicts, and the embedding trains whole beside the LoRA. Either way the pipeline is the Fun Control one, with
 `CogVideoXDDIMScheduler`: that pipeline calls `scheduler.step` as DDIM does, which the 2B's
@@ -54,6 +54,15 @@ class ControlSpec(CogVideoXSpec):
 
     def with_control(self, configs: PipelineConfigs):
         raise ConfigError(f"model.control: {self.name} already takes a control video; leave model.control out")
+
+
+@dataclass(frozen=True)
+class TextToVideoSpec(CogVideoXSpec):
+    """The text-to-video models (2B, 5B, 1.5-5B): the ones `model.control` widens into control models (here, beside
+    the control spec it makes, so the base spec needs no import of this module)."""
+
+    def with_control(self, configs: PipelineConfigs) -> tuple[ControlSpec, PipelineConfigs]:
+        return widened_spec(self, configs)
 
 
 def widened_spec(spec: CogVideoXSpec, configs: PipelineConfigs) -> tuple[ControlSpec, PipelineConfigs]:
@@ -183,14 +192,9 @@ class ControlVariant(CogVideoXVariant):
     def neutral_conditions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"control_latents": torch.zeros_like(x)}
 
-    def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
-                           rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                           conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
-        control = conditions.get("control_latents")
-        if control is None:
-            raise ValueError(f"{self.name} needs control latents for every training forward")
-        return super().transformer_inputs(torch.cat([x_t, control.to(x_t.dtype)], dim=2), prompt_embeds, timesteps,
-                                          rotary, {})
+    @property
+    def latents_beside(self) -> str:
+        return "control_latents"
 
     def synthetic_batch(self, config: Config, batch_size: int, num_frames: int, height: int, width: int,
                         generator: torch.Generator) -> dict[str, torch.Tensor]:

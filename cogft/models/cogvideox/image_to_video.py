@@ -62,14 +62,15 @@ class ImageToVideoVariant(CogVideoXVariant):
     def conditions(self) -> tuple[str, ...]:
         return ("image",)
 
+    @property
+    def latents_beside(self) -> str:
+        return "image_latents"
+
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
                            rotary: tuple[torch.Tensor, torch.Tensor] | None,
                            conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
-        image_latents = conditions.get("image_latents")
-        if image_latents is None:
-            raise ValueError(f"{self.name} needs image latents for every training forward")
-        inputs = super().transformer_inputs(torch.cat([x_t, image_latents.to(x_t.dtype)], dim=2), prompt_embeds,
-                                            timesteps, rotary, {})
+        """Also `ofs` where the transformer takes it (1.5-I2V)."""
+        inputs = super().transformer_inputs(x_t, prompt_embeds, timesteps, rotary, conditions)
         if self.spec.ofs is not None:
             inputs["ofs"] = x_t.new_full((1,), self.spec.ofs)
         return inputs

@@ -90,19 +90,15 @@ COGVIDEOX_1_5_5B_I2V = PipelineConfigs(
 # control video's 16 latent channels after the video's, run by CogVideoXFunControlPipeline with a DDIM-style
 # scheduler. Made from the base models' configs (the published folders are told apart by their own configs when
 # they are read, like every variant).
-_CONTROL_INDEX = {"_class_name": "CogVideoXFunControlPipeline"}
-_CONTROL_CHANNELS = {"in_channels": 32, "out_channels": 16}
-COGVIDEOX_FUN_2B_CONTROL = PipelineConfigs(
-    model_index=_CONTROL_INDEX,
-    transformer={**COGVIDEOX_2B.transformer, **_CONTROL_CHANNELS},
-    vae=COGVIDEOX_2B.vae,
-    scheduler={**COGVIDEOX_2B.scheduler, "_class_name": "CogVideoXDDIMScheduler"},
-    text_encoder=T5_XXL_ENCODER,
-)
-COGVIDEOX_FUN_5B_CONTROL = PipelineConfigs(
-    model_index=_CONTROL_INDEX,
-    transformer={**COGVIDEOX_5B.transformer, **_CONTROL_CHANNELS},
-    vae=COGVIDEOX_5B.vae,
-    scheduler={**COGVIDEOX_5B.scheduler, "_class_name": "CogVideoXDDIMScheduler"},
-    text_encoder=T5_XXL_ENCODER,
-)
+def _fun_control(base: PipelineConfigs) -> PipelineConfigs:
+    return PipelineConfigs(
+        model_index={"_class_name": "CogVideoXFunControlPipeline"},
+        transformer={**base.transformer, "in_channels": 32, "out_channels": 16},
+        vae=base.vae,
+        scheduler={**base.scheduler, "_class_name": "CogVideoXDDIMScheduler"},
+        text_encoder=T5_XXL_ENCODER,
+    )
+
+
+COGVIDEOX_FUN_2B_CONTROL = _fun_control(COGVIDEOX_2B)
+COGVIDEOX_FUN_5B_CONTROL = _fun_control(COGVIDEOX_5B)

@@ -105,11 +105,6 @@ class CogVideoXSpec(VariantSpec):
     def variant_class(self) -> type[CogVideoXVariant]:
         return CogVideoXVariant
 
-    def with_control(self, configs: PipelineConfigs):
-        from .control import widened_spec
-
-        return widened_spec(self, configs)
-
 
 @dataclass(frozen=True)
 class CogVideoXVariant(Variant):
@@ -382,10 +377,22 @@ class CogVideoXVariant(Variant):
         return torch.cat([cells[:1], later])[None]
 
     # sampling -----------------------------------------------------------------------------------------
+    @property
+    def latents_beside(self) -> str | None:
+        """The condition whose latents follow the noisy latents on the channel axis (`image_latents`,
+        `control_latents`), as the stock pipelines place them; None for text-to-video."""
+        return None
+
     def transformer_inputs(self, x_t: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
                            rotary: tuple[torch.Tensor, torch.Tensor] | None,
                            conditions: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The keyword arguments of one training forward, laid out as the stock pipeline lays them out."""
+        key = self.latents_beside
+        if key is not None:
+            beside = conditions.get(key)
+            if beside is None:
+                raise ValueError(f"{self.name} needs {key.replace('_', ' ')} for every training forward")
+            x_t = torch.cat([x_t, beside.to(x_t.dtype)], dim=2)
         return {"hidden_states": x_t, "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
                 "image_rotary_emb": rotary}
 

@@ -1,6 +1,6 @@
 """The CogVideoX variants: CogVideoX-2B (sincos positions, fp16), CogVideoX-5B (3D RoPE, bf16) and
 CogVideoX 1.5-5B (latent frames patched in pairs, RoPE on a sliced grid, 81 frames at 16 fps, 768x1360),
-which share the text-to-video behaviour of `CogVideoXSpec`; and the image-to-video models of 5B (a learned
+which share the text-to-video behaviour of `TextToVideoSpec`; and the image-to-video models of 5B (a learned
 position table fixes its clip size) and 1.5 (an `ofs` input), which share `ImageToVideoSpec`'s. Within a
 family they differ in data only.
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from ..family import ClipSize, ModelFamily, PipelineConfigs
 from . import reference
-from .control import ControlSpec
+from .control import ControlSpec, TextToVideoSpec
 from .image_to_video import ImageToVideoSpec
-from .spec import CogVideoXSpec, explain_unmatched
+from .spec import explain_unmatched
 
 _NATIVE_1_0 = ClipSize(num_frames=49, height=480, width=720, fps=8.0)
 _NATIVE_1_5 = ClipSize(num_frames=81, height=768, width=1360, fps=16.0)
@@ -56,16 +56,16 @@ def _tiny(full: PipelineConfigs) -> PipelineConfigs:
                            text_encoder=_TINY_T5_ENCODER)
 
 
-COGVIDEOX_2B = CogVideoXSpec(
+COGVIDEOX_2B = TextToVideoSpec(
     name="cogvideox-2b", family="cogvideox", short="2b", hub_id="THUDM/CogVideoX-2b", dtype="fp16", rotary=False,
     native=_NATIVE_1_0, reference=reference.COGVIDEOX_2B, tiny=_tiny(reference.COGVIDEOX_2B),
     license="apache-2.0", license_name=None, license_link=None,
 )
-COGVIDEOX_5B = CogVideoXSpec(
+COGVIDEOX_5B = TextToVideoSpec(
     name="cogvideox-5b", family="cogvideox", short="5b", hub_id="THUDM/CogVideoX-5b", dtype="bf16", rotary=True,
     native=_NATIVE_1_0, reference=reference.COGVIDEOX_5B, tiny=_tiny(reference.COGVIDEOX_5B),
 )
-COGVIDEOX_1_5_5B = CogVideoXSpec(
+COGVIDEOX_1_5_5B = TextToVideoSpec(
     name="cogvideox1.5-5b", family="cogvideox", short="1.5-5b", hub_id="THUDM/CogVideoX1.5-5B", dtype="bf16",
     rotary=True, native=_NATIVE_1_5, patch_size_t=2, reference=reference.COGVIDEOX_1_5_5B,
     tiny=_tiny(reference.COGVIDEOX_1_5_5B),

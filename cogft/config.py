@@ -667,6 +667,23 @@ class EvalConfig(_Section):
         return value
 
 
+class QualityConfig(_Section):
+    """What makes a LoRA checkpoint acceptable: the limits of the quality measures the run logs, which the summary and
+    report warn about and the recommended checkpoint (`cogft export --recommended`) must keep to."""
+
+    min_motion_ratio: float = Field(0.7, ge=0, description=(
+        "the least acceptable `quality/motion_ratio`: the validation videos' motion (mean frame-to-frame change) with "
+        "the LoRA as a fraction of the base model's at the same seeds. Below it the summary and report warn that the "
+        "LoRA freezes motion (often too many still images in the data) and the checkpoint is not recommended; 0: "
+        "never warned about"))
+    max_bleed: float = Field(0.5, ge=0, description=(
+        "the most acceptable `quality/bleed`: how much the LoRA changes the model's prediction on validation prompts "
+        "without the trigger, as a fraction of how much it changes it with the trigger (0: prompts without the "
+        "trigger are untouched; 1: the LoRA changes them as much as triggered ones). Above it the summary and report "
+        "warn that the LoRA leaks into other prompts and the checkpoint is not recommended. Measured only with a "
+        "trigger (`data.caption_prefix` or per-clip trigger words)"))
+
+
 class TrackingConfig(_Section):
     """Where the metrics go besides `metrics.jsonl` and `report.html`, which are always written, and the Hub push."""
 
@@ -696,6 +713,7 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     validation: ValidationConfig = ValidationConfig()
     eval: EvalConfig = EvalConfig()
+    quality: QualityConfig = QualityConfig()
     tracking: TrackingConfig = TrackingConfig()
     output_dir: str = Field(min_length=1, description="the run directory (`config.yaml`, checkpoints, samples, "
                                                       "metrics, the export); a run in it resumes")

@@ -203,8 +203,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one more step to stderr")
     parser.add_argument("--checkpoint", action="store_true", help="also time a checkpoint save and load")
-    parser.add_argument("--loss-mask", action="store_true", help="the step's batches carry a random loss mask (what "
-                                                                  "a masked dataset's step costs)")
+    parser.add_argument("--loss-mask", action="store_true", help="time the step on a batch carrying a random loss "
+                                                                  "mask against the same batch without, on one model")
     parser.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
     parser.add_argument("--eval", type=_positive_int, metavar="CLIPS",
                         help="time the held-out eval on this many clips against the training step")
@@ -221,7 +221,7 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
 def _bench(args) -> None:
     config = _config(args)
     others = [flag for flag, on in (("--sample", args.sample), ("--eval", args.eval), ("--buckets", args.buckets),
-                                    ("--fp8-error", args.fp8_error)) if on]
+                                    ("--fp8-error", args.fp8_error), ("--prior", args.prior)) if on]
     if args.loss_mask and others:
         from .config import ConfigError
 
@@ -238,10 +238,10 @@ def _bench(args) -> None:
         from .bench.training import bench_buckets
 
         bench_buckets(config, args.warmup, args.steps)
-    elif args.prior:
-        from .bench.training import bench_prior
+    elif args.prior or args.loss_mask:
+        from .bench.training import bench_paired
 
-        bench_prior(config, args.warmup, args.steps)
+        bench_paired(config, "prior" if args.prior else "loss_mask", args.warmup, args.steps)
     elif args.fp8_error:
         from .bench.fp8 import bench_fp8_error
 
@@ -250,7 +250,7 @@ def _bench(args) -> None:
         from .bench.training import bench
 
         bench(config, args.baseline, args.baseline_only, args.warmup, args.steps, args.profile, args.checkpoint,
-              args.loss_mask, args.gpu_memory)
+              args.gpu_memory)
 
 
 @dataclass(frozen=True)

@@ -293,3 +293,18 @@ def test_the_export_check_and_validation_run_for_dora_and_lokr(make_config, kind
     assert check["export_check/match"] == 1.0 and check["export_check/prediction_lora_effect"] > 0
     assert check["export_check/prediction_gap"] <= check["export_check/tolerance"]
     assert 0 < check["export_check/adapter_dtype_gap"] < 0.1 * check["export_check/prediction_lora_effect"]
+
+
+def test_a_compiled_dora_layer_runs_as_one_graph(make_config):
+    """DoRA under per-block compile: an adapted layer traces without a graph break (peft's own base-weight helper
+    broke the graph three times per layer, splitting every compiled block into a dozen unfused pieces)."""
+    from peft import get_peft_model
+
+    from cogft.models.adapters import lora_config
+
+    layer = torch.nn.ModuleDict({"to_q": torch.nn.Linear(32, 32), "to_k": torch.nn.Linear(32, 32)})
+    layer.forward = lambda x: layer.to_k(torch.nn.functional.gelu(layer.to_q(x)))
+    config = make_config("lora.type=dora", "lora.rank=4", "lora.target_modules=[to_q,to_k]")
+    adapted = get_peft_model(layer, lora_config(config)).base_model.model
+    explained = torch._dynamo.explain(adapted)(torch.randn(3, 32))
+    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]

@@ -253,9 +253,23 @@ def test_bench_times_a_masked_step_with_the_options(make_config, monkeypatch):
         seen.append((inputs.loss_mask, kw["objective"])) or loss(self, model, inputs, scheduler, cast_inputs, **kw)))
     device, config, variant = bench_setup(make_config("train.batch_size=1", "train.loss=huber",
                                                       "train.timestep_sampling=mode"))
-    run = cogft_step(config, variant, device, loss_mask=True)
+    run = cogft_step(config, variant, device)
+    run.use(config.data.sizes[0], loss_mask=True)
     run(0)
     mask, objective = seen[-1]
     assert run.loss_mask and mask.shape == (1, 3, 1, 8, 12)  # 9 frames at 64x96: the latent grid, over channels
     assert objective.loss == "huber" and objective.timestep_sampling == "mode"
     assert main(["bench", "--config", "configs/tiny-lora.yaml", "--loss-mask", "--sample"]) == 2
+
+
+def test_bench_pairs_a_feature_with_the_plain_step_on_one_model(capsys):
+    """`cogft bench --loss-mask` / `--prior`: one JSON row for the plain step, one for the step with the feature (its
+    mask flag set), and their ratio, from one model in one process."""
+    from cogft.cli import main
+
+    for flag, name in (("--loss-mask", "masked_step"), ("--prior", "prior_step")):
+        assert main(["bench", "--config", "configs/tiny-lora.yaml", flag, "--warmup", "0", "--steps", "1"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert [row.get("variant", row.get("figure")) for row in rows] == ["clip_step", name, f"{name}_vs_clip_step"]
+        assert [row["loss_mask"] for row in rows[:2]] == [False, flag == "--loss-mask"]
+        assert rows[2]["ratio"] > 0

@@ -40,22 +40,18 @@ def random_transformer(variant: Variant, dtype: torch.dtype, device: torch.devic
 
 
 def synthetic_batch(config: Config, variant: Variant, device: torch.device, seed: int,
-                    size: tuple[int, int] | None = None, loss_mask: bool = False) -> dict[str, torch.Tensor]:
+                    size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """A batch shaped like the cache's at `size` (default: the config's first), from the family
-    (`Variant.synthetic_batch`), with a random loss mask where `loss_mask` asks for one."""
+    (`Variant.synthetic_batch`)."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    batch = variant.synthetic_batch(config, config.train.batch_size, config.data.num_frames,
-                                    *(size or config.data.sizes[0]), generator)
-    if loss_mask:
-        batch[LOSS_MASK] = variant.synthetic_loss_mask(batch, generator)
-    return batch
+    return variant.synthetic_batch(config, config.train.batch_size, config.data.num_frames,
+                                   *(size or config.data.sizes[0]), generator)
 
 
-def cogft_step(config: Config, variant: Variant, device: torch.device, loss_mask: bool = False,
-               on_host: bool = False):
-    """The trainer's path, assembled by the trainer's own `assemble_step` (`loss_mask`: its batches carry one).
-    `on_host`: the model is built in host memory and placed by `assemble_step`, as the trainer loads it (under a
-    memory cap the whole model never fits the GPU: swapped blocks stay in host memory)."""
+def cogft_step(config: Config, variant: Variant, device: torch.device, on_host: bool = False):
+    """The trainer's path, assembled by the trainer's own `assemble_step`. `on_host`: the model is built in host
+    memory and placed by `assemble_step`, as the trainer loads it (under a memory cap the whole model never fits the
+    GPU: swapped blocks stay in host memory)."""
     from accelerate import Accelerator
 
     from ..training.assemble import assemble_step
@@ -64,8 +60,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device, loss_mask
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
     transformer = random_transformer(variant, variant.dtype, torch.device("cpu") if on_host else device)
     scheduler = variant.spec.diffusers_class("scheduler").from_config(variant.configs.scheduler)
-    batches = {size: synthetic_batch(config, variant, device, config.train.seed, size, loss_mask)
-               for size in config.data.sizes}
+    batches = {size: synthetic_batch(config, variant, device, config.train.seed, size) for size in config.data.sizes}
     batch = [batches[config.data.sizes[0]]]  # the one `run` trains on; `run.use(size)` switches the bucket
     step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler,
                                empty_prompt=torch.zeros_like(batch[0]["prompt_embeds"][0]))  # caption dropout's
@@ -76,9 +71,16 @@ def cogft_step(config: Config, variant: Variant, device: torch.device, loss_mask
                                                                  device))
         step.update(loss)
 
-    def use(size: tuple[int, int], prior: bool = False) -> None:
-        """Train on the batch of `size`; `prior`: as a `kind: prior` set's (towards the base model)."""
-        batch[0] = {**batches[size], PRIOR: True} if prior else batches[size]
+    def use(size: tuple[int, int], prior: bool = False, loss_mask: bool = False) -> None:
+        """Train on the batch of `size`; `prior`: as a `kind: prior` set's (towards the base model); `loss_mask`:
+        carrying a random loss mask (drawn once per size, from the config's seed)."""
+        batch[0] = dict(batches[size])
+        if prior:
+            batch[0][PRIOR] = True
+        if loss_mask:
+            generator = torch.Generator(device=device).manual_seed(config.train.seed)
+            batch[0][LOSS_MASK] = variant.synthetic_loss_mask(batch[0], generator)
+        run.loss_mask = loss_mask
 
     def checkpoint_roundtrip(folder: Path) -> dict:
         """The trainer's own save and resume of this model, optimizer and scheduler state."""
@@ -95,7 +97,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device, loss_mask
     run.use = use
     run.step = step
     run.backend = backend_name(accelerator)
-    run.loss_mask = loss_mask
+    run.loss_mask = False
     run.block_settings = step.parts.block_settings
     run.attention = attention_in_use(accelerator.unwrap_model(step.transformer))
     return run
@@ -287,28 +289,41 @@ def bench_buckets(config: Config, warmup: int = 3, steps: int = 10,
     return rows
 
 
-def bench_prior(config: Config, warmup: int = 3, steps: int = 10,
-                emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
-    """What a `kind: prior` batch costs (`data.sets`): the trainer's LoRA step timed on a clip batch, then on the same
-    batch as a prior set's (one more forward with the adapter off, without gradient), on the same model, with their
-    ratio. Both kinds run before either is timed, so the compiled blocks have seen the adapter on and off."""
-    if config.train.mode != "lora":
+PAIRED = {  # what `bench_paired` times against the plain step: (its row's name, `run.use`'s keyword)
+    "prior": ("prior_step", "prior"),  # a `kind: prior` set's batch: one more forward with the adapter off
+    "loss_mask": ("masked_step", "loss_mask"),  # a batch carrying a loss mask
+}
+
+
+def bench_paired(config: Config, feature: str, warmup: int = 3, steps: int = 10,
+                 emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
+    """What a feature of the batch costs (`PAIRED`: a prior set's batch, a loss mask): the trainer's step timed on a
+    plain batch and on the same batch with the feature, on one model, with their ratio. Both kinds run before either
+    is timed (the compiled blocks have seen both), then are timed in the order plain, feature, feature, plain, so a
+    drift of the machine's speed over the run weighs on both alike; each row holds both of its kind's timings."""
+    name, keyword = PAIRED[feature]
+    if feature == "prior" and config.train.mode != "lora":
         raise ConfigError("cogft bench --prior: a prior set trains the adapter towards the base model, and "
                           "train.mode=sft has none; use train.mode=lora")
     device, config, variant = bench_setup(config)
     free(device)
     run, size = cogft_step(config, variant, device), config.data.sizes[0]
-    rows = []
-    for prior in (False, True):
-        run.use(size, prior)
+    for on in (False, True):
+        run.use(size, **{keyword: on})
         time_steps(run, device, warmup, 0)
-    for name, prior in (("clip_step", False), ("prior_step", True)):
-        run.use(size, prior)
-        reset_peak(device)
-        rows.append(_row(name, config, variant, device, run, time_steps(run, device, 1, steps),
-                         time_back_to_back(run, device, steps + 1, steps), size))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    back_to_back: dict[bool, list[float]] = {False: [], True: []}
+    reset_peak(device)
+    for on in (False, True, True, False):
+        run.use(size, **{keyword: on})
+        times[on] += time_steps(run, device, 1, steps)
+        back_to_back[on].append(time_back_to_back(run, device, steps + 1, steps))
+    rows = []
+    for row_name, on in (("clip_step", False), (name, True)):
+        run.use(size, **{keyword: on})
+        rows.append(_row(row_name, config, variant, device, run, times[on], statistics.mean(back_to_back[on]), size))
         emit(rows[-1])
-    rows.append(_ratio("prior_step_vs_clip_step", rows[1]["s_per_step"] / rows[0]["s_per_step"], rows, device))
+    rows.append(_ratio(f"{name}_vs_clip_step", rows[1]["s_per_step"] / rows[0]["s_per_step"], rows, device))
     emit(rows[-1])
     del run
     free(device)
@@ -316,19 +331,16 @@ def bench_prior(config: Config, warmup: int = 3, steps: int = 10,
 
 
 def bench(config: Config, baseline: bool = False, only_baseline: bool = False, warmup: int = 3, steps: int = 10,
-          profiled: bool = False, checkpoint: bool = False, loss_mask: bool = False,
-          gpu_memory_gib: float | None = None,
+          profiled: bool = False, checkpoint: bool = False, gpu_memory_gib: float | None = None,
           emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> list[dict]:
-    """The plain recipe's step (`baseline`) and cogft's, one row each; `loss_mask`: cogft's batches carry a random
-    loss mask (the plain recipe has none); `gpu_memory_gib`: train as on a card with that much memory (planned for
-    it, and held to it)."""
+    """The plain recipe's step (`baseline`) and cogft's, one row each; `gpu_memory_gib`: train as on a card with that
+    much memory (planned for it, and held to it)."""
     device, config, variant = bench_setup(config)
     cap_gpu_memory(gpu_memory_gib)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:
-        builds.append(("cogft", functools.partial(cogft_step, loss_mask=loss_mask,
-                                                  on_host=gpu_memory_gib is not None)))
+        builds.append(("cogft", functools.partial(cogft_step, on_host=gpu_memory_gib is not None)))
     for name, build in builds:
         rows.append(_measure(name, build, config, variant, device, warmup, steps, profiled, checkpoint))
         emit(rows[-1])

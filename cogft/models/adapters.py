@@ -33,10 +33,32 @@ def lora_config(config: Config):
 
     lora = config.lora
     common = dict(r=lora.rank, target_modules=list(lora.target_modules))
+    if lora.type == "dora":
+        _trace_dora_without_breaks()
     if lora.type in STOCK_LOADABLE:
         return LoraConfig(lora_alpha=lora.alpha, lora_dropout=lora.dropout, init_lora_weights=True,
                           use_dora=lora.type == "dora", use_rslora=lora.rslora, **common)
     return (LoHaConfig if lora.type == "loha" else LoKrConfig)(alpha=lora.alpha, **common)
+
+
+def _trace_dora_without_breaks() -> None:
+    """peft's DoRA layer asks `dequantize_module_weight` for its base weight on every forward, and that helper's test
+    for a torchao weight (`type(weight).__module__.startswith(...)`) is a graph break for torch.compile: three per
+    adapted layer, so a compiled block with four DoRA layers ran as a dozen graphs, unfused between them. cogft never
+    gives DoRA a quantized base (`model.fp8_base` is refused with it), so a plain weight is handed over directly and
+    anything else still goes to peft's helper."""
+    from peft.tuners.lora import dora
+
+    peft_helper = dora.dequantize_module_weight
+    if getattr(peft_helper, "cogft_plain_first", False):
+        return
+
+    def base_weight(module: torch.nn.Module) -> torch.Tensor:
+        weight = module.weight
+        return weight if type(weight) is torch.nn.Parameter and not hasattr(module, "W_q") else peft_helper(module)
+
+    base_weight.cogft_plain_first = True
+    dora.dequantize_module_weight = base_weight
 
 
 def optimizer_groups(transformer: torch.nn.Module, config: Config, params: list[torch.nn.Parameter]) -> list:

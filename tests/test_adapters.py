@@ -271,8 +271,8 @@ def test_estimate_knows_each_adapter_and_an_import_path_optimizer(make_config):
     trainable = {name: result.parts_gib["trainable_state"] for name, result in
                  (("lora", lora), ("dora", dora), ("lokr", lokr))}
     assert trainable["lokr"] < trainable["lora"] < trainable["dora"]  # LoKr's factors are far smaller
-    # measured on an H100 (docs/performance.md): DoRA 1.38x LoRA's step, LoKr 1.30x
-    assert 1.2 * lora.seconds_per_step < dora.seconds_per_step < 1.6 * lora.seconds_per_step
+    # measured on an H100 (docs/performance.md): DoRA 1.028x LoRA's step (its layers compiled), LoKr 1.30x
+    assert 1.01 * lora.seconds_per_step < dora.seconds_per_step < 1.06 * lora.seconds_per_step
     assert lora.parts_gib["activations"] < dora.parts_gib["activations"]  # the magnitude's kept outputs
     assert 1.15 * lora.seconds_per_step < lokr.seconds_per_step < 1.5 * lora.seconds_per_step  # the whole delta
     adafactor = optimizer_entry(make_config("train.optimizer=torch.optim.Adafactor").train)
@@ -295,16 +295,21 @@ def test_the_export_check_and_validation_run_for_dora_and_lokr(make_config, kind
     assert 0 < check["export_check/adapter_dtype_gap"] < 0.1 * check["export_check/prediction_lora_effect"]
 
 
-def test_a_compiled_dora_layer_runs_as_one_graph(make_config):
-    """DoRA under per-block compile: an adapted layer traces without a graph break (peft's own base-weight helper
-    broke the graph three times per layer, splitting every compiled block into a dozen unfused pieces)."""
+def test_a_compiled_checkpointed_dora_layer_runs_as_one_graph(make_config):
+    """DoRA under per-block compile and gradient checkpointing: adapted layers trace as one graph (peft's base-weight
+    helper and its cache clearing broke the graph on every forward, and a break inside a checkpoint sends the whole
+    block to eager mode)."""
     from peft import get_peft_model
+    from torch.utils.checkpoint import checkpoint
 
     from cogft.models.adapters import lora_config
 
     layer = torch.nn.ModuleDict({"to_q": torch.nn.Linear(32, 32), "to_k": torch.nn.Linear(32, 32)})
     layer.forward = lambda x: layer.to_k(torch.nn.functional.gelu(layer.to_q(x)))
     config = make_config("lora.type=dora", "lora.rank=4", "lora.target_modules=[to_q,to_k]")
-    adapted = get_peft_model(layer, lora_config(config)).base_model.model
-    explained = torch._dynamo.explain(adapted)(torch.randn(3, 32))
-    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
+    adapted = get_peft_model(layer, lora_config(config)).base_model.model.train()
+    compiled = torch.compile(lambda x: checkpoint(adapted.forward, x, use_reentrant=False), fullgraph=True,
+                             backend="eager")  # fullgraph: a graph break raises
+    x = torch.randn(3, 32, requires_grad=True)
+    compiled(x).sum().backward()
+    assert x.grad is not None and adapted.to_q.lora_magnitude_vector["default"].weight.grad is not None

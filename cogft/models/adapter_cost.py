@@ -14,10 +14,10 @@ for the backward, and seconds, from the targeted linear layers' shapes and how p
   gradient apart, and the delta kept in half precision for the backward.
 
 The constants are calibrated on one H100 (2026-12-06, 5B LoRA r128 at 49x480x720, torch SDPA, per-block compile;
-docs/performance.md): DoRA's step was 1.38x LoRA's at half the blocks checkpointed and kept 12.95 GiB more, LoKr's
-1.30x at a quarter checkpointed with 12.5 GiB more. The shapes alone predicted far less time: peft's DoRA and LoKr
-layers run as many small unfused operations (and break the compiled block's graph), which the "glue" bytes and
-the delta matmul's efficiency stand for.
+docs/performance.md): DoRA's step was 1.028x LoRA's at half the blocks checkpointed and kept 12.8 GiB more (once
+its layers traced without graph breaks, `adapters._trace_dora_without_breaks`; 1.39x before), LoKr's 1.30x at a
+quarter checkpointed with 12.5 GiB more. The shapes alone predicted far less LoKr time: peft's LoKr layer runs as
+many small operations, which the delta matmul's efficiency stands for.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 DORA_WEIGHT_BYTES = 14.0   # per weight element and forward: read W, write and read W + scale·B·A (fp32), the norm
 DORA_KEPT_BYTES = 3.0      # per output element: the base and LoRA outputs the magnitude's gradient needs (measured)
-DORA_GLUE_BYTES = 130.0    # per output element and pass: the rescale's unfused elementwise traffic (measured)
+DORA_GLUE_BYTES = 8.0      # per output element and pass: the rescale's elementwise traffic, fused (measured)
 DELTA_WEIGHT_BYTES = 12.0  # per weight element: build the delta (fp32, then half), then its gradient's reduction
 DELTA_KEPT_BYTES = 2.0     # per output element: the delta linear's output, kept for the backward (measured)
 DELTA_MATMUL_EFFICIENCY = 0.45  # the delta weight's matmuls against dense ones (measured)

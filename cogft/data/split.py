@@ -1,0 +1,356 @@
+"""`cogft split`: long videos cut at scene changes into clips of the model's length, with the lists cogft reads.
+
+A clip that spans a cut teaches the model that scenes jump mid-shot; a long video listed whole trains only its
+first window. PySceneDetect (an optional extra) finds the cuts; each scene is then cut into clips of
+`frames` frames at `fps` (a model's data.num_frames at data.fps), by the source's own frame timestamps (the
+packet index the bundled ffmpeg reads, as prepare does) and re-encoded, so every clip starts on the frame the
+scene starts on and holds exactly the frames cogft will sample from it.
+
+OUT holds the clips (`clips/`), `videos.txt` + `prompts.txt` (data.path: OUT reads them) and `split.json`, the
+record of where each clip came from and of the settings; a rerun with the same settings keeps every complete
+clip and the captions written into prompts.txt since, and splits only what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError
+from ..records import read_json
+from .checks import Problem, file_problem
+from .errors import DatasetLayoutError
+from .ffmpeg_decode import FrameIndex, frame_index
+from .probe import ffmpeg_exe, probe_media
+from .sources import Clip, is_still, printable, read_clips
+
+logger = logging.getLogger(__name__)
+
+RECORD = "split.json"
+CLIPS = "clips"
+LISTS = ("videos.txt", "prompts.txt")
+# --detector: PySceneDetect's class, and the name of its threshold argument
+DETECTORS = {"adaptive": ("AdaptiveDetector", "adaptive_threshold"), "content": ("ContentDetector", "threshold")}
+INSTALL = "pip install 'cogft[split]' (or pip install scenedetect-headless)"
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    frames: int                # frames per clip: the model's data.num_frames
+    fps: float | None          # the rate they are taken at (data.fps); None: consecutive frames at the source's rate
+    stride: int                # frames (at `fps`) from one clip's start to the next one's in a scene
+    min_frames: int | None     # keep a scene shorter than one clip whole when it fills this many frames; None: skip
+    detector: str = "adaptive"  # PySceneDetect's AdaptiveDetector or ContentDetector
+    threshold: float | None = None  # the detector's threshold; None: PySceneDetect's default
+    crf: int = 17              # libx264 quality of the written clips (lower: larger, closer to the source)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One clip to write: source frames [first, first + count) of scene `scene` (1-based)."""
+    scene: int
+    index: int    # 1-based within the scene
+    first: int
+    count: int
+    start: float  # seconds, on the source's timeline (its first frame at 0 for most files)
+    end: float
+
+
+def _scenedetect():
+    try:
+        import scenedetect
+    except ImportError as error:
+        raise ConfigError(f"cogft split needs PySceneDetect, which does not import ({error}): {INSTALL}") from None
+    return scenedetect
+
+
+def detect_scenes(path: Path, settings: SplitSettings) -> list[tuple[int, int]]:
+    """Scenes as frame ranges [start, end) of the whole video (one scene where there is no cut)."""
+    scenedetect = _scenedetect()
+    kind, threshold = DETECTORS[settings.detector]
+    detector = getattr(scenedetect, kind)(**({} if settings.threshold is None else {threshold: settings.threshold}))
+    scenes = scenedetect.detect(str(path), detector, start_in_scene=True)
+    return [(start.frame_num, end.frame_num) for start, end in scenes]
+
+
+def frame_step(index: FrameIndex, fps: float | None) -> float:
+    """Seconds between the frames cogft samples: 1/fps, but never faster than the source's own rate (as
+    video.select_frames does: no frame is invented)."""
+    starts = index.starts
+    native = float(starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else index.end - float(starts[0])
+    native = max(native, 1e-6)
+    return native if fps is None else max(1.0 / fps, native)
+
+
+def plan_pieces(index: FrameIndex, scenes: list[tuple[int, int]], settings: SplitSettings
+                ) -> tuple[list[Piece], list[tuple[int, str]]]:
+    """The clips each scene is cut into, and the scenes left out with why: (scene number, reason)."""
+    starts, n = index.starts, len(index.starts)
+    step = frame_step(index, settings.fps)
+    length = settings.frames * step
+    tolerance = 0.01 * step
+    rate = f" at {settings.fps:g} fps" if settings.fps else ""
+    pieces, skipped = [], []
+    for number, (first, last) in enumerate(scenes, 1):
+        first, last = min(first, n - 1), min(last, n)
+        if last <= first:
+            continue
+        t0 = float(starts[first])
+        t1 = float(starts[last]) if last < n else index.end
+        count = 0
+        while (begin := t0 + count * settings.stride * step) + length <= t1 + tolerance:
+            a, b = np.searchsorted(starts, [begin - tolerance, begin + length - tolerance])
+            pieces.append(Piece(number, count + 1, int(a), int(b - a), begin, begin + length))
+            count += 1
+        if count:
+            continue
+        available = math.ceil((t1 - t0) / step - 1e-6)
+        if settings.min_frames is not None and available >= settings.min_frames:
+            pieces.append(Piece(number, 1, first, last - first, t0, t1))
+            continue
+        why = (f"scene {number} ({t0:.2f}-{t1:.2f} s) is {t1 - t0:.2f} s, shorter than one clip ({settings.frames} "
+               f"frames{rate} = {length:.2f} s)")
+        if settings.min_frames is None:
+            why += "; --keep-short keeps such scenes when they fill the shortest frame bucket"
+        else:
+            why += (f" and than the shortest frame bucket ({settings.min_frames} frames = "
+                    f"{settings.min_frames * step:.2f} s)")
+        skipped.append((number, why))
+    return pieces, skipped
+
+
+def write_clip(source: Path, index: FrameIndex, piece: Piece, out: Path, crf: int) -> str | None:
+    """Re-encode the piece's frames into `out`, atomically; None, or why it could not be written."""
+    seek = []
+    if piece.first > 0:  # between the frame before and the first one: ffmpeg's accurate seek keeps frames from there
+        seek = ["-ss", f"{(index.starts[piece.first - 1] + index.starts[piece.first]) / 2:.6f}"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *seek,
+               "-i", f"file:{source.resolve()}", "-map", "0:v:0", "-an", "-sn", "-dn",
+               "-frames:v", str(piece.count), "-fps_mode", "passthrough",
+               "-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2",  # yuv420p needs even sizes: drop an odd last row/column
+               "-c:v", "libx264", "-preset", "fast", "-crf", str(crf), "-pix_fmt", "yuv420p",
+               "-movflags", "+faststart", "-f", "mp4", f"file:{tmp}"]
+    try:
+        result = subprocess.run(command, capture_output=True, timeout=3600)
+        if result.returncode != 0:
+            error = result.stderr.decode("utf-8", errors="replace").strip().splitlines()
+            return f"ffmpeg could not write it: {error[-1][:200] if error else f'exit code {result.returncode}'}"
+        written = frame_index(tmp)
+        frames = len(written.starts) if isinstance(written, FrameIndex) else 0
+        if frames != piece.count:
+            return f"ffmpeg wrote {frames} frames instead of {piece.count}"
+        os.replace(tmp, out)
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def source_problem(path: Path) -> str | None:
+    """Why a listed video cannot be split, checked as prepare checks a clip (cogft's problem codes)."""
+    problem = file_problem(path)
+    if problem is None and isinstance(info := probe_media(path), Problem):
+        problem = info
+    return None if problem is None else f"{problem.code}: {problem.detail}"
+
+
+class Record:
+    """OUT/split.json: the settings, each source's scenes (so a rerun does not detect again) and each clip's
+    origin. Rewritten whole, atomically, after every source."""
+
+    def __init__(self, out: Path, settings: SplitSettings) -> None:
+        self.path = out / RECORD
+        self.settings = asdict(settings)
+        self.sources: dict[str, dict] = {}
+        if self.path.exists():
+            fix = f"remove {out} (or choose another OUT_FOLDER) and split again"
+            old = read_json(self.path, fix, settings=dict, sources=dict)
+            if old["settings"] != self.settings:
+                changed = ", ".join(f"{key}: {old['settings'].get(key)} there, {value} now"
+                                    for key, value in self.settings.items() if old["settings"].get(key) != value)
+                raise ConfigError(f"{out} was split with other settings ({changed}); split again with the same "
+                                  "settings to resume, or into a new OUT_FOLDER")
+            self.sources = old["sources"]
+
+    def save(self) -> None:
+        clips = [clip for entry in self.sources.values() for clip in entry.get("clips", [])]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "clips": len(clips), "sources": self.sources},
+                                  indent=1))  # ASCII: a file name that is not UTF-8 is kept as \udcNN escapes
+        os.replace(tmp, self.path)
+
+
+def check_out(out: Path, src: Path) -> None:
+    """OUT must be new, empty or an earlier split's: clips and lists are never written over files of other kinds."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT_FOLDER {out} is a file; give a folder (it is created if missing)")
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"OUT_FOLDER {out} is SRC_FOLDER itself; give a new folder for the clips")
+    if out.is_dir() and any(out.iterdir()) and not (out / RECORD).is_file():
+        raise ConfigError(f"OUT_FOLDER {out} already holds files that cogft split did not write (no {RECORD}); "
+                          "give a new or empty folder")
+
+
+def _lists_now(out: Path) -> dict[Path, str] | None:
+    """OUT's videos.txt as it is now, with the captions the user wrote into prompts.txt since the last split, by
+    clip; None before the first split."""
+    if not (out / LISTS[0]).is_file():
+        return None
+    return {clip.video.resolve(): clip.caption or "" for clip in read_clips(out)}
+
+
+def _write_lists(out: Path, record: Record, written: dict[Path, str] | None) -> tuple[int, int]:
+    """videos.txt + prompts.txt from the record (line by line), atomically: (clips, of those without a caption)."""
+    videos, prompts = [], []
+    for entry in record.sources.values():
+        for clip in entry.get("clips", []):
+            videos.append(clip["clip"])
+            prompts.append((written or {}).get((out / clip["clip"]).resolve()) or entry.get("caption") or "")
+    for name, lines in zip(LISTS, (videos, prompts)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8", errors="surrogateescape")
+        os.replace(tmp, out / name)
+    return len(videos), sum(not p for p in prompts)
+
+
+def _one_line(caption: str | None) -> str:
+    """A caption as one line of prompts.txt (a sidecar file may hold several)."""
+    return " ".join((caption or "").split())
+
+
+def clip_stems(src: Path, videos: list[Path]) -> dict[Path, str]:
+    """Each source's clips' name before `-sceneNNN-NN.mp4`, under `clips/`: its path in SRC without the extension,
+    line breaks replaced; where two sources would share one (a.mp4 and a.mov, or files outside SRC), a hash of its
+    path follows."""
+    root = src.resolve()
+    stems = {}
+    for video in videos:
+        path = video.resolve()
+        relative = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+        stems[video] = re.sub(r"[\r\n\t]", "_", relative.with_suffix("").as_posix())
+    shared = {stem for stem, count in Counter(stems.values()).items() if count > 1}
+    return {video: stem + (f"-{hashlib.sha1(os.fsencode(video.resolve())).hexdigest()[:6]}" if stem in shared else "")
+            for video, stem in stems.items()}
+
+
+def _split_one(out: Path, clip: Clip, stem: str, record: Record, listed: dict[Path, str] | None,
+               settings: SplitSettings) -> dict:
+    """Split one listed video into the record (its entry: scenes, clips, skips); returns the entry. A clip an
+    earlier split wrote and the user has since taken out of videos.txt (`listed`) stays out."""
+    key = str(clip.video.resolve())
+    status = clip.video.stat()
+    old = record.sources.get(key, {})
+    same = old.get("size") == status.st_size and old.get("mtime_ns") == status.st_mtime_ns and "scenes" in old
+    if old and not same:  # the source changed: its clips are cut again from the new one
+        for stale in old.get("clips", []):
+            (out / stale["clip"]).unlink(missing_ok=True)
+    entry = {"listed_at": clip.line, "size": status.st_size, "mtime_ns": status.st_mtime_ns,
+             "caption": _one_line(clip.caption), "clips": [], "skipped": [], "taken_out": []}
+    index = frame_index(clip.video)
+    if not isinstance(index, FrameIndex):
+        entry["problem"] = f"{index.code}: {index.detail}"
+        return entry
+    if same:
+        entry["scenes"] = old["scenes"]
+    else:
+        try:
+            entry["scenes"] = [list(s) for s in detect_scenes(clip.video, settings)]
+        except ConfigError:
+            raise
+        except Exception as error:  # OpenCV cannot open or decode it: that source is skipped, the rest go on
+            entry["problem"] = (f"scene detection failed: PySceneDetect (OpenCV) cannot read it "
+                                f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__}); "
+                                "re-encode it to H.264 mp4")
+            return entry
+    pieces, skipped = plan_pieces(index, [tuple(s) for s in entry["scenes"]], settings)
+    entry["skipped"] = [{"scene": number, "reason": why} for number, why in skipped]
+    taken_out = set(old.get("taken_out", [])) if same else set()
+    if same and listed is not None:
+        taken_out |= {c["clip"] for c in old["clips"] if (out / c["clip"]).resolve() not in listed}
+    entry["taken_out"] = sorted(taken_out)
+    for piece in pieces:
+        name = f"{CLIPS}/{stem}-scene{piece.scene:03d}-{piece.index:02d}.mp4"
+        if name in taken_out:
+            continue
+        if not (out / name).is_file() and (why := write_clip(clip.video, index, piece, out / name, settings.crf)):
+            entry["skipped"].append({"scene": piece.scene, "reason": f"clip {name}: {why}"})
+            continue
+        entry["clips"].append({"clip": name, "scene": piece.scene, "piece": piece.index, "first_frame": piece.first,
+                               "frames": piece.count, "start": round(piece.start, 6), "end": round(piece.end, 6)})
+    return entry
+
+
+def split(src: str | Path, out: str | Path, settings: SplitSettings) -> dict:
+    """Split every video SRC lists (any layout data.path takes) into OUT; a summary of what was done."""
+    from tqdm.auto import tqdm
+
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise DatasetLayoutError(f"SRC_FOLDER {src} does not exist")
+    check_out(out, src)
+    _scenedetect()  # a missing extra fails before any work
+    logging.getLogger("pyscenedetect").setLevel(logging.WARNING)  # not a line per video over the progress bar
+    out.mkdir(parents=True, exist_ok=True)
+    for part in (out / CLIPS).rglob(".*.part"):  # a clip whose writer was killed (Ctrl-C removes its own)
+        part.unlink(missing_ok=True)
+    record = Record(out, settings)
+    record.save()  # first: a split stopped before its first video is done still resumes into this folder
+    lists_now = _lists_now(out)
+    listed = [c for c in read_clips(src) if not c.video.resolve().is_relative_to(out.resolve())]
+    stems = clip_stems(src, [c.video for c in listed])
+    problems: list[tuple[str, str]] = []
+    bar = tqdm(listed, desc="split", unit="video")
+    for clip in bar:
+        why = (f"{clip.refused[0]}: {clip.refused[1]}" if clip.refused
+               else "a still image: nothing to split (list it in the training data as it is)" if is_still(clip.video)
+               else source_problem(clip.video))
+        if why:
+            problems.append((clip.line, why))
+            logger.warning("%s: skipped: %s", printable(clip.line), why)
+            continue
+        entry = _split_one(out, clip, stems[clip.video], record, lists_now, settings)
+        record.sources[str(clip.video.resolve())] = entry
+        if "problem" in entry:
+            problems.append((clip.line, entry["problem"]))
+            logger.warning("%s: skipped: %s", printable(clip.line), entry["problem"])
+        for skip in entry["skipped"]:
+            logger.info("%s: %s", printable(clip.line), skip["reason"])
+        record.save()
+        _write_lists(out, record, lists_now)
+        bar.set_postfix(clips=sum(len(e.get("clips", [])) for e in record.sources.values()))
+    bar.close()
+    record.save()
+    clips, uncaptioned = _write_lists(out, record, lists_now)
+    return {"out": str(out), "videos": len(listed), "clips": clips, "uncaptioned": uncaptioned,
+            "skipped_videos": problems,
+            "skipped_scenes": sum(len(e.get("skipped", [])) for e in record.sources.values()),
+            "taken_out": sum(len(e.get("taken_out", [])) for e in record.sources.values())}
+
+
+def summary_text(summary: dict) -> str:
+    """What the command prints: the counts, the skipped videos, and what to do next."""
+    out = summary["out"]
+    used = summary["videos"] - len(summary["skipped_videos"])
+    lines = [f"{summary['clips']} clips from {used} of {summary['videos']} videos in {out} (listed in "
+             f"{out}/videos.txt; where each came from: {out}/{RECORD}); {summary['skipped_scenes']} scenes or clips "
+             f"left out (why: {RECORD})"]
+    lines += [f"skipped {printable(line)}: {why}" for line, why in summary["skipped_videos"]]
+    if summary["taken_out"]:
+        lines.append(f"{summary['taken_out']} clips taken out of videos.txt by hand stay out")
+    if summary["uncaptioned"]:
+        lines.append(f"{summary['uncaptioned']} clips have no caption yet: write each on its line of "
+                     f"{out}/prompts.txt (line N describes the clip on line N of videos.txt); `cogft doctor {out}` "
+                     "lists the lines still empty (prepare skips those clips)")
+    lines.append(f"train on them with data.path: {out}")
+    return "\n".join(lines)

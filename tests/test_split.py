@@ -127,7 +127,8 @@ def test_scenes_shorter_than_one_clip_are_skipped_with_why_or_kept_whole(long_vi
     scenes = [(0, SEAM), (SEAM, 2 * SEAM)]
     pieces, skipped = plan_pieces(index, scenes, SplitSettings(25, 8.0, 25, None))  # 3.125 s > a 3 s scene
     assert pieces == [] and [n for n, _ in skipped] == [1, 2]
-    assert "3.00 s, shorter than one clip (25 frames at 8 fps = 3.12 s); --keep-short" in skipped[0][1]
+    assert skipped[0][1] == ("scene 1 (0.00-3.00 s) is shorter than one clip (25 frames at 8 fps); --keep-short "
+                             "keeps such scenes when they fill the shortest frame bucket")
     pieces, skipped = plan_pieces(index, scenes, SplitSettings(25, 8.0, 25, 17))  # 3 s fills the 17-frame bucket
     assert [(p.first, p.count) for p in pieces] == [(0, SEAM), (SEAM, SEAM)] and skipped == []
     pieces, _ = plan_pieces(index, scenes, SplitSettings(9, 8.0, 5, None))  # overlapping: a start every 5 frames
@@ -187,3 +188,23 @@ def test_sources_that_would_share_clip_names_get_distinct_ones(tmp_path):
     stems = clip_stems(tmp_path, videos)
     assert stems[videos[2]] == "sub/a" and stems[videos[3]] == "b"
     assert stems[videos[0]].startswith("a-") and stems[videos[1]].startswith("a-") and len(set(stems.values())) == 4
+
+
+def test_a_variable_rate_video_gives_clips_prepare_takes_whole(tmp_path):
+    """30 fps for 1 s, then 6 fps (slower than data.fps: prepare keeps every frame there, so a clip needs 9 of
+    them), with timestamps rounded by the container: every clip still gives prepare its 9 frames."""
+    from cogft.data.ffmpeg_decode import frame_index
+    from cogft.data.probe import ffmpeg_exe
+    from cogft.data.split import SplitSettings, fills, split
+
+    (tmp_path / "src").mkdir()
+    subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=30", "-t", "5",
+                    "-vf", "setpts='if(lt(N,30),N/30,1+(N-30)/6)/TB'", "-fps_mode", "vfr", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(tmp_path / "src" / "vfr.mp4")], check=True)
+    summary = split(tmp_path / "src", tmp_path / "out", SplitSettings(9, 8.0, 9, None))
+    record = json.loads((tmp_path / "out" / "split.json").read_text())
+    clips = next(iter(record["sources"].values()))["clips"]
+    assert summary["clips"] == len(clips) == 3 and [c["frames"] for c in clips][1:] == [9, 9]
+    for clip in clips:
+        written = frame_index(tmp_path / "out" / clip["clip"])
+        assert fills(written.starts, written.end, 9, 8.0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -33,6 +32,7 @@ from .errors import DatasetLayoutError
 from .ffmpeg_decode import FrameIndex, frame_index
 from .probe import ffmpeg_exe, probe_media
 from .sources import Clip, is_still, printable, read_clips
+from .video import DecodeSpec, select_frames
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class Piece:
     count: int
     start: float  # seconds, on the source's timeline (its first frame at 0 for most files)
     end: float
+    needs: int    # the frames prepare must be able to take from it: the clip's, or a kept short scene's bucket
 
 
 def _scenedetect():
@@ -83,54 +84,66 @@ def detect_scenes(path: Path, settings: SplitSettings) -> list[tuple[int, int]]:
     return [(start.frame_num, end.frame_num) for start, end in scenes]
 
 
-def frame_step(index: FrameIndex, fps: float | None) -> float:
-    """Seconds between the frames cogft samples: 1/fps, but never faster than the source's own rate (as
-    video.select_frames does: no frame is invented)."""
+def fills(starts: np.ndarray, end: float, frames: int, fps: float | None) -> bool:
+    """Whether a clip with these frame times gives prepare `frames` frames at `fps`: its own frame selection
+    decides (a source slower than `fps` keeps every frame, so it needs `frames` of them)."""
+    return len(starts) > 0 and not isinstance(select_frames(starts, end, DecodeSpec((frames,), 1, 1, fps)), Problem)
+
+
+def _fills(index: FrameIndex, first: int, stop: int, frames: int, fps: float | None) -> bool:
+    """Whether source frames [first, stop), written as a clip, fill one: the clip's last frame lasts as long as
+    the interval before it (what the muxer writes; a variable-rate source's next frame may come later)."""
+    starts = index.starts[first:stop]
+    if len(starts) < 2:
+        return fills(starts, index.end if stop >= len(index.starts) else float(index.starts[stop]), frames, fps)
+    return fills(starts, float(2 * starts[-1] - starts[-2]), frames, fps)
+
+
+def _clip_end(index: FrameIndex, first: int, last: int, frames: int, fps: float | None) -> int | None:
+    """The fewest source frames from `first` (up to `last`) that fill a clip: the end of the range, or None."""
     starts = index.starts
-    native = float(starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else index.end - float(starts[0])
-    native = max(native, 1e-6)
-    return native if fps is None else max(1.0 / fps, native)
+    stop = first + frames if fps is None else int(np.searchsorted(starts, starts[first] + frames / fps * 0.999))
+    stop = max(stop, first + 1)
+    while stop <= last and not _fills(index, first, stop, frames, fps):
+        stop += 1
+    return stop if stop <= last else None
 
 
 def plan_pieces(index: FrameIndex, scenes: list[tuple[int, int]], settings: SplitSettings
                 ) -> tuple[list[Piece], list[tuple[int, str]]]:
     """The clips each scene is cut into, and the scenes left out with why: (scene number, reason)."""
     starts, n = index.starts, len(index.starts)
-    step = frame_step(index, settings.fps)
-    length = settings.frames * step
-    tolerance = 0.01 * step
-    rate = f" at {settings.fps:g} fps" if settings.fps else ""
     pieces, skipped = [], []
     for number, (first, last) in enumerate(scenes, 1):
         first, last = min(first, n - 1), min(last, n)
         if last <= first:
             continue
-        t0 = float(starts[first])
-        t1 = float(starts[last]) if last < n else index.end
-        count = 0
-        while (begin := t0 + count * settings.stride * step) + length <= t1 + tolerance:
-            a, b = np.searchsorted(starts, [begin - tolerance, begin + length - tolerance])
-            pieces.append(Piece(number, count + 1, int(a), int(b - a), begin, begin + length))
+        t0, t1 = float(starts[first]), float(starts[last]) if last < n else index.end
+        start, count = first, 0
+        while start < last and (stop := _clip_end(index, start, last, settings.frames, settings.fps)) is not None:
+            end = float(starts[stop]) if stop < n else index.end
             count += 1
+            pieces.append(Piece(number, count, start, stop - start, float(starts[start]), end, settings.frames))
+            # --stride counts frames at the target rate: that share of this clip's source frames
+            start += max(1, round((stop - start) * settings.stride / settings.frames))
         if count:
             continue
-        available = math.ceil((t1 - t0) / step - 1e-6)
-        if settings.min_frames is not None and available >= settings.min_frames:
-            pieces.append(Piece(number, 1, first, last - first, t0, t1))
+        if settings.min_frames is not None and _fills(index, first, last, settings.min_frames, settings.fps):
+            pieces.append(Piece(number, 1, first, last - first, t0, t1, settings.min_frames))
             continue
-        why = (f"scene {number} ({t0:.2f}-{t1:.2f} s) is {t1 - t0:.2f} s, shorter than one clip ({settings.frames} "
-               f"frames{rate} = {length:.2f} s)")
+        rate = f" at {settings.fps:g} fps" if settings.fps else ""
+        why = f"scene {number} ({t0:.2f}-{t1:.2f} s) is shorter than one clip ({settings.frames} frames{rate})"
         if settings.min_frames is None:
             why += "; --keep-short keeps such scenes when they fill the shortest frame bucket"
         else:
-            why += (f" and than the shortest frame bucket ({settings.min_frames} frames = "
-                    f"{settings.min_frames * step:.2f} s)")
+            why += f" and than the shortest frame bucket ({settings.min_frames} frames)"
         skipped.append((number, why))
     return pieces, skipped
 
 
-def write_clip(source: Path, index: FrameIndex, piece: Piece, out: Path, crf: int) -> str | None:
-    """Re-encode the piece's frames into `out`, atomically; None, or why it could not be written."""
+def write_clip(source: Path, index: FrameIndex, piece: Piece, out: Path, settings: SplitSettings) -> str | None:
+    """Re-encode the piece's frames into `out`, atomically, once it holds them all and fills a clip as prepare
+    reads it; None, or why it could not be written."""
     seek = []
     if piece.first > 0:  # between the frame before and the first one: ffmpeg's accurate seek keeps frames from there
         seek = ["-ss", f"{(index.starts[piece.first - 1] + index.starts[piece.first]) / 2:.6f}"]
@@ -140,7 +153,7 @@ def write_clip(source: Path, index: FrameIndex, piece: Piece, out: Path, crf: in
                "-i", f"file:{source.resolve()}", "-map", "0:v:0", "-an", "-sn", "-dn",
                "-frames:v", str(piece.count), "-fps_mode", "passthrough",
                "-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2",  # yuv420p needs even sizes: drop an odd last row/column
-               "-c:v", "libx264", "-preset", "fast", "-crf", str(crf), "-pix_fmt", "yuv420p",
+               "-c:v", "libx264", "-preset", "fast", "-crf", str(settings.crf), "-pix_fmt", "yuv420p",
                "-movflags", "+faststart", "-f", "mp4", f"file:{tmp}"]
     try:
         result = subprocess.run(command, capture_output=True, timeout=3600)
@@ -151,6 +164,9 @@ def write_clip(source: Path, index: FrameIndex, piece: Piece, out: Path, crf: in
         frames = len(written.starts) if isinstance(written, FrameIndex) else 0
         if frames != piece.count:
             return f"ffmpeg wrote {frames} frames instead of {piece.count}"
+        if not fills(written.starts, written.end, piece.needs, settings.fps):
+            return (f"its {frames} frames span {written.end - written.starts[0]:.3f} s, which prepare would not take "
+                    f"{piece.needs} frames from (a variable frame rate?)")
         os.replace(tmp, out)
         return None
     finally:
@@ -283,7 +299,7 @@ def _split_one(out: Path, clip: Clip, stem: str, record: Record, listed: dict[Pa
         name = f"{CLIPS}/{stem}-scene{piece.scene:03d}-{piece.index:02d}.mp4"
         if name in taken_out:
             continue
-        if not (out / name).is_file() and (why := write_clip(clip.video, index, piece, out / name, settings.crf)):
+        if not (out / name).is_file() and (why := write_clip(clip.video, index, piece, out / name, settings)):
             entry["skipped"].append({"scene": piece.scene, "reason": f"clip {name}: {why}"})
             continue
         entry["clips"].append({"clip": name, "scene": piece.scene, "piece": piece.index, "first_frame": piece.first,

@@ -255,7 +255,7 @@ def _bench(args) -> None:
 
 def _split_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC_FOLDER", help="the long videos: a folder (a caption NAME.txt beside "
-                        "NAME.mp4 is carried to its clips), or any list data.path takes")
+                        "NAME.mp4 is carried to its clips), any list data.path takes, or one video")
     parser.add_argument("out", metavar="OUT_FOLDER", help="new or empty folder for the clips and their lists (or an "
                         "earlier split's, to resume it)")
     parser.add_argument("--config", help="take the clip length from this config's data.num_frames, data.fps and "

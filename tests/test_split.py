@@ -201,7 +201,7 @@ def test_a_variable_rate_video_gives_clips_prepare_takes_whole(tmp_path):
     subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=30", "-t", "5",
                     "-vf", "setpts='if(lt(N,30),N/30,1+(N-30)/6)/TB'", "-fps_mode", "vfr", "-c:v", "libx264",
                     "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(tmp_path / "src" / "vfr.mp4")], check=True)
-    summary = split(tmp_path / "src", tmp_path / "out", SplitSettings(9, 8.0, 9, None))
+    summary = split(tmp_path / "src" / "vfr.mp4", tmp_path / "out", SplitSettings(9, 8.0, 9, None))  # one file
     record = json.loads((tmp_path / "out" / "split.json").read_text())
     clips = next(iter(record["sources"].values()))["clips"]
     assert summary["clips"] == len(clips) == 3 and [c["frames"] for c in clips][1:] == [9, 9]

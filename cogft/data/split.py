@@ -31,7 +31,7 @@ from .checks import Problem, file_problem
 from .errors import DatasetLayoutError
 from .ffmpeg_decode import FrameIndex, frame_index
 from .probe import ffmpeg_exe, probe_media
-from .sources import Clip, is_still, printable, read_clips
+from .sources import VIDEO_EXTENSIONS, Clip, _caption_beside, is_still, printable, read_clips
 from .video import DecodeSpec, select_frames
 
 logger = logging.getLogger(__name__)
@@ -307,13 +307,21 @@ def _split_one(out: Path, clip: Clip, stem: str, record: Record, listed: dict[Pa
     return entry
 
 
+def _listed(src: Path) -> list[Clip]:
+    """The videos SRC names: a folder or list as data.path reads it, or one video file (its caption beside it)."""
+    if src.is_file() and src.suffix.lower() in VIDEO_EXTENSIONS:
+        caption, refused = _caption_beside(src, None)
+        return [Clip(src, caption, src.name, refused=refused)]
+    return read_clips(src)
+
+
 def split(src: str | Path, out: str | Path, settings: SplitSettings) -> dict:
     """Split every video SRC lists (any layout data.path takes) into OUT; a summary of what was done."""
     from tqdm.auto import tqdm
 
     src, out = Path(src), Path(out)
     if not src.exists():
-        raise DatasetLayoutError(f"SRC_FOLDER {src} does not exist")
+        raise DatasetLayoutError(f"SRC_FOLDER {src} does not exist; give a folder of videos, a list, or a video")
     check_out(out, src)
     _scenedetect()  # a missing extra fails before any work
     logging.getLogger("pyscenedetect").setLevel(logging.WARNING)  # not a line per video over the progress bar
@@ -323,8 +331,8 @@ def split(src: str | Path, out: str | Path, settings: SplitSettings) -> dict:
     record = Record(out, settings)
     record.save()  # first: a split stopped before its first video is done still resumes into this folder
     lists_now = _lists_now(out)
-    listed = [c for c in read_clips(src) if not c.video.resolve().is_relative_to(out.resolve())]
-    stems = clip_stems(src, [c.video for c in listed])
+    listed = [c for c in _listed(src) if not c.video.resolve().is_relative_to(out.resolve())]
+    stems = clip_stems(src.parent if src.is_file() else src, [c.video for c in listed])
     problems: list[tuple[str, str]] = []
     bar = tqdm(listed, desc="split", unit="video")
     for clip in bar:

@@ -80,7 +80,7 @@ def detect_scenes(path: Path, settings: SplitSettings) -> list[tuple[int, int]]:
     scenedetect = _scenedetect()
     kind, threshold = DETECTORS[settings.detector]
     detector = getattr(scenedetect, kind)(**({} if settings.threshold is None else {threshold: settings.threshold}))
-    scenes = scenedetect.detect(str(path), detector, start_in_scene=True)
+    scenes = scenedetect.detect(str(path), detector, show_progress=True, start_in_scene=True)  # a bar per video
     return [(start.frame_num, end.frame_num) for start, end in scenes]
 
 

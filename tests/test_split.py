@@ -69,6 +69,23 @@ def test_a_joined_clip_is_cut_at_the_seam_into_clips_of_the_model_length(long_vi
     assert pieces[2]["start"] == pytest.approx(SEAM / 24)
 
 
+def test_a_container_without_an_index_is_cut_as_exactly(long_videos, tmp_path):
+    """MPEG-TS starts at 1.4 s and has no index; with one keyframe (x264 ultrafast, 6 s) a seek would find none."""
+    from cogft.data.probe import ffmpeg_exe
+    from cogft.data.split import SplitSettings, split
+
+    (tmp_path / "src").mkdir()
+    source = tmp_path / "src" / "joined.ts"
+    subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-i", str(long_videos / "joined.mp4"), "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(source)], check=True)
+    split(source, tmp_path / "out", SplitSettings(9, 8.0, 9, None, crf=0))
+    clips = json.loads((tmp_path / "out" / "split.json").read_text())["sources"][str(source.resolve())]["clips"]
+    frames = _frames(source)
+    assert [c["first_frame"] for c in clips] == [0, 27, SEAM, SEAM + 27]
+    for clip in clips:
+        assert np.array_equal(_frames(tmp_path / "out" / clip["clip"]), frames[clip["first_frame"]:][:clip["frames"]])
+
+
 def test_the_lists_train_as_data_path_with_captions_carried_or_left_to_write(long_videos, tmp_path, capsys):
     from cogft.cli import main
     from cogft.data.doctor import format_table

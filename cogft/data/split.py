@@ -41,6 +41,9 @@ CLIPS = "clips"
 LISTS = ("videos.txt", "prompts.txt")
 # --detector: PySceneDetect's class, and the name of its threshold argument
 DETECTORS = {"adaptive": ("AdaptiveDetector", "adaptive_threshold"), "content": ("ContentDetector", "threshold")}
+# containers whose demuxer seeks by an index to the keyframe at or before a time (write_clip's fast seek); in others
+# (MPEG-TS, MPEG-PS, FLV...) ffmpeg's seek may land after the keyframe it needs and lose frames
+INDEXED = frozenset({".mp4", ".m4v", ".mov", ".3gp", ".mkv", ".webm"})
 INSTALL = "pip install 'cogft[split]' (or pip install scenedetect-headless)"
 
 
@@ -100,7 +103,9 @@ def _fills(index: FrameIndex, first: int, stop: int, frames: int, fps: float | N
 
 
 def _clip_end(index: FrameIndex, first: int, last: int, frames: int, fps: float | None) -> int | None:
-    """The fewest source frames from `first` (up to `last`) that fill a clip: the end of the range, or None."""
+    """Where a clip from `first` ends (at most `last`; None: it does not fit): after the frames that span
+    `frames` / `fps` seconds, so back-to-back clips keep to the target rate's grid, or after more where prepare's
+    selection needs them (a source slower than `fps` keeps every frame)."""
     starts = index.starts
     stop = first + frames if fps is None else int(np.searchsorted(starts, starts[first] + frames / fps * 0.999))
     stop = max(stop, first + 1)
@@ -144,15 +149,18 @@ def plan_pieces(index: FrameIndex, scenes: list[tuple[int, int]], settings: Spli
 def write_clip(source: Path, index: FrameIndex, piece: Piece, out: Path, settings: SplitSettings) -> str | None:
     """Re-encode the piece's frames into `out`, atomically, once it holds them all and fills a clip as prepare
     reads it; None, or why it could not be written."""
-    seek = []
-    if piece.first > 0:  # between the frame before and the first one: ffmpeg's accurate seek keeps frames from there
+    seek, graph = [], "crop=trunc(iw/2)*2:trunc(ih/2)*2"  # yuv420p needs even sizes: drop an odd last row/column
+    if piece.first > 0 and source.suffix.lower() in INDEXED:
+        # between the frame before and the first one: the demuxer's index finds the keyframe at or before it, and
+        # ffmpeg's accurate seek drops the frames before it
         seek = ["-ss", f"{(index.starts[piece.first - 1] + index.starts[piece.first]) / 2:.6f}"]
+    elif piece.first > 0:  # no index to seek by (MPEG-TS, MPEG-PS...): decoded from the start, cut by frame number
+        graph = f"trim=start_frame={piece.first},setpts=PTS-STARTPTS,{graph}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *seek,
                "-i", f"file:{source.resolve()}", "-map", "0:v:0", "-an", "-sn", "-dn",
-               "-frames:v", str(piece.count), "-fps_mode", "passthrough",
-               "-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2",  # yuv420p needs even sizes: drop an odd last row/column
+               "-frames:v", str(piece.count), "-fps_mode", "passthrough", "-vf", graph,
                "-c:v", "libx264", "-preset", "fast", "-crf", str(settings.crf), "-pix_fmt", "yuv420p",
                "-movflags", "+faststart", "-f", "mp4", f"file:{tmp}"]
     try:
@@ -282,8 +290,6 @@ def _split_one(out: Path, clip: Clip, stem: str, record: Record, listed: dict[Pa
     else:
         try:
             entry["scenes"] = [list(s) for s in detect_scenes(clip.video, settings)]
-        except ConfigError:
-            raise
         except Exception as error:  # OpenCV cannot open or decode it: that source is skipped, the rest go on
             entry["problem"] = (f"scene detection failed: PySceneDetect (OpenCV) cannot read it "
                                 f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__}); "

@@ -253,6 +253,50 @@ def _bench(args) -> None:
               args.gpu_memory)
 
 
+def _split_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC_FOLDER", help="the long videos: a folder (a caption NAME.txt beside "
+                        "NAME.mp4 is carried to its clips), any list data.path takes, or one video")
+    parser.add_argument("out", metavar="OUT_FOLDER", help="new or empty folder for the clips and their lists (or an "
+                        "earlier split's, to resume it)")
+    parser.add_argument("--config", help="take the clip length from this config's data.num_frames, data.fps and "
+                                         "data.min_frames (default: --frames/--fps)")
+    parser.add_argument("--frames", type=_positive_int, help="frames per clip (default 49, CogVideoX 2B/5B's)")
+    parser.add_argument("--fps", type=_finite_float, help="the rate those frames are taken at (default 8)")
+    parser.add_argument("--stride", type=_positive_int, help="frames (at that rate) from one clip's start to the "
+                        "next in a scene; below --frames the clips overlap (default: --frames, back to back)")
+    parser.add_argument("--keep-short", action="store_true", help="keep a scene shorter than one clip whole when it "
+                        "fills the shortest frame bucket (data.min_frames; default min(17, frames)), instead of "
+                        "skipping it")
+    parser.add_argument("--detector", choices=["adaptive", "content"], default="adaptive",
+                        help="PySceneDetect's detector (default adaptive: steadier under camera motion)")
+    parser.add_argument("--threshold", type=_finite_float, help="the detector's threshold (lower: more cuts; "
+                                                                "default PySceneDetect's: 3 adaptive, 27 content)")
+    parser.add_argument("--crf", type=int, default=17, choices=range(0, 52), metavar="0-51",
+                        help="libx264 quality of the clips (default 17; lower is closer to the source)")
+
+
+def _split(args) -> None:
+    from .config import ConfigError
+
+    if args.config and (args.frames or args.fps):
+        raise ConfigError("--config sets the clip length (data.num_frames, data.fps); leave out --frames/--fps, or "
+                          "the config")
+    if args.fps is not None and args.fps <= 0:
+        raise ConfigError(f"--fps {args.fps:g}: must be above 0")
+    frames, fps, min_frames = args.frames or 49, args.fps or 8.0, None
+    if args.config:
+        from .config_file import load_config
+
+        data = load_config(args.config).data
+        frames, fps, min_frames = data.num_frames, data.fps, data.shortest_bucket
+    from .data.split import SplitSettings, split, summary_text
+
+    settings = SplitSettings(frames, fps, args.stride or frames,
+                             (min_frames or min(17, frames)) if args.keep_short else None, args.detector,
+                             args.threshold, args.crf)
+    print(summary_text(split(args.src, args.out, settings)))
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -272,6 +316,8 @@ COMMANDS = {
                         _estimate),
     "bench": Command("time the real training step (full size on a GPU), optionally beside the plain recipe",
                      _bench_args, _bench),
+    "split": Command("cut long videos at scene changes into clips of the model's length, with their lists",
+                     _split_args, _split),
 }
 
 

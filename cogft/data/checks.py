@@ -62,11 +62,14 @@ def _file_problem(path: Path) -> Problem | None:
     return None
 
 
-def caption_problem(caption: str | None) -> Problem | None:
+def caption_problem(caption: str | None, line: str = "") -> Problem | None:
+    """`line`: where the clip is listed (`Clip.line`), so an empty caption of a videos.txt list names the line of
+    prompts.txt to write it on (`cogft split` leaves them empty for the user)."""
     if caption is None:
         return Problem("missing_caption", "no caption (for a folder of clips: a .txt with the same name beside it)")
     if not caption:
-        return Problem("empty_caption", "the caption is empty; write one or remove the clip")
+        where = f" on line {line.partition(':')[2]} of prompts.txt" if line.startswith("videos.txt:") else ""
+        return Problem("empty_caption", f"the caption is empty; write one{where} or remove the clip")
     if "\0" in caption:
         return Problem("caption_not_utf8", "the caption contains NUL characters (UTF-16 saved without a byte-order "
                                            "mark?); re-save it as UTF-8")
@@ -160,7 +163,7 @@ def admission_problems(clips: list[Clip], duplicates: list[list[str]],
         if clip.refused:  # nothing it names is opened
             found[clip.line] = [Problem(*clip.refused)]
             continue
-        problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption)) if p]
+        problems = [p for p in (file_problem(clip.video), caption_problem(clip.caption, clip.line)) if p]
         if single_frame_problem and is_still(clip.video):
             problems.insert(0, Problem("still_unsupported",
                                        f"a still image (a one-frame sample): {single_frame_problem}"

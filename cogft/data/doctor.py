@@ -255,6 +255,17 @@ def _report(config: Config | None, variant: Variant | None, tokens_skipped: str 
     }
 
 
+def _ranges(numbers: list[int]) -> str:
+    """Line numbers as short ranges: 2, 5-9, 12."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def format_table(report: dict) -> str:
     """The report for people: one line per file, then totals and histograms (with `data.sets`, per set)."""
     if "sets" in report:
@@ -292,6 +303,9 @@ def format_table(report: dict) -> str:
         lines.append(f"trigger words {trigger['trigger_words']}: "
                      f"put in front of {trigger['captions_given_it']} captions, "
                      f"{trigger['captions_already_with_it']} begin with them already")
+    if empty := [int(r["listed_at"].partition(":")[2]) for r in rows if r["listed_at"].startswith("videos.txt:")
+                 and any(p["code"] == "empty_caption" for p in r["problems"])]:
+        lines.append(f"captions to write (empty, so prepare skips the clip): prompts.txt lines {_ranges(empty)}")
     lines += [f"far from the model's native clip: {note}" for note in report["far_from_native"]]
     for name, counts in report["histograms"].items():
         lines.append(f"{name}: " + (", ".join(f"{k}: {v}" for k, v in counts.items()) or "-"))

@@ -1,11 +1,14 @@
 """Choosing a checkpoint: the recommended one (the lowest held-out eval loss within the quality limits) on written
-metrics files, kept through the rotation and current during training, `cogft export --recommended`."""
+metrics files, kept through the rotation and current during training, `cogft export --recommended`, report.html's
+prompt x step grid."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import torch
@@ -13,11 +16,18 @@ from safetensors.torch import load_file
 
 from cogft.cli import main
 from cogft.config import QualityConfig
+from cogft.run_dir import sample_path
 from cogft.training.recommend import BLEED, MOTION, comparable_evals, recommend, update_recommended
+from test_report import Page
 
 LORA = "pytorch_lora_weights.safetensors"
 PROMPT = "a red square bouncing across a blue background"
 LIMITS = QualityConfig(min_motion_ratio=0.7, max_bleed=0.5)
+
+
+def plain(page: str) -> str:
+    """A page's text as read: the tags gone, the entities kept as written."""
+    return re.sub(r"<[^>]+>", "", page)
 
 
 def evals(**losses: float) -> list[dict]:
@@ -161,3 +171,31 @@ def test_export_recommended_writes_that_checkpoints_weights(trained, tmp_path, c
     (run / "recommended.json").unlink()
     assert main(["export", "--from", str(run), "--out", str(tmp_path / "z"), "--recommended"]) == 2
     assert "needs eval.holdout" in capsys.readouterr().err
+
+
+def test_the_report_grid_lists_prompt_by_step_with_the_base_renders_and_the_recommendation(trained, tmp_path):
+    from cogft.config_file import load_config
+    from cogft.training.report import write_run_report
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    videos = [sample_path(run, step, 0, PROMPT).relative_to(run).as_posix() for step in (0, 1, 2, 3)]
+    videos[0] = videos[0].replace("samples/", "samples/base/")  # the base model's render: a step-0 sample's name
+    (run / videos[0]).parent.mkdir()
+    shutil.copy(run / videos[1], run / videos[0])
+    html = write_run_report(load_config(run / "config.yaml"), run, stopped=False).read_text()
+    page = Page(html)
+    grid = html[html.index('<div class="grid">'):]
+    header, row = grid.split("</tr>")[:2]
+    assert [h.split("<br>")[0] for h in header.split("<th>")[2:]] == [
+        "base model", "step 1", "step 2", "step 3"]
+    assert PROMPT in row and row.count("<video") == 4  # one prompt x (base, 3 steps)
+    assert page.videos == videos
+    assert 'recommended</strong><br>eval loss' in header.split("<th>")[3]  # step 1's column
+    text = plain(html)
+    assert "Recommended: step-000001, the lowest held-out eval loss" in text and "--recommended" in text
+    assert "lower eval losses are outside them: step 3 (" in text  # step 2 went in the rotation: not a candidate
+    assert "bleed 0.9 (step 3) above quality.max_bleed=0.5" in text
+    assert page.curves["quality/bleed"] == 3 and 'data-limit="quality.max_bleed=0.5"' in html
+    assert not {"script", "link", "iframe", "img"} & page.tags
+    assert all((run / unquote(url)).exists() for url in page.urls)

@@ -255,6 +255,17 @@ def _bench(args) -> None:
               args.loss_mask, args.gpu_memory)
 
 
+def _compare_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="two run directories or more")
+    parser.add_argument("--out", default="compare.html", help="the page to write (default: compare.html)")
+
+
+def _compare(args) -> None:
+    from .training.compare import write_comparison
+
+    print(write_comparison(args.runs, args.out))
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -269,6 +280,8 @@ COMMANDS = {
                      lambda args: run_train(args.config, args.overrides)),
     "sample": Command("write an mp4 from a run's weights or a checkpoint", _sample_args, _sample),
     "export": Command("write diffusers-format weights of a run or checkpoint", _export_args, _export),
+    "compare": Command("put runs side by side in one HTML page: settings, curves, measures, renders", _compare_args,
+                       _compare),
     "doctor": Command("check every clip and caption without encoding anything", _doctor_args, _doctor),
     "estimate": Command("predict peak GPU memory and s/step for a config, before any GPU time", _estimate_args,
                         _estimate),

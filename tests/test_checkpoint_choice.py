@@ -1,6 +1,6 @@
 """Choosing a checkpoint: the recommended one (the lowest held-out eval loss within the quality limits) on written
 metrics files, kept through the rotation and current during training, `cogft export --recommended`, report.html's
-prompt x step grid."""
+prompt x step grid, and `cogft compare`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from test_report import Page
 
 LORA = "pytorch_lora_weights.safetensors"
 PROMPT = "a red square bouncing across a blue background"
+HOSTILE = "<script>alert(1)</script> & <i>more"
 LIMITS = QualityConfig(min_motion_ratio=0.7, max_bleed=0.5)
 
 
@@ -199,3 +200,48 @@ def test_the_report_grid_lists_prompt_by_step_with_the_base_renders_and_the_reco
     assert page.curves["quality/bleed"] == 3 and 'data-limit="quality.max_bleed=0.5"' in html
     assert not {"script", "link", "iframe", "img"} & page.tags
     assert all((run / unquote(url)).exists() for url in page.urls)
+
+
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory, shared_cache):
+    """A second tiny run of the same prompt and a hostile one: another learning rate, a hostile caption prefix, no
+    eval, and a folder name a URL must quote."""
+    from cogft.config_file import load_config
+    from cogft.training.loop import train
+
+    root = Path(__file__).resolve().parent.parent
+    return train(load_config(root / "configs" / "tiny-lora.yaml", [
+        f"data.path={root / 'data'}", f"data.cache_dir={shared_cache}",
+        f"output_dir={tmp_path_factory.mktemp('choice') / 'b&<i>x<i>?%23'}", "tracking.report_to=none",
+        "train.max_steps=2", "train.checkpoint_every=2", "validation.every=2",
+        f"validation.prompts=[{PROMPT}, {HOSTILE}]", "validation.num_inference_steps=1", "train.learning_rate=0.002",
+        "data.caption_prefix=<b>sks</b>"]))
+
+
+def test_compare_puts_two_runs_side_by_side(trained, other_run, tmp_path, capsys):
+    out = tmp_path / "pages" / "compare.html"
+    assert main(["compare", str(trained), str(other_run), "--out", str(out)]) == 0
+    html = out.read_text()
+    page = Page(html)
+    assert not {"script", "link", "iframe", "img", "i", "b"} & page.tags  # the folder name and the prefix: escaped
+    assert "&lt;b&gt;sks&lt;/b&gt;" in html and "b&amp;&lt;i&gt;x&lt;i&gt;?%23" in html
+    settings = html[html.index("Settings that differ"):html.index("<h2>Loss")]
+    for key in ("data.caption_prefix", "train.learning_rate", "eval.holdout", "train.max_steps"):
+        assert f"<code>{key}</code>" in settings
+    assert "output_dir" not in settings and "<code>lora.rank</code>" in settings  # 4 against the config's 8
+    text = plain(html)
+    assert "these runs differ in data.caption_prefix, eval.holdout" in text
+    loss = html[html.index("<h2>Loss"):html.index("<h2>Held-out")]
+    assert Page(loss).curves == {"run": 3, "b&<i>x<i>?%23": 2}  # each run's smoothed loss, overlaid
+    assert 'data-limit="quality.max_bleed=0.5"' in html  # the first run's bleed, with its limit
+    # the same prompt side by side: the first run's recommended step, the other's latest, by paths from the page
+    assert len(page.videos) == 3 and all((out.parent / unquote(src)).is_file() for src in page.videos)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;i&gt;more" in html  # its own row: the first run lacks it
+    assert "step 1 (recommended)" in text and "step 2 (latest)" in text
+    assert "Recommended: step-000001" in text
+    assert "needs a held-out eval loss" in text  # the other run has no eval.holdout
+
+    assert main(["compare", str(trained), "--out", str(out)]) == 2
+    assert "needs two runs or more" in capsys.readouterr().err
+    assert main(["compare", str(trained), str(tmp_path), "--out", str(out)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err

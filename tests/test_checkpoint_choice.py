@@ -169,6 +169,9 @@ def test_export_recommended_writes_that_checkpoints_weights(trained, tmp_path, c
     assert main(["export", "--from", str(run), "--out", str(tmp_path / "y"), "--recommended"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint of" in err and "is recommended" in err and "--best" in err
+    (run / "recommended.json").write_text('{"step": 1, "reason": "cut')  # a kill or a full disk, by hand
+    assert main(["export", "--from", str(run), "--out", str(tmp_path / "w"), "--recommended"]) == 2
+    assert "recommended.json is damaged (not JSON" in capsys.readouterr().err
     (run / "recommended.json").unlink()
     assert main(["export", "--from", str(run), "--out", str(tmp_path / "z"), "--recommended"]) == 2
     assert "needs eval.holdout" in capsys.readouterr().err

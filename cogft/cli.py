@@ -142,6 +142,8 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="write a whole pipeline with the weights fused in")
     parser.add_argument("--best", action="store_true", help="the run's checkpoint with the lowest held-out eval loss "
                                                             "(RUN/best.json; needs eval.holdout)")
+    parser.add_argument("--recommended", action="store_true", help="the run's recommended checkpoint: the lowest "
+                        "held-out eval loss within quality.* limits (RUN/recommended.json; needs eval.holdout)")
     parser.add_argument("--push-to-hub", metavar="OWNER/NAME",
                         help="then upload the export to this Hugging Face model repository (created if missing)")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -156,11 +158,11 @@ def _export(args) -> None:
         raise ConfigError("--private applies to --push-to-hub OWNER/NAME; add it, or leave out --private")
     if args.push_to_hub:  # before the export, which can take minutes (--merge)
         check_hub_push(args.push_to_hub, "--push-to-hub")
-    out = export(args.source, args.out, args.merge, args.best)
+    out = export(args.source, args.out, args.merge, args.best, args.recommended)
     print(out)
     if args.push_to_hub:
         retry = (f"cogft export --from {args.source} --out ANOTHER_DIR{' --merge' if args.merge else ''}"
-                 f"{' --best' if args.best else ''} "
+                 f"{' --best' if args.best else ''}{' --recommended' if args.recommended else ''} "
                  f"--push-to-hub {args.push_to_hub}{' --private' if args.private else ''}")
         print(push(card_folder(out), args.push_to_hub, True if args.private else None, retry))
 
@@ -297,6 +299,17 @@ def _split(args) -> None:
     print(summary_text(split(args.src, args.out, settings)))
 
 
+def _compare_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="two run directories or more")
+    parser.add_argument("--out", default="compare.html", help="the page to write (default: compare.html)")
+
+
+def _compare(args) -> None:
+    from .training.compare import write_comparison
+
+    print(write_comparison(args.runs, args.out))
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -311,6 +324,8 @@ COMMANDS = {
                      lambda args: run_train(args.config, args.overrides)),
     "sample": Command("write an mp4 from a run's weights or a checkpoint", _sample_args, _sample),
     "export": Command("write diffusers-format weights of a run or checkpoint", _export_args, _export),
+    "compare": Command("put runs side by side in one HTML page: settings, curves, measures, renders", _compare_args,
+                       _compare),
     "doctor": Command("check every clip and caption without encoding anything", _doctor_args, _doctor),
     "estimate": Command("predict peak GPU memory and s/step for a config, before any GPU time", _estimate_args,
                         _estimate),

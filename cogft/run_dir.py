@@ -9,6 +9,7 @@
     RUN/lora/pytorch_lora_weights.safetensors   the LoRA export      RUN/transformer/   the SFT export
     RUN/export.json                          the step that export holds (staged and renamed into place)
     RUN/best.json                            the checkpoint with the lowest held-out eval loss (eval.holdout)
+    RUN/recommended.json                     the recommended checkpoint and why (training/recommend.py)
     RUN/raw/lora/ or RUN/raw/transformer/    with train.ema_decay: the trained weights beside the averaged export
     RUN/report.html, RUN/curves.png          the end-of-run report: loss and learning-rate curves, validation videos
     RUN/tensorboard/                         TensorBoard event files (tracking.report_to=tensorboard)
@@ -39,6 +40,7 @@ LOCK_FILE = ".cogft.lock"  # held by the trainer writing the run; the OS release
 LORA_DIR = "lora"
 EXPORT_RECORD = "export.json"  # the step the final lora/ or transformer/ holds
 BEST_RECORD = "best.json"  # the checkpoint with the lowest eval loss: its step, loss and folder
+RECOMMENDED_RECORD = "recommended.json"  # the lowest eval loss within the quality limits: its step and the reason
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # LoHa / LoKr (`lora.type`), which the stock `load_lora_weights` cannot read: peft's own files, under peft's names
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -119,15 +121,21 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return None if record is None else run_dir / record["checkpoint"]
 
 
-def best_of_run(source: str | Path) -> Path:
-    """`--best`: the run's checkpoint with the lowest held-out eval loss, as its best.json names it."""
+def run_of(source: str | Path, flag: str) -> Path:
+    """The run directory `--from` names for `flag`, which picks one of its checkpoints (--best, --recommended)."""
     run_dir = Path(source)
     _must_exist(run_dir)
     if is_checkpoint(run_dir):
-        raise ConfigError(f"--best picks a checkpoint of a run: give --from the run directory "
+        raise ConfigError(f"{flag} picks a checkpoint of a run: give --from the run directory "
                           f"({run_dir.parent.parent}), not the checkpoint {run_dir.name}")
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"--from {source}: not a run directory (no {CONFIG_FILE})")
+    return run_dir
+
+
+def best_of_run(source: str | Path) -> Path:
+    """`--best`: the run's checkpoint with the lowest held-out eval loss, as its best.json names it."""
+    run_dir = run_of(source, "--best")
     best = best_checkpoint(run_dir)
     if best is None:
         raise ConfigError(f"--best: {run_dir} has no best checkpoint (no {BEST_RECORD}); one is recorded when a run "

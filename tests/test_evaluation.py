@@ -177,6 +177,7 @@ def test_resume_is_bit_exact_with_eval_and_forgets_a_later_best(straight, tmp_pa
     assert [r["loss"] for r in rows(resumed) if "loss" in r] == [r["loss"] for r in rows(run) if "loss" in r]
     assert eval_rows(resumed) == eval_rows(run)
     assert (resumed / "best.json").read_text() == (run / "best.json").read_text()
+    assert (resumed / "recommended.json").read_text() == (run / "recommended.json").read_text()
     a, b = load_file(run / "lora" / LORA), load_file(resumed / "lora" / LORA)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

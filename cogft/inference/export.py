@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..disk import follow_umask
 from ..models.adapters import adapter_files, release_lora
 from ..models.trained_modules import TRAINED_MODULES
@@ -19,6 +20,7 @@ from ..run_dir import (
     is_checkpoint,
     resolve_trained,
 )
+from ..training.recommend import recommended_of_run
 from .model_card import write_model_card
 from .sampling import pipeline_with_weights, trained_variant
 
@@ -33,14 +35,17 @@ def trained_step(trained) -> int:
     return exported_step(trained.run_dir) or trained.config.train.max_steps
 
 
-def export(source: str, out: str, merge: bool = False, best: bool = False) -> Path:
+def export(source: str, out: str, merge: bool = False, best: bool = False, recommended: bool = False) -> Path:
     """Copy the LoRA file / transformer folder to `out`; with `merge`, write a whole pipeline instead; with `best`,
-    of the run's checkpoint with the lowest held-out eval loss (RUN/best.json).
+    of the run's checkpoint with the lowest held-out eval loss (RUN/best.json); with `recommended`, of the one
+    RUN/recommended.json names (the lowest held-out eval loss within the quality limits).
 
     A merged LoRA is fused at its trained scale and the adapter layers removed, so the variant's stock
     pipeline `from_pretrained(out)` samples like base + LoRA with no peft at load time.
     """
-    trained = resolve_trained(best_of_run(source) if best else source)
+    if best and recommended:
+        raise ConfigError("--best and --recommended each choose a checkpoint; give one of them")
+    trained = resolve_trained(best_of_run(source) if best else recommended_of_run(source) if recommended else source)
     target = Path(out)
     if target.is_file():
         raise FileExistsError(f"--out {target} is a file; give a folder to write")

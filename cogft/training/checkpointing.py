@@ -41,6 +41,7 @@ from ..run_dir import (
 from ..seeding import mixed_seed
 from .backends import full_state_dict
 from .best import write_best
+from .recommend import recommended_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ class TrainingProgress:
         self.skipped_steps = 0    # non-finite steps
         self.loss_smoothed: float | None = None  # the smoothed loss curve's state, so a resume continues it
         self.best: dict | None = None  # the best checkpoint so far by eval loss (training/best.py), as of this step
+        self.evals: dict | None = None  # the held-out set and the step its eval losses start after (recommend.py)
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "micro_batches": self.micro_batches,
-                "skipped_steps": self.skipped_steps, "loss_smoothed": self.loss_smoothed, "best": self.best}
+                "skipped_steps": self.skipped_steps, "loss_smoothed": self.loss_smoothed, "best": self.best,
+                "evals": self.evals}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
@@ -69,6 +72,7 @@ class TrainingProgress:
         self.skipped_steps = int(state["skipped_steps"])
         self.loss_smoothed = state.get("loss_smoothed")  # absent in checkpoints of earlier versions
         self.best = state.get("best")
+        self.evals = state.get("evals")
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -296,15 +300,15 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, config: Co
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the `keep` newest complete checkpoints, sparing the one RUN/best.json names (the best by eval
-    loss outlives the rotation)."""
+    """Delete all but the `keep` newest complete checkpoints, sparing the ones RUN/best.json and RUN/recommended.json
+    name (the best by eval loss and the recommended one outlive the rotation)."""
     try:
-        spared = best_checkpoint(run_dir)
+        spared = {best_checkpoint(run_dir), recommended_checkpoint(run_dir)}
     except DamagedRecordError as error:  # which checkpoint is best is unknown: losing it cannot be undone
         logger.warning("no checkpoint pruned: %s", error)
         return
     for old in complete_checkpoints(run_dir)[:-keep]:
-        if old != spared:
+        if old not in spared:
             shutil.rmtree(old, ignore_errors=True)
 
 

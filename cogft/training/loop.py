@@ -50,6 +50,7 @@ from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .export_probe import export_probe
 from .metrics import DataWait, FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
 from .readout import StepReadout
+from .recommend import comparable_evals, update_recommended
 from .report import write_run_report
 from .stop import StopRequest
 from .summary import run_summary
@@ -223,6 +224,9 @@ class Trainer:
         self.progress.best = restored_best(self.progress.best, self.evaluation and self.evaluation.identity)
         if accelerator.is_main_process:
             write_best(self.run_dir, self.progress.best)
+        self.progress.evals = comparable_evals(self.progress.evals, self.evaluation and self.evaluation.identity,
+                                               self.progress.global_step)
+        self.recommend()
         self.validation = None
         if config.validation.prompts:  # spread over the ranks; every rank in every video with sharded weights
             self.validation = ValidationHook(config, self.variant, accelerator.device, prepared.validation_prompts,
@@ -386,6 +390,8 @@ class Trainer:
                             best=self.progress.best if new_best else None)
         if validation_due:
             self.validate(step)
+        if checkpoint_due or validation_due:  # after the rotation, which spared the checkpoint recommended until now,
+            self.recommend()                  # and after this step's measures, which judge this step's checkpoint
         if stop.requested:
             logger.warning("stopped at step %d; resume with train.resume=latest", step)
         return last or stop.requested
@@ -421,6 +427,11 @@ class Trainer:
         log_videos(self.accelerator, [(text, path) for _, text, path in sorted(written)], step)
         self.accelerator.wait_for_everyone()
 
+    def recommend(self) -> None:
+        """RUN/recommended.json as the rule of training/recommend.py says now (the main process writes it)."""
+        if self.accelerator.is_main_process:
+            update_recommended(self.run_dir, self.config.quality, self.progress.evals)
+
     def averaged(self):
         """The weight average in the model (`train.ema_decay`), or the trained weights as they are."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
@@ -430,6 +441,7 @@ class Trainer:
         step = self.progress.global_step
         if self.config.validation.at_end or step % self.config.validation.every == 0:
             self.validate(step, keep_first=self.config.validation.check_export)
+            self.recommend()
         with self.averaged():  # with train.ema_decay the export is the average; the trained weights go beside it
             path = save_export(self.accelerator, self.step.transformer, self.config, self.run_dir, step, self.variant)
         if path is not None:

@@ -1,145 +1,137 @@
 """report.html: one page a user opens after a run (finished or stopped), offline, from any copy of the run folder.
 
-The loss and learning-rate curves of metrics.jsonl (and the held-out eval loss, with `eval.holdout`) as inline SVG
-(and curves.png, drawn with Pillow, for a chat or an issue), every validation video of samples/ by relative path,
-and the run's short facts. No script, no stylesheet or font from elsewhere: it opens from a laptop's disk, an
-archive or a cluster's file browser.
+The loss and learning-rate curves of metrics.jsonl (and the held-out eval loss, with `eval.holdout`, and the quality
+measures with their limits) as inline SVG (and curves.png, drawn with Pillow, for a chat or an issue), the
+recommended checkpoint and why (training/recommend.py), every validation video of samples/ by relative path in a
+grid of prompt x step beside the base model's, and the run's short facts. No script, no stylesheet or font from
+elsewhere: it opens from a laptop's disk, an archive or a cluster's file browser.
 """
 
 from __future__ import annotations
 
 import html
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, ConfigError
-from ..data.captions import validation_texts
+from ..config import Config, ConfigError, QualityConfig
+from ..records import DamagedRecordError
 from ..run_dir import (
     CURVES_IMAGE,
     HTML_REPORT,
     METRICS_FILE,
-    SAMPLES_DIR,
     TRANSFORMER_DIR,
+    checkpoint_step,
     complete_checkpoints,
     resolve_trained,
-    sample_path,
+    step_dir,
 )
+from .charts import PALETTE, Chart, png, series, svg
+from .grid import find_renders, grid, src, video_tag
+from .recommend import BLEED, MOTION, TRIGGER_GAIN, limits, recommended_record
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
 
-_WIDTH, _HEIGHT = 720, 260  # one chart; curves.png stacks the two
-_LEFT, _RIGHT, _TOP, _BOTTOM = 72, 16, 30, 34
-_SAMPLE = re.compile(r"^step-(\d{6,})-(\d{2,})-")
+MEASURES = ((MOTION, "motion ratio (LoRA / base)"), (BLEED, "bleed"), (TRIGGER_GAIN, "trigger gain"))
+STYLE = """\
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222 }
+th { text-align: left; padding-right: 1rem; vertical-align: top }
+svg { max-width: 100%; height: auto }
+figure { display: inline-block; margin: 0 1rem 1rem 0; max-width: 22rem }
+video { max-width: 100% }
+.grid { overflow-x: auto }
+.grid video { width: 12rem }
+.grid th.prompt { max-width: 12rem; font-weight: normal }
+.recommended { color: #2a8a3e }"""
 
 
-@dataclass(frozen=True)
-class _Chart:
-    title: str
-    series: list[tuple[str, str, list[tuple[float, float]]]]  # (name, colour, [(step, value)]), finite values only
-
-    def ranges(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        points = [p for _, _, pts in self.series for p in pts]
-        steps, values = [p[0] for p in points] or [0.0], [p[1] for p in points] or [0.0]
-        return (min(steps), max(steps)), (min(values), max(values))
-
-    def plotted(self) -> list[tuple[str, str, list[tuple[float, float]]]]:
-        """Each series in pixels of a _WIDTH x _HEIGHT chart (y grows downwards); a flat range sits mid-height."""
-        (s0, s1), (v0, v1) = self.ranges()
-        x0, x1, y0, y1 = _LEFT, _WIDTH - _RIGHT, _TOP, _HEIGHT - _BOTTOM
-
-        def at(step: float, value: float) -> tuple[float, float]:
-            x = x0 + (step - s0) / (s1 - s0) * (x1 - x0) if s1 > s0 else (x0 + x1) / 2
-            y = y1 - (value - v0) / (v1 - v0) * (y1 - y0) if v1 > v0 else (y0 + y1) / 2
-            return x, y
-
-        return [(name, colour, [at(*p) for p in pts]) for name, colour, pts in self.series]
-
-    def labels(self) -> list[tuple[float, float, str, str, str]]:
-        """(x, y, anchor, text, colour): the title, each series' name in its colour, the value and step ranges."""
-        (s0, s1), (v0, v1) = self.ranges()
-        bottom = _HEIGHT - _BOTTOM
-        legend = [(_LEFT + 140 * (i + 1), 18, "start", name, colour) for i, (name, colour, _) in enumerate(self.series)]
-        return [(_LEFT, 18, "start", self.title, "black"), *legend,
-                (_LEFT - 6, _TOP + 4, "end", f"{v1:.3g}", "black"), (_LEFT - 6, bottom, "end", f"{v0:.3g}", "black"),
-                (_LEFT, bottom + 20, "start", f"step {s0:g}", "black"),
-                (_WIDTH - _RIGHT, bottom + 20, "end", f"step {s1:g}", "black")]
-
-
-def _charts(rows: list[dict], evals: list[dict]) -> list[_Chart]:
+def _charts(rows: list[dict], evals: list[dict]) -> list[Chart]:
     """Loss and learning rate; with `eval.holdout`, the held-out eval loss (and the base model's, for a LoRA) too."""
-    def series(key: str, source: list[dict]) -> list[tuple[float, float]]:
-        return [(row["step"], float(row[key])) for row in source
-                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
-
-    charts = [_Chart("loss", [("loss", "#9ab8d8", series("loss", rows)),
-                              ("loss_smoothed", "#1f4e9c", series("loss_smoothed", rows)),
-                              *([("loss/prior", "#b0489a", series("loss/prior", rows))]  # data.sets' prior batches
-                                if any("loss/prior" in row for row in rows) else [])]),
-              _Chart("learning rate", [("lr", "#c05a1c", series("lr", rows))])]
+    charts = [Chart("loss", [("loss", "#9ab8d8", series(rows, "loss")),
+                             ("loss_smoothed", "#1f4e9c", series(rows, "loss_smoothed")),
+                             *([("loss/prior", "#b0489a", series(rows, "loss/prior"))]  # data.sets' prior batches
+                               if any("loss/prior" in row for row in rows) else [])]),
+              Chart("learning rate", [("lr", "#c05a1c", series(rows, "lr"))])]
     if evals:
-        held_out = [("eval/loss", "#2a8a3e", series("eval/loss", evals))]
+        held_out = [("eval/loss", "#2a8a3e", series(evals, "eval/loss"))]
         if any("eval/loss_base" in row for row in evals):
-            held_out.append(("eval/loss_base", "#999999", series("eval/loss_base", evals)))
-        charts.append(_Chart("held-out eval loss", held_out))
+            held_out.append(("eval/loss_base", "#999999", series(evals, "eval/loss_base")))
+        charts.append(Chart("held-out eval loss", held_out))
     return charts
 
 
-def _svg(chart: _Chart) -> str:
-    bottom, right = _HEIGHT - _BOTTOM, _WIDTH - _RIGHT
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
-             f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img" aria-label="{html.escape(chart.title)}">',
-             f'<path d="M{_LEFT} {_TOP} V{bottom} H{right}" fill="none" stroke="#888"/>']
-    for name, colour, points in chart.plotted():
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in points * (2 if len(points) == 1 else 1))  # 1 step: a dot
-        parts.append(f'<polyline data-series="{name}" fill="none" stroke="{colour}" stroke-width="1.5" '
-                     f'stroke-linecap="round" points="{coords}"><title>{name}</title></polyline>')
-    for x, y, anchor, text, colour in chart.labels():
-        parts.append(f'<text x="{x}" y="{y}" text-anchor="{anchor}" fill="{colour}" font-size="12">'
-                     f"{html.escape(text)}</text>")
-    return "\n".join([*parts, "</svg>"])
+def measure_charts(runs: list[tuple[str | None, list[dict], QualityConfig]]) -> list[Chart]:
+    """A chart per quality measure some run logged (motion ratio, bleed, trigger gain), a series per run (label, or
+    None for the metric's name; rows; its limits), each limit a dashed line."""
+    charts = []
+    for key, title in MEASURES:
+        drawn = [(label or key, PALETTE[i % len(PALETTE)], points) for i, (label, rows, _) in enumerate(runs)
+                 if (points := series(rows, key))]
+        bounds = {(rule.setting, rule.bound) for _, _, quality in runs for rule in limits(quality) if rule.key == key}
+        if drawn:
+            charts.append(Chart(title, drawn, [(f"{setting}={bound:g}", bound) for setting, bound in sorted(bounds)]))
+    return charts
 
 
-def _png(charts: list[_Chart], path: Path) -> None:
-    """The same charts, stacked, as a PNG drawn with Pillow (already installed for imageio)."""
-    from PIL import Image, ImageDraw, ImageFont
+def recommendation_line(config: Config, run_dir: Path, page_dir: Path | None = None) -> str:
+    """The recommended checkpoint and the reason, from RUN/recommended.json (HTML), linked from a page in `page_dir`
+    (with the export command when it is the run's own page)."""
+    try:
+        record = recommended_record(run_dir)
+    except DamagedRecordError as error:
+        return f"No recommendation: {html.escape(str(error))}"
+    if record is None:
+        if config.eval.holdout:
+            return "No checkpoint is recommended yet: none was evaluated"
+        return ("No checkpoint is recommended: the choice needs a held-out eval loss (train with eval.holdout, e.g. "
+                "eval.holdout=8)")
+    if record["step"] is None:
+        return f"No checkpoint is recommended: {html.escape(record['reason'])}"
+    folder = step_dir(run_dir, record["step"])
+    name = html.escape(folder.name)
+    link = f'<a href="{src(folder, page_dir or run_dir)}/">{name}</a>' if folder.is_dir() else name
+    export = (f" (<code>cogft export --from {html.escape(str(run_dir))} --out DIR --recommended</code>)"
+              if page_dir is None else "")
+    return f"Recommended: <strong>{link}</strong>, {html.escape(record['reason'])}{export}"
 
-    image = Image.new("RGB", (_WIDTH, _HEIGHT * len(charts)), "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    for index, chart in enumerate(charts):
-        top = index * _HEIGHT
-        draw.line([(_LEFT, top + _TOP), (_LEFT, top + _HEIGHT - _BOTTOM), (_WIDTH - _RIGHT, top + _HEIGHT - _BOTTOM)],
-                  fill="#888888")
-        for _, colour, points in chart.plotted():
-            shifted = [(x, top + y) for x, y in points]
-            if len(shifted) == 1:  # one logged step: a dot, not an empty chart
-                x, y = shifted[0]
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-            elif shifted:
-                draw.line(shifted, fill=colour, width=2)
-        for x, y, anchor, text, colour in chart.labels():  # placed by hand: Pillow's bitmap font takes no anchor
-            left = x - draw.textlength(text, font=font) if anchor == "end" else x
-            draw.text((left, top + y - 10), text, fill=colour, font=font)
-    image.save(path)
+
+def _headings(run_dir: Path, steps: list[int], logged: list[dict], recommended: int | None) -> dict[int, str]:
+    """Each grid column's heading: its step, whether a checkpoint of that step is kept (and recommended), and the
+    eval loss and measures logged at that step."""
+    checkpoints = {checkpoint_step(path) for path in complete_checkpoints(run_dir)}
+    at_step: dict[int, list[dict]] = {step: [] for step in steps}
+    for row in logged:
+        at_step.get(row["step"], []).append(row)
+    headings = {}
+    for step in steps:
+        lines = [f"step {step}"]
+        if step in checkpoints:
+            lines.append(f'<a href="{src(step_dir(run_dir, step), run_dir)}/">checkpoint</a>'
+                         + (' <strong class="recommended">recommended</strong>' if step == recommended else ""))
+        for key, title in ((EVAL_KEY, "eval loss"), *MEASURES):
+            if values := series(at_step[step], key):
+                lines.append(f"{title.split(' (')[0]} {values[-1][1]:.4g}")
+        headings[step] = "<br>".join(lines)
+    return headings
 
 
-def _videos(config: Config, run_dir: Path) -> str:
-    """Every validation video, by step, newest first, captioned with its prompt where the config still has it."""
-    texts = validation_texts(config)
-    by_step: dict[int, list[str]] = {}
-    for video in sorted((run_dir / SAMPLES_DIR).glob("*.mp4")):
-        match = _SAMPLE.match(video.name)
-        step, index = (int(match.group(1)), int(match.group(2))) if match else (-1, -1)
-        text = texts[index] if 0 <= index < len(texts) else None
-        named = text is not None and sample_path(run_dir, step, index, text).name == video.name
-        caption = text if named else video.name
-        by_step.setdefault(step, []).append(
-            f'<figure><video controls preload="metadata" src="{html.escape(f"{SAMPLES_DIR}/{video.name}")}"></video>'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    if not by_step:
+def _videos(config: Config, run_dir: Path, logged: list[dict]) -> str:
+    """The validation videos as a grid, prompt x step, and any other video in samples/."""
+    renders = find_renders(run_dir)
+    if not renders.by_step and not renders.other:
         return "<p>No validation videos (validation.prompts is empty, or no validation ran yet).</p>"
-    return "\n".join(f"<h3>{f'step {step}' if step >= 0 else 'other'}</h3>\n" + "\n".join(figures)
-                     for step, figures in sorted(by_step.items(), reverse=True))
+    try:
+        record = recommended_record(run_dir)
+    except DamagedRecordError:
+        record = None
+    parts = []
+    if renders.by_step:
+        headings = _headings(run_dir, sorted(renders.by_step), logged, record and record["step"])
+        parts.append(grid(config, run_dir, renders, headings))
+    unrendered = [path.name for path in complete_checkpoints(run_dir) if checkpoint_step(path) not in renders.by_step]
+    if renders.by_step and unrendered:
+        parts.append(f"<p>Checkpoints with no videos of their own step: {html.escape(', '.join(unrendered))} (a "
+                     "validation.every that divides train.checkpoint_every renders every checkpoint).</p>")
+    parts += [f"<figure>{video_tag(video, run_dir)}<figcaption>{html.escape(video.name)}</figcaption></figure>"
+              for video in renders.other]
+    return "\n".join(parts)
 
 
 def _facts(config: Config, run_dir: Path, rows: list[dict], stopped: bool) -> list[tuple[str, str]]:
@@ -173,22 +165,20 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
     logged = logged_rows(run_dir)
     rows = rows_with(logged, STEP_KEY)
     charts = _charts(rows, rows_with(logged, EVAL_KEY))
-    _png(charts, run_dir / CURVES_IMAGE)
+    measures = measure_charts([(None, logged, config.quality)])
+    png(charts + measures, run_dir / CURVES_IMAGE)
     facts = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in
                       _facts(config, run_dir, rows, stopped))
     title = html.escape(f"cogft run {run_dir.name}")
-    held_out = "".join(f"<h2>Held-out eval loss</h2>\n{_svg(chart)}\n" for chart in charts[2:])
+    held_out = "".join(f"<h3>Held-out eval loss</h3>\n{svg(chart)}\n" for chart in charts[2:])
+    held_out += "".join(f"<h3>{html.escape(chart.title)}</h3>\n{svg(chart)}\n" for chart in measures)
     page = f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>{title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222 }}
-th {{ text-align: left; padding-right: 1rem; vertical-align: top }}
-svg {{ max-width: 100%; height: auto }}
-figure {{ display: inline-block; margin: 0 1rem 1rem 0; max-width: 22rem }}
-video {{ max-width: 100% }}
+{STYLE}
 </style>
 </head>
 <body>
@@ -197,11 +187,13 @@ video {{ max-width: 100% }}
 {facts}
 </table>
 <h2>Loss</h2>
-{_svg(charts[0])}
+{svg(charts[0])}
 <h2>Learning rate</h2>
-{_svg(charts[1])}
-{held_out}<h2>Validation videos</h2>
-{_videos(config, run_dir)}
+{svg(charts[1])}
+<h2>Choosing a checkpoint</h2>
+<p>{recommendation_line(config, run_dir)}</p>
+{held_out}<h3>Validation videos</h3>
+{_videos(config, run_dir, logged)}
 </body>
 </html>
 """

@@ -136,7 +136,10 @@ def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     lines.extend(set_lines(config, run_dir, logged))
     evals = rows_with(logged, EVAL_KEY)
     if evals:
+        from .recommend import summary_line  # imported here: it reads metrics.jsonl through this module
+
         lines.extend(eval_lines(run_dir, evals))
+        lines.extend(line for line in [summary_line(run_dir)] if line)
     checks = rows_with(logged, CHECK_KEY, "export_check/prediction_gap", "export_check/tolerance")
     if checks and not stopped:
         lines.append(export_check_line(checks[-1]))

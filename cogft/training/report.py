@@ -26,6 +26,7 @@ from ..run_dir import (
     resolve_trained,
     sample_path,
 )
+from .clip_outliers import clips_section
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
 
 _WIDTH, _HEIGHT = 720, 260  # one chart; curves.png stacks the two
@@ -202,6 +203,7 @@ video {{ max-width: 100% }}
 {_svg(charts[1])}
 {held_out}<h2>Validation videos</h2>
 {_videos(config, run_dir)}
+{clips_section(run_dir)}
 </body>
 </html>
 """

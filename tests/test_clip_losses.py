@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cogft.cli import main
-from cogft.training.clip_outliers import clip_losses
+from cogft.training.clip_outliers import clip_losses, clips_section
 from cogft.training.clip_records import CLIP_LOSSES_DIR, continue_records, read_samples
 from cogft.training.loop import train
 
@@ -158,6 +158,9 @@ def test_outliers_are_judged_within_each_third(tmp_path):
     assert [t["range"] for t in low["thirds"]] == ["t000_333", "t333_666", "t666_1000"]
     assert low["reason"] == "duplicate or memorised"
     assert high["report_row"] == 4 and high["listed_at"] == "videos.txt:4" and low["report_row"] == 8
+    section = clips_section(tmp_path)  # report.html's
+    assert "/data/clip3.mp4" in section and '<a href="prepare_report.jsonl">row 4</a> (videos.txt:4)' in section
+    assert "duplicate or memorised" in section and "/data/clip9.mp4" not in section
     # c09's raw mean loss is above most clips' in every third (it is only seen at their top), yet it is not judged
     # an outlier: each sample is compared with the samples near its own timestep
     per_clip = {c["clip"]: c["thirds"] for c in table["per_clip"]}

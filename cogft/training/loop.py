@@ -210,9 +210,9 @@ class Trainer:
         empty_prompt = load_file(prepared.negative_prompt)["prompt_embeds"]  # "" (caption dropout's)
         self.step, self.progress, self.loader = assemble_step(accelerator, transformer, config, self.variant,
                                                               scheduler, loader, empty_prompt)
-        self.clip_losses = ClipLossRecorder(self.run_dir, self.dataset.entries, self.step.num_train_timesteps,
-                                            accelerator.process_index, accelerator.is_main_process,
-                                            self.variant.gives_sample_losses)
+        self.clip_losses = ClipLossRecorder(  # one file per data rank (a context-parallel group's samples once)
+            self.run_dir, self.dataset.entries, self.step.num_train_timesteps, self.topology.data_rank,
+            accelerator.is_main_process, self.variant.gives_sample_losses and self.topology.context_rank == 0)
         self.ema = None
         if config.train.ema_decay is not None:  # registered before a resume loads its saved state into it
             self.ema = WeightAverage(self.step.params, config.train.ema_decay, on_host=config.train.mode == "sft")

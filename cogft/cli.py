@@ -168,12 +168,26 @@ def _export(args) -> None:
 
 
 def _doctor_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="CONFIG_OR_FOLDER", help="a config YAML, or a dataset folder / .csv / .jsonl")
+    parser.add_argument("target", metavar="CONFIG_OR_FOLDER", nargs="?",
+                        help="a config YAML, or a dataset folder / .csv / .jsonl")
     parser.add_argument("overrides", nargs="*", help="section.key=value for a config, e.g. data.min_frames=9")
     parser.add_argument("--json", action="store_true", help="print the machine-readable report")
+    parser.add_argument("--losses", metavar="RUN", help="instead: the clips whose training loss stands out in RUN")
 
 
 def _doctor(args) -> None:
+    from .config import ConfigError
+
+    if args.losses:
+        if args.target or args.overrides:
+            raise ConfigError("--losses RUN reads a run folder alone; leave out CONFIG_OR_FOLDER and overrides")
+        from .training.clip_outliers import clip_losses, format_clip_losses
+
+        report = clip_losses(args.losses)
+        print(json.dumps(report) if args.json else format_clip_losses(report))
+        return
+    if not args.target:
+        raise ConfigError("give a CONFIG_OR_FOLDER to check, or --losses RUN for a trained run's clips")
     from .data.doctor import diagnose, format_table
 
     with contextlib.redirect_stdout(sys.stderr):  # libraries print banners; stdout carries only the report

@@ -3,6 +3,7 @@
     RUN/config.yaml                          the resolved config (each checkpoint keeps its own copy too)
     RUN/prepare_report.jsonl                 one row per listed clip
     RUN/metrics.jsonl                        one row per logged step (rows after a resume point are redone)
+    RUN/clip_losses/                         each trained sample's loss, timestep and clip (training/clip_records.py)
     RUN/wandb_run_id                         the W&B run every resume continues
     RUN/samples/step-NNNNNN-II-prompt.mp4    validation videos
     RUN/checkpoints/step-NNNNNN/             complete checkpoints (marked, renamed into place)

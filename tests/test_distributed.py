@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cogft.training.clip_records import read_samples
 from cogft.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,11 +58,17 @@ def test_two_ranks_match_one_rank_with_the_whole_batch_and_resume_exactly(make_c
     a, b = lora(two), lora(one)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)  # AdamW magnifies fp16 noise on tiny grads
+    ranks, whole = read_samples(two), read_samples(one)  # each rank's clip losses, merged: the one rank's
+    assert sorted(p.name for p in (two / "clip_losses").glob("rank-*")) == ["rank-0.jsonl", "rank-1.jsonl"]
+    assert [(s.step, s.clip, s.t) for s in ranks] == [(s.step, s.clip, s.t) for s in whole] and len(whole) == 8
+    torch.testing.assert_close(torch.tensor([s.loss for s in ranks]), torch.tensor([s.loss for s in whole]),
+                               rtol=1e-4, atol=1e-5)
 
     resumed = tmp_path / "resumed"
     torchrun(resumed, cache, "train.max_steps=2", "train.batch_size=1")
     torchrun(resumed, cache, "train.max_steps=4", "train.batch_size=1")
     assert losses(resumed) == losses(two)
+    assert read_samples(resumed) == read_samples(two)
     assert all(torch.equal(lora(resumed)[k], lora(two)[k]) for k in a)
 
 

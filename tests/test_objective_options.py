@@ -248,9 +248,10 @@ def test_bench_times_a_masked_step_with_the_options(make_config, monkeypatch):
     from cogft.models.cogvideox.spec import CogVideoXVariant
 
     seen = []
-    loss = CogVideoXVariant.loss
-    monkeypatch.setattr(CogVideoXVariant, "loss", lambda self, model, inputs, scheduler, cast_inputs=False, **kw: (
-        seen.append((inputs.loss_mask, kw["objective"])) or loss(self, model, inputs, scheduler, cast_inputs, **kw)))
+    loss = CogVideoXVariant.sample_losses  # what the training step calls (its mean is the step's loss)
+    monkeypatch.setattr(CogVideoXVariant, "sample_losses", lambda self, model, inputs, scheduler, cast_inputs=False,
+                        **kw: (seen.append((inputs.loss_mask, kw["objective"]))
+                               or loss(self, model, inputs, scheduler, cast_inputs, **kw)))
     device, config, variant = bench_setup(make_config("train.batch_size=1", "train.loss=huber",
                                                       "train.timestep_sampling=mode"))
     run = cogft_step(config, variant, device)

@@ -16,6 +16,7 @@ from cogft.data.doctor import diagnose, format_table
 from cogft.data.mixing import EpochMix
 from cogft.data.sources import DataSet, DatasetLayoutError
 from cogft.models.family import TrainingDraws
+from cogft.training.clip_records import read_clips, read_samples
 from cogft.training.loop import train
 from cogft.training.summary import run_summary
 
@@ -141,6 +142,10 @@ def test_two_sets_and_a_prior_resume_bit_exactly_and_report_per_set(make_config,
     assert [losses(r) for r in logged] == [losses(r) for r in rows(resumed)]
     assert len(logged) == 10 and any("loss/prior" in r for r in logged) and any("loss" in r for r in logged)
     assert all(("loss" in r) != ("loss/prior" in r) for r in logged)  # batch size 2, one micro-batch: one kind a step
+    recorded = read_samples(straight)  # the clips' per-sample losses: a prior batch's are not a clip's fit
+    assert recorded == read_samples(resumed)
+    assert {s.step for s in recorded} == {r["step"] for r in logged if "loss" in r}
+    assert len(read_clips(straight)[1]) == 6
     summary = json.loads((straight / "prepare_report.jsonl").read_text().splitlines()[-1])["summary"]
     assert {k: (v["kind"], v["kept"]) for k, v in summary["sets"].items()} == {
         "data.sets[0]": ("clips", 6), "data.sets[1]": ("prior", 3)}

@@ -201,6 +201,10 @@ class ToyVariant(Variant):
 
     def loss(self, model, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
              objective: Objective = REFERENCE, target=None) -> torch.Tensor:  # its own objective only
+        return self.sample_losses(model, inputs, scheduler, cast_inputs, objective, target).mean()
+
+    def sample_losses(self, model, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+                      objective: Objective = REFERENCE, target=None) -> torch.Tensor:
         sigma = (inputs.timesteps.float() / 1000).view(-1, 1, 1, 1, 1)
         x_t = (1 - sigma) * inputs.x0 + sigma * inputs.noise
         wanted = inputs.noise - inputs.x0
@@ -208,7 +212,7 @@ class ToyVariant(Variant):
             with torch.no_grad():
                 wanted = target(x_t, inputs.timesteps).float()
         velocity = self.predict(model, x_t, inputs.timesteps, inputs).float()
-        return ((velocity - wanted) ** 2).mean()
+        return ((velocity - wanted) ** 2).flatten(1).mean(1)
 
     def reference_loss(self, transformer, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
         x0 = self._x0(batch, torch.randn_like(batch["toy_mean"].float()))

@@ -54,8 +54,10 @@ def cogft_step(config: Config, variant: Variant, device: torch.device, on_host: 
     GPU: swapped blocks stay in host memory)."""
     from accelerate import Accelerator
 
+    from ..data.cache import CacheEntry
     from ..training.assemble import assemble_step
     from ..training.checkpointing import load_checkpoint, sample_generators, save_checkpoint
+    from ..training.clip_losses import ClipLossRecorder
 
     accelerator = Accelerator(mixed_precision="no", cpu=accelerator_on_cpu())
     transformer = random_transformer(variant, variant.dtype, torch.device("cpu") if on_host else device)
@@ -65,11 +67,21 @@ def cogft_step(config: Config, variant: Variant, device: torch.device, on_host: 
     step, _, _ = assemble_step(accelerator, transformer, config, variant, scheduler,
                                empty_prompt=torch.zeros_like(batch[0]["prompt_embeds"][0]))  # caption dropout's
     step.transformer.train()
+    # the per-clip loss records, as the trainer keeps them: on the device through the step, written a step later
+    records = tempfile.TemporaryDirectory(prefix="cogft-bench-")
+    samples = config.train.batch_size
+    recorder = ClipLossRecorder(Path(records.name), [CacheEntry((f"sample-{i}",), "", "", "", 0, 0, 0)
+                                                     for i in range(samples)], step.num_train_timesteps, 0, False,
+                                variant.gives_sample_losses)
+    index, launched = torch.arange(samples, device=device), [0]
 
     def run(i: int) -> None:
-        loss = step.forward_backward(batch[0], sample_generators(config.train.seed, i, 0, 0, config.train.batch_size,
-                                                                 device))
+        loss = step.forward_backward(batch[0], sample_generators(config.train.seed, i, 0, 0, samples, device))
+        recorder.add({**batch[0], "index": index}, step.sample_losses)
         step.update(loss)
+        launched[0] += 1
+        recorder.launch(launched[0])
+        recorder.write(launched[0] - 1)
 
     def use(size: tuple[int, int], prior: bool = False, loss_mask: bool = False) -> None:
         """Train on the batch of `size`; `prior`: as a `kind: prior` set's (towards the base model); `loss_mask`:
@@ -94,6 +106,7 @@ def cogft_step(config: Config, variant: Variant, device: torch.device, on_host: 
                 "checkpoint_mib": round(size / 2**20, 2)}
 
     run.checkpoint_roundtrip = checkpoint_roundtrip
+    run.records = records  # removed with `run`
     run.use = use
     run.step = step
     run.backend = backend_name(accelerator)

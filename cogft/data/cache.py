@@ -68,6 +68,7 @@ class CacheEntry:
     clip: str = ""  # the clip's content key (its bytes, and its given image's): how it is encoded changes it not
     set: int = 0    # its source's place in `data.sets` (0 for `data.path`)
     prior: bool = False  # a `kind: prior` set's: trained towards the base model's prediction
+    line: str = ""  # where it was listed ("videos.txt:3"): its row's `listed_at` in prepare_report.jsonl
 
     @property
     def bucket(self) -> tuple[int, int, int]:
@@ -612,7 +613,8 @@ def _prepare_set(config: Config, variant: Variant, device: torch.device, rank: i
         torch.cuda.empty_cache()
 
     entries = [CacheEntry(tuple(str(p) for p in k.paths), str(preparer.prompt_path(k.clip.caption)), str(k.clip.video),
-                          k.clip.caption, k.frames, *k.size, k.digest, data_set.index, data_set.prior) for k in kept]
+                          k.clip.caption, k.frames, *k.size, k.digest, data_set.index, data_set.prior, k.clip.line)
+               for k in kept]
     report = list(rows.values())
     if data_set.key != "data":
         for row in report:

@@ -405,6 +405,19 @@ class Variant(ABC):
         `target(x_t, t)`: a prediction, in `predict`'s form, that the model is trained towards instead of the clean
         latents (a prior sample: the base model's own, made without gradient); None: the clean latents, as always."""
 
+    def sample_losses(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+                      objective: Objective = REFERENCE,
+                      target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """`loss` per sample, [B] (fp32), of the same forward: `loss` is their mean. The trainer steps on their mean
+        and records each clip's (`cogft doctor --losses`); optional: a family without it trains on `loss` and its
+        clips' losses go unrecorded (`gives_sample_losses`)."""
+        raise NotImplementedError(f"{self.name} gives its loss per batch only")
+
+    @property
+    def gives_sample_losses(self) -> bool:
+        """Whether `sample_losses` is there: the training step then records each sample's loss at no extra cost."""
+        return type(self).sample_losses is not Variant.sample_losses
+
     @abstractmethod
     def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
         """The family's published training recipe written plainly (diffusers' example script): the baseline

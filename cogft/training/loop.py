@@ -45,6 +45,8 @@ from .checkpointing import (
     save_export,
     save_weights,
 )
+from .clip_losses import ClipLossRecorder
+from .clip_records import continue_records
 from .ema import WeightAverage
 from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .export_probe import export_probe
@@ -178,6 +180,7 @@ class Trainer:
         if accelerator.is_main_process:
             save_config(config, self.run_dir / CONFIG_FILE)
             continue_metrics(self.run_dir, None if resume_from is None else checkpoint_step(resume_from))
+            continue_records(self.run_dir, None if resume_from is None else checkpoint_step(resume_from))
         return resume_from
 
     def setup(self) -> None:
@@ -208,6 +211,9 @@ class Trainer:
         empty_prompt = load_file(prepared.negative_prompt)["prompt_embeds"]  # "" (caption dropout's)
         self.step, self.progress, self.loader = assemble_step(accelerator, transformer, config, self.variant,
                                                               scheduler, loader, empty_prompt)
+        self.clip_losses = ClipLossRecorder(  # one file per data rank (a context-parallel group's samples once)
+            self.run_dir, self.dataset.entries, self.step.num_train_timesteps, self.topology.data_rank,
+            accelerator.is_main_process, self.variant.gives_sample_losses and self.topology.context_rank == 0)
         self.ema = None
         if config.train.ema_decay is not None:  # registered before a resume loads its saved state into it
             self.ema = WeightAverage(self.step.params, config.train.ema_decay, on_host=config.train.mode == "sft")
@@ -281,6 +287,7 @@ class Trainer:
                 micro += 1
                 loss = self.step.forward_backward(batch, generators)
                 kinds[PRIOR if batch.get(PRIOR) else "clips"] = loss
+                self.clip_losses.add(batch, self.step.sample_losses)
                 if not accelerator.sync_gradients:
                     self.data_wait.fetching()
                     continue
@@ -291,6 +298,7 @@ class Trainer:
             progress.global_step += 1
             self.doing = f"the end of step {progress.global_step} (checkpoint, held-out eval)"
             readout = StepReadout(**self._scalars(loss, result, kinds))
+            self.clip_losses.launch(progress.global_step)
             kinds = {}
             self._report(self.pending)  # the previous step's scalars are on the host by now
             self.pending = FinishedStep(progress.global_step, readout, batch["index"],
@@ -358,6 +366,7 @@ class Trainer:
         if finished is None:
             return
         values = finished.readout.values()
+        self.clip_losses.write(finished.step)
         self.guard.record(values["finite"] > 0, finished.step, values["loss"], finished.sample_ids)
         self.progress.skipped_steps = self.guard.total
         if "mean_loss" in values:

@@ -25,6 +25,7 @@ from ..run_dir import (
     step_dir,
 )
 from .charts import PALETTE, Chart, png, series, svg
+from .clip_outliers import clips_section
 from .grid import find_renders, grid, src, video_tag
 from .recommend import BLEED, MOTION, TRIGGER_GAIN, limits, recommended_record
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
@@ -194,6 +195,7 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
 <p>{recommendation_line(config, run_dir)}</p>
 {held_out}<h3>Validation videos</h3>
 {_videos(config, run_dir, logged)}
+{clips_section(run_dir)}
 </body>
 </html>
 """

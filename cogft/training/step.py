@@ -73,17 +73,19 @@ class TrainingStep:
         # FSDP's sharded (DTensor) weights keep the host check, the path measured with them
         self.skips_on_device = (getattr(self.inner_optimizer, "_step_supports_amp_scaling", False)
                                 and not uses_fsdp(parts.accelerator))
+        self.sample_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # the last micro-batch's, per sample
         if parts.caption_dropout and parts.empty_prompt is None:
             raise ValueError("caption dropout needs the empty prompt's embedding")
 
     def loss(self, model: torch.nn.Module, inputs: ModelInputs, objective: Objective = REFERENCE,
-             prior: bool = False) -> torch.Tensor:
+             prior: bool = False, per_sample: bool = False) -> torch.Tensor:
         """The family's objective on `inputs` with `model` (the training step's, or the evaluation's unwrapped one),
         with `objective`'s loss form and weighting (the evaluation's: the reference); `prior`: towards the base
-        model's own prediction (`base_prediction`) instead of the clean latents."""
+        model's own prediction (`base_prediction`) instead of the clean latents; `per_sample`: each sample's [B]."""
         # DeepSpeed's engine holds the model in fp16/bf16 and turns autocast off inside forward
-        return self.variant.loss(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed,
-                                 objective=objective, target=self.base_prediction(model, inputs) if prior else None)
+        objective_of = self.variant.sample_losses if per_sample else self.variant.loss
+        return objective_of(model, inputs, self.parts.noise_scheduler, cast_inputs=self.deepspeed,
+                            objective=objective, target=self.base_prediction(model, inputs) if prior else None)
 
     def base_prediction(self, model: torch.nn.Module, inputs: ModelInputs):
         """A prior sample's target: `model`'s prediction at (x_t, t) with its adapter switched off, without
@@ -95,14 +97,19 @@ class TrainingStep:
 
     def forward_backward(self, batch: dict[str, torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
         """Loss of one micro-batch (fp32, detached, unweighted) after its backward pass; a prior set's batch
-        (`batch[PRIOR]`) is trained towards the base model, its loss scaled by `prior_weight` for the backward."""
+        (`batch[PRIOR]`) is trained towards the base model, its loss scaled by `prior_weight` for the backward.
+        Leaves `sample_losses`: (timesteps, each sample's loss), on the device, of which the loss is the mean (None
+        where the family gives its loss per batch only)."""
         draws = TrainingDraws(generators, self.parts.condition_dropout, self.parts.objective)
         inputs = self.variant.draw_inputs(batch, draws, self.parts.noise_scheduler)
         if self.parts.caption_dropout:  # drawn last: runs without it draw as before
             inputs.prompt_embeds = drop_captions(inputs.prompt_embeds, self.parts.empty_prompt,
                                                  self.parts.caption_dropout, generators)
         prior = bool(batch.get(PRIOR, False))
-        loss = self.loss(self.transformer, inputs, self.parts.objective, prior)
+        per_sample = self.variant.gives_sample_losses
+        losses = self.loss(self.transformer, inputs, self.parts.objective, prior, per_sample)
+        loss = losses.mean() if per_sample else losses
+        self.sample_losses = (inputs.timesteps.detach(), losses.detach()) if per_sample else None
         if self.in_backward is not None:
             self.in_backward.begin(self.accelerator.sync_gradients)
         scaled = loss * self.parts.prior_weight if prior and self.parts.prior_weight != 1 else loss

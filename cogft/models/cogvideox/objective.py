@@ -110,7 +110,21 @@ def diffusion_loss(
     loss_mask: torch.Tensor | None = None,
     target_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The weighted x0 loss, mean_b w_t · mean(ρ(x0_hat − x0)) with ρ `objective`'s elementwise loss and w_t its
+    """The batch's loss: the mean of `diffusion_losses`."""
+    return diffusion_losses(predict_velocity, scheduler, x0, noise, t, objective, loss_mask, target_velocity).mean()
+
+
+def diffusion_losses(
+    predict_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    objective: Objective = REFERENCE,
+    loss_mask: torch.Tensor | None = None,
+    target_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each sample's weighted x0 loss [B], w_t · mean(ρ(x0_hat − x0)) with ρ `objective`'s elementwise loss and w_t its
     weighting (`loss_weights`); with a `loss_mask` [B, F, 1, h, w] each sample's mean is the mask-weighted one
     (`masked_mean`). `predict_velocity(x_t, t)` runs the transformer (prompt, positions, conditions bound).
     `target_velocity(x_t, t)`: the prediction to train towards instead (a prior sample's, the base model's), whose
@@ -124,7 +138,7 @@ def diffusion_loss(
     alphas_cumprod = scheduler.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
     weights = loss_weights(alphas_cumprod, t, objective)
     per_sample = masked_mean(elementwise_loss(x0_hat.float() - x0, objective), loss_mask)
-    return (weights * per_sample).mean()
+    return weights * per_sample
 
 
 def draw_image_latents(image_mean: torch.Tensor, image_logvar: torch.Tensor, scale: float, frames: int,

@@ -29,7 +29,7 @@ from ..family import (
 )
 from ..objective_options import REFERENCE, Objective
 from .attention import KernelAttnProcessor
-from .objective import diffusion_loss, draw_inputs, frames_first
+from .objective import diffusion_losses, draw_inputs, frames_first
 
 
 def frame_buckets(num_frames: int, min_frames: int) -> tuple[int, ...]:
@@ -322,8 +322,13 @@ class CogVideoXVariant(Variant):
     def loss(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
              objective: Objective = REFERENCE,
              target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        return diffusion_loss(lambda x_t, t: self.predict(model, x_t, t, inputs, cast_inputs), scheduler,
-                              inputs.x0, inputs.noise, inputs.timesteps, objective, inputs.loss_mask, target)
+        return self.sample_losses(model, inputs, scheduler, cast_inputs, objective, target).mean()
+
+    def sample_losses(self, model: torch.nn.Module, inputs: ModelInputs, scheduler, cast_inputs: bool = False,
+                      objective: Objective = REFERENCE,
+                      target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        return diffusion_losses(lambda x_t, t: self.predict(model, x_t, t, inputs, cast_inputs), scheduler,
+                                inputs.x0, inputs.noise, inputs.timesteps, objective, inputs.loss_mask, target)
 
     def reference_loss(self, transformer: torch.nn.Module, batch: dict[str, torch.Tensor], scheduler) -> torch.Tensor:
         """The diffusers CogVideoX example's step: global-RNG draws, the loss in the model's dtype until the end."""

@@ -168,9 +168,11 @@ def _measure(name: str, build, config: Config, variant: Variant, device: torch.d
             with tempfile.TemporaryDirectory(prefix="cogft-bench-") as folder:
                 extra = run.checkpoint_roundtrip(Path(folder))
     except torch.OutOfMemoryError as error:
+        detail = str(error).split(". Including")[0]  # what was asked for, and what the process held then
         del error
         free(device)
-        return {"variant": name, "error": "out of memory"}
+        return {"variant": name, "error": "out of memory", "detail": detail,
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
     row = _row(name, config, variant, device, run, times, back_to_back, config.data.sizes[0])
     row.update(extra)
     del run

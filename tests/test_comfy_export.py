@@ -268,6 +268,8 @@ def test_the_card_names_each_file_and_the_diffusers_file_still_loads_alone(runs)
     (["lora.type=dora", "lora.export_format=kohya"], ["lora.export_format=kohya", "dora"]),
     (["lora.type=loha", "lora.export_format=[comfyui,kohya]"], ["lora.export_format=kohya", "loha"]),
     (["train.mode=sft", "lora.export_format=comfyui"], ["lora.export_format=comfyui", "full fine-tune"]),
+    (["lora.target_modules=[to_q,proj]", "lora.export_format=kohya"],  # proj: ff.net.0.proj and the patch conv
+     ["lora.export_format=kohya", "patch_embed.proj, not a Linear layer"]),
     (["model.control=true", "data.control=canny", "validation.prompts=[]", "lora.export_format=comfyui"],
      ["lora.export_format=comfyui", "patch_embed.proj"]),
 ])
@@ -286,7 +288,7 @@ def test_a_family_without_a_layer_for_a_target_or_without_the_format_is_refused(
 
     config = make_config("lora.target_modules=[to_q,proj_out]")
     real = variant_of(config.model)
-    partial = SimpleNamespace(spec=real.spec, trained_with_adapter=(), transformer_layout=real.transformer_layout,
+    partial = SimpleNamespace(spec=real.spec, configs=real.configs, trained_with_adapter=(),
                               lora_key_formats={"comfyui": ToolNames(lambda n: None if n == "proj_out" else n, "")})
     with pytest.raises(ConfigError, match=r"--format=comfyui: lora.target_modules adapts proj_out"):
         check_export_formats(["comfyui"], config, partial, key="--format")
@@ -306,3 +308,10 @@ def test_cli_export_format_is_checked_before_anything_is_written(runs, tmp_path,
     assert main(["export", "--from", str(runs["loha"]), "--out", str(tmp_path / "ok"), "--format", "comfyui"]) == 0
     assert (tmp_path / "ok" / "lora_comfyui.safetensors").is_file()
     assert not (tmp_path / "ok" / "pytorch_lora_weights.safetensors").exists()  # LoHa: peft's files, as before
+    from diffusers import CogVideoXPipeline
+
+    from cogft.models.loading import resolve_model_path
+
+    pipe = CogVideoXPipeline.from_pretrained(resolve_model_path("tiny://2b"), dtype=torch.float32)
+    with pytest.raises(ValueError):  # whichever file it picks, the stock loader still refuses, never loads nothing
+        pipe.load_lora_weights(str(tmp_path / "ok"))

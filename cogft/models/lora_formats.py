@@ -10,6 +10,7 @@ scale x rank), and refuses by key what a tool would load as something other than
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..run_dir import adapter_file
+from .family import _meta_model
 
 DIFFUSERS = "diffusers"  # always written: the file a stock `load_lora_weights` reads
 
@@ -95,12 +97,26 @@ def check_export_formats(formats: list[str], config: Config, variant, key: str =
         if variant.trained_with_adapter:
             raise ConfigError(f"{key}={name}: this model's LoRA comes with whole trained layers "
                               f"({', '.join(variant.trained_with_adapter)}) that {name} loaders do not read; {fix}")
-        targets = list(config.lora.target_modules)
-        adapted = [n for n in variant.transformer_layout[1] if any(n == t or n.endswith("." + t) for t in targets)]
+        adapted = _adapted(variant, list(config.lora.target_modules))
         missing = [n for n in adapted if names[name].module(n) is None]
         if missing:
             raise ConfigError(f"{key}={name}: lora.target_modules adapts {missing[0]}, which {name} loaders have no "
                               f"layer for; take it out of lora.target_modules or {fix}")
+        not_linear = [n for n, linear in adapted.items() if not linear] if FORMATS[name].linear_only else []
+        if not_linear:
+            raise ConfigError(f"{key}={name}: lora.target_modules adapts {not_linear[0]}, not a Linear layer, and "
+                              f"{name} loaders merge Linear layers only; name the Linear layers in "
+                              f"lora.target_modules (e.g. net.0.proj, not proj) or {fix}")
+
+
+def _adapted(variant, targets: list[str]) -> dict[str, bool]:
+    """{module: whether it is a Linear layer} of the modules peft puts an adapter on for `targets` (its rule: the
+    name or its last parts; layers peft adapts: Linear, convolutions, embeddings), on the meta-device build."""
+    model = _meta_model(variant.spec.diffusers_class("transformer"),
+                        json.dumps(variant.configs.transformer, sort_keys=True))
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    return {n: isinstance(m, torch.nn.Linear) for n, m in model.named_modules()
+            if isinstance(m, kinds) and any(n == t or n.endswith("." + t) for t in targets)}
 
 
 def lora_scale(config: Config) -> float:

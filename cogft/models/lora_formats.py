@@ -93,7 +93,7 @@ def check_export_formats(formats: list[str], config: Config, variant, key: str =
             raise ConfigError(f"{key}={name}: the {variant.spec.family} family has no {name} key format; {fix}")
         if reason := FORMATS[name].refused.get(config.lora.type):
             raise ConfigError(f"{key}={name} cannot carry lora.type={config.lora.type}: {reason}. Use lora.type=lora "
-                              f"for {name}, or {fix} (the diffusers file keeps it)")
+                              f"for {name}, or {fix} (the diffusers or peft files are written either way)")
         if variant.trained_with_adapter:
             raise ConfigError(f"{key}={name}: this model's LoRA comes with whole trained layers "
                               f"({', '.join(variant.trained_with_adapter)}) that {name} loaders do not read; {fix}")

@@ -144,6 +144,10 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
                                                             "(RUN/best.json; needs eval.holdout)")
     parser.add_argument("--recommended", action="store_true", help="the run's recommended checkpoint: the lowest "
                         "held-out eval loss within quality.* limits (RUN/recommended.json; needs eval.holdout)")
+    parser.add_argument("--format", dest="formats", metavar="FORMAT[,FORMAT]",
+                        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+                        help="LoRA files to write: diffusers (always), comfyui (ComfyUI's own loader), kohya "
+                             "(kijai's CogVideoXWrapper); default: the run's lora.export_format")
     parser.add_argument("--push-to-hub", metavar="OWNER/NAME",
                         help="then upload the export to this Hugging Face model repository (created if missing)")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -158,11 +162,12 @@ def _export(args) -> None:
         raise ConfigError("--private applies to --push-to-hub OWNER/NAME; add it, or leave out --private")
     if args.push_to_hub:  # before the export, which can take minutes (--merge)
         check_hub_push(args.push_to_hub, "--push-to-hub")
-    out = export(args.source, args.out, args.merge, args.best, args.recommended)
+    out = export(args.source, args.out, args.merge, args.best, args.recommended, args.formats)
     print(out)
     if args.push_to_hub:
         retry = (f"cogft export --from {args.source} --out ANOTHER_DIR{' --merge' if args.merge else ''}"
-                 f"{' --best' if args.best else ''}{' --recommended' if args.recommended else ''} "
+                 f"{' --best' if args.best else ''}{' --recommended' if args.recommended else ''}"
+                 f"{' --format ' + ','.join(args.formats) if args.formats else ''} "
                  f"--push-to-hub {args.push_to_hub}{' --private' if args.private else ''}")
         print(push(card_folder(out), args.push_to_hub, True if args.private else None, retry))
 

@@ -562,6 +562,20 @@ class LoraConfig(_Section):
         "others; half the size of fp32, as the model computes it), `fp32` = the trained master weights. Its "
         "safetensors metadata names the base model, cogft's version, the rank, alpha and target modules. "
         "Checkpoints keep fp32 either way, so a resume is exact"))
+    export_format: list[Literal["diffusers", "comfyui", "kohya"]] = Field(["diffusers"], min_length=1, description=(
+        "the LoRA files of an export (`lora/`, `cogft export`; `cogft export --format` overrides it), one or a list: "
+        "`diffusers` (always written: `pytorch_lora_weights.safetensors`, the stock `load_lora_weights`), `comfyui` "
+        "(`lora_comfyui.safetensors`: ComfyUI's own LoRA loader, its model's layer names), `kohya` "
+        "(`lora_kohya.safetensors`: `lora_unet_` keys on the diffusers layer names, as kijai's "
+        "ComfyUI-CogVideoXWrapper merges them for the stock and the Fun models): the same weights in "
+        "`lora.export_dtype`, each layer's alpha beside them, so they load at the trained strength. A format that "
+        "cannot load the `lora.type` as trained is refused before prepare "
+        "(`comfyui`: lora, loha, lokr; `kohya`: lora). docs/adapters.md says which file to use where"))
+
+    @field_validator("export_format", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _lora_keys_fit_the_type(self) -> LoraConfig:

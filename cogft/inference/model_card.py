@@ -17,9 +17,10 @@ from ..config import Config
 from ..data.captions import prefixed, validation_texts
 from ..models.adapters import STOCK_LOADABLE
 from ..models.family import Variant
+from ..models.lora_formats import FORMATS, extra_formats
 from ..models.trained_modules import TRAINED_MODULES
 from ..optimizers import OPTIMIZERS
-from ..run_dir import PEFT_WEIGHTS, SAMPLES_DIR
+from ..run_dir import LORA_WEIGHTS, PEFT_WEIGHTS, SAMPLES_DIR
 
 CARD_FILE = "README.md"
 SAMPLE_FILE = "sample.mp4"
@@ -69,8 +70,10 @@ def _optimizer(config: Config) -> str:
             f"{train.weight_decay:g})")
 
 
-def model_card(config: Config, variant: Variant, step: int, sample: str | None = None):
-    """The card of weights trained by `config` for `step` steps; `sample`: a validation video beside it."""
+def model_card(config: Config, variant: Variant, step: int, sample: str | None = None,
+               formats: list[str] | None = None):
+    """The card of weights trained by `config` for `step` steps; `sample`: a validation video beside it; `formats`:
+    the LoRA key formats written beside the diffusers file (default `lora.export_format`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     spec, lora = variant.spec, config.train.mode == "lora"
@@ -151,6 +154,13 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
         body.append(f"| caption dropout | {config.data.caption_dropout:g} |")
     if trigger:
         body += ["", "## Trigger words", "", f"Start prompts with **{_text(trigger)}**."]
+    other = extra_formats(config.lora.export_format if formats is None else formats) if lora else []
+    if other:
+        body += ["", "## Other loaders", "", "The same weights, with the same strength (alpha per layer):", "",
+                 *(f"- `{FORMATS[name].file}`: {_text(variant.lora_key_formats[name].loads_in)}" for name in other),
+                 "", f"`{LORA_WEIGHTS}` is the one for diffusers (above), and for loaders that call diffusers' "
+                 "`load_lora_weights` (recent enough to read its alpha from the file)." if config.lora.type in
+                 STOCK_LOADABLE else f"`{PEFT_WEIGHTS}` is the one for diffusers with peft (above)."]
     if sample:
         body += ["", "## Validation sample", "",
                  f"[{SAMPLE_FILE}]({SAMPLE_FILE}): \"{_text(validated)}\", step {step}."]
@@ -181,11 +191,12 @@ def _widened_snippet(variant: Variant, source: str, pipeline_class: str, transfo
     ]
 
 
-def write_model_card(folder: Path, config: Config, variant: Variant, step: int, run_dir: Path) -> Path:
+def write_model_card(folder: Path, config: Config, variant: Variant, step: int, run_dir: Path,
+                     formats: list[str] | None = None) -> Path:
     """README.md (and the first validation prompt's video, as sample.mp4) into an export folder."""
     sample = _latest_sample(run_dir, step)
     if sample is not None:
         shutil.copy2(sample, folder / SAMPLE_FILE)
-    card = model_card(config, variant, step, SAMPLE_FILE if sample is not None else None)
+    card = model_card(config, variant, step, SAMPLE_FILE if sample is not None else None, formats)
     card.save(folder / CARD_FILE)
     return folder / CARD_FILE

@@ -14,7 +14,8 @@ What a `Variant` answers, by stage:
   options (`Objective`: timestep sampling, loss form and weighting) reach the draw through `TrainingDraws` and the
   loss as its argument, in a family that offers them (`objective_options`), and a loss mask rides in `ModelInputs`;
 - sampling: the stock pipeline around in-memory parts (`assemble_pipeline`) and its conditioning arguments;
-- adapters: the diffusers LoRA format the pipeline class loads (`lora_format`);
+- adapters: the diffusers LoRA format the pipeline class loads (`lora_format`), other tools' key formats
+  (`lora_key_formats`);
 - blocks and attention: the transformer's `transformer_blocks` (checkpointing, offload, compile) and the
   processor that carries another attention kernel (`attention_processor`).
 """
@@ -484,6 +485,12 @@ class Variant(ABC):
         """The diffusers class whose `save_lora_weights` / `lora_state_dict` write and read this family's LoRA files
         (the pipeline class, which a stock `load_lora_weights` is called on)."""
         return self.spec.diffusers_class("pipeline")
+
+    @property
+    def lora_key_formats(self) -> dict:
+        """{format name: `lora_formats.ToolNames`}: the other tools' key formats (`lora.export_format`) this family's
+        LoRA can be written in, with how each tool names its modules; none by default (refused by key)."""
+        return {}
 
     @abstractmethod
     def attention_processor(self, kernel, name: str):

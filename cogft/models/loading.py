@@ -17,6 +17,7 @@ from ..records import has_fields, read_json
 from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
 from .family import PipelineConfigs, Variant
 from .group_norm import spread_group_norms
+from .lora_formats import check_export_formats
 from .objective_options import Objective
 from .registry import reference_for, spec_for, spec_named
 
@@ -87,12 +88,14 @@ def variant_of(model: ModelConfig, build: bool = True) -> Variant:
 
 def load_for_config(config: Config, validates: bool = True) -> tuple[Config, Variant]:
     """The config's variant, and the config with the variant's native clip wherever `data.*` leaves it unset;
-    a clip size the variant cannot take, a timestep range outside its schedule or an objective option it lacks,
-    and (for work that `validates`) validation images or control videos it cannot use or lacks, are refused by key
-    before any work. Benchmarks and estimates render no validation prompt."""
+    a clip size the variant cannot take, a timestep range outside its schedule or an objective option it lacks, a
+    LoRA export format it cannot be loaded in as trained, and (for work that `validates`) validation images or
+    control videos it cannot use or lacks, are refused by key before any work. Benchmarks and estimates render no
+    validation prompt."""
     variant = variant_of(config.model)
     config = variant.resolve(config)
     variant.check_objective(Objective.of(config.train))
+    check_export_formats(config.lora.export_format, config, variant)
     if validates:
         variant.check_validation_conditions(config.validation.prompts, config.validation.images,
                                             config.validation.controls)

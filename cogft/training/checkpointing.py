@@ -24,6 +24,7 @@ from ..disk import disk_full_error, folder_bytes, follow_umask, is_disk_full
 from ..inference.model_card import write_model_card
 from ..models.adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
 from ..models.family import Variant
+from ..models.lora_formats import write_key_formats
 from ..records import DamagedRecordError, read_yaml
 from ..run_dir import (
     CHECKPOINTS,
@@ -200,6 +201,8 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, va
         written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, variant.lora_format,
                                dtype=dtype)
         if accelerator.is_main_process:
+            if config.train.mode == "lora":
+                write_key_formats(staging / LORA_DIR, config, variant)  # `lora.export_format`, beside the LoRA
             write_model_card(staging / name, config, variant, step, run_dir)
             record.write_text(json.dumps({"step": step, "what": name}))  # the last write, before anything moves
     except BaseException as error:

@@ -29,6 +29,7 @@ from ..family import (
 )
 from ..objective_options import REFERENCE, Objective
 from .attention import KernelAttnProcessor
+from .comfyui import KEY_FORMATS
 from .objective import diffusion_losses, draw_inputs, frames_first
 
 
@@ -440,3 +441,7 @@ class CogVideoXVariant(Variant):
 
     def attention_processor(self, kernel, name: str) -> KernelAttnProcessor:
         return KernelAttnProcessor(kernel, name)
+
+    @property
+    def lora_key_formats(self) -> dict:
+        return KEY_FORMATS

@@ -26,6 +26,7 @@ from ..run_dir import (
     resolve_trained,
     sample_path,
 )
+from .motion import motion_html
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
 
 _WIDTH, _HEIGHT = 720, 260  # one chart; curves.png stacks the two
@@ -200,7 +201,7 @@ video {{ max-width: 100% }}
 {_svg(charts[0])}
 <h2>Learning rate</h2>
 {_svg(charts[1])}
-{held_out}<h2>Validation videos</h2>
+{held_out}{motion_html(config, run_dir, logged)}<h2>Validation videos</h2>
 {_videos(config, run_dir)}
 </body>
 </html>

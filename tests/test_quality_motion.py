@@ -163,3 +163,14 @@ def test_without_opencv_the_guard_is_refused_by_key_before_any_work(make_config,
     check_motion_guard(make_config("quality.motion=false"))
     check_motion_guard(make_config("train.mode=sft"))  # no adapter: no guard
 
+
+def test_bench_times_a_validation_with_and_without_the_guard(make_config):
+    from cogft.bench.validation import bench_validation
+
+    rows = bench_validation(make_config("validation.prompts=[a red square]", "validation.num_inference_steps=2",
+                                        "train.batch_size=1"), warmup=0, steps=1, emit=lambda row: None)
+    assert [row.get("variant", row["figure"]) for row in rows] == [
+        "today", "first_with_base_renders", "with_measures", "motion_measure_s", "motion_guard_share"]
+    assert all(row["value"] > 0 for row in rows[:4])
+    share = rows[-1]
+    assert share["validations"] == 2 and share["s_per_step"] > 0  # 60 steps, every 30

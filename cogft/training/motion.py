@@ -9,10 +9,10 @@ then logs `quality/motion_ratio`: the LoRA videos' motion over the base videos'.
 Motion is the mean optical-flow magnitude (OpenCV's Farneback), in pixels per frame at the video's size, measured on
 the rendered frames in memory (not the lossy mp4). Flow rather than the mean frame-to-frame change, measured on the
 sample clips at 480x720: a still frame with a 10 % brightness flicker or 6 grey levels of noise has as much
-frame-to-frame change as the clips' real motion (9-25 and 4-7 levels against 8-105) but little flow (0-0.2 px against
-1-9.5, one clip 4), and blurring or lowering the contrast (what a style LoRA may do) moves the frame-to-frame change
-by up to 20x and the flow by 0-40 %. Frames are measured at most WORK_SIDE pixels long: faster, and steadier than at
-full size under blur and noise.
+frame-to-frame change as the clips' real motion (9-25 and 4-7 levels against 8-105) but little flow (0-0.2 and 0-0.1
+px against 1-9.5; the test pattern 4 and 0.6), and blurring (sigma 3) or lowering the contrast (x0.6), as a style LoRA
+may, moves the frame-to-frame change by up to 23x and the flow by 2-44 %. Frames are measured at most WORK_SIDE
+pixels long: faster, and steadier than at full size under blur and noise.
 
 The ratio is the prompts' total motion with the LoRA over the base's total (the per-prompt ratios' mean weighted by
 the base's motion), so a prompt the base renders nearly still cannot swing it; the per-prompt ratios are logged beside

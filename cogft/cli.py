@@ -233,6 +233,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
                                                                "have run) against the first size alone, per token")
     parser.add_argument("--prior", action="store_true", help="time the LoRA step on a kind: prior batch (one more "
                                                              "forward, the adapter off) against a clip batch")
+    parser.add_argument("--validation", action="store_true", help="time one validation without and with the motion "
+                        "guard (quality.motion: base renders, optical flow) and its share of a run")
     parser.add_argument("--fp8-error", action="store_true", help="how far model.fp8_base moves the model's prediction "
                                                                  "(random:// weights, or the model.path given)")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB", help="train as on a card with this much memory: "
@@ -242,7 +244,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
 def _bench(args) -> None:
     config = _config(args)
     others = [flag for flag, on in (("--sample", args.sample), ("--eval", args.eval), ("--buckets", args.buckets),
-                                    ("--fp8-error", args.fp8_error), ("--prior", args.prior)) if on]
+                                    ("--fp8-error", args.fp8_error), ("--prior", args.prior),
+                                    ("--validation", args.validation)) if on]
     if args.loss_mask and others:
         from .config import ConfigError
 
@@ -263,6 +266,10 @@ def _bench(args) -> None:
         from .bench.training import bench_paired
 
         bench_paired(config, "prior" if args.prior else "loss_mask", args.warmup, args.steps)
+    elif args.validation:
+        from .bench.validation import bench_validation
+
+        bench_validation(config, args.warmup, args.steps)
     elif args.fp8_error:
         from .bench.fp8 import bench_fp8_error
 

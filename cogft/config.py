@@ -685,11 +685,19 @@ class QualityConfig(_Section):
     """What makes a LoRA checkpoint acceptable: the limits of the quality measures the run logs, which the summary and
     report warn about and the recommended checkpoint (`cogft export --recommended`) must keep to."""
 
+    motion: bool = Field(True, description=(
+        "the motion guard of LoRA runs with `validation.prompts`: each prompt is also rendered with the adapter off at "
+        "the same seed, size, steps and guidance, once per run (kept in `samples/base/` with its motion in "
+        "`samples/base/motion.json`; a resume or a later validation renders it again only if those settings "
+        "change), and every validation logs `quality/motion_ratio`. Costs one more render per prompt per run and "
+        "about a second of CPU per validation video; needs OpenCV (`opencv-python-headless`, a dependency of cogft), "
+        "refused before prepare without it. false: no base renders, no motion ratio"))
     min_motion_ratio: float = Field(0.7, ge=0, description=(
-        "the least acceptable `quality/motion_ratio`: the validation videos' motion (mean frame-to-frame change) with "
-        "the LoRA as a fraction of the base model's at the same seeds. Below it the summary and report warn that the "
-        "LoRA freezes motion (often too many still images in the data) and the checkpoint is not recommended; 0: "
-        "never warned about"))
+        "the least acceptable `quality/motion_ratio`: the validation videos' motion (mean optical-flow magnitude, "
+        "OpenCV's Farneback) with the LoRA as a fraction of the base model's at the same seeds, over all prompts (the "
+        "LoRA videos' total over the base videos' total). Below it at the last validation the summary and report warn "
+        "that the LoRA freezes motion (often too many still images in the data: they say how many) and the checkpoint "
+        "is not recommended; 0: never warned about"))
     max_bleed: float = Field(0.5, ge=0, description=(
         "the most acceptable `quality/bleed`: how much the LoRA changes the model's prediction on validation prompts "
         "without the trigger, as a fraction of how much it changes it with the trigger (0: prompts without the "

@@ -6,6 +6,7 @@
     RUN/clip_losses/                         each trained sample's loss, timestep and clip (training/clip_records.py)
     RUN/wandb_run_id                         the W&B run every resume continues
     RUN/samples/step-NNNNNN-II-prompt.mp4    validation videos
+    RUN/samples/base/step-000000-II-prompt.mp4, motion.json   a LoRA run's base-model renders and their motion
     RUN/checkpoints/step-NNNNNN/             complete checkpoints (marked, renamed into place)
     RUN/lora/pytorch_lora_weights.safetensors   the LoRA export      RUN/transformer/   the SFT export
     RUN/export.json                          the step that export holds (staged and renamed into place)
@@ -35,6 +36,8 @@ REPORT_FILE = "prepare_report.jsonl"
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 SAMPLES_DIR = "samples"
+BASE_SAMPLES_DIR = f"{SAMPLES_DIR}/base"  # each validation prompt rendered with the adapter off (the motion guard)
+MOTION_RECORD = "motion.json"  # in BASE_SAMPLES_DIR: each base render's settings key and motion
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "cogft_complete.json"
 LOCK_FILE = ".cogft.lock"  # held by the trainer writing the run; the OS releases it when that process dies
@@ -83,6 +86,11 @@ def checkpoint_step(path: Path) -> int:
 def sample_path(run_dir: Path, step: int, index: int, prompt: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
     return run_dir / SAMPLES_DIR / f"step-{step:06d}-{index:02d}-{slug}.mp4"
+
+
+def base_sample_path(run_dir: Path, index: int, prompt: str) -> Path:
+    """Validation prompt `index` rendered with the adapter off: named as a step-0 sample, in samples/base/."""
+    return run_dir / BASE_SAMPLES_DIR / sample_path(run_dir, 0, index, prompt).name
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -29,7 +29,7 @@ def torchrun(out: Path, cache: Path, *overrides: str) -> subprocess.CompletedPro
 
 
 def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 def lora(run: Path) -> dict[str, torch.Tensor]:
@@ -49,6 +49,11 @@ def test_two_ranks_match_one_rank_with_the_whole_batch_and_resume_exactly(make_c
     assert "process 1 wrote 1 videos (prompts [1])" in result.stderr
     assert sorted(p.name[:14] for p in (two / "samples").glob("*.mp4")) == [
         "step-000004-00", "step-000004-01", "step-000004-02"]
+    assert sorted(p.name[:14] for p in (two / "samples" / "base").glob("*.mp4")) == [  # the motion guard's, shared
+        "step-000000-00", "step-000000-01", "step-000000-02"]                            # as the videos are
+    [motion] = [row for row in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if "quality/motion"
+                in row]  # summed over the ranks: every prompt's ratio
+    assert {f"quality/motion_ratio/{i:02d}" for i in range(3)} <= motion.keys() and motion["step"] == 4
     report = [json.loads(line) for line in (two / "prepare_report.jsonl").read_text().splitlines()]
     clips = [row for row in report if "clip" in row]
     assert len(clips) == 6 and all(row["status"] == "encoded" for row in clips)  # each clip once, by one rank

@@ -15,9 +15,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..data.captions import validation_texts
-from ..run_dir import SAMPLES_DIR, sample_path
+from ..run_dir import BASE_SAMPLES_DIR, SAMPLES_DIR, sample_path
 
-BASE_DIR = "base"  # samples/base/: the base model's renders
 _SAMPLE = re.compile(r"^step-(\d{6,})-(\d{2,}-.*\.mp4)$")
 
 
@@ -44,7 +43,7 @@ def find_renders(run_dir: Path) -> Renders:
             found.other.append(video)
         else:
             found.by_step.setdefault(int(video.name[5:video.name.index("-", 5)]), {})[key] = video
-    for video in sorted((run_dir / SAMPLES_DIR / BASE_DIR).glob("*.mp4")):
+    for video in sorted((run_dir / BASE_SAMPLES_DIR).glob("*.mp4")):
         if (key := prompt_key(video.name)) is not None:
             found.base[key] = video
     return found

@@ -51,6 +51,7 @@ from .ema import WeightAverage
 from .evaluation import HeldOutEval, mean_loss, split_holdout
 from .export_probe import export_probe
 from .metrics import DataWait, FinishedStep, NonFiniteGuard, SmoothedLoss, step_metrics
+from .motion import check_motion_guard
 from .readout import StepReadout
 from .recommend import comparable_evals, update_recommended
 from .report import write_run_report
@@ -114,6 +115,7 @@ def load_checked_variant(accelerator, config: Config) -> tuple[Config, Variant]:
     with accelerator.main_process_first():  # a tiny:// or random:// model is built once, by the main process
         config, variant = load_for_config(config)
     check_validation_images(config.validation.images)
+    check_motion_guard(config)
     unmatched = variant.unmatched_lora_targets(config.lora.target_modules) if config.train.mode == "lora" else []
     if unmatched:
         block = "transformer_blocks.0."
@@ -431,6 +433,8 @@ class Trainer:
             return
         with self.averaged():
             written = self.validation(self.unwrapped, step, keep_first)
+        if self.validation.motion is not None:  # every rank: the motions are summed over them
+            self.validation.motion.log(self.accelerator, step, self.validation.writes_videos)
         if self.accelerator.num_processes > 1:
             written = gather_object(written)
         log_videos(self.accelerator, [(text, path) for _, text, path in sorted(written)], step)

@@ -27,6 +27,7 @@ from ..run_dir import (
 from .charts import PALETTE, Chart, png, series, svg
 from .clip_outliers import clips_section
 from .grid import find_renders, grid, src, video_tag
+from .motion import motion_html
 from .recommend import BLEED, MOTION, TRIGGER_GAIN, limits, recommended_record
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
 
@@ -193,7 +194,7 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
 {svg(charts[1])}
 <h2>Choosing a checkpoint</h2>
 <p>{recommendation_line(config, run_dir)}</p>
-{held_out}<h3>Validation videos</h3>
+{held_out}{motion_html(config, run_dir, logged)}<h3>Validation videos</h3>
 {_videos(config, run_dir, logged)}
 {clips_section(run_dir)}
 </body>

@@ -1,7 +1,8 @@
 """The validation hook: videos of the configured prompts from the transformer being trained.
 
 It renders through the variant's stock pipeline around the in-memory transformer (no reload) with the
-prompt embeddings prepare cached, so it needs only the VAE decoder beside it.
+prompt embeddings prepare cached, so it needs only the VAE decoder beside it. A LoRA run's motion guard (motion.py)
+also renders each prompt with the adapter off, once per run, and measures every video's motion.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from ..data.images import conditioning_image
 from ..inference.render import render, write_mp4
 from ..models.family import Variant
 from ..models.loading import load_scheduler, load_vae
-from ..models.modes import evaluating
-from ..run_dir import SAMPLES_DIR, sample_path
+from ..models.modes import adapter_disabled, evaluating
+from ..models.trained_modules import trained_whole
+from ..run_dir import SAMPLES_DIR, base_sample_path, sample_path
+from .motion import MotionGuard, measures_motion, motion, render_key
 from .topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,9 @@ class ValidationHook:
         self.embedding_files = [path for _, path in prompts], negative_file  # (prompts, "") for the export check
         self.first_frames = None  # the first prompt's frames of the last validation asked to keep them
         self._pipe = None
+        self.motion = MotionGuard(run_dir, [text for text, _ in self.prompts], [
+            render_key(config, i, self.sizes[i], embeds, self.negative, self.images[i], self.controls[i])
+            for i, (_, embeds) in enumerate(self.prompts)]) if measures_motion(config) else None
 
     def _pipeline(self, transformer):
         """The stock pipeline around the transformer being trained; built (and the VAE loaded) once."""
@@ -79,27 +85,49 @@ class ValidationHook:
             image=self.images[index], control=self.controls[index], cache=cfg.cache, on_step=lambda: bar.update(1),
         )
 
+    def _render_or_skip(self, pipe, index: int, bar: tqdm, step: int):
+        """Prompt `index`'s frames, or None after an out-of-memory (a validation video is not worth the run)."""
+        try:
+            return self._render(pipe, index, self.prompts[index][1], bar)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("validation at step %d: out of GPU memory on prompt %d, skipped; lower the memory use "
+                           "(train.memory_budget_gib, data.vae_tiling=true) to get validation videos", step, index)
+            return None
+
     def __call__(self, transformer, step: int, keep_first: bool = False) -> list[tuple[int, str, str]]:
         """Render this process's prompts; returns (prompt index, prompt, mp4 path) of the videos it wrote. With
         `keep_first`, the process rendering the first prompt keeps its frames (`first_frames`), which the mp4's
         lossy encoding would blur, for the export check."""
+        if self.motion is not None and trained_whole(transformer):  # the adapter off is not the base model then
+            logger.warning("motion guard off: this run trains %s whole beside the LoRA, so switching the adapter off "
+                           "does not give the base model to compare the motion with", ", ".join(trained_whole(
+                               transformer)))
+            self.motion = None
         with evaluating(transformer):
             pipe = self._pipeline(transformer)
             written = []
             steps = self.config.validation.num_inference_steps
-            bar = tqdm(total=len(self.mine) * steps, desc=f"validation at step {step}", unit="step", leave=False,
-                       disable=not self.shows_progress)
+            bases = self.motion.missing(self.mine) if self.motion is not None else []
+            bar = tqdm(total=(len(self.mine) + len(bases)) * steps, desc=f"validation at step {step}", unit="step",
+                       leave=False, disable=not self.shows_progress)
+            if bases:  # once per run: the base model's videos, whose motion the LoRA's is measured against
+                with adapter_disabled(transformer):
+                    for i in bases:
+                        frames = self._render_or_skip(pipe, i, bar, step)
+                        if frames is not None:
+                            self.motion.fresh[i] = motion(frames)
+                            if self.writes_videos:
+                                write_mp4(frames, base_sample_path(self.run_dir, i, self.prompts[i][0]),
+                                          self.config.validation.fps)
             for i in self.mine:
-                text, embeds = self.prompts[i]
-                try:
-                    frames = self._render(pipe, i, embeds, bar)
-                except torch.OutOfMemoryError:  # a validation video is not worth the run
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    logger.warning("validation at step %d: out of GPU memory on prompt %d, skipped; lower the memory "
-                                   "use (train.memory_budget_gib, data.vae_tiling=true) to get validation videos",
-                                   step, i)
+                text = self.prompts[i][0]
+                frames = self._render_or_skip(pipe, i, bar, step)
+                if frames is None:
                     continue
+                if self.motion is not None:
+                    self.motion.tuned[i] = motion(frames)
                 if keep_first and i == 0:
                     self.first_frames = frames
                 if self.writes_videos:

@@ -27,6 +27,7 @@ from ..run_dir import (
     sample_path,
 )
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
+from .trigger import trigger_facts
 
 _WIDTH, _HEIGHT = 720, 260  # one chart; curves.png stacks the two
 _LEFT, _RIGHT, _TOP, _BOTTOM = 72, 16, 30, 34
@@ -175,7 +176,7 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
     charts = _charts(rows, rows_with(logged, EVAL_KEY))
     _png(charts, run_dir / CURVES_IMAGE)
     facts = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in
-                      _facts(config, run_dir, rows, stopped))
+                      [*_facts(config, run_dir, rows, stopped), *trigger_facts(config, logged)])
     title = html.escape(f"cogft run {run_dir.name}")
     held_out = "".join(f"<h2>Held-out eval loss</h2>\n{_svg(chart)}\n" for chart in charts[2:])
     page = f"""<!doctype html>

@@ -48,13 +48,19 @@ def test_triggers_are_taken_out_as_whole_words_and_a_text_without_one_is_left_as
         assert without_triggers(untouched, ["ohwx", "sks"]) == untouched
 
 
+def _listed(folder: Path) -> Path:
+    """Two sample clips, one caption with the trigger `ohwx` in it."""
+    listed = folder / "list.csv"
+    listed.write_text(f"video,caption\n{DATA}/videos/fractal_zoom.mp4,a zoom into ohwx\n"
+                      f"{DATA}/videos/game_of_life.mp4,a simulation\n")
+    return listed
+
+
 def test_bad_trigger_values_are_refused_by_key(make_config, tmp_path, caplog):
     for bad in ('""', "' ohwx'", "','"):
         with pytest.raises(ConfigError, match=r"data\.trigger: .*not a trigger word"):
             make_config(f"data.trigger={bad}")
-    listed = tmp_path / "list.csv"
-    listed.write_text(f"video,caption\n{DATA}/videos/fractal_zoom.mp4,a zoom into ohwx\n"
-                      f"{DATA}/videos/game_of_life.mp4,a simulation\n")
+    listed = _listed(tmp_path)
     data_set = data_sets(make_config(f"data.path={listed}", "data.trigger=ohwx").data)[0]
     with caplog.at_level(logging.WARNING, logger="cogft.data.triggers"):
         check_trigger(data_set, read_set(data_set))
@@ -68,6 +74,17 @@ def test_bad_trigger_values_are_refused_by_key(make_config, tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"data\.trigger='ohwx': none of the 6 captions in .* contains it"):
         prepare(config, variant, torch.device("cpu"), show_progress=False)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_doctor_counts_the_captions_that_contain_the_trigger(tmp_path):
+    from cogft.data.doctor import diagnose, format_table
+
+    config = tmp_path / "doctor.yaml"
+    config.write_text(f"model: {{path: 'tiny://2b'}}\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data: {{path: {_listed(tmp_path)}, num_frames: 9, height: 64, width: 96, trigger: ohwx}}\n")
+    report = diagnose(config)
+    assert report["trigger"] == {"data_trigger": "ohwx", "captions_containing_it": 1}
+    assert "data.trigger 'ohwx': in the captions of 1 of the 2 listed clips" in format_table(report)
 
 
 def test_bleed_is_a_ratio_of_changes_and_0_for_a_lora_that_changes_nothing():

@@ -196,3 +196,14 @@ def test_bench_times_the_eval_with_and_without_the_trigger_measures(make_config)
     assert plain["figure"] == "held_out_eval" and measured["figure"] == "held_out_eval_trigger_bleed"
     assert measured["bleed_prompts"] == 2 and measured["bleed_s"] > 0 and measured["trigger_eval_s"] > 0
     assert measured["eval_s"] == pytest.approx(measured["trigger_eval_s"] + measured["bleed_s"], abs=2e-3)
+
+
+def test_the_model_card_names_a_trigger_the_captions_contain():
+    from cogft.config_file import build_config
+    from cogft.inference.model_card import model_card
+    from cogft.models.loading import load_for_config
+
+    config, variant = load_for_config(build_config({"model": {"path": "THUDM/CogVideoX-2b"}, "output_dir": "run",
+                                                    "data": {"path": "c", "trigger": "ohwx"}}), validates=False)
+    card = model_card(config, variant, 10)
+    assert card.data.instance_prompt == "ohwx" and "Name the subject **ohwx** in prompts" in card.text

@@ -207,3 +207,26 @@ def test_the_model_card_names_a_trigger_the_captions_contain():
                                                     "data": {"path": "c", "trigger": "ohwx"}}), validates=False)
     card = model_card(config, variant, 10)
     assert card.data.instance_prompt == "ohwx" and "Name the subject **ohwx** in prompts" in card.text
+
+
+def test_two_ranks_measure_what_one_rank_measures(make_config, tmp_path, shared_cache):
+    """Two gloo ranks share the held-out clips and the bleed prompts (the captions here) and sum their tables: the
+    numbers match one rank's run with the whole batch."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["data.caption_prefix=sks,", "train.max_steps=2", "train.checkpoint_every=2", "eval.holdout=2",
+              "validation.prompts=[]", "tracking.report_to=none", f"data.cache_dir={shared_cache}",
+              "train.learning_rate=1e-2", "train.lr_warmup_steps=0"]  # a LoRA effect well above fp16's rounding
+    two = tmp_path / "two"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", "--config", "configs/tiny-lora.yaml", f"output_dir={two}",
+                             "train.batch_size=1", *common], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = train(make_config(*common, "train.batch_size=2", out="one"))
+    for key in ("quality/bleed", "eval/loss_no_trigger", "eval/trigger_gain_base"):
+        (a,), (b,) = rows(two, key), rows(one, key)
+        assert a[key] == pytest.approx(b[key], rel=1e-3), key
+    assert rows(one, "quality/bleed")[0]["quality/bleed"] > 0

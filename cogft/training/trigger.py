@@ -92,7 +92,7 @@ class BleedProbe:
         self.mine = topology.share(len(prompts), shared_forward)
         self.counts = topology.data_rank == 0 or not shared_forward
         self.every, self.checkpoint_every = config.eval.every, config.train.checkpoint_every
-        self.base: dict[int, list[torch.Tensor]] = {}  # probe -> the base model's predictions (with, without)
+        self.base: dict[int, list[torch.Tensor]] = {}  # probe -> the base model's predictions (with, without), on host
 
     def due(self, step: int, last: bool) -> bool:
         return eval_due(self.checkpoint_every, self.every, step, last)
@@ -122,11 +122,11 @@ class BleedProbe:
 
     def _changes(self, model: torch.nn.Module, index: int, inputs: list) -> torch.Tensor:
         """The squared norm of the LoRA's change of the prediction, (without the trigger, with it)."""
-        if index not in self.base:
+        if index not in self.base:  # kept in host memory: a full-size prediction is tens of MB, and the GPU is busy
             with adapter_disabled(model):
-                self.base[index] = [self._predict(model, x) for x in inputs]
+                self.base[index] = [self._predict(model, x).cpu() for x in inputs]
         tuned = [self._predict(model, x) for x in inputs]
-        return torch.stack([(a - b).square().sum() for a, b in zip(tuned, self.base[index])][::-1])
+        return torch.stack([(a - b.to(a.device)).square().sum() for a, b in zip(tuned, self.base[index])][::-1])
 
     def _predict(self, model: torch.nn.Module, inputs) -> torch.Tensor:
         return self.step.variant.predict(model, inputs.x0, inputs.timesteps, inputs,

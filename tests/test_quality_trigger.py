@@ -24,6 +24,9 @@ DATA = REPO / "data"
 # trigger is then the one thing that tells the LoRA's clips from what it must leave alone
 BOUND = [f"data.sets=[{{path: {DATA}, caption_prefix: 'sks,'}}, {{path: {DATA}, kind: prior, caption_prefix: ''}}]",
          "data.path=null"]
+# a high rate, decayed (at a constant 3e-2 some data orders diverge after step 60)
+TRAINED_IN = ["train.max_steps=80", "train.checkpoint_every=40", "train.learning_rate=3e-2",
+              "train.lr_scheduler=cosine"]
 EVAL = ["validation.prompts=[]", "eval.holdout=2", "train.lr_warmup_steps=0", "tracking.report_to=none"]
 
 
@@ -131,9 +134,8 @@ def test_before_training_bleed_is_0_and_the_gain_is_the_base_models(tmp_path, sh
 
 @pytest.fixture(scope="module")
 def bound(tmp_path_factory, shared_cache) -> Path:
-    """60 LoRA steps with the trigger bound by a prior set (seed 42), evaluated at steps 30 and 60."""
-    return train(config_for(tmp_path_factory.mktemp("bound") / "run", shared_cache, *BOUND, "train.max_steps=60",
-                            "train.checkpoint_every=30", "train.learning_rate=3e-2"))
+    """80 LoRA steps with the trigger bound by a prior set (seed 42), evaluated at steps 40 and 80."""
+    return train(config_for(tmp_path_factory.mktemp("bound") / "run", shared_cache, *BOUND, *TRAINED_IN))
 
 
 def test_the_trigger_gain_changes_sign_and_bleed_falls_when_the_trigger_is_trained_in(bound):
@@ -141,22 +143,21 @@ def test_the_trigger_gain_changes_sign_and_bleed_falls_when_the_trigger_is_train
     meaningless, its gain about 0 and here below it; trained in beside a prior set, the trigger lowers the held-out
     loss clearly, and the LoRA changes prompts without it far less than prompts with it."""
     evals, bleeds = rows(bound, "eval/loss"), rows(bound, "quality/bleed")
-    assert [row["step"] for row in evals] == [row["step"] for row in bleeds] == [30, 60]
+    assert [row["step"] for row in evals] == [row["step"] for row in bleeds] == [40, 80]
     last = evals[-1]
-    assert -1e-3 < last["eval/trigger_gain_base"] < 0 < 0.05 < last["eval/trigger_gain"]
-    assert last["eval/trigger_gain"] == pytest.approx(last["eval/loss_no_trigger"] - last["eval/loss"])
     # seen over test sessions (each builds the tiny model anew: its files' times are in the cache keys, which order
-    # the clips, so seed 42 draws another data order): bleed 0.81 to 0.97 at step 30, 0.27 to 0.41 at step 60; the
-    # gain 0.18 to 0.20 at step 60
-    assert bleeds[-1]["quality/bleed"] < 0.6 < bleeds[0]["quality/bleed"] < 1.5
+    # the clips, so seed 42 draws another data order each time): at step 80 the gain 0.10 to 0.26, bleed 0.16 to
+    # 0.50, down by 0.36 to 0.54 from step 40's 0.67 to 0.86
+    assert -1e-3 < last["eval/trigger_gain_base"] < 0 < 0.03 < last["eval/trigger_gain"]
+    assert last["eval/trigger_gain"] == pytest.approx(last["eval/loss_no_trigger"] - last["eval/loss"])
+    assert bleeds[-1]["quality/bleed"] < min(0.6, bleeds[0]["quality/bleed"] - 0.15)
 
 
 def test_resume_is_bit_exact_with_the_trigger_measures(bound, tmp_path, shared_cache):
     run = tmp_path / "resumed"
     shutil.copytree(bound, run)
-    shutil.rmtree(run / "checkpoints" / "step-000060")
-    train(config_for(run, shared_cache, *BOUND, "train.max_steps=60", "train.checkpoint_every=30",
-                     "train.learning_rate=3e-2"))
+    shutil.rmtree(run / "checkpoints" / "step-000080")
+    train(config_for(run, shared_cache, *BOUND, *TRAINED_IN))
     assert rows(run, "quality/bleed") == rows(bound, "quality/bleed")
     assert rows(run, "eval/trigger_gain") == rows(bound, "eval/trigger_gain")
 

@@ -229,6 +229,9 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", action="store_true", help="time a validation video instead of training steps")
     parser.add_argument("--eval", type=_positive_int, metavar="CLIPS",
                         help="time the held-out eval on this many clips against the training step")
+    parser.add_argument("--trigger", action="store_true", help="with --eval: also time it with every caption carrying "
+                                                                "a trigger (eval/trigger_gain) and quality/bleed on "
+                                                                "the validation prompts, as a second row")
     parser.add_argument("--buckets", action="store_true", help="time the step at each size of data.buckets (after all "
                                                                "have run) against the first size alone, per token")
     parser.add_argument("--prior", action="store_true", help="time the LoRA step on a kind: prior batch (one more "
@@ -250,6 +253,10 @@ def _bench(args) -> None:
         from .config import ConfigError
 
         raise ConfigError(f"--loss-mask times the training step with a masked loss; leave out {others[0]}")
+    if args.trigger and not args.eval:
+        from .config import ConfigError
+
+        raise ConfigError("--trigger times the held-out eval with its trigger measures: give --eval CLIPS too")
     if args.sample:
         from .bench.sampling import bench_sample
 
@@ -257,7 +264,7 @@ def _bench(args) -> None:
     elif args.eval:
         from .bench.training import bench_eval
 
-        bench_eval(config, args.eval, args.warmup, args.steps)
+        bench_eval(config, args.eval, args.warmup, args.steps, trigger=args.trigger)
     elif args.buckets:
         from .bench.training import bench_buckets
 

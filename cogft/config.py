@@ -268,6 +268,13 @@ class DataConfig(_Section):
         "put in front of every caption before it is embedded, e.g. a trigger word (`sks,` makes \"a dog runs\" "
         "\"sks, a dog runs\"), unless the caption begins with it already; a CSV/JSONL `id_token` column adds a "
         "per-clip trigger word the same way. Part of the cache key. Empty or missing captions are still skipped"))
+    trigger: str | None = Field(None, description=(
+        "a trigger word or phrase the captions already contain, anywhere in them (`ohwx` in \"a photo of ohwx man "
+        "walking\"), for the held-out eval's `eval/trigger_gain` and `quality/bleed` (docs/quality.md): the captions "
+        "are scored and the prompts predicted with it taken out as well, matched as whole words, case and all. Nothing "
+        "is added to any caption (`data.caption_prefix` and the `id_token` column are triggers too, taken out the "
+        "same way). A trigger no caption contains is refused before anything is encoded; captions without it are "
+        "counted in the log. null: none beside the prefix and id tokens"))
     buckets: BucketsValue = Field(None, description=(
         "resolution buckets as HEIGHTxWIDTH, e.g. `[480x720, 720x480, 576x576]`: each clip or image trains at the one "
         "nearest its aspect ratio, without distortion (batches hold one bucket; the sampler's order, and so a "
@@ -278,6 +285,14 @@ class DataConfig(_Section):
         f"{IMAGE_BATCH_LIMIT}: a batch is one forward pass, and {IMAGE_BATCH_LIMIT} stills at 480×720 already feed "
         "about six 49-frame clips' tokens (for more per optimizer step, raise `train.gradient_accumulation_steps`); "
         "null: `train.batch_size`"))
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger_is_a_word(cls, value: str | None) -> str | None:
+        if value is not None and (not any(c.isalnum() for c in value) or value != value.strip() or "\n" in value):
+            raise ValueError(f"{value!r} is not a trigger word: give the word or phrase as the captions write it "
+                             "(letters or digits, no surrounding spaces, one line), e.g. ohwx; or leave the key out")
+        return value
 
     @field_validator("cache_dir")
     @classmethod
@@ -701,9 +716,13 @@ class QualityConfig(_Section):
     max_bleed: float = Field(0.5, ge=0, description=(
         "the most acceptable `quality/bleed`: how much the LoRA changes the model's prediction on validation prompts "
         "without the trigger, as a fraction of how much it changes it with the trigger (0: prompts without the "
-        "trigger are untouched; 1: the LoRA changes them as much as triggered ones). Above it the summary and report "
-        "warn that the LoRA leaks into other prompts and the checkpoint is not recommended. Measured only with a "
-        "trigger (`data.caption_prefix` or per-clip trigger words)"))
+        "trigger are untouched; 1: the LoRA changes them as much as triggered ones). Predicted, not rendered: the norm "
+        "of the change (adapter on against off) at fixed noise and timesteps, pooled over the validation prompts that "
+        "carry a trigger once `data.caption_prefix` is in front, or the held-out clips' captions where none does; a "
+        "LoRA that changes nothing has bleed 0 (docs/quality.md). Above it the summary and report "
+        "warn that the LoRA leaks into other prompts and the checkpoint is not recommended. Measured only for a LoRA "
+        "with a trigger (`data.caption_prefix`, per-clip `id_token` words or `data.trigger`), at each checkpoint, the "
+        "last step and every `eval.every`"))
 
 
 class TrackingConfig(_Section):

@@ -88,7 +88,7 @@ def test_each_checkpoint_is_evaluated_and_the_best_survives_rotation(straight):
     assert [row["step"] for row in evals] == [1, 2, 3, 4]
     # 2 held-out clips: one timestep each, at 250 and 750 (the middle third has none)
     assert {"eval/loss", "eval/loss_t000_333", "eval/loss_t666_1000", "eval/loss_base",
-            "eval/lora_gain"} == evals[0].keys() - {"step"}
+            "eval/lora_gain", "eval/trigger_gain"} == evals[0].keys() - {"step"}
     assert len({row["eval/loss_base"] for row in evals}) == 1  # the frozen base scores the same every time
     assert all(row["eval/lora_gain"] == pytest.approx(row["eval/loss_base"] - row["eval/loss"]) for row in evals)
     assert len(logged_steps(run)) == 4  # eval rows are not step rows

@@ -224,9 +224,10 @@ def bench_setup(config: Config) -> tuple[torch.device, Config, Variant]:
     return device, config, variant
 
 
-def _held_out_entries(config: Config, variant: Variant, folder: Path, count: int) -> list:
+def _held_out_entries(config: Config, variant: Variant, folder: Path, count: int, trigger: bool = False) -> list:
     """`count` cache entries shaped like prepare's (latent distribution [C, F, h, w], prompt embedding [L, D]) with
-    random values, written to `folder`: what the held-out eval reads, without a VAE or a text encoder."""
+    random values, written to `folder`: what the held-out eval reads, without a VAE or a text encoder. `trigger`:
+    each with another embedding as its caption without the trigger."""
     from safetensors.torch import save_file
 
     from ..data.cache import CacheEntry
@@ -239,17 +240,25 @@ def _held_out_entries(config: Config, variant: Variant, folder: Path, count: int
         latents, prompt = folder / f"{key}.safetensors", folder / f"prompt-{key}.safetensors"
         save_file({k: batch[k][0].contiguous() for k in batch if k != "prompt_embeds"}, str(latents))
         save_file({"prompt_embeds": batch["prompt_embeds"][0].contiguous()}, str(prompt))
-        entries.append(CacheEntry((str(latents),), str(prompt), f"clip-{i}", f"caption {i}", frames, height, width))
+        bare = folder / f"bare-{key}.safetensors"
+        if trigger:  # the next clip's prompt: an embedding of the same shape and kind
+            other = synthetic_batch(config, variant, torch.device("cpu"), config.train.seed + count + i)
+            save_file({"prompt_embeds": other["prompt_embeds"][0].contiguous()}, str(bare))
+        entries.append(CacheEntry((str(latents),), str(prompt), f"clip-{i}", f"caption {i}", frames, height, width,
+                                  untriggered_prompt=str(bare) if trigger else ""))
     return entries
 
 
 def bench_eval(config: Config, clips: int = 8, warmup: int = 3, steps: int = 10, every: int = 100,
-               emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True)) -> dict:
+               emit: Callable[[dict], None] = lambda row: print(json.dumps(row), flush=True),
+               trigger: bool = False) -> dict:
     """What the held-out eval costs: the trainer's step timed, then `HeldOutEval` on `clips` clips (the first call
     scores the base model too, for a LoRA, and compiles what it must), again, and the step once more (an eval
     must not slow the training that follows); the eval's share of the time between two evaluations `every`
-    steps apart."""
+    steps apart. `trigger`: then a second row, the same eval with every caption carrying a trigger
+    (`eval/trigger_gain`) and `quality/bleed` on the validation prompts (a LoRA), beside it."""
     from ..training.evaluation import HeldOutEval
+    from ..training.trigger import BleedProbe, BleedPrompt
 
     device, config, variant = bench_setup(config)
     free(device)
@@ -260,6 +269,15 @@ def bench_eval(config: Config, clips: int = 8, warmup: int = 3, steps: int = 10,
         evaluation = HeldOutEval(config, run.step, _held_out_entries(config, variant, Path(folder), clips))
         first = time_steps(lambda _: evaluation(model), device, 0, 1)[0]
         again = statistics.median(time_steps(lambda _: evaluation(model), device, 0, 3))
+        if trigger:
+            triggered = HeldOutEval(config, run.step, _held_out_entries(config, variant, Path(folder), clips, True))
+            pairs = [BleedPrompt(e.prompt, e.untriggered_prompt, config.data.num_frames, *config.data.largest_size)
+                     for e in triggered.clips[:len(config.validation.prompts)]]
+            bleed = BleedProbe(config, run.step, pairs) if pairs and config.train.mode == "lora" else None
+            with_trigger = [time_steps(lambda _: triggered(model), device, 0, 1)[0],
+                            statistics.median(time_steps(lambda _: triggered(model), device, 0, 3))]
+            with_bleed = [time_steps(lambda _: bleed(model), device, 0, 1)[0],
+                          statistics.median(time_steps(lambda _: bleed(model), device, 0, 3))] if bleed else [0.0, 0.0]
     after = statistics.median(time_steps(run, device, 1, steps))
     row = {"figure": "held_out_eval", "model": config.model.path, "mode": config.train.mode, "clips": clips,
            "eval_timesteps": config.eval.timesteps, "frames": config.data.num_frames,
@@ -268,7 +286,14 @@ def bench_eval(config: Config, clips: int = 8, warmup: int = 3, steps: int = 10,
            "s_per_step_after_eval": round(after, 4), "eval_s_first": round(first, 3), "eval_s": round(again, 3),
            "every": every, "eval_share": round(again / (every * before + again), 4), "device": device_name(device)}
     emit(row)
-    run = model = evaluation = None  # the model and its optimizer go before the next measurement
+    if trigger:
+        both = with_trigger[1] + with_bleed[1]
+        emit({**row, "figure": "held_out_eval_trigger_bleed", "bleed_prompts": len(pairs),
+              "eval_s_first": round(with_trigger[0] + with_bleed[0], 3), "eval_s": round(both, 3),
+              "trigger_eval_s": round(with_trigger[1], 3), "bleed_s": round(with_bleed[1], 3),
+              "added_share": round((both - again) / again, 4),
+              "eval_share": round(both / (every * before + both), 4)})
+    run = model = evaluation = triggered = bleed = None  # the model and its optimizer go before the next measurement
     free(device)
     return row
 

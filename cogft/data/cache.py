@@ -49,6 +49,7 @@ from .control import (
 from .images import IMAGE_READING, image_problem, read_image
 from .masks import MASK_READING, check_masks, decode_with_mask, mask_latents, mask_problem
 from .sources import Clip, DataSet, data_sets, is_still, printable, read_set
+from .triggers import bleed_texts, check_trigger, clip_triggers, without_triggers
 from .video import ClipProbe, Decoded, DecodeSpec, window_offsets, windows_note
 from .workers import isolated_map
 
@@ -69,6 +70,7 @@ class CacheEntry:
     set: int = 0    # its source's place in `data.sets` (0 for `data.path`)
     prior: bool = False  # a `kind: prior` set's: trained towards the base model's prediction
     line: str = ""  # where it was listed ("videos.txt:3"): its row's `listed_at` in prepare_report.jsonl
+    untriggered_prompt: str = ""  # with eval.holdout: the caption's embedding without its trigger ("": it has none)
 
     @property
     def bucket(self) -> tuple[int, int, int]:
@@ -96,6 +98,8 @@ class PreparedData:
     validation_prompts: list[tuple[str, str]]  # (prompt, embedding file)
     negative_prompt: str                       # embedding file of "" for classifier-free guidance
     report: list[dict] = field(default_factory=list)  # one row per listed clip, then {"summary": ...}
+    bleed_prompts: list[tuple[str, str]] = field(default_factory=list)  # embedding files of validation prompts with
+                                                                         # their trigger and without (quality/bleed)
 
     @property
     def summary(self) -> dict:
@@ -559,11 +563,14 @@ def prepare(
     listed = [read_set(data_set) for data_set in sets]
     for data_set, clips in zip(sets, listed):
         check_masks(variant, clips, f"{data_set.key}.path", config.data.mask_column)
+        check_trigger(data_set, clips)
+    bleed = bleed_texts(config, listed)
     if len(sets) == 1:
         return _prepare_set(config, variant, device, rank, world_size, show_progress, sets[0], listed[0],
-                            validation_texts(config))
+                            validation_texts(config), bleed)
     parts = [_prepare_set(config.model_copy(update={"data": data_set.data}), variant, device, rank, world_size,
-                          show_progress, data_set, clips, validation_texts(config) if data_set is sets[-1] else None)
+                          show_progress, data_set, clips, validation_texts(config) if data_set is sets[-1] else None,
+                          bleed)
              for data_set, clips in zip(sets, listed)]
     summaries = [part.summary for part in parts]
     summary = {**_summary([row for part in parts for row in part.report if "summary" not in row], rank, world_size,
@@ -576,14 +583,16 @@ def prepare(
     return PreparedData(entries=[e for part in parts for e in part.entries],
                         validation_prompts=last.validation_prompts, negative_prompt=last.negative_prompt,
                         report=[*(row for part in parts for row in part.report if "summary" not in row),
-                                {"summary": summary}])
+                                {"summary": summary}], bleed_prompts=last.bleed_prompts)
 
 
 def _prepare_set(config: Config, variant: Variant, device: torch.device, rank: int, world_size: int,
                  show_progress: bool, data_set: DataSet, clips: list[Clip],
-                 validation: list[str] | None) -> PreparedData:
+                 validation: list[str] | None, bleed: list[tuple[str, str]] = ()) -> PreparedData:
     """`prepare` of one set (`config.data` is the set's); `validation`: the validation prompts to embed with the
-    empty prompt (the last set's turn; None: not this set's)."""
+    empty prompt (the last set's turn; None: not this set's), and with them `bleed`'s prompts with and without their
+    trigger. With `eval.holdout`, each clip's caption is embedded without its trigger too (any clip may be held out;
+    a prior set's never is)."""
     started = time.perf_counter()
     preparer = Preparer(config, variant, device)
     remove_orphaned_tmp(preparer.root)
@@ -606,15 +615,19 @@ def _prepare_set(config: Config, variant: Variant, device: torch.device, rank: i
         row["caption_tokens"] = tokens[clip.caption]
         if note := truncation_note(tokens[clip.caption], limit):
             row["notes"].append(note)
-    extra = [*validation, ""] if rank == 0 and validation is not None else []
+    bleed = bleed if validation is not None else []
+    extra = [*validation, "", *(t for pair in bleed for t in pair)] if rank == 0 and validation is not None else []
     validation = validation or []  # "": guidance's negative prompt, and caption dropout's
-    preparer.encode_prompts([k.clip.caption for k in kept] + extra, show_progress)
+    untriggered = [without_triggers(k.clip.caption, clip_triggers(k.clip, config.data))
+                   if config.eval.holdout and not data_set.prior else k.clip.caption for k in kept]
+    preparer.encode_prompts([k.clip.caption for k in kept] + untriggered + extra, show_progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     entries = [CacheEntry(tuple(str(p) for p in k.paths), str(preparer.prompt_path(k.clip.caption)), str(k.clip.video),
-                          k.clip.caption, k.frames, *k.size, k.digest, data_set.index, data_set.prior, k.clip.line)
-               for k in kept]
+                          k.clip.caption, k.frames, *k.size, k.digest, data_set.index, data_set.prior, k.clip.line,
+                          str(preparer.prompt_path(bare)) if bare != k.clip.caption else "")
+               for k, bare in zip(kept, untriggered)]
     report = list(rows.values())
     if data_set.key != "data":
         for row in report:
@@ -634,4 +647,6 @@ def _prepare_set(config: Config, variant: Variant, device: torch.device, rank: i
         validation_prompts=[(p, str(preparer.prompt_path(p))) for p in validation],
         negative_prompt=str(preparer.prompt_path("")),
         report=[*report, {"summary": summary}],
+        bleed_prompts=[(str(preparer.prompt_path(triggered)), str(preparer.prompt_path(bare)))
+                       for triggered, bare in bleed],
     )

@@ -23,6 +23,7 @@ from .checks import NO_FILE, Problem, admission_problems, byte_duplicates, capti
 from .images import check_validation_images, probe_sample, read_image
 from .masks import check_masks, mask_problem
 from .sources import Clip, data_sets, is_still, printable, read_dataset, read_set, with_trigger_words
+from .triggers import contains
 from .video import ClipProbe, DecodeSpec, geometry_notes, resized_size
 from .workers import isolated_map
 
@@ -123,16 +124,21 @@ def _add_probes(rows: list[dict], clips: list, spec: DecodeSpec, workers: int) -
             row["notes"].extend(probe.selection.notes)
 
 
-def _trigger_word(listed: list[Clip], caption_prefix: str) -> dict | None:
+def _trigger_word(listed: list[Clip], caption_prefix: str, trigger: str | None = None) -> dict | None:
     """How the captions as written stand with `data.caption_prefix` and the metadata's id tokens: how many get one
-    put in front, and how many begin with it already (left as they are)."""
+    put in front, and how many begin with it already (left as they are); and how many contain `data.trigger`."""
     raw = [clip for clip in listed if clip.caption]
     prefix = caption_prefix.strip()
     tokens = sorted({token for token in [prefix, *(c.id_token for c in raw)] if token})
-    if not tokens:
+    if not tokens and not trigger:
         return None
-    lacking = sum(any(not starts_with(c.caption, word) for word in (c.id_token, prefix) if word) for c in raw)
-    return {"trigger_words": tokens, "captions_given_it": lacking, "captions_already_with_it": len(raw) - lacking}
+    counts = {}
+    if tokens:
+        lacking = sum(any(not starts_with(c.caption, word) for word in (c.id_token, prefix) if word) for c in raw)
+        counts = {"trigger_words": tokens, "captions_given_it": lacking, "captions_already_with_it": len(raw) - lacking}
+    if trigger:
+        counts.update(data_trigger=trigger, captions_containing_it=sum(contains(c.caption, trigger) for c in raw))
+    return counts
 
 
 def _native_notes(data: DataConfig, variant: Variant | None) -> list[str]:
@@ -236,7 +242,7 @@ def _report(config: Config | None, variant: Variant | None, tokens_skipped: str 
         "images": sum(r["verdict"] == "ok" and is_still(r["clip"]) for r in rows),
         "masks": sum(r["verdict"] == "ok" and bool(r.get("mask")) for r in rows),
         "batches": _batches(rows, config),
-        "trigger": _trigger_word(listed, data.caption_prefix),
+        "trigger": _trigger_word(listed, data.caption_prefix, data.trigger),
         "far_from_native": _native_notes(data, variant),
         "histograms": {
             "frames": _binned([s["frames"] for s in sources if s["frames"] is not None], FRAME_EDGES),
@@ -300,9 +306,14 @@ def format_table(report: dict) -> str:
               f"{report['batches'] or '-'}"]
     if report["trigger"]:
         trigger = report["trigger"]
-        lines.append(f"trigger words {trigger['trigger_words']}: "
-                     f"put in front of {trigger['captions_given_it']} captions, "
-                     f"{trigger['captions_already_with_it']} begin with them already")
+        if "trigger_words" in trigger:
+            lines.append(f"trigger words {trigger['trigger_words']}: "
+                         f"put in front of {trigger['captions_given_it']} captions, "
+                         f"{trigger['captions_already_with_it']} begin with them already")
+        if "data_trigger" in trigger:
+            lines.append(f"data.trigger {trigger['data_trigger']!r}: in the captions of "
+                         f"{trigger['captions_containing_it']} of the {report['clips']} listed clips (the others "
+                         "train without it)")
     if empty := [int(r["listed_at"].partition(":")[2]) for r in rows if r["listed_at"].startswith("videos.txt:")
                  and any(p["code"] == "empty_caption" for p in r["problems"])]:
         lines.append(f"captions to write (empty, so prepare skips the clip): prompts.txt lines {_ranges(empty)}")

@@ -86,7 +86,7 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
         base_model=base, library_name="diffusers", license=spec.license,
         license_name=spec.license_name, license_link=spec.license_link, pipeline_tag=task,
         tags=[task, "diffusers", spec.family, spec.name, config.lora.type if lora else "full-fine-tune", "cogft"],
-        instance_prompt=trigger or None,
+        instance_prompt=trigger or config.data.trigger,
     )
     adapter = ADAPTER_NAMES[config.lora.type]
     rslora = ", rsLoRA scaling" if config.lora.rslora else ""
@@ -154,6 +154,9 @@ def model_card(config: Config, variant: Variant, step: int, sample: str | None =
         body.append(f"| caption dropout | {config.data.caption_dropout:g} |")
     if trigger:
         body += ["", "## Trigger words", "", f"Start prompts with **{_text(trigger)}**."]
+    elif config.data.trigger:  # a word the captions contain where they name the subject
+        body += ["", "## Trigger words", "", f"Name the subject **{_text(config.data.trigger)}** in prompts, as the "
+                 "training captions did."]
     other = extra_formats(config.lora.export_format if formats is None else formats) if lora else []
     if other:
         body += ["", "## Other loaders", "", "The same weights, with the same strength (alpha per layer):", "",

@@ -7,6 +7,9 @@ x0 is the cached latent mean (no sampling). Each (clip, timestep) probe's noise 
 of processes. The clips are spread over the ranks, and the probe losses summed into one table, so every rank
 computes the same averages. A LoRA run also scores the base model (the adapter off), once: the base is frozen, so
 its loss is the same at every evaluation, and `eval/lora_gain` = base − tuned says whether training moved anything.
+Each clip whose caption carries a trigger (`data/triggers.py`) is also scored with the caption without it, at the same
+timesteps and noise: `eval/trigger_gain` = that loss − the loss with the trigger says whether the trigger itself
+calls up what was learnt (0 where no held-out caption carries one: nothing is run for them).
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ def timestep_ranges(schedule: int) -> list[tuple[int, int]]:
     return list(zip(edges, edges[1:]))
 
 
+def eval_due(checkpoint_every: int, every: int | None, step: int, last: bool) -> bool:
+    """The held-out eval's (and `quality/bleed`'s) steps: each checkpoint's, the last, and every `eval.every`."""
+    return last or step % checkpoint_every == 0 or (every is not None and step % every == 0)
+
+
 def mean_loss(values: list[float]) -> float:
     return math.fsum(values) / len(values)
 
@@ -100,6 +108,8 @@ class HeldOutEval:
         self.every, self.checkpoint_every = config.eval.every, config.train.checkpoint_every
         self.lora = config.train.mode == "lora"
         self.base: list[float] | None = None  # the base model's probe losses (frozen weights: computed once)
+        self.base_untriggered: list[float] | None = None  # the same without the triggers
+        self.triggered = [bool(clip.untriggered_prompt) for clip in clips]  # which captions carry a trigger
         # what makes two eval losses comparable; a resume measured on another set forgets its best (best.py)
         self.identity = hashlib.sha256(json.dumps([self.seed, [clip_key(c) for c in clips], [c.prompt for c in clips],
                                                    self.probes]).encode()).hexdigest()[:16]
@@ -107,7 +117,7 @@ class HeldOutEval:
     def due(self, step: int, last: bool) -> bool:
         """At each checkpoint step (the last included; a stop request's own checkpoint is not waited on), and every
         `eval.every` steps."""
-        return last or step % self.checkpoint_every == 0 or (self.every is not None and step % self.every == 0)
+        return eval_due(self.checkpoint_every, self.every, step, last)
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         """The eval metrics of `model`'s current weights; every process calls it (the losses are summed over them)."""
@@ -122,18 +132,36 @@ class HeldOutEval:
             if self.base is None:
                 with adapter_disabled(model):
                     self.base = self.losses(model)
+                    self.base_untriggered = self.untriggered_losses(model, self.base)
             metrics["eval/loss_base"] = mean_loss(self.base)
             metrics["eval/lora_gain"] = metrics["eval/loss_base"] - metrics["eval/loss"]
+        untriggered = self.untriggered_losses(model, tuned)
+        metrics["eval/trigger_gain"] = mean_loss(untriggered) - metrics["eval/loss"]
+        if any(self.triggered):
+            metrics["eval/loss_no_trigger"] = mean_loss(untriggered)
+            if self.lora:
+                metrics["eval/trigger_gain_base"] = mean_loss(self.base_untriggered) - metrics["eval/loss_base"]
         metrics["eval/seconds"] = time.perf_counter() - started
         return metrics
 
-    def losses(self, model: torch.nn.Module) -> list[float]:
-        """Each probe's loss, in probe order, the same on every process."""
+    def untriggered_losses(self, model: torch.nn.Module, triggered: list[float]) -> list[float]:
+        """Each probe's loss with its clip's caption without the trigger; a caption that carries none keeps its loss
+        in `triggered` (the same input: no forward is spent on it)."""
+        if not any(self.triggered):
+            return list(triggered)
+        bare = self.losses(model, untriggered=True)
+        return [bare[i] if self.triggered[clip] else triggered[i] for i, (clip, _) in enumerate(self.probes)]
+
+    def losses(self, model: torch.nn.Module, untriggered: bool = False) -> list[float]:
+        """Each probe's loss, in probe order, the same on every process. `untriggered`: the captions without their
+        triggers, for the clips that carry one (the others' probes are 0)."""
         device = self.step.accelerator.device
         table = torch.zeros(len(self.probes), device=device)
         with evaluating(model):
             for clip in self.mine:
-                cached = self._load(clip, device)
+                if untriggered and not self.triggered[clip]:
+                    continue
+                cached = self._load(clip, device, untriggered)
                 for index, (owner, t) in enumerate(self.probes):
                     if owner == clip:
                         loss = self._probe(model, cached, clip, t)
@@ -141,10 +169,10 @@ class HeldOutEval:
                             table[index] = loss
         return self.step.accelerator.reduce(table, reduction="sum").tolist()
 
-    def _load(self, clip: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def _load(self, clip: int, device: torch.device, untriggered: bool = False) -> dict[str, torch.Tensor]:
         entry = self.clips[clip]
         cached = load_file(entry.latents[0])  # the clip's start, as data.windows=1 trains it
-        cached["prompt_embeds"] = load_file(entry.prompt)["prompt_embeds"]
+        cached["prompt_embeds"] = load_file(entry.untriggered_prompt if untriggered else entry.prompt)["prompt_embeds"]
         return {key: value[None].to(device) for key, value in cached.items()}
 
     def _probe(self, model: torch.nn.Module, cached: dict[str, torch.Tensor], clip: int, t: int) -> torch.Tensor:

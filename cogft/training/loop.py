@@ -59,6 +59,7 @@ from .stop import StopRequest
 from .summary import run_summary
 from .timeout import process_group_timeout
 from .topology import Topology
+from .trigger import bleed_probe
 from .validation import ValidationHook
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,8 @@ class Trainer:
         self.evaluation = None
         if held_out:  # spread over the ranks like validation
             self.evaluation = HeldOutEval(config, self.step, held_out, self.topology, shards_weights(accelerator))
+        self.bleed = bleed_probe(config, self.step, prepared.bleed_prompts, held_out, self.topology,
+                                 shards_weights(accelerator))
         # the best as of the resumed checkpoint: one of the redone steps' is forgotten
         self.progress.best = restored_best(self.progress.best, self.evaluation and self.evaluation.identity)
         if accelerator.is_main_process:
@@ -392,10 +395,13 @@ class Trainer:
         checkpoint_due = step % config.train.checkpoint_every == 0 or last or stop.requested
         validation_due = step % config.validation.every == 0 and not last
         eval_due = self.evaluation is not None and self.evaluation.due(step, last)
-        if checkpoint_due or validation_due or eval_due:  # the checkpoint records this step's skip count
+        bleed_due = self.bleed is not None and self.bleed.due(step, last)
+        if checkpoint_due or validation_due or eval_due or bleed_due:  # the checkpoint records this step's skip count
             self._report(self.pending)
             self.pending = None
         new_best = eval_due and self.evaluate(step, checkpoint_due)  # before the checkpoint, which records the best
+        if bleed_due:
+            self.accelerator.log(self.bleed(self.unwrapped), step=step)
         if checkpoint_due:  # best.json names a new best once its checkpoint is complete; the old best then goes
             save_checkpoint(self.accelerator, self.run_dir, step, config.train.checkpoints_keep, config,
                             best=self.progress.best if new_best else None)
@@ -480,7 +486,7 @@ class Trainer:
         if not self.accelerator.is_main_process or frames is None:  # no final video of the first prompt
             return
         device = str(self.accelerator.device)
-        self.step = self.unwrapped = self.evaluation = self.validation = self.ema = self.loader = None
+        self.step = self.unwrapped = self.evaluation = self.validation = self.ema = self.loader = self.bleed = None
         self.accelerator.free_memory()  # the run's training is over: its model, optimizer and pipeline go
         metrics = check_export(self.run_dir, frames, prompts[0], negative, device, probe)
         if metrics is not None:

@@ -30,6 +30,7 @@ from .grid import find_renders, grid, src, video_tag
 from .motion import motion_html
 from .recommend import BLEED, MOTION, TRIGGER_GAIN, limits, recommended_record
 from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
+from .trigger import trigger_facts
 
 MEASURES = ((MOTION, "motion ratio (LoRA / base)"), (BLEED, "bleed"), (TRIGGER_GAIN, "trigger gain"))
 STYLE = """\
@@ -170,7 +171,7 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
     measures = measure_charts([(None, logged, config.quality)])
     png(charts + measures, run_dir / CURVES_IMAGE)
     facts = "\n".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in
-                      _facts(config, run_dir, rows, stopped))
+                      [*_facts(config, run_dir, rows, stopped), *trigger_facts(config, logged)])
     title = html.escape(f"cogft run {run_dir.name}")
     held_out = "".join(f"<h3>Held-out eval loss</h3>\n{svg(chart)}\n" for chart in charts[2:])
     held_out += "".join(f"<h3>{html.escape(chart.title)}</h3>\n{svg(chart)}\n" for chart in measures)

@@ -142,6 +142,8 @@ def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
         lines.extend(eval_lines(run_dir, evals))
         lines.extend(line for line in [summary_line(run_dir)] if line)
     lines.extend(motion_lines(config, run_dir, logged))
+    from .trigger import trigger_lines  # imports this module's row readers
+    lines.extend(trigger_lines(config, logged))
     checks = rows_with(logged, CHECK_KEY, "export_check/prediction_gap", "export_check/tolerance")
     if checks and not stopped:
         lines.append(export_check_line(checks[-1]))

@@ -148,7 +148,8 @@ def test_training_keeps_the_recommended_checkpoint_through_the_rotation(trained)
     assert best == 3, "the eval loss falls here: the lowest is the newest checkpoint's"
     assert kept == [1, 3]  # the recommended one and the newest (train.checkpoints_keep=1); step 2 went
     assert record == recommend(logged_rows(trained), kept, LIMITS) and record["step"] == 1
-    assert record["measures"] == {BLEED: {"value": 0.1, "step": 1}}
+    assert record["measures"][BLEED] == {"value": 0.1, "step": 1}
+    assert record["measures"][MOTION]["step"] == 1  # the motion guard's ratio of that step's validation
     said = run_summary(load_config(trained / "config.yaml"), trained, stopped=False)
     assert "recommended checkpoint: step 1, the lowest held-out eval loss" in said and "--recommended)" in said
 
@@ -184,9 +185,8 @@ def test_the_report_grid_lists_prompt_by_step_with_the_base_renders_and_the_reco
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     videos = [sample_path(run, step, 0, PROMPT).relative_to(run).as_posix() for step in (0, 1, 2, 3)]
-    videos[0] = videos[0].replace("samples/", "samples/base/")  # the base model's render: a step-0 sample's name
-    (run / videos[0]).parent.mkdir()
-    shutil.copy(run / videos[1], run / videos[0])
+    videos[0] = videos[0].replace("samples/", "samples/base/")  # the motion guard's base render: a step-0 sample's name
+    assert (run / videos[0]).is_file()
     html = write_run_report(load_config(run / "config.yaml"), run, stopped=False).read_text()
     page = Page(html)
     grid = html[html.index('<div class="grid">'):]

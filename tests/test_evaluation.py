@@ -161,7 +161,8 @@ def test_resume_is_bit_exact_with_eval_and_forgets_a_later_best(straight, tmp_pa
 
     run, _, _, _ = straight
     out = tmp_path / "resumed"
-    train(config_for(out, shared_cache, "train.max_steps=2"))
+    validation = (f"validation.prompts=[{PROMPT}]", "validation.num_inference_steps=2")  # as straight's: its motion
+    train(config_for(out, shared_cache, "train.max_steps=2", *validation))
     write_best(out, best_entry(9, 0.0, "from an abandoned trajectory"))
     at_start = []
     original = Trainer.run
@@ -171,7 +172,7 @@ def test_resume_is_bit_exact_with_eval_and_forgets_a_later_best(straight, tmp_pa
         return original(self)
 
     monkeypatch.setattr(Trainer, "run", run_recording)
-    resumed = train(config_for(out, shared_cache, "train.max_steps=4"))
+    resumed = train(config_for(out, shared_cache, "train.max_steps=4", *validation))
     first_leg = [row for row in eval_rows(run) if row["step"] <= 2]
     assert at_start == [min(first_leg, key=lambda row: row["eval/loss"])["step"]]
     assert [r["loss"] for r in rows(resumed) if "loss" in r] == [r["loss"] for r in rows(run) if "loss" in r]

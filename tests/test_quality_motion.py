@@ -158,7 +158,7 @@ def test_a_lora_whose_videos_stand_still_is_warned_about_with_the_count_of_still
 
 def test_without_opencv_the_guard_is_refused_by_key_before_any_work(make_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)
-    with pytest.raises(ConfigError, match=r"quality\.motion.*cogft\[quality\].*quality\.motion=false"):
+    with pytest.raises(ConfigError, match=r"quality\.motion.*opencv-python-headless.*quality\.motion=false"):
         check_motion_guard(make_config())
     check_motion_guard(make_config("quality.motion=false"))
     check_motion_guard(make_config("train.mode=sft"))  # no adapter: no guard

@@ -54,10 +54,13 @@ def test_the_report_shows_both_curves_every_video_and_the_facts(finished):
     run = finished
     page = Page((run / "report.html").read_text())
     rows = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
-    assert page.curves == {"loss": len(rows), "loss_smoothed": len(rows), "lr": len(rows)} and len(rows) == 3
+    assert page.curves == {"loss": len(rows), "loss_smoothed": len(rows), "lr": len(rows),
+                           "quality/motion_ratio": 2} and len(rows) == 3  # the motion guard at each validation
     videos = sorted((run / "samples").glob("*.mp4"))
     assert len(videos) == 4  # 2 prompts x (step 2, step 3)
-    assert sorted(page.videos) == [f"samples/{v.name}" for v in videos]
+    base = sorted((run / "samples" / "base").glob("*.mp4"))  # the motion guard's renders with the adapter off
+    assert len(base) == 2 and sorted(page.videos) == sorted([f"samples/{v.name}" for v in videos] +
+                                                            [f"samples/base/{v.name}" for v in base])
     assert all((run / src).is_file() for src in page.videos)  # relative to the report: the folder can move
     text = " ".join(page.text)
     best = min(row["loss_smoothed"] for row in rows)
@@ -71,9 +74,9 @@ def test_the_report_shows_both_curves_every_video_and_the_facts(finished):
 def test_curves_png_is_a_real_image_of_both_curves(finished):
     from PIL import Image
 
-    with Image.open(finished / "curves.png") as image:
-        assert image.format == "PNG" and image.size == (720, 520)
-        colours = {colour for _, colour in image.convert("RGB").getcolors(720 * 520)}
+    with Image.open(finished / "curves.png") as image:  # loss, learning rate and (validated LoRA) motion ratio
+        assert image.format == "PNG" and image.size == (720, 780)
+        colours = {colour for _, colour in image.convert("RGB").getcolors(720 * 780)}
     # the smoothed loss and the learning rate are drawn in their colours, not only the axes and labels
     assert (0x1F, 0x4E, 0x9C) in colours and (0xC0, 0x5A, 0x1C) in colours
 

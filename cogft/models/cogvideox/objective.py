@@ -100,18 +100,9 @@ def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, objective: Objec
     raise ValueError(f"unknown loss weighting {objective.loss_weighting!r}")
 
 
-def diffusion_loss(
-    predict_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    scheduler,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    objective: Objective = REFERENCE,
-    loss_mask: torch.Tensor | None = None,
-    target_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The batch's loss: the mean of `diffusion_losses`."""
-    return diffusion_losses(predict_velocity, scheduler, x0, noise, t, objective, loss_mask, target_velocity).mean()
+def diffusion_loss(*args, **kwargs) -> torch.Tensor:
+    """The batch's loss: the mean of `diffusion_losses` (its arguments)."""
+    return diffusion_losses(*args, **kwargs).mean()
 
 
 def diffusion_losses(

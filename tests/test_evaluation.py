@@ -96,7 +96,8 @@ def test_each_checkpoint_is_evaluated_and_the_best_survives_rotation(straight):
     record = json.loads((run / "best.json").read_text())
     assert record == {"step": best["step"], "eval_loss": best["eval/loss"],
                       "checkpoint": f"checkpoints/step-{best['step']:06d}"}
-    kept = {f"step-{best['step']:06d}", "step-000003", "step-000004"}  # the best and the 2 newest (checkpoints_keep)
+    recommended = json.loads((run / "recommended.json").read_text())["step"]  # spared too (quality limits)
+    kept = {f"step-{step:06d}" for step in (best["step"], 3, 4, recommended) if step is not None}  # + 2 newest
     assert {p.name for p in (run / "checkpoints").iterdir()} == kept
     said = run_summary(config_for(run, run, "train.max_steps=4"), run, stopped=False)
     assert f"best {best['eval/loss']:.4f} at step {best['step']}" in said and "--best" in said

@@ -39,6 +39,7 @@ from .budget import check_host_memory, resolve_fp8_base
 from .checkpointing import (
     check_resume_config,
     load_checkpoint,
+    prune_checkpoints,
     resolve_resume,
     sample_generators,
     save_checkpoint,
@@ -447,9 +448,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def recommend(self) -> None:
-        """RUN/recommended.json as the rule of training/recommend.py says now (the main process writes it)."""
+        """RUN/recommended.json as the rule of training/recommend.py says now (the main process writes it); then the
+        rotation again, so a checkpoint spared only while its successor's measures were pending does not outlive it."""
         if self.accelerator.is_main_process:
             update_recommended(self.run_dir, self.config.quality, self.progress.evals)
+            prune_checkpoints(self.run_dir, self.config.train.checkpoints_keep)
 
     def averaged(self):
         """The weight average in the model (`train.ema_decay`), or the trained weights as they are."""

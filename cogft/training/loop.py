@@ -238,7 +238,7 @@ class Trainer:
             write_best(self.run_dir, self.progress.best)
         self.progress.evals = comparable_evals(self.progress.evals, self.evaluation and self.evaluation.identity,
                                                self.progress.global_step)
-        self.recommend()
+        self.recommend(rotate=False)
         self.validation = None
         if config.validation.prompts:  # spread over the ranks; every rank in every video with sharded weights
             self.validation = ValidationHook(config, self.variant, accelerator.device, prepared.validation_prompts,
@@ -447,12 +447,14 @@ class Trainer:
         log_videos(self.accelerator, [(text, path) for _, text, path in sorted(written)], step)
         self.accelerator.wait_for_everyone()
 
-    def recommend(self) -> None:
-        """RUN/recommended.json as the rule of training/recommend.py says now (the main process writes it); then the
-        rotation again, so a checkpoint spared only while its successor's measures were pending does not outlive it."""
+    def recommend(self, rotate: bool = True) -> None:
+        """RUN/recommended.json as the rule of training/recommend.py says now (the main process writes it); then, with
+        `rotate`, the rotation again, so a checkpoint spared only while its successor's measures were pending does not
+        outlive them (not at setup: a run resumed from an older checkpoint keeps what it found until it saves one)."""
         if self.accelerator.is_main_process:
             update_recommended(self.run_dir, self.config.quality, self.progress.evals)
-            prune_checkpoints(self.run_dir, self.config.train.checkpoints_keep)
+            if rotate:
+                prune_checkpoints(self.run_dir, self.config.train.checkpoints_keep)
 
     def averaged(self):
         """The weight average in the model (`train.ema_decay`), or the trained weights as they are."""

@@ -140,7 +140,8 @@ def trained(tmp_path_factory, shared_cache):
 
 def test_training_keeps_the_recommended_checkpoint_through_the_rotation(trained):
     from cogft.config_file import load_config
-    from cogft.training.summary import logged_rows, run_summary
+    from cogft.training.metric_rows import logged_rows
+    from cogft.training.summary import run_summary
 
     record = json.loads((trained / "recommended.json").read_text())
     best = json.loads((trained / "best.json").read_text())["step"]

@@ -81,7 +81,8 @@ def test_held_out_clips_are_never_trained_on(straight):
 
 
 def test_each_checkpoint_is_evaluated_and_the_best_survives_rotation(straight):
-    from cogft.training.summary import logged_steps, run_summary
+    from cogft.training.metric_rows import logged_steps
+    from cogft.training.summary import run_summary
 
     run, _, _, _ = straight
     evals = eval_rows(run)

@@ -60,7 +60,7 @@ def test_other_damaged_records_are_named(run_with_checkpoints, tmp_path, caplog)
     from cogft.run_dir import resolve_trained
     from cogft.tracking import continue_metrics, wandb_run_id
     from cogft.training.checkpointing import ResumeError, resolve_resume
-    from cogft.training.summary import logged_rows
+    from cogft.training.metric_rows import logged_rows
 
     run = run_with_checkpoints
     (run / "export.json").write_bytes(b'{"step": "last"}')

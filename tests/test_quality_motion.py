@@ -14,8 +14,9 @@ import cogft.training.validation as validation
 from cogft.config import ConfigError
 from cogft.config_file import load_config
 from cogft.training.loop import Trainer, train
+from cogft.training.metric_rows import logged_rows
 from cogft.training.motion import RATIO, check_motion_guard, motion
-from cogft.training.summary import logged_rows, run_summary
+from cogft.training.summary import run_summary
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red square bouncing across a blue background"

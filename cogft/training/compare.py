@@ -18,9 +18,9 @@ from ..config_file import load_config
 from ..run_dir import CONFIG_FILE
 from .charts import PALETTE, Chart, series, svg
 from .grid import Renders, find_renders, prompt_keys, video_tag
+from .metric_rows import EVAL_KEY, STEP_KEY, logged_rows, rows_with
 from .recommend import BLEED, MOTION, TRIGGER_GAIN, recommended_record
-from .report import MEASURES, STYLE, measure_charts, recommendation_line
-from .summary import EVAL_KEY, STEP_KEY, logged_rows, rows_with
+from .report import MEASURES, html_page, measure_charts, recommendation_line
 
 # settings that change the held-out clips, their latents or prompts, or the timesteps scored: eval losses of runs
 # that differ in one of them are not measured on the same thing
@@ -175,19 +175,7 @@ def write_comparison(sources: list[str], out: str) -> Path:
     listing = "\n".join(f'<tr><th style="color: {run.colour}">{html.escape(run.label)}</th>'
                         f"<td>{html.escape(str(run.path))}</td><td>{html.escape(run.config.model.path)}, "
                         f"{run.config.train.mode}</td></tr>" for run in runs)
-    page = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-{STYLE}
-td, th {{ padding: 0.2rem 0.5rem }}
-</style>
-</head>
-<body>
-<h1>{title}</h1>
-<table>
+    page = html_page(title, f"""<table>
 {listing}
 </table>
 <h2>Settings that differ</h2>
@@ -199,9 +187,7 @@ td, th {{ padding: 0.2rem 0.5rem }}
 {_figures(runs, page_dir)}
 {charts}<h2>Validation renders</h2>
 {_renders(runs, page_dir)}
-</body>
-</html>
-"""
+""", style="td, th { padding: 0.2rem 0.5rem }\n")
     target.write_text(page, encoding="utf-8")
     return target
 

@@ -37,7 +37,7 @@ from ..run_dir import (
     run_of,
     step_dir,
 )
-from .summary import EVAL_KEY, logged_rows
+from .metric_rows import EVAL_KEY, logged_rows
 
 logger = logging.getLogger(__name__)
 

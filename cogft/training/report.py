@@ -27,9 +27,10 @@ from ..run_dir import (
 from .charts import PALETTE, Chart, png, series, svg
 from .clip_outliers import clips_section
 from .grid import find_renders, grid, src, video_tag
+from .metric_rows import EVAL_KEY, STEP_KEY, logged_rows, rows_with
 from .motion import motion_html
 from .recommend import BLEED, MOTION, TRIGGER_GAIN, limits, recommended_record
-from .summary import EVAL_KEY, STEP_KEY, logged_rows, loss_progress, rows_with
+from .summary import loss_progress
 from .trigger import trigger_facts
 
 MEASURES = ((MOTION, "motion ratio (LoRA / base)"), (BLEED, "bleed"), (TRIGGER_GAIN, "trigger gain"))
@@ -162,6 +163,25 @@ def _facts(config: Config, run_dir: Path, rows: list[dict], stopped: bool) -> li
     return facts
 
 
+def html_page(title: str, body: str, style: str = "") -> str:
+    """A page that opens offline: the shared STYLE (then `style`), the escaped `title` as its title and heading, then
+    `body` (report.html, compare.html)."""
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+{STYLE}
+{style}</style>
+</head>
+<body>
+<h1>{title}</h1>
+{body}</body>
+</html>
+"""
+
+
 def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
     """RUN/report.html and RUN/curves.png, from what the run directory holds now (so a resumed run's report covers
     the whole run)."""
@@ -175,18 +195,7 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
     title = html.escape(f"cogft run {run_dir.name}")
     held_out = "".join(f"<h3>Held-out eval loss</h3>\n{svg(chart)}\n" for chart in charts[2:])
     held_out += "".join(f"<h3>{html.escape(chart.title)}</h3>\n{svg(chart)}\n" for chart in measures)
-    page = f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title}</title>
-<style>
-{STYLE}
-</style>
-</head>
-<body>
-<h1>{title}</h1>
-<table>
+    page = html_page(title, f"""<table>
 {facts}
 </table>
 <h2>Loss</h2>
@@ -198,8 +207,6 @@ def write_run_report(config: Config, run_dir: Path, stopped: bool) -> Path:
 {held_out}{motion_html(config, run_dir, logged)}<h3>Validation videos</h3>
 {_videos(config, run_dir, logged)}
 {clips_section(run_dir)}
-</body>
-</html>
-"""
+""")
     (run_dir / HTML_REPORT).write_text(page, encoding="utf-8")
     return run_dir / HTML_REPORT

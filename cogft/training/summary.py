@@ -12,10 +12,9 @@ from pathlib import Path
 
 from ..config import Config
 from ..inference.check_export import describe
-from ..records import DamagedRecordError, is_kind
+from ..records import DamagedRecordError
 from ..run_dir import (
     HTML_REPORT,
-    METRICS_FILE,
     REPORT_FILE,
     SAMPLES_DIR,
     best_record,
@@ -23,44 +22,12 @@ from ..run_dir import (
     exported_step,
     resolve_trained,
 )
+from .metric_rows import CHECK_KEY, EVAL_KEY, STEP_KEY, logged_rows, rows_with
 from .motion import motion_lines
+from .recommend import summary_line
+from .trigger import trigger_lines
 
 logger = logging.getLogger(__name__)
-
-STEP_KEY, EVAL_KEY, CHECK_KEY = "loss_smoothed", "eval/loss", "export_check/pixel_diff"  # what marks each kind of row
-
-
-def logged_rows(run_dir: Path) -> list[dict]:
-    """Every row of metrics.jsonl that parses as a row (an object with a whole-number step), in order (read once;
-    `rows_with` picks a kind); the others (a damaged file) are counted in a warning."""
-    rows, damaged = [], 0
-    path = run_dir / METRICS_FILE
-    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and is_kind(row.get("step"), int):
-            rows.append(row)
-        else:
-            damaged += 1
-    if damaged:
-        logger.warning("%s: %d damaged rows (not a JSON object with a step) left out", path, damaged)
-    return rows
-
-
-def rows_with(rows: list[dict], *keys: str) -> list[dict]:
-    """The rows that report each of `keys` as a number."""
-    return [row for row in rows if all(isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool)
-                                       for key in keys)]
-
-
-def logged_steps(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl that report a training step (loss, loss_smoothed, lr, ...), in order."""
-    return rows_with(logged_rows(run_dir), STEP_KEY)
-
 
 def loss_progress(steps: list[dict]) -> str:
     """The smoothed loss at the end and at its best, for the summary and the report."""
@@ -137,12 +104,9 @@ def run_summary(config: Config, run_dir: Path, stopped: bool) -> str:
     lines.extend(set_lines(config, run_dir, logged))
     evals = rows_with(logged, EVAL_KEY)
     if evals:
-        from .recommend import summary_line  # imported here: it reads metrics.jsonl through this module
-
         lines.extend(eval_lines(run_dir, evals))
         lines.extend(line for line in [summary_line(run_dir)] if line)
     lines.extend(motion_lines(config, run_dir, logged))
-    from .trigger import trigger_lines  # imports this module's row readers
     lines.extend(trigger_lines(config, logged))
     checks = rows_with(logged, CHECK_KEY, "export_check/prediction_gap", "export_check/tolerance")
     if checks and not stopped:

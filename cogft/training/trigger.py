@@ -29,8 +29,8 @@ from ..data.cache import CacheEntry
 from ..models.modes import adapter_disabled, evaluating
 from ..seeding import mixed_seed
 from .evaluation import eval_due, probe_timesteps
+from .metric_rows import rows_with
 from .step import TrainingStep
-from .summary import rows_with
 from .topology import Topology
 
 logger = logging.getLogger(__name__)

@@ -419,11 +419,12 @@ class TrainConfig(_Section):
         "copy is the master); at most two blocks' weights are on the GPU at once. A swapped block is also "
         "checkpointed (its inputs offloaded with `train.offload_checkpoints`). The numbers are the same bit for bit; "
         "the cost is PCIe time the compute does not hide (`cogft estimate` predicts it). `auto`: the fewest that "
-        "`cogft estimate` predicts fit `train.memory_budget_gib` (90 % of the GPU without one; none on a CPU). One "
+        "`cogft estimate` predicts fit `train.memory_budget_gib` (without one, as its `auto`; none on a CPU). One "
         "process only; not for `train.mode: sft` (both refused by key)"))
     memory_budget_gib: PositiveFloat | Literal["auto"] | None = Field(None, description=(
         "when set, ignore the three keys above and use the fastest checkpointing/offloading/block swapping that "
-        "`cogft estimate` predicts fits this many GiB (logged at start); `auto` = 90 % of the GPU's memory (on a CPU, "
+        "`cogft estimate` predicts fits this many GiB (logged at start); `auto` = 90 % of the GPU's memory, and at "
+        "most all but 0.75 GiB of it (on a small card the allocator's fragments need that; on a CPU, "
         "the three keys as written). `cogft estimate --gpu G` shows what a budget picks on that GPU"))
     compile: bool | Literal["auto"] = Field("auto", description="`torch.compile` each transformer block; `auto` = on "
                                                                 "CUDA GPUs (a compile at start, faster steps)")

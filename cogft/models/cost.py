@@ -31,6 +31,9 @@ from .inference_cache import taylorseer_full_steps
 
 GIB = 2**30
 AUTO_BUDGET_SHARE = 0.9  # of the card's memory for `train.memory_budget_gib: auto`: above the estimate's worst miss
+ALLOCATOR_RESERVE_GIB = 0.75  # and at least this much left over on a small card: the caching allocator's fragments.
+# Measured under `cogft bench --gpu-memory` (2026-12-06): runs that peaked 0.1-0.2 GiB under the cap ran out of memory
+# (2B at 4 GiB, 5B at 6 GiB, 1.5-5B at 12 GiB); runs that left 0.71-0.78 GiB trained, their reserved memory at the cap.
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ SWAP_BLOCK_S = 5e-4                   # a swapped block's copy launches and stre
                                       # copies of ~10 us each; not yet measured)
 ACTIVATION_BYTES_COMPILED = 29.5      # bytes kept per token·width element of a block for its backward
 ACTIVATION_BYTES_EAGER = 41.5
+RECOMPUTE_BACKWARD_BYTES = 12.0       # and beside a recomputed block's activations, its backward's own per element (the
+                                      # gradients of q, k, v and of the feed-forward's hidden layer): fitted to the
+                                      # lean and swapped 2B, 5B and 1.5-5B rows of 2026-12-06 (under by 6-17 % without)
 WORKSPACE_GIB = 0.6                   # attention workspace, loss tensors, allocator slack
 # A validation / `cogft sample` video, measured on the same H100 (2B, 50 steps with CFG, 0.567 s a step):
 INFERENCE_OVERHEAD_S_PER_ELEMENT = 2.3e-11  # norms and glue of a compiled block's forward per token·width
@@ -237,10 +243,16 @@ def as_trained(config: Config, variant: Variant, gpu_name: str = "H100", host_gi
     if budget is None and config.train.blocks_to_swap != "auto":
         return config
     if budget is None or budget == "auto":
-        budget = AUTO_BUDGET_SHARE * _gpu(gpu_name).memory_gib
+        budget = auto_budget_gib(_gpu(gpu_name).memory_gib)
     if config.train.memory_budget_gib is None:  # blocks_to_swap: auto alone: only the swap count is planned
         return swap_for_budget(config, variant, budget, gpu_name).applied(config)
     return plan_for_budget(config, variant, budget, gpu_name, host_gib).applied(config)
+
+
+def auto_budget_gib(memory_gib: float) -> float:
+    """What `train.memory_budget_gib: auto` plans for on a card of `memory_gib`: 90 % of it, and at most all but
+    ALLOCATOR_RESERVE_GIB (on a 4-6 GiB card a tenth is less than what the allocator's fragments take)."""
+    return min(AUTO_BUDGET_SHARE * memory_gib, memory_gib - ALLOCATOR_RESERVE_GIB)
 
 
 def swap_for_budget(config: Config, variant: Variant, budget_gib: float, gpu_name: str = "H100") -> Plan:
@@ -366,7 +378,7 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
                  + adapter.kept_bytes + tokens * adapter.kept_bytes_per_token)
     kept = (layers - checkpointed) * per_block
     saved_inputs = 0 if train.offload_checkpoints else checkpointed * elements * half
-    recompute = per_block if checkpointed else 0
+    recompute = per_block + elements * RECOMPUTE_BACKWARD_BYTES if checkpointed else 0
     block_bytes = block_weight_bytes(config, variant) if train.mode == "lora" else 0
     weights -= (swapped - min(2, swapped)) * block_bytes  # in host memory, but for the two blocks on the GPU
     parts = {"weights": weights, "trainable_state": state, "activations": kept, "checkpoint_inputs": saved_inputs,

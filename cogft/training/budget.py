@@ -13,9 +13,9 @@ import torch
 from ..config import Config, ConfigError
 from ..models.blocks import swapped_block_count
 from ..models.cost import (
-    AUTO_BUDGET_SHARE,
     HOST_PROCESS_GIB,
     Plan,
+    auto_budget_gib,
     estimate,
     host_advice,
     host_estimate,
@@ -49,7 +49,7 @@ def card_memory_gib(device: torch.device) -> float:
 
 def memory_budget(config: Config, device: torch.device) -> float | None:
     """`train.memory_budget_gib` in GiB: as set, or with `auto` (or unset with `train.blocks_to_swap: auto`), 90 %
-    of this CUDA device (None on a CPU, or with neither set)."""
+    of this CUDA device, less on a small one (`auto_budget_gib`; None on a CPU, or with neither set)."""
     budget = config.train.memory_budget_gib
     if budget is not None and budget != "auto":
         return budget
@@ -59,7 +59,7 @@ def memory_budget(config: Config, device: torch.device) -> float | None:
         logger.info("train.memory_budget_gib=auto and train.blocks_to_swap=auto apply on CUDA GPUs; using the "
                     "configured checkpointing and no block swapping")
         return None
-    return AUTO_BUDGET_SHARE * card_memory_gib(device)
+    return auto_budget_gib(card_memory_gib(device))
 
 
 def block_settings(config: Config, variant: Variant, device: torch.device) -> tuple[bool | float, bool, int]:

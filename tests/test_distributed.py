@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,11 +70,11 @@ def test_two_ranks_match_one_rank_with_the_whole_batch_and_resume_exactly(make_c
     torch.testing.assert_close(torch.tensor([s.loss for s in ranks]), torch.tensor([s.loss for s in whole]),
                                rtol=1e-4, atol=1e-5)
 
-    resumed = tmp_path / "resumed"
-    torchrun(resumed, cache, "train.max_steps=2", "train.batch_size=1")
+    resumed = tmp_path / "resumed"  # a run left with only the step-2 checkpoint, as after a crash
+    shutil.copytree(two / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     torchrun(resumed, cache, "train.max_steps=4", "train.batch_size=1")
-    assert losses(resumed) == losses(two)
-    assert read_samples(resumed) == read_samples(two)
+    assert losses(resumed) == losses(two)[2:]  # steps 3 and 4, bit for bit
+    assert read_samples(resumed) == [s for s in read_samples(two) if s.step > 2]
     assert all(torch.equal(lora(resumed)[k], lora(two)[k]) for k in a)
 
 

@@ -72,7 +72,7 @@ def _prepare(args) -> None:
     summary = prepared.summary
     print(f"{summary['kept']} clips ready ({summary['encoded']} encoded, {summary['cached']} cached), "
           f"{summary['skipped']} skipped {summary['skipped_by_reason'] or ''}; buckets {summary['buckets']}; "
-          f"report: {report}")
+          f"host memory peak {summary['host_peak_gib']} GiB; report: {report}")
     for key, counts in summary.get("sets", {}).items():  # data.sets: each set's count
         print(f"  {key} ({counts['kind']}, {counts['path']}): {counts['kept']} of {counts['clips']} ready, "
               f"{counts['skipped']} skipped")

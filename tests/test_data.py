@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -106,6 +107,8 @@ def test_prepare_caches_by_content_and_reports_skips(make_config, tmp_path):
     assert statuses["videos.txt:5"] == ("skipped", "duplicate")
     assert first.summary["skipped_by_reason"] == {"not_found": 1, "empty_file": 1, "empty_caption": 1, "duplicate": 1}
     assert len(first.entries) == 1
+    resident = psutil.Process().memory_info().rss / 2**30  # what `cogft estimate` calls the host peak of prepare
+    assert resident - 0.01 <= first.summary["host_peak_gib"] < psutil.virtual_memory().total / 2**30
     from safetensors.torch import load_file
 
     latents = load_file(first.entries[0].latents[0])

@@ -22,6 +22,7 @@ import torch
 from ..config import Config, ConfigError
 from ..data.dataset import PRIOR
 from ..disk import folder_bytes
+from ..host_memory import host_peak_gib
 from ..models.attention import attention_in_use
 from ..models.blocks import compile_enabled
 from ..models.build import random_init
@@ -203,7 +204,7 @@ def _row(name: str, config: Config, variant: Variant, device: torch.device, run,
         "s_per_step_back_to_back": round(back_to_back, 4), "steps": len(times),
         "tokens": flops.tokens, "us_per_token": round(seconds / (flops.tokens * config.train.batch_size) * 1e6, 3),
         "model_tflop_per_step": round(tflop, 2), "tflops": round(tflop / seconds, 1),
-        "device": device_name(device),
+        "device": device_name(device), "host_peak_gib": host_peak_gib(),
     }
     if device.type == "cuda":
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

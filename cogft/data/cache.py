@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .. import cogft_home
 from ..config import Config
 from ..disk import disk_full_error, is_disk_full
+from ..host_memory import host_peak_gib
 from ..models.family import LOSS_MASK, Variant
 from ..models.loading import load_pipeline, load_vae, resolve_model_path
 from ..run_dir import REPORT_FILE, safetensors_length
@@ -536,6 +537,7 @@ def _summary(rows: list[dict], rank: int, world_size: int, seconds: float, stage
         "seconds": round(seconds, 3),
         "seconds_by_stage": {k: round(v, 3) for k, v in sorted(stages.items())},
         "encoded_per_s": round(statuses["encoded"] / seconds, 3) if seconds > 0 else None,
+        "host_peak_gib": host_peak_gib(),  # the process's so far: the text encoder and VAE on their way to the GPU
     }
 
 
@@ -638,9 +640,9 @@ def _prepare_set(config: Config, variant: Variant, device: torch.device, rank: i
     summary = _summary(report, rank, world_size, time.perf_counter() - started, preparer.seconds)
     logger.info(
         "prepare (rank %d/%d): %d clips kept (%d encoded now, %d cached; %d still images), %d skipped %s, buckets "
-        "(frames: clips) %s, sizes %s, %.1f s", rank, world_size, summary["kept"], summary["encoded"],
-        summary["cached"], summary["images"], summary["skipped"], summary["skipped_by_reason"], summary["buckets"],
-        summary["sizes"], summary["seconds"],
+        "(frames: clips) %s, sizes %s, %.1f s, host memory peak %s GiB", rank, world_size, summary["kept"],
+        summary["encoded"], summary["cached"], summary["images"], summary["skipped"], summary["skipped_by_reason"],
+        summary["buckets"], summary["sizes"], summary["seconds"], summary["host_peak_gib"],
     )
     return PreparedData(
         entries=entries,

@@ -48,7 +48,7 @@ FAST = ["validation.prompts=[]", "train.checkpoint_every=100", "train.max_steps=
 # every Linear adapted; alpha != rank (rsLoRA's alpha / sqrt(r) on the 2B); LoKr with whole and low-rank factors
 RUNS = {
     "2b": ["model.path=tiny://2b", "lora.rank=4", "lora.alpha=8", "lora.rslora=true",
-           f"lora.target_modules={ALL_LINEARS}", "lora.export_format=[comfyui,kohya]"],
+           f"lora.target_modules={ALL_LINEARS}", "lora.export_format=[comfyui,kohya]", "train.ema_decay=0.5"],
     "5b": ["model.path=tiny://5b", "lora.rank=4", "lora.alpha=3", f"lora.target_modules={ALL_LINEARS}"],
     "loha": ["model.path=tiny://2b", "lora.type=loha", "lora.rank=4", "lora.alpha=6",
              "lora.target_modules=[to_q,to_out.0,net.0.proj,net.2]"],
@@ -59,7 +59,8 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shared_cache) -> dict[str, Path]:
-    """One step of each adapter on the tiny models (the 2B's config asks for both ComfyUI formats itself)."""
+    """One step of each adapter on the tiny models (the 2B's config asks for both ComfyUI formats itself, and averages
+    its weights: the export is the average, raw/ the trained weights)."""
     from cogft.config_file import load_config
     from cogft.training.loop import train
 
@@ -253,11 +254,12 @@ def test_kohya_file_merges_every_tensor_into_its_layer_in_the_wrapper(runs, name
 
 
 def test_the_card_names_each_file_and_the_diffusers_file_still_loads_alone(runs):
-    """The run's lora/ (the 2B run asked for both formats) holds the three files; the card says which is for what;
-    the stock loader still takes the diffusers file from the folder."""
+    """The run's lora/ (the 2B run asked for both formats) holds the three files, and so does raw/lora/ (the weights
+    before averaging); the card says which is for what; the stock loader still takes the diffusers file alone."""
     folder = runs["2b"] / "lora"
-    assert {p.name for p in folder.glob("*.safetensors")} == {"pytorch_lora_weights.safetensors",
-                                                              "lora_comfyui.safetensors", "lora_kohya.safetensors"}
+    for each in (folder, runs["2b"] / "raw" / "lora"):
+        assert {p.name for p in each.glob("*.safetensors")} == {"pytorch_lora_weights.safetensors",
+                                                                "lora_comfyui.safetensors", "lora_kohya.safetensors"}
     card = (folder / "README.md").read_text()
     assert "lora_comfyui.safetensors" in card and "Load LoRA" in card
     assert "lora_kohya.safetensors" in card and "CogVideoXWrapper" in card

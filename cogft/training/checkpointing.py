@@ -24,7 +24,7 @@ from ..disk import disk_full_error, folder_bytes, follow_umask, is_disk_full
 from ..inference.model_card import write_model_card
 from ..models.adapters import load_lora_state, load_transformer_state, release_lora, save_lora, save_transformer
 from ..models.family import Variant
-from ..models.lora_formats import write_key_formats
+from ..models.lora_formats import extra_formats, write_key_formats
 from ..records import DamagedRecordError, read_yaml
 from ..run_dir import (
     CHECKPOINTS,
@@ -210,7 +210,7 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, va
             shutil.rmtree(staging, ignore_errors=True)
             record.unlink(missing_ok=True)
         if is_disk_full(error):
-            needed = _weights_bytes(accelerator.unwrap_model(model), config.train.mode == "lora", dtype)
+            needed = _weights_bytes(accelerator.unwrap_model(model), config, dtype)
             raise disk_full_error(f"the final export {run_dir / name}", run_dir, needed,
                                   _export_advice(run_dir, name, step)) from error
         raise
@@ -229,10 +229,12 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, va
     return final
 
 
-def _weights_bytes(module: torch.nn.Module, lora: bool, dtype: torch.dtype) -> int:
-    """Roughly what an export writes: the LoRA's weights in float32, or the whole transformer in `dtype`."""
-    if lora:
-        return sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
+def _weights_bytes(module: torch.nn.Module, config: Config, dtype: torch.dtype) -> int:
+    """Roughly what an export writes: the LoRA's weights in float32, once more for each `lora.export_format` file
+    beside it, or the whole transformer in `dtype`."""
+    if config.train.mode == "lora":
+        copies = 1 + len(extra_formats(config.lora.export_format))
+        return copies * sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
     return sum(p.numel() for p in module.parameters()) * dtype.itemsize
 
 

@@ -32,8 +32,8 @@ from .inference_cache import taylorseer_full_steps
 GIB = 2**30
 AUTO_BUDGET_SHARE = 0.9  # of the card's memory for `train.memory_budget_gib: auto`: above the estimate's worst miss
 ALLOCATOR_RESERVE_GIB = 0.75  # and at least this much left over on a small card: the caching allocator's fragments.
-# Measured under `cogft bench --gpu-memory` (2026-12-06): runs that peaked 0.1-0.2 GiB under the cap ran out of memory
-# (2B at 4 GiB, 5B at 6 GiB, 1.5-5B at 12 GiB); runs that left 0.71-0.78 GiB trained, their reserved memory at the cap.
+# Measured under `cogft bench --gpu-memory` (2026-12-06): at 4, 6 and 12 GiB (2B, 5B, 1.5-5B) the plans that today's
+# estimate puts within 0.06 GiB of the cap or over it ran out of memory; runs that left 0.71-0.78 GiB trained.
 
 
 @dataclass(frozen=True)

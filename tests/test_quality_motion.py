@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from cogft.config import ConfigError
 from cogft.config_file import load_config
 from cogft.training.loop import Trainer, train
 from cogft.training.metric_rows import logged_rows
-from cogft.training.motion import RATIO, check_motion_guard, motion
+from cogft.training.motion import RATIO, check_motion_guard, motion, still_images
 from cogft.training.summary import run_summary
+from motion_experiment import PANS
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red square bouncing across a blue background"
@@ -175,3 +177,46 @@ def test_bench_times_a_validation_with_and_without_the_guard(make_config):
     assert all(row["value"] > 0 for row in rows[:4])
     share = rows[-1]
     assert share["validations"] == 2 and share["s_per_step"] > 0  # 60 steps, every 30
+
+
+@pytest.fixture(scope="module")
+def moving_model(tmp_path_factory, cogft_home) -> tuple[Path, Path, Path]:
+    """The tiny 2B that can show motion (tests/motion_experiment.py), two panning clips, and their middle frames."""
+    from cogft.models.build import resolve_built
+    from motion_experiment import build_moving_model, write_pans
+
+    folder = tmp_path_factory.mktemp("moving")
+    return build_moving_model(Path(resolve_built("tiny://2b")), folder / "model"), *write_pans(folder / "data")
+
+
+def _base_that_moves(model: Path, clips: Path, out: Path, common: list[str]) -> Path:
+    """The model fine-tuned whole on the clips (300 steps), as a pipeline folder: a base whose videos move."""
+    run = train(load_config(REPO / "configs" / "tiny-sft.yaml", [
+        f"model.path={model}", f"data.path={clips}", f"output_dir={out / 'run'}", "validation.prompts=[]",
+        "train.learning_rate=3e-3", "train.max_steps=300", "train.checkpoint_every=300", *common]))
+    shutil.copytree(model, out / "model", ignore=shutil.ignore_patterns("transformer"))
+    shutil.copytree(run / "transformer", out / "model" / "transformer")
+    return out / "model"
+
+
+def test_a_lora_trained_on_stills_of_the_clips_freezes_their_motion(moving_model, tmp_path, shared_cache):
+    """On a base that renders two panning clips moving, a LoRA trained on the clips' middle frames as stills (one-frame
+    samples) renders the patterns standing still: the ratio is below 1 at every validation; a LoRA trained on the
+    clips, the same steps and seed, keeps them moving. Everything trains at the noisiest timesteps and renders in one
+    sampling step, where the tiny model learns what the clips look like and how they move (docs/quality.md)."""
+    model, clips, stills = moving_model
+    common = [f"data.cache_dir={shared_cache}", "tracking.report_to=none", "train.min_timestep=990"]
+    base = _base_that_moves(model, clips, tmp_path / "base", common)
+    ratios, rows = {}, {}
+    for kind, data in (("clips", clips), ("stills", stills)):
+        run = train(load_config(REPO / "configs" / "tiny-lora.yaml", [
+            f"model.path={base}", f"data.path={data}", f"output_dir={tmp_path / kind}", *common,
+            f"validation.prompts=[{', '.join(caption for *_, caption in PANS.values())}]",
+            "validation.num_inference_steps=1", "validation.guidance_scale=1", "validation.every=50",
+            "train.learning_rate=1e-2", "train.max_steps=100", "train.checkpoint_every=100"]))
+        ratios[kind], rows[kind] = _ratios(run), [row for row in logged_rows(run) if RATIO in row]
+    assert still_images(tmp_path / "stills") == (2, 2) and still_images(tmp_path / "clips") == (0, 2)
+    assert [step for step, _ in ratios["clips"]] == [step for step, _ in ratios["stills"]] == [50, 100]
+    assert rows["stills"][0]["quality/motion_base"] > 0.3  # px/frame: the base's videos move
+    assert all(ratio < 0.85 for _, ratio in ratios["stills"])  # measured 0.28-0.68
+    assert ratios["clips"][-1][1] > ratios["stills"][-1][1] + 0.3  # measured 0.52-0.91 apart

@@ -54,6 +54,7 @@ def test_compiled_vae_encoder_keeps_working(make_config):
 
 
 def test_loaded_vae_decodes_like_the_stock_one(make_config):
+    """Its group norms spread (for a GPU) and its convolutions through oneDNN (on a CPU): the stock numbers."""
     from diffusers import AutoencoderKLCogVideoX
 
     path = make_config().model.path
@@ -61,6 +62,8 @@ def test_loaded_vae_decodes_like_the_stock_one(make_config):
     stock = AutoencoderKLCogVideoX.from_pretrained(resolve_model_path(path), subfolder="vae").eval()
     assert any(isinstance(m, SpreadGroupNorm) for m in vae.modules())
     assert not any(isinstance(m, SpreadGroupNorm) for m in stock.modules())
+    routed = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d) and "_conv_forward" in vars(m)]
+    assert routed and not torch.cuda.is_available()  # on this CPU machine the convolutions go through oneDNN
     latents = torch.randn(1, vae.config.latent_channels, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(vae.decode(latents).sample, stock.decode(latents).sample, rtol=0, atol=1e-4)

@@ -15,6 +15,7 @@ import torch
 from ..config import Config, ConfigError, ModelConfig
 from ..records import has_fields, read_json
 from .build import RANDOM_SCHEME, TINY_SCHEME, resolve_built
+from .cpu_conv import onednn_conv3d_on_cpu
 from .family import PipelineConfigs, Variant
 from .group_norm import spread_group_norms
 from .lora_formats import check_export_formats
@@ -111,10 +112,12 @@ def load_transformer(path: str, variant: Variant, revision: str | None = None, d
 
 
 def load_vae(path: str, variant: Variant, dtype: torch.dtype, revision: str | None = None):
-    """The VAE with its group norms spread over the GPU (`SpreadGroupNorm`: the same numbers, a faster decode)."""
+    """The VAE with its group norms spread over the GPU (`SpreadGroupNorm`: the same numbers, a faster decode), and
+    its convolutions through oneDNN on a machine without CUDA (`onednn_conv3d_on_cpu`)."""
     vae = variant.spec.diffusers_class("vae").from_pretrained(resolve_model_path(path), subfolder="vae", dtype=dtype,
                                                               revision=revision)
     spread_group_norms(vae)
+    onednn_conv3d_on_cpu(vae)
     return vae
 
 

@@ -34,11 +34,9 @@ def _ratios(run: Path) -> list[tuple[int, float]]:
     return [(row["step"], row[RATIO]) for row in logged_rows(run) if RATIO in row]
 
 
-@contextlib.contextmanager
-def _counting_base_renders(monkeypatch):
-    """Counts the validation renders made with the adapter switched off."""
-    counts, off = [0], [False]
-    real_disabled, real_render = validation.adapter_disabled, validation.render
+def _adapter_off_flag(monkeypatch) -> list[bool]:
+    """A flag that is [True] while validation renders with the adapter switched off."""
+    off, real_disabled = [False], validation.adapter_disabled
 
     @contextlib.contextmanager
     def disabled(model):
@@ -49,11 +47,19 @@ def _counting_base_renders(monkeypatch):
             finally:
                 off[0] = False
 
+    monkeypatch.setattr(validation, "adapter_disabled", disabled)
+    return off
+
+
+@contextlib.contextmanager
+def _counting_base_renders(monkeypatch):
+    """Counts the validation renders made with the adapter switched off."""
+    counts, off, real_render = [0], _adapter_off_flag(monkeypatch), validation.render
+
     def render(*args, **kwargs):
         counts[0] += off[0]
         return real_render(*args, **kwargs)
 
-    monkeypatch.setattr(validation, "adapter_disabled", disabled)
     monkeypatch.setattr(validation, "render", render)
     yield counts
 
@@ -133,19 +139,7 @@ def test_a_lora_whose_videos_stand_still_is_warned_about_with_the_count_of_still
     (data / "videos.txt").write_text("\n".join([*(str(REPO / "data" / n) for n in names),
                                                 str(REPO / "data" / "images" / "bouncing_square.jpg")]))
     (data / "prompts.txt").write_text("\n".join([*captions, captions[0]]))
-    off = [False]
-    real_disabled = validation.adapter_disabled
-
-    @contextlib.contextmanager
-    def disabled(model):
-        with real_disabled(model):
-            off[0] = True
-            try:
-                yield
-            finally:
-                off[0] = False
-
-    monkeypatch.setattr(validation, "adapter_disabled", disabled)
+    off = _adapter_off_flag(monkeypatch)
     monkeypatch.setattr(validation, "render", lambda *args, **kwargs: _pan(2) if off[0] else _pan(0))
     config = _config(tmp_path / "run", shared_cache, "train.max_steps=1", "train.batch_size=1",
                      "data.image_batch_size=1", data=data)

@@ -36,7 +36,7 @@ from ..config import Config
 from ..disk import disk_full_error, is_disk_full
 from ..host_memory import host_peak_gib
 from ..models.family import LOSS_MASK, Variant
-from ..models.loading import load_pipeline, load_vae, resolve_model_path
+from ..models.loading import load_pipeline, load_text_encoder, load_vae, resolve_model_path
 from ..run_dir import REPORT_FILE, safetensors_length
 from .captions import count_tokens, load_tokenizer, truncation_note, validation_texts
 from .checks import Problem, admission_problems, byte_duplicates, file_digest, summarize_problems
@@ -457,9 +457,10 @@ class Preparer:
         if not todo:
             return
         started = time.perf_counter()
-        pipe = load_pipeline(self.config.model.path, self.variant, self.dtype, self.config.model.revision,
-                             transformer=None, vae=None)
-        pipe.text_encoder.to(self.device)
+        model = self.config.model
+        pipe = load_pipeline(model.path, self.variant, self.dtype, model.revision, transformer=None, vae=None,
+                             text_encoder=load_text_encoder(model.path, self.variant, self.dtype, self.device,
+                                                            model.revision))
         # the pipeline logs each truncated caption's cut-off tail, padding tokens and all, which no one can act on;
         # the report notes every truncation with its token count instead (`truncation_note`)
         pipeline_log = logging.getLogger(type(pipe).__module__)

@@ -126,6 +126,16 @@ def load_scheduler(path: str, variant: Variant, revision: str | None = None):
                                                                      revision=revision)
 
 
+def load_text_encoder(path: str, variant: Variant, dtype: torch.dtype, device: torch.device,
+                      revision: str | None = None):
+    """The text encoder in `dtype` on `device`. On a GPU its shards go straight there (`device_map`): T5-XXL is
+    9 GiB in bf16, and reading it whole into host memory first is what sets prepare's host peak."""
+    device_map = {"": str(device)} if device.type == "cuda" else None
+    encoder = variant.spec.diffusers_class("text_encoder").from_pretrained(
+        resolve_model_path(path), subfolder="text_encoder", dtype=dtype, revision=revision, device_map=device_map)
+    return encoder.to(device)
+
+
 def load_pipeline(path: str, variant: Variant, dtype: torch.dtype, revision: str | None = None, **components):
     """The variant's stock pipeline around `load_vae`'s VAE, and the transformer and scheduler as the variant takes
     them (a widened control model's are not the folder's); pass `transformer=None` / `vae=None` to skip loading

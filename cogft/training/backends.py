@@ -57,6 +57,20 @@ def accelerator_on_cpu() -> bool:
     return not _launched_with("DEEPSPEED")
 
 
+def skip_shared_memory_build_on_one_cpu_process() -> None:
+    """DeepSpeed on CPUs compiles a C++ shared-memory all-reduce (`deepspeed_shm_comm`) when it starts, about 40 s
+    on two cores, the first time on every machine. One process has nothing to all-reduce with, so it is marked
+    unbuildable there: DeepSpeed then uses torch's own collectives, as it does on GPUs, where the op never exists."""
+    if (not _launched_with("DEEPSPEED") or torch.cuda.is_available()
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # the dict DeepSpeed reads before it builds the op
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

@@ -34,7 +34,13 @@ from ..optimizers import reapply_settings
 from ..run_dir import CONFIG_FILE, LORA_DIR, RAW_EXPORT_DIR, checkpoint_step, hold
 from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, init_trackers, log_videos
 from .assemble import assemble_step, make_accelerator
-from .backends import accelerator_on_cpu, backend_name, configure_backend, shards_weights
+from .backends import (
+    accelerator_on_cpu,
+    backend_name,
+    configure_backend,
+    shards_weights,
+    skip_shared_memory_build_on_one_cpu_process,
+)
 from .best import best_entry, improves, restored_best, write_best
 from .budget import check_host_memory, resolve_fp8_base
 from .checkpointing import (
@@ -154,6 +160,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # one trainer per run directory, held by the main process before anything in it is touched
+        skip_shared_memory_build_on_one_cpu_process()
         state = PartialState(cpu=accelerator_on_cpu(), timeout=process_group_timeout(config))
         if state.is_main_process:  # wandb.init comes after prepare and the model load: refuse a missing login now
             check_wandb_login(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def test_the_rotation_spares_the_checkpoint_best_json_names(make_config, tmp_pat
     assert kept_after(5) == ["step-000005"] and not (run / "best.json").exists()
 
 
-def test_export_best_writes_the_best_checkpoints_weights(straight, tmp_path, capsys):
+def test_export_best_writes_the_best_checkpoints_weights(straight, tmp_path, capsys, caplog):
     """--best exports the checkpoint best.json names (here set to one that is not the newest), not the newest."""
     from cogft.cli import main
     from cogft.training.best import best_entry, write_best
@@ -139,12 +140,15 @@ def test_export_best_writes_the_best_checkpoints_weights(straight, tmp_path, cap
     shutil.copytree(straight[0], run)
     older = next(p for p in sorted((run / "checkpoints").iterdir()) if p.name != "step-000004")
     write_best(run, best_entry(int(older.name[5:]), 0.5, "set"))
+    caplog.set_level(logging.INFO, logger="cogft.inference.export")
     assert main(["export", "--from", str(run), "--out", str(tmp_path / "best"), "--best"]) == 0
     exported = load_file(tmp_path / "best" / LORA)
-    kept, last = load_file(older / LORA), load_file(run / "checkpoints" / "step-000004" / LORA)
+    kept = load_file(older / LORA)
     assert exported.keys() == kept.keys()
     assert all(torch.equal(exported[k], kept[k].half()) for k in kept)  # released in the model's dtype
-    assert not all(torch.equal(exported[k], last[k].half()) for k in kept)
+    # the log names the checkpoint: its weights may equal the newest's when the fp16 loss scaler skipped the steps
+    # between them (the tiny run's rate is 0.3)
+    assert f"weights of {older} to" in caplog.text
 
     assert main(["export", "--from", str(older), "--out", str(tmp_path / "x"), "--best"]) == 2
     assert "--best picks a checkpoint of a run: give --from the run directory" in capsys.readouterr().err

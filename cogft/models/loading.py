@@ -7,6 +7,7 @@ the pipeline's own configs when it is loaded, before any clip is encoded.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -130,10 +131,9 @@ def load_text_encoder(path: str, variant: Variant, dtype: torch.dtype, device: t
                       revision: str | None = None):
     """The text encoder in `dtype` on `device`. On a GPU its shards go straight there (`device_map`): T5-XXL is
     9 GiB in bf16, and reading it whole into host memory first is what sets prepare's host peak."""
-    device_map = {"": str(device)} if device.type == "cuda" else None
-    encoder = variant.spec.diffusers_class("text_encoder").from_pretrained(
-        resolve_model_path(path), subfolder="text_encoder", dtype=dtype, revision=revision, device_map=device_map)
-    return encoder.to(device)
+    load = functools.partial(variant.spec.diffusers_class("text_encoder").from_pretrained, resolve_model_path(path),
+                             subfolder="text_encoder", dtype=dtype, revision=revision)
+    return load(device_map=device) if device.type == "cuda" else load().to(device)
 
 
 def load_pipeline(path: str, variant: Variant, dtype: torch.dtype, revision: str | None = None, **components):

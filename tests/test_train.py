@@ -367,3 +367,18 @@ def test_exports_carry_a_model_card_the_hub_reads(make_config, tmp_path):
         assert (data.base_model, data.license, data.license_name) == (hub_id, license, name)
     assert data.pipeline_tag == "image-to-video" and "CogVideoXImageToVideoPipeline" in model_card(
         config, variant, 100).text
+
+
+def test_a_run_draws_the_same_data_wherever_its_model_folder_sits(make_config, tmp_path):
+    """The cache names its files after the model folder's path and file times, so the data order must not follow
+    them: the same model moved (or downloaded again) trains the same."""
+    import shutil
+
+    from cogft.models.loading import resolve_model_path
+
+    moved = tmp_path / "elsewhere" / "tiny-2b"
+    shutil.copytree(resolve_model_path("tiny://2b"), moved)
+    runs = [train(make_config(*FAST, "train.max_steps=3", "train.batch_size=2", f"model.path={path}",
+                              f"data.cache_dir={tmp_path / name / 'cache'}", out=name))
+            for name, path in (("here", "tiny://2b"), ("moved", moved))]
+    assert losses(runs[0]) == losses(runs[1])

@@ -148,7 +148,9 @@ def gather_prepared(accelerator, config: Config, variant: Variant, run_dir: Path
         entries, report = gather_object(entries), gather_object(report)
     if accelerator.is_main_process:
         write_report(report, run_dir)
-    mine.entries = sorted(entries, key=lambda e: e.latents)
+    # ordered by content, not by cache file names: those carry the model folder's path and file times, and a run
+    # must draw the same data wherever its model and clips sit
+    mine.entries = sorted(entries, key=lambda e: (e.clip, e.caption, e.set, e.line, e.latents))
     return mine
 
 

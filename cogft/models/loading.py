@@ -129,8 +129,8 @@ def load_scheduler(path: str, variant: Variant, revision: str | None = None):
 
 def load_text_encoder(path: str, variant: Variant, dtype: torch.dtype, device: torch.device,
                       revision: str | None = None):
-    """The text encoder in `dtype` on `device`. On a GPU its shards go straight there (`device_map`): T5-XXL is
-    9 GiB in bf16, and reading it whole into host memory first is what sets prepare's host peak."""
+    """The text encoder in `dtype` on `device`. On a GPU its shards go straight there (`device_map`), so T5-XXL
+    (9 GiB in bf16) is never built whole in host memory first."""
     load = functools.partial(variant.spec.diffusers_class("text_encoder").from_pretrained, resolve_model_path(path),
                              subfolder="text_encoder", dtype=dtype, revision=revision)
     return load(device_map=device) if device.type == "cuda" else load().to(device)

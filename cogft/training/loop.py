@@ -161,8 +161,8 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # one trainer per run directory, held by the main process before anything in it is touched
         skip_shared_memory_build_on_one_cpu_process()
+        # one trainer per run directory, held by the main process before anything in it is touched
         state = PartialState(cpu=accelerator_on_cpu(), timeout=process_group_timeout(config))
         if state.is_main_process:  # wandb.init comes after prepare and the model load: refuse a missing login now
             check_wandb_login(config)

@@ -184,6 +184,17 @@ def save_weights(accelerator, model, config: Config, lora_dir: Path, transformer
     return written
 
 
+def save_release(accelerator, model, config: Config, lora_dir: Path, transformer_parent: Path,
+                 variant: Variant) -> Path | None:
+    """The trained weights as released: `save_weights` in the variant's dtype and, for a LoRA, each
+    `lora.export_format` file beside it. A collective; the main process gets the path."""
+    written = save_weights(accelerator, model, config, lora_dir, transformer_parent, variant.lora_format,
+                           dtype=variant.dtype)
+    if written is not None and config.train.mode == "lora":
+        write_key_formats(lora_dir, config, variant)
+    return written
+
+
 def save_export(accelerator, model, config: Config, run_dir: Path, step: int, variant: Variant) -> Path | None:
     """The final lora/ or transformer/, written like a checkpoint: staged whole, then renamed into place (a kill
     leaves the previous export or none, never half a file), with its step in RUN/export.json so `--from RUN`
@@ -198,11 +209,8 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, va
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        written = save_weights(accelerator, model, config, staging / LORA_DIR, staging, variant.lora_format,
-                               dtype=dtype)
+        written = save_release(accelerator, model, config, staging / LORA_DIR, staging, variant)
         if accelerator.is_main_process:
-            if config.train.mode == "lora":
-                write_key_formats(staging / LORA_DIR, config, variant)  # `lora.export_format`, beside the LoRA
             write_model_card(staging / name, config, variant, step, run_dir)
             record.write_text(json.dumps({"step": step, "what": name}))  # the last write, before anything moves
     except BaseException as error:

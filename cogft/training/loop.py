@@ -29,7 +29,6 @@ from ..models.attention import resolve_attention
 from ..models.cost import Plan
 from ..models.family import Variant
 from ..models.loading import load_for_config, load_scheduler, load_transformer
-from ..models.lora_formats import write_key_formats
 from ..optimizers import reapply_settings
 from ..run_dir import CONFIG_FILE, LORA_DIR, RAW_EXPORT_DIR, checkpoint_step, hold
 from ..tracking import check_tensorboard, check_wandb_login, continue_metrics, init_trackers, log_videos
@@ -51,7 +50,7 @@ from .checkpointing import (
     sample_generators,
     save_checkpoint,
     save_export,
-    save_weights,
+    save_release,
 )
 from .clip_losses import ClipLossRecorder
 from .clip_records import continue_records
@@ -482,11 +481,9 @@ class Trainer:
             logger.info("exported %s", path)
         if self.ema is not None:
             raw = self.run_dir / RAW_EXPORT_DIR
-            raw_path = save_weights(self.accelerator, self.step.transformer, self.config, raw / LORA_DIR, raw,
-                                    self.variant.lora_format, dtype=self.variant.dtype)
+            raw_path = save_release(self.accelerator, self.step.transformer, self.config, raw / LORA_DIR, raw,
+                                    self.variant)
             if raw_path is not None:
-                if self.config.train.mode == "lora":  # `lora.export_format`, as beside the averaged export
-                    write_key_formats(raw / LORA_DIR, self.config, self.variant)
                 logger.info("exported the trained weights without averaging to %s", raw_path)
         if self.config.validation.check_export:
             self.check_export(step)

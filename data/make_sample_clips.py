@@ -29,9 +29,9 @@ CLIPS = {
         f"life=size=90x60:rate={FPS}:mold=10:ratio=0.3:death_color=#202060:life_color=#f0d020:seed=7,scale=720:480:flags=neighbor",
         "cells growing and dying in a game of life simulation",
     ),
-    "bouncing_square": (
-        f"color=c=#103080:size=720x480:rate={FPS},"
-        "drawbox=x='300+250*sin(2*PI*t/1.5)':y='200+150*abs(cos(2*PI*t/1.2))':w=120:h=120:color=red:t=fill",
+    "bouncing_square": (  # overlay, whose position is evaluated per frame at time t (drawbox's `t` is its thickness)
+        f"color=c=#103080:size=720x480:rate={FPS}[bg];color=c=red:size=120x120:rate={FPS}[square];"
+        "[bg][square]overlay=x='300+250*sin(2*PI*t/1.5)':y='200+150*abs(cos(2*PI*t/1.2))':shortest=1",
         "a red square bouncing across a blue background",
     ),
     "rotating_gradient": (

@@ -41,13 +41,13 @@ def wait_for_steps(out: Path, count: int, process: subprocess.Popen, timeout: fl
 
 
 def test_kill_9_anywhere_then_resume_is_bit_exact(make_config, shared_cache, tmp_path):
-    steps = ["train.max_steps=14", "train.checkpoint_every=1", "train.checkpoints_keep=2"]
+    steps = ["train.max_steps=10", "train.checkpoint_every=1", "train.checkpoints_keep=2"]
     straight = train(make_config(*FAST, *steps, out="straight"))
     expected = {row["step"]: row["loss"] for row in logged(straight)}
 
     out = tmp_path / "killed"
     rng = random.Random(7)
-    for _ in range(3):  # kill at random moments: between steps, inside a step, inside a checkpoint write
+    for _ in range(2):  # kill at random moments: between steps, inside a step, inside a checkpoint write
         process = launch(out, shared_cache, *steps)
         wait_for_steps(out, len(logged(out)) + 2, process)
         time.sleep(rng.uniform(0, 0.03))

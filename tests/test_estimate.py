@@ -66,6 +66,19 @@ MEASURED_SMALL_CARDS = [
     ("cogvideox1.5-5b-lora", [*LEAN, "train.blocks_to_swap=32"], 14.7244, 11.22),
     ("cogvideox1.5-5b-lora", [*LEAN, "train.blocks_to_swap=0"], 14.6374, 18.61),
 ]
+# 5B under 16 and 24 GiB caps (the same bench, one H100 80GB HBM3, 2026-12-07): the first two what `auto` chose
+# before the kept blocks' activations and the recompute were counted as one peak, the rest a hand search around them
+# (checkpointed fraction, offloaded inputs, swapped blocks)
+PLANNED = ["train.memory_budget_gib=null", "train.offload_checkpoints=false"]
+MEASURED_16_24_GIB = [
+    ("cogvideox-5b-lora", [*PLANNED, "train.gradient_checkpointing=0.93", "train.blocks_to_swap=34"], 2.7992, 11.66),
+    ("cogvideox-5b-lora", [*PLANNED, "train.gradient_checkpointing=0.81", "train.blocks_to_swap=33"], 2.7153, 18.72),
+    ("cogvideox-5b-lora", [*LEAN, "train.blocks_to_swap=0"], 2.9362, 14.90),
+    ("cogvideox-5b-lora", [*PLANNED, "train.gradient_checkpointing=true", "train.blocks_to_swap=0"], 2.7361, 18.53),
+    ("cogvideox-5b-lora", [*PLANNED, "train.gradient_checkpointing=true", "train.blocks_to_swap=22"], 2.8003, 13.35),
+    ("cogvideox-5b-lora", [*PLANNED, "train.gradient_checkpointing=0.98", "train.blocks_to_swap=0"], 2.7421, 18.53),
+    ("cogvideox-5b-lora", [*PLANNED, "train.gradient_checkpointing=0.86", "train.blocks_to_swap=40"], 2.8009, 10.17),
+]
 SAMPLED_FA4_H200 = [
     ("cogvideox-2b-lora", "none", 25.59),
     ("cogvideox-2b-lora", "taylorseer", 9.05),
@@ -86,7 +99,7 @@ SAMPLED = [
 
 
 SAMPLED_ROWS = [(*row, "sdpa", "H100") for row in SAMPLED] + [(*row, "fa4", "H200") for row in SAMPLED_FA4_H200]
-MEASURED_ROWS = ([(*row, "sdpa", "H100") for row in MEASURED + MEASURED_SMALL_CARDS]
+MEASURED_ROWS = ([(*row, "sdpa", "H100") for row in MEASURED + MEASURED_SMALL_CARDS + MEASURED_16_24_GIB]
                  + [(*row, "fa4", "H200") for row in MEASURED_FA4_H200])
 
 
@@ -156,7 +169,9 @@ def test_memory_budget_picks_the_least_checkpointing_that_fits(monkeypatch):
     partial = fit_to_budget(config, variant, 20)
     assert 0 < partial.gradient_checkpointing < 1 and not partial.offload_checkpoints
     assert partial.estimate.peak_allocated_gib <= 20
-    assert settings(fit_to_budget(config, variant, 6, swap=False)) == (True, True, 0)  # lean mode: measured 5.92 GiB
+    lean = fit_to_budget(config, variant, 6, swap=False)  # lean mode (every block, offloaded) measured 5.92 GiB; the
+    assert lean.offload_checkpoints and lean.gradient_checkpointing >= 0.9  # last block's backward comes before any
+    assert not lean.blocks_to_swap and lean.estimate.peak_allocated_gib <= 6  # recompute: it need not be checkpointed
     swapped = fit_to_budget(config, variant, 6)  # swapping weights is cheaper than offloading every block's inputs
     assert swapped.blocks_to_swap > 2 and swapped.estimate.peak_allocated_gib <= 6
     assert swapped.estimate.seconds_per_step < fit_to_budget(config, variant, 6, swap=False).estimate.seconds_per_step
@@ -187,8 +202,12 @@ def test_memory_budget_auto_fits_the_card(monkeypatch):
                          ["train.memory_budget_gib=auto", "train.compile=true"])
     variant, gpu = _variant(config), torch.device("cuda")
     card(79.2)  # an H100 80GB: a tenth of the card kept free, so not the 74 GiB of no checkpointing
-    assert block_settings(config, variant, gpu) == (0.1, False, 0)       # measured 2.200 s, 67.4 GiB
-    assert as_trained(config, variant, "H100").train.gradient_checkpointing == 0.1  # `cogft estimate` agrees
+    setting, offload, swapped = block_settings(config, variant, gpu)  # measured: 0.1 at 2.200 s, 67.4 GiB; 0.05 at
+    assert 0 < setting <= 0.1 and swapped <= 3                         # 2.168 s, 70.2 GiB (over 90 % of the card
+    chosen = as_trained(config, variant, "H100@79.2")                  # unless a few inputs or blocks move out)
+    assert (chosen.train.gradient_checkpointing, chosen.train.offload_checkpoints,  # `cogft estimate` agrees
+            chosen.train.blocks_to_swap) == (setting, offload, swapped)
+    assert estimate(chosen, variant, "H100@79.2").peak_allocated_gib <= 0.9 * 79.2
     card(44.4)  # an L40S (48 GB): where the shipped quarter (59 GiB) runs out of memory
     setting, offload, swapped = block_settings(config, variant, gpu)
     tried = estimate(load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [
@@ -210,20 +229,20 @@ def test_auto_on_a_small_card_leaves_the_allocator_its_reserve(name, card, train
     assert budget == min(0.9 * card, card - ALLOCATOR_RESERVE_GIB) and budget <= card - ALLOCATOR_RESERVE_GIB
     config = load_config(REPO / "configs" / f"{name}.yaml", ["train.memory_budget_gib=auto", "model.attention=sdpa"])
     chosen = as_trained(config, _variant(config), f"H100@{card}")
-    assert chosen.train.gradient_checkpointing is True and chosen.train.offload_checkpoints
+    assert chosen.train.gradient_checkpointing >= 0.9 and chosen.train.offload_checkpoints  # all but the last block
     assert trained <= chosen.train.blocks_to_swap <= trained + 2  # no fewer than trained there, and not all by default
     assert estimate(chosen, _variant(config), f"H100@{card}").peak_allocated_gib <= budget
 
 
 def test_cogvideox_1_5_on_the_h200_as_measured():
-    """The auto budget picks the setting that ran (15 of 42 blocks checkpointed, 9.33 s), and a 10-step video with
-    CFG (66.19 s measured, VAE tiled) is predicted within 15 %."""
+    """Without swapping, the auto budget checkpoints no more than the setting that ran (15 of 42 blocks, 9.33 s,
+    118 GiB), and a 10-step video with CFG (66.19 s measured, VAE tiled) is predicted within 15 %."""
     from cogft.models.cost import AUTO_BUDGET_SHARE, GPUS, fit_to_budget
 
     config = load_config(REPO / "configs" / "cogvideox1.5-5b-lora.yaml", ["model.attention=fa4"])
     budget = AUTO_BUDGET_SHARE * GPUS["H200"].memory_gib
     measured = fit_to_budget(config, _variant(config), budget, "H200", swap=False)
-    assert measured.gradient_checkpointing == 0.34
+    assert 0.25 < measured.gradient_checkpointing <= 0.34 and measured.estimate.peak_allocated_gib <= budget
     chosen = as_trained(config, _variant(config), "H200")  # swapping a few blocks instead of checkpointing them
     assert estimate(chosen, _variant(config), "H200").seconds_per_step <= measured.estimate.seconds_per_step
     video = load_config(REPO / "configs" / "cogvideox1.5-5b-lora.yaml",
@@ -246,6 +265,23 @@ def test_swapping_costs_only_the_copies_that_compute_does_not_hide():
         assert swapped.parts_gib["weights"] < plain.parts_gib["weights"] / 5  # two blocks' weights left on the GPU
         ratio = swapped.seconds_per_step / plain.seconds_per_step
         assert ratio < most if most else ratio > 2
+
+
+# Host peaks (the process's peak resident set) on the H100 machine of MEASURED_16_24_GIB, 2026-12-07: `cogft prepare`
+# of the six sample clips with random://5b (T5-XXL and the VAE in bf16, 10.37 GiB; HEAD-at-fef8277's loader 10.40),
+# and the `cogft bench` rows (no data workers): the model read whole first, then swapped weights and offloaded inputs
+@pytest.mark.parametrize("overrides,measured", [
+    ([*PLANNED, "train.gradient_checkpointing=true", "train.blocks_to_swap=0"], 11.87),
+    ([*LEAN, "train.blocks_to_swap=0"], 11.87),
+    ([*PLANNED, "train.gradient_checkpointing=0.93", "train.blocks_to_swap=34"], 12.12),
+])
+def test_host_peaks_within_15_percent_of_the_measurements(overrides, measured):
+    from cogft.models.cost import host_estimate
+
+    config = load_config(REPO / "configs" / "cogvideox-5b-lora.yaml", [*overrides, "data.dataloader_workers=0"])
+    host = host_estimate(config, _variant(config))
+    assert host.prepare_gib == pytest.approx(10.37, rel=0.15) and host.prepare_gib >= 10.37
+    assert host.training_gib == pytest.approx(measured, rel=0.15) and host.training_gib >= measured
 
 
 def test_the_planner_fits_consumer_cards_and_the_hosts_ram_or_says_nothing_fits():

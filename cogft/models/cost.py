@@ -378,11 +378,13 @@ def _estimate(config: Config, variant: Variant, gpu_name: str, advise: bool, bat
                  + adapter.kept_bytes + tokens * adapter.kept_bytes_per_token)
     kept = (layers - checkpointed) * per_block
     saved_inputs = 0 if train.offload_checkpoints else checkpointed * elements * half
-    recompute = per_block + elements * RECOMPUTE_BACKWARD_BYTES if checkpointed else 0
+    # the checkpointed blocks are the first ones: their recompute comes after the backward of the later, kept blocks
+    # has freed those blocks' activations, so the step's peak is the larger of the two, not their sum
+    recompute = max(0, per_block + elements * RECOMPUTE_BACKWARD_BYTES - kept) if checkpointed else 0
     block_bytes = block_weight_bytes(config, variant) if train.mode == "lora" else 0
     weights -= (swapped - min(2, swapped)) * block_bytes  # in host memory, but for the two blocks on the GPU
     parts = {"weights": weights, "trainable_state": state, "activations": kept, "checkpoint_inputs": saved_inputs,
-             "recompute_peak": recompute, "workspace": WORKSPACE_GIB * GIB}
+             "recompute_beyond_kept": recompute, "workspace": WORKSPACE_GIB * GIB}
     peak = sum(parts.values()) / GIB
 
     per_block_attention = flops.attention / layers
@@ -447,7 +449,8 @@ def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: f
 
 
 # Host memory (RAM), in bytes unless named otherwise. Process and worker sizes are rough, not yet measured here.
-HOST_PROCESS_GIB = 3.0        # python, torch, CUDA context and libraries of the training or prepare process
+HOST_PROCESS_GIB = 2.0        # python, torch, CUDA context and libraries of the training or prepare process: measured
+                              # 1.1 GiB beside a 5B prepare's encoders, 1.5-1.7 beside 5B training (H100, 2026-12-07)
 HOST_WORKER_GIB = 0.5         # one DataLoader worker process reading the latent cache
 T5_XXL_ENCODER_PARAMETERS = 4.76e9  # the published CogVideoX text encoder, when no text_encoder config is built in
 VAE_PARAMETERS = 0.22e9

@@ -448,7 +448,7 @@ def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: f
     return full_steps * forward + skipped * SKIPPED_STEP_S + decode
 
 
-# Host memory (RAM), in bytes unless named otherwise. Process and worker sizes are rough, not yet measured here.
+# Host memory (RAM), in bytes unless named otherwise. The process share is measured; a worker's is a rough guess.
 HOST_PROCESS_GIB = 2.0        # python, torch, CUDA context and libraries of the training or prepare process: measured
                               # 1.1 GiB beside a 5B prepare's encoders, 1.5-1.7 beside 5B training (H100, 2026-12-07)
 HOST_WORKER_GIB = 0.5         # one DataLoader worker process reading the latent cache

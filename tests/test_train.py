@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,8 +100,6 @@ def test_sample_from_run_and_checkpoint(lora_run, tmp_path):
 
 
 def test_sample_of_a_run_trained_with_fa4_falls_back_to_sdpa_here(lora_run, tmp_path, caplog):
-    import shutil
-
     import yaml
 
     from cogft.inference.sampling import sample
@@ -372,8 +371,6 @@ def test_exports_carry_a_model_card_the_hub_reads(make_config, tmp_path):
 def test_a_run_draws_the_same_data_wherever_its_model_folder_sits(make_config, tmp_path):
     """The cache names its files after the model folder's path and file times, so the data order must not follow
     them: the same model moved (or downloaded again) trains the same."""
-    import shutil
-
     from cogft.models.loading import resolve_model_path
 
     moved = tmp_path / "elsewhere" / "tiny-2b"

@@ -201,7 +201,6 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, va
     can tell it from a newer checkpoint. A collective, like `save_weights`; the main process gets the path.
     A failed write (a full disk) removes the staged files and leaves the previous export as it was. The export
     is in the variant's dtype, with a model card (README.md) and the first validation prompt's latest video."""
-    dtype = variant.dtype
     staging = run_dir / ".export.partial"
     name = LORA_DIR if config.train.mode == "lora" else TRANSFORMER_DIR
     record = run_dir / f".{EXPORT_RECORD}.tmp"
@@ -218,7 +217,7 @@ def save_export(accelerator, model, config: Config, run_dir: Path, step: int, va
             shutil.rmtree(staging, ignore_errors=True)
             record.unlink(missing_ok=True)
         if is_disk_full(error):
-            needed = _weights_bytes(accelerator.unwrap_model(model), config, dtype)
+            needed = _weights_bytes(accelerator.unwrap_model(model), config, variant.dtype)
             raise disk_full_error(f"the final export {run_dir / name}", run_dir, needed,
                                   _export_advice(run_dir, name, step)) from error
         raise

@@ -18,6 +18,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..host_memory import release_freed_host_memory
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,6 +87,7 @@ class BlockSwap:
             self.placeholders.append([_placeholder(p.data, self.device) for p in weights])
             for p, placeholder in zip(weights, self.placeholders[-1]):
                 p.data = placeholder
+            release_freed_host_memory()  # the block's host originals: else resident beside its master copy
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # a model built on the GPU (`cogft bench`) gives back the swapped weights
 

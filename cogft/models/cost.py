@@ -451,6 +451,10 @@ def _sample_seconds(config: Config, variant: Variant, gpu: Gpu, attention_fwd: f
 # Host memory (RAM), in bytes unless named otherwise. The process share is measured; a worker's is a rough guess.
 HOST_PROCESS_GIB = 2.0        # python, torch, CUDA context and libraries of the training or prepare process: measured
                               # 1.1 GiB beside a 5B prepare's encoders, 1.5-1.7 beside 5B training (H100, 2026-12-07)
+HOST_TRAINING_PROCESS_GIB = 3.2  # the same once steps run (compiled blocks, kernels): measured beside the pinned
+                                 # buffers 1.9 GiB (1.5-5B), 3.1 (2B, not understood further) (H100, 2026-12-07)
+OFFLOAD_BUFFERS_IN_FLIGHT = 5  # pinned input buffers torch's host allocator held beyond one per offloaded block:
+                               # 34 for 29 blocks (2B), 46 for 41 (1.5-5B) (`torch.cuda.host_memory_stats`, H100)
 HOST_WORKER_GIB = 0.5         # one DataLoader worker process reading the latent cache
 T5_XXL_ENCODER_PARAMETERS = 4.76e9  # the published CogVideoX text encoder, when no text_encoder config is built in
 VAE_PARAMETERS = 0.22e9
@@ -480,7 +484,9 @@ def host_estimate(config: Config, variant: Variant) -> HostEstimate:
     prepare: the text encoder loaded on the host before it goes to the GPU, beside the VAE. Training: the
     transformer is read whole into host memory first (its loaded dtype), then the GPU takes all but the swapped
     blocks' frozen weights, which stay as pinned host copies; offloaded checkpoints keep each checkpointed block's
-    input (tokens x width, 2 bytes) on the host until the backward; each DataLoader worker is a process of its own.
+    input (tokens x width, 2 bytes) on the host until the backward, in buffers torch's pinned allocator rounds up
+    to a power of two and holds a few more of than blocks; each DataLoader worker is a process of its own. The
+    process itself grows once steps run, so the two phases count their own share.
     """
     total, _ = variant.transformer_layout
     layers = variant.configs.transformer["num_layers"]
@@ -491,19 +497,28 @@ def host_estimate(config: Config, variant: Variant) -> HostEstimate:
     checkpointed = max(swapped, checkpointed_block_count(train.gradient_checkpointing, layers))
     elements = width * max(step_flops(variant, frames, *config.data.largest_size, samples).tokens * samples
                            for frames, samples in batch_shapes(config))  # the largest batch's, as on the GPU
+    buffers = checkpointed + OFFLOAD_BUFFERS_IN_FLIGHT if train.offload_checkpoints and checkpointed else 0
     parts = {
         "process": HOST_PROCESS_GIB * GIB,
+        "process_training": HOST_TRAINING_PROCESS_GIB * GIB,
         "data_workers": config.data.dataloader_workers * HOST_WORKER_GIB * GIB,
         "model_load": total * itemsize,  # read whole before the swapped blocks' weights are split off
         "swapped_weights": swapped * block_weight_bytes(config, variant) if train.mode == "lora" else 0,
-        # each block's input in torch's pinned allocator, which rounds an allocation up to a power of two
-        "offloaded_checkpoints": checkpointed * 2 ** math.ceil(math.log2(elements * 2)) if train.offload_checkpoints
-        else 0,
+        "offloaded_checkpoints": buffers * 2 ** math.ceil(math.log2(elements * 2)),
     }
-    steady = parts["swapped_weights"] + parts["offloaded_checkpoints"]
-    training = parts["process"] + parts["data_workers"] + max(parts["model_load"], steady)
+    training = parts["data_workers"] + max(_loading(parts), _steady(parts))
     return HostEstimate(round(prepare / GIB, 2), round(training / GIB, 2),
                         {key: round(value / GIB, 2) for key, value in parts.items()})
+
+
+def _loading(parts: dict) -> float:
+    """The host peak while the model is read whole, before its blocks leave for the GPU or the swap buffers."""
+    return parts["process"] + parts["model_load"]
+
+
+def _steady(parts: dict) -> float:
+    """The host peak while training steps run: swapped weights and offloaded inputs beside the grown process."""
+    return parts["process_training"] + parts["swapped_weights"] + parts["offloaded_checkpoints"]
 
 
 def host_advice(config: Config, variant: Variant, host: HostEstimate, available_gib: float) -> list[str]:
@@ -517,11 +532,10 @@ def host_advice(config: Config, variant: Variant, host: HostEstimate, available_
                       "train.memory_budget_gib)")
     if parts["swapped_weights"]:
         block = block_weight_bytes(config, variant) / GIB
-        room = available_gib - (host.training_gib - max(parts["model_load"], parts["swapped_weights"]
-                                                        + parts["offloaded_checkpoints"]))
-        fewer = max(0, int((room - parts["offloaded_checkpoints"]) // block)) if block else 0
+        room = available_gib - parts["data_workers"] - parts["process_training"] - parts["offloaded_checkpoints"]
+        fewer = max(0, int(room // block)) if block else 0
         advice.append(f"train.blocks_to_swap={fewer} (each swapped block keeps {block:.2f} GiB in host memory)")
-    if parts["model_load"] + parts["process"] > available_gib:
+    if _loading(parts) > available_gib:
         advice.append(f"a machine with more RAM: the {variant.name} transformer alone is read as "
                       f"{parts['model_load']:.1f} GiB before it goes to the GPU")
     return advice

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..host_memory import release_freed_host_memory
 from ..models.adapters import optimizer_groups, setup_trainable
 from ..models.attention import set_attention
 from ..models.blocks import apply_block_options, compile_enabled
@@ -98,6 +99,7 @@ def assemble_step(accelerator, transformer, config: Config, variant: Variant, no
         transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     else:
         transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    release_freed_host_memory()  # the model's host copy, now on the device: else resident beside the pinned buffers
     # FSDP replaces the parameters with sharded ones (and points the optimizer at them): clip those
     params = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
     # DeepSpeed scales the fp16 loss itself (its engine runs backward and the optimizer step)

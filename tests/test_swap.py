@@ -177,11 +177,15 @@ def test_under_a_budget_an_out_of_memory_replans_and_equals_a_run_started_with_t
     assert all(torch.equal(_lora(planned)[k], _lora(replanned)[k]) for k in _lora(planned))
 
 
-def test_bench_reports_the_swapped_blocks_and_its_memory_cap(make_config):
+def test_bench_reports_the_swapped_blocks_and_its_memory_cap(make_config, monkeypatch):
     from cogft.bench.training import bench
+    from cogft.training.budget import card_memory_gib
 
     rows = bench(make_config("train.blocks_to_swap=all"), warmup=0, steps=1, gpu_memory_gib=4, emit=lambda row: None)
     assert rows[0]["blocks_to_swap"] == 2 and rows[0]["gpu_memory_cap_gib"] is None  # a CPU has no cap to hold
+    # the cap ends with the bench: what runs next in the process plans for the whole card
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    assert card_memory_gib(torch.device("cuda")) == 80
 
 
 def test_fp8_base_auto_is_resolved_and_saved_before_training(make_config):

@@ -30,7 +30,7 @@ from ..models.family import LOSS_MASK, Variant
 from ..models.flops import peak_tflops, step_flops
 from ..models.loading import load_for_config
 from ..training.backends import accelerator_on_cpu, backend_name
-from ..training.budget import apply_gpu_memory_cap, cap_gpu_memory, card_memory_gib
+from ..training.budget import apply_gpu_memory_cap, card_memory_gib, gpu_memory_capped
 from .timing import device_name, free, profile, reset_peak, time_back_to_back, time_steps
 
 
@@ -377,14 +377,14 @@ def bench(config: Config, baseline: bool = False, only_baseline: bool = False, w
     """The plain recipe's step (`baseline`) and cogft's, one row each; `gpu_memory_gib`: train as on a card with that
     much memory (planned for it, and held to it)."""
     device, config, variant = bench_setup(config)
-    cap_gpu_memory(gpu_memory_gib)
     rows = []
     builds = [("plain", plain_step)] if baseline or only_baseline else []
     if not only_baseline:
         builds.append(("cogft", functools.partial(cogft_step, on_host=gpu_memory_gib is not None)))
-    for name, build in builds:
-        rows.append(_measure(name, build, config, variant, device, warmup, steps, profiled, checkpoint))
-        emit(rows[-1])
+    with gpu_memory_capped(gpu_memory_gib):
+        for name, build in builds:
+            rows.append(_measure(name, build, config, variant, device, warmup, steps, profiled, checkpoint))
+            emit(rows[-1])
     if len(rows) == 2 and "error" not in rows[0] and "error" not in rows[1]:
         rows.append(_ratio("speedup_vs_plain", rows[0]["s_per_step"] / rows[1]["s_per_step"], rows, device))
         emit(rows[-1])

@@ -6,6 +6,7 @@ The choice is the cost model's (`cogft/models/cost.py`), the same one `cogft est
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -28,10 +29,18 @@ logger = logging.getLogger(__name__)
 _usable_gib: float | None = None  # `cogft bench --gpu-memory`: the card as if it had this much memory
 
 
-def cap_gpu_memory(gib: float | None) -> None:
-    """Plan as if the GPU had `gib` of memory (`cogft bench --gpu-memory`); `apply_gpu_memory_cap` enforces it."""
+@contextlib.contextmanager
+def gpu_memory_capped(gib: float | None):
+    """Plan as if the GPU had `gib` of memory (`cogft bench --gpu-memory`) for the duration; `apply_gpu_memory_cap`
+    enforces it. On exit the whole card is planned and usable again, so a cap never outlives its bench."""
     global _usable_gib
     _usable_gib = gib
+    try:
+        yield
+    finally:
+        if _usable_gib is not None and torch.cuda.is_initialized():
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+        _usable_gib = None
 
 
 def apply_gpu_memory_cap(device: torch.device) -> None:
